@@ -1,0 +1,34 @@
+# LQMF developer entry points. `make demo` and `make test` set everything up on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+LQMF := $(VENV)/bin/lqmf
+STAMP := $(VENV)/.lqmf-installed
+# CPU build of torch unless a GPU is present (or torch is already installed in the venv).
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+DEMO := build/demo
+
+.PHONY: setup test lint format demo bench-registry clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[serve,bench,dev]"
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests benchmarks
+
+test: setup lint
+	$(PY) -m pytest -q
+
+demo: setup
+	LQMF=$(LQMF) bash scripts/demo.sh $(DEMO)
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache

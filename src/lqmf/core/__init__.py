@@ -1,0 +1,1 @@
+"""Decisions without heavy imports: configs, workspace, registry, datasets, arithmetic."""

@@ -1,0 +1,67 @@
+"""The manifest (lqmf.json) that LQMF writes beside PEFT's files in every adapter folder."""
+
+from __future__ import annotations
+
+import platform
+import secrets
+import string
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+from lqmf.core.config import TrainConfig
+from lqmf.core.datasets import TaskDataset
+from lqmf.core.models import ResolvedModel
+from lqmf.core.names import slug
+
+MANIFEST_VERSION = 1
+LIBRARIES = ("lqmf", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
+TASK_SHORT = {"instruction_following": "instruction"}
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def default_adapter_name(model: ResolvedModel, task: str) -> str:
+    """<model>-<task>-<5 chars>, as the guide names adapters (mistral-7b-chat-x1y2z)."""
+    suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
+    return f"{slug(model.display_name)}-{TASK_SHORT.get(task, task)}-{suffix}"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def build_manifest(name: str, config: TrainConfig, model: ResolvedModel, dataset: TaskDataset,
+                   plan: dict[str, Any], metrics: dict[str, Any], runtime: dict[str, Any]) -> dict[str, Any]:
+    manifest: dict[str, Any] = {
+        "lqmf_manifest": MANIFEST_VERSION,
+        "name": name,
+        "task": dataset.task,
+        "base_model": {
+            "reference": model.reference, "alias": model.alias, "source": model.source,
+            "path": str(model.path) if model.path else None, "family": model.family,
+        },
+        "created": now_iso(),
+        "dataset": {
+            "path": str(dataset.path), "sha256": dataset.sha256, "format": dataset.format,
+            "rows": len(dataset.examples), "train_examples": plan["train_examples"],
+            "validation_examples": plan["validation_examples"],
+        },
+        "lora": {"r": config.lora_r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                 "target_modules": config.target_modules or model.target_modules or "all-linear"},
+        "config": config.to_dict(),
+        "metrics": metrics,
+        "runtime": {**runtime, "python": platform.python_version(), "platform": platform.platform()},
+        "versions": library_versions(),
+    }
+    if dataset.labels:
+        manifest["id2label"] = {str(i): label for i, label in enumerate(dataset.labels)}
+    return manifest

@@ -1,0 +1,198 @@
+"""Model aliases: the built-in catalogue overlaid with the workspace's configs/models.yaml.
+
+A model reference is an alias, a local folder, a hub id (org/name) or package:<module>/<subdir>
+(a model shipped inside an installed Python package).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_mean
+from lqmf.core.fsutil import atomic_write_text
+from lqmf.core.names import validate_name
+from lqmf.core.workspace import Workspace
+
+BUILTIN_CATALOGUE = Path(__file__).with_name("builtin_models.yaml")
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model reference points and what LQMF knows about its family."""
+
+    reference: str
+    source: str
+    kind: str  # local | hub | package
+    path: Path | None
+    family: str | None
+    target_modules: list[str] | None = None
+    chat_template: str | None = None
+    alias: str | None = None
+    config: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def load_id(self) -> str:
+        """What to pass to from_pretrained."""
+        return str(self.path) if self.path is not None else self.source
+
+    @property
+    def available(self) -> bool:
+        return self.path is not None and (self.path / "config.json").is_file()
+
+    @property
+    def display_name(self) -> str:
+        return self.alias or (self.path.name if self.path is not None else self.source)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise InputError(f"{path}:{where}: invalid YAML") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a mapping with 'models' and 'families'")
+    unknown = set(data) - {"models", "families"}
+    if unknown:
+        key = sorted(unknown)[0]
+        raise InputError(f"{path}: unknown key '{key}'{did_you_mean(key, ['models', 'families'])}")
+    for section in ("models", "families"):
+        if not isinstance(data.get(section) or {}, dict):
+            raise InputError(f"{path}: '{section}' must be a mapping")
+    for alias, entry in (data.get("models") or {}).items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("source"), str):
+            raise InputError(f"{path}: model '{alias}' needs a 'source' (hub id, folder or package:...)")
+        bad = set(entry) - {"source", "family", "description"}
+        if bad:
+            key = sorted(bad)[0]
+            raise InputError(
+                f"{path}: model '{alias}': unknown key '{key}'"
+                f"{did_you_mean(key, ['source', 'family', 'description'])}"
+            )
+    return data
+
+
+class ModelCatalogue:
+    """Aliases and family defaults for one workspace."""
+
+    def __init__(self, workspace: Workspace):
+        self.workspace = workspace
+        builtin = _read_yaml(BUILTIN_CATALOGUE)
+        local = _read_yaml(workspace.models_file) if workspace.models_file.is_file() else {}
+        self.families: dict[str, dict[str, Any]] = {**builtin["families"], **(local.get("families") or {})}
+        self.models: dict[str, dict[str, Any]] = {}
+        self.origin: dict[str, str] = {}
+        for origin, data in (("builtin", builtin), ("workspace", local)):
+            for alias, entry in (data.get("models") or {}).items():
+                self.models[str(alias)] = entry
+                self.origin[str(alias)] = origin
+
+    def resolve(self, reference: str) -> ResolvedModel:
+        if reference in self.models:
+            entry = self.models[reference]
+            resolved = self._resolve_source(entry["source"], reference, base_dir=self.workspace.root)
+            family = entry.get("family") or resolved.family
+            return self._with_family(resolved, family, alias=reference)
+        local = Path(reference).expanduser()
+        if local.is_dir() or (self.workspace.root / local).is_dir():
+            return self._resolve_source(reference, reference, base_dir=self.workspace.root)
+        if reference.startswith("package:") or _looks_like_hub_id(reference):
+            return self._resolve_source(reference, reference, base_dir=self.workspace.root)
+        raise NotFoundError(
+            f"unknown model '{reference}'{did_you_mean(reference, self.models)}: "
+            "give an alias from `lqmf models list`, a local folder or a hub id like org/name"
+        )
+
+    def _resolve_source(self, source: str, reference: str, base_dir: Path) -> ResolvedModel:
+        if source.startswith("package:"):
+            module, _, subdir = source[len("package:"):].partition("/")
+            spec = importlib.util.find_spec(module) if module else None
+            path = None
+            if spec is not None and spec.submodule_search_locations:
+                path = Path(list(spec.submodule_search_locations)[0]) / subdir
+            resolved = ResolvedModel(reference, source, "package", path, None)
+        elif _looks_like_hub_id(source) and not (base_dir / source).is_dir() and not Path(source).is_dir():
+            resolved = ResolvedModel(reference, source, "hub", _hub_cache_snapshot(source), None)
+        else:
+            path = Path(source).expanduser()
+            if not path.is_absolute():
+                path = path if path.is_dir() else base_dir / path
+            resolved = ResolvedModel(reference, source, "local", path.resolve(), None)
+        config = read_model_config(resolved.path) if resolved.available else {}
+        family = config.get("model_type")
+        return self._with_family(resolved, family, alias=None, config=config)
+
+    def _with_family(self, resolved: ResolvedModel, family: str | None, alias: str | None,
+                     config: dict[str, Any] | None = None) -> ResolvedModel:
+        defaults = self.families.get(family or "", {})
+        return ResolvedModel(
+            reference=resolved.reference,
+            source=resolved.source,
+            kind=resolved.kind,
+            path=resolved.path,
+            family=family,
+            target_modules=defaults.get("target_modules"),
+            chat_template=defaults.get("chat_template"),
+            alias=alias or resolved.alias,
+            config=config if config is not None else resolved.config,
+        )
+
+    def add(self, alias: str, source: str, family: str | None = None, description: str | None = None,
+            force: bool = False) -> None:
+        """Add an alias to the workspace's configs/models.yaml (atomically)."""
+        validate_name(alias, "model alias")
+        path = self.workspace.models_file
+        data = _read_yaml(path) if path.is_file() else {}
+        models = data.setdefault("models", {}) or {}
+        data["models"] = models
+        if alias in models and not force:
+            raise ConflictError(f"model alias '{alias}' already exists in {path}; use --force to replace it")
+        if family is not None and family not in self.families:
+            raise InputError(f"unknown family '{family}'{did_you_mean(family, self.families)}")
+        local = Path(source).expanduser()
+        if local.is_dir():
+            source = str(local.resolve())
+        elif not (source.startswith("package:") or _looks_like_hub_id(source)):
+            raise InputError(f"model source '{source}' is neither a folder nor a hub id like org/name")
+        entry: dict[str, Any] = {"source": source}
+        if family:
+            entry["family"] = family
+        if description:
+            entry["description"] = description
+        models[alias] = entry
+        header = "# Workspace models: added to (and overriding) LQMF's built-in catalogue.\n"
+        atomic_write_text(path, header + yaml.safe_dump(data, sort_keys=False))
+
+
+def _looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+def _hub_cache_snapshot(repo_id: str) -> Path | None:
+    """The newest downloaded snapshot of a hub model, found without importing huggingface_hub."""
+    cache = os.environ.get("HF_HUB_CACHE") or os.path.join(
+        os.environ.get("HF_HOME", os.path.expanduser("~/.cache/huggingface")), "hub"
+    )
+    snapshots = Path(cache) / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    candidates = [p for p in snapshots.iterdir() if (p / "config.json").is_file()]
+    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
+
+
+def read_model_config(path: Path | None) -> dict[str, Any]:
+    if path is None or not (path / "config.json").is_file():
+        return {}
+    try:
+        return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise InputError(f"{path / 'config.json'}: not valid JSON") from None

@@ -1,0 +1,145 @@
+"""Model and tokenizer loading: the one place that picks device, dtype and quantization."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from lqmf.core.errors import InputError, RuntimeFailure
+from lqmf.core.models import ResolvedModel
+
+CLASSIFIER_HEADS = ["classifier", "score"]
+
+
+def quiet_libraries() -> None:
+    """Keep third-party progress bars and advisory warnings out of LQMF's output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    for name in ("bitsandbytes", "peft", "accelerate", "transformers", "huggingface_hub", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.utils.logging.set_verbosity_error()
+    except ImportError:  # datasets is only needed for training
+        pass
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    device: str
+    dtype: str
+    quantized: bool
+    notes: list[str] = field(default_factory=list)
+
+    def runtime(self) -> dict[str, Any]:
+        return {"device": self.device, "dtype": self.dtype, "quantized_4bit": self.quantized}
+
+
+def select_device(preference: str = "auto"):
+    import torch
+
+    if preference == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for, but torch sees no CUDA GPU")
+    return torch.device(preference)
+
+
+def compute_dtype(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def four_bit_support(device) -> str | None:
+    """None when bitsandbytes can run 4-bit layers on device, else the reason it cannot."""
+    if device.type not in ("cuda", "cpu"):
+        return f"bitsandbytes 4-bit is not supported on {device.type}"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed"
+    return None
+
+
+def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolved.load_id)
+    except OSError as err:
+        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}': {_first_line(err)}") from None
+    template = chat_template or resolved.chat_template
+    if template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template
+    return tokenizer
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "auto",
+               quantize_4bit: bool = False, labels: list[str] | None = None,
+               training: bool = False) -> LoadedModel:
+    """Load a base model for task (causal LM, or sequence classification with labels)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    quiet_libraries()
+    device = select_device(device_preference)
+    dtype = compute_dtype(device)
+    notes: list[str] = []
+    if quantize_4bit:
+        reason = four_bit_support(device)
+        if reason:
+            notes.append(f"4-bit quantization off: {reason}")
+            quantize_4bit = False
+    tokenizer = load_tokenizer(resolved)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantize_4bit:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=[*CLASSIFIER_HEADS, "lm_head"],
+        )
+        kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}
+    try:
+        if task == "classification":
+            if not labels:
+                raise InputError("a classification model needs its label names")
+            model = AutoModelForSequenceClassification.from_pretrained(
+                resolved.load_id, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)}, **kwargs,
+            )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(resolved.load_id, **kwargs)
+    except (OSError, ValueError) as err:
+        raise RuntimeFailure(f"cannot load model '{resolved.reference}': {_first_line(err)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    if not quantize_4bit:
+        model.to(device)
+    if not training:
+        model.eval()
+    return LoadedModel(model, tokenizer, device.type, str(dtype).replace("torch.", ""), quantize_4bit, notes)

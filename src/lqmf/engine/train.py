@@ -1,0 +1,504 @@
+"""LoRA / QLoRA training: setup -> run -> save, resumable, interruptible.
+
+The loop is our own (not transformers.Trainer) so that it can change its micro-batch without
+losing its place, checkpoint on Ctrl-C, compute the loss only on answer tokens without
+materialising full-vocabulary logits, and sync with the device only when it logs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lqmf.core.config import TrainConfig
+from lqmf.core.datasets import TaskDataset
+from lqmf.core.errors import Interrupted, RuntimeFailure
+from lqmf.core.fsutil import append_jsonl
+from lqmf.core.metrics import classification_scores
+from lqmf.core.models import ResolvedModel
+from lqmf.engine import data as data_mod
+from lqmf.engine.loading import LoadedModel, load_model, load_tokenizer, quiet_libraries
+from lqmf.engine.memory import memory_in_use_gb, peak_memory_gb, reset_peak_memory
+
+CHECKPOINT_DIR = "checkpoint"
+METRICS_LOG = "metrics.jsonl"
+LOSS_CHUNK_TOKENS = 1024
+
+
+class Events:
+    """What the training loop reports; the CLI renders it. Every method is optional."""
+
+    def on_plan(self, plan: dict[str, Any]) -> None: ...
+    def on_note(self, message: str) -> None: ...
+    def on_step(self, record: dict[str, Any]) -> None: ...
+    def on_eval(self, record: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class Prepared:
+    """The data side of a run, ready before any model weights load."""
+
+    train: list[dict[str, Any]]
+    validation: list[dict[str, Any]]
+    labels: list[str]
+    micro_batch: int
+    accumulation: int
+    steps_per_epoch: int
+    total_steps: int
+    train_tokens: int
+    max_tokens: int
+    notes: list[str] = field(default_factory=list)
+    chat_template: str | None = None
+    dropped: int = 0
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.accumulation
+
+    def plan(self) -> dict[str, Any]:
+        return {
+            "train_examples": len(self.train), "validation_examples": len(self.validation),
+            "labels": self.labels, "micro_batch": self.micro_batch,
+            "gradient_accumulation": self.accumulation, "effective_batch": self.effective_batch,
+            "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
+            "train_tokens_per_epoch": self.train_tokens, "longest_example_tokens": self.max_tokens,
+            "chat_template": self.chat_template, "dropped_examples": self.dropped, "notes": self.notes,
+        }
+
+
+def split_examples(dataset: TaskDataset, fraction: float, seed: int):
+    """Seeded train/validation split through `datasets` (stratified for classification)."""
+    from datasets import ClassLabel, Dataset
+
+    table = Dataset.from_list(dataset.examples)
+    n = len(table)
+    n_val = 0 if fraction <= 0 or n < 4 else max(1, round(n * fraction))
+    if n_val == 0:
+        return list(table), []
+    stratify = None
+    if dataset.task == "classification":
+        table = table.cast_column("label", ClassLabel(names=dataset.labels))
+        if min(dataset.label_counts.values()) >= 2 and n_val >= len(dataset.labels):
+            stratify = "label"
+    parts = table.train_test_split(test_size=n_val, seed=seed, stratify_by_column=stratify)
+    names = dataset.labels
+
+    def rows(part):
+        if dataset.task != "classification":
+            return list(part)
+        return [{"text": r["text"], "label": names[r["label"]]} for r in part]
+
+    return rows(parts["train"]), rows(parts["test"])
+
+
+def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> Prepared:
+    """Split, tokenise and count steps; loads the tokenizer only."""
+    quiet_libraries()
+    tokenizer = load_tokenizer(model)
+    task = dataset.task
+    template = None if task == "classification" else data_mod.ensure_chat_template(tokenizer)
+    train_ex, val_ex = split_examples(dataset, config.validation_split, config.seed)
+    label_ids = {label: i for i, label in enumerate(dataset.labels)} if dataset.labels else None
+    train = data_mod.encode_examples(tokenizer, train_ex, task, config.max_seq_length, config.overlong,
+                                     label_ids, source="training")
+    val = data_mod.encode_examples(tokenizer, val_ex, task, config.max_seq_length, config.overlong,
+                                   label_ids, source="validation")
+    if not train.rows:
+        raise RuntimeFailure("no training examples left after applying max_seq_length")
+    micro = config.per_device_train_batch_size
+    accumulation = config.gradient_accumulation_steps
+    steps_per_epoch = max(1, math.ceil(len(train.rows) / (micro * accumulation)))
+    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
+    return Prepared(train.rows, val.rows, dataset.labels, micro, accumulation, steps_per_epoch, total,
+                    sum(len(r["input_ids"]) for r in train.rows), max(train.max_tokens, val.max_tokens),
+                    train.notes + val.notes, template, train.dropped + val.dropped)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str) -> LoadedModel:
+    from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    loaded = load_model(model_ref, task=task, device_preference=config.device,
+                        quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True)
+    if prepared.chat_template:
+        data_mod.ensure_chat_template(loaded.tokenizer)
+    model = loaded.model
+    if loaded.quantized and loaded.device == "cpu":
+        # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
+        # in eval mode and never unpacks them for training (its in-place bias add then fails in
+        # backward); our per-epoch evaluation would trigger it, so keep the training layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
+    if loaded.quantized:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.use_gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif config.use_gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    targets = config.target_modules or model_ref.target_modules or "all-linear"
+    lora = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=targets, bias="none",
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+    )
+    try:
+        loaded.model = get_peft_model(model, lora)
+    except ValueError as err:
+        raise RuntimeFailure(f"LoRA setup failed for target_modules={targets}: {err}") from None
+    return loaded
+
+
+def _answer_loss_sum(model, batch) -> Any:
+    """Summed cross-entropy over answer tokens, computing logits only where labels are set.
+
+    Falls back to the model's own logits for architectures that post-process them.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    base = model.get_base_model()
+    labels = batch["labels"][:, 1:]
+    head = base.get_output_embeddings()
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
+    plain_head = (head is not None and decoder is not None
+                  and not getattr(base.config, "final_logit_softcapping", None)
+                  and getattr(base.config, "logit_scale", None) in (None, 1, 1.0))
+    if not plain_head:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                               ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = labels != data_mod.IGNORE_INDEX
+    picked = hidden[:, :-1][mask]
+    targets = labels[mask]
+
+    def chunk_loss(h, y):
+        return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, picked.shape[0], LOSS_CHUNK_TOKENS):
+        end = start + LOSS_CHUNK_TOKENS
+        total = total + checkpoint(chunk_loss, picked[start:end], targets[start:end], use_reentrant=False)
+    return total
+
+
+def _classification_loss_sum(model, batch):
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
+
+
+def _units(rows: list[dict[str, Any]], classification: bool) -> int:
+    """What the loss is averaged over: examples, or answer tokens (after the shift)."""
+    if classification:
+        return len(rows)
+    return sum(sum(1 for label in r["labels"][1:] if label != data_mod.IGNORE_INDEX) for r in rows)
+
+
+def _to_device(batch: dict[str, Any], device: str) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(loaded: LoadedModel, rows: list[dict[str, Any]], classification: bool, batch_size: int,
+             n_labels: int = 0) -> dict[str, float]:
+    import torch
+
+    model = loaded.model
+    was_training = model.training
+    model.eval()
+    loss_sum = 0.0
+    units = 0
+    truth: list[int] = []
+    predicted: list[int] = []
+    pad = loaded.tokenizer.pad_token_id
+    with torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start: start + batch_size]
+            batch = _to_device(data_mod.collate(chunk, pad, classification), loaded.device)
+            if classification:
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum += float(torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+                truth += batch["labels"].tolist()
+                predicted += logits.argmax(-1).tolist()
+            else:
+                loss_sum += float(_answer_loss_sum(model, batch))
+            units += _units(chunk, classification)
+    if was_training:
+        model.train()
+    result = {"loss": loss_sum / max(units, 1)}
+    if not classification:
+        result["perplexity"] = math.exp(min(result["loss"], 50))
+    else:
+        result.update(classification_scores(truth, predicted, n_labels))
+    return result
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def _rng_state() -> dict[str, Any]:
+    import torch
+
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
+    """Replace staging/checkpoint with the state after the last finished optimizer step."""
+    import shutil
+
+    import torch
+
+    final = staging / CHECKPOINT_DIR
+    tmp = staging / f"{CHECKPOINT_DIR}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "progress": progress, "rng": _rng_state()}, tmp / "training_state.pt")
+    old = staging / f"{CHECKPOINT_DIR}.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(staging: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    import torch
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    folder = staging / CHECKPOINT_DIR
+    weights = load_file(str(folder / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, weights)
+    state = torch.load(folder / "training_state.pt", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return state["progress"]
+
+
+def has_checkpoint(staging: Path) -> bool:
+    return (staging / CHECKPOINT_DIR / "training_state.pt").is_file()
+
+
+class StopFlag:
+    """First Ctrl-C: finish the current step, checkpoint and stop. Second: stop at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------- run
+
+
+@dataclass
+class Outcome:
+    metrics: dict[str, Any]
+    runtime: dict[str, Any]
+    history: list[dict[str, Any]]
+
+
+def make_optimizer(config: TrainConfig, model, device: str):
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if device == "cuda":
+        try:
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(params, lr=config.learning_rate, weight_decay=config.weight_decay), \
+                "paged_adamw_8bit"
+        except ImportError:
+            pass
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay), "adamw_torch"
+
+
+def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
+          events: Events | None = None, prepared: Prepared | None = None, resume: bool = False) -> Outcome:
+    """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics."""
+    import torch
+    from transformers import get_scheduler
+
+    events = events or Events()
+    classification = dataset.task == "classification"
+    prepared = prepared or prepare(config, model_ref, dataset)
+    for note in prepared.notes:
+        events.on_note(note)
+    torch.manual_seed(config.seed)
+    random.seed(config.seed)
+    loaded = setup_model(config, model_ref, prepared, dataset.task)
+    for note in loaded.notes:
+        events.on_note(note)
+    model = loaded.model
+    optimizer, optimizer_name = make_optimizer(config, model, loaded.device)
+    total = prepared.total_steps
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
+                              num_warmup_steps=int(config.warmup_ratio * total), num_training_steps=total)
+    log_path = staging / METRICS_LOG
+    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": prepared.micro_batch,
+                "history": [], "initial_eval": None, "elapsed_s": 0.0}
+    if resume and has_checkpoint(staging):
+        progress = load_checkpoint(staging, model, optimizer, scheduler)
+        events.on_note(f"resumed from step {progress['step']}/{total}")
+    plan = {**prepared.plan(), **loaded.runtime(), "optimizer": optimizer_name,
+            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total_params": sum(p.numel() for p in model.parameters()), "resumed_at_step": progress["step"]}
+    events.on_plan(plan)
+    n_labels = len(prepared.labels)
+    eval_batch = max(1, prepared.micro_batch * 2)
+
+    def run_eval(step: int, epoch: float) -> dict[str, Any]:
+        result = evaluate(loaded, prepared.validation, classification, eval_batch, n_labels)
+        record = {"type": "eval", "step": step, "epoch": round(epoch, 3),
+                  **{f"eval_{k}": v for k, v in result.items()}}
+        append_jsonl(log_path, record)
+        events.on_eval(record)
+        return record
+
+    if prepared.validation and config.eval_at_start and progress["step"] == 0 and progress["initial_eval"] is None:
+        progress["initial_eval"] = run_eval(0, 0.0)
+
+    model.train()
+    reset_peak_memory(loaded.device)
+    started = time.perf_counter() - progress["elapsed_s"]
+    effective = prepared.effective_batch
+    pad = loaded.tokenizer.pad_token_id
+    loss_fn = _classification_loss_sum if classification else _answer_loss_sum
+    last_eval: dict[str, Any] | None = None
+    window_loss = torch.zeros((), device=loaded.device)
+    window_units = 0
+    window_tokens = 0
+    window_start = time.perf_counter()
+    with StopFlag() as stop:
+        try:
+            while progress["step"] < total:
+                epoch = progress["epoch"]
+                order = list(range(len(prepared.train)))
+                random.Random(config.seed + epoch).shuffle(order)
+                groups = [order[i: i + effective] for i in range(0, len(order), effective)]
+                while progress["step_in_epoch"] < len(groups) and progress["step"] < total:
+                    rows = [prepared.train[i] for i in groups[progress["step_in_epoch"]]]
+                    units = _units(rows, classification)
+                    micro = progress["micro_batch"]
+                    for start in range(0, len(rows), micro):
+                        chunk = rows[start: start + micro]
+                        batch = _to_device(data_mod.collate(chunk, pad, classification), loaded.device)
+                        loss = loss_fn(model, batch)
+                        (loss / max(units, 1)).backward()
+                        window_loss += loss.detach()
+                        window_tokens += sum(len(r["input_ids"]) for r in chunk)
+                    window_units += units
+                    grad_norm = None
+                    if config.max_grad_norm > 0:
+                        grad_norm = torch.nn.utils.clip_grad_norm_(
+                            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    progress["step"] += 1
+                    progress["step_in_epoch"] += 1
+                    step = progress["step"]
+                    epoch_float = epoch + progress["step_in_epoch"] / len(groups)
+                    if step % config.logging_steps == 0 or step == total:
+                        now = time.perf_counter()
+                        elapsed = now - started
+                        record = {
+                            "type": "train", "step": step, "total_steps": total, "epoch": round(epoch_float, 3),
+                            "loss": float(window_loss) / max(window_units, 1),
+                            "lr": scheduler.get_last_lr()[0],
+                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                            "memory_gb": memory_in_use_gb(loaded.device),
+                            "elapsed_s": elapsed, "eta_s": elapsed / step * (total - step) if step else None,
+                        }
+                        progress["history"].append(record)
+                        append_jsonl(log_path, record)
+                        events.on_step(record)
+                        window_loss.zero_()
+                        window_units = window_tokens = 0
+                        window_start = time.perf_counter()
+                    epoch_done = progress["step_in_epoch"] >= len(groups)
+                    if prepared.validation and (
+                        (config.eval_strategy == "steps" and config.eval_steps and step % config.eval_steps == 0)
+                        or (config.eval_strategy == "epoch" and epoch_done)
+                        or (config.eval_strategy != "no" and step == total and last_eval is None)
+                    ):
+                        last_eval = run_eval(step, epoch_float)
+                    if epoch_done:
+                        progress["epoch"] += 1
+                        progress["step_in_epoch"] = 0
+                    progress["elapsed_s"] = time.perf_counter() - started
+                    if (config.save_steps and step % config.save_steps == 0) or (epoch_done and step < total):
+                        save_checkpoint(staging, model, optimizer, scheduler, progress)
+                    if stop.requested and step < total:
+                        raise KeyboardInterrupt
+                    if epoch_done:
+                        break
+        except KeyboardInterrupt:
+            optimizer.zero_grad(set_to_none=True)
+            progress["elapsed_s"] = time.perf_counter() - started
+            save_checkpoint(staging, model, optimizer, scheduler, progress)
+            raise Interrupted(
+                f"training interrupted after step {progress['step']}/{total}; checkpoint saved in {staging}"
+            ) from None
+
+    model.save_pretrained(staging)
+    import shutil
+
+    shutil.rmtree(staging / CHECKPOINT_DIR, ignore_errors=True)
+    train_records = [h for h in progress["history"] if h["type"] == "train"]
+    metrics: dict[str, Any] = {
+        "train_loss": train_records[-1]["loss"] if train_records else None,
+        "first_train_loss": train_records[0]["loss"] if train_records else None,
+        "steps": progress["step"], "epochs": round(progress["step"] / prepared.steps_per_epoch, 3),
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "peak_memory_gb": peak_memory_gb(loaded.device),
+    }
+    if last_eval:
+        metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
+    if progress["initial_eval"]:
+        metrics["initial"] = {k: v for k, v in progress["initial_eval"].items() if k.startswith("eval_")}
+    runtime = {**loaded.runtime(), "optimizer": optimizer_name, "micro_batch": progress["micro_batch"],
+               "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"]}
+    return Outcome(metrics, runtime, progress["history"])

