@@ -97,3 +97,42 @@ def copy_example(name: str, dest: Path) -> Path:
     target = dest / name
     shutil.copy(EXAMPLES / name, target)
     return target
+
+
+TRAINED_ADAPTERS = {
+    # name: (model fixture, dataset, task, extra options)
+    "chat-a": ("tiny", "chat_training.csv", "chat", ["--no-4bit"]),
+    "chat-q": ("tiny", "chat_training.csv", "chat", ["--4bit", "--seed", "7"]),
+    "instr-b": ("tiny", "instructions.jsonl", "instruction_following", ["--no-4bit", "--seed", "3"]),
+    "sent": ("minilm", "sentiment.csv", "classification", ["--no-4bit", "--max-steps", "15"]),
+}
+
+
+@pytest.fixture(scope="session")
+def trained_workspace(tmp_path_factory, tiny_model, minilm) -> Path:
+    """A workspace holding the adapters in TRAINED_ADAPTERS, trained once per session.
+
+    Don't modify it: use `adapters_workspace` for a private copy.
+    """
+    from lqmf.cli.app import app
+
+    root = tmp_path_factory.mktemp("trained")
+    models = {"tiny": tiny_model, "minilm": "minilm"}
+    runner = CliRunner()
+    for name, (model, dataset, task, extra) in TRAINED_ADAPTERS.items():
+        args = ["--workspace", str(root), "train", str(models[model]), str(EXAMPLES / dataset), task, "--name", name,
+                "--max-steps", "4", "--max-seq-length", "256", "--batch-size", "4", "--grad-accum", "2",
+                "--lr", "5e-3", "-q", *extra]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    return root
+
+
+@pytest.fixture
+def adapters_workspace(trained_workspace, tmp_path, monkeypatch) -> Path:
+    """A private copy of the trained workspace, also the current directory and $LQMF_HOME."""
+    root = tmp_path / "ws"
+    shutil.copytree(trained_workspace, root)
+    monkeypatch.setenv("LQMF_HOME", str(root))
+    monkeypatch.chdir(root)
+    return root

@@ -124,6 +124,7 @@ def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> 
 
 
 def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str) -> LoadedModel:
+    quiet_libraries()
     from peft import LoraConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     loaded = load_model(model_ref, task=task, device_preference=config.device,
