@@ -46,7 +46,6 @@ def main() -> None:
     import torch
     from peft import LoraConfig, get_peft_model
     from peft.utils.hotswap import hotswap_adapter
-    from safetensors.torch import load_file
 
     from lqmf.core.models import ModelCatalogue
     from lqmf.core.workspace import Workspace
@@ -62,12 +61,12 @@ def main() -> None:
     res["load_4bit_s"] = round(time.perf_counter() - started, 1)
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                       task_type="CAUSAL_LM")
-    model = get_peft_model(loaded.model, lora, adapter_name="a")
+    model = get_peft_model(loaded.model, lora)
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.01)
-    model.save_pretrained("/tmp/ad")  # -> /tmp/ad (adapter "a" is saved at the top level)
+    model.save_pretrained("/tmp/ad")
     for name, p in model.named_parameters():
         if "lora_B" in name:
             p.data.normal_(0, 0.01)
@@ -95,19 +94,19 @@ def main() -> None:
 
     loads = [timed(lambda i=i: load_and_set(i), sync) for i in range(3)]
     res["peft_load_adapter_s"] = [round(x, 3) for x in loads]
-    model.set_adapter("a")
+    print("PARTIAL", json.dumps(res), flush=True)
+    model.set_adapter("default")
     for i in range(3):
         model.delete_adapter(f"x{i}")
-    hot = [timed(lambda i=i: hotswap_adapter(model, "/tmp/ad2" if i % 2 == 0 else "/tmp/ad", adapter_name="a",
+    hot = [timed(lambda i=i: hotswap_adapter(model, "/tmp/ad2" if i % 2 == 0 else "/tmp/ad", adapter_name="default",
                                              torch_device="cuda:0"), sync) for i in range(4)]
     res["peft_hotswap_s"] = [round(x, 3) for x in hot]
-    hotswap_adapter(model, "/tmp/ad", adapter_name="a", torch_device="cuda:0")
+    hotswap_adapter(model, "/tmp/ad", adapter_name="default", torch_device="cuda:0")
 
     # LQMF serving path
-    slots = AdapterSlots(model, "a", slot_scaling=32 / 16)
-    second = {k.replace(".lora_A.weight", ".lora_A.a.weight").replace(".lora_B.weight", ".lora_B.a.weight"): v
-              for k, v in load_file("/tmp/ad2/adapter_model.safetensors").items()}
-    res["lqmf_add_adapter_from_disk_s"] = round(timed(lambda: slots.add("b", second, 32 / 16), sync), 4)
+    slots = AdapterSlots(model, "default", slot_scaling=32 / 16)
+    res["lqmf_add_adapter_from_disk_s"] = round(
+        timed(lambda: slots.add("b", slots.read_adapter("/tmp/ad2"), 32 / 16), sync), 4)
     decoder = CompiledDecoder(model, max_cache_len=512)
     prompt = ids[0].tolist()
     res["lqmf_compile_warmup_s"] = round(timed(lambda: decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS),
@@ -120,12 +119,12 @@ def main() -> None:
     slots.activate(None)
     decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     res["lqmf_gen_tok_s_base"] = round(statistics.median(lqmf_rate() for _ in range(3)), 1)
-    slots.activate("a")
+    slots.activate("default")
     res["lqmf_gen_tok_s_adapter"] = round(statistics.median(lqmf_rate() for _ in range(3)), 1)
     fast_tokens = decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS).tokens
     res["greedy_tokens_equal_to_hf_first_32"] = sum(a == b for a, b in zip(fast_tokens[:32], eager_tokens[:32],
                                                                            strict=True))
-    swaps = [timed(lambda i=i: slots.activate("b" if i % 2 == 0 else "a"), sync) for i in range(args.swaps)]
+    swaps = [timed(lambda i=i: slots.activate("b" if i % 2 == 0 else "default"), sync) for i in range(args.swaps)]
     res["lqmf_swap_ms_p50"] = round(1000 * percentile(swaps, 0.5), 3)
     res["lqmf_swap_ms_p95"] = round(1000 * percentile(swaps, 0.95), 3)
     res["adapter_overhead_pct_hf"] = round(100 * (res["hf_gen_tok_s_base"] / res["hf_gen_tok_s_adapter"] - 1), 1)

@@ -119,6 +119,16 @@ class AdapterSlots:
         }
         self.active: str | None = slot
 
+    def read_adapter(self, folder) -> dict[str, Any]:
+        """A saved PEFT adapter's tensors, named as this slot's live parameters."""
+        from pathlib import Path
+
+        from safetensors.torch import load_file
+
+        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
+        return {key.replace(".lora_A.weight", f".lora_A.{self.slot}.weight")
+                   .replace(".lora_B.weight", f".lora_B.{self.slot}.weight"): value for key, value in state.items()}
+
     def matches(self, state: dict[str, Any]) -> bool:
         """Whether an adapter's tensors (named as in the slot) fit the slot exactly."""
         return set(state) == set(self.live) and all(state[k].shape == self.live[k].shape for k in state)
