@@ -42,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     parser.add_argument("--swaps", type=int, default=50)
+    parser.add_argument("--skip-hf", action="store_true", help="skip the HF/PEFT side (measured by the baseline)")
     args = parser.parse_args()
     import torch
     from peft import LoraConfig, get_peft_model
@@ -78,37 +79,45 @@ def main() -> None:
     def hf_generate():
         return model.generate(input_ids=ids, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
 
-    def hf_rate() -> float:
-        return round(statistics.median(NEW_TOKENS / timed(hf_generate, sync) for _ in range(3)), 1)
+    if not args.skip_hf:
+        def hf_rate() -> float:
+            return round(statistics.median(NEW_TOKENS / timed(hf_generate, sync) for _ in range(3)), 1)
 
-    with torch.no_grad():
-        hf_generate()
-        with model.disable_adapter():
-            res["hf_gen_tok_s_base"] = hf_rate()
-        res["hf_gen_tok_s_adapter"] = hf_rate()
-        eager_tokens = hf_generate()[0, 64:].tolist()
+        with torch.no_grad():
+            hf_generate()
+            with model.disable_adapter():
+                res["hf_gen_tok_s_base"] = hf_rate()
+            res["hf_gen_tok_s_adapter"] = hf_rate()
+            eager_tokens = hf_generate()[0, 64:].tolist()
 
-    def load_and_set(i: int) -> None:
-        model.load_adapter("/tmp/ad2", adapter_name=f"x{i}")
-        model.set_adapter(f"x{i}")
+        def load_and_set(i: int) -> None:
+            model.load_adapter("/tmp/ad2", adapter_name=f"x{i}")
+            model.set_adapter(f"x{i}")
 
-    loads = [timed(lambda i=i: load_and_set(i), sync) for i in range(3)]
-    res["peft_load_adapter_s"] = [round(x, 3) for x in loads]
-    print("PARTIAL", json.dumps(res), flush=True)
-    model.set_adapter("default")
-    for i in range(3):
-        model.delete_adapter(f"x{i}")
-    hot = [timed(lambda i=i: hotswap_adapter(model, "/tmp/ad2" if i % 2 == 0 else "/tmp/ad", adapter_name="default",
-                                             torch_device="cuda:0"), sync) for i in range(4)]
-    res["peft_hotswap_s"] = [round(x, 3) for x in hot]
-    hotswap_adapter(model, "/tmp/ad", adapter_name="default", torch_device="cuda:0")
+        loads = [timed(lambda i=i: load_and_set(i), sync) for i in range(3)]
+        res["peft_load_adapter_s"] = [round(x, 3) for x in loads]
+        print("PARTIAL", json.dumps(res), flush=True)
+        model.set_adapter("default")
+        for i in range(3):
+            model.delete_adapter(f"x{i}")
+        hot = [timed(lambda i=i: hotswap_adapter(model, "/tmp/ad2" if i % 2 == 0 else "/tmp/ad", adapter_name="default",
+                                                 torch_device="cuda:0"), sync) for i in range(4)]
+        res["peft_hotswap_s"] = [round(x, 3) for x in hot]
+        hotswap_adapter(model, "/tmp/ad", adapter_name="default", torch_device="cuda:0")
+
 
     # LQMF serving path
     slots = AdapterSlots(model, "default", slot_scaling=32 / 16)
     res["lqmf_add_adapter_from_disk_s"] = round(
         timed(lambda: slots.add("b", slots.read_adapter("/tmp/ad2"), 32 / 16), sync), 4)
+    swaps = [timed(lambda i=i: slots.activate("b" if i % 2 == 0 else "default"), sync) for i in range(args.swaps)]
+    res["lqmf_swap_ms_p50"] = round(1000 * percentile(swaps, 0.5), 3)
+    res["lqmf_swap_ms_p95"] = round(1000 * percentile(swaps, 0.95), 3)
+    save(res, args.out)
     decoder = CompiledDecoder(model, max_cache_len=512)
     prompt = ids[0].tolist()
+    res["lqmf_compile_warmup_s"] = None
+    save(res, args.out)
     res["lqmf_compile_warmup_s"] = round(timed(lambda: decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS),
                                                sync), 1)
     decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)
@@ -119,20 +128,24 @@ def main() -> None:
     slots.activate(None)
     decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS)
     res["lqmf_gen_tok_s_base"] = round(statistics.median(lqmf_rate() for _ in range(3)), 1)
+    save(res, args.out)
     slots.activate("default")
     res["lqmf_gen_tok_s_adapter"] = round(statistics.median(lqmf_rate() for _ in range(3)), 1)
     fast_tokens = decoder.generate(prompt, NEW_TOKENS, min_new_tokens=NEW_TOKENS).tokens
-    res["greedy_tokens_equal_to_hf_first_32"] = sum(a == b for a, b in zip(fast_tokens[:32], eager_tokens[:32],
-                                                                           strict=True))
-    swaps = [timed(lambda i=i: slots.activate("b" if i % 2 == 0 else "default"), sync) for i in range(args.swaps)]
-    res["lqmf_swap_ms_p50"] = round(1000 * percentile(swaps, 0.5), 3)
-    res["lqmf_swap_ms_p95"] = round(1000 * percentile(swaps, 0.95), 3)
-    res["adapter_overhead_pct_hf"] = round(100 * (res["hf_gen_tok_s_base"] / res["hf_gen_tok_s_adapter"] - 1), 1)
+    if not args.skip_hf:
+        res["greedy_tokens_equal_to_hf_first_32"] = sum(
+            a == b for a, b in zip(fast_tokens[:32], eager_tokens[:32], strict=True))
+        res["adapter_overhead_pct_hf"] = round(100 * (res["hf_gen_tok_s_base"] / res["hf_gen_tok_s_adapter"] - 1), 1)
     res["adapter_overhead_pct_lqmf"] = round(100 * (res["lqmf_gen_tok_s_base"] / res["lqmf_gen_tok_s_adapter"] - 1), 1)
     res["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    save(res, args.out)
+
+
+def save(res: dict, out: str) -> None:
+    """Print and write what has been measured so far (a later stage may not finish in time)."""
     print("RESULT", json.dumps(res), flush=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "lqmf_serve.json").write_text(json.dumps(res, indent=1))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "lqmf_serve.json").write_text(json.dumps(res, indent=1))
 
 
 if __name__ == "__main__":
