@@ -12,7 +12,7 @@ import sys
 import typer
 
 from lqmf import __version__
-from lqmf.cli import bench_cmd, config_cmd, models_cmd, train_cmd
+from lqmf.cli import bench_cmd, config_cmd, models_cmd, report_cmd, train_cmd
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
 from lqmf.core.errors import LqmfError
@@ -47,6 +47,7 @@ app.command("train", help=train_cmd.__doc__)(train_cmd.train)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(bench_cmd.app, name="bench")
+app.add_typer(report_cmd.app, name="report")
 
 
 def _pending(verb: str, issue: int, summary: str) -> None:
