@@ -249,11 +249,10 @@ def fmt(value: Any, key: str = "", signed: bool = False) -> str:
     sign = "+" if signed else ""
     if key.endswith("_s") and key not in ("tokens_per_s", "texts_per_s") or key in ("load_seconds", "perplexity"):
         return f"{value:{sign}.3g}" if abs(value) < 1000 else f"{value:{sign}.0f}"
-    if key in ("tokens_per_s", "texts_per_s"):
-        return f"{value:{sign}.1f}"
-    if key.endswith("_gb"):
-        return f"{value:{sign}.2f}"
-    return f"{value:{sign}.4f}"
+    decimals = 1 if key in ("tokens_per_s", "texts_per_s") else 2 if key.endswith("_gb") else 4
+    if abs(value) < 0.5 * 10**-decimals:
+        value = 0.0  # no "-0.00"
+    return f"{value:{sign}.{decimals}f}"
 
 
 def side_by_side(result: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
