@@ -320,6 +320,10 @@ def benchmark(workspace: Workspace, adapter: str, prompts_file: str | Path | Non
     """
     if device not in DEVICES:
         raise InputError(f"device must be one of {', '.join(DEVICES)}, got '{device}'")
+    for name, value, least in (("max_new_tokens", max_new_tokens, 1), ("warmup", warmup, 0),
+                               ("eval_limit", eval_limit, 0)):
+        if value < least:
+            raise InputError(f"{name} must be at least {least}, got {value}")
     task = Registry(workspace).get(adapter).manifest["task"]
     prompts_path = workspace.resolve_path(prompts_file) if prompts_file else None
     prompts = read_prompts(prompts_path) if prompts_path else builtin_prompts(task)
