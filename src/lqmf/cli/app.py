@@ -12,7 +12,7 @@ import sys
 import typer
 
 from lqmf import __version__
-from lqmf.cli import config_cmd, models_cmd, train_cmd
+from lqmf.cli import bench_cmd, config_cmd, models_cmd, report_cmd, train_cmd
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
 from lqmf.core.errors import LqmfError
@@ -46,6 +46,8 @@ def root(
 app.command("train", help=train_cmd.__doc__)(train_cmd.train)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
+app.add_typer(bench_cmd.app, name="bench")
+app.add_typer(report_cmd.app, name="report")
 
 
 def _pending(verb: str, issue: int, summary: str) -> None:
@@ -60,7 +62,6 @@ _pending("adapters", 3, "List, show, load, switch, verify, rename and remove ada
 _pending("export", 3, "Export an adapter as a PEFT folder, a merged model or an archive.")
 _pending("test", 4, "Answer one prompt with an adapter.")
 _pending("serve", 4, "Serve a base model and hot-swappable adapters over an OpenAI-compatible API.")
-_pending("bench", 5, "Benchmark speed, memory and quality of an adapter against its base.")
 _pending("status", 6, "Show GPUs, memory, library versions and the adapter registry.")
 
 

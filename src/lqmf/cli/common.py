@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typer
+from typer.core import TyperGroup
 
 from lqmf.core.workspace import WORKSPACE_ENV, Workspace
 
@@ -20,3 +21,16 @@ def workspace(ctx: typer.Context | None, option: str | None = None) -> Workspace
         root = ctx.find_root()
         root_option = (root.obj or {}).get("workspace") if isinstance(root.obj, dict) else None
     return Workspace.resolve(option or root_option)
+
+
+class DefaultCommandGroup(TyperGroup):
+    """A command group that runs its first command when the first argument names no subcommand.
+
+    So `lqmf bench ADAPTER` is `lqmf bench run ADAPTER`, while `lqmf bench compare ...` still works.
+    """
+
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
+        help_options = set(ctx.help_option_names)
+        if args and args[0] not in self.commands and args[0] not in help_options and self.commands:
+            args = [next(iter(self.commands)), *args]
+        return super().parse_args(ctx, args)

@@ -53,3 +53,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def require(module: str, package: str, extra: str) -> None:
+    """Fail with an install hint, before any work is done, when an optional dependency is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise LqmfError(f"{package} is not installed; install it with: pip install 'lqmf[{extra}]'")

@@ -1,4 +1,4 @@
-"""Classification metrics from label ids, in plain Python."""
+"""Quality metrics: classification scores from label ids (plain Python) and ROUGE (rouge-score)."""
 
 from __future__ import annotations
 
@@ -26,3 +26,20 @@ def classification_scores(truth: Sequence[int], predicted: Sequence[int], n_labe
         fn = sum(matrix[label]) - tp
         f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
     return {"accuracy": correct / len(truth), "macro_f1": sum(f1s) / n_labels}
+
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ROUGE-1/2/L F-measures (Google's rouge-score, Porter stemming) of predictions vs references."""
+    from rouge_score import rouge_scorer
+
+    if not predictions:
+        return dict.fromkeys(ROUGE_TYPES, 0.0)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for prediction, reference in zip(predictions, references, strict=True):
+        for key, score in scorer.score(reference, prediction).items():
+            totals[key] += score.fmeasure
+    return {key: total / len(predictions) for key, total in totals.items()}

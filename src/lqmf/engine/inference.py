@@ -59,12 +59,14 @@ def labels_of(entry: AdapterEntry) -> list[str]:
     return [id2label[str(i)] for i in range(len(id2label))]
 
 
-def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base: str | None = None,
+def load_for_inference(workspace: Workspace, adapter: str | None = None, *,
+                       base: str | ResolvedModel | None = None,
                        task: str | None = None, device: str = "auto", quantize_4bit: bool | None = None,
                        labels: list[str] | None = None) -> InferenceModel:
     """Load an adapter on its base, or a bare base model (adapter=None, base=MODEL).
 
     quantize_4bit=None loads the base the way the adapter was trained (4-bit if it was).
+    base may be a ResolvedModel (e.g. adapter_base(...)) to load exactly the model an adapter uses.
     """
     quiet_libraries()
     from peft import PeftModel
@@ -79,7 +81,7 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
     else:
         if base is None:
             raise InputError("give an adapter name or a base model")
-        resolved = ModelCatalogue(workspace).resolve(base)
+        resolved = base if isinstance(base, ResolvedModel) else ModelCatalogue(workspace).resolve(base)
         task = task or "chat"
     loaded = load_model(resolved, task=task, device_preference=device, quantize_4bit=bool(quantize_4bit),
                         labels=labels or None)

@@ -185,7 +185,7 @@ def _answer_loss_sum(model, batch) -> Any:
     import torch.nn.functional as F
     from torch.utils.checkpoint import checkpoint
 
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or bare
     labels = batch["labels"][:, 1:]
     head = base.get_output_embeddings()
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
