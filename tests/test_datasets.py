@@ -115,3 +115,16 @@ def test_cli_reports_dataset_error_in_one_line(cli, workspace):
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "d.csv" in lines[0]
+
+
+def test_pretokenized_rows(tmp_path):
+    rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}]
+    path = write(tmp_path, "t.jsonl", "\n".join(json.dumps(r) for r in rows) + "\n")
+    data = load_task_dataset(path, "chat")
+    assert data.examples[0]["labels"] == [5, 6, 7, 8] and data.examples[1]["labels"] == [-100, 6, 7]
+    bad = write(tmp_path, "b.jsonl", json.dumps({"input_ids": [1, 2], "labels": [1]}) + "\n")
+    with pytest.raises(InputError, match=r"b.jsonl: line 1: 'labels' has 1 entries for 2 input_ids"):
+        load_task_dataset(bad, "chat")
+    bad = write(tmp_path, "c.jsonl", json.dumps({"input_ids": [1, "x"]}) + "\n")
+    with pytest.raises(InputError, match=r"'input_ids' must be a non-empty list of integers"):
+        load_task_dataset(bad, "chat")

@@ -194,3 +194,16 @@ def test_sigkill_leaves_no_half_adapter(workspace, tiny_model):
 
     entries = Registry(Workspace(workspace)).entries()
     assert [(e.name, e.complete) for e in entries] == [("killed", False)]
+
+
+def test_pretokenized_dataset_trains(cli, workspace, tiny_model):
+    rows = [{"input_ids": [(7 * i + j) % 500 + 10 for j in range(48)]} for i in range(40)]
+    (workspace / "tokens.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = cli("train", tiny_model, "tokens.jsonl", "chat", "--name", "tok", "--epochs", "2", *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)["metrics"]
+    assert metrics["train_loss"] < metrics["first_train_loss"]
+    rows.append({"input_ids": [999999]})
+    (workspace / "tokens.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    bad = cli("train", tiny_model, "tokens.jsonl", "chat", "--dry-run")
+    assert bad.exit_code == 2 and "outside the tokenizer's vocabulary" in bad.output

@@ -3,8 +3,10 @@
 Files are parsed here with the standard library so that every error names the file and the
 line or row (the `datasets` CSV/JSON builders report neither, and cast values silently);
 the engine then hands the checked rows to `datasets.Dataset` for splitting and tokenising.
-Every task is normalised to one of two shapes:
+Every task is normalised to one of three shapes:
   generative: {"messages": [{"role": ..., "content": ...}, ...]}  (loss on assistant turns)
+  pre-tokenized generative: {"input_ids": [...], "labels": [...]}  (labels default to input_ids;
+      -100 masks a position; for data tokenized elsewhere and for benchmarks)
   classification: {"text": ..., "label": ...}
 """
 
@@ -198,6 +200,8 @@ def load_task_dataset(path: Path, task: str) -> TaskDataset:
     if task != "classification" and "messages" in present:
         examples = _messages_examples(path, rows, word)
         return TaskDataset(path, task, examples, digest, format=fmt)
+    if task != "classification" and "input_ids" in present:
+        return TaskDataset(path, task, _token_examples(path, rows, word), digest, format=fmt)
     required = [c for c in SCHEMAS[task] if c not in OPTIONAL_COLUMNS.get(task, set())]
     missing = [c for c in required if c not in present]
     if missing:
@@ -261,4 +265,20 @@ def _messages_examples(path: Path, rows: list[Row], word: str) -> list[dict[str,
         if not any(m["role"] == "user" for m in clean):
             raise InputError(f"{where}: no user message")
         examples.append({"messages": clean})
+    return examples
+
+
+def _token_examples(path: Path, rows: list[Row], word: str) -> list[dict[str, Any]]:
+    examples = []
+    for row in rows:
+        where = f"{path}: {word} {row.number}"
+        ids, labels = row.values.get("input_ids"), row.values.get("labels", row.values.get("input_ids"))
+        for key, value in (("input_ids", ids), ("labels", labels)):
+            if not isinstance(value, list) or not value or not all(type(v) is int for v in value):
+                raise InputError(f"{where}: '{key}' must be a non-empty list of integers")
+        if any(v < 0 for v in ids):
+            raise InputError(f"{where}: 'input_ids' has a negative token id")
+        if len(labels) != len(ids):
+            raise InputError(f"{where}: 'labels' has {len(labels)} entries for {len(ids)} input_ids")
+        examples.append({"input_ids": ids, "labels": labels})
     return examples

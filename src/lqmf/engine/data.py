@@ -100,6 +100,11 @@ def encode_examples(tokenizer, examples: list[dict[str, Any]], task: str, max_le
         if task == "classification":
             ids = tokenizer(example["text"])["input_ids"]
             labels: Any = label_ids[example["label"]] if label_ids else 0
+        elif "input_ids" in example:
+            ids, labels = list(example["input_ids"]), list(example["labels"])
+            if max(ids) >= len(tokenizer):
+                raise InputError(f"{source} example {index + 1}: token id {max(ids)} is outside the "
+                                 f"tokenizer's vocabulary ({len(tokenizer)})")
         else:
             ids, labels = encode_generative(tokenizer, example["messages"])
         total += len(ids)
