@@ -635,11 +635,12 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                     step = progress["step"]
                     epoch_float = epoch + progress["step_in_epoch"] / len(groups)
                     if step % config.logging_steps == 0 or step == total:
+                        loss_value = float(window_loss) / max(window_units, 1)  # waits for the device
                         now = time.perf_counter()
                         elapsed = now - started
                         record = {
                             "type": "train", "step": step, "total_steps": total, "epoch": round(epoch_float, 3),
-                            "loss": float(window_loss) / max(window_units, 1),
+                            "loss": loss_value,
                             "lr": scheduler.get_last_lr()[0],
                             "grad_norm": float(grad_norm) if grad_norm is not None else None,
                             "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
@@ -689,6 +690,8 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
         "train_seconds": round(time.perf_counter() - started, 2),
         "peak_memory_gb": peak_memory_gb(loaded.device),
     }
+    if loaded.device == "cuda":
+        metrics["peak_memory_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
     if last_eval:
         metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
     if progress["initial_eval"]:

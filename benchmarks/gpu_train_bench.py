@@ -1,0 +1,116 @@
+"""LQMF training speed and memory on a GPU, on the baseline recipe's model and data.
+
+Builds (or reuses) the randomly initialised Mistral-7B-shaped model at /tmp/m7b that
+benchmarks/baseline/hf_qlora_baseline.py trains, gives it a 32,000-token tokenizer, writes the
+baseline's exact token sequences (torch.Generator seeded with the row index, ids in [3, 32000))
+as a pre-tokenized JSONL dataset, and times `lqmf train` on it: r=16 on q/k/v/o, 16 sequences per
+optimizer step, loss on every token, as the baseline. Run on the GPU machine:
+
+    PYTHONPATH=src python3 benchmarks/gpu_train_bench.py --seq 512 --micro-batch 2 8 --out $OUT
+
+Prints and writes one JSON record per run: median step time (first step excluded), tokens/s,
+peak allocated and reserved VRAM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODEL_DIR = Path("/tmp/m7b")
+VOCAB = 32000
+EFFECTIVE_BATCH = 16
+
+
+def ensure_model() -> None:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from lqmf.engine.tiny import build_tokenizer
+
+    if not (MODEL_DIR / "config.json").exists():
+        cfg = MistralConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+        torch.set_default_dtype(torch.bfloat16)
+        with torch.device("cuda"):
+            model = MistralForCausalLM(cfg)
+        torch.set_default_dtype(torch.float32)
+        model.save_pretrained(MODEL_DIR)
+        del model
+        torch.cuda.empty_cache()
+    if not (MODEL_DIR / "tokenizer.json").exists():
+        tokenizer = build_tokenizer(chat_template=True)
+        tokenizer.add_tokens([f"<extra_{i}>" for i in range(VOCAB - len(tokenizer))])
+        assert len(tokenizer) == VOCAB
+        tokenizer.save_pretrained(MODEL_DIR)
+
+
+def write_tokens(seq: int, rows: int) -> Path:
+    import torch
+
+    path = Path(f"/tmp/tokens-{seq}.jsonl")
+    with open(path, "w") as handle:
+        for i in range(rows):
+            g = torch.Generator().manual_seed(i)
+            handle.write(json.dumps({"input_ids": torch.randint(3, VOCAB, (seq,), generator=g).tolist()}) + "\n")
+    return path
+
+
+def run(seq: int, micro: int, steps: int, extra: list[str]) -> dict:
+    workspace = Path("/tmp/lqmf-bench-ws")
+    name = f"bench-{seq}-{micro}"
+    data = write_tokens(seq, steps * EFFECTIVE_BATCH)
+    cmd = [sys.executable, "-m", "lqmf", "--workspace", str(workspace), "train", str(MODEL_DIR), str(data), "chat",
+           "--name", name, "--force", "--max-steps", str(steps), "--batch-size", str(micro),
+           "--grad-accum", str(EFFECTIVE_BATCH // micro), "--max-seq-length", str(seq), "--rank", "16",
+           "--set", "validation_split=0", "--set", "eval_at_start=false", "--set", "lora_alpha=32",
+           "--set", "target_modules=q_proj,k_proj,v_proj,o_proj", *extra]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    wall = time.time() - started
+    if proc.returncode != 0:
+        return {"seq": seq, "micro_batch": micro, "error": proc.stderr[-2000:]}
+    folder = workspace / "adapters" / name
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    elapsed = [r["elapsed_s"] for r in log if r["type"] == "train"]
+    step_times = [b - a for a, b in zip(elapsed[:-1], elapsed[1:], strict=True)]
+    step_s = statistics.median(step_times) if step_times else elapsed[-1]
+    manifest = json.loads((folder / "lqmf.json").read_text())
+    metrics = manifest["metrics"]
+    return {
+        "seq": seq, "micro_batch": micro, "grad_accum": EFFECTIVE_BATCH // micro, "steps": steps,
+        "step_s_median": round(step_s, 3), "train_tok_s": round(EFFECTIVE_BATCH * seq / step_s, 1),
+        "peak_alloc_gb": round(metrics["peak_memory_gb"], 3),
+        "peak_reserved_gb": round(metrics.get("peak_memory_reserved_gb", 0), 3),
+        "final_loss": metrics["train_loss"], "wall_s": round(wall, 1), "runtime": manifest["runtime"],
+        "extra": extra,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--micro-batch", type=int, nargs="+", default=[2])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--extra", default="", help="more lqmf train options, space separated")
+    parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
+    args = parser.parse_args()
+    ensure_model()
+    results = []
+    for seq in args.seq:
+        for micro in args.micro_batch:
+            result = run(seq, micro, args.steps, args.extra.split())
+            print("RESULT", json.dumps(result), flush=True)
+            results.append(result)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "lqmf_train.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
