@@ -42,9 +42,9 @@ def component_notes(shape: ModelShape, settings: TrainSettings, details: dict[st
     """What each line of the breakdown holds, for these settings."""
     quantized = details["quantized_params"]
     dtype = "bf16" if settings.device == "cuda" else "fp32"
-    weights = (f"{quantized / 1e9:.2f}B in 4-bit NF4; {(shape.parameters - quantized) / 1e9:.2f}B fp32 "
-               "(PEFT upcasts embeddings, head, norms)" if settings.quantize_4bit
-               else f"{shape.parameters / 1e9:.2f}B in {dtype}")
+    rest = (shape.parameters - quantized) / 1e9
+    weights = (f"{quantized / 1e9:.2f}B in 4-bit NF4; embeddings, head and norms ({rest:.2f}B) in {dtype}"
+               if settings.quantize_4bit else f"{shape.parameters / 1e9:.2f}B in {dtype}")
     activations = (f"{details['saved_activations_gb']:.2f} kept + {details['layer_working_set_gb']:.2f} for one "
                    "block's recompute and backward" if settings.gradient_checkpointing
                    else f"every block's saved tensors ({details['saved_activations_gb']:.2f}) + backward")

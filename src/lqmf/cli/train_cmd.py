@@ -9,7 +9,7 @@ from typing import Any
 import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
-from lqmf.cli.output import human_duration, info, print_json
+from lqmf.cli.output import human_duration, human_size, info, print_json
 from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.datasets import load_task_dataset
@@ -40,8 +40,9 @@ class ProgressPrinter:
              f"examples ({plan['micro_batch']} x {plan['gradient_accumulation']}), optimizer {plan['optimizer']}")
         memory = plan["memory"]
         if memory["estimate"]:
-            budget = f" of {memory['budget_gb']:.2f} GB {memory['budget_source']}" if memory["budget_gb"] else ""
-            info(f"estimated peak memory {memory['estimate']['total_gb']:.2f} GB{budget}")
+            budget = (f" (budget {human_size(memory['budget_gb'] * 2**30)}, {memory['budget_source']})"
+                      if memory["budget_gb"] else "")
+            info(f"estimated peak memory {human_size(memory['estimate']['total_gb'] * 2**30)}{budget}")
         if self.tty:
             from tqdm import tqdm
 

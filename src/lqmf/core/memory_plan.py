@@ -1,13 +1,13 @@
 """Peak training memory from a model's config.json alone, before any weights load.
 
-The estimate follows what LQMF's own training loop (engine/train.py) allocates, term by term; the
-formulas are written out in docs/memory.md. Sizes are in bytes; "GB" in LQMF means GiB (2**30
-bytes), as PyTorch and nvidia-smi count. Notation below: b micro-batch, s sequence length (the
-longest padded example), h hidden size, I MLP width, q = heads x head_dim, kv = kv_heads x head_dim,
-V vocabulary, L layers, r LoRA rank, a bytes per activation element, c bytes of the compute dtype.
+The estimate follows what LQMF's own training loop (engine/train.py) allocates, term by term: on
+CUDA the frozen base stays in its load dtype (bf16; 4-bit NF4 for the blocks' linear layers), LoRA
+weights and their gradients are fp32, and forward passes run under bf16 autocast; on the CPU
+everything is fp32. The formulas are written out in docs/memory.md. Sizes are in bytes; "GB" in
+LQMF means GiB (2**30 bytes), as PyTorch and nvidia-smi count.
 
 peak = weights + LoRA (params + grads) + optimizer state
-       + saved activations + max(one layer's recompute working set, chunked logits and loss)
+       + saved activations + max(one block's recompute and backward, chunked logits and loss)
 total = peak + allocator slack + CUDA context
 """
 
@@ -17,7 +17,6 @@ import functools
 import math
 import re
 from dataclasses import asdict, dataclass, replace
-from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -42,9 +41,9 @@ ADAM32_BYTES_PER_PARAM = 8
 LOSS_CHUNK_TOKENS = 1024
 # What CUDA itself holds outside PyTorch's allocator (driver context, kernels, cuBLAS handles).
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
-# PyTorch's caching allocator reserves more than it hands out (block rounding, fragmentation);
-# measured reserved/allocated on an H200 for the HF QLoRA recipe at seq 2048: 9.64/8.30.
-ALLOCATOR_SLACK = 0.12
+# PyTorch's caching allocator reserves more than it hands out (block rounding, fragmentation):
+# reserved/allocated was 1.056-1.076 for LQMF's loop on an H200 (docs/memory.md).
+ALLOCATOR_SLACK = 0.08
 
 GATED_MLP_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                    "olmo", "olmo2", "starcoder2_gated", "cohere", "granite", "smollm3"}
@@ -183,12 +182,10 @@ class TrainSettings:
     num_labels: int = 2
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
-    # CUDA SDPA serves unpadded fp32 grouped-query attention with its quadratic math kernel
-    # (PyTorch before 2.14, whose memory-efficient kernel learned grouped-query attention).
-    fp32_gqa_math: bool = True
 
     @property
     def compute_bytes(self) -> int:
+        """Bytes per element of activations and frozen weights: bf16 (or fp16) on CUDA, fp32 elsewhere."""
         return 2 if self.device == "cuda" else 4
 
 
@@ -244,74 +241,47 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     """(bytes per token one block keeps for backward besides its input, extra bytes during its backward).
 
     Counted op by op and checked with PyTorch's saved-tensor hooks on the CPU: the residual stream
-    after attention; what attention keeps; gate, act(gate) and up of a gated MLP (fc1's output
-    otherwise). Norms with frozen weights and frozen linears, 4-bit or not, keep nothing new: their
-    input gradient needs only the weight. Each LoRA layer keeps its r-wide intermediate and its
-    dropout output (fp32) and mask (bool on CUDA, fp32 on the CPU); without dropout, its input:
-    once per distinct input when the activations are fp32, else a per-layer fp32 copy.
-
-    Attention (transformers' SDPA path): without padding, grouped-query models call SDPA with
-    enable_gqa, which CUDA serves in bf16/fp16 (flash) but not in fp32: there it falls back to the
-    math kernel, which keeps the (heads x s) attention probabilities per token. With padding,
-    k and v are repeated to every head and SDPA keeps its additive float mask (s per token).
+    after attention; q and k after rotary, and v (with padding, k and v repeated to every head, as
+    transformers does when a mask rules out SDPA's grouped-query path, and SDPA's additive mask);
+    the attention output; gate, act(gate) and up of a gated MLP (fc1's output otherwise). Frozen
+    linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms keep an
+    fp32 copy of their input when activations are not fp32. Each LoRA layer keeps its dropout
+    output and mask (bool on CUDA, a full-size float on the CPU) and its r-wide intermediate;
+    without dropout, its input, once per distinct input.
     """
     h, inter, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
-    act = _activation_bytes(settings)
-    s = settings.seq_len
+    act = settings.compute_bytes
     gqa = shape.kv_heads < shape.heads
-    math_attention = settings.device == "cuda" and act == 4 and gqa and not padded and settings.fp32_gqa_math
-    if math_attention:  # scaled q, scaled repeated k, repeated v, probabilities
-        attention = 3 * q * act + shape.heads * s * act
-        attention_backward = 2 * shape.heads * s * act  # gradients of the probabilities and the scores
-    elif padded:  # rotary q, k and v repeated to every head (when grouped), the float mask
-        attention = (3 * q if gqa else q + 2 * kv) * act + s * act
-        attention_backward = 0
-    else:  # rotary q and k, v
-        attention = (q + 2 * kv) * act
-        attention_backward = 0
-    mlp = (3 if shape.gated_mlp else 1) * inter * act
-    per_token = h * act + attention + q * act + mlp  # residual, attention, its output, MLP
+    attention = (3 * q if gqa else q + 2 * kv) + settings.seq_len if padded else q + 2 * kv
+    mlp = (3 if shape.gated_mlp else 1) * inter
+    per_token = (h + attention + q + mlp) * act  # residual, attention inputs, its output, MLP
+    if act != 4:
+        per_token += 2 * h * 4  # the two norms' fp32 copies
     mask_bytes = 1 if settings.device == "cuda" else act
     kept_inputs: dict[str, int] = {}
     for lin in lora.values():
-        per_token += settings.lora_r * 4
+        per_token += settings.lora_r * act
         if settings.lora_dropout > 0:
-            per_token += lin.in_features * (4 + mask_bytes)
-        elif act != 4:
-            per_token += lin.in_features * 4
-        elif lin.reads != ATTN_OUT:  # attention keeps its output already
+            per_token += lin.in_features * (act + mask_bytes)
+        elif lin.reads != ATTN_OUT:  # SDPA keeps the attention output already
             kept_inputs[lin.reads] = lin.in_features * act
     per_token += sum(kept_inputs.values())
-    # Backward: the gradients of the MLP's inner tensors (and, for 4-bit layers, a compute-dtype
-    # copy of one), or of the attention probabilities, coexist with what the block kept.
-    mlp_backward = 2 * inter * act + (inter * settings.compute_bytes if settings.quantize_4bit else 0)
-    return per_token, max(mlp_backward, attention_backward)
-
-
-def _activation_bytes(settings: TrainSettings) -> int:
-    """Bytes per element of the residual stream.
-
-    With 4-bit weights, PEFT's prepare_model_for_kbit_training casts every non-quantized weight
-    (embeddings, norms, head) to fp32, so the hidden states are fp32 and only the 4-bit matmuls run
-    in the compute dtype; otherwise the model runs in its compute dtype.
-    """
-    return 4 if settings.quantize_4bit else settings.compute_bytes
+    # Backward through the block: the gradients of the MLP's inner tensors coexist with what it kept.
+    return per_token, 2 * inter * act
 
 
 def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     """Peak memory of a LoRA/QLoRA training step of shape under settings (see the module docstring)."""
     b, s, L, h, V = settings.micro_batch, settings.seq_len, shape.layers, shape.hidden, shape.vocab
     tokens = b * s
-    c = settings.compute_bytes
-    act = _activation_bytes(settings)
+    c = act = settings.compute_bytes
     classification = settings.task == "classification"
 
-    # Weights: 4-bit block linears, everything else fp32 (PEFT's upcast) or in the compute dtype.
+    # Weights: 4-bit block linears; everything else frozen in the compute dtype.
     quantized = L * shape.block_linear_params if settings.quantize_4bit else 0
     plain = shape.parameters - quantized
     head = shape.hidden * settings.num_labels if classification else 0
-    plain_bytes = 4 if settings.quantize_4bit else c
-    weights = int(quantized * NF4_BYTES_PER_PARAM) + (plain + head) * plain_bytes
+    weights = int(quantized * NF4_BYTES_PER_PARAM) + plain * c + head * 4
 
     # LoRA: A (r x in) and B (out x r) per targeted linear per layer, fp32, with fp32 gradients;
     # a classification head is trained in full (PEFT modules_to_save).
@@ -346,10 +316,9 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         answers = b * max(s - 1, 1)
         saved += answers * h * act
         # Each chunk's loss is checkpointed; in its backward the fp32 log-softmax, its gradient and
-        # the logits' gradient coexist (chunk x V each); a head that is not fp32 adds its logits.
+        # the logits' gradient coexist (chunk x V each); a bf16 head adds its bf16 logits.
         chunk = min(LOSS_CHUNK_TOKENS, answers)
-        head_bytes = 4 if settings.quantize_4bit else c
-        logits_loss = chunk * V * (3 * 4 + (head_bytes if head_bytes != 4 else 0))
+        logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
     peak = weights + 2 * lora_params * 4 + optimizer + saved + max(working, logits_loss)
     context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else 0
     slack = int(ALLOCATOR_SLACK * (peak - paged)) if settings.device == "cuda" else 0
@@ -411,18 +380,7 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         task="classification" if config.task_type == "classification" else "causal",
         num_labels=num_labels,
         device=device,
-        fp32_gqa_math=installed_torch_version() < (2, 14),
     )
-
-
-def installed_torch_version() -> tuple[int, int]:
-    """(major, minor) of the installed torch, read without importing it; (0, 0) when absent."""
-    try:
-        version = metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return (0, 0)
-    numbers = re.findall(r"\d+", version)[:2]
-    return (int(numbers[0]), int(numbers[1])) if len(numbers) == 2 else (0, 0)
 
 
 # ----------------------------------------------------------------------------- fitting a budget
