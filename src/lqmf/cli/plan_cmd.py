@@ -1,4 +1,4 @@
-"""`lqmf plan`: will a LoRA/QLoRA run fit in memory? Estimated from config.json alone, no weights."""
+"""Will a LoRA/QLoRA run fit in memory? Estimated from config.json alone: lqmf plan MODEL [options]."""
 
 from __future__ import annotations
 

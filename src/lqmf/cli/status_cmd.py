@@ -1,4 +1,4 @@
-"""`lqmf status`: GPUs, CPU, RAM, disk, library versions and the adapter registry, at a glance."""
+"""Show GPUs, CPU, RAM, disk, library versions and the adapter registry (no torch unless --gpu)."""
 
 from __future__ import annotations
 
