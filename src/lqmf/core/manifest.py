@@ -19,9 +19,9 @@ LIBRARIES = ("lqmf", "torch", "transformers", "peft", "bitsandbytes", "accelerat
 TASK_SHORT = {"instruction_following": "instruction"}
 
 
-def library_versions() -> dict[str, str | None]:
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
     versions: dict[str, str | None] = {}
-    for name in LIBRARIES:
+    for name in names:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
