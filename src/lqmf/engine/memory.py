@@ -7,8 +7,6 @@ import gc
 import os
 from pathlib import Path
 
-from lqmf.core.memory_plan import parse_size
-
 PROC_STATUS = Path("/proc/self/status")
 PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
 
@@ -75,6 +73,8 @@ def memory_budget(max_memory: str | None, device: str) -> tuple[int | None, str 
     max_memory wins; on a CUDA GPU the default is its free memory, read after this process has
     created its own context (so the context is already spent); elsewhere there is no budget.
     """
+    from lqmf.core.memory_plan import parse_size
+
     if max_memory is not None:
         return parse_size(max_memory), "max_memory", True
     if device == "cuda":
