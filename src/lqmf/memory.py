@@ -43,6 +43,7 @@ from lqmf.core.memory_plan import (
 )
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.workspace import Workspace
+from lqmf.engine.memory import PROC_CLEAR_REFS, memory_in_use_gb, peak_memory_gb, reset_peak_memory
 
 log = logging.getLogger("lqmf.memory")
 SAMPLE_INTERVAL_S = 0.005
@@ -95,46 +96,29 @@ class Suggestion:
 
 
 class _Reader:
-    """Current and peak memory of this process on one device, in bytes."""
+    """Current and peak memory (GB) of this process on one device: engine.memory's readings, with a
+    sampling thread for the CPU peak where the kernel's RSS high-water mark cannot be reset."""
 
     def __init__(self, device: str):
         self.device = device
-        self._hwm = device == "cpu" and _can_reset_peak_rss()
+        self._sample = device != "cuda" and not os.access(PROC_CLEAR_REFS, os.W_OK)
         self._sampler: threading.Thread | None = None
-        self._sampled = 0
+        self._sampled = 0.0
         self._stop = threading.Event()
 
-    def current(self) -> int:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.memory_allocated()
-        return _rss()
+    def current(self) -> float:
+        return memory_in_use_gb(self.device)
 
     def start_peak(self) -> None:
-        """Begin a peak window (resets PyTorch's CUDA peak, or the kernel's RSS high-water mark)."""
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        elif self._hwm:
-            Path("/proc/self/clear_refs").write_text("5")
-        else:
-            self._sampled = _rss()
+        reset_peak_memory(self.device)
+        if self._sample:
+            self._sampled = self.current()
             self._stop.clear()
-            self._sampler = threading.Thread(target=self._sample, daemon=True)
+            self._sampler = threading.Thread(target=self._poll, daemon=True)
             self._sampler.start()
 
-    def peak(self) -> int:
-        if self.device == "cuda":
-            import torch
-
-            torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated()
-        if self._hwm:
-            return _status_bytes("VmHWM")
-        return max(self._sampled, _rss())
+    def peak(self) -> float:
+        return max(self._sampled, self.current()) if self._sample else peak_memory_gb(self.device)
 
     def stop_peak(self) -> None:
         if self._sampler is not None:
@@ -142,27 +126,9 @@ class _Reader:
             self._sampler.join()
             self._sampler = None
 
-    def _sample(self) -> None:
+    def _poll(self) -> None:
         while not self._stop.wait(SAMPLE_INTERVAL_S):
-            self._sampled = max(self._sampled, _rss())
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process(os.getpid()).memory_info().rss
-
-
-def _status_bytes(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    return _rss()
-
-
-def _can_reset_peak_rss() -> bool:
-    """Linux lets a process reset its RSS high-water mark (VmHWM) through /proc/self/clear_refs."""
-    return os.access("/proc/self/clear_refs", os.W_OK) and Path("/proc/self/status").exists()
+            self._sampled = max(self._sampled, self.current())
 
 
 def _return_freed_memory(device: str) -> None:
@@ -232,24 +198,23 @@ class MemoryOptimizer:
         reader = _Reader(self.device)
         _return_freed_memory(self.device)
         for outer in self._open:  # this block's reset must not hide what the outer blocks saw so far
-            outer.peak_gb = max(outer.peak_gb, reader.peak() / GiB)
+            outer.peak_gb = max(outer.peak_gb, reader.peak())
         start = reader.current()
-        record = MemoryRecord(label, self.device, start / GiB, start / GiB, start / GiB, 0.0,
-                              self.target_gpu_memory_gb)
+        record = MemoryRecord(label, self.device, start, start, start, 0.0, self.target_gpu_memory_gb)
         self._open.append(record)
         began = time.perf_counter()
         reader.start_peak()
         try:
             yield record
         finally:
-            record.peak_gb = max(record.peak_gb, reader.peak() / GiB)
+            record.peak_gb = max(record.peak_gb, reader.peak())
             reader.stop_peak()
             record.seconds = time.perf_counter() - began
             self._open.remove(record)
             for outer in self._open:
                 outer.peak_gb = max(outer.peak_gb, record.peak_gb)
             _return_freed_memory(self.device)
-            record.end_gb = reader.current() / GiB
+            record.end_gb = reader.current()
             self.records.append(record)
             self._report(record)
 
