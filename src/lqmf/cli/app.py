@@ -12,7 +12,7 @@ import sys
 import typer
 
 from lqmf import __version__
-from lqmf.cli import bench_cmd, config_cmd, models_cmd, report_cmd, train_cmd
+from lqmf.cli import bench_cmd, config_cmd, models_cmd, plan_cmd, report_cmd, status_cmd, train_cmd
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
 from lqmf.core.errors import LqmfError
@@ -44,6 +44,8 @@ def root(
 
 
 app.command("train", help=train_cmd.__doc__)(train_cmd.train)
+app.command("plan", help=plan_cmd.__doc__)(plan_cmd.plan)
+app.command("status", help=status_cmd.__doc__)(status_cmd.status)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(bench_cmd.app, name="bench")
@@ -62,7 +64,6 @@ _pending("adapters", 3, "List, show, load, switch, verify, rename and remove ada
 _pending("export", 3, "Export an adapter as a PEFT folder, a merged model or an archive.")
 _pending("test", 4, "Answer one prompt with an adapter.")
 _pending("serve", 4, "Serve a base model and hot-swappable adapters over an OpenAI-compatible API.")
-_pending("status", 6, "Show GPUs, memory, library versions and the adapter registry.")
 
 
 def main() -> None:

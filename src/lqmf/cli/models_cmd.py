@@ -8,10 +8,21 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import App, info, print_json, print_table
+from lqmf.core.config import TrainConfig
 from lqmf.core.errors import ConflictError, InputError
-from lqmf.core.models import ModelCatalogue
+from lqmf.core.memory_plan import GiB, estimate, model_shape, settings_for
+from lqmf.core.models import ModelCatalogue, ResolvedModel
 
 app = App(help="List and add base models (aliases for hub ids, local folders and packaged models).")
+
+
+def qlora_estimate_gb(resolved: ResolvedModel) -> float | None:
+    """Estimated peak VRAM of QLoRA training at the default settings (None when the shape is unknown)."""
+    shape, _ = model_shape(resolved)
+    if shape is None:
+        return None
+    task = "classification" if shape.encoder else "chat"
+    return round(estimate(shape, settings_for(TrainConfig(task_type=task), resolved, device="cuda")).total / GiB, 2)
 
 
 def model_rows(catalogue: ModelCatalogue) -> list[dict]:
@@ -23,6 +34,7 @@ def model_rows(catalogue: ModelCatalogue) -> list[dict]:
             "family": resolved.family, "available": resolved.available,
             "path": str(resolved.path) if resolved.path else None,
             "origin": catalogue.origin[alias], "description": entry.get("description"),
+            "qlora_estimate_gb": qlora_estimate_gb(resolved),
         })
     return rows
 
@@ -39,9 +51,12 @@ def list_models(
         print_json(rows)
         return
     print_table(
-        [[r["alias"], r["source"], r["family"] or "?", "yes" if r["available"] else "no", r["origin"]] for r in rows],
-        ["alias", "source", "family", "local", "from"],
+        [[r["alias"], r["source"], r["family"] or "?", "yes" if r["available"] else "no", r["origin"],
+          f"{r['qlora_estimate_gb']:.1f} GB" if r["qlora_estimate_gb"] is not None else "?"] for r in rows],
+        ["alias", "source", "family", "local", "from", "QLoRA est."],
     )
+    info("QLoRA est.: peak GPU memory to train with the defaults (4-bit, r=16, micro-batch 2, 512 tokens); "
+         "lqmf plan MODEL for other settings")
 
 
 @app.command("add")

@@ -9,7 +9,8 @@ from typing import Any
 import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
-from lqmf.cli.output import human_duration, info, print_json
+from lqmf.cli.output import human_duration, human_size, info, print_json
+from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.datasets import load_task_dataset
 from lqmf.core.errors import ConflictError, InputError, NotFoundError
@@ -37,6 +38,11 @@ class ProgressPrinter:
         info(f"training on {plan['device']} ({quant}), {plan['trainable_params']:,} trainable of "
              f"{plan['total_params']:,} parameters, {plan['total_steps']} steps of {plan['effective_batch']} "
              f"examples ({plan['micro_batch']} x {plan['gradient_accumulation']}), optimizer {plan['optimizer']}")
+        memory = plan["memory"]
+        if memory["estimate"]:
+            budget = (f" (budget {human_size(memory['budget_gb'] * 2**30)}, {memory['budget_source']})"
+                      if memory["budget_gb"] else "")
+            info(f"estimated peak memory {human_size(memory['estimate']['total_gb'] * 2**30)}{budget}")
         if self.tty:
             from tqdm import tqdm
 
@@ -112,6 +118,8 @@ def train(
     checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
                                               help="use_gradient_checkpointing"),
     device: str | None = typer.Option(None, "--device", help="auto | cpu | cuda | mps"),
+    max_memory: str | None = typer.Option(None, "--max-memory",
+                                          help="max_memory: budget for the micro-batch, e.g. 7.5GB"),
     seed: int | None = typer.Option(None, "--seed", help="seed"),
     resume: str | None = typer.Option(None, "--resume", help="Resume the unfinished run of this adapter name."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; train nothing."),
@@ -126,7 +134,8 @@ def train(
     options = {"num_train_epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
                "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
                "max_seq_length": max_seq_length, "lora_r": rank, "use_4bit_quantization": four_bit,
-               "use_gradient_checkpointing": checkpointing, "device": device, "seed": seed}
+               "use_gradient_checkpointing": checkpointing, "device": device, "seed": seed,
+               "max_memory": max_memory}
     if resume:
         if model or dataset or task or name or config_name:
             raise InputError("--resume continues a run with its saved model, dataset, task and config; "
@@ -154,13 +163,15 @@ def train(
     from lqmf.engine import train as engine
 
     prepared = engine.prepare(config, resolved, data)
+    memory = engine.plan_memory(config, resolved, prepared)  # may shrink the micro-batch to fit
     plan = prepared.plan()
     estimate = estimate_train_seconds(resolved.config, prepared.train_tokens * prepared.total_steps
                                       / prepared.steps_per_epoch, config.use_gradient_checkpointing)
     if dry_run:
         result = {"adapter": adapter, "dry_run": True, "task": data.task, "base_model": resolved.reference,
                   "model_source": resolved.source, "dataset": str(data.path), **plan,
-                  "label_counts": data.label_counts or None, "estimated_seconds": estimate, "config": config.to_dict()}
+                  "label_counts": data.label_counts or None, "estimated_seconds": estimate,
+                  "memory": memory.to_dict(), "config": config.to_dict()}
         if json_output:
             print_json(result)
             return
@@ -173,7 +184,7 @@ def train(
     atomic_write_text(staging / STAGED_CONFIG, cfg.dump_config(config))
     printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
     outcome = engine.train(config, resolved, data, staging, events=printer, prepared=prepared,
-                           resume=bool(resume))
+                           resume=bool(resume), memory=memory)
     manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
     target = registry.finalize(adapter, staging, manifest, force=force or bool(resume))
     if json_output:
@@ -201,5 +212,7 @@ def _print_plan(adapter: str, plan: dict[str, Any]) -> None:
     est = plan["estimated_seconds"]
     typer.echo("  est. time:   " + ", ".join(f"{k} ~{human_duration(v)}" for k, v in est.items()) if est
                else "  est. time:   unknown (model config not available locally)")
+    for line in memory_lines(plan["memory"]):
+        typer.echo(f"  {line}")
     for note in plan["notes"]:
         typer.echo(f"  note:        {note}")

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from lqmf.core.errors import InputError, NotFoundError, did_you_mean
+from lqmf.core.memory_plan import parse_size
 from lqmf.core.names import validate_name
 
 TASK_ALIASES = {"instruction": "instruction_following", "instruct": "instruction_following"}
@@ -66,6 +67,9 @@ class TrainConfig:
     use_gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
     use_4bit_quantization: bool = _opt(True, "QLoRA: load the base in 4-bit NF4 (bitsandbytes)")
     device: str = _opt("auto", "auto | cpu | cuda | mps", choices=DEVICES)
+    max_memory: str | None = _opt(
+        None, "Memory budget for picking the micro-batch, e.g. 7.5GB (default: the GPU's free memory; "
+        "on the CPU, no limit)")
     # Data, evaluation, checkpoints
     seed: int = _opt(42, "Seed for the split, shuffling and LoRA init")
     validation_split: float = _opt(0.1, "Fraction held out for validation (0 disables)")
@@ -186,6 +190,11 @@ def _check_range(key: str, value: Any, source: str) -> None:
         raise InputError(f"{source}: '{key}' must not be negative, got {value!r}")
     if key == "logging_steps" and value < 1:
         raise InputError(f"{source}: '{key}' must be at least 1, got {value!r}")
+    if key == "max_memory" and value is not None:
+        try:
+            parse_size(value)
+        except ValueError as err:
+            raise InputError(f"{source}: 'max_memory': {err}") from None
     if key == "job_name" and value is not None:
         try:
             validate_name(value)

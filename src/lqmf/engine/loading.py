@@ -86,14 +86,14 @@ def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.load_id)
     except OSError as err:
-        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}': {_first_line(err)}") from None
+        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}': {first_line(err)}") from None
     template = chat_template or resolved.chat_template
     if template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template
     return tokenizer
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0] if text else type(err).__name__
 
@@ -133,7 +133,7 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
         else:
             model = AutoModelForCausalLM.from_pretrained(resolved.load_id, **kwargs)
     except (OSError, ValueError) as err:
-        raise RuntimeFailure(f"cannot load model '{resolved.reference}': {_first_line(err)}") from None
+        raise RuntimeFailure(f"cannot load model '{resolved.reference}': {first_line(err)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -1,7 +1,9 @@
-"""Memory readings: VRAM on a GPU, resident set size otherwise."""
+"""Memory on the training device: readings (VRAM on a GPU, resident set size otherwise), the
+budget that picks the micro-batch, and recovery from running out."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -13,6 +15,74 @@ def _rss_gb() -> float:
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def memory_budget(max_memory: str | None, device: str) -> tuple[int | None, str | None, bool]:
+    """(bytes, where the number came from, whether it must also hold this process's CUDA context).
+
+    max_memory wins; on a CUDA GPU the default is its free memory, read after this process has
+    created its own context (so the context is already spent); elsewhere there is no budget.
+    """
+    from lqmf.core.memory_plan import parse_size
+
+    if max_memory is not None:
+        return parse_size(max_memory), "max_memory", True
+    if device == "cuda":
+        import torch
+
+        free, _total = torch.cuda.mem_get_info()
+        return free, "free GPU memory", False
+    return None, None, True
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, or another backend's (MPS, XPU) RuntimeError saying so."""
+    import torch
+
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+
+
+def release_memory(device: str) -> None:
+    """Drop unreferenced tensors and hand cached device blocks back."""
+    gc.collect()
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+    elif device == "mps":
+        import torch
+
+        torch.mps.empty_cache()
+
+
+def torch_gpu_details() -> dict:
+    """What PyTorch sees: its CUDA build, and per device the capability, bf16 support and free memory."""
+    import torch
+
+    details = {"torch": torch.__version__, "cuda_build": torch.version.cuda, "cuda_available": False,
+               "devices": [], "problem": None}
+    try:
+        available = torch.cuda.is_available()
+    except RuntimeError as err:  # a broken driver install
+        available, details["problem"] = False, str(err).splitlines()[0]
+    if not available:
+        details["problem"] = details["problem"] or ("this torch build has no CUDA" if torch.version.cuda is None
+                                                    else "no CUDA device visible")
+        return details
+    details["cuda_available"] = True
+    details["cudnn"] = torch.backends.cudnn.version()
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        free, total = torch.cuda.mem_get_info(index)
+        details["devices"].append({
+            "index": index, "name": props.name, "capability": f"{props.major}.{props.minor}",
+            "bf16": torch.cuda.is_bf16_supported() if index == torch.cuda.current_device() else props.major >= 8,
+            "total_gb": round(total / 2**30, 2), "free_gb": round(free / 2**30, 2),
+            "multiprocessors": props.multi_processor_count,
+        })
+    return details
 
 
 def memory_in_use_gb(device: str) -> float:

@@ -12,7 +12,7 @@ import random
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,36 @@ from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
 from lqmf.core.errors import Interrupted, RuntimeFailure
 from lqmf.core.fsutil import append_jsonl
+from lqmf.core.memory_plan import (
+    GiB,
+    MemoryEstimate,
+    estimate,
+    fitting_micro_batch,
+    gb,
+    model_shape,
+    settings_for,
+    what_would_fit,
+)
 from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
 from lqmf.engine import data as data_mod
-from lqmf.engine.loading import LoadedModel, load_model, load_tokenizer, quiet_libraries
-from lqmf.engine.memory import memory_in_use_gb, peak_memory_gb, reset_peak_memory
+from lqmf.engine.loading import (
+    LoadedModel,
+    first_line,
+    four_bit_support,
+    load_model,
+    load_tokenizer,
+    quiet_libraries,
+    select_device,
+)
+from lqmf.engine.memory import (
+    is_out_of_memory,
+    memory_budget,
+    memory_in_use_gb,
+    peak_memory_gb,
+    release_memory,
+    reset_peak_memory,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_LOG = "metrics.jsonl"
@@ -118,6 +143,61 @@ def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> 
     return Prepared(train.rows, val.rows, dataset.labels, micro, accumulation, steps_per_epoch, total,
                     sum(len(r["input_ids"]) for r in train.rows), max(train.max_tokens, val.max_tokens),
                     train.notes + val.notes, template, train.dropped + val.dropped)
+
+
+@dataclass
+class MemoryPlan:
+    """The estimated peak memory of a run, and the micro-batch that fits its budget."""
+
+    device: str
+    requested_micro_batch: int
+    micro_batch: int
+    estimate: MemoryEstimate | None  # at micro_batch; None when the model's shape is unknown
+    shape_source: str
+    budget: int | None = None
+    budget_source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "requested_micro_batch": self.requested_micro_batch,
+            "micro_batch": self.micro_batch, "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
+            "budget_source": self.budget_source, "model_shape_from": self.shape_source,
+            "estimate": self.estimate.to_dict() if self.estimate else None,
+        }
+
+
+def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -> MemoryPlan:
+    """Estimate the run's peak memory and pick the largest micro-batch, at most the one asked for,
+    that fits the budget (max_memory, or the GPU's free memory) while keeping the effective batch.
+
+    Adjusts prepared's micro-batch and accumulation; raises RuntimeFailure, saying what would fit,
+    when even micro-batch 1 does not. Loads no weights.
+    """
+    device = select_device(config.device)
+    quantize = config.use_4bit_quantization and four_bit_support(device) is None
+    shape, source = model_shape(model)
+    requested = prepared.micro_batch
+    if shape is None:
+        return MemoryPlan(device.type, requested, requested, None, source)
+    settings = settings_for(config, model, device=device.type, seq_len=min(config.max_seq_length, prepared.max_tokens),
+                            micro_batch=requested, num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
+    budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
+    micro = requested
+    if budget is not None:
+        micro = fitting_micro_batch(shape, settings, prepared.effective_batch, budget, context_counted)
+        if micro == 0:
+            needed = estimate(shape, replace(settings, micro_batch=1))
+            options = what_would_fit(shape, settings, budget, context_counted)
+            fix = (f"it would fit with {' or '.join(str(option) for option in options)}" if options
+                   else "no single change makes it fit; use a smaller model")
+            raise RuntimeFailure(
+                f"training needs about {gb(needed.total)} even at micro-batch 1 ({settings.seq_len} tokens, "
+                f"r={settings.lora_r}, {'4-bit' if quantize else 'not quantized'}), more than the "
+                f"{gb(budget)} of {budget_source}: {fix}"
+            )
+        prepared.micro_batch, prepared.accumulation = micro, prepared.effective_batch // micro
+    return MemoryPlan(device.type, requested, micro, estimate(shape, replace(settings, micro_batch=micro)), source,
+                      budget, budget_source)
 
 
 # ----------------------------------------------------------------------------- model
@@ -331,6 +411,54 @@ def has_checkpoint(staging: Path) -> bool:
     return (staging / CHECKPOINT_DIR / "training_state.pt").is_file()
 
 
+def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device):
+    """Forward and backward over one optimizer step's examples in micro-batches; the summed loss."""
+    import torch
+
+    total = torch.zeros((), device=device)
+    for start in range(0, len(rows), micro):
+        batch = _to_device(data_mod.collate(rows[start: start + micro], pad, classification), device)
+        loss = loss_fn(model, batch)
+        (loss / max(units, 1)).backward()
+        total += loss.detach()
+    return total
+
+
+def _divisor_at_most(effective: int, limit: int) -> int:
+    """The largest micro-batch <= limit that divides the effective batch (0 when limit < 1)."""
+    return next((m for m in range(limit, 0, -1) if effective % m == 0), 0)
+
+
+def _memory_record(event: str, step: int, before: int, after: int, effective: int, **extra: Any) -> dict[str, Any]:
+    """A metrics.jsonl line saying how and why the micro-batch changed."""
+    return {"type": "memory", "event": event, "step": step, "micro_batch": [before, after],
+            "gradient_accumulation": [math.ceil(effective / before), math.ceil(effective / after)],
+            "effective_batch": effective, **extra}
+
+
+def _fit_message(memory: MemoryPlan, effective: int) -> str:
+    before, after = memory.requested_micro_batch, memory.micro_batch
+    return (f"micro-batch {before} -> {after} to fit {gb(memory.budget or 0)} of {memory.budget_source} "
+            f"(estimated peak {gb(memory.estimate.total if memory.estimate else 0)}); gradient accumulation "
+            f"{effective // before} -> {effective // after}, effective batch {effective} unchanged")
+
+
+def _stop_out_of_memory(staging: Path, model, optimizer, scheduler, progress: dict[str, Any], config: TrainConfig,
+                        reason: str) -> None:
+    """Out of memory at micro-batch 1: keep what is done and say what would need less memory."""
+    if progress["step"] > 0:
+        save_checkpoint(staging, model, optimizer, scheduler, progress)
+    fixes = [f"a shorter max_seq_length (now {config.max_seq_length})", f"a lower lora_r (now {config.lora_r})"]
+    if not config.use_4bit_quantization:
+        fixes.append("use_4bit_quantization=true")
+    if not config.use_gradient_checkpointing:
+        fixes.append("use_gradient_checkpointing=true")
+    kept = (f"; steps 1-{progress['step']} are checkpointed: lqmf train --resume {config.job_name} "
+            "--set key=value continues with new settings" if progress["step"] > 0 else "")
+    raise RuntimeFailure(f"out of memory in step {progress['step'] + 1} even at micro-batch 1 ({reason}); "
+                         f"try {', '.join(fixes)}{kept}")
+
+
 class StopFlag:
     """First Ctrl-C: finish the current step, checkpoint and stop. Second: stop at once."""
 
@@ -380,8 +508,12 @@ def make_optimizer(config: TrainConfig, model, device: str):
 
 
 def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
-          events: Events | None = None, prepared: Prepared | None = None, resume: bool = False) -> Outcome:
-    """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics."""
+          events: Events | None = None, prepared: Prepared | None = None, resume: bool = False,
+          memory: MemoryPlan | None = None) -> Outcome:
+    """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
+
+    memory is plan_memory's result for prepared, when the caller has it already.
+    """
     import torch
     from transformers import get_scheduler
 
@@ -390,6 +522,9 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     prepared = prepared or prepare(config, model_ref, dataset)
     for note in prepared.notes:
         events.on_note(note)
+    memory = memory or plan_memory(config, model_ref, prepared)
+    if memory.micro_batch != memory.requested_micro_batch:
+        events.on_note(_fit_message(memory, prepared.effective_batch))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = setup_model(config, model_ref, prepared, dataset.task)
@@ -405,16 +540,32 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                 "history": [], "initial_eval": None, "elapsed_s": 0.0}
     if resume and has_checkpoint(staging):
         progress = load_checkpoint(staging, model, optimizer, scheduler)
+        progress["micro_batch"] = min(progress["micro_batch"], prepared.micro_batch)
         events.on_note(f"resumed from step {progress['step']}/{total}")
+    effective = prepared.effective_batch
+    if memory.micro_batch != memory.requested_micro_batch:
+        append_jsonl(log_path, _memory_record("fit", progress["step"], memory.requested_micro_batch,
+                                              memory.micro_batch, effective, budget_gb=memory.to_dict()["budget_gb"],
+                                              budget_source=memory.budget_source))
     plan = {**prepared.plan(), **loaded.runtime(), "optimizer": optimizer_name,
             "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters()), "resumed_at_step": progress["step"]}
+            "total_params": sum(p.numel() for p in model.parameters()), "resumed_at_step": progress["step"],
+            "memory": memory.to_dict()}
     events.on_plan(plan)
     n_labels = len(prepared.labels)
-    eval_batch = max(1, prepared.micro_batch * 2)
 
     def run_eval(step: int, epoch: float) -> dict[str, Any]:
-        result = evaluate(loaded, prepared.validation, classification, eval_batch, n_labels)
+        batch_size = max(1, progress["micro_batch"] * 2)
+        while True:
+            try:
+                result = evaluate(loaded, prepared.validation, classification, batch_size, n_labels)
+                break
+            except Exception as err:
+                if batch_size == 1 or not is_out_of_memory(err):
+                    raise
+            release_memory(loaded.device)
+            batch_size //= 2
+            events.on_note(f"out of memory while evaluating: evaluation batch {batch_size * 2} -> {batch_size}")
         record = {"type": "eval", "step": step, "epoch": round(epoch, 3),
                   **{f"eval_{k}": v for k, v in result.items()}}
         append_jsonl(log_path, record)
@@ -427,7 +578,6 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     model.train()
     reset_peak_memory(loaded.device)
     started = time.perf_counter() - progress["elapsed_s"]
-    effective = prepared.effective_batch
     pad = loaded.tokenizer.pad_token_id
     loss_fn = _classification_loss_sum if classification else _answer_loss_sum
     last_eval: dict[str, Any] | None = None
@@ -446,13 +596,32 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                     rows = [prepared.train[i] for i in groups[progress["step_in_epoch"]]]
                     units = _units(rows, classification)
                     micro = progress["micro_batch"]
-                    for start in range(0, len(rows), micro):
-                        chunk = rows[start: start + micro]
-                        batch = _to_device(data_mod.collate(chunk, pad, classification), loaded.device)
-                        loss = loss_fn(model, batch)
-                        (loss / max(units, 1)).backward()
-                        window_loss += loss.detach()
-                        window_tokens += sum(len(r["input_ids"]) for r in chunk)
+                    try:
+                        step_loss = _forward_backward(model, loss_fn, rows, units, micro, pad, classification,
+                                                      loaded.device)
+                    except Exception as err:
+                        if not is_out_of_memory(err):
+                            raise
+                        reason = first_line(err)
+                    else:
+                        reason = None
+                    if reason is not None:  # handled here, once the traceback and its tensors are gone
+                        optimizer.zero_grad(set_to_none=True)  # the half-done step's gradients
+                        release_memory(loaded.device)
+                        smaller = _divisor_at_most(effective, micro // 2)
+                        if smaller == 0:
+                            _stop_out_of_memory(staging, model, optimizer, scheduler, progress, config, reason)
+                        progress["micro_batch"] = smaller
+                        record = _memory_record("out_of_memory", progress["step"] + 1, micro, smaller, effective,
+                                                error=reason, memory_gb=memory_in_use_gb(loaded.device))
+                        append_jsonl(log_path, record)
+                        events.on_note(f"out of memory in step {record['step']} at micro-batch {micro}: micro-batch "
+                                       f"{micro} -> {smaller}, gradient accumulation "
+                                       f"{record['gradient_accumulation'][0]} -> {record['gradient_accumulation'][1]} "
+                                       f"(effective batch {effective} unchanged); redoing step {record['step']}")
+                        continue
+                    window_loss += step_loss
+                    window_tokens += sum(len(r["input_ids"]) for r in rows)
                     window_units += units
                     grad_norm = None
                     if config.max_grad_norm > 0:
@@ -528,5 +697,7 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     if progress["initial_eval"]:
         metrics["initial"] = {k: v for k, v in progress["initial_eval"].items() if k.startswith("eval_")}
     runtime = {**loaded.runtime(), "optimizer": optimizer_name, "micro_batch": progress["micro_batch"],
+               "gradient_accumulation": math.ceil(effective / progress["micro_batch"]),
+               "memory_estimate_gb": round(memory.estimate.total / GiB, 3) if memory.estimate else None,
                "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"]}
     return Outcome(metrics, runtime, progress["history"])

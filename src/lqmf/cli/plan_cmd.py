@@ -1,0 +1,179 @@
+"""Will a LoRA/QLoRA run fit in memory? Estimated from config.json alone: lqmf plan MODEL [options]."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+from typing import Any
+
+import typer
+
+from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
+from lqmf.cli.output import human_size, print_json, print_table
+from lqmf.core import config as cfg
+from lqmf.core.errors import InputError
+from lqmf.core.memory_plan import (
+    LOSS_CHUNK_TOKENS,
+    Alternative,
+    GiB,
+    ModelShape,
+    TrainSettings,
+    estimate,
+    largest_micro_batch,
+    largest_seq_len,
+    parse_size,
+    require_shape,
+    settings_for,
+    what_would_fit,
+)
+from lqmf.core.models import ModelCatalogue
+from lqmf.core.system import free_gpu_memory
+
+DEFAULT_BUDGET = "8GB"  # the guide's target GPU
+OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "batch-size", "lora_r": "rank",
+                "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
+                "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory"}
+
+COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
+              ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
+              ("allocator_slack", "allocator slack"), ("cuda_context", "CUDA context"), ("total", "total")]
+
+
+def component_notes(shape: ModelShape, settings: TrainSettings, details: dict[str, Any]) -> dict[str, str]:
+    """What each line of the breakdown holds, for these settings."""
+    quantized = details["quantized_params"]
+    dtype = "bf16" if settings.device == "cuda" else "fp32"
+    rest = (shape.parameters - quantized) / 1e9
+    weights = (f"{quantized / 1e9:.2f}B in 4-bit NF4; embeddings, head and norms ({rest:.2f}B) in {dtype}"
+               if settings.quantize_4bit else f"{shape.parameters / 1e9:.2f}B in {dtype}")
+    activations = (f"{details['saved_activations_gb']:.2f} kept + {details['layer_working_set_gb']:.2f} for one "
+                   "block's recompute and backward" if settings.gradient_checkpointing
+                   else f"every block's saved tensors ({details['saved_activations_gb']:.2f}) + backward")
+    chunk = min(LOSS_CHUNK_TOKENS, settings.micro_batch * max(settings.seq_len - 1, 1))
+    return {
+        "weights": weights,
+        "lora": f"{details['lora_params'] / 1e6:.1f}M fp32 parameters and their gradients",
+        "optimizer": "8-bit AdamW states (paged when large)" if settings.device == "cuda" else "fp32 AdamW states",
+        "activations": activations,
+        "logits_loss": ("classification head: negligible" if settings.task == "classification"
+                        else f"{chunk} answer tokens x {shape.vocab} vocabulary at a time, fp32"),
+        "peak_allocated": "the larger of the block working set and the logits counts: they never coexist",
+        "allocator_slack": "what PyTorch's caching allocator reserves beyond its allocations" if settings.device ==
+        "cuda" else "",
+        "cuda_context": "driver, kernels, cuBLAS: outside PyTorch's allocator" if settings.device == "cuda" else "",
+        "total": "",
+    }
+
+
+def memory_lines(memory: dict[str, Any]) -> list[str]:
+    """The dry run's memory lines, from engine.train.MemoryPlan.to_dict()."""
+    est = memory["estimate"]
+    if est is None:
+        return [f"memory:      unknown ({memory['model_shape_from']})"]
+
+    def size(key: str) -> str:
+        return human_size(est[f"{key}_gb"] * GiB)
+
+    parts = ", ".join(f"{label} {size(key)}" for key, label in COMPONENTS[:5])
+    cuda = memory["device"] == "cuda"
+    extra = f"; slack {size('allocator_slack')}, CUDA context {size('cuda_context')}" if cuda else ""
+    lines = [f"memory:      ~{size('total')} peak on {memory['device']} ({parts}{extra})"]
+    if memory["budget_gb"]:
+        lines.append(f"budget:      {human_size(memory['budget_gb'] * GiB)} ({memory['budget_source']})")
+    if memory["micro_batch"] != memory["requested_micro_batch"]:
+        lines.append(f"note:        micro-batch {memory['requested_micro_batch']} -> {memory['micro_batch']} to fit "
+                     "the budget; gradient accumulation raised to keep the effective batch")
+    return lines
+
+
+def _budget(option: str | None, config_value: str | None, device: str) -> tuple[int, str, str]:
+    """(bytes, where from, its text) for the fit checks."""
+    if option:
+        return parse_size(option), "--max-memory", option
+    if config_value:
+        return parse_size(config_value), "max_memory in the config", config_value
+    if device == "cuda":
+        free, name = free_gpu_memory()
+        if free is not None:
+            return free, f"free memory of this machine's {name}", f"{free / GiB:.2f}GB"
+    return parse_size(DEFAULT_BUDGET), "default: an 8 GB GPU", DEFAULT_BUDGET
+
+
+def plan(
+    ctx: typer.Context,
+    model: str = typer.Argument(..., help="Base model: alias (lqmf models list), hub id or folder."),
+    seq_len: int | None = typer.Option(None, "--seq-len", help="Tokens per sequence (max_seq_length; default 512)."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Micro-batch (default 2)."),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="LoRA rank (default 16)."),
+    targets: str | None = typer.Option(None, "--targets", help="LoRA target modules, comma-separated "
+                                       "(default: the family's; all-linear for every linear layer)."),
+    four_bit: bool | None = typer.Option(None, "--4bit/--no-4bit", help="4-bit NF4 base (default on)."),
+    checkpointing: bool | None = typer.Option(None, "--gradient-checkpointing/--no-gradient-checkpointing",
+                                              help="Recompute activations in backward (default on)."),
+    task: str | None = typer.Option(None, "--task", help="chat (causal LM; default for decoders) or "
+                                    "classification (default for encoders)."),
+    device: str = typer.Option("cuda", "--device", help="cuda (bf16, 8-bit paged AdamW) or cpu (fp32)."),
+    max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
+                                          "max_memory, else this machine's free GPU memory, else 8GB)."),
+    config_name: str | None = typer.Option(None, "--config", "-c", help="Take defaults from this saved config."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Estimate peak training memory from config.json alone, and the largest batch and sequence that fit."""
+    ws = workspace(ctx, workspace_dir)
+    if device not in ("cuda", "cpu"):
+        raise InputError(f"--device must be cuda or cpu, got {device!r}")
+    resolved = ModelCatalogue(ws).resolve(model)
+    shape = require_shape(resolved)
+    file_values = cfg.read_config_file(cfg.config_path(ws.configs_dir, config_name)) if config_name else {}
+    options = {"max_seq_length": seq_len, "per_device_train_batch_size": batch_size, "lora_r": rank,
+               "target_modules": targets, "use_4bit_quantization": four_bit,
+               "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory}
+    overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
+    config = cfg.resolve_config(file_values, overrides)
+    if config.task_type is None:
+        config.task_type = "classification" if shape.encoder else "chat"
+    settings = settings_for(config, resolved, device=device)
+    budget, budget_source, budget_text = _budget(max_memory, file_values.get("max_memory"), device)
+    result = estimate(shape, settings)
+    report = {
+        "model": resolved.reference, "source": resolved.source,
+        "shape_from": "config.json" if resolved.config else "LQMF's table of catalogue models",
+        "shape": asdict(shape), "parameters": shape.parameters, "settings": asdict(settings),
+        "estimate": result.to_dict(), "budget_gb": round(budget / GiB, 3), "budget_source": budget_source,
+        "fits": result.fits(budget),
+        "largest_micro_batch": largest_micro_batch(shape, settings, budget),
+        "longest_seq_len": largest_seq_len(shape, settings, budget),
+    }
+    report["would_fit_with"] = ([{"changes": alt.changes, "total_gb": round(alt.total / GiB, 3)}
+                                 for alt in what_would_fit(shape, settings, budget)]
+                                if not report["largest_micro_batch"] else [])
+    if json_output:
+        print_json(report)
+        return
+    _print_report(report, shape, settings, budget_text)
+
+
+def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSettings, budget_text: str) -> None:
+    targets = ",".join(settings.target_modules) if settings.target_modules else "all-linear"
+    typer.echo(f"memory plan for {report['model']} ({report['parameters'] / 1e9:.2f}B parameters; shape from "
+               f"{report['shape_from']})")
+    typer.echo(f"settings: {settings.device}, {'4-bit NF4' if settings.quantize_4bit else 'not quantized'}, "
+               f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, LoRA r={settings.lora_r} "
+               f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}")
+    estimate_gb = report["estimate"]
+    notes = component_notes(shape, settings, estimate_gb["details"])
+    print_table([[label, f"{estimate_gb[f'{key}_gb']:.2f}", notes[key]] for key, label in COMPONENTS],
+                ["component", "GB", "what"])
+    typer.echo(f"budget {report['budget_gb']:.2f} GB ({report['budget_source']}): "
+               f"{'fits' if report['fits'] else 'does not fit'}")
+    micro, longest = report["largest_micro_batch"], report["longest_seq_len"]
+    at_micro = (f" (~{estimate(shape, replace(settings, micro_batch=micro)).total / GiB:.2f} GB)" if micro else "")
+    typer.echo(f"largest micro-batch at {settings.seq_len} tokens: {micro or 'none'}{at_micro}")
+    typer.echo(f"longest sequence at micro-batch {settings.micro_batch}: {f'{longest} tokens' if longest else 'none'}")
+    if not report["fits"] and micro:
+        typer.echo(f"fits at micro-batch {micro}: raise gradient accumulation to keep the effective batch")
+    if report["would_fit_with"]:
+        typer.echo("would fit at micro-batch 1 with: " + "; ".join(
+            str(Alternative(alt["changes"], int(alt["total_gb"] * GiB))) for alt in report["would_fit_with"]))
+    elif not micro:
+        typer.echo(f"no single change makes it fit in {budget_text}: use a smaller model or a larger GPU")

@@ -1,0 +1,116 @@
+"""Show GPUs, CPU, RAM, disk, library versions and the adapter registry (no torch unless --gpu)."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+import typer
+
+from lqmf import __version__
+from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
+from lqmf.cli.output import print_json, print_table
+from lqmf.core.manifest import library_versions
+from lqmf.core.registry import Registry
+from lqmf.core.system import cpu_and_ram, disk, gpus
+from lqmf.core.workspace import Workspace
+
+
+def adapter_summary(registry: Registry) -> dict[str, Any]:
+    entries = registry.entries()
+    return {
+        "path": str(registry.root),
+        "count": sum(1 for e in entries if e.complete),
+        "broken": [{"name": e.name, "problem": e.problem} for e in entries if not e.complete],
+        "active": active_adapters(registry),
+    }
+
+
+def active_adapters(registry: Registry) -> list[dict[str, Any]] | None:
+    """The active adapter of each base model, from the registry's active pointer (issue 3).
+
+    Read defensively: None when this registry has no active-pointer support yet.
+    """
+    pointers = getattr(registry, "active_pointers", None)
+    if pointers is None:
+        return None
+    return [{"base": base, **pointer} for base, pointer in sorted(pointers(strict=False).items())]
+
+
+def running_server(ws: Workspace) -> dict[str, Any] | None:
+    """A running `lqmf serve` for this workspace and its adapters.
+
+    Hook for issue 4 (`lqmf serve`): it has no record of running servers yet, so this reports None
+    (unknown) rather than claiming that none runs.
+    """
+    del ws
+    return None
+
+
+def status(
+    ctx: typer.Context,
+    gpu: bool = typer.Option(False, "--gpu", help="Also ask PyTorch for GPU details (imports torch: slower)."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Show GPUs, CPU, RAM, disk, library versions and the adapter registry (fast: no torch unless --gpu)."""
+    ws = workspace(ctx, workspace_dir)
+    report: dict[str, Any] = {
+        "lqmf": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "workspace": str(ws.root),
+        **gpus(),
+        **cpu_and_ram(),
+        "disk": disk(ws.root),
+        "versions": library_versions(),
+        "adapters": adapter_summary(Registry(ws)),
+        "serve": running_server(ws),
+    }
+    if gpu:
+        from lqmf.engine.memory import torch_gpu_details
+
+        report["torch"] = torch_gpu_details()
+    if json_output:
+        print_json(report)
+        return
+    _print_status(report)
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    typer.echo(f"lqmf {report['lqmf']} (Python {report['python']}, {report['platform']})")
+    if report["gpus"]:
+        typer.echo(f"GPUs (driver {report['gpus'][0]['driver']}, CUDA {report['cuda_version'] or '?'}):")
+        print_table([[g["index"], g["name"], _gb(g["memory_total_gb"]), _gb(g["memory_used_gb"]),
+                      _gb(g["memory_free_gb"]), f"{g['utilization_pct']:.0f}%" if g["utilization_pct"] is not None
+                      else "?"] for g in report["gpus"]],
+                    ["#", "name", "total", "used", "free", "util"])
+    else:
+        typer.echo(f"GPUs: none ({report['gpu_problem']})")
+    torch_info = report.get("torch")
+    if torch_info:
+        if torch_info["cuda_available"]:
+            for dev in torch_info["devices"]:
+                typer.echo(f"torch sees cuda:{dev['index']} {dev['name']}: compute capability "
+                           f"{dev['capability']}, bf16 {'yes' if dev['bf16'] else 'no'}, "
+                           f"{dev['free_gb']:.2f} of {dev['total_gb']:.2f} GB free")
+        typer.echo(f"torch {torch_info['torch']} built for CUDA {torch_info['cuda_build'] or 'none'}"
+                   + ("" if torch_info["cuda_available"] else f"; no CUDA device ({torch_info['problem']})"))
+    cpu, ram, disk_info = report["cpu"], report["ram"], report["disk"]
+    typer.echo(f"CPU: {cpu['model']}, {cpu['physical_cores']} cores / {cpu['logical_cores']} threads"
+               + (f", load {' '.join(str(x) for x in cpu['load_average'])}" if cpu["load_average"] else ""))
+    typer.echo(f"RAM: {ram['available_gb']:.1f} GB available of {ram['total_gb']:.1f} GB")
+    typer.echo(f"disk: {disk_info['free_gb']:.1f} GB free of {disk_info['total_gb']:.1f} GB ({disk_info['path']})")
+    typer.echo("libraries: " + ", ".join(f"{k} {v or 'missing'}" for k, v in report["versions"].items()))
+    adapters = report["adapters"]
+    line = f"adapters: {adapters['count']} in {adapters['path']}"
+    if adapters["broken"]:
+        line += f", {len(adapters['broken'])} broken (" + ", ".join(b["name"] for b in adapters["broken"]) + ")"
+    typer.echo(line)
+    if adapters["active"]:
+        typer.echo("active: " + ", ".join(f"{a['adapter']} (on {a.get('base_model') or a['base']})"
+                                          for a in adapters["active"]))
+    if report["serve"]:
+        typer.echo(f"serving: {report['serve']}")
+
+
+def _gb(value: float | None) -> str:
+    return f"{value:.1f} GB" if value is not None else "?"

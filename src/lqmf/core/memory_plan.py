@@ -1,0 +1,502 @@
+"""Peak training memory from a model's config.json alone, before any weights load.
+
+The estimate follows what LQMF's own training loop (engine/train.py) allocates, term by term: on
+CUDA the frozen base stays in its load dtype (bf16; 4-bit NF4 for the blocks' linear layers), LoRA
+weights and their gradients are fp32, and forward passes run under bf16 autocast; on the CPU
+everything is fp32. The formulas are written out in docs/memory.md. Sizes are in bytes; "GB" in
+LQMF means GiB (2**30 bytes), as PyTorch and nvidia-smi count.
+
+peak = weights + LoRA (params + grads) + optimizer state
+       + saved activations + max(one block's recompute and backward, chunked logits and loss)
+total = peak + allocator slack + CUDA context
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import yaml
+
+from lqmf.core.errors import NotFoundError
+from lqmf.core.models import ResolvedModel
+
+GiB = 2**30
+
+# 4-bit NF4 with double quantization: 4 bits per weight, one 8-bit absmax per block of 64 weights,
+# one fp32 absmax per 256 of those blocks (bitsandbytes' defaults).
+NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
+# bitsandbytes 8-bit AdamW: two 8-bit states, each with one fp32 absmax per block of 256 values,
+# for tensors of at least 4096 values; smaller tensors keep two fp32 states. Paged optimizers put
+# tensors of at least 1e5 values in CUDA unified memory, outside PyTorch's allocator.
+ADAM8BIT_BYTES_PER_PARAM = 2 + 2 * 4 / 256
+ADAM8BIT_MIN_SIZE = 4096
+PAGED_MIN_SIZE = 100_000
+ADAM32_BYTES_PER_PARAM = 8
+# engine/train.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
+LOSS_CHUNK_TOKENS = 1024
+# What CUDA itself holds outside PyTorch's allocator (driver context, kernels, cuBLAS handles).
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)
+# PyTorch's caching allocator reserves more than it hands out (block rounding, fragmentation):
+# reserved/allocated was 1.056-1.076 for LQMF's loop on an H200 (docs/memory.md).
+ALLOCATOR_SLACK = 0.08
+
+GATED_MLP_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+                   "olmo", "olmo2", "starcoder2_gated", "cohere", "granite", "smollm3"}
+ENCODER_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"}
+LAYER_NORM_TYPES = ENCODER_TYPES | {"gpt2", "gpt_neox", "opt", "bloom", "falcon", "phi"}
+
+
+# What a block's linear layer reads: the attention norm's output, the attention output, the MLP
+# norm's output, or the MLP's inner activation.
+ATTN_IN, ATTN_OUT, MLP_IN, MLP_OUT = "attention input", "attention output", "mlp input", "mlp inner"
+
+
+class Linear(NamedTuple):
+    in_features: int
+    out_features: int
+    reads: str
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a transformer that memory and compute depend on."""
+
+    model_type: str
+    hidden: int
+    layers: int
+    vocab: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    gated_mlp: bool
+    encoder: bool
+    positions: int  # learned position embeddings (0 for rotary models)
+    max_positions: int | None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape | None:
+        """The shape from a config.json dict, or None when it lacks the basic sizes."""
+        hidden = config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or config.get("dim")
+        layers = config.get("num_hidden_layers") or config.get("n_layer") or config.get("n_layers")
+        vocab = config.get("vocab_size")
+        if not (hidden and layers and vocab):
+            return None
+        model_type = str(config.get("model_type") or "")
+        heads = config.get("num_attention_heads") or config.get("n_head") or config.get("n_heads") or 1
+        kv_heads = config.get("num_key_value_heads") or heads
+        intermediate = (config.get("intermediate_size") or config.get("n_inner") or config.get("hidden_dim")
+                        or 4 * hidden)
+        gated = model_type in GATED_MLP_TYPES
+        learned_positions = model_type in ENCODER_TYPES or model_type in {"gpt2", "opt"}
+        max_positions = config.get("max_position_embeddings") or config.get("n_positions")
+        return cls(
+            model_type=model_type, hidden=int(hidden), layers=int(layers), vocab=int(vocab),
+            intermediate=int(intermediate), heads=int(heads), kv_heads=int(kv_heads),
+            head_dim=int(config.get("head_dim") or hidden // heads),
+            tied_embeddings=bool(config.get("tie_word_embeddings", not gated)), gated_mlp=gated,
+            encoder=model_type in ENCODER_TYPES,
+            positions=int(max_positions or 0) if learned_positions else 0,
+            max_positions=int(max_positions) if max_positions else None,
+        )
+
+    @property
+    def q_width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_width(self) -> int:
+        return self.kv_heads * self.head_dim
+
+    def block_linears(self) -> dict[str, Linear]:
+        """The linear layers of one transformer block, by this family's module names."""
+        h, inter, q, kv = self.hidden, self.intermediate, self.q_width, self.kv_width
+        t = self.model_type
+        if t == "phi3":
+            return {"qkv_proj": Linear(h, q + 2 * kv, ATTN_IN), "o_proj": Linear(q, h, ATTN_OUT),
+                    "gate_up_proj": Linear(h, 2 * inter, MLP_IN), "down_proj": Linear(inter, h, MLP_OUT)}
+        if t == "gpt2":  # c_proj names both the attention output and the MLP output
+            return {"c_attn": Linear(h, 3 * h, ATTN_IN), "attn.c_proj": Linear(h, h, ATTN_OUT),
+                    "c_fc": Linear(h, inter, MLP_IN), "mlp.c_proj": Linear(inter, h, MLP_OUT)}
+        if t == "distilbert":
+            return {"q_lin": Linear(h, h, ATTN_IN), "k_lin": Linear(h, h, ATTN_IN), "v_lin": Linear(h, h, ATTN_IN),
+                    "out_lin": Linear(h, h, ATTN_OUT), "lin1": Linear(h, inter, MLP_IN),
+                    "lin2": Linear(inter, h, MLP_OUT)}
+        if self.encoder:
+            return {"query": Linear(h, q, ATTN_IN), "key": Linear(h, kv, ATTN_IN), "value": Linear(h, kv, ATTN_IN),
+                    "attention.output.dense": Linear(q, h, ATTN_OUT), "intermediate.dense": Linear(h, inter, MLP_IN),
+                    "output.dense": Linear(inter, h, MLP_OUT)}
+        linears = {"q_proj": Linear(h, q, ATTN_IN), "k_proj": Linear(h, kv, ATTN_IN),
+                   "v_proj": Linear(h, kv, ATTN_IN), "o_proj": Linear(q, h, ATTN_OUT)}
+        if self.gated_mlp:
+            linears.update({"gate_proj": Linear(h, inter, MLP_IN), "up_proj": Linear(h, inter, MLP_IN),
+                            "down_proj": Linear(inter, h, MLP_OUT)})
+        else:
+            linears.update({"fc1": Linear(h, inter, MLP_IN), "fc2": Linear(inter, h, MLP_OUT)})
+        return linears
+
+    @property
+    def block_linear_params(self) -> int:
+        return sum(lin.in_features * lin.out_features for lin in self.block_linears().values())
+
+    @property
+    def embedding_params(self) -> int:
+        """Input embeddings (and learned positions), plus an untied output head."""
+        head = 0 if self.tied_embeddings or self.encoder else self.vocab * self.hidden
+        return (self.vocab + self.positions) * self.hidden + head
+
+    @property
+    def norm_params(self) -> int:
+        per_norm = 2 * self.hidden if self.model_type in LAYER_NORM_TYPES else self.hidden
+        return (2 * self.layers + 1) * per_norm
+
+    @property
+    def parameters(self) -> int:
+        return self.layers * self.block_linear_params + self.embedding_params + self.norm_params
+
+
+def approx_parameters(config: dict[str, Any]) -> int | None:
+    """Parameter count of a transformer from its config.json (blocks, embeddings, norms)."""
+    shape = ModelShape.from_config(config)
+    return shape.parameters if shape else None
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What a training run's memory depends on, besides the model's shape."""
+
+    micro_batch: int = 2
+    seq_len: int = 512
+    lora_r: int = 16
+    target_modules: tuple[str, ...] | None = None  # None: every linear layer of a block ("all-linear")
+    lora_dropout: float = 0.05
+    quantize_4bit: bool = True
+    gradient_checkpointing: bool = True
+    task: str = "causal"  # causal | classification
+    num_labels: int = 2
+    device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
+    padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
+
+    @property
+    def compute_bytes(self) -> int:
+        """Bytes per element of activations and frozen weights: bf16 (or fp16) on CUDA, fp32 elsewhere."""
+        return 2 if self.device == "cuda" else 4
+
+
+@dataclass
+class MemoryEstimate:
+    """Peak memory of one training step, in bytes, broken down."""
+
+    weights: int
+    lora: int  # LoRA parameters and their gradients (fp32)
+    optimizer: int
+    activations: int  # saved for backward + one layer's recompute working set
+    logits_loss: int
+    peak_allocated: int
+    allocator_slack: int
+    cuda_context: int
+    total: int
+    details: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f"{key}_gb": round(value / GiB, 4) for key, value in asdict(self).items() if key != "details"}
+        return {**out, "details": self.details}
+
+    def fits(self, budget_bytes: float, context_counted: bool = True) -> bool:
+        """Whether the run fits budget_bytes; context_counted=False when the budget is free memory
+        measured after this process already created its CUDA context."""
+        return self.total - (0 if context_counted else self.cuda_context) <= budget_bytes
+
+
+def _lora_targets(shape: ModelShape, targets: tuple[str, ...] | None) -> dict[str, Linear]:
+    """The block linears that get LoRA; like PEFT, a target matches the end of a module's name."""
+    linears = shape.block_linears()
+    if targets is None or targets == ("all-linear",):
+        return linears
+    return {name: lin for name, lin in linears.items()
+            if any(name == t or name.endswith("." + t) or name.split(".")[-1] == t for t in targets)}
+
+
+def _optimizer_bytes(tensor_sizes: list[int], device: str) -> tuple[int, int]:
+    """(state bytes, of which paged outside PyTorch's allocator) for AdamW over these tensors."""
+    if device != "cuda":
+        return sum(tensor_sizes) * ADAM32_BYTES_PER_PARAM, 0
+    total = paged = 0
+    for n in tensor_sizes:
+        size = int(n * ADAM8BIT_BYTES_PER_PARAM) if n >= ADAM8BIT_MIN_SIZE else n * ADAM32_BYTES_PER_PARAM
+        total += size
+        if n >= PAGED_MIN_SIZE:
+            paged += size
+    return total, paged
+
+
+def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dict[str, Linear],
+                           padded: bool) -> tuple[float, float]:
+    """(bytes per token one block keeps for backward besides its input, extra bytes during its backward).
+
+    Counted op by op and checked with PyTorch's saved-tensor hooks on the CPU: the residual stream
+    after attention; q and k after rotary, and v (with padding, k and v repeated to every head, as
+    transformers does when a mask rules out SDPA's grouped-query path, and SDPA's additive mask);
+    the attention output; gate, act(gate) and up of a gated MLP (fc1's output otherwise). Frozen
+    linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms keep an
+    fp32 copy of their input when activations are not fp32. Each LoRA layer keeps its dropout
+    output and mask (bool on CUDA, a full-size float on the CPU) and its r-wide intermediate;
+    without dropout, its input, once per distinct input.
+    """
+    h, inter, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
+    act = settings.compute_bytes
+    gqa = shape.kv_heads < shape.heads
+    attention = (3 * q if gqa else q + 2 * kv) + settings.seq_len if padded else q + 2 * kv
+    mlp = (3 if shape.gated_mlp else 1) * inter
+    per_token = (h + attention + q + mlp) * act  # residual, attention inputs, its output, MLP
+    if act != 4:
+        per_token += 2 * h * 4  # the two norms' fp32 copies
+    mask_bytes = 1 if settings.device == "cuda" else act
+    kept_inputs: dict[str, int] = {}
+    for lin in lora.values():
+        per_token += settings.lora_r * act
+        if settings.lora_dropout > 0:
+            per_token += lin.in_features * (act + mask_bytes)
+        elif lin.reads != ATTN_OUT:  # SDPA keeps the attention output already
+            kept_inputs[lin.reads] = lin.in_features * act
+    per_token += sum(kept_inputs.values())
+    # Backward through the block: the gradients of the MLP's inner tensors coexist with what it kept.
+    return per_token, 2 * inter * act
+
+
+def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
+    """Peak memory of a LoRA/QLoRA training step of shape under settings (see the module docstring)."""
+    b, s, L, h, V = settings.micro_batch, settings.seq_len, shape.layers, shape.hidden, shape.vocab
+    tokens = b * s
+    c = act = settings.compute_bytes
+    classification = settings.task == "classification"
+
+    # Weights: 4-bit block linears; everything else frozen in the compute dtype.
+    quantized = L * shape.block_linear_params if settings.quantize_4bit else 0
+    plain = shape.parameters - quantized
+    head = shape.hidden * settings.num_labels if classification else 0
+    weights = int(quantized * NF4_BYTES_PER_PARAM) + plain * c + head * 4
+
+    # LoRA: A (r x in) and B (out x r) per targeted linear per layer, fp32, with fp32 gradients;
+    # a classification head is trained in full (PEFT modules_to_save).
+    lora = _lora_targets(shape, settings.target_modules)
+    tensors = [n for lin in lora.values() for n in (settings.lora_r * lin.in_features,
+                                                    settings.lora_r * lin.out_features)] * L
+    if classification:
+        tensors.append(head)
+    lora_params = sum(tensors)
+    optimizer, paged = _optimizer_bytes(tensors, settings.device)
+
+    # Activations. With gradient checkpointing each block keeps only its input, and backward
+    # recomputes one block at a time; without it every block keeps what it saved. Padded and
+    # unpadded micro-batches differ (see _block_bytes_per_token); the worse one counts.
+    paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
+    boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
+    saved = working = 0
+    for padded in paddings:
+        block, backward = (tokens * n for n in _block_bytes_per_token(shape, settings, lora, padded))
+        this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
+        this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
+        this_working = (block if settings.gradient_checkpointing else 0) + backward
+        if this_saved + this_working > saved + working:
+            saved, working = this_saved, this_working
+    if settings.quantize_4bit:
+        # bitsandbytes dequantizes a 4-bit weight to the compute dtype for each matmul.
+        working += max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c
+    if classification:
+        logits_loss = 0
+    else:
+        # The answer tokens' hidden states, gathered for the chunked loss (all tokens, at worst).
+        answers = b * max(s - 1, 1)
+        saved += answers * h * act
+        # Each chunk's loss is checkpointed; in its backward the fp32 log-softmax, its gradient and
+        # the logits' gradient coexist (chunk x V each); a bf16 head adds its bf16 logits.
+        chunk = min(LOSS_CHUNK_TOKENS, answers)
+        logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
+    peak = weights + 2 * lora_params * 4 + optimizer + saved + max(working, logits_loss)
+    context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else 0
+    slack = int(ALLOCATOR_SLACK * (peak - paged)) if settings.device == "cuda" else 0
+    details = {
+        "parameters": shape.parameters, "quantized_params": quantized, "lora_params": lora_params,
+        "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
+        "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
+        "paged_optimizer_gb": round(paged / GiB, 4),
+    }
+    return MemoryEstimate(
+        weights=weights, lora=2 * lora_params * 4, optimizer=optimizer, activations=saved + working,
+        logits_loss=logits_loss, peak_allocated=int(peak), allocator_slack=slack, cuda_context=context,
+        total=int(peak) + slack + context, details=details,
+    )
+
+
+# ----------------------------------------------------------------------------- models and configs
+
+BUILTIN_SHAPES = Path(__file__).with_name("builtin_shapes.yaml")
+
+
+@functools.cache
+def _builtin_shapes() -> dict[str, dict[str, Any]]:
+    return yaml.safe_load(BUILTIN_SHAPES.read_text(encoding="utf-8")) or {}
+
+
+def model_shape(model: ResolvedModel) -> tuple[ModelShape | None, str]:
+    """The shape of a resolved model and where it came from: its config.json, or LQMF's table of the
+    built-in catalogue's models when that is not downloaded; (None, reason) when neither is known."""
+    if model.config:
+        shape = ModelShape.from_config(model.config)
+        return (shape, "config.json") if shape else (None, "its config.json lacks hidden_size/num_hidden_layers")
+    known = _builtin_shapes().get(model.source)
+    if known:
+        return ModelShape.from_config(known), "LQMF's table of catalogue models"
+    return None, "its config.json is not available locally (download the model or pass its folder)"
+
+
+def require_shape(model: ResolvedModel) -> ModelShape:
+    shape, origin = model_shape(model)
+    if shape is None:
+        raise NotFoundError(f"cannot estimate memory for '{model.reference}': {origin}")
+    return shape
+
+
+def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int | None = None,
+                 micro_batch: int | None = None, num_labels: int = 2,
+                 quantize_4bit: bool | None = None) -> TrainSettings:
+    """TrainSettings from a TrainConfig (lqmf.core.config) for model on device."""
+    targets = config.target_modules or model.target_modules
+    return TrainSettings(
+        micro_batch=micro_batch or config.per_device_train_batch_size,
+        seq_len=seq_len or config.max_seq_length,
+        lora_r=config.lora_r,
+        target_modules=tuple(targets) if targets else None,
+        lora_dropout=config.lora_dropout,
+        quantize_4bit=config.use_4bit_quantization if quantize_4bit is None else quantize_4bit,
+        gradient_checkpointing=config.use_gradient_checkpointing,
+        task="classification" if config.task_type == "classification" else "causal",
+        num_labels=num_labels,
+        device=device,
+    )
+
+
+# ----------------------------------------------------------------------------- fitting a budget
+
+MAX_MICRO_BATCH = 1024
+SEQ_STEP = 64
+
+
+def largest_micro_batch(shape: ModelShape, settings: TrainSettings, budget: float,
+                        context_counted: bool = True, limit: int = MAX_MICRO_BATCH) -> int:
+    """The largest micro-batch (at most limit) whose estimate fits budget bytes; 0 if none does."""
+    def fits(m: int) -> bool:
+        return estimate(shape, replace(settings, micro_batch=m)).fits(budget, context_counted)
+
+    return _largest(fits, 1, limit)
+
+
+def largest_seq_len(shape: ModelShape, settings: TrainSettings, budget: float,
+                    context_counted: bool = True) -> int:
+    """The longest sequence (a multiple of 64, within the model's positions) that fits; 0 if none does."""
+    limit = shape.max_positions or 131072
+    steps = _largest(lambda k: estimate(shape, replace(settings, seq_len=k * SEQ_STEP)).fits(budget, context_counted),
+                     1, max(1, limit // SEQ_STEP))
+    return steps * SEQ_STEP
+
+
+def _largest(fits, low: int, high: int) -> int:
+    """Largest n in [low, high] with fits(n), for fits monotone (true then false); low - 1 if none."""
+    if not fits(low):
+        return low - 1
+    while low < high:
+        mid = (low + high + 1) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def fitting_micro_batch(shape: ModelShape, settings: TrainSettings, effective_batch: int, budget: float,
+                        context_counted: bool = True) -> int:
+    """The largest micro-batch, at most the one asked for, that fits and divides the effective batch
+    (so that micro-batch x accumulation keeps it); 0 when even 1 does not fit."""
+    for m in range(settings.micro_batch, 0, -1):
+        if effective_batch % m == 0 and estimate(shape, replace(settings, micro_batch=m)).fits(budget, context_counted):
+            return m
+    return 0
+
+
+class Alternative(NamedTuple):
+    """A change of config keys and the estimated peak memory with it."""
+
+    changes: dict[str, Any]
+    total: int
+
+    def __str__(self) -> str:
+        keys = ", ".join(f"{key}={str(value).lower() if isinstance(value, bool) else value}"
+                         for key, value in self.changes.items())
+        return f"{keys} (~{gb(self.total)})"
+
+
+def what_would_fit(shape: ModelShape, settings: TrainSettings, budget: float,
+                   context_counted: bool = True) -> list[Alternative]:
+    """Changes, one at a time and at micro-batch 1, under which the run would fit budget."""
+    base = replace(settings, micro_batch=1)
+    options: list[Alternative] = []
+
+    def check(changes: dict[str, Any], changed: TrainSettings) -> None:
+        result = estimate(shape, changed)
+        if result.fits(budget, context_counted):
+            options.append(Alternative(changes, result.total))
+
+    if not settings.quantize_4bit:
+        check({"use_4bit_quantization": True}, replace(base, quantize_4bit=True))
+    if not settings.gradient_checkpointing:
+        check({"use_gradient_checkpointing": True}, replace(base, gradient_checkpointing=True))
+    longest = largest_seq_len(shape, base, budget, context_counted)
+    if 0 < longest < settings.seq_len:
+        check({"max_seq_length": longest}, replace(base, seq_len=longest))
+    for rank in (8, 4):
+        if rank < settings.lora_r:
+            check({"lora_r": rank}, replace(base, lora_r=rank))
+    if not options and not (settings.quantize_4bit and settings.gradient_checkpointing):
+        both = replace(base, quantize_4bit=True, gradient_checkpointing=True)
+        longest = min(largest_seq_len(shape, both, budget, context_counted), settings.seq_len)
+        if longest:
+            changes = {"use_4bit_quantization": True, "use_gradient_checkpointing": True, "max_seq_length": longest}
+            current = {"use_4bit_quantization": settings.quantize_4bit,
+                       "use_gradient_checkpointing": settings.gradient_checkpointing,
+                       "max_seq_length": settings.seq_len}
+            check({k: v for k, v in changes.items() if current[k] != v}, replace(both, seq_len=longest))
+    return options
+
+
+# ----------------------------------------------------------------------------- sizes
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_size(text: str | float | int) -> int:
+    """Bytes from '8GB', '7.5G', '8GiB', '8000MB' or a bare number of GB (binary units throughout)."""
+    if isinstance(text, bool):
+        raise ValueError(f"not a memory size: {text!r}")
+    if isinstance(text, int | float):
+        value, unit = float(text), "g"
+    else:
+        match = _SIZE.match(text)
+        if not match:
+            raise ValueError(f"not a memory size: {text!r} (use e.g. 8GB, 7.5GB or 6000MB)")
+        value, unit = float(match.group(1)), (match.group(2) or "g")[0].lower()
+    if value <= 0 or not math.isfinite(value):
+        raise ValueError(f"memory size must be positive, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def gb(n_bytes: float) -> str:
+    """A size for messages: GB with two decimals, or MB below 1 GB."""
+    return f"{n_bytes / GiB:.2f} GB" if n_bytes >= GiB else f"{n_bytes / 2**20:.1f} MB"

@@ -1,0 +1,116 @@
+"""The machine, read cheaply (no torch): GPUs through nvidia-smi, CPU, RAM and disk through psutil."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lqmf.core.memory_plan import GiB
+
+NVIDIA_SMI_TIMEOUT_S = 5.0
+GPU_QUERY = ("index", "name", "memory.total", "memory.used", "memory.free", "driver_version", "utilization.gpu")
+
+
+def _run_nvidia_smi(args: list[str]) -> tuple[str | None, str | None]:
+    """(stdout, None), or (None, why nvidia-smi gave nothing)."""
+    binary = shutil.which("nvidia-smi")
+    if binary is None:
+        return None, "nvidia-smi not found (no NVIDIA driver on this machine)"
+    try:
+        result = subprocess.run([binary, *args], capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S,
+                                check=False)
+    except subprocess.TimeoutExpired:
+        return None, f"nvidia-smi did not answer within {NVIDIA_SMI_TIMEOUT_S:.0f} s"
+    except OSError as err:
+        return None, f"nvidia-smi failed to start: {err}"
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        return None, f"nvidia-smi failed: {detail[0] if detail else f'exit status {result.returncode}'}"
+    return result.stdout, None
+
+
+def parse_gpu_query(text: str) -> list[dict[str, Any]]:
+    """Rows of `nvidia-smi --query-gpu=<GPU_QUERY> --format=csv,noheader,nounits` (MiB, %) as dicts (bytes)."""
+    gpus = []
+    for line in text.strip().splitlines():
+        cells = [c.strip() for c in line.split(",")]
+        if len(cells) != len(GPU_QUERY):
+            continue
+        row = dict(zip(GPU_QUERY, cells, strict=True))
+        mib = {key: _number(row[f"memory.{key}"]) for key in ("total", "used", "free")}
+        gpus.append({
+            "index": int(row["index"]), "name": row["name"],
+            **{f"memory_{key}_gb": round(v * 2**20 / GiB, 2) if v is not None else None for key, v in mib.items()},
+            "driver": row["driver_version"], "utilization_pct": _number(row["utilization.gpu"]),
+        })
+    return gpus
+
+
+def _number(cell: str) -> float | None:
+    try:
+        return float(cell)
+    except ValueError:  # "[N/A]" on some boards
+        return None
+
+
+def parse_cuda_version(text: str) -> str | None:
+    """The driver's CUDA version from `nvidia-smi --version` (or plain `nvidia-smi`) output."""
+    match = re.search(r"CUDA Version\s*:?\s*([0-9.]+)", text)
+    return match.group(1) if match else None
+
+
+def gpus() -> dict[str, Any]:
+    """{"gpus": [...], "cuda_version": ..., "problem": "gpu_problem": why none are listed (or None)}."""
+    out, problem = _run_nvidia_smi([f"--query-gpu={','.join(GPU_QUERY)}", "--format=csv,noheader,nounits"])
+    if out is None:
+        return {"gpus": [], "cuda_version": None, "gpu_problem": problem}
+    version, _ = _run_nvidia_smi(["--version"])
+    return {"gpus": parse_gpu_query(out), "cuda_version": parse_cuda_version(version or ""), "gpu_problem": None}
+
+
+def free_gpu_memory() -> tuple[int | None, str | None]:
+    """(free bytes on the first GPU, its name), without importing torch; (None, None) with no GPU."""
+    found = gpus()["gpus"]
+    if not found or found[0]["memory_free_gb"] is None:
+        return None, None
+    return int(found[0]["memory_free_gb"] * GiB), found[0]["name"]
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_and_ram() -> dict[str, Any]:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {
+        "cpu": {"model": _cpu_model(), "logical_cores": psutil.cpu_count(logical=True),
+                "physical_cores": psutil.cpu_count(logical=False), "load_average": load},
+        "ram": {"total_gb": round(memory.total / GiB, 2), "available_gb": round(memory.available / GiB, 2),
+                "used_pct": memory.percent},
+    }
+
+
+def disk(path: Path) -> dict[str, Any]:
+    """Free space on the file system that holds path (or its nearest existing parent)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    usage = shutil.disk_usage(existing)
+    return {"path": str(path), "total_gb": round(usage.total / GiB, 2), "free_gb": round(usage.free / GiB, 2)}
