@@ -9,7 +9,7 @@ import typer
 
 from lqmf.cli import export_cmd
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
-from lqmf.cli.output import App, human_size, info, print_json, print_table
+from lqmf.cli.output import App, human_size, info, print_json, print_json_rows, print_table
 from lqmf.core.config import normalize_task
 from lqmf.core.errors import InputError, LqmfError
 from lqmf.core.registry import BROKEN, Registry
@@ -58,7 +58,7 @@ def list_adapters(
             continue
         rows.append(row)
     if json_output:
-        print_json(rows)
+        print_json_rows(rows)
         return
     if not rows:
         info(f"no adapters in {registry.root}" + (" match" if task or base else ""))

@@ -167,7 +167,8 @@ def train(
         _print_plan(adapter, result)
         return
 
-    with registry.training_run(adapter):  # `adapters list` shows the run as training; `remove` leaves it
+    # While the run lock is held, `adapters list` shows the run as training and `remove` leaves it.
+    with registry.training_run(adapter, wait=5.0):
         if not resume and staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)

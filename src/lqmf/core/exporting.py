@@ -12,7 +12,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -260,12 +260,14 @@ def install(built: Path, plan: ExportPlan) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_export(plan: ExportPlan, merge_into: Any = None) -> dict[str, Any]:
+def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
     """Write the export. merge_into(folder) -> details, when given, writes the merged model instead."""
     with build_folder(plan) as work:
         folder = work / plan.folder_name
         folder.mkdir()
         if plan.merge:
+            if merge_into is None:
+                raise ValueError("a merged export needs merge_into")
             details = merge_into(folder)
         else:
             copy_adapter_files(plan.entry, folder)

@@ -43,6 +43,7 @@ ACTIVE_FILE = ".active.json"
 RUN_LOCKS_DIR = ".locks"
 ACTIVE_FORMAT = 1
 LOCK_TIMEOUT_S = 60.0
+REMOVE_WAIT_S = 1.0  # how long remove waits on a run lock before calling the run live
 
 OK, BROKEN, TRAINING = "ok", "broken", "training"
 SUMMARY_FIELDS = ("base_model", "base_id", "task", "rank", "target_modules", "quantized_4bit", "size_bytes",
@@ -146,6 +147,19 @@ def _regular_file(path: str | Path) -> bool:
         return False
 
 
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of a regular file that is not a symbolic link, else None (one open, no extra lstat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read() if stat.S_ISREG(os.fstat(handle.fileno()).st_mode) else None
+    except OSError:
+        return None
+
+
 def key_metric(task: str | None, metrics: dict[str, Any]) -> dict[str, Any] | None:
     for key in KEY_METRICS.get(task or "", KEY_METRICS["default"]):
         if isinstance(metrics.get(key), (int, float)):
@@ -190,17 +204,18 @@ class Registry:
         return self.root / RUN_LOCKS_DIR / f"{validate_name(name)}.lock"
 
     @contextmanager
-    def training_run(self, name: str) -> Iterator[None]:
+    def training_run(self, name: str, wait: float = 0.0) -> Iterator[None]:
         """Hold NAME's run lock while a training run writes its staging folder.
 
         The OS drops the lock when the process dies (even on SIGKILL), so an unfinished run whose
         lock is free crashed; one whose lock is held is still training and must not be removed.
+        `wait` rides out the instant in which another process probes the lock (is_training).
         """
         from filelock import FileLock, Timeout
 
         path = self.run_lock_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(path), timeout=0)
+        lock = FileLock(str(path), timeout=wait)
         try:
             lock.acquire()
         except Timeout:
@@ -211,7 +226,11 @@ class Registry:
             lock.release()
 
     def is_training(self, name: str) -> bool:
-        path = self.run_lock_path(name)
+        """Whether a live process holds NAME's run lock (probes it without waiting)."""
+        try:
+            path = self.run_lock_path(name)
+        except InputError:
+            return False  # no training run can have a name training refuses
         if not path.exists():
             return False
         try:
@@ -224,8 +243,11 @@ class Registry:
 
     # ------------------------------------------------------------------ reading
 
-    def inspect(self, folder: Path) -> AdapterEntry:
-        """What one folder under adapters/ holds (string paths and raw reads: `list` runs this 1,000s of times)."""
+    def inspect(self, folder: Path, symlink: bool | None = None) -> AdapterEntry:
+        """What one folder under adapters/ holds (string paths and raw reads: `list` runs this 1,000s of times).
+
+        symlink: whether folder is a symbolic link, when the caller already knows (from os.scandir).
+        """
         name = folder.name
         if name.startswith(STAGING_PREFIX):
             run = name[len(STAGING_PREFIX):]
@@ -233,20 +255,22 @@ class Registry:
                 return AdapterEntry(run, folder, None, "training in progress", training=True)
             return AdapterEntry(run, folder, None,
                                 "unfinished training run (resume with lqmf train --resume, or remove it)")
-        if folder.is_symlink():
+        if folder.is_symlink() if symlink is None else symlink:
             return AdapterEntry(name, folder, None, "a symbolic link (adapters must be folders in the workspace)")
         try:
             validate_name(name)
         except InputError as err:
             return AdapterEntry(name, folder, None, err.message)
         base = str(folder)
-        missing = [f for f in (*PEFT_FILES, MANIFEST) if not _regular_file(os.path.join(base, f))]
+        missing = [f for f in PEFT_FILES if not _regular_file(os.path.join(base, f))]
+        raw = _read_regular_file(os.path.join(base, MANIFEST))
+        if raw is None:
+            missing.append(MANIFEST)
         if missing:
             return AdapterEntry(name, folder, None, f"missing {', '.join(missing)}")
         try:
-            with open(os.path.join(base, MANIFEST), "rb") as handle:
-                manifest = json.loads(handle.read())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
             return AdapterEntry(name, folder, None, f"{MANIFEST} is not valid JSON")
         if not isinstance(manifest, dict):
             return AdapterEntry(name, folder, None, f"{MANIFEST} is not a JSON object")
@@ -257,10 +281,11 @@ class Registry:
         if not self.root.is_dir():
             return []
         with os.scandir(self.root) as listing:
-            folders = [Path(item.path) for item in listing
+            folders = [(Path(item.path), item.is_symlink()) for item in listing
                        if (item.is_dir() or item.is_symlink())
                        and (not item.name.startswith(".") or item.name.startswith(STAGING_PREFIX))]
-        return sorted((self.inspect(p) for p in folders), key=lambda e: (e.name, e.path.name))
+        return sorted((self.inspect(path, symlink) for path, symlink in folders),
+                      key=lambda e: (e.name, e.path.name))
 
     def get(self, name: str) -> AdapterEntry:
         """A complete adapter by name, or NotFoundError (suggesting the closest name)."""
@@ -346,7 +371,7 @@ class Registry:
             source.rename(target)
             fsync_dir(self.root)
             atomic_write_json(target / MANIFEST, {**(entry.manifest or {}), "name": new})
-            pointers = self.active_pointers()
+            pointers = self.active_pointers(strict=False)
             moved = {k: {**v, "adapter": new} for k, v in pointers.items() if v["adapter"] == old}
             if moved:
                 self._write_pointers({**pointers, **moved})
@@ -358,7 +383,7 @@ class Registry:
             validate_name(name)
         except InputError:
             return nullcontext()
-        return self.training_run(name)
+        return self.training_run(name, wait=REMOVE_WAIT_S)
 
     def _removal_candidates(self, name: str) -> list[Path]:
         """Adapter NAME and its unfinished run, as far as they exist.
