@@ -5,7 +5,7 @@ safetensors file of LoRA matrices, config.yaml, metrics.jsonl and a manifest wit
 then times fresh `python -m lqmf` processes, as a shell script or cron job runs them, and
 reports the median of several runs per command. One untimed run first warms the disk cache.
 
-    python benchmarks/registry_bench.py                 # 1,000 adapters, 7 runs per command
+    python benchmarks/registry_bench.py                 # 1,000 adapters, 11 runs per command
     python benchmarks/registry_bench.py --adapters 200 --runs 5 --json
 
 Target (issue 3): median under 0.3 s for `adapters list --json` and `adapters show NAME`.
@@ -119,7 +119,7 @@ def imports_torch(workspace: Path, args: list[str], env: dict[str, str]) -> bool
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapters", type=int, default=1000, help="How many adapters to create (default 1000).")
-    parser.add_argument("--runs", type=int, default=7, help="Timed runs per command (default 7).")
+    parser.add_argument("--runs", type=int, default=11, help="Timed runs per command (default 11).")
     parser.add_argument("--workspace", type=Path, help="Use this (new) folder instead of a temporary one.")
     parser.add_argument("--json", action="store_true", help="Print the results as JSON.")
     args = parser.parse_args()
