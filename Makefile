@@ -30,5 +30,8 @@ test: setup lint
 demo: setup
 	LQMF=$(LQMF) bash scripts/demo.sh $(DEMO)
 
+bench-registry: setup
+	$(PY) benchmarks/registry_bench.py
+
 clean:
 	rm -rf build .pytest_cache .ruff_cache

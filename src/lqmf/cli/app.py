@@ -12,7 +12,17 @@ import sys
 import typer
 
 from lqmf import __version__
-from lqmf.cli import bench_cmd, config_cmd, models_cmd, plan_cmd, report_cmd, status_cmd, train_cmd
+from lqmf.cli import (
+    adapters_cmd,
+    bench_cmd,
+    config_cmd,
+    export_cmd,
+    models_cmd,
+    plan_cmd,
+    report_cmd,
+    status_cmd,
+    train_cmd,
+)
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
 from lqmf.core.errors import LqmfError
@@ -50,6 +60,8 @@ app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(report_cmd.app, name="report")
+app.add_typer(adapters_cmd.app, name="adapters")
+app.command("export")(export_cmd.export)
 
 
 def _pending(verb: str, issue: int, summary: str) -> None:
@@ -60,8 +72,6 @@ def _pending(verb: str, issue: int, summary: str) -> None:
                 context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
 
 
-_pending("adapters", 3, "List, show, load, switch, verify, rename and remove adapters.")
-_pending("export", 3, "Export an adapter as a PEFT folder, a merged model or an archive.")
 _pending("test", 4, "Answer one prompt with an adapter.")
 _pending("serve", 4, "Serve a base model and hot-swappable adapters over an OpenAI-compatible API.")
 

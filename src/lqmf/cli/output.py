@@ -25,6 +25,14 @@ def print_json(data: Any) -> None:
     typer.echo(json.dumps(data, indent=2, default=str))
 
 
+def print_json_rows(rows: Sequence[Any]) -> None:
+    """A JSON array with one compact object per line: fast for thousands of rows, still greppable."""
+    if not rows:
+        typer.echo("[]")
+        return
+    typer.echo("[\n" + ",\n".join(json.dumps(row, default=str) for row in rows) + "\n]")
+
+
 def print_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> None:
     from tabulate import tabulate
 

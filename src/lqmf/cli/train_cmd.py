@@ -178,15 +178,17 @@ def train(
         _print_plan(adapter, result)
         return
 
-    if not resume and staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(staging / STAGED_CONFIG, cfg.dump_config(config))
-    printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
-    outcome = engine.train(config, resolved, data, staging, events=printer, prepared=prepared,
-                           resume=bool(resume), memory=memory)
-    manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
-    target = registry.finalize(adapter, staging, manifest, force=force or bool(resume))
+    # While the run lock is held, `adapters list` shows the run as training and `remove` leaves it.
+    with registry.training_run(adapter, wait=5.0):
+        if not resume and staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(staging / STAGED_CONFIG, cfg.dump_config(config))
+        printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
+        outcome = engine.train(config, resolved, data, staging, events=printer, prepared=prepared,
+                               resume=bool(resume), memory=memory)
+        manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
+        target = registry.finalize(adapter, staging, manifest, force=force or bool(resume))
     if json_output:
         print_json({"adapter": adapter, "path": str(target), "task": data.task, "metrics": outcome.metrics,
                     "runtime": manifest["runtime"]})

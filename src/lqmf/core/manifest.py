@@ -6,7 +6,6 @@ import platform
 import secrets
 import string
 from datetime import datetime, timezone
-from importlib import metadata
 from typing import Any
 
 from lqmf.core.config import TrainConfig
@@ -20,6 +19,8 @@ TASK_SHORT = {"instruction_following": "instruction"}
 
 
 def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    from importlib import metadata  # slow to import; only training needs it
+
     versions: dict[str, str | None] = {}
     for name in names:
         try:
@@ -46,7 +47,7 @@ def build_manifest(name: str, config: TrainConfig, model: ResolvedModel, dataset
         "name": name,
         "task": dataset.task,
         "base_model": {
-            "reference": model.reference, "alias": model.alias, "source": model.source,
+            "reference": model.reference, "alias": model.alias, "source": model.source, "kind": model.kind,
             "path": str(model.path) if model.path else None, "family": model.family,
         },
         "created": now_iso(),

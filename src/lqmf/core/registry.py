@@ -3,31 +3,71 @@
 An adapter is complete when its folder holds PEFT's adapter_config.json and
 adapter_model.safetensors and LQMF's manifest lqmf.json (written last, in a staging folder
 that is renamed into place only when the run is done). Anything else under adapters/ is
-listed as broken. Writes happen under one file lock.
+listed as broken (or as training, while a run holds its run lock).
+
+Beside the folders the registry keeps:
+  .registry.lock   the lock that every write (finalize, rename, remove, active pointer) holds
+  .active.json     the active adapter of each base model, rewritten atomically under that lock
+  .locks/NAME.lock held by a training run of NAME while it runs (released by the OS if it dies)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
-
-from lqmf.core.errors import ConflictError, NotFoundError, did_you_mean
+from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure, did_you_mean
 from lqmf.core.fsutil import atomic_write_json, fsync_dir
-from lqmf.core.names import validate_name
+from lqmf.core.models import ModelCatalogue, ResolvedModel
+from lqmf.core.names import slug, validate_name
 from lqmf.core.workspace import Workspace
 
 MANIFEST = "lqmf.json"
-PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 STAGING_PREFIX = ".staging-"
 TRASH_PREFIX = ".trash-"
 LOCK_FILE = ".registry.lock"
+ACTIVE_FILE = ".active.json"
+RUN_LOCKS_DIR = ".locks"
+ACTIVE_FORMAT = 1
+LOCK_TIMEOUT_S = 60.0
+REMOVE_WAIT_S = 1.0  # how long remove waits on a run lock before calling the run live
+
+OK, BROKEN, TRAINING = "ok", "broken", "training"
+SUMMARY_FIELDS = ("base_model", "base_id", "task", "rank", "target_modules", "quantized_4bit", "size_bytes",
+                  "created", "metric")
+# The metric that `adapters list` shows, by task: the first one the manifest has.
+KEY_METRICS = {
+    "classification": ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss"),
+    "default": ("eval_loss", "eval_perplexity", "train_loss"),
+}
+
+
+def base_id(base: dict[str, Any]) -> str:
+    """A stable key for the base model an adapter was trained on (the active pointer's key).
+
+    Hub and packaged models are keyed by their source (the same on every machine); local
+    folders by their resolved path.
+    """
+    source = str(base.get("source") or base.get("reference") or "?")
+    kind = base.get("kind")
+    if kind is None:  # manifests written before `kind` was recorded
+        kind = "package" if source.startswith("package:") else ("local" if base.get("path") else "hub")
+    if kind in ("hub", "package") or not base.get("path"):
+        return source
+    return str(base["path"])
 
 
 @dataclass
@@ -36,10 +76,40 @@ class AdapterEntry:
     path: Path
     manifest: dict[str, Any] | None
     problem: str | None = None  # why it is broken; None when complete
+    training: bool = False  # an unfinished run whose process still holds its run lock
 
     @property
     def complete(self) -> bool:
         return self.problem is None
+
+    @property
+    def state(self) -> str:
+        return OK if self.complete else TRAINING if self.training else BROKEN
+
+    @property
+    def base_model(self) -> dict[str, Any]:
+        base = (self.manifest or {}).get("base_model")
+        return base if isinstance(base, dict) else {}
+
+    @property
+    def base_id(self) -> str | None:
+        return base_id(self.base_model) if self.base_model else None
+
+
+@dataclass
+class VerifyReport:
+    name: str
+    path: Path
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "path": str(self.path), "ok": self.ok, "problems": self.problems,
+                "notes": self.notes}
 
 
 def file_sha256(path: Path) -> str:
@@ -61,14 +131,65 @@ def file_inventory(folder: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
+def contained_file(folder: Path, rel: str) -> Path | None:
+    """folder/rel when rel is a plain relative path that stays inside folder, else None."""
+    relative = Path(rel)
+    if not rel or relative.is_absolute() or ".." in relative.parts:
+        return None
+    return folder / relative
+
+
+def _regular_file(path: str | Path) -> bool:
+    """True for a regular file that is not a symbolic link (one lstat)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _read_regular_file(path: str) -> bytes | None:
+    """The bytes of a regular file that is not a symbolic link, else None (one open, no extra lstat)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            return handle.read() if stat.S_ISREG(os.fstat(handle.fileno()).st_mode) else None
+    except OSError:
+        return None
+
+
+def key_metric(task: str | None, metrics: dict[str, Any]) -> dict[str, Any] | None:
+    for key in KEY_METRICS.get(task or "", KEY_METRICS["default"]):
+        if isinstance(metrics.get(key), (int, float)):
+            return {"name": key, "value": metrics[key]}
+    return None
+
+
 class Registry:
     def __init__(self, workspace: Workspace):
         self.workspace = workspace
         self.root = workspace.adapters_dir
 
-    def lock(self, timeout: float = 60.0) -> FileLock:
+    # ------------------------------------------------------------------ paths and locks
+
+    @contextmanager
+    def lock(self, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+        """Hold the registry's write lock (one writer at a time across processes)."""
+        from filelock import FileLock, Timeout  # not at import time: read-only verbs start faster
+
         self.root.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.root / LOCK_FILE), timeout=timeout)
+        lock = FileLock(str(self.root / LOCK_FILE), timeout=timeout)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RuntimeFailure(f"the adapter registry stayed locked for {timeout:.0f} s "
+                                 f"({self.root / LOCK_FILE}); is another lqmf process stuck?") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     def path(self, name: str) -> Path:
         return self.root / validate_name(name)
@@ -79,30 +200,92 @@ class Registry:
     def exists(self, name: str) -> bool:
         return self.path(name).exists()
 
-    def inspect(self, folder: Path) -> AdapterEntry:
+    def run_lock_path(self, name: str) -> Path:
+        return self.root / RUN_LOCKS_DIR / f"{validate_name(name)}.lock"
+
+    @contextmanager
+    def training_run(self, name: str, wait: float = 0.0) -> Iterator[None]:
+        """Hold NAME's run lock while a training run writes its staging folder.
+
+        The OS drops the lock when the process dies (even on SIGKILL), so an unfinished run whose
+        lock is free crashed; one whose lock is held is still training and must not be removed.
+        `wait` rides out the instant in which another process probes the lock (is_training).
+        """
+        from filelock import FileLock, Timeout
+
+        path = self.run_lock_path(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(path), timeout=wait)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise ConflictError(f"a training run of '{name}' is in progress (it holds {path})") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    def is_training(self, name: str) -> bool:
+        """Whether a live process holds NAME's run lock (probes it without waiting)."""
+        try:
+            path = self.run_lock_path(name)
+        except InputError:
+            return False  # no training run can have a name training refuses
+        if not path.exists():
+            return False
+        try:
+            with self.training_run(name):
+                return False
+        except ConflictError:
+            return True
+        except OSError:  # a lock file this user cannot open: someone else's run, finished or not
+            return False
+
+    # ------------------------------------------------------------------ reading
+
+    def inspect(self, folder: Path, symlink: bool | None = None) -> AdapterEntry:
+        """What one folder under adapters/ holds (string paths and raw reads: `list` runs this 1,000s of times).
+
+        symlink: whether folder is a symbolic link, when the caller already knows (from os.scandir).
+        """
         name = folder.name
         if name.startswith(STAGING_PREFIX):
-            return AdapterEntry(name[len(STAGING_PREFIX):], folder, None,
+            run = name[len(STAGING_PREFIX):]
+            if self.is_training(run):
+                return AdapterEntry(run, folder, None, "training in progress", training=True)
+            return AdapterEntry(run, folder, None,
                                 "unfinished training run (resume with lqmf train --resume, or remove it)")
-        missing = [f for f in (*PEFT_FILES, MANIFEST) if not (folder / f).is_file()]
+        if folder.is_symlink() if symlink is None else symlink:
+            return AdapterEntry(name, folder, None, "a symbolic link (adapters must be folders in the workspace)")
+        try:
+            validate_name(name)
+        except InputError as err:
+            return AdapterEntry(name, folder, None, err.message)
+        base = str(folder)
+        missing = [f for f in PEFT_FILES if not _regular_file(os.path.join(base, f))]
+        raw = _read_regular_file(os.path.join(base, MANIFEST))
+        if raw is None:
+            missing.append(MANIFEST)
         if missing:
             return AdapterEntry(name, folder, None, f"missing {', '.join(missing)}")
         try:
-            manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError):
             return AdapterEntry(name, folder, None, f"{MANIFEST} is not valid JSON")
         if not isinstance(manifest, dict):
             return AdapterEntry(name, folder, None, f"{MANIFEST} is not a JSON object")
         return AdapterEntry(name, folder, manifest)
 
     def entries(self) -> list[AdapterEntry]:
-        """Every folder under adapters/, complete or broken, sorted by name."""
+        """Every folder under adapters/, complete, broken or training, sorted by name."""
         if not self.root.is_dir():
             return []
-        folders = [p for p in self.root.iterdir()
-                   if p.is_dir() and not p.name.startswith(TRASH_PREFIX)
-                   and (not p.name.startswith(".") or p.name.startswith(STAGING_PREFIX))]
-        return sorted((self.inspect(p) for p in folders), key=lambda e: e.name)
+        with os.scandir(self.root) as listing:
+            folders = [(Path(item.path), item.is_symlink()) for item in listing
+                       if (item.is_dir() or item.is_symlink())
+                       and (not item.name.startswith(".") or item.name.startswith(STAGING_PREFIX))]
+        return sorted((self.inspect(path, symlink) for path, symlink in folders),
+                      key=lambda e: (e.name, e.path.name))
 
     def get(self, name: str) -> AdapterEntry:
         """A complete adapter by name, or NotFoundError (suggesting the closest name)."""
@@ -115,6 +298,36 @@ class Registry:
             raise NotFoundError(f"adapter '{name}' is broken: {entry.problem}")
         return entry
 
+    def summary(self, entry: AdapterEntry, active: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """One adapter as `adapters list --json` reports it."""
+        active = self.active_pointers(strict=False) if active is None else active
+        row: dict[str, Any] = {"name": entry.name, "state": entry.state, "problem": entry.problem,
+                               "path": str(entry.path)}
+        if not entry.complete:
+            return {**row, **dict.fromkeys(SUMMARY_FIELDS), "active": False}
+        manifest = entry.manifest or {}
+        base = entry.base_model
+        lora = manifest.get("lora") if isinstance(manifest.get("lora"), dict) else {}
+        files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+        metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+        runtime = manifest.get("runtime") if isinstance(manifest.get("runtime"), dict) else {}
+        key = entry.base_id
+        row.update({
+            "base_model": base.get("alias") or base.get("reference"),
+            "base_id": key,
+            "task": manifest.get("task"),
+            "rank": lora.get("r"),
+            "target_modules": lora.get("target_modules"),
+            "quantized_4bit": runtime.get("quantized_4bit"),
+            "size_bytes": sum(f.get("size", 0) for f in files.values() if isinstance(f, dict)),
+            "created": manifest.get("created"),
+            "metric": key_metric(manifest.get("task"), metrics),
+            "active": key is not None and (active.get(key) or {}).get("adapter") == entry.name,
+        })
+        return row
+
+    # ------------------------------------------------------------------ writing
+
     def finalize(self, name: str, staging: Path, manifest: dict[str, Any], force: bool = False) -> Path:
         """Write the manifest into staging, then rename staging into place (atomically, under the lock)."""
         manifest = {**manifest, "files": file_inventory(staging)}
@@ -125,10 +338,281 @@ class Registry:
             if target.exists():
                 if not force:
                     raise ConflictError(f"adapter '{name}' already exists; use --force to replace it")
-                trash = self.root / f"{TRASH_PREFIX}{name}-{time.time_ns()}"
-                target.rename(trash)
+                trash = self._to_trash(target, name)
             staging.rename(target)
             fsync_dir(self.root)
         if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
+            self._empty_trash(trash)
         return target
+
+    def _to_trash(self, folder: Path, name: str) -> Path:
+        trash = self.root / f"{TRASH_PREFIX}{slug(name)}-{time.time_ns()}"
+        folder.rename(trash)
+        return trash
+
+    @staticmethod
+    def _empty_trash(trash: Path) -> None:
+        if trash.is_symlink():
+            trash.unlink()
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def rename(self, old: str, new: str) -> Path:
+        """Rename a complete adapter; the active pointers that named it follow it."""
+        source, target = self.path(old), self.path(new)
+        if old == new:
+            raise InputError(f"adapter '{old}' already has that name")
+        with self.lock():
+            entry = self.get(old)
+            if target.exists() or target.is_symlink():
+                raise ConflictError(f"adapter '{new}' already exists; remove it first or pick another name")
+            if self.staging_path(new).exists():
+                raise ConflictError(f"an unfinished training run named '{new}' exists in {self.root}")
+            source.rename(target)
+            fsync_dir(self.root)
+            atomic_write_json(target / MANIFEST, {**(entry.manifest or {}), "name": new})
+            pointers = self.active_pointers(strict=False)
+            moved = {k: {**v, "adapter": new} for k, v in pointers.items() if v["adapter"] == old}
+            if moved:
+                self._write_pointers({**pointers, **moved})
+        return target
+
+    def _run_guard(self, name: str):
+        """The run lock of NAME, or nothing for a folder whose name no training run could have."""
+        try:
+            validate_name(name)
+        except InputError:
+            return nullcontext()
+        return self.training_run(name, wait=REMOVE_WAIT_S)
+
+    def _removal_candidates(self, name: str) -> list[Path]:
+        """Adapter NAME and its unfinished run, as far as they exist.
+
+        A folder with a name that training would refuse (spaces, say) can still be removed, but
+        never anything outside adapters/ or hidden in it.
+        """
+        if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
+            validate_name(name)  # raises the precise reason
+        folder = self.root / name
+        if not (folder.exists() or folder.is_symlink()):
+            validate_name(name)
+        candidates = [folder]
+        try:
+            candidates.append(self.staging_path(name))
+        except InputError:
+            pass
+        return [p for p in candidates if p.exists() or p.is_symlink()]
+
+    def remove(self, name: str) -> list[str]:
+        """Remove adapter NAME and any unfinished run of that name; returns the folders removed.
+
+        Refuses (ConflictError) while a training run of NAME is in progress.
+        """
+        folders = self._removal_candidates(name)
+        if not folders:
+            names = sorted({e.name for e in self.entries()})
+            raise NotFoundError(f"adapter '{name}' not found in {self.root}{did_you_mean(name, names)}")
+        trashed = []
+        with self.lock(), self._run_guard(name):
+            for folder in folders:
+                if folder.exists() or folder.is_symlink():
+                    trashed.append((folder.name, self._to_trash(folder, name)))
+            pointers = self.active_pointers(strict=False)
+            kept = {k: v for k, v in pointers.items() if v["adapter"] != name}
+            if kept != pointers:
+                self._write_pointers(kept)
+            fsync_dir(self.root)
+        for _, trash in trashed:
+            self._empty_trash(trash)
+        return [folder for folder, _ in trashed]
+
+    def remove_broken(self) -> list[str]:
+        """Remove every broken folder (crashed runs, incomplete folders) and leftover trash.
+
+        Runs still training are left alone.
+        """
+        removed = []
+        for entry in self.entries():
+            if entry.state != BROKEN:
+                continue
+            try:
+                with self.lock(), self._run_guard(entry.name):
+                    if not entry.path.exists() and not entry.path.is_symlink():
+                        continue  # removed meanwhile by another process
+                    trash = self._to_trash(entry.path, entry.name)
+                    fsync_dir(self.root)
+            except ConflictError:
+                continue  # it started training again meanwhile
+            self._empty_trash(trash)
+            removed.append(entry.path.name)
+        if self.root.is_dir():
+            for leftover in self.root.glob(f"{TRASH_PREFIX}*"):
+                self._empty_trash(leftover)
+        return removed
+
+    # ------------------------------------------------------------------ active adapters
+
+    def active_pointers(self, strict: bool = True) -> dict[str, dict[str, Any]]:
+        """{base id: {adapter, base_model, since}}: the active adapter of each base model.
+
+        With strict=False an unreadable pointer file counts as empty instead of failing.
+        """
+        path = self.root / ACTIVE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            data = None
+        active = data.get("active") if isinstance(data, dict) else None
+        if not isinstance(active, dict):
+            if not strict:
+                return {}
+            raise InputError(f"{path} is not a valid active-adapter file; "
+                             "`lqmf adapters unload --all` resets it")
+        return {k: v for k, v in active.items() if isinstance(v, dict) and isinstance(v.get("adapter"), str)}
+
+    def _write_pointers(self, pointers: dict[str, dict[str, Any]]) -> None:
+        atomic_write_json(self.root / ACTIVE_FILE, {"lqmf_active": ACTIVE_FORMAT, "active": pointers})
+
+    def activate(self, name: str) -> dict[str, Any]:
+        """Make NAME the active adapter of its base model; returns {base_id, base_model, adapter, previous}."""
+        with self.lock():
+            entry = self.get(name)
+            key = entry.base_id
+            if key is None:
+                raise InputError(f"{entry.path / MANIFEST} names no base_model")
+            pointers = self.active_pointers(strict=False)
+            previous = (pointers.get(key) or {}).get("adapter")
+            base = entry.base_model
+            pointers[key] = {"adapter": name, "base_model": base.get("alias") or base.get("reference"),
+                             "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            self._write_pointers(pointers)
+        return {"base_id": key, "base_model": pointers[key]["base_model"], "adapter": name,
+                "previous": previous if previous != name else None}
+
+    def deactivate(self, base: str | None = None, everything: bool = False) -> list[dict[str, Any]]:
+        """Clear the active adapter of one base model (or of all); returns what was cleared.
+
+        Without base, the single active adapter is cleared; several active ones need a base or everything.
+        """
+        with self.lock():
+            if everything:
+                pointers = self.active_pointers(strict=False)
+                self._write_pointers({})
+                return [{"base_id": k, **v} for k, v in pointers.items()]
+            pointers = self.active_pointers()
+            if base is None:
+                keys = list(pointers)
+                if len(keys) > 1:
+                    listing = ", ".join(f"{v['adapter']} on {v.get('base_model') or k}" for k, v in pointers.items())
+                    raise InputError(f"{len(keys)} adapters are active ({listing}); pass --base MODEL or --all")
+            else:
+                matches = self.base_selector(base)
+                keys = [k for k in pointers if matches(k, pointers[k].get("base_model"))]
+            if not keys:
+                return []
+            cleared = [{"base_id": k, **pointers[k]} for k in keys]
+            self._write_pointers({k: v for k, v in pointers.items() if k not in keys})
+        return cleared
+
+    def base_selector(self, reference: str) -> Callable[..., bool]:
+        """A test for "is base id `key` (known by `names`) the model the user calls reference?".
+
+        The reference (alias, folder, hub id) is resolved once, so filtering many entries stays fast.
+        """
+        resolved = self.resolve_base_id(reference)
+
+        def matches(key: str | None, *names: str | None) -> bool:
+            return key is not None and (key == reference or key == resolved or reference in names)
+
+        return matches
+
+    def resolve_base_id(self, reference: str) -> str | None:
+        try:
+            resolved = ModelCatalogue(self.workspace).resolve(reference)
+        except LqmfError:
+            return None
+        return base_id({"kind": resolved.kind, "source": resolved.source,
+                        "path": str(resolved.path) if resolved.path else None})
+
+    # ------------------------------------------------------------------ verification
+
+    def resolve_base(self, entry: AdapterEntry) -> ResolvedModel:
+        """The adapter's base model: the folder it was trained on if it is still there, else its reference."""
+        catalogue = ModelCatalogue(self.workspace)
+        recorded = entry.base_model.get("path")
+        if recorded and (Path(recorded) / "config.json").is_file():
+            return catalogue.resolve(str(recorded))
+        reference = str(entry.base_model.get("reference") or "")
+        try:
+            resolved = catalogue.resolve(reference) if reference else None
+        except LqmfError:
+            resolved = None
+        if resolved is not None and (resolved.available or resolved.kind == "hub"):
+            return resolved
+        raise NotFoundError(f"base model '{reference or '?'}' of adapter '{entry.name}' is not available "
+                            "on this machine")
+
+    def verify(self, entry: AdapterEntry) -> VerifyReport:
+        """Check the files against the manifest's checksums and the LoRA modules against the base model."""
+        report = VerifyReport(entry.name, entry.path)
+        if not entry.complete:
+            report.problems.append(entry.problem or "incomplete")
+            return report
+        self._verify_files(entry, report)
+        self._verify_base(entry, report)
+        return report
+
+    @staticmethod
+    def _verify_files(entry: AdapterEntry, report: VerifyReport) -> None:
+        recorded = (entry.manifest or {}).get("files")
+        if not isinstance(recorded, dict) or not recorded:
+            report.problems.append(f"{MANIFEST} records no file checksums")
+            return
+        for rel, record in sorted(recorded.items()):
+            path = contained_file(entry.path, rel)
+            if path is None:
+                report.problems.append(f"{MANIFEST} lists '{rel}', a path outside the adapter folder")
+                continue
+            if not _regular_file(path):
+                report.problems.append(f"{rel}: missing" if not path.is_symlink() else f"{rel}: a symbolic link")
+                continue
+            size = path.stat().st_size
+            if isinstance(record, dict) and record.get("size") not in (None, size):
+                report.problems.append(f"{rel}: {size} bytes, the manifest recorded {record['size']}")
+            elif isinstance(record, dict) and record.get("sha256") != file_sha256(path):
+                report.problems.append(f"{rel}: sha256 differs from the manifest's")
+        extra = sorted(p.relative_to(entry.path).as_posix() for p in entry.path.rglob("*")
+                       if p.is_file() and p.relative_to(entry.path).as_posix() not in recorded and p.name != MANIFEST)
+        if extra:
+            report.notes.append(f"files not in the manifest: {', '.join(extra)}")
+
+    def _verify_base(self, entry: AdapterEntry, report: VerifyReport) -> None:
+        from lqmf.core import weights
+
+        reference = entry.base_model.get("reference") or "?"
+        try:
+            resolved = self.resolve_base(entry)
+        except LqmfError:
+            resolved = None
+        if resolved is None or not resolved.available or resolved.path is None:
+            report.notes.append(f"base model '{reference}' is not available locally; target modules not checked")
+            return
+        folder = resolved.path
+        try:
+            config = json.loads((entry.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            base_tensors = weights.checkpoint_tensors(folder)
+            adapter_tensors = weights.read_safetensors_header(entry.path / ADAPTER_WEIGHTS)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            report.problems.append(f"cannot read {ADAPTER_CONFIG}: {type(err).__name__}")
+            return
+        except InputError as err:
+            report.problems.append(err.message)
+            return
+        if base_tensors is None:
+            report.notes.append(f"{folder} has no safetensors weights; target modules not checked")
+            return
+        modules = weights.module_weights(base_tensors)
+        report.problems += weights.check_target_modules(config.get("target_modules"), modules)
+        report.problems += weights.check_lora_weights(adapter_tensors, modules, bool(config.get("fan_in_fan_out")))

@@ -98,16 +98,25 @@ def first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def checkpoint_dtype(resolved: ResolvedModel) -> str:
+    """The dtype the model's weights are stored in (config.json), float32 when it does not say."""
+    value = resolved.config.get("dtype") or resolved.config.get("torch_dtype")
+    return value if value in ("float32", "float16", "bfloat16") else "float32"
+
+
 def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "auto",
                quantize_4bit: bool = False, labels: list[str] | None = None,
-               training: bool = False) -> LoadedModel:
-    """Load a base model for task (causal LM, or sequence classification with labels)."""
+               training: bool = False, dtype_name: str | None = None) -> LoadedModel:
+    """Load a base model for task (causal LM, or sequence classification with labels).
+
+    The weights load in the device's compute dtype unless dtype_name (e.g. "bfloat16") says otherwise.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
     quiet_libraries()
     device = select_device(device_preference)
-    dtype = compute_dtype(device)
+    dtype = getattr(torch, dtype_name) if dtype_name else compute_dtype(device)
     notes: list[str] = []
     if quantize_4bit:
         reason = four_bit_support(device)

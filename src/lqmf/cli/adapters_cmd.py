@@ -1,0 +1,273 @@
+"""`lqmf adapters`: the adapter registry under adapters/."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from lqmf.cli import export_cmd
+from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
+from lqmf.cli.output import App, human_size, info, print_json, print_json_rows, print_table
+from lqmf.core.config import normalize_task
+from lqmf.core.errors import InputError, LqmfError
+from lqmf.core.registry import BROKEN, Registry
+
+app = App(help="Manage trained adapters: list, show, load/switch/unload (the active adapter of each base "
+          "model), verify, rename, remove, export.")
+
+
+def _registry(ctx: typer.Context, workspace_dir: str | None) -> Registry:
+    return Registry(workspace(ctx, workspace_dir))
+
+
+def _metric_text(metric: dict[str, Any] | None) -> str:
+    if not metric:
+        return ""
+    name = metric["name"].removeprefix("eval_")
+    return f"{name} {metric['value']:.4g}"
+
+
+@app.command("list")
+def list_adapters(
+    ctx: typer.Context,
+    task: str | None = typer.Option(None, "--task", help="Only adapters for this task."),
+    base: str | None = typer.Option(None, "--base", help="Only adapters of this base model (alias, folder, hub id)."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """List adapters: base model, task, rank, size, created, key metric; * marks the active one.
+
+    Folders that are not complete adapters (crashed runs, missing files) are listed as broken,
+    runs still going as training; neither is usable.
+    """
+    registry = _registry(ctx, workspace_dir)
+    wanted_task = normalize_task(task) if task else None
+    matches = registry.base_selector(base) if base else None
+    active = registry.active_pointers(strict=False)
+    rows = []
+    for entry in registry.entries():
+        if (wanted_task or matches) and not entry.complete:
+            continue
+        row = registry.summary(entry, active)
+        if wanted_task and row["task"] != wanted_task:
+            continue
+        if matches and not matches(row["base_id"], row["base_model"], entry.base_model.get("source"),
+                                   entry.base_model.get("path")):
+            continue
+        rows.append(row)
+    if json_output:
+        print_json_rows(rows)
+        return
+    if not rows:
+        info(f"no adapters in {registry.root}" + (" match" if task or base else ""))
+        return
+    table = []
+    for r in rows:
+        if r["state"] != "ok":
+            table.append(["", r["name"], "", "", "", "", "", "", f"{r['state']}: {r['problem']}"])
+            continue
+        created = (r["created"] or "")[:16].replace("T", " ")
+        table.append(["*" if r["active"] else "", r["name"], r["base_model"] or "?", r["task"] or "?",
+                      r["rank"] if r["rank"] is not None else "?", human_size(r["size_bytes"]), created,
+                      _metric_text(r["metric"]), "ok"])
+    print_table(table, ["", "name", "base model", "task", "r", "size", "created", "metric", "state"])
+
+
+@app.command("show")
+def show(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Adapter name."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Show an adapter's manifest, resolved config, metrics, and files with sizes and checksums."""
+    registry = _registry(ctx, workspace_dir)
+    entry = registry.get(name)
+    row = registry.summary(entry)
+    manifest = entry.manifest or {}
+    if json_output:
+        print_json({"name": entry.name, "path": str(entry.path), "active": row["active"], "base_id": row["base_id"],
+                    "size_bytes": row["size_bytes"], "manifest": manifest})
+        return
+    base = entry.base_model
+    lora = manifest.get("lora") or {}
+    runtime = manifest.get("runtime") or {}
+    dataset = manifest.get("dataset") or {}
+    lines = [
+        ("name", entry.name + ("   (active)" if row["active"] else "")),
+        ("path", str(entry.path)),
+        ("base model", f"{base.get('reference')} -> {base.get('source')}" + (f" ({base['family']})"
+                                                                              if base.get("family") else "")),
+        ("task", manifest.get("task")),
+        ("created", manifest.get("created")),
+        ("lora", f"r={lora.get('r')} alpha={lora.get('alpha')} dropout={lora.get('dropout')} "
+                 f"targets={lora.get('target_modules')}"),
+        ("dataset", f"{dataset.get('path')} ({dataset.get('rows')} rows, sha256 {str(dataset.get('sha256'))[:12]})"),
+        ("trained on", f"{runtime.get('device')} {runtime.get('dtype')}"
+                       + (" 4-bit NF4 (QLoRA)" if runtime.get("quantized_4bit") else "")),
+        ("size", human_size(row["size_bytes"])),
+    ]
+    width = max(len(k) for k, _ in lines)
+    for key, value in lines:
+        typer.echo(f"{key:<{width}}  {value}")
+    metrics = manifest.get("metrics") or {}
+    if metrics:
+        typer.echo("\nmetrics")
+        for key, value in metrics.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+            elif isinstance(value, float):
+                value = f"{value:.4g}"
+            typer.echo(f"  {key:<20} {value}")
+    config = manifest.get("config") or {}
+    if config:
+        typer.echo("\nconfig")
+        for key, value in config.items():
+            typer.echo(f"  {key:<28} {value}")
+    files = manifest.get("files") or {}
+    if files:
+        typer.echo("\nfiles")
+        print_table([[rel, human_size(f.get("size", 0)), f.get("sha256", "")] for rel, f in files.items()],
+                    ["file", "size", "sha256"])
+
+
+def _activate(ctx: typer.Context, name: str, json_output: bool, workspace_dir: str | None) -> None:
+    change = _registry(ctx, workspace_dir).activate(name)
+    if json_output:
+        print_json(change)
+        return
+    was = f" (was {change['previous']})" if change["previous"] else ""
+    typer.echo(f"{change['adapter']} is now the active adapter of {change['base_model']}{was}")
+
+
+NameArgument = typer.Argument(..., help="Adapter name.")
+
+
+@app.command("load")
+def load(ctx: typer.Context, name: str = NameArgument, json_output: bool = JsonOption,
+         workspace_dir: str | None = WorkspaceOption) -> None:
+    """Make NAME the active adapter of its base model (recorded in adapters/.active.json)."""
+    _activate(ctx, name, json_output, workspace_dir)
+
+
+@app.command("switch")
+def switch(ctx: typer.Context, name: str = NameArgument, json_output: bool = JsonOption,
+           workspace_dir: str | None = WorkspaceOption) -> None:
+    """Switch the active adapter of NAME's base model to NAME."""
+    _activate(ctx, name, json_output, workspace_dir)
+
+
+@app.command("unload")
+def unload(
+    ctx: typer.Context,
+    base: str | None = typer.Option(None, "--base", help="The base model whose adapter to unload "
+                                    "(needed when several base models have one)."),
+    everything: bool = typer.Option(False, "--all", help="Unload the active adapter of every base model."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Clear the active adapter (of one base model, or --all). Nothing active is not an error."""
+    if base and everything:
+        raise InputError("give --base or --all, not both")
+    cleared = _registry(ctx, workspace_dir).deactivate(base, everything)
+    if json_output:
+        print_json({"unloaded": cleared})
+        return
+    if not cleared:
+        info("no active adapter" + (f" for {base}" if base else ""))
+    for item in cleared:
+        typer.echo(f"unloaded {item['adapter']} from {item.get('base_model') or item['base_id']}")
+
+
+def _confirm(question: str) -> None:
+    """Ask on a terminal; off a terminal (cron, CI) refuse, so that only --yes removes."""
+    if not sys.stdin.isatty():
+        raise InputError(f"not removing without confirmation ({question}): pass --yes")
+    if not typer.confirm(question[0].upper() + question[1:] + "?", default=False):
+        raise LqmfError("nothing removed")
+
+
+@app.command("remove")
+def remove(
+    ctx: typer.Context,
+    name: str | None = typer.Argument(None, help="Adapter name (its unfinished run, if any, goes too)."),
+    broken: bool = typer.Option(False, "--broken", help="Remove every broken folder instead (crashed runs, "
+                                "incomplete folders); runs still training are kept."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation (needed off a terminal)."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Remove an adapter (or every broken folder with --broken) from adapters/."""
+    registry = _registry(ctx, workspace_dir)
+    if bool(name) == broken:
+        raise InputError("give an adapter NAME or --broken")
+    if broken:
+        victims = [e.path.name for e in registry.entries() if e.state == BROKEN]
+        if victims and not yes:
+            _confirm(f"remove {len(victims)} broken folder{'s' if len(victims) > 1 else ''} "
+                     f"({', '.join(victims)})")
+        removed = registry.remove_broken()
+    else:
+        if not yes:
+            _confirm(f"remove adapter '{name}'")
+        removed = registry.remove(name)
+    if json_output:
+        print_json({"removed": removed})
+        return
+    if not removed:
+        info("nothing to remove")
+    for folder in removed:
+        typer.echo(f"removed {registry.root / folder}")
+
+
+@app.command("rename")
+def rename(
+    ctx: typer.Context,
+    old: str = typer.Argument(..., help="Current adapter name."),
+    new: str = typer.Argument(..., help="New adapter name."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Rename an adapter; an active adapter stays active under its new name."""
+    target = _registry(ctx, workspace_dir).rename(old, new)
+    if json_output:
+        print_json({"old": old, "new": new, "path": str(target)})
+        return
+    typer.echo(f"renamed {old} -> {new}")
+
+
+@app.command("verify")
+def verify(
+    ctx: typer.Context,
+    name: str | None = typer.Argument(None, help="Adapter name; default: every adapter."),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Check files against the manifest's checksums and LoRA modules against the base model's weights.
+
+    Exits 1 when any adapter fails.
+    """
+    registry = _registry(ctx, workspace_dir)
+    entries = [registry.get(name)] if name else registry.entries()
+    reports = [registry.verify(entry) for entry in entries]
+    failed = [r for r in reports if not r.ok]
+    if json_output:
+        print_json({"ok": not failed, "adapters": [r.to_dict() for r in reports]})
+    else:
+        if not reports:
+            info(f"no adapters in {registry.root}")
+        for report in reports:
+            typer.echo(f"{'ok    ' if report.ok else 'FAILED'}  {report.name}")
+            for problem in report.problems:
+                typer.echo(f"        problem: {problem}")
+            for note in report.notes:
+                typer.echo(f"        note: {note}")
+        if failed:
+            info(f"{len(failed)} of {len(reports)} adapter{'s' if len(reports) > 1 else ''} failed verification")
+    if failed:
+        raise typer.Exit(1)
+
+
+app.command("export")(export_cmd.export)

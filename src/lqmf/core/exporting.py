@@ -1,0 +1,291 @@
+"""Exporting an adapter: where it goes, what goes in it, and writing it without half-states.
+
+PATH names the export itself (a folder, or a .tar.gz with --archive); a PATH that ends with '/'
+is a folder to export into, as NAME (NAME-merged for --merge; plus .tar.gz for --archive).
+Everything is built in a temporary folder beside the target and renamed into place when done.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from lqmf import __version__
+from lqmf.core.errors import ConflictError, InputError
+from lqmf.core.fsutil import fsync_dir
+from lqmf.core.registry import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    MANIFEST,
+    AdapterEntry,
+    Registry,
+    contained_file,
+    file_inventory,
+    file_sha256,
+)
+
+CHECKSUMS = "SHA256SUMS"
+README = "README.md"
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
+PEFT_EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.yaml")
+
+
+@dataclass(frozen=True)
+class ExportPlan:
+    entry: AdapterEntry
+    target: Path  # the folder, or the .tar.gz file
+    folder_name: str  # the export folder's name (inside the archive too)
+    merge: bool
+    archive: bool
+    force: bool
+
+    @property
+    def format(self) -> str:
+        return "merged" if self.merge else "peft"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def plan_export(registry: Registry, name: str, path: str, *, merge: bool = False, archive: bool = False,
+                force: bool = False) -> ExportPlan:
+    """Resolve and check the export path before anything is written (raises InputError / ConflictError)."""
+    entry = registry.get(name)
+    if not path or not path.strip():
+        raise InputError("the export path is empty")
+    folder_name = f"{name}-merged" if merge else name
+    into_folder = path.endswith(("/", os.sep))
+    given = Path(path).expanduser()
+    given = (given if given.is_absolute() else Path.cwd() / given).resolve()
+    if into_folder:
+        target = given / (folder_name + (ARCHIVE_SUFFIXES[0] if archive else ""))
+    else:
+        target = given
+        if archive and not target.name.endswith(ARCHIVE_SUFFIXES):
+            raise InputError(f"archive path '{target}' must end in .tar.gz (or end PATH with / to export into it)")
+    workspace = registry.workspace.root.resolve()
+    if _inside(target, registry.root.resolve()):
+        raise InputError(f"export path '{target}' is inside the adapter registry {registry.root}; "
+                         "export somewhere else")
+    if _inside(workspace, target):
+        raise InputError(f"export path '{target}' would contain the workspace {workspace}; pick a new folder")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"cannot export to '{target}': '{ancestor}' is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"cannot export to '{target}': '{ancestor}' is not writable")
+    if target.exists() or target.is_symlink():
+        _check_replaceable(target, archive, force, into_folder)
+    return ExportPlan(entry, target, folder_name, merge, archive, force)
+
+
+def _check_replaceable(target: Path, archive: bool, force: bool, into_folder: bool) -> None:
+    if not force:
+        hint = "" if into_folder or not target.is_dir() or archive else \
+            ", or end PATH with / to export into that folder"
+        raise ConflictError(f"'{target}' already exists; use --force to replace it{hint}")
+    if target.is_symlink():
+        raise ConflictError(f"'{target}' is a symbolic link; refusing to replace it")
+    if archive and target.is_dir():
+        raise ConflictError(f"'{target}' is a folder; refusing to replace it with an archive")
+    if not archive:
+        if not target.is_dir():
+            raise ConflictError(f"'{target}' is a file; refusing to replace it with a folder")
+        if any(target.iterdir()) and not (target / MANIFEST).is_file():
+            raise ConflictError(f"'{target}' is not an LQMF export (it has no {MANIFEST}); "
+                                "refusing to replace it even with --force")
+
+
+# ----------------------------------------------------------------------------- building the content
+
+
+def copy_adapter_files(entry: AdapterEntry, folder: Path) -> None:
+    """Copy the PEFT files (and the resolved config) checking each against the manifest's checksums."""
+    recorded = (entry.manifest or {}).get("files") or {}
+    for rel in PEFT_EXPORT_FILES:
+        source = contained_file(entry.path, rel)
+        if source is None or not source.is_file():
+            if rel in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+                raise InputError(f"adapter '{entry.name}' has no {rel}")
+            continue
+        if source.is_symlink():
+            raise InputError(f"{source} is a symbolic link; refusing to export it")
+        shutil.copyfile(source, folder / rel)
+        expected = (recorded.get(rel) or {}).get("sha256") if isinstance(recorded, dict) else None
+        if expected and file_sha256(folder / rel) != expected:
+            raise InputError(f"{source} does not match the checksum in its manifest; "
+                             f"run `lqmf adapters verify {entry.name}`")
+
+
+def export_manifest(entry: AdapterEntry, folder: Path, fmt: str, details: dict[str, Any]) -> dict[str, Any]:
+    """The adapter's manifest, with the exported files' inventory and how the export was made."""
+    return {
+        **(entry.manifest or {}),
+        "files": file_inventory(folder),
+        "export": {"format": fmt, "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                   "from": str(entry.path), "lqmf_version": __version__, **details},
+    }
+
+
+def write_checksums(folder: Path) -> None:
+    """SHA256SUMS in `sha256sum -c` format, covering every other file of the export."""
+    sums = {rel: info["sha256"] for rel, info in file_inventory(folder).items() if rel != CHECKSUMS}
+    sums[MANIFEST] = file_sha256(folder / MANIFEST)
+    (folder / CHECKSUMS).write_text("".join(f"{sums[rel]}  {rel}\n" for rel in sorted(sums)), encoding="utf-8")
+
+
+def finish_folder(entry: AdapterEntry, folder: Path, fmt: str, details: dict[str, Any]) -> None:
+    """Write README, manifest and checksums into the (temporary) folder that holds the exported weights."""
+    (folder / README).write_text(readme_text(entry, fmt, details), encoding="utf-8")
+    manifest = export_manifest(entry, folder, fmt, details)
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
+    write_checksums(folder)
+
+
+def readme_text(entry: AdapterEntry, fmt: str, details: dict[str, Any]) -> str:
+    manifest = entry.manifest or {}
+    base = entry.base_model
+    base_ref = base.get("source") if base.get("kind") == "hub" else base.get("path") or base.get("source")
+    task = manifest.get("task")
+    lora = manifest.get("lora") or {}
+    classification = task == "classification"
+    auto = "AutoModelForSequenceClassification" if classification else "AutoModelForCausalLM"
+    lines = [f"# {entry.name}", "",
+             f"A LoRA adapter made by LQMF {__version__}: task `{task}`, "
+             f"base model `{base.get('reference')}`, rank {lora.get('r')}, "
+             f"target modules {lora.get('target_modules')}.",
+             ""]
+    if fmt == "merged":
+        lines += ["This folder is the base model with the adapter merged into its weights: it loads without peft.",
+                  "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
+                  f'model = {auto}.from_pretrained(".")', 'tokenizer = AutoTokenizer.from_pretrained(".")', "```"]
+        if details.get("trained_quantized_4bit"):
+            lines += ["", details["note"]]
+    else:
+        labels = manifest.get("id2label") or {}
+        extra = (f", num_labels={len(labels)}, id2label={ {int(k): v for k, v in labels.items()} }"
+                 if classification else "")
+        lines += ["Load it with PEFT on its base model:", "", "```python",
+                  "from peft import PeftModel", f"from transformers import {auto}", "",
+                  f'base = {auto}.from_pretrained("{base_ref}"{extra})',
+                  'model = PeftModel.from_pretrained(base, ".")', "```"]
+        if manifest.get("runtime", {}).get("quantized_4bit"):
+            lines += ["", "It was trained on the 4-bit (NF4) quantized base (QLoRA); it also loads on the "
+                          "unquantized base, with slightly different outputs."]
+    metrics = manifest.get("metrics") or {}
+    shown = {k: v for k, v in metrics.items() if k.startswith("eval_") or k in ("train_loss", "steps")}
+    if shown:
+        lines += ["", "## Metrics", "", *(f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
+                                          for k, v in shown.items())]
+    lines += ["", f"`{MANIFEST}` is LQMF's manifest (dataset, resolved config, metrics, versions); "
+                  f"`{CHECKSUMS}` checks the files: `sha256sum -c {CHECKSUMS}`.", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- writing it in place
+
+
+@contextmanager
+def build_folder(plan: ExportPlan) -> Iterator[Path]:
+    """A temporary folder beside the target, removed unless the export is installed."""
+    plan.target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{plan.folder_name}.", suffix=".lqmf-tmp", dir=plan.target.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _shareable_modes(folder: Path) -> None:
+    """Files as the umask allows (some writers, safetensors among them, create theirs 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
+def make_archive(folder: Path, plan: ExportPlan) -> Path:
+    """Pack folder as FOLDER_NAME/ into a temporary .tar.gz beside the target; returns its path."""
+    import tarfile
+
+    tmp = plan.target.with_name(f".{plan.target.name}.{os.getpid()}.{time.time_ns()}.lqmf-tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
+    try:
+        with os.fdopen(fd, "wb") as raw:
+            with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                for path in sorted(folder.rglob("*")):
+                    rel = path.relative_to(folder).as_posix()
+                    info = tar.gettarinfo(str(path), arcname=f"{plan.folder_name}/{rel}")
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
+                    if path.is_file():
+                        with open(path, "rb") as handle:
+                            tar.addfile(info, handle)
+                    else:
+                        tar.addfile(info)
+            raw.flush()
+            os.fsync(raw.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def install(built: Path, plan: ExportPlan) -> None:
+    """Move the finished export into place, replacing the old one only now (with --force)."""
+    target = plan.target
+    old = None
+    if target.exists():
+        if not plan.force:  # it appeared while we were building
+            raise ConflictError(f"'{target}' already exists; use --force to replace it")
+        if target.is_dir():
+            old = target.with_name(f".{target.name}.{os.getpid()}.lqmf-old")
+            target.rename(old)
+    os.replace(built, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write the export. merge_into(folder) -> details, when given, writes the merged model instead."""
+    with build_folder(plan) as work:
+        folder = work / plan.folder_name
+        folder.mkdir()
+        if plan.merge:
+            if merge_into is None:
+                raise ValueError("a merged export needs merge_into")
+            details = merge_into(folder)
+        else:
+            copy_adapter_files(plan.entry, folder)
+            details = {}
+        finish_folder(plan.entry, folder, plan.format, details)
+        _shareable_modes(folder)
+        files = sorted([*file_inventory(folder), MANIFEST])
+        if plan.archive:
+            built = make_archive(folder, plan)
+            try:
+                install(built, plan)
+            except BaseException:
+                built.unlink(missing_ok=True)
+                raise
+        else:
+            install(folder, plan)
+    result = {"adapter": plan.entry.name, "path": str(plan.target), "format": plan.format,
+              "archive": plan.archive, "files": files, **details}
+    if plan.archive:
+        result["sha256"] = file_sha256(plan.target)
+    return result
