@@ -12,7 +12,7 @@ import sys
 import typer
 
 from lqmf import __version__
-from lqmf.cli import config_cmd, models_cmd, train_cmd
+from lqmf.cli import config_cmd, infer_cmd, models_cmd, serve_cmd, train_cmd
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
 from lqmf.core.errors import LqmfError
@@ -44,6 +44,8 @@ def root(
 
 
 app.command("train", help=train_cmd.__doc__)(train_cmd.train)
+app.command("test")(infer_cmd.answer)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
 
@@ -58,8 +60,6 @@ def _pending(verb: str, issue: int, summary: str) -> None:
 
 _pending("adapters", 3, "List, show, load, switch, verify, rename and remove adapters.")
 _pending("export", 3, "Export an adapter as a PEFT folder, a merged model or an archive.")
-_pending("test", 4, "Answer one prompt with an adapter.")
-_pending("serve", 4, "Serve a base model and hot-swappable adapters over an OpenAI-compatible API.")
 _pending("bench", 5, "Benchmark speed, memory and quality of an adapter against its base.")
 _pending("status", 6, "Show GPUs, memory, library versions and the adapter registry.")
 
