@@ -541,8 +541,22 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stop_requested(signum, frame) -> None:
+    raise _Stopped(signum)
+
+
 def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> None:
-    """Serve app on sock until SIGINT/SIGTERM; requests in flight get a few seconds to finish."""
+    """Serve app on sock until SIGINT/SIGTERM; requests in flight get a few seconds to finish.
+
+    A stop asked for by a signal is a normal end: uvicorn re-raises the signal once it has shut
+    down, and it lands in the handler installed here instead of killing the process.
+    """
+    import signal
+
     import uvicorn
 
     if not log.handlers:
@@ -552,4 +566,12 @@ def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> No
     log.setLevel(log_level.upper())
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
                             access_log=log_level in ("debug", "info"))
-    uvicorn.Server(config).run(sockets=[sock])
+    stop_signals = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, _stop_requested) for signum in stop_signals}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
