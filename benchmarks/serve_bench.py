@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--new-tokens", type=int, default=64, help="tokens per generation")
     parser.add_argument("--gen-repeats", type=int, default=3, help="generations per measurement (median)")
     parser.add_argument("--http", action="store_true", help="also swap through a running server (needs FastAPI)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice); on a "
+                        "shared CPU, 1 avoids oversubscription stalls")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args(argv)
 
@@ -239,6 +241,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from lqmf.engine.loading import quiet_libraries, select_device
 
     quiet_libraries()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     device = select_device(args.device).type
     scratch = Path(tempfile.mkdtemp(prefix="lqmf-serve-bench-"))
     workspace = Workspace(scratch / "ws")

@@ -39,7 +39,9 @@ def _ready_info(out: Path) -> dict[str, Any] | None:
 @contextmanager
 def running_server(workspace: Path, *args: str, api_key: str | None = None) -> Iterator[ServerProcess]:
     """`lqmf serve --port 0 --json ARGS` in workspace, yielded once it answers; terminated on exit."""
-    env = lqmf_env({"LQMF_API_KEY": api_key} if api_key else None)
+    # One intra-op thread: the server shares a small CPU with the test process, and two torch
+    # thread pools spinning against each other stall every matrix product for a time slice.
+    env = lqmf_env({"OMP_NUM_THREADS": "1", **({"LQMF_API_KEY": api_key} if api_key else {})})
     if not api_key:
         env.pop("LQMF_API_KEY", None)
     out, log = workspace / "serve.out", workspace / "serve.log"

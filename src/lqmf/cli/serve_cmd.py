@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 
 import typer
 
@@ -89,7 +90,7 @@ def serve(
         def ready() -> None:
             path = register_server(ws, record)
             if json_output:
-                print_json({**record, "record": str(path), "active": model_host.active,
+                print_json({**record, "pid": os.getpid(), "record": str(path), "active": model_host.active,
                             "adapters": list(model_host.resident)})
             else:
                 typer.echo(url)

@@ -61,7 +61,7 @@ def api_error(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
     if isinstance(err, PromptTooLong):
-        return ApiError(400, err.message, code="context_length_exceeded", param="messages")
+        return ApiError(400, err.message, code="context_length_exceeded")
     if isinstance(err, NotFoundError):
         return ApiError(404, err.message, code="not_found", param="model")
     if isinstance(err, ConflictError):
