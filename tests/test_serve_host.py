@@ -93,3 +93,12 @@ def test_adapter_names_cannot_shadow_model_ids(adapters_workspace):
     host = ModelHost.start(Workspace(adapters_workspace), adapters=["chat-a"])
     with pytest.raises(ConflictError, match="rename the adapter"):
         host.load("default")
+
+
+def test_a_request_whose_client_left_stops_generating(adapters_workspace):
+    host = ModelHost.start(Workspace(adapters_workspace), adapters=["chat-a"])
+    pieces: list[str] = []
+    _, generation = host.complete("default", PROMPT, max_new_tokens=64, on_text=pieces.append,
+                                  cancelled=lambda: len(pieces) >= 3)
+    assert generation.finish_reason == "cancelled" and generation.new_tokens < 64
+    assert "".join(pieces) == generation.text
