@@ -17,15 +17,16 @@ from lqmf.cli import (
     bench_cmd,
     config_cmd,
     export_cmd,
+    infer_cmd,
     models_cmd,
     plan_cmd,
     report_cmd,
+    serve_cmd,
     status_cmd,
     train_cmd,
 )
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
-from lqmf.core.errors import LqmfError
 
 app = App(
     name="lqmf",
@@ -56,24 +57,14 @@ def root(
 app.command("train", help=train_cmd.__doc__)(train_cmd.train)
 app.command("plan", help=plan_cmd.__doc__)(plan_cmd.plan)
 app.command("status", help=status_cmd.__doc__)(status_cmd.status)
+app.command("test")(infer_cmd.answer)
+app.command("serve")(serve_cmd.serve)
 app.add_typer(config_cmd.app, name="config")
 app.add_typer(models_cmd.app, name="models")
 app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(report_cmd.app, name="report")
 app.add_typer(adapters_cmd.app, name="adapters")
 app.command("export")(export_cmd.export)
-
-
-def _pending(verb: str, issue: int, summary: str) -> None:
-    def command(ctx: typer.Context) -> None:
-        raise LqmfError(f"`lqmf {verb}` is not implemented yet (tracked in issue #{issue})")
-
-    app.command(verb, help=f"{summary} (not implemented yet: issue #{issue})",
-                context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)
-
-
-_pending("test", 4, "Answer one prompt with an adapter.")
-_pending("serve", 4, "Serve a base model and hot-swappable adapters over an OpenAI-compatible API.")
 
 
 def main() -> None:

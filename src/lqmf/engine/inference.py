@@ -7,8 +7,10 @@ an answer is produced the same way everywhere.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from lqmf.core.datasets import prompt_messages
@@ -59,8 +61,7 @@ def labels_of(entry: AdapterEntry) -> list[str]:
     return [id2label[str(i)] for i in range(len(id2label))]
 
 
-def load_for_inference(workspace: Workspace, adapter: str | None = None, *,
-                       base: str | ResolvedModel | None = None,
+def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base: str | ResolvedModel | None = None,
                        task: str | None = None, device: str = "auto", quantize_4bit: bool | None = None,
                        labels: list[str] | None = None) -> InferenceModel:
     """Load an adapter on its base, or a bare base model (adapter=None, base=MODEL).
@@ -69,8 +70,6 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *,
     base may be a ResolvedModel (e.g. adapter_base(...)) to load exactly the model an adapter uses.
     """
     quiet_libraries()
-    from peft import PeftModel
-
     entry = Registry(workspace).get(adapter) if adapter else None
     if entry is not None:
         resolved = adapter_base(workspace, entry)
@@ -89,10 +88,83 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *,
         data_mod.ensure_chat_template(loaded.tokenizer)
     model = InferenceModel(loaded, task, resolved, labels or [])
     if entry is not None:
-        loaded.model = PeftModel.from_pretrained(loaded.model, str(entry.path), adapter_name=entry.name)
-        loaded.model.eval()
-        model.adapters.append(entry.name)
+        attach_adapter(model, entry.path, entry.name)
     return model
+
+
+def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
+    """Load the adapter folder at path beside the base under the PEFT adapter name slot.
+
+    The first adapter wraps the base in a PeftModel; later ones are added beside it, so several
+    stay resident and `adapter_context` picks one per call.
+    """
+    from peft import PeftModel
+
+    if isinstance(model.model, PeftModel):
+        model.model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
+    else:
+        model.loaded.model = PeftModel.from_pretrained(model.model, str(path), adapter_name=slot,
+                                                       low_cpu_mem_usage=True)
+    model.model.eval()
+    model.adapters.append(slot)
+
+
+def detach_adapter(model: InferenceModel, slot: str) -> None:
+    """Free an adapter's weights. The last one stays: PEFT needs one adapter to run the bare base."""
+    if len(model.adapters) < 2:
+        raise InputError("the last resident adapter cannot be deleted; replace it in place instead")
+    model.model.delete_adapter(slot)
+    model.adapters.remove(slot)
+
+
+def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
+    """Copy the adapter at path into slot's existing weights (PEFT hot-swap); False when they do not fit.
+
+    Hot-swapping needs adapters of one kind on the same modules (the rank may differ); it avoids
+    creating modules, which makes it the fastest way to change an adapter. Incompatibility is found
+    before any weight changes.
+    """
+    from peft import LoraConfig, PeftType
+    from peft.utils.hotswap import hotswap_adapter
+
+    old = model.model.peft_config[slot]
+    try:
+        new = LoraConfig.from_pretrained(str(path))
+    except (OSError, ValueError, TypeError):
+        return False
+    for config in (old, new):
+        if (config.peft_type != PeftType.LORA or config.modules_to_save or config.use_dora
+                or getattr(config, "trainable_token_indices", None)):
+            return False
+    if set(_as_list(old.target_modules)) != set(_as_list(new.target_modules)):
+        return False
+    model.model.set_adapter(slot, inference_mode=True)
+    # Dropout only acts in training, but hot-swap refuses different values: align the slot's record.
+    dropout, old.lora_dropout = old.lora_dropout, new.lora_dropout
+    try:
+        hotswap_adapter(model.model, str(path), adapter_name=slot, torch_device=model.loaded.device)
+    except (RuntimeError, ValueError):
+        old.lora_dropout = dropout
+        return False
+    model.model.peft_config[slot] = new
+    return True
+
+
+def _as_list(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
+
+
+@contextmanager
+def adapter_context(model: InferenceModel, slot: str | None) -> Iterator[None]:
+    """Run the block with one resident adapter active, or with none (slot=None: the bare base)."""
+    peft_model = model.model
+    if slot is None:
+        with peft_model.disable_adapter() if model.adapters else nullcontext():
+            yield
+        return
+    if peft_model.active_adapter != slot:
+        peft_model.set_adapter(slot, inference_mode=True)
+    yield
 
 
 @dataclass
@@ -102,6 +174,7 @@ class Generation:
     new_tokens: int
     seconds: float
     first_token_seconds: float | None
+    finish_reason: str = "stop"  # stop (end of text or a stop string) | length | cancelled
 
     @property
     def tokens_per_second(self) -> float:
@@ -109,34 +182,58 @@ class Generation:
 
 
 class _CallbackStreamer:
-    """Feeds decoded text pieces to a callback as generate() produces tokens."""
+    """Decodes tokens as generate() produces them, cuts the text at a stop string, feeds pieces to a callback.
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, started: float):
+    Text that might be the start of a stop string is held back until it is known not to be one.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, started: float, stop: list[str]):
         self.tokenizer = tokenizer
         self.on_text = on_text
         self.started = started
+        self.stop = [s for s in stop if s]
         self.first_token_at: float | None = None
         self.tokens: list[int] = []
         self.emitted = ""
+        self.text = ""
+        self.stopped = False
         self.skip_prompt = True
 
     def put(self, value) -> None:
         if self.skip_prompt:  # the first call carries the prompt
             self.skip_prompt = False
             return
+        if self.stopped:
+            return
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter() - self.started
         self.tokens.extend(value.reshape(-1).tolist())
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.on_text is not None and len(text) > len(self.emitted) and not text.endswith("\ufffd"):
-            self.on_text(text[len(self.emitted):])
+        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.text = text[:cut]
+            self._emit(self.text)
+            return
+        self.text = text
+        if not text.endswith("\ufffd"):  # an incomplete UTF-8 sequence
+            self._emit(text[:len(text) - self._stop_prefix_length(text)])
+
+    def _stop_prefix_length(self, text: str) -> int:
+        """Length of the longest end of text that begins a stop string."""
+        return max((n for s in self.stop for n in range(min(len(s) - 1, len(text)), 0, -1)
+                    if s.startswith(text[-n:])), default=0)
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.emitted):
+            if self.on_text is not None:
+                self.on_text(text[len(self.emitted):])
             self.emitted = text
 
     def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if self.on_text is not None and len(text) > len(self.emitted):
-            self.on_text(text[len(self.emitted):])
-        self.emitted = text
+        if not self.stopped:
+            self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self._emit(self.text)
 
 
 def prompt_ids(model: InferenceModel, prompt: str | list[dict[str, str]], raw: bool = False) -> list[int]:
@@ -147,11 +244,23 @@ def prompt_ids(model: InferenceModel, prompt: str | list[dict[str, str]], raw: b
     return data_mod.encode_prompt(model.tokenizer, messages)
 
 
+def context_length(model: InferenceModel) -> int | None:
+    """The longest sequence (prompt + answer) the model's positions allow, when its config says."""
+    config = model.model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, seed: int | None = None, on_text: Callable[[str], None] | None = None,
-             min_new_tokens: int = 0) -> Generation:
-    """Generate a continuation of ids; greedy when temperature is 0."""
+             min_new_tokens: int = 0, stop: list[str] | None = None,
+             cancelled: Callable[[], bool] | None = None) -> Generation:
+    """Generate a continuation of ids; greedy when temperature is 0.
+
+    Generation ends at the end-of-text token, at max_new_tokens, at the first of the stop strings
+    (which the text leaves out), or as soon as cancelled() turns true.
+    """
     import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
 
     if model.task == "classification":
         raise InputError("a classification adapter labels text; it does not generate")
@@ -167,27 +276,43 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
     else:
         options.update(temperature=None, top_p=None, top_k=None)
     started = time.perf_counter()
-    streamer = _CallbackStreamer(model.tokenizer, on_text, started)
+    streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [])
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            done = streamer.stopped or (cancelled is not None and cancelled())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
     with torch.inference_mode():
         output = model.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      streamer=streamer, **options)
+                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhen()]),
+                                      **options)
     seconds = time.perf_counter() - started
     new = output[0, len(ids):].tolist()
-    return Generation(model.tokenizer.decode(new, skip_special_tokens=True), len(ids), len(new), seconds,
-                      streamer.first_token_at)
+    eos = model.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {model.tokenizer.eos_token_id}
+    if streamer.stopped or (new and new[-1] in eos_ids):
+        reason = "stop"
+    elif cancelled is not None and cancelled():
+        reason = "cancelled"
+    else:
+        reason = "length" if len(new) >= max_new_tokens else "stop"
+    return Generation(streamer.text, len(ids), len(new), seconds, streamer.first_token_at, reason)
 
 
-def classify(model: InferenceModel, texts: list[str], max_length: int = 512) -> list[dict[str, float]]:
-    """{label: probability} for each text, labels in id order."""
+def classify(model: InferenceModel, texts: list[str], max_length: int = 512,
+             labels: list[str] | None = None) -> list[dict[str, float]]:
+    """{label: probability} for each text, labels in id order (the model's own, or labels)."""
     import torch
 
     if model.task != "classification":
         raise InputError(f"a {model.task} adapter generates text; it does not classify")
+    labels = labels or model.labels
     encoded = model.tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     encoded = {k: v.to(model.loaded.device) for k, v in encoded.items()}
     with torch.inference_mode():
         probs = model.model(**encoded).logits.float().softmax(-1).cpu()
-    return [{label: float(p) for label, p in zip(model.labels, row, strict=True)} for row in probs]
+    return [{label: float(p) for label, p in zip(labels, row, strict=True)} for row in probs]
 
 
 def next_token_logits(model: InferenceModel, ids: list[int]):

@@ -1,0 +1,106 @@
+"""`lqmf serve`: a base model and hot-swappable adapters behind an OpenAI-compatible HTTP API."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+import typer
+
+from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
+from lqmf.cli.output import info, print_json
+from lqmf.core.errors import InputError
+from lqmf.core.manifest import now_iso
+from lqmf.core.serving import API_KEY_ENV, DEFAULT_MODEL, register_server, server_url, unregister_server
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(
+    ctx: typer.Context,
+    model: str | None = typer.Option(None, "--model", "-m",
+                                     help="Base model: alias, hub id or folder (default: the first adapter's base)."),
+    adapters: list[str] = typer.Option([], "--adapter", "-a",
+                                       help="Adapter to load at start: a registry name, or NAME=PATH for an adapter "
+                                       "folder (repeatable; the first is the active one)."),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="Address to listen on. Loopback by default; another address exposes the server "
+                             "to the network, so use --api-key there."),
+    port: int = typer.Option(8000, "--port", "-p", min=0, max=65535, help="Port to listen on (0: any free one)."),
+    api_key: str | None = typer.Option(None, "--api-key", envvar=API_KEY_ENV, show_envvar=True,
+                                       help="Require 'Authorization: Bearer KEY' on every route but /health."),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
+    four_bit: bool | None = typer.Option(None, "--4bit/--no-4bit",
+                                         help="Load the base in 4-bit (default: as the first adapter was trained)."),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1,
+                                       help="The most tokens one request may generate (the default for chat)."),
+    max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", min=1,
+                                                 help="The longest prompt accepted, in tokens (default: the "
+                                                 "model's context length)."),
+    log_level: str = typer.Option("info", "--log-level", help="critical | error | warning | info | debug"),
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Serve a base model and hot-swappable adapters over an OpenAI-compatible API.
+
+    A request's "model" picks what answers: an adapter by name, the base
+    by its id, or "default" (the active adapter; the base when none is).
+    `lqmf adapters load|switch|unload` swap adapters without a restart.
+    Once ready, the URL is printed on stdout (JSON with --json) and
+    recorded in the workspace until the server stops (Ctrl-C, SIGTERM).
+    """
+    ws = workspace(ctx, workspace_dir)
+    if not model and not adapters:
+        raise InputError("give a base model (--model) or at least one adapter (--adapter)")
+    if log_level not in LOG_LEVELS:
+        raise InputError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
+    if not _is_loopback(host) and not api_key:
+        info(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model "
+             "and swap its adapters")
+    try:
+        from lqmf.engine import server as server_mod
+    except ImportError as err:
+        raise InputError(f"lqmf serve needs FastAPI and uvicorn ({err.name} is missing): "
+                         "pip install 'lqmf[serve]'") from None
+    from lqmf.engine.host import ModelHost
+
+    sock = server_mod.bind_socket(host, port)
+    try:
+        bound_port = sock.getsockname()[1]
+        url = server_url(host, bound_port)
+        info(f"loading {model or adapters[0]} ...")
+        model_host = ModelHost.start(ws, base=model, adapters=adapters, device=device, quantize_4bit=four_bit,
+                                     max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        base = model_host.model.base
+        record = {"url": url, "host": host, "port": bound_port, "base_id": model_host.base_id,
+                  "base": {"reference": base.reference, "source": base.source, "alias": base.alias,
+                           "path": str(base.path) if base.path else None},
+                  "task": model_host.model.task, "api_key_required": bool(api_key), "workspace": str(ws.root),
+                  "started": now_iso()}
+
+        def ready() -> None:
+            path = register_server(ws, record)
+            if json_output:
+                print_json({**record, "pid": os.getpid(), "record": str(path), "active": model_host.active,
+                            "adapters": list(model_host.resident)})
+            else:
+                typer.echo(url)
+            resident = ", ".join(f"{n} (active)" if n == model_host.active else n for n in model_host.resident)
+            info(f"serving {model_host.base_id} on {model_host.model.loaded.device}"
+                 f"{' with ' + resident if resident else ''} at {url}; model ids: {DEFAULT_MODEL}, "
+                 f"{model_host.base_id}{', ' + ', '.join(model_host.resident) if resident else ''}. Ctrl-C stops it.")
+
+        app = server_mod.create_app(model_host, api_key=api_key, on_ready=ready, on_stop=lambda: unregister_server(ws))
+        server_mod.run_server(app, sock, log_level)
+    finally:
+        unregister_server(ws)
+        sock.close()

@@ -1,0 +1,159 @@
+"""Finding and talking to a running `lqmf serve` (no torch, no HTTP library beyond the stdlib).
+
+While it runs, `lqmf serve` records its address in `<workspace>/.lqmf/servers/<pid>.json`
+(written atomically, removed on shutdown). A record whose process is gone, or whose pid now
+belongs to another process, is stale and ignored (and cleaned up). `notify_server` is what
+`lqmf adapters load|switch|unload` call to hot-swap adapters in that server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure
+from lqmf.core.fsutil import atomic_write_json
+from lqmf.core.workspace import Workspace
+
+API_KEY_ENV = "LQMF_API_KEY"
+DEFAULT_MODEL = "default"  # the model id that follows the active adapter
+ACTIONS = ("load", "switch", "unload")
+SWAP_TIMEOUT_S = 600.0  # a swap waits for the requests queued before it
+
+
+def servers_dir(workspace: Workspace) -> Path:
+    return workspace.root / ".lqmf" / "servers"
+
+
+def process_started(pid: int) -> float | None:
+    """The start time of process pid (to tell it from a later process given the same pid), None if gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def connect_host(host: str) -> str:
+    """The address a client on this machine uses to reach a server bound to host."""
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "::1"
+    return host
+
+
+def server_url(host: str, port: int) -> str:
+    host = connect_host(host)
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def register_server(workspace: Workspace, record: dict[str, Any]) -> Path:
+    """Record a running server (this process) in the workspace; returns the record's path."""
+    pid = os.getpid()
+    path = servers_dir(workspace) / f"{pid}.json"
+    atomic_write_json(path, {**record, "pid": pid, "pid_started": process_started(pid)})
+    return path
+
+
+def unregister_server(workspace: Workspace, pid: int | None = None) -> None:
+    (servers_dir(workspace) / f"{pid or os.getpid()}.json").unlink(missing_ok=True)
+
+
+def running_servers(workspace: Workspace) -> list[dict[str, Any]]:
+    """The live servers recorded for this workspace, oldest first; stale records are removed."""
+    folder = servers_dir(workspace)
+    if not folder.is_dir():
+        return []
+    live = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            pid, started = int(record["pid"]), record.get("pid_started")
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being written, or not ours: leave it
+        now_started = process_started(pid)
+        if now_started is None or (started is not None and abs(now_started - started) > 1.0):
+            path.unlink(missing_ok=True)
+            continue
+        live.append(record)
+    return sorted(live, key=lambda r: r.get("pid_started") or 0)
+
+
+def call_server(url: str, method: str, route: str, body: dict[str, Any] | None = None,
+                api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """One JSON request to an lqmf server; its error answers become LqmfError with the server's message."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url.rstrip("/") + route, data=data, method=method)
+    request.add_header("Content-Type", "application/json")
+    if api_key:
+        request.add_header("Authorization", f"Bearer {api_key}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        raise _http_error(url, err) from None
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise RuntimeFailure(f"cannot reach the lqmf server at {url}: {reason}") from None
+
+
+def _http_error(url: str, err: urllib.error.HTTPError) -> LqmfError:
+    try:
+        message = json.loads(err.read())["error"]["message"]
+    except (ValueError, KeyError, TypeError, OSError):
+        message = err.reason
+    if err.code == 401:
+        message += f" (set {API_KEY_ENV} or pass --api-key)"
+    kind = {400: InputError, 401: InputError, 404: NotFoundError, 409: ConflictError}.get(err.code, RuntimeFailure)
+    return kind(f"server {url} answered {err.code}: {message}")
+
+
+def _pick_server(workspace: Workspace, adapter: str | None) -> dict[str, Any] | None:
+    servers = running_servers(workspace)
+    if len(servers) > 1 and adapter is not None:
+        servers = [s for s in servers if _serves_base_of(workspace, s, adapter)] or servers
+    if len(servers) > 1:
+        urls = ", ".join(s["url"] for s in servers)
+        raise InputError(f"several lqmf servers run for this workspace ({urls}): choose one with --server URL")
+    return servers[0] if servers else None
+
+
+def _serves_base_of(workspace: Workspace, record: dict[str, Any], adapter: str) -> bool:
+    from lqmf.core.registry import Registry
+
+    try:
+        recorded = Registry(workspace).get(adapter).manifest["base_model"]
+    except (LqmfError, KeyError, TypeError):
+        return False
+    served = record.get("base") or {}
+    names = {served.get(k) for k in ("reference", "source", "path", "alias")} - {None}
+    return bool(names & ({recorded.get(k) for k in ("reference", "source", "path", "alias")} - {None}))
+
+
+def notify_server(workspace: Workspace, action: str, adapter: str | None = None, server_url: str | None = None,
+                  api_key: str | None = None, timeout: float = SWAP_TIMEOUT_S) -> dict[str, Any] | None:
+    """Load, switch or unload an adapter in the running server; None when no server runs.
+
+    server_url names the server; otherwise the one recorded for the workspace is used (the one
+    serving the adapter's base, when several run). api_key defaults to $LQMF_API_KEY. The answer
+    says what changed, how (hotswap, load, resident, free) and how long the swap took
+    (swap_ms; wait_ms is the time spent waiting for the requests queued before it).
+    """
+    if action not in ACTIONS:
+        raise InputError(f"unknown server action '{action}': use one of {', '.join(ACTIONS)}")
+    if action != "unload" and not adapter:
+        raise InputError(f"'{action}' needs an adapter name")
+    if server_url is None:
+        record = _pick_server(workspace, adapter)
+        if record is None:
+            return None
+        server_url = record["url"]
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    result = call_server(server_url, "POST", f"/admin/adapters/{action}", {"adapter": adapter}, key, timeout)
+    return {**result, "server": server_url}

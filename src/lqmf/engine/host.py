@@ -1,0 +1,376 @@
+"""A base model with resident, hot-swappable adapters: the model side of `lqmf serve`.
+
+Model ids a request may name: an adapter's name (that adapter), the base's id (the bare base),
+or `default` (the active adapter, or the bare base when none is active). `load`, `switch` and
+`unload` change which adapters are resident and which is active:
+
+- load NAME: make NAME resident beside the others (read from the registry) and active;
+- switch NAME: make NAME active; one not yet resident replaces the active adapter in place
+  (PEFT hot-swap into its weights when both fit, the fastest swap), so memory stays flat;
+- unload [NAME]: drop NAME (default: the active one); with none active, `default` is the base.
+
+Not thread-safe by design: the server makes every call that touches the model from one worker
+thread, in arrival order, so each request runs entirely with one adapter and swaps happen
+between requests. `resident` and `active` are replaced, never mutated, so any thread may read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_mean
+from lqmf.core.models import ModelCatalogue, ResolvedModel
+from lqmf.core.names import validate_name
+from lqmf.core.registry import AdapterEntry, Registry
+from lqmf.core.serving import DEFAULT_MODEL
+from lqmf.core.workspace import Workspace
+from lqmf.engine import inference
+from lqmf.engine.inference import Generation, InferenceModel
+
+
+class PromptTooLong(InputError):
+    """A prompt (or prompt plus answer) longer than the server allows."""
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    name: str
+    slot: str  # the PEFT adapter name holding its weights
+    path: Path
+    task: str
+    labels: tuple[str, ...]
+    trained_4bit: bool
+    loaded: float = field(default_factory=time.time)
+
+
+@dataclass
+class SwapResult:
+    action: str
+    adapter: str | None
+    method: str  # hotswap | load (a new slot) | resident (already loaded) | unload | none
+    active: str | None
+    previous: str | None
+    resident: list[str]
+    swap_ms: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"action": self.action, "adapter": self.adapter, "method": self.method, "active": self.active,
+                "previous": self.previous, "resident": self.resident, "swap_ms": round(self.swap_ms, 3),
+                "notes": self.notes}
+
+
+def parse_adapter_spec(spec: str) -> tuple[str, Path | None]:
+    """'NAME' (a registry adapter) or 'NAME=PATH' (an adapter folder the operator names)."""
+    name, sep, path = spec.partition("=")
+    validate_name(name)
+    if not sep:
+        return name, None
+    if not path:
+        raise InputError(f"--adapter {spec}: give a folder after '='")
+    return name, Path(path).expanduser().resolve()
+
+
+def is_generative(task: str) -> bool:
+    return task != "classification"
+
+
+def same_base(served: ResolvedModel, recorded: dict[str, Any], workspace: Workspace) -> bool:
+    """Whether an adapter's recorded base model is the served one (by folder, hub id or alias)."""
+    served_names = {served.reference, served.source, served.alias, str(served.path) if served.path else None}
+    recorded_names = {recorded.get(k) for k in ("reference", "source", "path", "alias")}
+    if (served_names & recorded_names) - {None}:
+        return True
+    try:
+        again = ModelCatalogue(workspace).resolve(recorded["reference"])
+    except (InputError, NotFoundError, KeyError):
+        return False
+    return served.path is not None and again.path == served.path
+
+
+class ModelHost:
+    """The served base model, its resident adapters and the active one."""
+
+    def __init__(self, workspace: Workspace, model: InferenceModel, *, operator_paths: dict[str, Path] | None = None,
+                 max_new_tokens: int = 512, max_prompt_tokens: int | None = None):
+        self.workspace = workspace
+        self.model = model
+        self.base_id = model.base.display_name
+        self.operator_paths = dict(operator_paths or {})
+        self.context_length = inference.context_length(model)
+        limits = [n for n in (max_prompt_tokens, self.context_length) if n]
+        self.max_prompt_tokens = min(limits) if limits else None
+        self.max_new_tokens = max_new_tokens
+        self.resident: dict[str, ResidentAdapter] = {}
+        self.active: str | None = None
+        self.free_slot: str | None = None  # weights of an unloaded adapter, kept for the next to swap into
+        self._slots = itertools.count()
+
+    @classmethod
+    def start(cls, workspace: Workspace, *, base: str | None = None, adapters: list[str] = (), device: str = "auto",
+              quantize_4bit: bool | None = None, max_new_tokens: int = 512,
+              max_prompt_tokens: int | None = None) -> ModelHost:
+        """Load the base once (given, or the first adapter's) and the adapters; the first becomes active."""
+        specs = [parse_adapter_spec(spec) for spec in adapters]
+        operator_paths = {name: path for name, path in specs if path is not None}
+        first = _entry(workspace, specs[0][0], operator_paths) if specs else None
+        if base is not None:
+            resolved = ModelCatalogue(workspace).resolve(base)
+        elif first is not None:
+            resolved = inference.adapter_base(workspace, first)
+        else:
+            raise InputError("give a base model (--model) or at least one adapter (--adapter)")
+        task = first.manifest["task"] if first is not None else "chat"
+        if quantize_4bit is None:
+            quantize_4bit = bool(first and first.manifest.get("runtime", {}).get("quantized_4bit"))
+        model = inference.load_for_inference(workspace, None, base=resolved, task=task, device=device,
+                                             quantize_4bit=quantize_4bit,
+                                             labels=inference.labels_of(first) if first is not None else None)
+        host = cls(workspace, model, operator_paths=operator_paths, max_new_tokens=max_new_tokens,
+                   max_prompt_tokens=max_prompt_tokens)
+        for index, (name, _) in enumerate(specs):
+            host.load(name, activate=index == 0)
+        return host
+
+    # -- what is served (safe from any thread) ------------------------------------------------
+
+    def model_ids(self) -> list[dict[str, Any]]:
+        resident, active = self.resident, self.active
+        rows = [{"id": DEFAULT_MODEL, "kind": "default", "adapter": active, "task": self.model.task},
+                {"id": self.base_id, "kind": "base", "adapter": None, "task": self.model.task}]
+        rows += [{"id": name, "kind": "adapter", "adapter": name, "task": a.task, "created": int(a.loaded)}
+                 for name, a in resident.items()]
+        return rows
+
+    def describe(self) -> dict[str, Any]:
+        return {"base": self.base_id, "base_reference": self.model.base.reference, "task": self.model.task,
+                "device": self.model.loaded.device, "dtype": self.model.loaded.dtype,
+                "quantized_4bit": self.model.loaded.quantized, "active": self.active,
+                "resident": list(self.resident), "context_length": self.context_length,
+                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+
+    def resolve(self, model_id: str | None) -> str | None:
+        """The adapter a request's model id selects (None: the bare base)."""
+        if model_id in (None, "", DEFAULT_MODEL):
+            return self.active
+        if model_id == self.base_id:
+            return None
+        if model_id in self.resident:
+            return model_id
+        known = [DEFAULT_MODEL, self.base_id, *self.resident]
+        raise NotFoundError(f"model '{model_id}' is not served here{did_you_mean(model_id, known)}; "
+                            f"served: {', '.join(known)}")
+
+    # -- swaps (worker thread) ----------------------------------------------------------------
+
+    def load(self, name: str, activate: bool = True) -> SwapResult:
+        started = time.perf_counter()
+        previous = self.active
+        method, notes = "resident", []
+        if name not in self.resident:
+            adapter, notes = self._prepare(name)
+            method = self._occupy_free_slot(adapter) or self._add_slot(adapter)
+        if activate:
+            self.active = name
+        return self._result("load", name, method, previous, started, notes)
+
+    def switch(self, name: str) -> SwapResult:
+        started = time.perf_counter()
+        previous = self.active
+        if name in self.resident or previous is None:
+            result = self.load(name)
+            result.action, result.previous = "switch", previous
+            return result
+        adapter, notes = self._prepare(name)
+        old = self.resident[previous]
+        adapter = _with_slot(adapter, old.slot)
+        if inference.replace_adapter(self.model, adapter.path, old.slot):
+            method = "hotswap"
+            self._set_resident(previous, None)
+            self._set_resident(name, adapter)
+        else:  # not the same shape: a new slot, then free the old one
+            method = self._add_slot(adapter)
+            self._remove(previous)
+        self.active = name
+        return self._result("switch", name, method, previous, started, notes)
+
+    def unload(self, name: str | None = None) -> SwapResult:
+        started = time.perf_counter()
+        previous = self.active
+        name = name or previous
+        if name is None:
+            return self._result("unload", None, "none", previous, started, ["no adapter is active"])
+        if name not in self.resident:
+            raise NotFoundError(f"adapter '{name}' is not loaded here{did_you_mean(name, self.resident)}")
+        self._remove(name)
+        if self.active == name:
+            self.active = None
+        return self._result("unload", name, "unload", previous, started, [])
+
+    def _prepare(self, name: str) -> tuple[ResidentAdapter, list[str]]:
+        """Check that an adapter may be served here; read nothing heavy."""
+        if name in (DEFAULT_MODEL, self.base_id):
+            raise ConflictError(f"adapter name '{name}' is the id of the served base or of the default model; "
+                                "rename the adapter to serve it")
+        entry = _entry(self.workspace, name, self.operator_paths)
+        task = entry.manifest.get("task", "")
+        if is_generative(task) != is_generative(self.model.task):
+            kind = "text-generation" if is_generative(self.model.task) else "classification"
+            raise ConflictError(f"adapter '{name}' is a {task} adapter; this server serves a {kind} model")
+        recorded = entry.manifest.get("base_model") or {}
+        if not same_base(self.model.base, recorded, self.workspace):
+            raise ConflictError(f"adapter '{name}' was trained on base model '{recorded.get('reference')}'; "
+                                f"this server serves '{self.model.base.reference}'")
+        labels = tuple(inference.labels_of(entry))
+        if not is_generative(task) and len(labels) != len(self.model.labels):
+            raise ConflictError(f"adapter '{name}' has {len(labels)} labels; the served classification head has "
+                                f"{len(self.model.labels)}")
+        _check_weights_readable(entry)
+        trained_4bit = bool(entry.manifest.get("runtime", {}).get("quantized_4bit"))
+        notes = []
+        if trained_4bit != self.model.loaded.quantized:
+            notes.append(f"adapter '{name}' was trained on a {'4-bit' if trained_4bit else 'full-precision'} "
+                         f"base; the served base is {'4-bit' if self.model.loaded.quantized else 'not 4-bit'}")
+        return ResidentAdapter(name, "", entry.path, task, labels, trained_4bit), notes
+
+    def _occupy_free_slot(self, adapter: ResidentAdapter) -> str | None:
+        slot = self.free_slot
+        if slot is None or not inference.replace_adapter(self.model, adapter.path, slot):
+            return None
+        self.free_slot = None
+        self._set_resident(adapter.name, _with_slot(adapter, slot))
+        return "hotswap"
+
+    def _add_slot(self, adapter: ResidentAdapter) -> str:
+        slot = f"slot{next(self._slots)}_"  # never a substring of another slot's name
+        try:
+            inference.attach_adapter(self.model, adapter.path, slot)
+        except Exception as err:
+            if self.model.adapters and slot in self.model.model.peft_config:
+                with contextlib.suppress(Exception):  # best effort: the slot is unused either way
+                    self.model.model.delete_adapter(slot)
+            raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
+                             f"{type(err).__name__}: {_first_line(err)}") from err
+        self._set_resident(adapter.name, _with_slot(adapter, slot))
+        if self.free_slot is not None:
+            inference.detach_adapter(self.model, self.free_slot)
+            self.free_slot = None
+        return "load"
+
+    def _remove(self, name: str) -> None:
+        slot = self.resident[name].slot
+        self._set_resident(name, None)
+        if len(self.model.adapters) > 1:
+            inference.detach_adapter(self.model, slot)
+        else:
+            self.free_slot = slot
+
+    def _set_resident(self, name: str, adapter: ResidentAdapter | None) -> None:
+        resident = {k: v for k, v in self.resident.items() if k != name}
+        if adapter is not None:
+            resident[name] = adapter
+        self.resident = resident
+
+    def _result(self, action: str, name: str | None, method: str, previous: str | None, started: float,
+                notes: list[str]) -> SwapResult:
+        return SwapResult(action, name, method, self.active, previous, list(self.resident),
+                          (time.perf_counter() - started) * 1000, notes)
+
+    # -- requests (worker thread) -------------------------------------------------------------
+
+    def _slot(self, adapter: str | None) -> str | None:
+        return self.resident[adapter].slot if adapter is not None else None
+
+    def complete(self, model_id: str | None, prompt: str | list[dict[str, str]], *, raw: bool = False,
+                 max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None,
+                 on_start: Callable[[str | None], None] | None = None, on_text: Callable[[str], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None) -> tuple[str | None, Generation]:
+        """Answer a prompt (raw text, or chat messages) with the adapter model_id selects.
+
+        on_start(adapter) is called once the adapter is chosen and the prompt accepted, before
+        the first token.
+        """
+        if not is_generative(self.model.task):
+            raise InputError("this server serves a classification model: use POST /v1/classify")
+        adapter = self.resolve(model_id)
+        ids = inference.prompt_ids(self.model, prompt, raw=raw)
+        max_new_tokens = self._check_lengths(len(ids), max_new_tokens)
+        if on_start is not None:
+            on_start(adapter)
+        with inference.adapter_context(self.model, self._slot(adapter)):
+            generation = inference.generate(self.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
+                                            top_p=top_p, seed=seed, stop=stop, on_text=on_text, cancelled=cancelled)
+        return adapter, generation
+
+    def _check_lengths(self, prompt_tokens: int, max_new_tokens: int | None) -> int:
+        """The number of tokens to generate, or an error when the prompt or the request is too long."""
+        if self.max_prompt_tokens is not None and prompt_tokens > self.max_prompt_tokens:
+            raise PromptTooLong(f"the prompt has {prompt_tokens} tokens; this server takes at most "
+                                f"{self.max_prompt_tokens}")
+        if max_new_tokens is not None and max_new_tokens > self.max_new_tokens:
+            raise InputError(f"max_tokens is {max_new_tokens}; this server allows at most {self.max_new_tokens}")
+        room = self.context_length - prompt_tokens if self.context_length else None
+        if room is not None and room < 1:
+            raise PromptTooLong(f"the prompt fills the model's context of {self.context_length} tokens")
+        if max_new_tokens is None:
+            return min(self.max_new_tokens, room) if room is not None else self.max_new_tokens
+        if room is not None and max_new_tokens > room:
+            raise PromptTooLong(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) exceeds "
+                                f"the model's context of {self.context_length} tokens")
+        return max_new_tokens
+
+    def classify(self, model_id: str | None, texts: list[str]) -> tuple[str | None, list[dict[str, float]], int]:
+        """{label: probability} per text with the adapter model_id selects, and the tokens read."""
+        if is_generative(self.model.task):
+            raise InputError("this server serves a text-generation model: use /v1/completions or "
+                             "/v1/chat/completions")
+        adapter = self.resolve(model_id)
+        counts = [len(self.model.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
+        longest = max(counts, default=0)
+        if self.max_prompt_tokens is not None and longest > self.max_prompt_tokens:
+            raise PromptTooLong(f"input {counts.index(longest)} has {longest} tokens; this server takes at most "
+                                f"{self.max_prompt_tokens}")
+        labels = list(self.resident[adapter].labels) if adapter is not None else None
+        with inference.adapter_context(self.model, self._slot(adapter)):
+            scores = inference.classify(self.model, texts, max_length=max(longest, 1), labels=labels)
+        return adapter, scores, sum(counts)
+
+
+def _with_slot(adapter: ResidentAdapter, slot: str) -> ResidentAdapter:
+    return ResidentAdapter(adapter.name, slot, adapter.path, adapter.task, adapter.labels, adapter.trained_4bit)
+
+
+def _entry(workspace: Workspace, name: str, operator_paths: dict[str, Path]) -> AdapterEntry:
+    """A registry adapter, or one from a folder the operator named at start."""
+    registry = Registry(workspace)
+    if name in operator_paths:
+        entry = registry.inspect(operator_paths[name])
+        if not entry.complete:
+            raise NotFoundError(f"adapter folder {operator_paths[name]} is not a complete LQMF adapter: "
+                                f"{entry.problem}")
+        return AdapterEntry(name, entry.path, entry.manifest)
+    return registry.get(name)
+
+
+def _check_weights_readable(entry: AdapterEntry) -> None:
+    """Refuse an adapter whose weights file is not valid safetensors before touching the model."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(entry.path / "adapter_model.safetensors"), framework="pt") as weights:
+            weights.keys()
+    except Exception as err:  # noqa: BLE001 - safetensors raises several unrelated types
+        raise InputError(f"adapter '{entry.name}': {entry.path / 'adapter_model.safetensors'} is not readable: "
+                         f"{_first_line(err)}") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__

@@ -1,0 +1,76 @@
+"""`lqmf adapters switch|load|unload` hot-swapping a running `lqmf serve` while requests run.
+
+Needs `lqmf adapters` (issue 3) calling `lqmf.core.serving.notify_server`; skipped until it is merged.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import threading
+import time
+
+import openai
+import pytest
+
+from lqmf.core.serving import call_server
+from tests.serve_util import running_server
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("lqmf.cli.adapters_cmd") is None,
+                                reason="lqmf adapters (issue 3) is not merged yet")
+
+KEY = "cli-key"
+PROMPT = "How do I return an item?"
+
+
+def ask(client: openai.OpenAI, model: str) -> tuple[str, str]:
+    response = client.chat.completions.create(model=model, max_tokens=8,
+                                              messages=[{"role": "user", "content": PROMPT}])
+    return response.model, response.choices[0].message.content
+
+
+def test_adapters_verbs_swap_the_running_server(trained_workspace, tmp_path, run_lqmf):
+    root = tmp_path / "ws"
+    shutil.copytree(trained_workspace, root)
+    with running_server(root, "--adapter", "chat-a", "--adapter", "instr-b", api_key=KEY) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+        expected = dict(ask(client, name) for name in ("chat-a", "instr-b"))
+        results, errors, stop = [], [], threading.Event()
+
+        def keep_asking() -> None:
+            own = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+            while not stop.is_set():
+                try:
+                    results.append(ask(own, "default"))
+                except BaseException as err:  # noqa: BLE001 - asserted below
+                    errors.append(err)
+
+        threads = [threading.Thread(target=keep_asking) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        try:
+            for name in ("instr-b", "chat-a", "instr-b"):
+                before = len(results)
+                switched = run_lqmf("--workspace", root, "adapters", "switch", name, env={"LQMF_API_KEY": KEY})
+                assert switched.returncode == 0, switched.stderr
+                assert "ms" in switched.stdout + switched.stderr  # the swap time is shown
+                assert call_server(server.url, "GET", "/admin/adapters", api_key=KEY)["active"] == name
+                deadline = time.monotonic() + 60
+                while len(results) < before + 2 and not errors:
+                    assert time.monotonic() < deadline, "requests stopped coming back"
+                    stop.wait(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
+        assert not errors, errors[:3]
+        assert {model for model, _ in results} == {"chat-a", "instr-b"}
+        assert all(text == expected[model] for model, text in results)
+
+        unloaded = run_lqmf("--workspace", root, "adapters", "unload", "--server", server.url,
+                            env={"LQMF_API_KEY": KEY})
+        assert unloaded.returncode == 0, unloaded.stderr
+        assert ask(client, "default")[0] == "tiny-llama"
+        loaded = run_lqmf("--workspace", root, "adapters", "load", "chat-a", env={"LQMF_API_KEY": KEY})
+        assert loaded.returncode == 0, loaded.stderr
+        assert ask(client, "default") == ("chat-a", expected["chat-a"])
