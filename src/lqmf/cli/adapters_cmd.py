@@ -133,30 +133,48 @@ def show(
                     ["file", "size", "sha256"])
 
 
-def _activate(ctx: typer.Context, name: str, json_output: bool, workspace_dir: str | None) -> None:
+def _tell_server(ctx: typer.Context, action: str, name: str | None, server: str | None,
+                 workspace_dir: str | None) -> dict | None:
+    """Swap the adapter in a running `lqmf serve` of this workspace (or at --server); None when none runs."""
+    from lqmf.core.serving import notify_server
+
+    return notify_server(workspace(ctx, workspace_dir), action, name, server_url=server)
+
+
+def _server_line(result: dict | None) -> str:
+    if result is None:
+        return ""
+    return f"; server {result['server']}: {result['method']} in {result['swap_ms']:.1f} ms"
+
+
+def _activate(ctx: typer.Context, action: str, name: str, server: str | None, json_output: bool,
+              workspace_dir: str | None) -> None:
     change = _registry(ctx, workspace_dir).activate(name)
+    served = _tell_server(ctx, action, name, server, workspace_dir)
     if json_output:
-        print_json(change)
+        print_json({**change, "server": served})
         return
     was = f" (was {change['previous']})" if change["previous"] else ""
-    typer.echo(f"{change['adapter']} is now the active adapter of {change['base_model']}{was}")
+    typer.echo(f"{change['adapter']} is now the active adapter of {change['base_model']}{was}{_server_line(served)}")
 
 
 NameArgument = typer.Argument(..., help="Adapter name.")
+ServerOption = typer.Option(None, "--server", help="URL of the `lqmf serve` to swap in (default: the one "
+                            "running for this workspace, if any).")
 
 
 @app.command("load")
-def load(ctx: typer.Context, name: str = NameArgument, json_output: bool = JsonOption,
-         workspace_dir: str | None = WorkspaceOption) -> None:
-    """Make NAME the active adapter of its base model (recorded in adapters/.active.json)."""
-    _activate(ctx, name, json_output, workspace_dir)
+def load(ctx: typer.Context, name: str = NameArgument, server: str | None = ServerOption,
+         json_output: bool = JsonOption, workspace_dir: str | None = WorkspaceOption) -> None:
+    """Make NAME the active adapter of its base model (adapters/.active.json) and load it into a running server."""
+    _activate(ctx, "load", name, server, json_output, workspace_dir)
 
 
 @app.command("switch")
-def switch(ctx: typer.Context, name: str = NameArgument, json_output: bool = JsonOption,
-           workspace_dir: str | None = WorkspaceOption) -> None:
-    """Switch the active adapter of NAME's base model to NAME."""
-    _activate(ctx, name, json_output, workspace_dir)
+def switch(ctx: typer.Context, name: str = NameArgument, server: str | None = ServerOption,
+           json_output: bool = JsonOption, workspace_dir: str | None = WorkspaceOption) -> None:
+    """Switch the active adapter of NAME's base model to NAME, hot-swapping a running server without a restart."""
+    _activate(ctx, "switch", name, server, json_output, workspace_dir)
 
 
 @app.command("unload")
@@ -165,20 +183,24 @@ def unload(
     base: str | None = typer.Option(None, "--base", help="The base model whose adapter to unload "
                                     "(needed when several base models have one)."),
     everything: bool = typer.Option(False, "--all", help="Unload the active adapter of every base model."),
+    server: str | None = ServerOption,
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Clear the active adapter (of one base model, or --all). Nothing active is not an error."""
+    """Clear the active adapter (of one base model, or --all), in the registry and a running server."""
     if base and everything:
         raise InputError("give --base or --all, not both")
     cleared = _registry(ctx, workspace_dir).deactivate(base, everything)
+    served = _tell_server(ctx, "unload", None, server, workspace_dir)
     if json_output:
-        print_json({"unloaded": cleared})
+        print_json({"unloaded": cleared, "server": served})
         return
     if not cleared:
         info("no active adapter" + (f" for {base}" if base else ""))
     for item in cleared:
         typer.echo(f"unloaded {item['adapter']} from {item.get('base_model') or item['base_id']}")
+    if served is not None:
+        typer.echo(f"server {served['server']}: unloaded in {served['swap_ms']:.1f} ms")
 
 
 def _confirm(question: str) -> None:
