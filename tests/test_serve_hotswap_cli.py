@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -69,3 +70,11 @@ def test_adapters_verbs_swap_the_running_server(trained_workspace, tmp_path, run
         loaded = run_lqmf("--workspace", root, "adapters", "load", "chat-a", env={"LQMF_API_KEY": KEY})
         assert loaded.returncode == 0, loaded.stderr
         assert ask(client, "default") == ("chat-a", expected["chat-a"])
+
+        status = run_lqmf("--workspace", root, "status", "--json", env={"LQMF_API_KEY": KEY})
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        [served] = report["serve"]
+        assert served["url"] == server.url and served["active"] == "chat-a"
+        assert set(served["adapters"]) >= {"chat-a"}
+        assert [a["adapter"] for a in report["adapters"]["active"]] == ["chat-a"]

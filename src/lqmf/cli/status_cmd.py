@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from typing import Any
 
@@ -26,25 +27,27 @@ def adapter_summary(registry: Registry) -> dict[str, Any]:
     }
 
 
-def active_adapters(registry: Registry) -> list[dict[str, Any]] | None:
-    """The active adapter of each base model, from the registry's active pointer (issue 3).
-
-    Read defensively: None when this registry has no active-pointer support yet.
-    """
-    pointers = getattr(registry, "active_pointers", None)
-    if pointers is None:
-        return None
-    return [{"base": base, **pointer} for base, pointer in sorted(pointers(strict=False).items())]
+def active_adapters(registry: Registry) -> list[dict[str, Any]]:
+    """The active adapter of each base model, from the registry's active pointer."""
+    return [{"base": base, **pointer} for base, pointer in sorted(registry.active_pointers(strict=False).items())]
 
 
-def running_server(ws: Workspace) -> dict[str, Any] | None:
-    """A running `lqmf serve` for this workspace and its adapters.
+def running_servers(ws: Workspace) -> list[dict[str, Any]]:
+    """Each live `lqmf serve` of this workspace with the adapters it holds (asked over loopback)."""
+    from lqmf.core.errors import LqmfError
+    from lqmf.core.serving import API_KEY_ENV, call_server, running_servers
 
-    Hook for issue 4 (`lqmf serve`): it has no record of running servers yet, so this reports None
-    (unknown) rather than claiming that none runs.
-    """
-    del ws
-    return None
+    servers = []
+    for record in running_servers(ws):
+        entry = {"url": record["url"], "pid": record["pid"], "base": record["base_id"], "task": record.get("task")}
+        try:
+            state = call_server(record["url"], "GET", "/admin/adapters", api_key=os.environ.get(API_KEY_ENV),
+                                timeout=2.0)
+            entry.update(active=state.get("active"), adapters=state.get("resident"), device=state.get("device"))
+        except LqmfError as err:
+            entry["error"] = err.message
+        servers.append(entry)
+    return servers
 
 
 def status(
@@ -63,7 +66,7 @@ def status(
         "disk": disk(ws.root),
         "versions": library_versions(),
         "adapters": adapter_summary(Registry(ws)),
-        "serve": running_server(ws),
+        "serve": running_servers(ws),
     }
     if gpu:
         from lqmf.engine.memory import torch_gpu_details
@@ -108,8 +111,10 @@ def _print_status(report: dict[str, Any]) -> None:
     if adapters["active"]:
         typer.echo("active: " + ", ".join(f"{a['adapter']} (on {a.get('base_model') or a['base']})"
                                           for a in adapters["active"]))
-    if report["serve"]:
-        typer.echo(f"serving: {report['serve']}")
+    for server in report["serve"]:
+        held = ", ".join(server.get("adapters") or []) or "no adapters"
+        state = f"error: {server['error']}" if "error" in server else f"active {server.get('active') or 'none'}"
+        typer.echo(f"serving: {server['base']} at {server['url']} (pid {server['pid']}): {held}; {state}")
 
 
 def _gb(value: float | None) -> str:
