@@ -32,6 +32,7 @@ from lqmf.core.serving import DEFAULT_MODEL
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
 from lqmf.engine.inference import Generation, InferenceModel
+from lqmf.engine.loading import first_line
 
 
 class PromptTooLong(InputError):
@@ -256,7 +257,7 @@ class ModelHost:
                 with contextlib.suppress(Exception):  # best effort: the slot is unused either way
                     self.model.model.delete_adapter(slot)
             raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
-                             f"{type(err).__name__}: {_first_line(err)}") from err
+                             f"{type(err).__name__}: {first_line(err)}") from err
         self._set_resident(adapter.name, _with_slot(adapter, slot))
         if self.free_slot is not None:
             inference.detach_adapter(self.model, self.free_slot)
@@ -368,9 +369,4 @@ def _check_weights_readable(entry: AdapterEntry) -> None:
             weights.keys()
     except Exception as err:  # noqa: BLE001 - safetensors raises several unrelated types
         raise InputError(f"adapter '{entry.name}': {entry.path / 'adapter_model.safetensors'} is not readable: "
-                         f"{_first_line(err)}") from None
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+                         f"{first_line(err)}") from None
