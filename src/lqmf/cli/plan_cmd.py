@@ -1,4 +1,4 @@
-"""Will a LoRA/QLoRA run fit in memory? Estimated from config.json alone: lqmf plan MODEL [options]."""
+"""Will a LoRA/QLoRA run fit in memory? Estimated from config.json alone: lqmf plan MODEL, plus options."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fine-tune a LoRA/QLoRA adapter: lqmf train MODEL DATASET TASK [options]."""
+"""Fine-tune a LoRA/QLoRA adapter into adapters/NAME: lqmf train MODEL DATASET TASK, plus options."""
 
 from __future__ import annotations
 
