@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -74,3 +75,17 @@ def stop(proc: subprocess.Popen, timeout: float = 30) -> int:
             proc.kill()
             proc.wait(timeout=timeout)
     return proc.returncode
+
+
+def wait_for_answers(results: list, errors: list, count: int, pause: threading.Event, timeout: float = 60) -> None:
+    """Wait until `count` answers have come back from the asking threads (or one of them failed)."""
+    deadline = time.monotonic() + timeout
+    while len(results) < count and not errors:
+        assert time.monotonic() < deadline, "requests stopped coming back"
+        pause.wait(0.05)
+
+
+def stop_asking(stop_event: threading.Event, threads: list[threading.Thread]) -> None:
+    stop_event.set()
+    for thread in threads:
+        thread.join(timeout=120)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -21,7 +20,7 @@ from typer.testing import CliRunner
 from lqmf.core.errors import InputError, NotFoundError
 from lqmf.core.serving import call_server, notify_server, running_servers, servers_dir
 from lqmf.core.workspace import Workspace
-from tests.serve_util import running_server
+from tests.serve_util import running_server, stop_asking, wait_for_answers
 
 KEY = "test-key-123"
 PROMPT = "How do I return an item?"
@@ -180,14 +179,9 @@ def test_requests_in_flight_during_swaps_never_fail(served, admin, expected):
         for name in ["instr-b", "chat-a", "chat-q", "chat-a", "instr-b", "chat-a"]:
             before = len(results)
             swaps.append(notify_server(ws, "switch", name, api_key=KEY))
-            deadline = time.monotonic() + 60
-            while len(results) < before + 2 and not errors:  # let requests run on each adapter
-                assert time.monotonic() < deadline, "requests stopped coming back"
-                stop.wait(0.05)
+            wait_for_answers(results, errors, before + 2, stop)  # let requests run on each adapter
     finally:
-        stop.set()
-        for thread in threads:
-            thread.join(timeout=120)
+        stop_asking(stop, threads)
     assert not errors, errors[:3]
     assert {s["method"] for s in swaps} >= {"resident", "hotswap"}
     served_by = {model for model, _ in results}

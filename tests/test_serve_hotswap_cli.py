@@ -8,12 +8,11 @@ import json
 import re
 import shutil
 import threading
-import time
 
 import openai
 
 from lqmf.core.serving import call_server
-from tests.serve_util import running_server
+from tests.serve_util import running_server, stop_asking, wait_for_answers
 
 KEY = "cli-key"
 PROMPT = "How do I return an item?"
@@ -51,14 +50,9 @@ def test_adapters_verbs_swap_the_running_server(trained_workspace, tmp_path, run
                 assert switched.returncode == 0, switched.stderr
                 assert re.search(r"now the active adapter .*; server http://\S+: \w+ in [0-9.]+ ms", switched.stdout)
                 assert call_server(server.url, "GET", "/admin/adapters", api_key=KEY)["active"] == name
-                deadline = time.monotonic() + 60
-                while len(results) < before + 2 and not errors:
-                    assert time.monotonic() < deadline, "requests stopped coming back"
-                    stop.wait(0.05)
+                wait_for_answers(results, errors, before + 2, stop)  # let requests run on each adapter
         finally:
-            stop.set()
-            for thread in threads:
-                thread.join(timeout=120)
+            stop_asking(stop, threads)
         assert not errors, errors[:3]
         assert {model for model, _ in results} == {"chat-a", "instr-b"}
         assert all(text == expected[model] for model, text in results)
