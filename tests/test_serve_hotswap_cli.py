@@ -65,6 +65,16 @@ def test_adapters_verbs_swap_the_running_server(trained_workspace, tmp_path, run
         assert loaded.returncode == 0, loaded.stderr
         assert ask(client, "default") == ("chat-a", expected["chat-a"])
 
+        # An adapter of another base model changes the registry only; the server keeps what it serves.
+        other = run_lqmf("--workspace", root, "adapters", "switch", "sent", env={"LQMF_API_KEY": KEY})
+        assert other.returncode == 0, other.stderr
+        assert "server" not in other.stdout
+        unloaded_other = run_lqmf("--workspace", root, "adapters", "unload", "--base", "minilm",
+                                  env={"LQMF_API_KEY": KEY})
+        assert unloaded_other.returncode == 0 and "unloaded sent" in unloaded_other.stdout, unloaded_other.stderr
+        assert "server" not in unloaded_other.stdout
+        assert call_server(server.url, "GET", "/admin/adapters", api_key=KEY)["active"] == "chat-a"
+
         status = run_lqmf("--workspace", root, "status", "--json", env={"LQMF_API_KEY": KEY})
         assert status.returncode == 0, status.stderr
         report = json.loads(status.stdout)

@@ -134,11 +134,11 @@ def show(
 
 
 def _tell_server(ctx: typer.Context, action: str, name: str | None, server: str | None,
-                 workspace_dir: str | None) -> dict | None:
-    """Swap the adapter in a running `lqmf serve` of this workspace (or at --server); None when none runs."""
+                 workspace_dir: str | None, base_ids: set[str] | None = None) -> dict | None:
+    """Swap the adapter in the running `lqmf serve` of its base model (or at --server); None when none runs."""
     from lqmf.core.serving import notify_server
 
-    return notify_server(workspace(ctx, workspace_dir), action, name, server_url=server)
+    return notify_server(workspace(ctx, workspace_dir), action, name, server_url=server, base_ids=base_ids)
 
 
 def _server_line(result: dict | None) -> str:
@@ -149,8 +149,10 @@ def _server_line(result: dict | None) -> str:
 
 def _activate(ctx: typer.Context, action: str, name: str, server: str | None, json_output: bool,
               workspace_dir: str | None) -> None:
-    change = _registry(ctx, workspace_dir).activate(name)
-    served = _tell_server(ctx, action, name, server, workspace_dir)
+    registry = _registry(ctx, workspace_dir)
+    registry.get(name)  # a missing or broken adapter fails here, before any server is asked
+    served = _tell_server(ctx, action, name, server, workspace_dir)  # a refusal leaves the registry as it was
+    change = registry.activate(name)
     if json_output:
         print_json({**change, "server": served})
         return
@@ -191,7 +193,10 @@ def unload(
     if base and everything:
         raise InputError("give --base or --all, not both")
     cleared = _registry(ctx, workspace_dir).deactivate(base, everything)
-    served = _tell_server(ctx, "unload", None, server, workspace_dir)
+    served = None
+    if cleared or server:  # only servers of the bases whose adapter was unloaded
+        served = _tell_server(ctx, "unload", None, server, workspace_dir,
+                              base_ids=None if server else {item["base_id"] for item in cleared})
     if json_output:
         print_json({"unloaded": cleared, "server": served})
         return

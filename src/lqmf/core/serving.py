@@ -114,34 +114,44 @@ def _http_error(url: str, err: urllib.error.HTTPError) -> LqmfError:
     return kind(f"server {url} answered {err.code}: {message}")
 
 
-def _pick_server(workspace: Workspace, adapter: str | None) -> dict[str, Any] | None:
+def _pick_server(workspace: Workspace, adapter: str | None, base_ids: set[str] | None) -> dict[str, Any] | None:
+    """The server to swap in: the one serving the adapter's base (or one of base_ids), if any runs."""
     servers = running_servers(workspace)
-    if len(servers) > 1 and adapter is not None:
-        servers = [s for s in servers if _serves_base_of(workspace, s, adapter)] or servers
+    if base_ids is not None:
+        servers = [s for s in servers if _served_ids(s) & base_ids]
+    elif adapter is not None:
+        recorded = _recorded_base(workspace, adapter)
+        if recorded is not None:  # an unknown adapter is left to the server to refuse
+            servers = [s for s in servers if _served_ids(s) & recorded]
     if len(servers) > 1:
         urls = ", ".join(s["url"] for s in servers)
         raise InputError(f"several lqmf servers run for this workspace ({urls}): choose one with --server URL")
     return servers[0] if servers else None
 
 
-def _serves_base_of(workspace: Workspace, record: dict[str, Any], adapter: str) -> bool:
+def _served_ids(record: dict[str, Any]) -> set[str]:
+    served = record.get("base") or {}
+    return {served.get(k) for k in ("reference", "source", "path", "alias")} - {None}
+
+
+def _recorded_base(workspace: Workspace, adapter: str) -> set[str] | None:
     from lqmf.core.registry import Registry
 
     try:
         recorded = Registry(workspace).get(adapter).manifest["base_model"]
     except (LqmfError, KeyError, TypeError):
-        return False
-    served = record.get("base") or {}
-    names = {served.get(k) for k in ("reference", "source", "path", "alias")} - {None}
-    return bool(names & ({recorded.get(k) for k in ("reference", "source", "path", "alias")} - {None}))
+        return None
+    return {recorded.get(k) for k in ("reference", "source", "path", "alias")} - {None}
 
 
 def notify_server(workspace: Workspace, action: str, adapter: str | None = None, server_url: str | None = None,
-                  api_key: str | None = None, timeout: float = SWAP_TIMEOUT_S) -> dict[str, Any] | None:
+                  api_key: str | None = None, timeout: float = SWAP_TIMEOUT_S,
+                  base_ids: set[str] | None = None) -> dict[str, Any] | None:
     """Load, switch or unload an adapter in the running server; None when no server runs.
 
-    server_url names the server; otherwise the one recorded for the workspace is used (the one
-    serving the adapter's base, when several run). api_key defaults to $LQMF_API_KEY. The answer
+    server_url names the server; otherwise the one recorded for the workspace that serves the
+    adapter's base (or, given base_ids, one of those bases) is used; None when none does. api_key
+    defaults to $LQMF_API_KEY. The answer
     says what changed, how (hotswap, load, resident, free) and how long the swap took
     (swap_ms; wait_ms is the time spent waiting for the requests queued before it).
     """
@@ -150,7 +160,7 @@ def notify_server(workspace: Workspace, action: str, adapter: str | None = None,
     if action != "unload" and not adapter:
         raise InputError(f"'{action}' needs an adapter name")
     if server_url is None:
-        record = _pick_server(workspace, adapter)
+        record = _pick_server(workspace, adapter, base_ids)
         if record is None:
             return None
         server_url = record["url"]
