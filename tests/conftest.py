@@ -138,38 +138,6 @@ def adapters_workspace(trained_workspace, tmp_path, monkeypatch) -> Path:
     return root
 
 
-# ----------------------------------------------------------------------------- trained adapters (issue 3)
-
-QUICK_TRAIN = ["--max-steps", "1", "--max-seq-length", "64", "--batch-size", "4", "--grad-accum", "1", "--lr", "5e-3",
-               "--set", "eval_at_start=false", "--set", "validation_split=0", "-q"]
-
-
-def _train_into(workspace: Path, *args: str) -> None:
-    from lqmf.cli.app import app
-
-    result = CliRunner().invoke(app, ["--workspace", str(workspace), "train", *map(str, args), *QUICK_TRAIN])
-    assert result.exit_code == 0, result.output
-
-
-@pytest.fixture(scope="session")
-def trained_adapters(tmp_path_factory, tiny_model) -> Path:
-    """A workspace holding two tiny-Llama chat adapters trained for one step:
-    'tiny-chat' on the unquantized base and 'tiny-chat-4bit' (QLoRA). Copy them out with copy_adapter."""
-    root = tmp_path_factory.mktemp("trained")
-    _train_into(root, tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", "tiny-chat", "--no-4bit")
-    _train_into(root, tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", "tiny-chat-4bit", "--4bit")
-    return root
-
-
-@pytest.fixture(scope="session")
-def minilm_adapter(tmp_path_factory, minilm) -> Path:
-    """A workspace holding 'minilm-sentiment', a MiniLM classification adapter trained for one step."""
-    root = tmp_path_factory.mktemp("trained-minilm")
-    _train_into(root, "minilm", EXAMPLES / "sentiment.csv", "classification", "--name", "minilm-sentiment",
-                "--no-4bit")
-    return root
-
-
 def copy_adapter(source_workspace: Path, name: str, workspace: Path, as_name: str | None = None) -> Path:
     """Copy a trained adapter folder into another workspace's registry."""
     target = workspace / "adapters" / (as_name or name)

@@ -166,12 +166,12 @@ def test_load_switch_unload(cli, workspace):
     assert out_json(cli("adapters", "load", "a1", "--json"))["adapter"] == "a1"
 
 
-def test_active_pointer_follows_a_real_adapter_by_model_alias(cli, workspace, trained_adapters, tiny_model):
-    copy_adapter(trained_adapters, "tiny-chat", workspace)
+def test_active_pointer_follows_a_real_adapter_by_model_alias(cli, workspace, trained_workspace, tiny_model):
+    copy_adapter(trained_workspace, "chat-a", workspace)
     assert cli("models", "add", "tiny", tiny_model).exit_code == 0
-    assert cli("adapters", "load", "tiny-chat").exit_code == 0
-    assert [r["name"] for r in out_json(cli("adapters", "list", "--base", "tiny", "--json"))] == ["tiny-chat"]
-    assert out_json(cli("adapters", "unload", "--base", "tiny", "--json"))["unloaded"][0]["adapter"] == "tiny-chat"
+    assert cli("adapters", "load", "chat-a").exit_code == 0
+    assert [r["name"] for r in out_json(cli("adapters", "list", "--base", "tiny", "--json"))] == ["chat-a"]
+    assert out_json(cli("adapters", "unload", "--base", "tiny", "--json"))["unloaded"][0]["adapter"] == "chat-a"
 
 
 # ----------------------------------------------------------------------------- rename / remove
@@ -253,16 +253,16 @@ def test_symlinked_and_odd_folders_are_broken_and_removable(cli, workspace, tmp_
 # ----------------------------------------------------------------------------- verify
 
 
-def test_verify_checksums_and_base_modules(cli, workspace, trained_adapters, tiny_model):
-    copy_adapter(trained_adapters, "tiny-chat", workspace)
-    report = out_json(cli("adapters", "verify", "tiny-chat", "--json"))
+def test_verify_checksums_and_base_modules(cli, workspace, trained_workspace, tiny_model):
+    copy_adapter(trained_workspace, "chat-a", workspace)
+    report = out_json(cli("adapters", "verify", "chat-a", "--json"))
     assert report["ok"] is True and report["adapters"][0]["problems"] == []
 
     base = str(tiny_model)
     make_adapter(workspace, "wrong-targets", base=base, targets=("q_proj", "nonexistent_proj"))
     make_adapter(workspace, "wrong-shape", base=base, width=128)
     make_adapter(workspace, "no-base", base="/models/absent")
-    weights = workspace / "adapters" / "tiny-chat" / "adapter_model.safetensors"
+    weights = workspace / "adapters" / "chat-a" / "adapter_model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
@@ -270,7 +270,7 @@ def test_verify_checksums_and_base_modules(cli, workspace, trained_adapters, tin
     result = cli("adapters", "verify", "--json")
     assert result.exit_code == 1
     reports = {r["name"]: r for r in json.loads(result.stdout)["adapters"]}
-    assert reports["tiny-chat"]["problems"] == ["adapter_model.safetensors: sha256 differs from the manifest's"]
+    assert reports["chat-a"]["problems"] == ["adapter_model.safetensors: sha256 differs from the manifest's"]
     assert any("nonexistent_proj not in the base model" in p for p in reports["wrong-targets"]["problems"])
     assert any("do not fit the base model" in p and "in=128" in p for p in reports["wrong-shape"]["problems"])
     assert reports["no-base"]["ok"] and "not available locally" in reports["no-base"]["notes"][0]
