@@ -106,10 +106,11 @@ def checkpoint_dtype(resolved: ResolvedModel) -> str:
 
 def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "auto",
                quantize_4bit: bool = False, labels: list[str] | None = None,
-               training: bool = False, dtype_name: str | None = None) -> LoadedModel:
+               training: bool = False, dtype_name: str | None = None, tokenizer=None) -> LoadedModel:
     """Load a base model for task (causal LM, or sequence classification with labels).
 
     The weights load in the device's compute dtype unless dtype_name (e.g. "bfloat16") says otherwise.
+    A tokenizer the caller already loaded for this model is used as it is.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -123,7 +124,8 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
         if reason:
             notes.append(f"4-bit quantization off: {reason}")
             quantize_4bit = False
-    tokenizer = load_tokenizer(resolved)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(resolved)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -81,6 +81,7 @@ class Prepared:
     notes: list[str] = field(default_factory=list)
     chat_template: str | None = None
     dropped: int = 0
+    tokenizer: Any = None  # the tokenizer that encoded the examples, reused for training
 
     @property
     def effective_batch(self) -> int:
@@ -142,7 +143,7 @@ def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> 
     total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
     return Prepared(train.rows, val.rows, dataset.labels, micro, accumulation, steps_per_epoch, total,
                     sum(len(r["input_ids"]) for r in train.rows), max(train.max_tokens, val.max_tokens),
-                    train.notes + val.notes, template, train.dropped + val.dropped)
+                    train.notes + val.notes, template, train.dropped + val.dropped, tokenizer)
 
 
 @dataclass
@@ -209,9 +210,8 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
     from peft import LoraConfig, TaskType, get_peft_model
 
     loaded = load_model(model_ref, task=task, device_preference=config.device,
-                        quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True)
-    if prepared.chat_template:
-        data_mod.ensure_chat_template(loaded.tokenizer)
+                        quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
+                        tokenizer=prepared.tokenizer)
     model = loaded.model
     if loaded.quantized and loaded.device == "cpu":
         # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
