@@ -168,8 +168,28 @@ class Bench:
         return rows
 
 
-def http_swaps(host, workspace, names: list[str], repeats: int) -> dict[str, Any]:
-    """Swap latency through a running server's admin route, as `lqmf adapters switch` sees it."""
+def http_generation(url: str, model_id: str, new_tokens: int, repeats: int) -> dict[str, Any]:
+    """Batch-1 completions through the server: tokens/s over the whole request (prompt, HTTP and all)."""
+    import urllib.request
+
+    def complete() -> tuple[int, float]:
+        body = json.dumps({"model": model_id, "prompt": PROMPT, "max_tokens": new_tokens}).encode()
+        request = urllib.request.Request(f"{url}/v1/completions", body, {"Content-Type": "application/json"})
+        started = time.perf_counter()
+        with urllib.request.urlopen(request, timeout=600) as response:
+            answer = json.load(response)
+        return answer["usage"]["completion_tokens"], time.perf_counter() - started
+
+    complete()  # warm-up
+    runs = [complete() for _ in range(repeats)]
+    return {"tokens_per_s": round(statistics.median(tokens / seconds for tokens, seconds in runs), 2),
+            "completion_tokens": [tokens for tokens, _ in runs]}
+
+
+def http_swaps(host, workspace, names: list[str], repeats: int, new_tokens: int,
+               gen_repeats: int) -> dict[str, Any]:
+    """Swap latency through a running server's admin route, as `lqmf adapters switch` sees it, and
+    generation speed through its completions route, with the base and with the active adapter."""
     import uvicorn
 
     from lqmf.core.serving import notify_server, server_url
@@ -195,6 +215,11 @@ def http_swaps(host, workspace, names: list[str], repeats: int) -> dict[str, Any
                 round_trips.append((time.perf_counter() - started) * 1000)
                 inside.append(answer["swap_ms"])
             results[label] = {**percentiles(round_trips), "server_swap_p50_ms": percentiles(inside)["p50_ms"]}
+        base = http_generation(url, host.base_id, new_tokens, gen_repeats)
+        adapter = http_generation(url, host.active, new_tokens, gen_repeats)
+        results["generation over HTTP"] = {
+            "base": base, "adapter": adapter,
+            "adapter_slowdown_pct": round(100 * (1 - adapter["tokens_per_s"] / base["tokens_per_s"]), 1)}
     finally:
         server.should_exit = True
         thread.join(timeout=30)
@@ -276,7 +301,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "swaps": bench.swaps(names, args.repeats),
     }
     if args.http:
-        results["swaps"].update(http_swaps(host, workspace, names, args.repeats))
+        over_http = http_swaps(host, workspace, names, args.repeats, args.new_tokens, args.gen_repeats)
+        results["generation_http"] = over_http.pop("generation over HTTP")
+        results["swaps"].update(over_http)
     report(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -301,6 +328,10 @@ def report(results: dict[str, Any]) -> None:
                    headers=[f"generation ({gen['new_tokens']} new tokens, batch 1)", "tokens/s", "first token ms"],
                    tablefmt="github"))
     print(f"\nslowdown with an unmerged adapter: {gen['adapter_slowdown_pct']}%")
+    if "generation_http" in results:
+        http = results["generation_http"]
+        print(f"through the server's /v1/completions: base {http['base']['tokens_per_s']} tokens/s, adapter "
+              f"{http['adapter']['tokens_per_s']} tokens/s ({http['adapter_slowdown_pct']}% slower)")
 
 
 if __name__ == "__main__":

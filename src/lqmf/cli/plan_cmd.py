@@ -31,7 +31,8 @@ from lqmf.core.system import free_gpu_memory
 DEFAULT_BUDGET = "8GB"  # the guide's target GPU
 OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "batch-size", "lora_r": "rank",
                 "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
-                "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory"}
+                "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory",
+                "offload_activations": "offload"}
 
 COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
@@ -111,6 +112,8 @@ def plan(
                                               help="Recompute activations in backward (default on)."),
     task: str | None = typer.Option(None, "--task", help="chat (causal LM; default for decoders) or "
                                     "classification (default for encoders)."),
+    offload: bool | None = typer.Option(None, "--offload/--no-offload",
+                                        help="Count activations as offloaded to CPU memory (offload_activations=on)."),
     device: str = typer.Option("cuda", "--device", help="cuda (bf16, 8-bit paged AdamW) or cpu (fp32)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
                                           "max_memory, else this machine's free GPU memory, else 8GB)."),
@@ -127,7 +130,8 @@ def plan(
     file_values = cfg.read_config_file(cfg.config_path(ws.configs_dir, config_name)) if config_name else {}
     options = {"max_seq_length": seq_len, "per_device_train_batch_size": batch_size, "lora_r": rank,
                "target_modules": targets, "use_4bit_quantization": four_bit,
-               "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory}
+               "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory,
+               "offload_activations": None if offload is None else ("on" if offload else "off")}
     overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
     config = cfg.resolve_config(file_values, overrides)
     if config.task_type is None:
@@ -144,6 +148,9 @@ def plan(
         "largest_micro_batch": largest_micro_batch(shape, settings, budget),
         "longest_seq_len": largest_seq_len(shape, settings, budget),
     }
+    offloaded = replace(settings, offload_activations=True)
+    if offloaded.offloaded and not settings.offloaded:
+        report["largest_micro_batch_offloaded"] = largest_micro_batch(shape, offloaded, budget)
     report["would_fit_with"] = ([{"changes": alt.changes, "total_gb": round(alt.total / GiB, 3)}
                                  for alt in what_would_fit(shape, settings, budget)]
                                 if not report["largest_micro_batch"] else [])
@@ -158,7 +165,8 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     typer.echo(f"memory plan for {report['model']} ({report['parameters'] / 1e9:.2f}B parameters; shape from "
                f"{report['shape_from']})")
     typer.echo(f"settings: {settings.device}, {'4-bit NF4' if settings.quantize_4bit else 'not quantized'}, "
-               f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}, LoRA r={settings.lora_r} "
+               f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}"
+               f"{', activations offloaded' if settings.offloaded else ''}, LoRA r={settings.lora_r} "
                f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}")
     estimate_gb = report["estimate"]
     notes = component_notes(shape, settings, estimate_gb["details"])
@@ -169,6 +177,9 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     micro, longest = report["largest_micro_batch"], report["longest_seq_len"]
     at_micro = (f" (~{estimate(shape, replace(settings, micro_batch=micro)).total / GiB:.2f} GB)" if micro else "")
     typer.echo(f"largest micro-batch at {settings.seq_len} tokens: {micro or 'none'}{at_micro}")
+    if report.get("largest_micro_batch_offloaded", 0) > micro:
+        typer.echo(f"with activation offload (offload_activations=on): micro-batch "
+                   f"{report['largest_micro_batch_offloaded']}")
     typer.echo(f"longest sequence at micro-batch {settings.micro_batch}: {f'{longest} tokens' if longest else 'none'}")
     if not report["fits"] and micro:
         typer.echo(f"fits at micro-batch {micro}: raise gradient accumulation to keep the effective batch")

@@ -26,6 +26,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("epoch", "steps", "no")
 DEVICES = ("auto", "cpu", "cuda", "mps")
+SWITCHES = ("auto", "on", "off")
 
 
 def _opt(default: Any, help_text: str, **choices: Any) -> Any:
@@ -66,6 +67,9 @@ class TrainConfig:
     # Memory
     use_gradient_checkpointing: bool = _opt(True, "Recompute activations in backward to save memory")
     use_4bit_quantization: bool = _opt(True, "QLoRA: load the base in 4-bit NF4 (bitsandbytes)")
+    offload_activations: str = _opt(
+        "auto", "Keep the checkpointed activations in pinned CPU memory during each step (CUDA, with gradient "
+        "checkpointing): auto | on | off; auto: when that lets a larger micro-batch fit the budget", choices=SWITCHES)
     device: str = _opt("auto", "auto | cpu | cuda | mps", choices=DEVICES)
     max_memory: str | None = _opt(
         None, "Memory budget for picking the micro-batch, e.g. 7.5GB (default: the GPU's free memory; "
@@ -156,6 +160,8 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         if not value:
             raise InputError(f"{source}: '{key}' must not be an empty list")
     elif kind is str:
+        if isinstance(value, bool) and f.metadata.get("choices") == SWITCHES:  # YAML reads on/off as booleans
+            value = "on" if value else "off"
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise InputError(f"{source}: '{key}' must be text, got {value!r}")
         value = str(value)

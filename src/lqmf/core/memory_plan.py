@@ -39,6 +39,8 @@ PAGED_MIN_SIZE = 100_000
 ADAM32_BYTES_PER_PARAM = 8
 # engine/train.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
 LOSS_CHUNK_TOKENS = 1024
+# With activation offload, block inputs on the device at once (engine/offload.py).
+OFFLOAD_IN_FLIGHT = 3
 # What CUDA itself holds outside PyTorch's allocator (driver context, kernels, cuBLAS handles).
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
 # PyTorch's caching allocator reserves more than it hands out (block rounding, fragmentation):
@@ -182,6 +184,12 @@ class TrainSettings:
     num_labels: int = 2
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
+    offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether activations are offloaded: only on CUDA, and only with gradient checkpointing."""
+        return self.offload_activations and self.gradient_checkpointing and self.device == "cuda"
 
     @property
     def compute_bytes(self) -> int:
@@ -302,6 +310,8 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     for padded in paddings:
         block, backward = (tokens * n for n in _block_bytes_per_token(shape, settings, lora, padded))
         this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
+        if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
+            this_saved = OFFLOAD_IN_FLIGHT * boundary
         this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
         this_working = (block if settings.gradient_checkpointing else 0) + backward
         if this_saved + this_working > saved + working:
@@ -314,7 +324,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     else:
         # The answer tokens' hidden states, gathered for the chunked loss (all tokens, at worst).
         answers = b * max(s - 1, 1)
-        saved += answers * h * act
+        saved += 0 if settings.offloaded else answers * h * act
         # Each chunk's loss is checkpointed; in its backward the fp32 log-softmax, its gradient and
         # the logits' gradient coexist (chunk x V each); a bf16 head adds its bf16 logits.
         chunk = min(LOSS_CHUNK_TOKENS, answers)
@@ -326,7 +336,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "parameters": shape.parameters, "quantized_params": quantized, "lora_params": lora_params,
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
-        "paged_optimizer_gb": round(paged / GiB, 4),
+        "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
     }
     return MemoryEstimate(
         weights=weights, lora=2 * lora_params * 4, optimizer=optimizer, activations=saved + working,
@@ -380,6 +390,7 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         task="classification" if config.task_type == "classification" else "causal",
         num_labels=num_labels,
         device=device,
+        offload_activations=config.offload_activations == "on",
     )
 
 
@@ -457,6 +468,8 @@ def what_would_fit(shape: ModelShape, settings: TrainSettings, budget: float,
         check({"use_4bit_quantization": True}, replace(base, quantize_4bit=True))
     if not settings.gradient_checkpointing:
         check({"use_gradient_checkpointing": True}, replace(base, gradient_checkpointing=True))
+    if not settings.offloaded and replace(base, offload_activations=True).offloaded:
+        check({"offload_activations": "on"}, replace(base, offload_activations=True))
     longest = largest_seq_len(shape, base, budget, context_counted)
     if 0 < longest < settings.seq_len:
         check({"max_seq_length": longest}, replace(base, seq_len=longest))

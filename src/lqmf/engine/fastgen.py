@@ -1,18 +1,27 @@
-"""Fast batch-1 decoding for serving: a static KV cache and a compiled, CUDA-graphed decode step.
+"""Fast batch-1 decoding: a static KV cache, lean LoRA layers and, on CUDA, one CUDA graph per adapter.
 
-HF `generate` re-enters Python for every layer of every token; at batch 1 on a GPU that
-overhead, not the GPU, sets the speed. Here the prefill runs eagerly once, then each new token
-is one call of a `torch.compile(mode="reduce-overhead")` step whose kernels replay as a CUDA
-graph. The cache and the LoRA weights keep fixed addresses, so adapters can be swapped by
-copying new values into the same tensors (see `AdapterSlots`) without recompiling.
+HF `generate` re-enters Python for every layer of every token; at batch 1 on a GPU that overhead,
+not the GPU, sets the speed (18-19 tokens/s for a 4-bit 7B model on an H200, docs/performance.md).
+Here the prompt runs eagerly once into a static cache; then each new token is one replay of a
+captured CUDA graph of the one-token step, whose inputs (token, position) and cache keep fixed
+addresses. Capturing takes a fraction of a second and needs no compiler.
+
+A graph bakes in which adapter is active and its scaling, so graphs are kept per adapter set
+(`adapter_key`). Swapping an adapter by copying its weights into the same tensors
+(inference.replace_adapter) keeps them valid. LoRA layers run `lean_lora_forward`, whose two
+small GEMMs overlap the 4-bit base layer on a side stream, instead of PEFT's clone, casts, two
+GEMMs, scale and add in line: at batch 1 each kernel costs microseconds whatever its arithmetic.
 """
 
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+MIN_CACHE = 256
 
 
 @dataclass
@@ -22,30 +31,173 @@ class DecodeResult:
     first_token_seconds: float
 
 
-class CompiledDecoder:
-    """Greedy or sampled decoding of one sequence at a time with a static cache."""
+def cache_size_for(tokens: int, limit: int | None) -> int:
+    """The static cache length for a request of `tokens`: a power of two (at least MIN_CACHE) within limit."""
+    size = MIN_CACHE
+    while size < tokens:
+        size *= 2
+    return min(size, limit) if limit else size
 
-    def __init__(self, model, max_cache_len: int = 2048, compile_step: bool = True):
+
+# ----------------------------------------------------------------------------- lean LoRA layers
+
+
+def _lora_layers(model) -> list:
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in model.modules() if isinstance(module, LoraLayer)]
+
+
+def lean_lora_forward(layer, x, *args, **kwargs):
+    """A LoRA layer's forward: base output plus dropout(x) A^T B^T * scaling, with fewer kernels than PEFT's.
+
+    Training: one GEMM into the rank-r space and one GEMM that adds the scaled product to the base
+    output (PEFT also clones the output and scales and adds in separate passes over it).
+    Inference on CUDA: both GEMMs run on a side stream while the base layer runs, so only one small
+    add joins the step's critical path.
+    """
+    import torch
+
+    if args or kwargs or layer.merged:
+        return layer._peft_forward(x, *args, **kwargs)
+    if layer.disable_adapters:
+        return layer.base_layer(x)
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if any(name in layer.lora_variant or layer.lora_B[name].bias is not None for name in active):
+        return layer._peft_forward(x, *args, **kwargs)
+    if torch.is_grad_enabled():
+        result = layer.base_layer(x)
+        for name in active:
+            low = layer.lora_A[name](layer.lora_dropout[name](x))
+            flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
+                               layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
+            result = flat.view(result.shape)
+        return result
+    if any(layer.lora_B[name].weight.dtype != x.dtype for name in active):
+        return layer._peft_forward(x, *args, **kwargs)
+    rows = x.reshape(-1, x.shape[-1])
+    side = layer.__dict__.get("_side_stream") if x.is_cuda else None
+    if side is None:
+        result = layer.base_layer(x)
+        deltas = [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
+    else:
+        main = torch.cuda.current_stream(x.device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            deltas = [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
+        result = layer.base_layer(x)
+        main.wait_stream(side)  # later side work waits for main first, so no buffer is reused early
+    flat = result.view(-1, result.shape[-1])
+    for name, delta in zip(active, deltas, strict=True):
+        flat.add_(delta, alpha=layer.scaling[name])
+    return result
+
+
+def use_lean_lora(model, dtype=None) -> None:
+    """Give every LoRA layer of model the lean forward (idempotent), and its adapters' weights dtype if given."""
+    import torch
+
+    side = None
+    for layer in _lora_layers(model):
+        if "_peft_forward" not in layer.__dict__:
+            layer._peft_forward = layer.forward
+            layer.forward = types.MethodType(lean_lora_forward, layer)
+            weight = next(layer.base_layer.parameters(), None)
+            if weight is not None and weight.is_cuda:
+                side = side or torch.cuda.Stream(weight.device)
+                layer._side_stream = side
+        for modules in (layer.lora_A, layer.lora_B) if dtype is not None else ():
+            for module in modules.values():
+                if module.weight.dtype != dtype:
+                    module.to(dtype)
+
+
+def adapter_key(model) -> tuple:
+    """What a captured graph of model bakes in: the active adapters and every LoRA layer's scaling."""
+    layers = _lora_layers(model) if hasattr(model, "peft_config") else []
+    if not layers or layers[0].disable_adapters:
+        return ()
+    active = tuple(layers[0].active_adapters)
+    return active, tuple(layer.scaling.get(name) for layer in layers for name in active)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+class StaticDecoder:
+    """Greedy or sampled decoding of one sequence at a time with a static cache (CUDA graphs on CUDA)."""
+
+    def __init__(self, model, max_cache_len: int, use_graphs: bool | None = None):
         import torch
         from transformers import StaticCache
 
         self.model = model
-        config = model.config if not hasattr(model, "get_base_model") else model.get_base_model().config
-        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
-        self.max_cache_len = max_cache_len
+        config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
         self.device = next(model.parameters()).device
-        step = self._forward_last
-        if compile_step and self.device.type == "cuda":
-            step = torch.compile(step, mode="reduce-overhead", fullgraph=False, dynamic=False)
-        self.step = step
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.max_cache_len = max_cache_len
+        self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+        self.key_positions = torch.arange(max_cache_len, device=self.device).view(1, 1, 1, -1)
+        self.window = getattr(config, "sliding_window", None)
+        self.graphs: dict[tuple, tuple[Any, Any]] = {}  # adapter key -> (graph, its logits output)
+        self.failed: set[tuple] = set()  # keys whose capture failed: those run eagerly
+        self.pool = None
+        use_lean_lora(model, self.dtype)
 
-    def _forward_last(self, input_ids, position_ids):
-        out = self.model(input_ids=input_ids, position_ids=position_ids, past_key_values=self.cache, use_cache=True)
-        return out.logits[:, -1, :].float()
+    def _step(self):
+        """One token at self.position through the model, with an additive mask over the static cache."""
+        import torch
+
+        allowed = self.key_positions <= self.position.view(1, 1, 1, 1)
+        if self.window:
+            allowed &= self.key_positions > self.position.view(1, 1, 1, 1) - self.window
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
+        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
+        out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask, cache=self.cache,
+                         use_cache=True)
+        return out.logits[:, -1, :]
+
+    def _graph_for(self, key: tuple):
+        """The captured step for key, capturing it now (after a warm-up) when new; None if that fails."""
+        import torch
+
+        if key in self.graphs:
+            return self.graphs[key]
+        if key in self.failed:
+            return None
+        lengths = [layer.cumulative_length.clone() for layer in self.cache.layers]
+
+        def rewind():  # warm-up steps write the cache at the current position; undo their advance
+            for layer, length in zip(self.cache.layers, lengths, strict=True):
+                layer.cumulative_length.copy_(length)
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        try:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._step()
+                    rewind()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._step()
+        except RuntimeError:
+            torch.cuda.synchronize(self.device)
+            rewind()
+            self.failed.add(key)
+            return None
+        self.pool = graph.pool()
+        self.graphs[key] = (graph, logits)
+        return self.graphs[key]
 
     def generate(self, prompt: list[int], max_new_tokens: int, *, eos_ids: set[int] | None = None,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
-                 on_token: Callable[[int], None] | None = None, min_new_tokens: int = 0) -> DecodeResult:
+                 on_token: Callable[[int], bool | None] | None = None, min_new_tokens: int = 0) -> DecodeResult:
+        """Decode up to max_new_tokens after prompt; on_token(token) returning True stops early."""
         import torch
 
         if len(prompt) + max_new_tokens > self.max_cache_len:
@@ -54,31 +206,38 @@ class CompiledDecoder:
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else torch.seed())
+            generator.manual_seed(seed if seed is not None else int(torch.seed()))
         eos_ids = eos_ids or set()
+        blocked = torch.tensor(sorted(eos_ids), device=self.device) if eos_ids and min_new_tokens else None
         started = time.perf_counter()
         tokens: list[int] = []
         first = 0.0
         with torch.inference_mode():
             self.cache.reset()
-            ids = torch.tensor([prompt], device=self.device)
-            positions = torch.arange(len(prompt), device=self.device).unsqueeze(0)
-            logits = self._forward_last(ids, positions)
-            position = torch.tensor([[len(prompt)]], device=self.device)
+            out = self.model(input_ids=torch.tensor([prompt], device=self.device),
+                             position_ids=torch.arange(len(prompt), device=self.device).unsqueeze(0),
+                             cache=self.cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits[:, -1, :]
+            self.position.fill_(len(prompt))
+            captured = self._graph_for(adapter_key(self.model)) if self.use_graphs else None
             for index in range(max_new_tokens):
-                if index < min_new_tokens and eos_ids:
-                    logits[:, list(eos_ids)] = float("-inf")
-                token = _pick(logits, temperature, top_p, generator)
+                if blocked is not None and index < min_new_tokens:
+                    logits = logits.index_fill(-1, blocked, float("-inf"))
+                token = _pick(logits.float(), temperature, top_p, generator)
                 value = int(token)
                 if index == 0:
                     first = time.perf_counter() - started
                 tokens.append(value)
-                if on_token is not None:
-                    on_token(value)
-                if value in eos_ids or index == max_new_tokens - 1:
+                stop = on_token(value) if on_token is not None else False
+                if stop or value in eos_ids or index == max_new_tokens - 1:
                     break
-                logits = self.step(token.view(1, 1), position.clone())
-                position += 1
+                self.token.copy_(token.view(1, 1))
+                if captured is not None:
+                    captured[0].replay()
+                    logits = captured[1]
+                else:
+                    logits = self._step()
+                self.position.add_(1)
         return DecodeResult(tokens, time.perf_counter() - started, first)
 
 
@@ -94,66 +253,3 @@ def _pick(logits, temperature: float, top_p: float, generator) -> Any:
         sorted_probs = sorted_probs * keep
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return torch.multinomial(probs, 1, generator=generator).view(-1)
-
-
-class AdapterSlots:
-    """Several LoRA adapters of one shape kept on the device; one is copied into the live weights.
-
-    The model is a PeftModel with one loaded adapter (the slot). `add` stores another adapter's
-    tensors (same targets and rank) beside it; `activate` copies them into the slot's tensors in
-    place, which keeps every address (and so every captured CUDA graph) valid. An adapter's own
-    scaling (alpha / r) is folded into its lora_B copy, so the slot's scaling never changes. The
-    name `None` activates zeros in lora_B: the base model's output, through the same graph.
-    """
-
-    def __init__(self, model, slot: str, slot_scaling: float):
-        self.model = model
-        self.slot = slot
-        self.slot_scaling = slot_scaling
-        self.live = {name: p for name, p in model.named_parameters() if f".{slot}." in name and "lora_" in name}
-        if not self.live:
-            raise ValueError(f"adapter slot '{slot}' has no LoRA weights")
-        self.stored: dict[str | None, dict[str, Any]] = {
-            slot: {name: p.detach().clone() for name, p in self.live.items()},
-            None: {name: (p.detach() * 0 if "lora_B" in name else p.detach().clone()) for name, p in self.live.items()},
-        }
-        self.active: str | None = slot
-
-    def read_adapter(self, folder) -> dict[str, Any]:
-        """A saved PEFT adapter's tensors, named as this slot's live parameters."""
-        from pathlib import Path
-
-        from safetensors.torch import load_file
-
-        state = load_file(str(Path(folder) / "adapter_model.safetensors"))
-        return {key.replace(".lora_A.weight", f".lora_A.{self.slot}.weight")
-                   .replace(".lora_B.weight", f".lora_B.{self.slot}.weight"): value for key, value in state.items()}
-
-    def matches(self, state: dict[str, Any]) -> bool:
-        """Whether an adapter's tensors (named as in the slot) fit the slot exactly."""
-        return set(state) == set(self.live) and all(state[k].shape == self.live[k].shape for k in state)
-
-    def add(self, name: str, state: dict[str, Any], scaling: float) -> None:
-        if not self.matches(state):
-            raise ValueError(f"adapter '{name}' does not have the slot's targets and rank")
-        factor = scaling / self.slot_scaling
-        self.stored[name] = {
-            key: (value * factor if "lora_B" in key else value).to(device=self.live[key].device,
-                                                                   dtype=self.live[key].dtype)
-            for key, value in state.items()
-        }
-
-    def remove(self, name: str) -> None:
-        if name != self.slot:
-            self.stored.pop(name, None)
-
-    def activate(self, name: str | None) -> None:
-        """Make `name` (None: the base) the adapter every following forward pass uses."""
-        import torch
-
-        if name == self.active:
-            return
-        with torch.no_grad():
-            for key, target in self.live.items():
-                target.copy_(self.stored[name][key], non_blocking=True)
-        self.active = name

@@ -31,6 +31,8 @@ class InferenceModel:
     base: ResolvedModel
     labels: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
+    fast_decode: bool | None = None  # static cache + CUDA graphs (fastgen.py); None: on CUDA
+    decoder: Any = None  # the StaticDecoder, made on first use
 
     @property
     def model(self):
@@ -107,6 +109,7 @@ def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
                                                        low_cpu_mem_usage=True)
     model.model.eval()
     model.adapters.append(slot)
+    model.decoder = None  # its graphs hold the old module set
 
 
 def detach_adapter(model: InferenceModel, slot: str) -> None:
@@ -115,14 +118,16 @@ def detach_adapter(model: InferenceModel, slot: str) -> None:
         raise InputError("the last resident adapter cannot be deleted; replace it in place instead")
     model.model.delete_adapter(slot)
     model.adapters.remove(slot)
+    model.decoder = None
 
 
 def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
-    """Copy the adapter at path into slot's existing weights (PEFT hot-swap); False when they do not fit.
+    """Copy the adapter at path into slot's existing weights (hot-swap); False when they do not fit.
 
-    Hot-swapping needs adapters of one kind on the same modules (the rank may differ); it avoids
-    creating modules, which makes it the fastest way to change an adapter. Incompatibility is found
-    before any weight changes.
+    Hot-swapping needs adapters of one kind on the same modules; it avoids creating modules, which
+    makes it the fastest way to change an adapter, and keeps every weight's address, so captured
+    CUDA graphs stay valid. Same rank: one batched copy from the file (`_copy_into_slot`); a
+    different rank: PEFT's hotswap_adapter. Incompatibility is found before any weight changes.
     """
     from peft import LoraConfig, PeftType
     from peft.utils.hotswap import hotswap_adapter
@@ -139,6 +144,9 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
     if set(_as_list(old.target_modules)) != set(_as_list(new.target_modules)):
         return False
     model.model.set_adapter(slot, inference_mode=True)
+    if _copy_into_slot(model, path, slot, new):
+        model.model.peft_config[slot] = new
+        return True
     # Dropout only acts in training, but hot-swap refuses different values: align the slot's record.
     dropout, old.lora_dropout = old.lora_dropout, new.lora_dropout
     try:
@@ -147,6 +155,35 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
         old.lora_dropout = dropout
         return False
     model.model.peft_config[slot] = new
+    return True
+
+
+def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> bool:
+    """Copy a same-shaped plain LoRA adapter's weights into slot's tensors and set its scaling."""
+    import math
+
+    import torch
+    from peft.tuners.lora import LoraLayer
+    from safetensors.torch import load_file
+
+    if config.rank_pattern or config.alpha_pattern or config.lora_bias:
+        return False
+    live = {name: p for name, p in model.model.named_parameters() if "lora_" in name and f".{slot}." in name}
+    try:
+        state = load_file(str(path / "adapter_model.safetensors"), device=str(model.loaded.device))
+    except (OSError, RuntimeError, ValueError):
+        return False
+    state = {key.replace(".lora_A.weight", f".lora_A.{slot}.weight")
+             .replace(".lora_B.weight", f".lora_B.{slot}.weight"): value for key, value in state.items()}
+    if set(state) != set(live) or any(state[name].shape != p.shape for name, p in live.items()):
+        return False
+    names = sorted(live)
+    with torch.no_grad():
+        torch._foreach_copy_([live[name] for name in names], [state[name] for name in names])
+    scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
+    for module in model.model.modules():
+        if isinstance(module, LoraLayer) and slot in module.scaling:
+            module.scaling[slot] = scaling
     return True
 
 
@@ -187,7 +224,8 @@ class _CallbackStreamer:
     Text that might be the start of a stop string is held back until it is known not to be one.
     """
 
-    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, started: float, stop: list[str]):
+    def __init__(self, tokenizer, on_text: Callable[[str], None] | None, started: float, stop: list[str],
+                 skip_prompt: bool = True):
         self.tokenizer = tokenizer
         self.on_text = on_text
         self.started = started
@@ -197,17 +235,18 @@ class _CallbackStreamer:
         self.emitted = ""
         self.text = ""
         self.stopped = False
-        self.skip_prompt = True
+        self.skip_prompt = skip_prompt
 
     def put(self, value) -> None:
-        if self.skip_prompt:  # the first call carries the prompt
+        """New tokens (a tensor from generate(), or a list of ids)."""
+        if self.skip_prompt:  # generate()'s first call carries the prompt
             self.skip_prompt = False
             return
         if self.stopped:
             return
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter() - self.started
-        self.tokens.extend(value.reshape(-1).tolist())
+        self.tokens.extend(value if isinstance(value, list) else value.reshape(-1).tolist())
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:
@@ -257,40 +296,32 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
     """Generate a continuation of ids; greedy when temperature is 0.
 
     Generation ends at the end-of-text token, at max_new_tokens, at the first of the stop strings
-    (which the text leaves out), or as soon as cancelled() turns true.
+    (which the text leaves out), or as soon as cancelled() turns true. On CUDA (or with
+    model.fast_decode) the static-cache decoder of fastgen.py runs it; elsewhere transformers' generate.
     """
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
     if model.task == "classification":
         raise InputError("a classification adapter labels text; it does not generate")
-    if seed is not None:
-        torch.manual_seed(seed)
-    device = model.loaded.device
-    input_ids = torch.tensor([ids], device=device)
-    sampling = temperature > 0
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
-                               "pad_token_id": model.tokenizer.pad_token_id, "min_new_tokens": min_new_tokens}
-    if sampling:
-        options.update(temperature=temperature, top_p=top_p)
-    else:
-        options.update(temperature=None, top_p=None, top_k=None)
-    started = time.perf_counter()
-    streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [])
-
-    class StopWhen(StoppingCriteria):
-        def __call__(self, input_ids, scores, **kwargs):
-            done = streamer.stopped or (cancelled is not None and cancelled())
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
-
-    with torch.inference_mode():
-        output = model.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhen()]),
-                                      **options)
-    seconds = time.perf_counter() - started
-    new = output[0, len(ids):].tolist()
     eos = model.model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {model.tokenizer.eos_token_id}
+    eos_ids.discard(None)
+    started = time.perf_counter()
+    decoder = _decoder_for(model, len(ids) + max_new_tokens)
+    streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [], skip_prompt=decoder is None)
+
+    def done() -> bool:
+        return streamer.stopped or (cancelled is not None and cancelled())
+
+    if decoder is not None:
+        def on_token(token: int) -> bool:
+            streamer.put([token])
+            return done()
+
+        new = decoder.generate(ids, max_new_tokens, eos_ids=eos_ids, temperature=temperature, top_p=top_p,
+                               seed=seed, on_token=on_token, min_new_tokens=min_new_tokens).tokens
+        streamer.end()
+    else:
+        new = _hf_generate(model, ids, max_new_tokens, temperature, top_p, seed, min_new_tokens, streamer, done)
+    seconds = time.perf_counter() - started
     if streamer.stopped or (new and new[-1] in eos_ids):
         reason = "stop"
     elif cancelled is not None and cancelled():
@@ -298,6 +329,52 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
     else:
         reason = "length" if len(new) >= max_new_tokens else "stop"
     return Generation(streamer.text, len(ids), len(new), seconds, streamer.first_token_at, reason)
+
+
+def _hf_generate(model: InferenceModel, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
+                 seed: int | None, min_new_tokens: int, streamer: _CallbackStreamer,
+                 done: Callable[[], bool]) -> list[int]:
+    """The new tokens from transformers' generate(), streamed through streamer, stopping once done()."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    input_ids = torch.tensor([ids], device=model.loaded.device)
+    sampling = temperature > 0
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "do_sample": sampling,
+                               "pad_token_id": model.tokenizer.pad_token_id, "min_new_tokens": min_new_tokens}
+    if sampling:
+        options.update(temperature=temperature, top_p=top_p)
+    else:
+        options.update(temperature=None, top_p=None, top_k=None)
+
+    class StopWhen(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), done(), dtype=torch.bool, device=input_ids.device)
+
+    with torch.inference_mode():
+        output = model.model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                      streamer=streamer, stopping_criteria=StoppingCriteriaList([StopWhen()]),
+                                      **options)
+    return output[0, len(ids):].tolist()
+
+
+def _decoder_for(model: InferenceModel, tokens: int):
+    """The model's StaticDecoder with room for tokens (rebuilt larger when needed); None for HF generate."""
+    fast = model.fast_decode if model.fast_decode is not None else model.loaded.device == "cuda"
+    if not fast:
+        return None
+    from lqmf.engine.fastgen import StaticDecoder, cache_size_for
+
+    if model.decoder is None or model.decoder.max_cache_len < tokens:
+        model.decoder = None  # free the old cache and graphs first
+        try:
+            model.decoder = StaticDecoder(model.model, cache_size_for(tokens, context_length(model)))
+        except (TypeError, ValueError, NotImplementedError, AttributeError):  # a model without static-cache support
+            model.fast_decode = False
+            return None
+    return model.decoder
 
 
 def classify(model: InferenceModel, texts: list[str], max_length: int = 512,

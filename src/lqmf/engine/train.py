@@ -23,6 +23,7 @@ from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import (
     GiB,
     MemoryEstimate,
+    TrainSettings,
     estimate,
     fitting_micro_batch,
     gb,
@@ -33,6 +34,7 @@ from lqmf.core.memory_plan import (
 from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
 from lqmf.engine import data as data_mod
+from lqmf.engine.fastgen import use_lean_lora
 from lqmf.engine.loading import (
     LoadedModel,
     first_line,
@@ -50,6 +52,7 @@ from lqmf.engine.memory import (
     release_memory,
     reset_peak_memory,
 )
+from lqmf.engine.offload import ActivationOffload
 
 CHECKPOINT_DIR = "checkpoint"
 METRICS_LOG = "metrics.jsonl"
@@ -157,11 +160,13 @@ class MemoryPlan:
     shape_source: str
     budget: int | None = None
     budget_source: str | None = None
+    offload_activations: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device, "requested_micro_batch": self.requested_micro_batch,
-            "micro_batch": self.micro_batch, "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
+            "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
+            "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
             "estimate": self.estimate.to_dict() if self.estimate else None,
         }
@@ -170,6 +175,7 @@ class MemoryPlan:
 def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -> MemoryPlan:
     """Estimate the run's peak memory and pick the largest micro-batch, at most the one asked for,
     that fits the budget (max_memory, or the GPU's free memory) while keeping the effective batch.
+    With offload_activations=auto, activations are offloaded when that fits a larger micro-batch.
 
     Adjusts prepared's micro-batch and accumulation; raises RuntimeFailure, saying what would fit,
     when even micro-batch 1 does not. Loads no weights.
@@ -178,14 +184,25 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -
     quantize = config.use_4bit_quantization and four_bit_support(device) is None
     shape, source = model_shape(model)
     requested = prepared.micro_batch
-    if shape is None:
-        return MemoryPlan(device.type, requested, requested, None, source)
-    settings = settings_for(config, model, device=device.type, seq_len=min(config.max_seq_length, prepared.max_tokens),
-                            micro_batch=requested, num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
+    settings = None
+    if shape is not None:
+        settings = settings_for(config, model, device=device.type,
+                                seq_len=min(config.max_seq_length, prepared.max_tokens), micro_batch=requested,
+                                num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
+    offloadable = TrainSettings(device=device.type, gradient_checkpointing=config.use_gradient_checkpointing,
+                                offload_activations=True).offloaded
+    if settings is None:
+        return MemoryPlan(device.type, requested, requested, None, source,
+                          offload_activations=config.offload_activations == "on" and offloadable)
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
     micro = requested
     if budget is not None:
         micro = fitting_micro_batch(shape, settings, prepared.effective_batch, budget, context_counted)
+        if micro < requested and config.offload_activations == "auto" and offloadable:
+            offloaded = replace(settings, offload_activations=True)
+            if fitting_micro_batch(shape, offloaded, prepared.effective_batch, budget, context_counted) > micro:
+                settings = offloaded
+                micro = fitting_micro_batch(shape, settings, prepared.effective_batch, budget, context_counted)
         if micro == 0:
             needed = estimate(shape, replace(settings, micro_batch=1))
             options = what_would_fit(shape, settings, budget, context_counted)
@@ -198,7 +215,7 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -
             )
         prepared.micro_batch, prepared.accumulation = micro, prepared.effective_batch // micro
     return MemoryPlan(device.type, requested, micro, estimate(shape, replace(settings, micro_batch=micro)), source,
-                      budget, budget_source)
+                      budget, budget_source, settings.offloaded)
 
 
 # ----------------------------------------------------------------------------- model
@@ -241,6 +258,7 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
     for parameter in loaded.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
+    use_lean_lora(loaded.model)
     return loaded
 
 
@@ -411,15 +429,21 @@ def has_checkpoint(staging: Path) -> bool:
     return (staging / CHECKPOINT_DIR / "training_state.pt").is_file()
 
 
-def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device):
+def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
+                      offload: ActivationOffload | None = None):
     """Forward and backward over one optimizer step's examples in micro-batches; the summed loss."""
+    import contextlib
+
     import torch
 
     total = torch.zeros((), device=device)
     for start in range(0, len(rows), micro):
         batch = _to_device(data_mod.collate(rows[start: start + micro], pad, classification), device)
-        loss = loss_fn(model, batch)
+        with offload or contextlib.nullcontext():
+            loss = loss_fn(model, batch)
         (loss / max(units, 1)).backward()
+        if offload is not None:
+            offload.clear()
         total += loss.detach()
     return total
 
@@ -525,6 +549,9 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     memory = memory or plan_memory(config, model_ref, prepared)
     if memory.micro_batch != memory.requested_micro_batch:
         events.on_note(_fit_message(memory, prepared.effective_batch))
+    if memory.offload_activations:
+        events.on_note(f"activation offload on: checkpointed activations wait in pinned CPU memory "
+                       f"(offload_activations={config.offload_activations})")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = setup_model(config, model_ref, prepared, dataset.task)
@@ -580,6 +607,7 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     started = time.perf_counter() - progress["elapsed_s"]
     pad = loaded.tokenizer.pad_token_id
     loss_fn = _classification_loss_sum if classification else _answer_loss_sum
+    offload = ActivationOffload(loaded.device) if memory.offload_activations else None
     last_eval: dict[str, Any] | None = None
     window_loss = torch.zeros((), device=loaded.device)
     window_units = 0
@@ -598,7 +626,7 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                     micro = progress["micro_batch"]
                     try:
                         step_loss = _forward_backward(model, loss_fn, rows, units, micro, pad, classification,
-                                                      loaded.device)
+                                                      loaded.device, offload)
                     except Exception as err:
                         if not is_out_of_memory(err):
                             raise
@@ -698,6 +726,7 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
         metrics["initial"] = {k: v for k, v in progress["initial_eval"].items() if k.startswith("eval_")}
     runtime = {**loaded.runtime(), "optimizer": optimizer_name, "micro_batch": progress["micro_batch"],
                "gradient_accumulation": math.ceil(effective / progress["micro_batch"]),
+               "offload_activations": offload is not None,
                "memory_estimate_gb": round(memory.estimate.total / GiB, 3) if memory.estimate else None,
                "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"]}
     return Outcome(metrics, runtime, progress["history"])

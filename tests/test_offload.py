@@ -1,0 +1,108 @@
+"""Activation offload (engine/offload.py) and its place in memory planning.
+
+The CUDA copies themselves are measured on a GPU (docs/performance.md); here the saved-tensor
+bookkeeping runs on the CPU, where the hook keeps host clones, against a checkpointed LoRA model."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from lqmf.core.memory_plan import GiB, ModelShape, TrainSettings, estimate, largest_micro_batch, what_would_fit
+from lqmf.engine.offload import ActivationOffload
+from tests.test_memory import MISTRAL_7B
+
+
+def _lora_model():
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = LlamaForCausalLM(config)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            parameter.data.normal_(0, 0.1)
+    model.train()
+    return model
+
+
+def _gradients(model, ids, offload=None) -> dict:
+    import contextlib
+
+    import torch
+
+    torch.manual_seed(1)  # the same LoRA dropout masks in both runs
+    model.zero_grad(set_to_none=True)
+    with offload or contextlib.nullcontext():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_offloaded_backward_gives_the_same_gradients():
+    import torch
+
+    model = _lora_model()
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    plain = _gradients(model, ids)
+    offload = ActivationOffload("cpu", min_bytes=1024)  # 2 x 32 x 64 fp32 block inputs are 16 KB
+    offloaded = _gradients(model, ids, offload)
+    assert offload.offloaded_bytes >= 3 * 2 * 32 * 64 * 4  # at least every block's checkpointed input
+    assert len(offload.host) >= 3 and not offload.arriving  # every one fetched back, none left in flight
+    assert set(plain) == set(offloaded) and len(plain) == 3 * 4 * 2
+    for name, grad in plain.items():
+        assert torch.equal(grad, offloaded[name]), name
+    offload.clear()
+    assert not offload.host
+    again = _gradients(model, ids, offload)  # reusable across micro-batches
+    assert all(torch.equal(again[name], plain[name]) for name in plain)
+
+
+def test_small_tensors_and_parameters_stay_where_they_are():
+    import torch
+
+    offload = ActivationOffload("cpu", min_bytes=1 << 20)
+    weight = torch.nn.Parameter(torch.randn(1024, 1024))
+    with offload:
+        (torch.randn(4, 4, requires_grad=True).sin() + (weight * 2).sum()).sum().backward()
+    assert offload.offloaded_bytes == 0 and not offload.host
+
+
+def test_planner_counts_offloaded_activations_only_where_they_apply():
+    shape = ModelShape.from_config(MISTRAL_7B)
+    base = TrainSettings(seq_len=2048, micro_batch=4, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    offloaded = replace(base, offload_activations=True)
+    assert offloaded.offloaded
+    assert not replace(offloaded, device="cpu").offloaded
+    assert not replace(offloaded, gradient_checkpointing=False).offloaded
+    plain, moved = estimate(shape, base), estimate(shape, offloaded)
+    # 33 block boundaries and the answer tokens' hidden states leave; three boundaries stay in flight.
+    boundary = 4 * 2048 * 4096 * 2
+    assert plain.peak_allocated - moved.peak_allocated == pytest.approx(30 * boundary + 4 * 2047 * 4096 * 2)
+    assert moved.peak_allocated < 7 * GiB < plain.peak_allocated
+    assert largest_micro_batch(shape, offloaded, 8 * GiB) > largest_micro_batch(shape, base, 8 * GiB)
+    tight = what_would_fit(shape, replace(base, seq_len=8192), 8 * GiB)
+    assert any(alt.changes == {"offload_activations": "on"} for alt in tight)
+
+
+def test_plan_reports_the_micro_batch_offload_allows(cli, workspace):
+    import json
+
+    report = json.loads(cli("plan", "mistral-7b", "--seq-len", "2048", "--batch-size", "16", "--max-memory", "8GB",
+                            "--json").stdout)
+    assert report["largest_micro_batch_offloaded"] > report["largest_micro_batch"] >= 1
+    offloaded = json.loads(cli("plan", "mistral-7b", "--seq-len", "2048", "--batch-size", "4", "--offload",
+                               "--max-memory", "8GB", "--json").stdout)
+    assert offloaded["settings"]["offload_activations"] and offloaded["fits"]
+    assert offloaded["estimate"]["details"]["activations_offloaded"]
+    assert "largest_micro_batch_offloaded" not in offloaded
+    assert json.loads(cli("plan", "mistral-7b", "--offload", "--device", "cpu", "--json").stdout)[
+        "estimate"]["details"]["activations_offloaded"] is False
