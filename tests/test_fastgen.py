@@ -108,3 +108,7 @@ def test_lean_lora_trains_like_peft():
     with torch.no_grad():
         peft_model.eval(), lean_model.eval()
         torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+    # q_proj computed k_proj's and v_proj's products for them, and both used them
+    attention = lean_model.base_model.model.model.layers[0].self_attn
+    assert attention.q_proj._followers == [attention.k_proj, attention.v_proj]
+    assert not any("_pending" in vars(module) for module in lean_model.modules())

@@ -15,6 +15,7 @@ GEMMs, scale and add in line: at batch 1 each kernel costs microseconds whatever
 
 from __future__ import annotations
 
+import contextlib
 import time
 import types
 from collections.abc import Callable
@@ -48,13 +49,19 @@ def _lora_layers(model) -> list:
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
+# LoRA layers that transformers calls one after another on the same input tensor.
+SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
+
+
 def lean_lora_forward(layer, x, *args, **kwargs):
     """A LoRA layer's forward: base output plus dropout(x) A^T B^T * scaling, with fewer kernels than PEFT's.
 
     Training: one GEMM into the rank-r space and one GEMM that adds the scaled product to the base
     output (PEFT also clones the output and scales and adds in separate passes over it).
-    Inference on CUDA: both GEMMs run on a side stream while the base layer runs, so only one small
-    add joins the step's critical path.
+    Inference on CUDA: the GEMMs run on a side stream while the 4-bit base layer runs, so only one
+    small add joins the step's critical path. The first layer of a shared-input group (q_proj of
+    q/k/v) also computes its siblings' products there, to be used if they are called with the same
+    tensor, unchanged, as transformers does.
     """
     import torch
 
@@ -62,8 +69,8 @@ def lean_lora_forward(layer, x, *args, **kwargs):
         return layer._peft_forward(x, *args, **kwargs)
     if layer.disable_adapters:
         return layer.base_layer(x)
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if any(name in layer.lora_variant or layer.lora_B[name].bias is not None for name in active):
+    active = _lean_active(layer, x, training=torch.is_grad_enabled())
+    if active is None:
         return layer._peft_forward(x, *args, **kwargs)
     if torch.is_grad_enabled():
         result = layer.base_layer(x)
@@ -73,24 +80,65 @@ def lean_lora_forward(layer, x, *args, **kwargs):
                                layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
             result = flat.view(result.shape)
         return result
-    if any(layer.lora_B[name].weight.dtype != x.dtype for name in active):
-        return layer._peft_forward(x, *args, **kwargs)
     rows = x.reshape(-1, x.shape[-1])
     side = layer.__dict__.get("_side_stream") if x.is_cuda else None
-    if side is None:
-        result = layer.base_layer(x)
-        deltas = [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
+    pending = layer.__dict__.pop("_pending", None)
+    if pending is not None and pending[0] is x and pending[1] == _version(x) and pending[2] == active:
+        deltas, ready = pending[3], pending[4]
     else:
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            x.record_stream(side)
+            layer._forked = True
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            deltas = _lora_deltas(layer, rows, active)
+            ready = side.record_event() if side is not None else None
+            for follower in layer.__dict__.get("_followers", ()):
+                theirs = None if follower.disable_adapters or follower.merged else _lean_active(follower, x)
+                if theirs is not None:
+                    follower._pending = (x, _version(x), theirs, _lora_deltas(follower, rows, theirs),
+                                         side.record_event() if side is not None else None)
+    result = layer.base_layer(x)
+    if ready is not None:
         main = torch.cuda.current_stream(x.device)
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            deltas = [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
-        result = layer.base_layer(x)
-        main.wait_stream(side)  # later side work waits for main first, so no buffer is reused early
+        main.wait_event(ready)
+        for delta in deltas:
+            delta.record_stream(main)
     flat = result.view(-1, result.shape[-1])
     for name, delta in zip(active, deltas, strict=True):
         flat.add_(delta, alpha=layer.scaling[name])
     return result
+
+
+def _lean_active(layer, x, training: bool = False) -> list[str] | None:
+    """The layer's active adapters, or None when the lean forward cannot run them (PEFT's will)."""
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if any(name in layer.lora_variant or layer.lora_B[name].bias is not None
+           or (not training and layer.lora_B[name].weight.dtype != x.dtype) for name in active):
+        return None
+    return active
+
+
+def _version(tensor) -> int | None:
+    """Its in-place version counter (inference tensors keep none)."""
+    return None if tensor.is_inference() else tensor._version
+
+
+def _lora_deltas(layer, rows, active: list[str]) -> list:
+    return [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
+
+
+def join_side_streams(layers: list) -> None:
+    """Make the current stream wait for lean LoRA layers' side streams; drop products no sibling used."""
+    import torch
+
+    sides = set()
+    for layer in layers:
+        layer.__dict__.pop("_pending", None)
+        if layer.__dict__.pop("_forked", False):  # only streams this step used: others are not in a graph capture
+            sides.add(layer._side_stream)
+    for side in sides:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 def use_lean_lora(model, dtype=None) -> None:
@@ -110,6 +158,12 @@ def use_lean_lora(model, dtype=None) -> None:
             for module in modules.values():
                 if module.weight.dtype != dtype:
                     module.to(dtype)
+    for parent in model.modules():
+        for group in SHARED_INPUT_GROUPS:
+            members = [getattr(parent, name, None) for name in group]
+            members = [m for m in members if m is not None and "_peft_forward" in vars(m)]
+            if len(members) > 1:
+                members[0]._followers = members[1:]
 
 
 def adapter_key(model) -> tuple:
@@ -146,6 +200,7 @@ class StaticDecoder:
         self.failed: set[tuple] = set()  # keys whose capture failed: those run eagerly
         self.pool = None
         use_lean_lora(model, self.dtype)
+        self.lora_layers = _lora_layers(model) if hasattr(model, "peft_config") else []
 
     def _step(self):
         """One token at self.position through the model, with an additive mask over the static cache."""
@@ -158,6 +213,7 @@ class StaticDecoder:
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
         out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask, cache=self.cache,
                          use_cache=True)
+        join_side_streams(self.lora_layers)
         return out.logits[:, -1, :]
 
     def _graph_for(self, key: tuple):
@@ -217,6 +273,7 @@ class StaticDecoder:
             out = self.model(input_ids=torch.tensor([prompt], device=self.device),
                              position_ids=torch.arange(len(prompt), device=self.device).unsqueeze(0),
                              cache=self.cache, use_cache=True, logits_to_keep=1)
+            join_side_streams(self.lora_layers)
             logits = out.logits[:, -1, :]
             self.position.fill_(len(prompt))
             captured = self._graph_for(adapter_key(self.model)) if self.use_graphs else None
