@@ -6,7 +6,11 @@ baseline's exact token sequences (torch.Generator seeded with the row index, ids
 as a pre-tokenized JSONL dataset, and times `lqmf train` on it: r=16 on q/k/v/o, 16 sequences per
 optimizer step, loss on every token, as the baseline. Run on the GPU machine:
 
-    PYTHONPATH=src python3 benchmarks/gpu_train_bench.py --seq 512 --micro-batch 2 8 --out $OUT
+    PYTHONPATH=src python3 benchmarks/gpu_train_bench.py --seq 512 2048 --micro-batch 16 \
+        --extra "--max-memory 8GB" --out $OUT
+
+(--micro-batch asks for a micro-batch; with --max-memory the planner may lower it, and the record's
+runtime says what ran.)
 
 Prints and writes one JSON record per run: median step time (first step excluded), tokens/s,
 peak allocated and reserved VRAM.

@@ -163,8 +163,7 @@ class Bench:
             rows[label] = {"tokens_per_s": round(statistics.median(r.tokens_per_second for r in runs), 2),
                            "first_token_ms": round(statistics.median(r.first_token_seconds for r in runs) * 1000, 2)}
         if model.decoder is not None:  # how the static-cache decoder ran: CUDA graphs, or eagerly
-            rows[label]["cuda_graphs"] = len(model.decoder.graphs)
-            rows[label]["capture_failures"] = len(model.decoder.failed)
+            rows["cuda_graphs"], rows["capture_failures"] = len(model.decoder.graphs), len(model.decoder.failed)
         rows["adapter_slowdown_pct"] = round(100 * (1 - rows["adapter"]["tokens_per_s"] / rows["base"]["tokens_per_s"]),
                                              1)
         rows.update(prompt_tokens=len(ids), new_tokens=new_tokens, repeats=repeats)

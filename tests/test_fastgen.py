@@ -112,3 +112,20 @@ def test_lean_lora_trains_like_peft():
     attention = lean_model.base_model.model.model.layers[0].self_attn
     assert attention.q_proj._followers == [attention.k_proj, attention.v_proj]
     assert not any("_pending" in vars(module) for module in lean_model.modules())
+
+
+def test_a_model_the_decoder_cannot_run_falls_back_to_generate(trained_workspace, monkeypatch):
+    ws = Workspace(trained_workspace)
+    fast = inference.load_for_inference(ws, "chat-a")
+    fast.fast_decode = True
+    ids = inference.prompt_ids(fast, "Hello there")
+
+    def no_static_cache(self, *args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'cache'")
+
+    monkeypatch.setattr(StaticDecoder, "generate", no_static_cache)
+    pieces: list[str] = []
+    got = inference.generate(fast, ids, max_new_tokens=NEW, min_new_tokens=NEW, on_text=pieces.append)
+    reference = inference.load_for_inference(ws, "chat-a")
+    assert got.text == "".join(pieces) == greedy(reference, ids).text
+    assert fast.fast_decode is False and fast.decoder is None

@@ -83,6 +83,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     if memory["micro_batch"] != memory["requested_micro_batch"]:
         lines.append(f"note:        micro-batch {memory['requested_micro_batch']} -> {memory['micro_batch']} to fit "
                      "the budget; gradient accumulation raised to keep the effective batch")
+    if memory.get("offload_activations"):
+        lines.append("offload:     checkpointed activations wait in pinned CPU memory during each step")
     return lines
 
 

@@ -311,15 +311,22 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
     def done() -> bool:
         return streamer.stopped or (cancelled is not None and cancelled())
 
+    new = None
     if decoder is not None:
         def on_token(token: int) -> bool:
             streamer.put([token])
             return done()
 
-        new = decoder.generate(ids, max_new_tokens, eos_ids=eos_ids, temperature=temperature, top_p=top_p,
-                               seed=seed, on_token=on_token, min_new_tokens=min_new_tokens).tokens
-        streamer.end()
-    else:
+        try:
+            new = decoder.generate(ids, max_new_tokens, eos_ids=eos_ids, temperature=temperature, top_p=top_p,
+                                   seed=seed, on_token=on_token, min_new_tokens=min_new_tokens).tokens
+        except (TypeError, NotImplementedError):  # a model whose forward takes no static cache
+            if streamer.tokens:
+                raise
+            model.fast_decode, model.decoder, streamer.skip_prompt = False, None, True
+        else:
+            streamer.end()
+    if new is None:
         new = _hf_generate(model, ids, max_new_tokens, temperature, top_p, seed, min_new_tokens, streamer, done)
     seconds = time.perf_counter() - started
     if streamer.stopped or (new and new[-1] in eos_ids):
