@@ -1,10 +1,10 @@
 """Fast batch-1 decoding: a static KV cache, lean LoRA layers and, on CUDA, one CUDA graph per adapter.
 
 HF `generate` re-enters Python for every layer of every token; at batch 1 on a GPU that overhead,
-not the GPU, sets the speed (18-19 tokens/s for a 4-bit 7B model on an H200, docs/performance.md).
+not the GPU, sets the speed (17-19 tokens/s for a 4-bit 7B model on an H200, docs/performance.md).
 Here the prompt runs eagerly once into a static cache; then each new token is one replay of a
 captured CUDA graph of the one-token step, whose inputs (token, position) and cache keep fixed
-addresses. Capturing takes a fraction of a second and needs no compiler.
+addresses. Capturing needs no compiler: two eager warm-up steps, then one recorded step.
 
 A graph bakes in which adapter is active and its scaling, so graphs are kept per adapter set
 (`adapter_key`). Swapping an adapter by copying its weights into the same tensors
