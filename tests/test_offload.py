@@ -106,3 +106,15 @@ def test_plan_reports_the_micro_batch_offload_allows(cli, workspace):
     assert "largest_micro_batch_offloaded" not in offloaded
     assert json.loads(cli("plan", "mistral-7b", "--offload", "--device", "cpu", "--json").stdout)[
         "estimate"]["details"]["activations_offloaded"] is False
+
+
+def test_offload_on_where_it_cannot_apply_says_so(cli, workspace, tiny_model):
+    from tests.conftest import EXAMPLES
+
+    result = cli("train", str(tiny_model), str(EXAMPLES / "chat_training.csv"), "chat", "--name", "no-offload",
+                 "--max-steps", "1", "--max-seq-length", "64", "--no-4bit", "--set", "validation_split=0",
+                 "--set", "offload_activations=on")
+    assert result.exit_code == 0, result.output
+    assert "offload_activations=on needs CUDA and gradient checkpointing; not offloading on cpu" in result.output
+    manifest = (workspace / "adapters" / "no-offload" / "lqmf.json").read_text()
+    assert '"offload_activations": false' in manifest

@@ -439,11 +439,13 @@ def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, d
     total = torch.zeros((), device=device)
     for start in range(0, len(rows), micro):
         batch = _to_device(data_mod.collate(rows[start: start + micro], pad, classification), device)
-        with offload or contextlib.nullcontext():
-            loss = loss_fn(model, batch)
-        (loss / max(units, 1)).backward()
-        if offload is not None:
-            offload.clear()
+        try:
+            with offload or contextlib.nullcontext():
+                loss = loss_fn(model, batch)
+            (loss / max(units, 1)).backward()
+        finally:  # also after an out-of-memory error, so a retry does not find the old tensors held
+            if offload is not None:
+                offload.clear()
         total += loss.detach()
     return total
 
@@ -552,6 +554,9 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     if memory.offload_activations:
         events.on_note(f"activation offload on: checkpointed activations wait in pinned CPU memory "
                        f"(offload_activations={config.offload_activations})")
+    elif config.offload_activations == "on":
+        events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing; not offloading on "
+                       f"{memory.device}")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     loaded = setup_model(config, model_ref, prepared, dataset.task)
