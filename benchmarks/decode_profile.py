@@ -64,6 +64,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--variants", nargs="+", default=["side", "inline", "peft"], choices=["side", "inline", "peft"],
+                        help="LoRA execution variants to measure, in this order (peft must come last)")
     args = parser.parse_args()
     from lqmf.core.workspace import Workspace
     from lqmf.engine import inference
@@ -78,7 +80,7 @@ def main() -> None:
     model = host.model
     ids = inference.prompt_ids(model, PROMPT)
     results: dict[str, Any] = {}
-    for variant in ("side", "inline", "peft"):
+    for variant in args.variants:
         model.decoder = None
         inference.generate(model, ids, max_new_tokens=4)  # builds the decoder (and lean layers)
         if variant == "inline":

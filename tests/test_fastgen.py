@@ -39,6 +39,14 @@ def test_static_decoding_matches_generate(models):
         assert (got.text, got.new_tokens, got.finish_reason) == (expected.text, NEW, "length")
     assert isinstance(fast.decoder, StaticDecoder) and fast.decoder.max_cache_len == 256
     assert "_peft_forward" in vars(next(m for m in fast.model.modules() if hasattr(m, "lora_A")))
+    # q/k/v's adapter weights are views into one stacked A and one block-diagonal B
+    attention = fast.model.base_model.model.model.layers[0].self_attn
+    stacked_a, block_b, spans = attention.q_proj._fused[fast.adapters[0]]
+    assert [member for member, _, _ in spans] == [attention.q_proj, attention.k_proj, attention.v_proj]
+    v_b = attention.v_proj.lora_B[fast.adapters[0]].weight
+    assert v_b.untyped_storage().data_ptr() == block_b.untyped_storage().data_ptr()
+    assert block_b.count_nonzero() == sum(b.count_nonzero() for b in (
+        attention.q_proj.lora_B[fast.adapters[0]].weight, attention.k_proj.lora_B[fast.adapters[0]].weight, v_b))
 
 
 def test_streaming_stop_strings_and_cancel_behave_alike(models):

@@ -91,13 +91,11 @@ def lean_lora_forward(layer, x, *args, **kwargs):
             x.record_stream(side)
             layer._forked = True
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            deltas = _lora_deltas(layer, rows, active)
+            products = _group_products(layer, x, rows, active)
             ready = side.record_event() if side is not None else None
-            for follower in layer.__dict__.get("_followers", ()):
-                theirs = None if follower.disable_adapters or follower.merged else _lean_active(follower, x)
-                if theirs is not None:
-                    follower._pending = (x, _version(x), theirs, _lora_deltas(follower, rows, theirs),
-                                         side.record_event() if side is not None else None)
+        deltas = products.pop(layer)[1]
+        for follower, (names, theirs) in products.items():
+            follower._pending = (x, _version(x), names, theirs, ready)
     result = layer.base_layer(x)
     if ready is not None:
         main = torch.cuda.current_stream(x.device)
@@ -128,6 +126,63 @@ def _lora_deltas(layer, rows, active: list[str]) -> list:
     return [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
 
 
+def _group_products(leader, x, rows, active: list[str]) -> dict:
+    """{layer: (its active adapters, their LoRA products)} for leader and the followers it can serve.
+
+    Where the group's adapters are fused (`_fuse_group`), one product through the stacked A and
+    block-diagonal B gives every member's at once.
+    """
+    members = {leader: active}
+    for follower in leader.__dict__.get("_followers", ()):
+        names = None if follower.disable_adapters or follower.merged else _lean_active(follower, x)
+        if names is not None:
+            members[follower] = names
+    fused = leader.__dict__.get("_fused", {})
+    if active and all(names == active for names in members.values()) and all(name in fused for name in active):
+        products: dict = {member: [] for member in members}
+        for name in active:
+            stacked_a, block_b, spans = fused[name]
+            whole = rows @ stacked_a.t() @ block_b.t()
+            for member, start, stop in spans:
+                if member in products:
+                    products[member].append(whole[:, start:stop])
+        return {member: (members[member], products[member]) for member in members}
+    return {member: (names, _lora_deltas(member, rows, names)) for member, names in members.items()}
+
+
+def _fuse_group(members: list) -> None:
+    """Keep each adapter's A matrices of a shared-input group stacked in one tensor and its B matrices
+    as the blocks of one block-diagonal tensor; the layers' weights become views into them, so an
+    in-place copy into a layer's weights updates the fused tensors too."""
+    import torch
+
+    leader = members[0]
+    fused = leader.__dict__.setdefault("_fused", {})
+    for name in list(fused):
+        if any(name not in member.lora_A for member in members):
+            del fused[name]
+    for name in leader.lora_A:
+        if name in fused or any(name not in member.lora_A for member in members):
+            continue
+        a_list = [member.lora_A[name].weight for member in members]
+        b_list = [member.lora_B[name].weight for member in members]
+        if len({a.shape for a in a_list}) != 1 or len({t.dtype for t in a_list + b_list}) != 1:
+            continue
+        rank = a_list[0].shape[0]
+        stacked_a = torch.cat([a.detach() for a in a_list])
+        block_b = torch.zeros(sum(b.shape[0] for b in b_list), rank * len(members), dtype=b_list[0].dtype,
+                              device=b_list[0].device)
+        spans, start = [], 0
+        for index, (member, b) in enumerate(zip(members, b_list, strict=True)):
+            columns = slice(index * rank, (index + 1) * rank)
+            block_b[start:start + b.shape[0], columns] = b.detach()
+            member.lora_A[name].weight.data = stacked_a[columns]
+            member.lora_B[name].weight.data = block_b[start:start + b.shape[0], columns]
+            spans.append((member, start, start + b.shape[0]))
+            start += b.shape[0]
+        fused[name] = (stacked_a, block_b, spans)
+
+
 def join_side_streams(layers: list) -> None:
     """Make the current stream wait for lean LoRA layers' side streams; drop products no sibling used."""
     import torch
@@ -142,7 +197,8 @@ def join_side_streams(layers: list) -> None:
 
 
 def use_lean_lora(model, dtype=None) -> None:
-    """Give every LoRA layer of model the lean forward (idempotent), and its adapters' weights dtype if given."""
+    """Give every LoRA layer of model the lean forward (idempotent); for inference (dtype given) also
+    its adapters' weights in dtype, fused per shared-input group."""
     import torch
 
     side = None
@@ -164,6 +220,8 @@ def use_lean_lora(model, dtype=None) -> None:
             members = [m for m in members if m is not None and "_peft_forward" in vars(m)]
             if len(members) > 1:
                 members[0]._followers = members[1:]
+                if dtype is not None:  # inference only: training keeps PEFT's own tensors
+                    _fuse_group(members)
 
 
 def adapter_key(model) -> tuple:
