@@ -206,6 +206,7 @@ def http_swaps(host, workspace, names: list[str], repeats: int, new_tokens: int,
         time.sleep(0.05)
     results: dict[str, Any] = {}
     try:
+        notify_server(workspace, "switch", names[0], server_url=url)  # untimed: the fresh server's first request
         for label, targets in (("switch over HTTP (hotswap)", names[1:3]), ("switch over HTTP (resident)", names[:2])):
             if label.endswith("(resident)"):
                 notify_server(workspace, "switch", names[0], server_url=url)

@@ -177,9 +177,13 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
              .replace(".lora_B.weight", f".lora_B.{slot}.weight"): value for key, value in state.items()}
     if set(state) != set(live) or any(state[name].shape != p.shape for name, p in live.items()):
         return False
-    names = sorted(live)
+    # One batched copy for plain tensors; views into fused tensors (fastgen._fuse_group) one by one,
+    # as a strided tensor would send the whole batch down the slow path.
+    dense = sorted(name for name, p in live.items() if p.is_contiguous())
     with torch.no_grad():
-        torch._foreach_copy_([live[name] for name in names], [state[name] for name in names])
+        torch._foreach_copy_([live[name] for name in dense], [state[name] for name in dense])
+        for name in set(live) - set(dense):
+            live[name].copy_(state[name])
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     for module in model.model.modules():
         if isinstance(module, LoraLayer) and slot in module.scaling:
