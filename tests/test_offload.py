@@ -9,7 +9,15 @@ from dataclasses import replace
 
 import pytest
 
-from lqmf.core.memory_plan import GiB, ModelShape, TrainSettings, estimate, largest_micro_batch, what_would_fit
+from lqmf.core.memory_plan import (
+    GiB,
+    ModelShape,
+    TrainSettings,
+    estimate,
+    fit_budget,
+    largest_micro_batch,
+    what_would_fit,
+)
 from lqmf.engine.offload import ActivationOffload
 from tests.test_memory import MISTRAL_7B
 
@@ -118,3 +126,22 @@ def test_offload_on_where_it_cannot_apply_says_so(cli, workspace, tiny_model):
     assert "offload_activations=on needs CUDA and gradient checkpointing; not offloading on cpu" in result.output
     manifest = (workspace / "adapters" / "no-offload" / "lqmf.json").read_text()
     assert '"offload_activations": false' in manifest
+
+
+def test_the_budget_fit_offloads_only_when_that_fits_a_larger_micro_batch():
+    """The choices `lqmf train --max-memory 8GB --batch-size 16 --grad-accum 1` made on the H200
+    (docs/performance.md), and what the other policies and devices give."""
+    shape = ModelShape.from_config(MISTRAL_7B)
+    asked = TrainSettings(micro_batch=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+
+    def fit(seq: int, policy: str = "auto", **changes) -> tuple[int, bool]:
+        settings = replace(asked, seq_len=seq, offload_activations=policy == "on", **changes)
+        micro, chosen = fit_budget(shape, settings, 16, 8 * GiB, offload=policy)
+        return micro, chosen.offloaded
+
+    assert fit(2048) == (4, True) and fit(512) == (16, True)
+    assert fit(2048, "off") == (2, False) and fit(512, "off") == (8, False)
+    assert fit(2048, "on") == (4, True)
+    assert fit(128) == (16, False)  # fits as asked: nothing to gain
+    assert fit(2048, device="cpu")[1] is False  # no offload off CUDA
+    assert fit(2048, gradient_checkpointing=False)[1] is False

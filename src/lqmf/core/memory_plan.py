@@ -445,6 +445,20 @@ def fitting_micro_batch(shape: ModelShape, settings: TrainSettings, effective_ba
     return 0
 
 
+def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int, budget: float,
+               context_counted: bool = True, offload: str = "auto") -> tuple[int, TrainSettings]:
+    """(micro-batch, settings) to train with under budget: the largest micro-batch, at most the one
+    asked for, that fits and divides the effective batch (0 when even 1 does not); with
+    offload="auto", activations are offloaded when that fits a larger one."""
+    micro = fitting_micro_batch(shape, settings, effective_batch, budget, context_counted)
+    offloaded = replace(settings, offload_activations=True)
+    if micro < settings.micro_batch and offload == "auto" and offloaded.offloaded and not settings.offloaded:
+        larger = fitting_micro_batch(shape, offloaded, effective_batch, budget, context_counted)
+        if larger > micro:
+            return larger, offloaded
+    return micro, settings
+
+
 class Alternative(NamedTuple):
     """A change of config keys and the estimated peak memory with it."""
 

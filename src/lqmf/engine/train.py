@@ -25,7 +25,7 @@ from lqmf.core.memory_plan import (
     MemoryEstimate,
     TrainSettings,
     estimate,
-    fitting_micro_batch,
+    fit_budget,
     gb,
     model_shape,
     settings_for,
@@ -197,12 +197,8 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
     micro = requested
     if budget is not None:
-        micro = fitting_micro_batch(shape, settings, prepared.effective_batch, budget, context_counted)
-        if micro < requested and config.offload_activations == "auto" and offloadable:
-            offloaded = replace(settings, offload_activations=True)
-            if fitting_micro_batch(shape, offloaded, prepared.effective_batch, budget, context_counted) > micro:
-                settings = offloaded
-                micro = fitting_micro_batch(shape, settings, prepared.effective_batch, budget, context_counted)
+        micro, settings = fit_budget(shape, settings, prepared.effective_batch, budget, context_counted,
+                                     config.offload_activations)
         if micro == 0:
             needed = estimate(shape, replace(settings, micro_batch=1))
             options = what_would_fit(shape, settings, budget, context_counted)
