@@ -137,3 +137,20 @@ def test_a_model_the_decoder_cannot_run_falls_back_to_generate(trained_workspace
     reference = inference.load_for_inference(ws, "chat-a")
     assert got.text == "".join(pieces) == greedy(reference, ids).text
     assert fast.fast_decode is False and fast.decoder is None
+
+
+def test_swapping_in_another_rank_refuses_stale_fused_weights(trained_workspace, cli, workspace, tiny_model):
+    """PEFT's hot-swap gives a slot new tensors for a larger rank; the decoder must not keep using the old ones."""
+    from tests.conftest import EXAMPLES
+
+    result = cli("train", str(tiny_model), str(EXAMPLES / "chat_training.csv"), "chat", "--name", "rank32",
+                 "--rank", "32", "--max-steps", "2", "--max-seq-length", "128", "--no-4bit", "--lr", "5e-3",
+                 "--set", "validation_split=0", "-q")
+    assert result.exit_code == 0, result.output
+    fast = inference.load_for_inference(Workspace(trained_workspace), "chat-a")
+    fast.fast_decode = True
+    ids = inference.prompt_ids(fast, "Where is my parcel?")
+    greedy(fast, ids)  # the decoder fuses q/k/v
+    assert inference.replace_adapter(fast, workspace / "adapters" / "rank32", fast.adapters[0])
+    wider = inference.load_for_inference(Workspace(workspace), "rank32")
+    assert greedy(fast, ids).text == greedy(wider, ids).text

@@ -183,6 +183,12 @@ def _fuse_group(members: list) -> None:
         fused[name] = (stacked_a, block_b, spans)
 
 
+def forget_fused(model, name: str) -> None:
+    """Drop adapter name's fused tensors (its weights were replaced other than in place)."""
+    for layer in _lora_layers(model):
+        layer.__dict__.get("_fused", {}).pop(name, None)
+
+
 def join_side_streams(layers: list) -> None:
     """Make the current stream wait for lean LoRA layers' side streams; drop products no sibling used."""
     import torch

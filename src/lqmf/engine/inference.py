@@ -155,6 +155,11 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
         old.lora_dropout = dropout
         return False
     model.model.peft_config[slot] = new
+    if model.decoder is not None:  # PEFT may have given the slot new tensors (another rank)
+        from lqmf.engine.fastgen import forget_fused
+
+        forget_fused(model.model, slot)
+        model.decoder = None
     return True
 
 
