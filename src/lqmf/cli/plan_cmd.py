@@ -150,9 +150,9 @@ def plan(
         "largest_micro_batch": largest_micro_batch(shape, settings, budget),
         "longest_seq_len": largest_seq_len(shape, settings, budget),
     }
-    offloaded = replace(settings, offload_activations=True)
-    if offloaded.offloaded and not settings.offloaded:
-        report["largest_micro_batch_offloaded"] = largest_micro_batch(shape, offloaded, budget)
+    if settings.offloadable and not settings.offloaded:
+        report["largest_micro_batch_offloaded"] = largest_micro_batch(
+            shape, replace(settings, offload_activations=True), budget)
     report["would_fit_with"] = ([{"changes": alt.changes, "total_gb": round(alt.total / GiB, 3)}
                                  for alt in what_would_fit(shape, settings, budget)]
                                 if not report["largest_micro_batch"] else [])

@@ -190,9 +190,13 @@ class TrainSettings:
     offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
 
     @property
+    def offloadable(self) -> bool:
+        """Whether activation offload can apply: only on CUDA, and only with gradient checkpointing."""
+        return self.gradient_checkpointing and self.device == "cuda"
+
+    @property
     def offloaded(self) -> bool:
-        """Whether activations are offloaded: only on CUDA, and only with gradient checkpointing."""
-        return self.offload_activations and self.gradient_checkpointing and self.device == "cuda"
+        return self.offload_activations and self.offloadable
 
     @property
     def compute_bytes(self) -> int:
@@ -451,8 +455,8 @@ def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int,
     asked for, that fits and divides the effective batch (0 when even 1 does not); with
     offload="auto", activations are offloaded when that fits a larger one."""
     micro = fitting_micro_batch(shape, settings, effective_batch, budget, context_counted)
-    offloaded = replace(settings, offload_activations=True)
-    if micro < settings.micro_batch and offload == "auto" and offloaded.offloaded and not settings.offloaded:
+    if micro < settings.micro_batch and offload == "auto" and settings.offloadable and not settings.offloaded:
+        offloaded = replace(settings, offload_activations=True)
         larger = fitting_micro_batch(shape, offloaded, effective_batch, budget, context_counted)
         if larger > micro:
             return larger, offloaded
@@ -486,7 +490,7 @@ def what_would_fit(shape: ModelShape, settings: TrainSettings, budget: float,
         check({"use_4bit_quantization": True}, replace(base, quantize_4bit=True))
     if not settings.gradient_checkpointing:
         check({"use_gradient_checkpointing": True}, replace(base, gradient_checkpointing=True))
-    if not settings.offloaded and replace(base, offload_activations=True).offloaded:
+    if settings.offloadable and not settings.offloaded:
         check({"offload_activations": "on"}, replace(base, offload_activations=True))
     longest = largest_seq_len(shape, base, budget, context_counted)
     if 0 < longest < settings.seq_len:
