@@ -95,7 +95,7 @@ def main() -> None:
         for label, slot in (("base", None), ("adapter", host.resident[names[0]].slot)):
             with inference.adapter_context(model, slot):
                 inference.generate(model, ids, max_new_tokens=4)  # captures this adapter set's graph
-                graph = model.decoder.graphs[adapter_key(model.model)][0]
+                graph = model.decoder.graphs[adapter_key(model.decoder.lora_layers)][0]
                 rows[label] = {"graph_ms_per_token": round(replay_ms(graph, args.repeats), 4),
                                **eager_profile(model.decoder, args.top)}
         rows["graph_slowdown_pct"] = round(

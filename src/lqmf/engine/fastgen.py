@@ -43,7 +43,8 @@ def cache_size_for(tokens: int, limit: int | None) -> int:
 # ----------------------------------------------------------------------------- lean LoRA layers
 
 
-def _lora_layers(model) -> list:
+def lora_layers(model) -> list:
+    """model's PEFT LoRA layers, in module order."""
     from peft.tuners.lora import LoraLayer
 
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
@@ -185,7 +186,7 @@ def _fuse_group(members: list) -> None:
 
 def forget_fused(model, name: str) -> None:
     """Drop adapter name's fused tensors (its weights were replaced other than in place)."""
-    for layer in _lora_layers(model):
+    for layer in lora_layers(model):
         layer.__dict__.get("_fused", {}).pop(name, None)
 
 
@@ -202,13 +203,14 @@ def join_side_streams(layers: list) -> None:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
 
-def use_lean_lora(model, dtype=None) -> None:
+def use_lean_lora(model, dtype=None) -> list:
     """Give every LoRA layer of model the lean forward (idempotent); for inference (dtype given) also
-    its adapters' weights in dtype, fused per shared-input group."""
+    its adapters' weights in dtype, fused per shared-input group. Returns the LoRA layers."""
     import torch
 
     side = None
-    for layer in _lora_layers(model):
+    layers = lora_layers(model)
+    for layer in layers:
         if "_peft_forward" not in layer.__dict__:
             layer._peft_forward = layer.forward
             layer.forward = types.MethodType(lean_lora_forward, layer)
@@ -228,11 +230,11 @@ def use_lean_lora(model, dtype=None) -> None:
                 members[0]._followers = members[1:]
                 if dtype is not None:  # inference only: training keeps PEFT's own tensors
                     _fuse_group(members)
+    return layers
 
 
-def adapter_key(model) -> tuple:
-    """What a captured graph of model bakes in: the active adapters and every LoRA layer's scaling."""
-    layers = _lora_layers(model) if hasattr(model, "peft_config") else []
+def adapter_key(layers: list) -> tuple:
+    """What a captured graph bakes in of a model's LoRA layers: the active adapters and every scaling."""
     if not layers or layers[0].disable_adapters:
         return ()
     active = tuple(layers[0].active_adapters)
@@ -263,8 +265,7 @@ class StaticDecoder:
         self.graphs: dict[tuple, tuple[Any, Any]] = {}  # adapter key -> (graph, its logits output)
         self.failed: set[tuple] = set()  # keys whose capture failed: those run eagerly
         self.pool = None
-        use_lean_lora(model, self.dtype)
-        self.lora_layers = _lora_layers(model) if hasattr(model, "peft_config") else []
+        self.lora_layers = use_lean_lora(model, self.dtype)
 
     def _step(self):
         """One token at self.position through the model, with an additive mask over the static cache."""
@@ -340,7 +341,7 @@ class StaticDecoder:
             join_side_streams(self.lora_layers)
             logits = out.logits[:, -1, :]
             self.position.fill_(len(prompt))
-            captured = self._graph_for(adapter_key(self.model)) if self.use_graphs else None
+            captured = self._graph_for(adapter_key(self.lora_layers)) if self.use_graphs else None
             for index in range(max_new_tokens):
                 if blocked is not None and index < min_new_tokens:
                     logits = logits.index_fill(-1, blocked, float("-inf"))

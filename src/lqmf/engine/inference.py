@@ -168,8 +168,9 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     import math
 
     import torch
-    from peft.tuners.lora import LoraLayer
     from safetensors.torch import load_file
+
+    from lqmf.engine.fastgen import lora_layers
 
     if config.rank_pattern or config.alpha_pattern or config.lora_bias:
         return False
@@ -190,9 +191,9 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
         for name in set(live) - set(dense):
             live[name].copy_(state[name])
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
-    for module in model.model.modules():
-        if isinstance(module, LoraLayer) and slot in module.scaling:
-            module.scaling[slot] = scaling
+    for layer in lora_layers(model.model):
+        if slot in layer.scaling:
+            layer.scaling[slot] = scaling
     return True
 
 
