@@ -97,6 +97,19 @@ def run(seq: int, micro: int, steps: int, extra: list[str]) -> dict:
     }
 
 
+def sweep(seqs: list[int], micro_batches: list[int], measure, out: str, filename: str) -> list[dict]:
+    """measure(seq, micro_batch) for every pair, each record printed as it comes, all written to out/filename."""
+    results = []
+    for seq in seqs:
+        for micro in micro_batches:
+            result = measure(seq, micro)
+            print("RESULT", json.dumps(result), flush=True)
+            results.append(result)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / filename).write_text(json.dumps(results, indent=1))
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
@@ -106,14 +119,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
     ensure_model()
-    results = []
-    for seq in args.seq:
-        for micro in args.micro_batch:
-            result = run(seq, micro, args.steps, args.extra.split())
-            print("RESULT", json.dumps(result), flush=True)
-            results.append(result)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "lqmf_train.json").write_text(json.dumps(results, indent=1))
+    sweep(args.seq, args.micro_batch, lambda seq, micro: run(seq, micro, args.steps, args.extra.split()), args.out,
+          "lqmf_train.json")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ It writes $OUT/memory_check.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -108,14 +107,8 @@ def main() -> None:
     args = parser.parse_args()
     bench.ensure_model()
     context = round(bare_context_gb(), 3)
-    results = []
-    for seq in args.seq:
-        for micro in args.micro_batch:
-            result = check(seq, micro, args.steps, context)
-            print("RESULT", json.dumps(result), flush=True)
-            results.append(result)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "memory_check.json").write_text(json.dumps(results, indent=1))
+    bench.sweep(args.seq, args.micro_batch, lambda seq, micro: check(seq, micro, args.steps, context), args.out,
+                "memory_check.json")
 
 
 if __name__ == "__main__":
