@@ -25,7 +25,6 @@ class _Ticket:
     """What autograd holds instead of an offloaded tensor."""
 
     key: int
-    device: Any
 
 
 class ActivationOffload:
@@ -81,7 +80,7 @@ class ActivationOffload:
             host = tensor.detach().clone()
         self.host[key] = host
         self.offloaded_bytes += tensor.numel() * tensor.element_size()
-        return _Ticket(key, tensor.device)
+        return _Ticket(key)
 
     def _unpack(self, packed) -> Any:
         import torch
