@@ -123,6 +123,31 @@ def test_lean_lora_trains_like_peft():
     assert not any("_pending" in vars(module) for module in lean_model.modules())
 
 
+def test_lean_inference_matches_peft(monkeypatch):
+    """Fused q/k/v or not (members scaled apart), prompt or one row: PEFT's logits, one product per group."""
+    import torch
+
+    from lqmf.engine import fastgen
+    from tests.test_offload import _lora_model
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
+    peft_model, lean_model = _lora_model().eval(), _lora_model().eval()
+    fastgen.use_lean_lora(lean_model, torch.float32)
+    calls = []
+    group_products = fastgen._group_products
+    monkeypatch.setattr(fastgen, "_group_products", lambda *args: calls.append(args[0]) or group_products(*args))
+    for scale_k in (1.0, 3.0):
+        for model in (peft_model, lean_model):
+            for name, module in model.named_modules():
+                if name.endswith("k_proj") and hasattr(module, "scaling"):
+                    module.scaling["default"] = 2.0 * scale_k
+        with torch.no_grad():
+            for rows in (ids, ids[:, :1]):
+                calls.clear()
+                torch.testing.assert_close(lean_model(input_ids=rows).logits, peft_model(input_ids=rows).logits)
+                assert len(calls) == 6  # q_proj (serving k_proj and v_proj) and o_proj, in 3 layers
+
+
 def test_a_model_the_decoder_cannot_run_falls_back_to_generate(trained_workspace, monkeypatch):
     ws = Workspace(trained_workspace)
     fast = inference.load_for_inference(ws, "chat-a")

@@ -8,9 +8,10 @@ addresses. Capturing needs no compiler: two eager warm-up steps, then one record
 
 A graph bakes in which adapter is active and its scaling, so graphs are kept per adapter set
 (`adapter_key`). Swapping an adapter by copying its weights into the same tensors
-(inference.replace_adapter) keeps them valid. LoRA layers run `lean_lora_forward`, whose two
-small GEMMs overlap the 4-bit base layer on a side stream, instead of PEFT's clone, casts, two
-GEMMs, scale and add in line: at batch 1 each kernel costs microseconds whatever its arithmetic.
+(inference.replace_adapter) keeps them valid. LoRA layers run `lean_lora_forward`, whose small
+GEMMs overlap the 4-bit base layer on a side stream and whose adds mostly ride in the base GEMV's
+bias, instead of PEFT's clone, casts, two GEMMs, scale and add in line: at batch 1 each kernel
+costs microseconds whatever its arithmetic (benchmarks/lora_decode_bench.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from lqmf.engine.lora_kernels import scaled_product
 
 MIN_CACHE = 256
 
@@ -59,10 +62,12 @@ def lean_lora_forward(layer, x, *args, **kwargs):
 
     Training: one GEMM into the rank-r space and one GEMM that adds the scaled product to the base
     output (PEFT also clones the output and scales and adds in separate passes over it).
-    Inference on CUDA: the GEMMs run on a side stream while the 4-bit base layer runs, so only one
-    small add joins the step's critical path. The first layer of a shared-input group (q_proj of
-    q/k/v) also computes its siblings' products there, to be used if they are called with the same
-    tensor, unchanged, as transformers does.
+    Inference: the first layer of a shared-input group (q_proj of q/k/v) computes the whole group,
+    and its siblings return those outputs when called with the same tensor, unchanged, as
+    transformers does. Captured into a CUDA graph, the LoRA products run on a side stream while the
+    layer's own 4-bit base product runs; then the siblings' base products take theirs as the GEMV's
+    bias (`_base_plus`) and one add finishes the layer's own. Eagerly (a prompt, where the host sets
+    the pace) the products come first and every layer takes its as bias where it can.
     """
     import torch
 
@@ -81,31 +86,55 @@ def lean_lora_forward(layer, x, *args, **kwargs):
                                layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
             result = flat.view(result.shape)
         return result
-    rows = x.reshape(-1, x.shape[-1])
-    side = layer.__dict__.get("_side_stream") if x.is_cuda else None
     pending = layer.__dict__.pop("_pending", None)
     if pending is not None and pending[0] is x and pending[1] == _version(x) and pending[2] == active:
-        deltas, ready = pending[3], pending[4]
-    else:
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            x.record_stream(side)
-            layer._forked = True
-        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-            products = _group_products(layer, x, rows, active)
-            ready = side.record_event() if side is not None else None
-        deltas = products.pop(layer)[1]
-        for follower, (names, theirs) in products.items():
-            follower._pending = (x, _version(x), names, theirs, ready)
-    result = layer.base_layer(x)
-    if ready is not None:
+        return pending[3]
+    rows = x.reshape(-1, x.shape[-1])
+    side = layer.__dict__.get("_side_stream") if x.is_cuda and torch.cuda.is_current_stream_capturing() else None
+    if side is not None:
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        x.record_stream(side)
+        layer._forked = True
+    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+        products = _group_products(layer, rows, active)
+        ready = side.record_event() if side is not None else None
+    deltas = products.pop(layer)[1]
+    if ready is None:
+        result = _base_plus(layer, x, rows, deltas)
+    else:  # the base product runs while the side stream computes the LoRA products
+        result = layer.base_layer(x)
         main = torch.cuda.current_stream(x.device)
         main.wait_event(ready)
-        for delta in deltas:
+        for delta in [delta for _, theirs in products.values() for delta in theirs] + deltas:
             delta.record_stream(main)
+    for follower, (names, theirs) in products.items():
+        follower._pending = (x, _version(x), names, _base_plus(follower, x, rows, theirs))
+    if ready is not None:
+        flat = result.view(-1, result.shape[-1])
+        for delta in deltas:
+            flat.add_(delta)
+    return result
+
+
+def _base_plus(layer, x, rows, deltas: list):
+    """layer's base output for x plus its (scaled) LoRA deltas; a single delta is folded into the base
+    product as its bias (a 4-bit GEMV takes one for a single row), which saves the add's kernel."""
+    import torch
+
+    base = layer.base_layer
+    weight = getattr(base, "weight", None)
+    if len(deltas) == 1 and getattr(base, "bias", None) is None and weight is not None:
+        if type(base) is torch.nn.Linear and weight.dtype == x.dtype:
+            return torch.addmm(deltas[0], rows, weight.t()).view(*x.shape[:-1], -1)
+        state = getattr(weight, "quant_state", None)
+        if state is not None and rows.shape[0] == 1 and x.is_cuda and x.dtype == getattr(base, "compute_dtype", None):
+            import bitsandbytes as bnb
+
+            return bnb.matmul_4bit(x, weight.t(), bias=deltas[0].view(-1), quant_state=state)
+    result = base(x)
     flat = result.view(-1, result.shape[-1])
-    for name, delta in zip(active, deltas, strict=True):
-        flat.add_(delta, alpha=layer.scaling[name])
+    for delta in deltas:
+        flat.add_(delta)
     return result
 
 
@@ -123,32 +152,31 @@ def _version(tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-def _lora_deltas(layer, rows, active: list[str]) -> list:
-    return [rows @ layer.lora_A[name].weight.t() @ layer.lora_B[name].weight.t() for name in active]
+def _group_products(leader, rows, active: list[str]) -> dict:
+    """{layer: (its active adapters, their scaled LoRA products)} for leader and the followers it can serve.
 
-
-def _group_products(leader, x, rows, active: list[str]) -> dict:
-    """{layer: (its active adapters, their LoRA products)} for leader and the followers it can serve.
-
-    Where the group's adapters are fused (`_fuse_group`), one product through the stacked A and
-    block-diagonal B gives every member's at once.
+    Where the group's adapters are fused (`_fuse_group`) and scaled alike, one product through the
+    stacked A and block-diagonal B gives every member's at once.
     """
     members = {leader: active}
     for follower in leader.__dict__.get("_followers", ()):
-        names = None if follower.disable_adapters or follower.merged else _lean_active(follower, x)
+        names = None if follower.disable_adapters or follower.merged else _lean_active(follower, rows)
         if names is not None:
             members[follower] = names
     fused = leader.__dict__.get("_fused", {})
-    if active and all(names == active for names in members.values()) and all(name in fused for name in active):
+    if (active and all(names == active for names in members.values()) and all(name in fused for name in active)
+            and all(len({member.scaling[name] for member in members}) == 1 for name in active)):
         products: dict = {member: [] for member in members}
         for name in active:
             stacked_a, block_b, spans = fused[name]
-            whole = rows @ stacked_a.t() @ block_b.t()
+            whole = scaled_product(rows, stacked_a, block_b, leader.scaling[name])
             for member, start, stop in spans:
                 if member in products:
                     products[member].append(whole[:, start:stop])
         return {member: (members[member], products[member]) for member in members}
-    return {member: (names, _lora_deltas(member, rows, names)) for member, names in members.items()}
+    return {member: (names, [scaled_product(rows, member.lora_A[name].weight, member.lora_B[name].weight,
+                                             member.scaling[name]) for name in names])
+            for member, names in members.items()}
 
 
 def _fuse_group(members: list) -> None:
@@ -266,18 +294,22 @@ class StaticDecoder:
         self.failed: set[tuple] = set()  # keys whose capture failed: those run eagerly
         self.pool = None
         self.lora_layers = use_lean_lora(model, self.dtype)
+        self.lora_attention_backends = _lora_step_attention_backends(self.device)
 
     def _step(self):
         """One token at self.position through the model, with an additive mask over the static cache."""
         import torch
+        from torch.nn.attention import sdpa_kernel
 
         allowed = self.key_positions <= self.position.view(1, 1, 1, 1)
         if self.window:
             allowed &= self.key_positions > self.position.view(1, 1, 1, 1) - self.window
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask, cache=self.cache,
-                         use_cache=True)
+        backends = self.lora_attention_backends if adapter_key(self.lora_layers) else None
+        with sdpa_kernel(backends) if backends else contextlib.nullcontext():
+            out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask,
+                             cache=self.cache, use_cache=True)
         join_side_streams(self.lora_layers)
         return out.logits[:, -1, :]
 
@@ -361,6 +393,18 @@ class StaticDecoder:
                     logits = self._step()
                 self.position.add_(1)
         return DecodeResult(tokens, time.perf_counter() - started, first)
+
+
+def _lora_step_attention_backends(device) -> list | None:
+    """SDPA backends for a one-token step with LoRA active: on CUDA all but cuDNN's. Its kernel comes
+    with a memset node that stalls a graph whose LoRA products branch onto a side stream (on the
+    H200: 12 us before each layer's attention instead of 5, docs/performance.md). Without LoRA, and
+    off CUDA, PyTorch chooses (on the H200 cuDNN, with which the bare base's step is 1.4% faster)."""
+    from torch.nn.attention import SDPBackend
+
+    if device.type != "cuda":
+        return None
+    return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def _pick(logits, temperature: float, top_p: float, generator) -> Any:
