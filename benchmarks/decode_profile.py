@@ -72,11 +72,14 @@ def eager_profile(decoder, top: int) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from lqmf.engine.fastgen import adapter_key
+
+    key = adapter_key(decoder.lora_layers)
     with torch.inference_mode():
-        decoder._step()
+        decoder._step(key)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            decoder._step()
+            decoder._step(key)
             torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     totals: dict[str, list[float]] = {}
@@ -116,14 +119,17 @@ def lean_vs_peft(model, decoder) -> dict[str, Any]:
     """One eager decode step with the lean LoRA forward and with PEFT's own: how far their logits are apart."""
     import torch
 
+    from lqmf.engine.fastgen import adapter_key
+
+    key = adapter_key(decoder.lora_layers)
     with torch.inference_mode():
         with cache_kept(decoder):
-            lean = decoder._step().float()
+            lean = decoder._step(key).float()
         for layer in decoder.lora_layers:
             layer.forward, layer.lean_forward = layer._peft_forward, layer.forward
         try:
             with cache_kept(decoder):
-                reference = decoder._step().float()
+                reference = decoder._step(key).float()
         finally:
             for layer in decoder.lora_layers:
                 layer.forward = layer.__dict__.pop("lean_forward")

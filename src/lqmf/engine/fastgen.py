@@ -296,8 +296,9 @@ class StaticDecoder:
         self.lora_layers = use_lean_lora(model, self.dtype)
         self.lora_attention_backends = _lora_step_attention_backends(self.device)
 
-    def _step(self):
-        """One token at self.position through the model, with an additive mask over the static cache."""
+    def _step(self, key: tuple):
+        """One token at self.position through the model, with an additive mask over the static cache;
+        key is the LoRA layers' `adapter_key`, worked out once per request."""
         import torch
         from torch.nn.attention import sdpa_kernel
 
@@ -306,7 +307,7 @@ class StaticDecoder:
             allowed &= self.key_positions > self.position.view(1, 1, 1, 1) - self.window
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
         mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        backends = self.lora_attention_backends if adapter_key(self.lora_layers) else None
+        backends = self.lora_attention_backends if key else None
         with sdpa_kernel(backends) if backends else contextlib.nullcontext():
             out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask,
                              cache=self.cache, use_cache=True)
@@ -332,12 +333,12 @@ class StaticDecoder:
         try:
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._step()
+                    self._step(key)
                     rewind()
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._step()
+                logits = self._step(key)
         except RuntimeError:
             torch.cuda.synchronize(self.device)
             rewind()
@@ -373,7 +374,8 @@ class StaticDecoder:
             join_side_streams(self.lora_layers)
             logits = out.logits[:, -1, :]
             self.position.fill_(len(prompt))
-            captured = self._graph_for(adapter_key(self.lora_layers)) if self.use_graphs else None
+            key = adapter_key(self.lora_layers)
+            captured = self._graph_for(key) if self.use_graphs else None
             for index in range(max_new_tokens):
                 if blocked is not None and index < min_new_tokens:
                     logits = logits.index_fill(-1, blocked, float("-inf"))
@@ -390,7 +392,7 @@ class StaticDecoder:
                     captured[0].replay()
                     logits = captured[1]
                 else:
-                    logits = self._step()
+                    logits = self._step(key)
                 self.position.add_(1)
         return DecodeResult(tokens, time.perf_counter() - started, first)
 
