@@ -391,6 +391,7 @@ class Registry:
                 raise ConflictError(f"an unfinished training run named '{new}' exists in {self.root}")
             source.rename(target)
             fsync_dir(self.root)
+            fault_point("rename.moved")
             atomic_write_json(target / MANIFEST, {**(entry.manifest or {}), "name": new})
             pointers = self.active_pointers(strict=False)
             moved = {k: {**v, "adapter": new} for k, v in pointers.items() if v["adapter"] == old}
