@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -13,7 +17,7 @@ from lqmf.cli.output import human_duration, human_size, info, print_json
 from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.datasets import load_task_dataset
-from lqmf.core.errors import ConflictError, InputError, NotFoundError
+from lqmf.core.errors import ConflictError, InputError, Interrupted, NotFoundError
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.manifest import build_manifest, default_adapter_name
 from lqmf.core.models import ModelCatalogue
@@ -78,6 +82,24 @@ class ProgressPrinter:
             self.bar.write(line, file=sys.stderr)
         else:
             info(line)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM before or after the training loop stops the run as Ctrl-C does (exit 143, one line);
+    inside the loop the engine's StopFlag takes over and checkpoints first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted("terminated (SIGTERM)", exit_code=128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _overrides(model, dataset, task, name, options: dict[str, Any], sets: list[str]) -> dict[str, Any]:
@@ -179,19 +201,25 @@ def train(
         return
 
     # While the run lock is held, `adapters list` shows the run as training and `remove` leaves it.
-    with registry.training_run(adapter, wait=5.0):
+    with registry.training_run(adapter, wait=5.0), terminate_as_interrupt():
         if not resume and staging.exists():
             shutil.rmtree(staging)
         staging.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(staging / STAGED_CONFIG, cfg.dump_config(config))
-        printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
-        outcome = engine.train(config, resolved, data, staging, events=printer, prepared=prepared,
-                               resume=bool(resume), memory=memory)
-        manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
-        target = registry.finalize(adapter, staging, manifest, force=force or bool(resume))
+        try:
+            atomic_write_text(staging / STAGED_CONFIG, cfg.dump_config(config))
+            printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
+            outcome = engine.train(config, resolved, data, staging, events=printer, prepared=prepared,
+                                   resume=bool(resume), memory=memory)
+            manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
+            target = registry.finalize(adapter, staging, manifest, force=force or bool(resume),
+                                       scratch=engine.CHECKPOINT_FOLDERS)
+        except BaseException:
+            if not engine.has_checkpoint(staging):  # nothing to resume: leave no unfinished run behind
+                shutil.rmtree(staging, ignore_errors=True)
+            raise
     if json_output:
         print_json({"adapter": adapter, "path": str(target), "task": data.task, "metrics": outcome.metrics,
-                    "runtime": manifest["runtime"]})
+                    "runtime": manifest["runtime"], "resumed_from_step": outcome.runtime["resumed_from_step"]})
         return
     for line in _summary_lines(adapter, outcome.metrics):
         info(line)

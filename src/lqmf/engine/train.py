@@ -7,7 +7,9 @@ materialising full-vocabulary logits, and sync with the device only when it logs
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import signal
 import threading
@@ -18,8 +20,9 @@ from typing import Any
 
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
-from lqmf.core.errors import Interrupted, RuntimeFailure
-from lqmf.core.fsutil import append_jsonl
+from lqmf.core.errors import InputError, Interrupted, NotFoundError, RuntimeFailure
+from lqmf.core.faults import fault_point
+from lqmf.core.fsutil import append_jsonl, atomic_write_text, fsync_dir, fsync_tree
 from lqmf.core.memory_plan import (
     GiB,
     MemoryEstimate,
@@ -55,6 +58,9 @@ from lqmf.engine.memory import (
 from lqmf.engine.offload import ActivationOffload
 
 CHECKPOINT_DIR = "checkpoint"
+TRAINING_STATE = "training_state.pt"
+# What a run keeps in staging besides the adapter: removed once the finished adapter is in place.
+CHECKPOINT_FOLDERS = (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old")
 METRICS_LOG = "metrics.jsonl"
 LOSS_CHUNK_TOKENS = 1024
 
@@ -387,7 +393,11 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
-    """Replace staging/checkpoint with the state after the last finished optimizer step."""
+    """Replace staging/checkpoint with the state after the last finished optimizer step.
+
+    training_state.pt holds only tensors and plain containers, so that it loads with
+    torch.load(weights_only=True), which runs no code from the file.
+    """
     import shutil
 
     import torch
@@ -397,24 +407,55 @@ def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[s
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": progress, "rng": _rng_state()}, tmp / "training_state.pt")
+                "progress": progress, "rng": _rng_state()}, tmp / TRAINING_STATE)
+    fsync_tree(tmp)
+    fault_point("checkpoint.written")
     old = staging / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
+        fault_point("checkpoint.moved_aside")
     tmp.rename(final)
+    fsync_dir(staging)
+    fault_point("checkpoint.replaced")
     shutil.rmtree(old, ignore_errors=True)
 
 
+def checkpoint_folder(staging: Path) -> Path | None:
+    """The newest complete checkpoint in staging: checkpoint/, or checkpoint.old/ when a kill came
+    between moving the old one aside and putting the new one in place."""
+    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
+        if (staging / name / TRAINING_STATE).is_file():
+            return staging / name
+    return None
+
+
 def load_checkpoint(staging: Path, model, optimizer, scheduler) -> dict[str, Any]:
+    import pickle
+
     import torch
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = staging / CHECKPOINT_DIR
-    weights = load_file(str(folder / "adapter_model.safetensors"))
+    folder = checkpoint_folder(staging)
+    if folder is None:
+        raise NotFoundError(f"no checkpoint in {staging}")
+    state_file = folder / TRAINING_STATE
+    try:
+        # weights_only: a planted file must not run code; ours holds only tensors and plain containers
+        state = torch.load(state_file, weights_only=True)
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+    except pickle.UnpicklingError:
+        raise InputError(f"{state_file}: refused to load: it holds objects other than tensors and plain "
+                         "values (not a checkpoint LQMF wrote); remove the run with lqmf adapters remove "
+                         "--broken") from None
+    except (OSError, RuntimeError, EOFError, SafetensorError) as err:
+        raise InputError(f"{folder}: the checkpoint is unreadable ({first_line(err)}); remove the run with "
+                         "lqmf adapters remove --broken") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "progress", "rng"} <= set(state):
+        raise InputError(f"{state_file}: not a checkpoint LQMF wrote (missing keys)")
     set_peft_model_state_dict(model, weights)
-    state = torch.load(folder / "training_state.pt", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
@@ -422,7 +463,28 @@ def load_checkpoint(staging: Path, model, optimizer, scheduler) -> dict[str, Any
 
 
 def has_checkpoint(staging: Path) -> bool:
-    return (staging / CHECKPOINT_DIR / "training_state.pt").is_file()
+    return checkpoint_folder(staging) is not None
+
+
+def truncate_log(log_path: Path, step: int | None) -> int:
+    """Drop metrics records past a checkpoint's step (all of them without one); returns how many.
+
+    A resumed run logs its steps again from there, so the log never holds one step twice.
+    """
+    if not log_path.is_file():
+        return 0
+    lines = log_path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if step is not None and isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
@@ -482,26 +544,46 @@ def _stop_out_of_memory(staging: Path, model, optimizer, scheduler, progress: di
 
 
 class StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint and stop. Second: stop at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (systemd, docker stop, schedulers): finish the current step,
+    checkpoint and stop (exit 130 or 143). A second signal stops at once, as a kill would: the last
+    saved checkpoint is kept, and one line (no traceback) says so.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+            return
+        os.write(2, b"error: interrupted again: stopped at once; the last saved checkpoint is kept\n")
+        os._exit(128 + signum)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+
+
+class _StopRequested(Exception):
+    """Raised by the loop at a step boundary once a stop signal arrived."""
 
 
 # ----------------------------------------------------------------------------- run
@@ -512,6 +594,23 @@ class Outcome:
     metrics: dict[str, Any]
     runtime: dict[str, Any]
     history: list[dict[str, Any]]
+
+
+def _resume(staging: Path, model, optimizer, scheduler, fresh: dict[str, Any], total: int,
+            events: Events) -> dict[str, Any]:
+    """The progress saved in staging's checkpoint (or fresh, saying so); metrics past it are dropped."""
+    log_path = staging / METRICS_LOG
+    if not has_checkpoint(staging):
+        truncate_log(log_path, None)
+        events.on_note(f"no checkpoint in {staging} (the run stopped before its first save): "
+                       f"starting again from step 0/{total}")
+        return fresh
+    progress = {**fresh, **load_checkpoint(staging, model, optimizer, scheduler)}
+    progress["micro_batch"] = min(progress["micro_batch"], fresh["micro_batch"])
+    dropped = truncate_log(log_path, progress["step"])
+    events.on_note(f"resumed from step {progress['step']}/{total}"
+                   + (f" ({dropped} metrics records after that step dropped)" if dropped else ""))
+    return progress
 
 
 def make_optimizer(config: TrainConfig, model, device: str):
@@ -565,11 +664,10 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                               num_warmup_steps=int(config.warmup_ratio * total), num_training_steps=total)
     log_path = staging / METRICS_LOG
     progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": prepared.micro_batch,
-                "history": [], "initial_eval": None, "elapsed_s": 0.0}
-    if resume and has_checkpoint(staging):
-        progress = load_checkpoint(staging, model, optimizer, scheduler)
-        progress["micro_batch"] = min(progress["micro_batch"], prepared.micro_batch)
-        events.on_note(f"resumed from step {progress['step']}/{total}")
+                "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
+    if resume:
+        progress = _resume(staging, model, optimizer, scheduler, progress, total, events)
+    resumed_from = progress["step"] if resume else None
     effective = prepared.effective_batch
     if memory.micro_batch != memory.requested_micro_batch:
         append_jsonl(log_path, _memory_record("fit", progress["step"], memory.requested_micro_batch,
@@ -609,7 +707,6 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
     pad = loaded.tokenizer.pad_token_id
     loss_fn = _classification_loss_sum if classification else _answer_loss_sum
     offload = ActivationOffload(loaded.device) if memory.offload_activations else None
-    last_eval: dict[str, Any] | None = None
     window_loss = torch.zeros((), device=loaded.device)
     window_units = 0
     window_tokens = 0
@@ -686,31 +783,32 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                     if prepared.validation and (
                         (config.eval_strategy == "steps" and config.eval_steps and step % config.eval_steps == 0)
                         or (config.eval_strategy == "epoch" and epoch_done)
-                        or (config.eval_strategy != "no" and step == total and last_eval is None)
+                        or (config.eval_strategy != "no" and step == total and progress["last_eval"] is None)
                     ):
-                        last_eval = run_eval(step, epoch_float)
+                        progress["last_eval"] = run_eval(step, epoch_float)
                     if epoch_done:
                         progress["epoch"] += 1
                         progress["step_in_epoch"] = 0
                     progress["elapsed_s"] = time.perf_counter() - started
-                    if (config.save_steps and step % config.save_steps == 0) or (epoch_done and step < total):
+                    if (config.save_steps and step % config.save_steps == 0) or epoch_done or step == total:
                         save_checkpoint(staging, model, optimizer, scheduler, progress)
                     if stop.requested and step < total:
-                        raise KeyboardInterrupt
+                        raise _StopRequested
                     if epoch_done:
                         break
-        except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)
+        except _StopRequested:
             progress["elapsed_s"] = time.perf_counter() - started
             save_checkpoint(staging, model, optimizer, scheduler, progress)
             raise Interrupted(
-                f"training interrupted after step {progress['step']}/{total}; checkpoint saved in {staging}"
-            ) from None
-
+                f"training {'terminated' if stop.signum == signal.SIGTERM else 'interrupted'} after step "
+                f"{progress['step']}/{total}; checkpoint saved: lqmf train --resume {config.job_name} continues it",
+                exit_code=stop.exit_code) from None
+    # The last step's checkpoint stays in staging until the finished adapter is in place (Registry.finalize
+    # removes it), so a kill at any instant from here on leaves the adapter or a resumable run.
+    fault_point("train.final_checkpoint")
     model.save_pretrained(staging)
-    import shutil
-
-    shutil.rmtree(staging / CHECKPOINT_DIR, ignore_errors=True)
+    fault_point("train.adapter_saved")
+    last_eval = progress["last_eval"]
     train_records = [h for h in progress["history"] if h["type"] == "train"]
     metrics: dict[str, Any] = {
         "train_loss": train_records[-1]["loss"] if train_records else None,
@@ -729,5 +827,6 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                "gradient_accumulation": math.ceil(effective / progress["micro_batch"]),
                "offload_activations": offload is not None,
                "memory_estimate_gb": round(memory.estimate.total / GiB, 3) if memory.estimate else None,
-               "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"]}
+               "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"],
+               "resumed_from_step": resumed_from}
     return Outcome(metrics, runtime, progress["history"])
