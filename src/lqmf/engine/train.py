@@ -18,14 +18,17 @@ from typing import Any
 
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
+from lqmf.core.distributed import check_batch_split, quant_storage_for
 from lqmf.core.errors import Interrupted, RuntimeFailure
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import (
     GiB,
     MemoryEstimate,
     TrainSettings,
+    choose_strategy,
     estimate,
     fit_budget,
+    fit_strategies,
     gb,
     model_shape,
     settings_for,
@@ -37,6 +40,7 @@ from lqmf.engine import data as data_mod
 from lqmf.engine.fastgen import use_lean_lora
 from lqmf.engine.loading import (
     LoadedModel,
+    compute_dtype,
     first_line,
     four_bit_support,
     load_model,
@@ -85,16 +89,18 @@ class Prepared:
     chat_template: str | None = None
     dropped: int = 0
     tokenizer: Any = None  # the tokenizer that encoded the examples, reused for training
+    world_size: int = 1  # processes sharing each step's examples (micro_batch and accumulation are per process)
 
     @property
     def effective_batch(self) -> int:
-        return self.micro_batch * self.accumulation
+        return self.micro_batch * self.accumulation * self.world_size
 
     def plan(self) -> dict[str, Any]:
         return {
             "train_examples": len(self.train), "validation_examples": len(self.validation),
             "labels": self.labels, "micro_batch": self.micro_batch,
             "gradient_accumulation": self.accumulation, "effective_batch": self.effective_batch,
+            "processes": self.world_size,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "train_tokens_per_epoch": self.train_tokens, "longest_example_tokens": self.max_tokens,
             "chat_template": self.chat_template, "dropped_examples": self.dropped, "notes": self.notes,
@@ -161,10 +167,14 @@ class MemoryPlan:
     budget: int | None = None
     budget_source: str | None = None
     offload_activations: bool = False
+    gpus: int = 1
+    strategy: str = "single"  # single | ddp | fsdp
+    strategies: dict[str, Any] | None = None  # with several GPUs: how each strategy fits
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "device": self.device, "requested_micro_batch": self.requested_micro_batch,
+            "device": self.device, "gpus": self.gpus, "strategy": self.strategy, "strategies": self.strategies,
+            "requested_micro_batch": self.requested_micro_batch,
             "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
             "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
@@ -172,59 +182,82 @@ class MemoryPlan:
         }
 
 
-def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -> MemoryPlan:
-    """Estimate the run's peak memory and pick the largest micro-batch, at most the one asked for,
-    that fits the budget (max_memory, or the GPU's free memory) while keeping the effective batch.
-    With offload_activations=auto, activations are offloaded when that fits a larger micro-batch.
+def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, gpus: int = 1) -> MemoryPlan:
+    """Estimate the run's peak memory (per GPU on several) and pick the largest micro-batch, at most
+    the one asked for, that fits the budget (max_memory, or the GPU's free memory) while keeping the
+    effective batch. With offload_activations=auto, activations are offloaded when that fits a larger
+    micro-batch. On several GPUs config.strategy (auto: DDP when it fits, else FSDP) decides.
 
-    Adjusts prepared's micro-batch and accumulation; raises RuntimeFailure, saying what would fit,
-    when even micro-batch 1 does not. Loads no weights.
+    Sets prepared's world size, micro-batch and accumulation (per process); raises RuntimeFailure,
+    saying what would fit, when even micro-batch 1 does not. Loads no weights.
     """
     device = select_device(config.device)
     quantize = config.use_4bit_quantization and four_bit_support(device) is None
     shape, source = model_shape(model)
+    effective = prepared.effective_batch
+    if gpus > 1:
+        check_batch_split(effective, gpus)
+        prepared.world_size = gpus
+        prepared.micro_batch = _divisor_at_most(effective // gpus, prepared.micro_batch)
+        prepared.accumulation = effective // gpus // prepared.micro_batch
     requested = prepared.micro_batch
+    strategy = "single" if gpus == 1 else (config.strategy if config.strategy != "auto" else "ddp")
     settings = None
     if shape is not None:
         settings = settings_for(config, model, device=device.type,
                                 seq_len=min(config.max_seq_length, prepared.max_tokens), micro_batch=requested,
-                                num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
+                                num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize, gpus=gpus,
+                                strategy=strategy if gpus > 1 else "ddp")
     if settings is None:
-        offloadable = TrainSettings(device=device.type,
-                                    gradient_checkpointing=config.use_gradient_checkpointing).offloadable
+        offloadable = TrainSettings(device=device.type, gradient_checkpointing=config.use_gradient_checkpointing,
+                                    gpus=gpus, strategy=strategy).offloadable
         return MemoryPlan(device.type, requested, requested, None, source,
-                          offload_activations=config.offload_activations == "on" and offloadable)
+                          offload_activations=config.offload_activations == "on" and offloadable,
+                          gpus=gpus, strategy=strategy)
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
+    strategies = None
+    if gpus > 1 and budget is not None:
+        fits = fit_strategies(shape, settings, effective, budget, context_counted, config.offload_activations)
+        strategies = {name: fit.to_dict() for name, fit in fits.items()}
+        strategy = choose_strategy(fits, config.strategy) or "fsdp"
+        settings = replace(settings, strategy=strategy)
     micro = requested
+    share = effective // gpus
     if budget is not None:
-        micro, settings = fit_budget(shape, settings, prepared.effective_batch, budget, context_counted,
-                                     config.offload_activations)
+        micro, settings = fit_budget(shape, settings, share, budget, context_counted, config.offload_activations)
         if micro == 0:
             needed = estimate(shape, replace(settings, micro_batch=1))
             options = what_would_fit(shape, settings, budget, context_counted)
             fix = (f"it would fit with {' or '.join(str(option) for option in options)}" if options
                    else "no single change makes it fit; use a smaller model")
+            per_gpu = f" per GPU ({strategy} on {gpus})" if gpus > 1 else ""
             raise RuntimeFailure(
-                f"training needs about {gb(needed.total)} even at micro-batch 1 ({settings.seq_len} tokens, "
+                f"training needs about {gb(needed.total)}{per_gpu} even at micro-batch 1 ({settings.seq_len} tokens, "
                 f"r={settings.lora_r}, {'4-bit' if quantize else 'not quantized'}), more than the "
                 f"{gb(budget)} of {budget_source}: {fix}"
             )
-        prepared.micro_batch, prepared.accumulation = micro, prepared.effective_batch // micro
+        prepared.micro_batch, prepared.accumulation = micro, share // micro
     return MemoryPlan(device.type, requested, micro, estimate(shape, replace(settings, micro_batch=micro)), source,
-                      budget, budget_source, settings.offloaded)
+                      budget, budget_source, settings.offloaded, gpus, strategy, strategies)
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str) -> LoadedModel:
+def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str,
+                sharded: bool = False) -> LoadedModel:
+    """The base loaded for training and wrapped with a fresh LoRA adapter; sharded: set up for FSDP
+    (4-bit storage in the compute dtype, PEFT's own LoRA forward)."""
     quiet_libraries()
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
+    device = select_device(config.device)
+    storage = quant_storage_for(config.bnb_4bit_quant_storage, sharded,
+                                str(compute_dtype(device)).replace("torch.", ""))
     loaded = load_model(model_ref, task=task, device_preference=config.device,
                         quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
-                        tokenizer=prepared.tokenizer)
+                        tokenizer=prepared.tokenizer, quant_storage=storage)
     model = loaded.model
     if loaded.quantized and loaded.device == "cpu":
         # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
@@ -254,7 +287,8 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
     for parameter in loaded.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-    use_lean_lora(loaded.model)
+    if not sharded:
+        use_lean_lora(loaded.model)
     return loaded
 
 
@@ -292,7 +326,12 @@ def _answer_loss_sum(model, batch) -> Any:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                    ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if is_sharded(model):  # through the root unit (it gathers the embeddings), no logits
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True, logits_to_keep=batch["input_ids"].new_zeros(0)).hidden_states[-1]
+        else:
+            hidden = decoder(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
     mask = labels != data_mod.IGNORE_INDEX
     picked = hidden[:, :-1][mask]
     targets = labels[mask]
@@ -307,6 +346,13 @@ def _answer_loss_sum(model, batch) -> Any:
         end = start + LOSS_CHUNK_TOKENS
         total = total + checkpoint(chunk_loss, picked[start:end], targets[start:end], use_reentrant=False)
     return total
+
+
+def is_sharded(model) -> bool:
+    """Whether model is wrapped by FSDP (engine/fsdp.py)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
 
 
 def _classification_logits(model, batch):
@@ -426,19 +472,26 @@ def has_checkpoint(staging: Path) -> bool:
 
 
 def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
-                      offload: ActivationOffload | None = None):
-    """Forward and backward over one optimizer step's examples in micro-batches; the summed loss."""
+                      offload: ActivationOffload | None = None, passes: int = 0, filler=None, scale: float = 1.0):
+    """Forward and backward over one optimizer step's examples in micro-batches; the summed loss.
+
+    The gradients are of the loss summed over rows divided by units, times scale. With passes, at least that many
+    micro-batches run: the ones past rows run filler (one example) at weight 0, so that every FSDP
+    rank joins the same number of gathers.
+    """
     import contextlib
 
     import torch
 
     total = torch.zeros((), device=device)
-    for start in range(0, len(rows), micro):
-        batch = _to_device(data_mod.collate(rows[start: start + micro], pad, classification), device)
+    batches = [(rows[start: start + micro], 1.0) for start in range(0, len(rows), micro)]
+    batches += [(filler, 0.0)] * (passes - len(batches))
+    for chunk, weight in batches:
+        batch = _to_device(data_mod.collate(chunk, pad, classification), device)
         try:
             with offload or contextlib.nullcontext():
-                loss = loss_fn(model, batch)
-            (loss / max(units, 1)).backward()
+                loss = loss_fn(model, batch) * weight
+            (loss * (scale / max(units, 1))).backward()
         finally:  # also after an out-of-memory error, so a retry does not find the old tensors held
             if offload is not None:
                 offload.clear()
@@ -514,11 +567,12 @@ class Outcome:
     history: list[dict[str, Any]]
 
 
-def make_optimizer(config: TrainConfig, model, device: str):
+def make_optimizer(config: TrainConfig, model, device: str, sharded: bool = False):
+    """Paged 8-bit AdamW on CUDA (also under DDP); torch's AdamW on the CPU and over FSDP's flat shards."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if device == "cuda":
+    if device == "cuda" and not sharded:
         try:
             import bitsandbytes as bnb
 
