@@ -49,7 +49,17 @@ def test_unknown_key_names_closest(tmp_path: Path):
     ("text", "pattern"),
     [
         ("lora_r: many\n", r"'lora_r' must be an integer"),
-        ("lora_r: 0\n", r"'lora_r' must be greater than 0"),
+        ("lora_r: 0\n", r"'lora_r' must be from 1 to"),
+        ("num_train_epochs: .nan\n", r"'num_train_epochs' must be a finite number"),
+        ("num_train_epochs: .inf\n", r"'num_train_epochs' must be a finite number"),
+        ("learning_rate: .nan\n", r"'learning_rate' must be a finite number"),
+        ("learning_rate: 5\n", r"'learning_rate' must be greater than 0 and at most 1"),
+        ("max_steps: -5\n", r"'max_steps' must be -1 \(train num_train_epochs\) or from 1"),
+        ("max_steps: 0\n", r"'max_steps' must be -1"),
+        ("warmup_ratio: -0.1\n", r"'warmup_ratio' must be in \[0, 1\)"),
+        ("max_grad_norm: .inf\n", r"'max_grad_norm' must be a finite number"),
+        ("per_device_train_batch_size: 1000000\n", r"'per_device_train_batch_size' must be from 1 to"),
+        ("seed: -1\n", r"'seed' must be from 0"),
         ("use_4bit_quantization: maybe\n", r"must be true or false"),
         ("task_type: chatt\n", r"unknown task 'chatt'.*did you mean 'chat'"),
         ("lr_scheduler_type: cosin\n", r"did you mean 'cosine'"),
@@ -133,3 +143,21 @@ def test_config_edit_uses_editor(cli, workspace, monkeypatch, tmp_path):
     result = cli("config", "edit", "mine")
     assert result.exit_code == 0, result.output
     assert cfg.read_config_file(workspace / "configs" / "mine.yaml")["lora_r"] == 64
+
+
+@pytest.mark.parametrize("option", [["--max-steps", "-5"], ["--lr", "nan"], ["--epochs", "inf"],
+                                    ["--set", "num_train_epochs=nan"], ["--set", "eval_steps=-2"]])
+def test_cli_refuses_bad_numbers_before_loading(cli, workspace, option):
+    """Regression: these were accepted (or failed only after the model loaded)."""
+    result = cli("train", "no-such-model", "no-such.csv", "chat", *option)
+    assert result.exit_code == 2, result.output
+    key = {"--max-steps": "max_steps", "--lr": "learning_rate", "--epochs": "num_train_epochs"}.get(
+        option[0], option[1].split("=")[0])
+    assert f"'{key}'" in result.output and len(result.output.strip().splitlines()) == 1
+
+
+def test_eval_strategy_steps_needs_eval_steps():
+    config = cfg.resolve_config({}, {"base_model": "m", "task_type": "chat", "dataset_path": "d.csv",
+                                     "eval_strategy": "steps"})
+    with pytest.raises(InputError, match="eval_strategy=steps needs eval_steps"):
+        cfg.check_complete(config)

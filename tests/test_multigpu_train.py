@@ -60,7 +60,8 @@ def test_two_processes_match_one_and_resume(cli, run_lqmf, workspace, tiny_model
 
     from safetensors.torch import load_file
 
-    weights_one, weights_two = load_file(one / "adapter_model.safetensors"), load_file(two / "adapter_model.safetensors")
+    weights_one = load_file(one / "adapter_model.safetensors")
+    weights_two = load_file(two / "adapter_model.safetensors")
     assert weights_one.keys() == weights_two.keys()
     for key, tensor in weights_one.items():
         assert weights_two[key].allclose(tensor, rtol=1e-3, atol=1e-5), key

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -186,23 +187,49 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
     return value
 
 
-_POSITIVE = {"lora_r", "lora_alpha", "per_device_train_batch_size", "gradient_accumulation_steps",
-             "max_seq_length", "learning_rate"}
+# The range of every numeric key: (lowest, highest, whether the lowest itself is allowed). Floats must
+# also be finite. Upper bounds are far past any sensible run; they catch typos and overflow.
+_RANGES: dict[str, tuple[float, float, bool]] = {
+    "lora_r": (1, 4096, True),
+    "lora_alpha": (1, 1_000_000, True),
+    "lora_dropout": (0, 0.999999, True),
+    "learning_rate": (0, 1, False),
+    "num_train_epochs": (0, 100_000, False),
+    "max_steps": (-1, 1_000_000_000, True),
+    "per_device_train_batch_size": (1, 65_536, True),
+    "gradient_accumulation_steps": (1, 65_536, True),
+    "max_seq_length": (1, 1_048_576, True),
+    "warmup_ratio": (0, 0.999999, True),
+    "weight_decay": (0, 100, True),
+    "max_grad_norm": (0, 1_000_000, True),
+    "seed": (0, 2**32 - 1, True),
+    "validation_split": (0, 0.999999, True),
+    "eval_steps": (0, 1_000_000_000, True),
+    "save_steps": (0, 1_000_000_000, True),
+    "logging_steps": (1, 1_000_000_000, True),
+}
+
+
+def _number(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else f"{value:g}"
 
 
 def _check_range(key: str, value: Any, source: str) -> None:
-    if key in _POSITIVE and value <= 0:
-        raise InputError(f"{source}: '{key}' must be greater than 0, got {value!r}")
-    if key == "num_train_epochs" and value <= 0:
-        raise InputError(f"{source}: '{key}' must be greater than 0, got {value!r}")
-    if key in ("lora_dropout", "warmup_ratio") and not 0 <= value < 1:
-        raise InputError(f"{source}: '{key}' must be in [0, 1), got {value!r}")
-    if key == "validation_split" and not 0 <= value < 1:
-        raise InputError(f"{source}: '{key}' must be in [0, 1), got {value!r}")
-    if key in ("eval_steps", "save_steps", "weight_decay", "max_grad_norm") and value < 0:
-        raise InputError(f"{source}: '{key}' must not be negative, got {value!r}")
-    if key == "logging_steps" and value < 1:
-        raise InputError(f"{source}: '{key}' must be at least 1, got {value!r}")
+    limits = _RANGES.get(key)
+    if limits is not None and value is not None:
+        low, high, low_allowed = limits
+        if not math.isfinite(value):
+            raise InputError(f"{source}: '{key}' must be a finite number, got {value!r}")
+        if key == "max_steps" and value == 0 or value < low or (value == low and not low_allowed) or value > high:
+            if key == "max_steps":
+                wanted = f"-1 (train num_train_epochs) or from 1 to {_number(high)}"
+            elif high < 1:
+                wanted = f"in [{_number(low)}, 1)"
+            elif low_allowed:
+                wanted = f"from {_number(low)} to {_number(high)}"
+            else:
+                wanted = f"greater than {_number(low)} and at most {_number(high)}"
+            raise InputError(f"{source}: '{key}' must be {wanted}, got {value!r}")
     if key == "max_memory" and value is not None:
         try:
             parse_size(value)
@@ -285,6 +312,9 @@ def check_complete(config: TrainConfig) -> None:
         raise InputError(
             f"missing {', '.join(missing)}: give MODEL DATASET TASK on the command line or set them in the config"
         )
+    if config.eval_strategy == "steps" and config.eval_steps < 1:
+        raise InputError("eval_strategy=steps needs eval_steps of at least 1 (now "
+                         f"{config.eval_steps}); set eval_steps or eval_strategy=epoch")
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATE.get(config.task_type, GENERATIVE_LEARNING_RATE)
 

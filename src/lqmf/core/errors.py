@@ -3,7 +3,7 @@
 Exit codes (documented in the README):
   0 ok, 1 failure, 2 bad input (config, dataset, arguments), 3 not found,
   4 already exists / conflict, 5 runtime failure (training, model loading),
-  130 interrupted (Ctrl-C; a resumable checkpoint was saved where possible).
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM): a resumable checkpoint was saved where possible.
 """
 
 from __future__ import annotations

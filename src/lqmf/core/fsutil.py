@@ -47,3 +47,17 @@ def atomic_write_json(path: Path, data: Any) -> None:
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record, default=str) + "\n")
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under folder, and the folders themselves, to disk."""
+    for path in sorted(Path(folder).rglob("*"), reverse=True):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(Path(folder))

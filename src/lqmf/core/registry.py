@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure, did_you_mean
+from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import atomic_write_json, fsync_dir
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.names import slug, validate_name
@@ -120,12 +121,12 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def file_inventory(folder: Path) -> dict[str, dict[str, Any]]:
-    """{relative path: {size, sha256}} for every file in folder except the manifest."""
+def file_inventory(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """{relative path: {size, sha256}} for every file in folder except the manifest and the excluded folders."""
     out = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
-        if rel == MANIFEST:
+        if rel == MANIFEST or rel.split("/")[0] in exclude:
             continue
         out[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
     return out
@@ -328,10 +329,17 @@ class Registry:
 
     # ------------------------------------------------------------------ writing
 
-    def finalize(self, name: str, staging: Path, manifest: dict[str, Any], force: bool = False) -> Path:
-        """Write the manifest into staging, then rename staging into place (atomically, under the lock)."""
-        manifest = {**manifest, "files": file_inventory(staging)}
+    def finalize(self, name: str, staging: Path, manifest: dict[str, Any], force: bool = False,
+                 scratch: tuple[str, ...] = ()) -> Path:
+        """Write the manifest into staging, then rename staging into place (atomically, under the lock).
+
+        scratch: folders in staging that are not part of the adapter (a training checkpoint): left out
+        of the manifest, and removed only once the adapter is in place, so that a kill at any instant
+        leaves either the finished adapter or the run that can still be resumed.
+        """
+        manifest = {**manifest, "files": file_inventory(staging, exclude=scratch)}
         atomic_write_json(staging / MANIFEST, manifest)
+        fault_point("finalize.manifest_written")
         target = self.path(name)
         with self.lock():
             trash = None
@@ -339,8 +347,12 @@ class Registry:
                 if not force:
                     raise ConflictError(f"adapter '{name}' already exists; use --force to replace it")
                 trash = self._to_trash(target, name)
+                fault_point("finalize.old_trashed")
             staging.rename(target)
             fsync_dir(self.root)
+        fault_point("finalize.renamed")
+        for folder in scratch:
+            shutil.rmtree(target / folder, ignore_errors=True)
         if trash is not None:
             self._empty_trash(trash)
         return target

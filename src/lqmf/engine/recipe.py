@@ -19,6 +19,7 @@ from typing import Any
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
 from lqmf.core.errors import Interrupted, LqmfError, RankFailure, RuntimeFailure
+from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
@@ -360,7 +361,11 @@ class Recipe:
 
         weights = fsdp.trainable_state_dict(self.runner) if self.sharded else None
         if self.main:
+            # The last step's checkpoint stays in staging until the finished adapter is in place
+            # (Registry.finalize removes it): a kill at any instant leaves the adapter or a resumable run.
+            fault_point("train.final_checkpoint")
             steps.save_adapter(self.model, self.staging, weights)
+            fault_point("train.adapter_saved")
         device = self.loaded.device
         peaks = self.collective.gather(peak_memory_gb(device))
         reserved = self.collective.gather(torch.cuda.max_memory_reserved() / GiB if device == "cuda" else None)

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from contextlib import ExitStack
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 from lqmf.core import config as cfg
 from lqmf.core.datasets import TaskDataset, load_task_dataset
 from lqmf.core.distributed import Topology, requested_gpus
-from lqmf.core.errors import ConflictError, LqmfError, NotFoundError, RankFailure
+from lqmf.core.errors import ConflictError, Interrupted, LqmfError, NotFoundError, RankFailure
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.manifest import build_manifest, default_adapter_name
 from lqmf.core.models import ModelCatalogue, ResolvedModel
@@ -111,14 +114,17 @@ class TrainingRun:
 
         if self.topology.distributed:
             return self.run_rank(loaded)
-        gpus = requested_gpus(self.config.gpus, visible_gpus(), self.config.device)
+        gpus = 1
+        if self.config.gpus is not None:  # one GPU means one GPU: without the setting, one device
+            gpus = requested_gpus(self.config.gpus, 0 if self.config.device == "cpu" else visible_gpus(),
+                                  self.config.device)
         self.check_conflicts(dry_run)
+        if gpus > 1 and not dry_run:
+            return self.launch(gpus)  # the ranks prepare and plan; rank 0's plan holds for all
         prepared = engine.prepare(self.config, self.model, self.data)
         memory = engine.plan_memory(self.config, self.model, prepared, gpus)
         if dry_run:
             return self.dry_run(prepared, memory)
-        if gpus > 1:
-            return self.launch(gpus, memory.strategy)
         from lqmf.engine.distributed import Collective
 
         return self.execute(prepared, memory, Collective(), loaded)
@@ -132,11 +138,10 @@ class TrainingRun:
                 "memory": memory.to_dict(), "config": self.config.to_dict()}
         return TrainResult(self.adapter, self.data.task, plan=plan)
 
-    def launch(self, gpus: int, strategy: str) -> TrainResult:
+    def launch(self, gpus: int) -> TrainResult:
         """One process per GPU, each running this service; rank 0's result."""
         from lqmf.engine.distributed import launch
 
-        self.config.strategy = strategy  # what the plan chose, so that every rank runs the same
         quiet = getattr(self.events, "quiet", self.events is None)
         result = launch(gpus, {"workspace": str(self.workspace.root), "config": self.config.to_dict(),
                                "resume": self.resume, "force": self.force, "quiet": quiet},
@@ -169,6 +174,7 @@ class TrainingRun:
             if collective.is_main:
                 try:  # While the run lock is held, `adapters list` shows the run as training.
                     stack.enter_context(self.registry.training_run(self.adapter, wait=5.0))
+                    stack.enter_context(terminate_as_interrupt())
                     self.open_staging()
                 except LqmfError as err:
                     refusal = err
@@ -181,24 +187,43 @@ class TrainingRun:
                 recipe = Recipe(self.config, self.model, self.data, self.staging, prepared=prepared, memory=memory,
                                 events=self.events, resume=self.resume, collective=collective)
                 outcome = recipe.run(loaded)
-                target = None
+                target, runtime = None, outcome.runtime
                 if collective.is_main:
                     manifest = build_manifest(self.adapter, self.config, self.model, self.data, prepared.plan(),
                                               outcome.metrics, outcome.runtime)
+                    runtime = manifest["runtime"]
                     target = self.registry.finalize(self.adapter, self.staging, manifest,
-                                                    force=self.force or self.resume)
+                                                    force=self.force or self.resume, scratch=engine.CHECKPOINT_FOLDERS)
             except BaseException:
                 if collective.is_main and not engine.has_checkpoint(self.staging):
                     shutil.rmtree(self.staging, ignore_errors=True)  # nothing to resume: no unfinished run left
                 raise
         collective.barrier()
-        return TrainResult(self.adapter, self.data.task, target, outcome.metrics, outcome.runtime)
+        return TrainResult(self.adapter, self.data.task, target, outcome.metrics, runtime)
 
     def open_staging(self) -> None:
         if not self.resume and self.staging.exists():
             shutil.rmtree(self.staging)
         self.staging.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.staging / STAGED_CONFIG, cfg.dump_config(self.config))
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM before or after the training loop stops the run as Ctrl-C does (exit 143, one line);
+    inside the loop the engine's StopFlag takes over and checkpoints first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Interrupted("terminated (SIGTERM)", exit_code=128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def run_launch_request(path: str | Path, events: Any) -> None:

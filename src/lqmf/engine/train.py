@@ -7,11 +7,12 @@ materialising full-vocabulary logits, and sync with the device only when it logs
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import random
 import signal
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from typing import Any
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
 from lqmf.core.distributed import check_batch_split, quant_storage_for
-from lqmf.core.errors import Interrupted, RuntimeFailure
-from lqmf.core.fsutil import append_jsonl
+from lqmf.core.errors import InputError, RuntimeFailure
+from lqmf.core.faults import fault_point
+from lqmf.core.fsutil import atomic_write_text, fsync_dir, fsync_tree
 from lqmf.core.memory_plan import (
     GiB,
     MemoryEstimate,
@@ -49,16 +51,14 @@ from lqmf.engine.loading import (
     select_device,
 )
 from lqmf.engine.memory import (
-    is_out_of_memory,
     memory_budget,
-    memory_in_use_gb,
-    peak_memory_gb,
-    release_memory,
-    reset_peak_memory,
 )
 from lqmf.engine.offload import ActivationOffload
 
 CHECKPOINT_DIR = "checkpoint"
+TRAINING_STATE = "training_state.pt"
+# What a run keeps in staging besides the adapter: removed once the finished adapter is in place.
+CHECKPOINT_FOLDERS = (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old")
 METRICS_LOG = "metrics.jsonl"
 LOSS_CHUNK_TOKENS = 1024
 
@@ -432,8 +432,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
-    """Replace staging/checkpoint with the state after the last finished optimizer step."""
+def save_adapter(model, folder: Path, weights: dict[str, Any] | None = None) -> None:
+    """The PEFT adapter files of model; weights: its trainable state gathered from FSDP's shards."""
+    model.save_pretrained(folder, **({"state_dict": weights} if weights is not None else {}))
+
+
+def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any],
+                    weights: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> None:
+    """Replace staging/checkpoint with the state after the last finished optimizer step (under FSDP:
+    weights and optimizer_state, gathered whole).
+
+    training_state.pt holds only tensors and plain containers, so that it loads with
+    torch.load(weights_only=True), which runs no code from the file.
+    """
     import shutil
 
     import torch
@@ -441,34 +452,90 @@ def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[s
     final = staging / CHECKPOINT_DIR
     tmp = staging / f"{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": progress, "rng": _rng_state()}, tmp / "training_state.pt")
+    save_adapter(model, tmp, weights)
+    torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "progress": progress, "rng": _rng_state()},
+               tmp / TRAINING_STATE)
+    fsync_tree(tmp)
+    fault_point("checkpoint.written")
     old = staging / f"{CHECKPOINT_DIR}.old"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
+        fault_point("checkpoint.moved_aside")
     tmp.rename(final)
+    fsync_dir(staging)
+    fault_point("checkpoint.replaced")
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(staging: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def checkpoint_folder(staging: Path) -> Path | None:
+    """The newest complete checkpoint in staging: checkpoint/, or checkpoint.old/ when a kill came
+    between moving the old one aside and putting the new one in place."""
+    for name in (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.old"):
+        if (staging / name / TRAINING_STATE).is_file():
+            return staging / name
+    return None
+
+
+def read_checkpoint(staging: Path) -> dict[str, Any] | None:
+    """{"weights": the adapter's tensors, "state": optimizer, scheduler, progress, rng} of staging's
+    newest complete checkpoint, checked; None when there is none."""
+    import pickle
+
     import torch
-    from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = staging / CHECKPOINT_DIR
-    weights = load_file(str(folder / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    state = torch.load(folder / "training_state.pt", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["progress"]
+    folder = checkpoint_folder(staging)
+    if folder is None:
+        return None
+    state_file = folder / TRAINING_STATE
+    try:
+        # weights_only: a planted file must not run code; ours holds only tensors and plain containers
+        state = torch.load(state_file, weights_only=True)
+        weights = load_file(str(folder / "adapter_model.safetensors"))
+    except pickle.UnpicklingError:
+        raise InputError(f"{state_file}: refused to load: it holds objects other than tensors and plain "
+                         "values (not a checkpoint LQMF wrote); remove the run with lqmf adapters remove "
+                         "--broken") from None
+    except (OSError, RuntimeError, EOFError, SafetensorError) as err:
+        raise InputError(f"{folder}: the checkpoint is unreadable ({first_line(err)}); remove the run with "
+                         "lqmf adapters remove --broken") from None
+    if not isinstance(state, dict) or not {"optimizer", "scheduler", "progress", "rng"} <= set(state):
+        raise InputError(f"{state_file}: not a checkpoint LQMF wrote (missing keys)")
+    return {"weights": weights, "state": state}
+
+
+def apply_weights(model, checkpoint: dict[str, Any]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, checkpoint["weights"])
 
 
 def has_checkpoint(staging: Path) -> bool:
-    return (staging / CHECKPOINT_DIR / "training_state.pt").is_file()
+    return checkpoint_folder(staging) is not None
+
+
+def truncate_log(log_path: Path, step: int | None) -> int:
+    """Drop metrics records past a checkpoint's step (all of them without one); returns how many.
+
+    A resumed run logs its steps again from there, so the log never holds one step twice.
+    """
+    if not log_path.is_file():
+        return 0
+    lines = log_path.read_text(encoding="utf-8").splitlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if step is not None and isinstance(record, dict) and record.get("step", 0) <= step:
+            kept.append(line)
+    if len(kept) != len(lines):
+        atomic_write_text(log_path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
 
 
 def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
@@ -518,11 +585,8 @@ def _fit_message(memory: MemoryPlan, effective: int) -> str:
             f"{effective // before} -> {effective // after}, effective batch {effective} unchanged")
 
 
-def _stop_out_of_memory(staging: Path, model, optimizer, scheduler, progress: dict[str, Any], config: TrainConfig,
-                        reason: str) -> None:
-    """Out of memory at micro-batch 1: keep what is done and say what would need less memory."""
-    if progress["step"] > 0:
-        save_checkpoint(staging, model, optimizer, scheduler, progress)
+def _stop_out_of_memory(config: TrainConfig, progress: dict[str, Any], reason: str) -> None:
+    """Out of memory at micro-batch 1 (what is done is checkpointed): say what would need less memory."""
     fixes = [f"a shorter max_seq_length (now {config.max_seq_length})", f"a lower lora_r (now {config.lora_r})"]
     if not config.use_4bit_quantization:
         fixes.append("use_4bit_quantization=true")
@@ -535,29 +599,42 @@ def _stop_out_of_memory(staging: Path, model, optimizer, scheduler, progress: di
 
 
 class StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint and stop. Second: stop at once."""
+    """SIGINT (Ctrl-C) or SIGTERM (systemd, docker stop, schedulers): finish the current step,
+    checkpoint and stop (exit 130 or 143). A second signal stops at once, as a kill would: the last
+    saved checkpoint is kept, and one line (no traceback) says so.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
-        self.requested = False
-        self._previous = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGINT)
 
     def __enter__(self) -> StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.getsignal(signal.SIGINT)
-            signal.signal(signal.SIGINT, self._handle)
+            for signum in self.SIGNALS:
+                self._previous[signum] = signal.getsignal(signum)
+                signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+            return
+        os.write(2, b"error: interrupted again: stopped at once; the last saved checkpoint is kept\n")
+        os._exit(128 + signum)
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-
-
-# ----------------------------------------------------------------------------- run
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 @dataclass
@@ -585,203 +662,17 @@ def make_optimizer(config: TrainConfig, model, device: str, sharded: bool = Fals
 
 def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
           events: Events | None = None, prepared: Prepared | None = None, resume: bool = False,
-          memory: MemoryPlan | None = None) -> Outcome:
+          memory: MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None) -> Outcome:
     """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
 
-    memory is plan_memory's result for prepared, when the caller has it already.
+    memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
+    caller set up already (setup_model, e.g. on a base it keeps loaded; seed torch before that);
+    collective the ranks of a multi-process run (engine/distributed.py). The steps: engine/recipe.py.
     """
-    import torch
-    from transformers import get_scheduler
+    from lqmf.engine.recipe import Recipe
 
-    events = events or Events()
-    classification = dataset.task == "classification"
     prepared = prepared or prepare(config, model_ref, dataset)
-    for note in prepared.notes:
-        events.on_note(note)
     memory = memory or plan_memory(config, model_ref, prepared)
-    if memory.micro_batch != memory.requested_micro_batch:
-        events.on_note(_fit_message(memory, prepared.effective_batch))
-    if memory.offload_activations:
-        events.on_note(f"activation offload on: checkpointed activations wait in pinned CPU memory "
-                       f"(offload_activations={config.offload_activations})")
-    elif config.offload_activations == "on":
-        events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing; not offloading on "
-                       f"{memory.device}")
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    loaded = setup_model(config, model_ref, prepared, dataset.task)
-    for note in loaded.notes:
-        events.on_note(note)
-    model = loaded.model
-    optimizer, optimizer_name = make_optimizer(config, model, loaded.device)
-    total = prepared.total_steps
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                              num_warmup_steps=int(config.warmup_ratio * total), num_training_steps=total)
-    log_path = staging / METRICS_LOG
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": prepared.micro_batch,
-                "history": [], "initial_eval": None, "elapsed_s": 0.0}
-    if resume and has_checkpoint(staging):
-        progress = load_checkpoint(staging, model, optimizer, scheduler)
-        progress["micro_batch"] = min(progress["micro_batch"], prepared.micro_batch)
-        events.on_note(f"resumed from step {progress['step']}/{total}")
-    effective = prepared.effective_batch
-    if memory.micro_batch != memory.requested_micro_batch:
-        append_jsonl(log_path, _memory_record("fit", progress["step"], memory.requested_micro_batch,
-                                              memory.micro_batch, effective, budget_gb=memory.to_dict()["budget_gb"],
-                                              budget_source=memory.budget_source))
-    plan = {**prepared.plan(), **loaded.runtime(), "optimizer": optimizer_name,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters()), "resumed_at_step": progress["step"],
-            "memory": memory.to_dict()}
-    events.on_plan(plan)
-    n_labels = len(prepared.labels)
-
-    def run_eval(step: int, epoch: float) -> dict[str, Any]:
-        batch_size = max(1, progress["micro_batch"] * 2)
-        while True:
-            try:
-                result = evaluate(loaded, prepared.validation, classification, batch_size, n_labels)
-                break
-            except Exception as err:
-                if batch_size == 1 or not is_out_of_memory(err):
-                    raise
-            release_memory(loaded.device)
-            batch_size //= 2
-            events.on_note(f"out of memory while evaluating: evaluation batch {batch_size * 2} -> {batch_size}")
-        record = {"type": "eval", "step": step, "epoch": round(epoch, 3),
-                  **{f"eval_{k}": v for k, v in result.items()}}
-        append_jsonl(log_path, record)
-        events.on_eval(record)
-        return record
-
-    if prepared.validation and config.eval_at_start and progress["step"] == 0 and progress["initial_eval"] is None:
-        progress["initial_eval"] = run_eval(0, 0.0)
-
-    model.train()
-    reset_peak_memory(loaded.device)
-    started = time.perf_counter() - progress["elapsed_s"]
-    pad = loaded.tokenizer.pad_token_id
-    loss_fn = _classification_loss_sum if classification else _answer_loss_sum
-    offload = ActivationOffload(loaded.device) if memory.offload_activations else None
-    last_eval: dict[str, Any] | None = None
-    window_loss = torch.zeros((), device=loaded.device)
-    window_units = 0
-    window_tokens = 0
-    window_start = time.perf_counter()
-    with StopFlag() as stop:
-        try:
-            while progress["step"] < total:
-                epoch = progress["epoch"]
-                order = list(range(len(prepared.train)))
-                random.Random(config.seed + epoch).shuffle(order)
-                groups = [order[i: i + effective] for i in range(0, len(order), effective)]
-                while progress["step_in_epoch"] < len(groups) and progress["step"] < total:
-                    rows = [prepared.train[i] for i in groups[progress["step_in_epoch"]]]
-                    units = _units(rows, classification)
-                    micro = progress["micro_batch"]
-                    try:
-                        step_loss = _forward_backward(model, loss_fn, rows, units, micro, pad, classification,
-                                                      loaded.device, offload)
-                    except Exception as err:
-                        if not is_out_of_memory(err):
-                            raise
-                        reason = first_line(err)
-                    else:
-                        reason = None
-                    if reason is not None:  # handled here, once the traceback and its tensors are gone
-                        optimizer.zero_grad(set_to_none=True)  # the half-done step's gradients
-                        release_memory(loaded.device)
-                        smaller = _divisor_at_most(effective, micro // 2)
-                        if smaller == 0:
-                            _stop_out_of_memory(staging, model, optimizer, scheduler, progress, config, reason)
-                        progress["micro_batch"] = smaller
-                        record = _memory_record("out_of_memory", progress["step"] + 1, micro, smaller, effective,
-                                                error=reason, memory_gb=memory_in_use_gb(loaded.device))
-                        append_jsonl(log_path, record)
-                        events.on_note(f"out of memory in step {record['step']} at micro-batch {micro}: micro-batch "
-                                       f"{micro} -> {smaller}, gradient accumulation "
-                                       f"{record['gradient_accumulation'][0]} -> {record['gradient_accumulation'][1]} "
-                                       f"(effective batch {effective} unchanged); redoing step {record['step']}")
-                        continue
-                    window_loss += step_loss
-                    window_tokens += sum(len(r["input_ids"]) for r in rows)
-                    window_units += units
-                    grad_norm = None
-                    if config.max_grad_norm > 0:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(
-                            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    progress["step"] += 1
-                    progress["step_in_epoch"] += 1
-                    step = progress["step"]
-                    epoch_float = epoch + progress["step_in_epoch"] / len(groups)
-                    if step % config.logging_steps == 0 or step == total:
-                        loss_value = float(window_loss) / max(window_units, 1)  # waits for the device
-                        now = time.perf_counter()
-                        elapsed = now - started
-                        record = {
-                            "type": "train", "step": step, "total_steps": total, "epoch": round(epoch_float, 3),
-                            "loss": loss_value,
-                            "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                            "memory_gb": memory_in_use_gb(loaded.device),
-                            "elapsed_s": elapsed, "eta_s": elapsed / step * (total - step) if step else None,
-                        }
-                        progress["history"].append(record)
-                        append_jsonl(log_path, record)
-                        events.on_step(record)
-                        window_loss.zero_()
-                        window_units = window_tokens = 0
-                        window_start = time.perf_counter()
-                    epoch_done = progress["step_in_epoch"] >= len(groups)
-                    if prepared.validation and (
-                        (config.eval_strategy == "steps" and config.eval_steps and step % config.eval_steps == 0)
-                        or (config.eval_strategy == "epoch" and epoch_done)
-                        or (config.eval_strategy != "no" and step == total and last_eval is None)
-                    ):
-                        last_eval = run_eval(step, epoch_float)
-                    if epoch_done:
-                        progress["epoch"] += 1
-                        progress["step_in_epoch"] = 0
-                    progress["elapsed_s"] = time.perf_counter() - started
-                    if (config.save_steps and step % config.save_steps == 0) or (epoch_done and step < total):
-                        save_checkpoint(staging, model, optimizer, scheduler, progress)
-                    if stop.requested and step < total:
-                        raise KeyboardInterrupt
-                    if epoch_done:
-                        break
-        except KeyboardInterrupt:
-            optimizer.zero_grad(set_to_none=True)
-            progress["elapsed_s"] = time.perf_counter() - started
-            save_checkpoint(staging, model, optimizer, scheduler, progress)
-            raise Interrupted(
-                f"training interrupted after step {progress['step']}/{total}; checkpoint saved in {staging}"
-            ) from None
-
-    model.save_pretrained(staging)
-    import shutil
-
-    shutil.rmtree(staging / CHECKPOINT_DIR, ignore_errors=True)
-    train_records = [h for h in progress["history"] if h["type"] == "train"]
-    metrics: dict[str, Any] = {
-        "train_loss": train_records[-1]["loss"] if train_records else None,
-        "first_train_loss": train_records[0]["loss"] if train_records else None,
-        "steps": progress["step"], "epochs": round(progress["step"] / prepared.steps_per_epoch, 3),
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "peak_memory_gb": peak_memory_gb(loaded.device),
-    }
-    if loaded.device == "cuda":
-        metrics["peak_memory_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
-    if last_eval:
-        metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
-    if progress["initial_eval"]:
-        metrics["initial"] = {k: v for k, v in progress["initial_eval"].items() if k.startswith("eval_")}
-    runtime = {**loaded.runtime(), "optimizer": optimizer_name, "micro_batch": progress["micro_batch"],
-               "gradient_accumulation": math.ceil(effective / progress["micro_batch"]),
-               "offload_activations": offload is not None,
-               "memory_estimate_gb": round(memory.estimate.total / GiB, 3) if memory.estimate else None,
-               "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"]}
-    return Outcome(metrics, runtime, progress["history"])
+    recipe = Recipe(config, model_ref, dataset, staging, prepared=prepared, memory=memory, events=events,
+                    resume=resume, collective=collective)
+    return recipe.run(loaded)
