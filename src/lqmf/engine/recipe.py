@@ -77,6 +77,8 @@ class Recipe:
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
         if checkpoint and self.sharded:  # LoRA weights go in before FSDP flattens them
             steps.apply_weights(self.model, checkpoint)
+        counts = {"trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                  "total_params": sum(p.numel() for p in self.model.parameters())}  # before FSDP shards them
         self.runner = (fsdp.wrap(self.model, self.loaded.device, compute_dtype(select_device(self.loaded.device)))
                        if self.sharded else self.model)
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
@@ -88,9 +90,7 @@ class Recipe:
         self.progress = self._resumed(checkpoint) if self.resume else dict(self.fresh)
         self.resumed_from = self.progress["step"] if self.resume else None
         self._log_fit()
-        self.plan = {**self.prepared.plan(), **self.loaded.runtime(), "optimizer": self.optimizer_name,
-                     "trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                     "total_params": sum(p.numel() for p in self.model.parameters()),
+        self.plan = {**self.prepared.plan(), **self.loaded.runtime(), "optimizer": self.optimizer_name, **counts,
                      "resumed_at_step": self.progress["step"], "memory": self.memory.to_dict()}
         self.events.on_plan(self.plan)
 
