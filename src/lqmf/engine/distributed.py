@@ -39,6 +39,10 @@ class Collective:
 
             cpu = device_type != "cuda"
             self.state = PartialState(cpu=cpu, backend="gloo" if cpu else "nccl")
+            if not cpu:  # every "cuda" after this (loading, memory figures) means this rank's GPU
+                import torch
+
+                torch.cuda.set_device(self.topology.local_rank)
 
     @property
     def distributed(self) -> bool:
