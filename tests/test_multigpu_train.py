@@ -32,17 +32,18 @@ def test_two_processes_match_one_and_resume(cli, run_lqmf, workspace, tiny_model
     single = cli("train", tiny_model, data, "chat", "--name", "one", *RUN)
     assert single.exit_code == 0, single.output
 
-    # Rank 0 signals itself as it finishes its second checkpoint: both ranks stop after that step.
+    # Rank 0 signals itself as it finishes its second checkpoint: both ranks agree on it in the next
+    # step and stop after it.
     first = run_lqmf("train", tiny_model, data, "chat", "--name", "two", "--gpus", "2", *RUN,
                      env={"LQMF_FAULT_AT": "checkpoint.replaced#2:SIGINT"})
     assert first.returncode == 130, first.stderr
-    assert first.stderr.strip().splitlines()[-1].startswith("error: training interrupted after step 2/4")
+    assert first.stderr.strip().splitlines()[-1].startswith("error: training interrupted after step 3/4")
     assert "Traceback" not in first.stderr
     resumed = run_lqmf("train", "--resume", "two", "--gpus", "2", "--json")
     assert resumed.returncode == 0, resumed.stderr
     result = json.loads(resumed.stdout)
     assert result["runtime"]["processes"] == 2 and result["runtime"]["strategy"] == "ddp"
-    assert result["resumed_from_step"] == 2
+    assert result["resumed_from_step"] == 3
 
     one, two = workspace / "adapters" / "one", workspace / "adapters" / "two"
     curve_one = [r["loss"] for r in records(one, "train")]

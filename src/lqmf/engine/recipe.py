@@ -191,8 +191,8 @@ class Recipe:
             step = progress["step"]
             if (self.config.save_steps and step % self.config.save_steps == 0) or epoch_done or step == self.total:
                 self.checkpoint()
-            if step < self.total and self.collective.agree(self.stop.requested)[0]:
-                raise _StopRequested  # a signal reached some rank, here or while it checkpointed
+            if step < self.total and (outcome["stop"] or not self.collective.distributed and self.stop.requested):
+                raise _StopRequested  # alone, also a signal that came while it checkpointed
             if epoch_done:
                 return
 
@@ -224,7 +224,7 @@ class Recipe:
                 raise
             else:
                 failure = err.message if isinstance(err, LqmfError) else f"{type(err).__name__}: {first_line(err)}"
-        any_oom, any_failure = self.collective.agree(oom is not None, failure is not None)
+        any_oom, any_failure, stop = self.collective.agree(oom is not None, failure is not None, self.stop.requested)
         if any_failure:
             self.fail_together(failure)
         if any_oom:
@@ -242,7 +242,7 @@ class Recipe:
         self.window_loss += loss
         self.window_units += units
         self.window_tokens += sum(len(r["input_ids"]) for r in rows)
-        return {"grad_norm": grad_norm}
+        return {"grad_norm": grad_norm, "stop": bool(stop)}  # ranks stop after the same step
 
     def recover_from_oom(self, reason: str) -> None:
         """Halve the micro-batch (keeping the effective batch); at micro-batch 1, stop with a checkpoint."""
