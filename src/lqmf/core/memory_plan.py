@@ -61,6 +61,11 @@ ALLOCATOR_SLACK = 0.08
 # With activation offload, copies on side streams keep freed blocks reserved until they finish:
 # reserved/allocated was 1.161-1.163 in the two offloaded H200 runs (docs/memory.md).
 ALLOCATOR_SLACK_OFFLOADED = 0.16
+# Under FSDP the blocks' weights are gathered on FSDP's own streams, and the caching allocator keeps
+# blocks freed there apart from the compute stream's: what a step allocates and frees (activations,
+# gathered blocks) came close to being reserved twice, 1.495 x allocated in all, in the FSDP-QLoRA
+# run on two H200s (docs/performance.md, h200x2-memory-fsdp-mb2.json): 0.9 of it on top of the 8%.
+FSDP_STREAM_SLACK = 0.9
 
 GATED_MLP_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                    "olmo", "olmo2", "starcoder2_gated", "cohere", "granite", "smollm3"}
@@ -380,6 +385,10 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else 0
     slack_share = ALLOCATOR_SLACK_OFFLOADED if settings.offloaded else ALLOCATOR_SLACK
     slack = int(slack_share * (peak - paged)) if settings.device == "cuda" else 0
+    if settings.sharded and settings.device == "cuda":
+        gathered = FSDP_GATHERED_BLOCKS * shape.block_linear_params * (
+            NF4_BYTES_PER_PARAM if settings.quantize_4bit else c)
+        slack += int(FSDP_STREAM_SLACK * (saved + max(working, logits_loss) + gathered))
     details = {
         "parameters": shape.parameters, "quantized_params": quantized, "lora_params": lora_params,
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
