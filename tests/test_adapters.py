@@ -208,14 +208,21 @@ def test_remove(cli, workspace):
     assert cli("adapters", "remove").exit_code == 2
     assert cli("adapters", "remove", "drop", "--broken").exit_code == 2
 
-    removed = out_json(cli("adapters", "remove", "drop", "--yes", "--json"))["removed"]
-    assert removed == ["drop", ".staging-drop"]
-    assert not (workspace / "adapters" / "drop").exists() and not (workspace / "adapters" / ".staging-drop").exists()
-    assert not any(r["active"] for r in out_json(cli("adapters", "list", "--json")))
-    assert cli("adapters", "remove", "drop", "--yes").exit_code == 3
+    # Regression: with an unfinished run beside it (a failed --force re-run), `remove drop` removed both.
+    ambiguous = cli("adapters", "remove", "drop", "--yes")
+    assert ambiguous.exit_code == 4 and "remove --broken" in ambiguous.output
+    assert (workspace / "adapters" / "drop").is_dir() and (workspace / "adapters" / ".staging-drop").is_dir()
+    listed = out_json(cli("adapters", "list", "--json"))
+    assert any("lqmf adapters remove --broken" in (r["problem"] or "") for r in listed if r["name"] == "drop")
 
     assert out_json(cli("adapters", "remove", "--broken", "-y", "--json"))["removed"] == [
-        "broken-one", ".staging-crashed"]
+        "broken-one", ".staging-crashed", ".staging-drop"]
+    assert (workspace / "adapters" / "drop").is_dir()
+    removed = out_json(cli("adapters", "remove", "drop", "--yes", "--json"))["removed"]
+    assert removed == ["drop"]
+    assert not (workspace / "adapters" / "drop").exists()
+    assert not any(r["active"] for r in out_json(cli("adapters", "list", "--json")))
+    assert cli("adapters", "remove", "drop", "--yes").exit_code == 3
     assert [(r["name"], r["state"]) for r in out_json(cli("adapters", "list", "--json"))] == [("keep", "ok")]
     assert not [p for p in (workspace / "adapters").iterdir() if p.name.startswith(".trash-")]
 

@@ -11,6 +11,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from lqmf.core.errors import ConflictError
+from lqmf.core.registry import file_inventory
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
 from lqmf.engine.host import ModelHost
@@ -36,7 +37,9 @@ def derive_adapter(workspace: Path, source: str, name: str, *, keep: tuple[str, 
         config["lora_dropout"] = dropout
     (folder / "adapter_config.json").write_text(json.dumps(config))
     manifest = json.loads((folder / "lqmf.json").read_text())
-    (folder / "lqmf.json").write_text(json.dumps({**manifest, "name": name}))
+    lora = {**manifest["lora"], "target_modules": config["target_modules"]}
+    (folder / "lqmf.json").write_text(json.dumps({**manifest, "name": name, "lora": lora,
+                                                  "files": file_inventory(folder)}))
 
 
 def answer(host: ModelHost, model_id: str) -> str:

@@ -12,6 +12,7 @@ from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import App, human_size, info, print_json, print_json_rows, print_table
 from lqmf.core.config import normalize_task
 from lqmf.core.errors import InputError, LqmfError
+from lqmf.core.integrity import ChecksumCache
 from lqmf.core.registry import BROKEN, Registry
 
 app = App(help="Manage trained adapters: list, show, load/switch/unload (the active adapter of each base "
@@ -46,11 +47,12 @@ def list_adapters(
     wanted_task = normalize_task(task) if task else None
     matches = registry.base_selector(base) if base else None
     active = registry.active_pointers(strict=False)
+    checksums = ChecksumCache(registry.workspace.root)
     rows = []
     for entry in registry.entries():
         if (wanted_task or matches) and not entry.complete:
             continue
-        row = registry.summary(entry, active)
+        row = registry.summary(entry, active, checksums)
         if wanted_task and row["task"] != wanted_task:
             continue
         if matches and not matches(row["base_id"], row["base_model"], entry.base_model.get("source"),
@@ -65,13 +67,14 @@ def list_adapters(
         return
     table = []
     for r in rows:
-        if r["state"] != "ok":
-            table.append(["", r["name"], "", "", "", "", "", "", f"{r['state']}: {r['problem']}"])
+        state = r["state"] if r["problem"] is None else f"{r['state']}: {r['problem']}"
+        if r["state"] not in ("ok", "corrupt"):
+            table.append(["", r["name"], "", "", "", "", "", "", state])
             continue
         created = (r["created"] or "")[:16].replace("T", " ")
         table.append(["*" if r["active"] else "", r["name"], r["base_model"] or "?", r["task"] or "?",
                       r["rank"] if r["rank"] is not None else "?", human_size(r["size_bytes"]), created,
-                      _metric_text(r["metric"]), "ok"])
+                      _metric_text(r["metric"]), state])
     print_table(table, ["", "name", "base model", "task", "r", "size", "created", "metric", "state"])
 
 
@@ -150,7 +153,7 @@ def _server_line(result: dict | None) -> str:
 def _activate(ctx: typer.Context, action: str, name: str, server: str | None, json_output: bool,
               workspace_dir: str | None) -> None:
     registry = _registry(ctx, workspace_dir)
-    registry.get(name)  # a missing or broken adapter fails here, before any server is asked
+    registry.get_intact(name)  # a missing, broken or corrupt adapter fails here, before any server is asked
     served = _tell_server(ctx, action, name, server, workspace_dir)  # a refusal leaves the registry as it was
     change = registry.activate(name)
     if json_output:

@@ -28,11 +28,11 @@ def create(
 ) -> None:
     """Write a commented template with every key at its default."""
     ws = workspace(ctx, workspace_dir)
-    path = cfg.config_path(ws.configs_dir, name)
+    path = cfg.new_config_path(ws.configs_dir, name)
     if path.exists() and not force:
         raise ConflictError(f"config '{path}' already exists; use --force to overwrite it")
     atomic_write_text(path, cfg.template(task=task, model=model))
-    info(f"wrote {path}; edit it, then: lqmf train --config {name}")
+    info(f"wrote {path}; edit it, then: lqmf train --config {path.stem}")
     typer.echo(str(path))
 
 

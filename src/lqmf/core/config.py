@@ -273,6 +273,12 @@ def config_path(configs_dir: Path, name_or_path: str) -> Path:
     return configs_dir / f"{name_or_path}.yaml"
 
 
+def new_config_path(configs_dir: Path, name: str) -> Path:
+    """configs/NAME.yaml for a config to create: a plain name (a .yaml suffix is allowed), never a path."""
+    stem = name[: -len(Path(name).suffix)] if Path(name).suffix in (".yaml", ".yml") else name
+    return configs_dir / f"{validate_name(stem, 'config')}.yaml"
+
+
 def read_config_file(path: Path) -> dict[str, Any]:
     """Read and check a YAML (or JSON) config file into a dict of valid keys."""
     if not path.is_file():

@@ -21,6 +21,7 @@ from typing import Any
 
 from lqmf import __version__
 from lqmf.core.errors import ConflictError, InputError
+from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import fsync_dir
 from lqmf.core.registry import (
     ADAPTER_CONFIG,
@@ -60,7 +61,7 @@ def _inside(path: Path, folder: Path) -> bool:
 def plan_export(registry: Registry, name: str, path: str, *, merge: bool = False, archive: bool = False,
                 force: bool = False) -> ExportPlan:
     """Resolve and check the export path before anything is written (raises InputError / ConflictError)."""
-    entry = registry.get(name)
+    entry = registry.get_intact(name)
     if not path or not path.strip():
         raise InputError("the export path is empty")
     folder_name = f"{name}-merged" if merge else name
@@ -261,7 +262,18 @@ def install(built: Path, plan: ExportPlan) -> None:
 
 
 def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write the export. merge_into(folder) -> details, when given, writes the merged model instead."""
+    """Write the export. merge_into(folder) -> details, when given, writes the merged model instead.
+
+    A path that cannot be written (read-only file system, no permission, no space) fails with one line.
+    """
+    try:
+        return _write_export(plan, merge_into)
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename else ""
+        raise InputError(f"cannot write the export to '{plan.target}': {err.strerror or err}{where}") from None
+
+
+def _write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None) -> dict[str, Any]:
     with build_folder(plan) as work:
         folder = work / plan.folder_name
         folder.mkdir()
@@ -275,6 +287,7 @@ def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] 
         finish_folder(plan.entry, folder, plan.format, details)
         _shareable_modes(folder)
         files = sorted([*file_inventory(folder), MANIFEST])
+        fault_point("export.written")
         if plan.archive:
             built = make_archive(folder, plan)
             try:

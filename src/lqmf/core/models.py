@@ -103,7 +103,11 @@ class ModelCatalogue:
             return self._with_family(resolved, family, alias=reference)
         local = Path(reference).expanduser()
         if local.is_dir() or (self.workspace.root / local).is_dir():
-            return self._resolve_source(reference, reference, base_dir=self.workspace.root)
+            resolved = self._resolve_source(reference, reference, base_dir=self.workspace.root)
+            if resolved.kind == "local" and not resolved.available:
+                raise InputError(f"{resolved.path}: not a model folder (it has no config.json); give a folder "
+                                 "saved by save_pretrained, a hub id or an alias from `lqmf models list`")
+            return resolved
         if reference.startswith("package:") or _looks_like_hub_id(reference):
             return self._resolve_source(reference, reference, base_dir=self.workspace.root)
         raise NotFoundError(

@@ -13,7 +13,6 @@ Beside the folders the registry keeps:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,8 @@ from typing import Any
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure, did_you_mean
 from lqmf.core.faults import fault_point
-from lqmf.core.fsutil import atomic_write_json, fsync_dir
+from lqmf.core.fsutil import atomic_write_json, file_sha256, fsync_dir
+from lqmf.core.integrity import ChecksumCache, adapter_problems, ensure_intact
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.names import slug, validate_name
 from lqmf.core.workspace import Workspace
@@ -46,7 +46,7 @@ ACTIVE_FORMAT = 1
 LOCK_TIMEOUT_S = 60.0
 REMOVE_WAIT_S = 1.0  # how long remove waits on a run lock before calling the run live
 
-OK, BROKEN, TRAINING = "ok", "broken", "training"
+OK, BROKEN, TRAINING, CORRUPT = "ok", "broken", "training", "corrupt"
 SUMMARY_FIELDS = ("base_model", "base_id", "task", "rank", "target_modules", "quantized_4bit", "size_bytes",
                   "created", "metric")
 # The metric that `adapters list` shows, by task: the first one the manifest has.
@@ -111,14 +111,6 @@ class VerifyReport:
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "path": str(self.path), "ok": self.ok, "problems": self.problems,
                 "notes": self.notes}
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def file_inventory(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
@@ -255,7 +247,8 @@ class Registry:
             if self.is_training(run):
                 return AdapterEntry(run, folder, None, "training in progress", training=True)
             return AdapterEntry(run, folder, None,
-                                "unfinished training run (resume with lqmf train --resume, or remove it)")
+                                f"unfinished training run: lqmf train --resume {run} continues it if it saved a "
+                                "checkpoint; lqmf adapters remove --broken removes it")
         if folder.is_symlink() if symlink is None else symlink:
             return AdapterEntry(name, folder, None, "a symbolic link (adapters must be folders in the workspace)")
         try:
@@ -299,8 +292,21 @@ class Registry:
             raise NotFoundError(f"adapter '{name}' is broken: {entry.problem}")
         return entry
 
-    def summary(self, entry: AdapterEntry, active: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-        """One adapter as `adapters list --json` reports it."""
+    def get_intact(self, name: str) -> AdapterEntry:
+        """A complete adapter that passes the full integrity check (sizes, checksums, config vs weights):
+        what every path that loads an adapter asks for. Refuses with one line (InputError)."""
+        entry = self.get(name)
+        self.check_intact(entry)
+        return entry
+
+    def check_intact(self, entry: AdapterEntry) -> None:
+        """get_intact's check, for an entry already in hand (a folder the server's operator named)."""
+        ensure_intact(entry.name, entry.path, entry.manifest or {}, ChecksumCache(self.workspace.root))
+
+    def summary(self, entry: AdapterEntry, active: dict[str, dict[str, Any]] | None = None,
+                checksums: ChecksumCache | None = None) -> dict[str, Any]:
+        """One adapter as `adapters list --json` reports it; a complete one failing the cheap integrity
+        check (sizes, cached checksums, config vs weight shapes) is `corrupt`."""
         active = self.active_pointers(strict=False) if active is None else active
         row: dict[str, Any] = {"name": entry.name, "state": entry.state, "problem": entry.problem,
                                "path": str(entry.path)}
@@ -325,6 +331,9 @@ class Registry:
             "metric": key_metric(manifest.get("task"), metrics),
             "active": key is not None and (active.get(key) or {}).get("adapter") == entry.name,
         })
+        problems = adapter_problems(entry.path, manifest, cache=checksums or ChecksumCache(self.workspace.root))
+        if problems:
+            row.update(state=CORRUPT, problem=problems[0])
         return row
 
     # ------------------------------------------------------------------ writing
@@ -382,6 +391,7 @@ class Registry:
                 raise ConflictError(f"an unfinished training run named '{new}' exists in {self.root}")
             source.rename(target)
             fsync_dir(self.root)
+            fault_point("rename.moved")
             atomic_write_json(target / MANIFEST, {**(entry.manifest or {}), "name": new})
             pointers = self.active_pointers(strict=False)
             moved = {k: {**v, "adapter": new} for k, v in pointers.items() if v["adapter"] == old}
@@ -397,46 +407,54 @@ class Registry:
             return nullcontext()
         return self.training_run(name, wait=REMOVE_WAIT_S)
 
-    def _removal_candidates(self, name: str) -> list[Path]:
-        """Adapter NAME and its unfinished run, as far as they exist.
+    def _removal_target(self, name: str) -> Path | None:
+        """The one folder that `remove NAME` removes: adapters/NAME, or else NAME's unfinished run.
 
-        A folder with a name that training would refuse (spaces, say) can still be removed, but
-        never anything outside adapters/ or hidden in it.
+        When both exist (a failed --force re-run beside the good adapter) the name is ambiguous and
+        nothing is removed. A folder with a name that training would refuse (spaces, say) can still
+        be removed, but never anything outside adapters/ or hidden in it.
         """
         if not name or "/" in name or "\\" in name or name.startswith(".") or ".." in name:
             validate_name(name)  # raises the precise reason
         folder = self.root / name
         if not (folder.exists() or folder.is_symlink()):
             validate_name(name)
-        candidates = [folder]
         try:
-            candidates.append(self.staging_path(name))
+            staging = self.staging_path(name)
         except InputError:
-            pass
-        return [p for p in candidates if p.exists() or p.is_symlink()]
+            staging = None
+        present = [p for p in (folder, staging) if p is not None and (p.exists() or p.is_symlink())]
+        if len(present) == 2:
+            raise ConflictError(f"adapter '{name}' and an unfinished run of it ({staging.name}) both exist; "
+                                "`lqmf adapters remove --broken` removes the unfinished run and keeps the "
+                                "adapter; run this again afterwards to remove the adapter")
+        return present[0] if present else None
 
     def remove(self, name: str) -> list[str]:
-        """Remove adapter NAME and any unfinished run of that name; returns the folders removed.
+        """Remove adapter NAME (or, when there is none, NAME's unfinished run); returns the folder removed.
 
-        Refuses (ConflictError) while a training run of NAME is in progress.
+        Refuses (ConflictError) while a training run of NAME is in progress, and when both exist.
+        Of several processes removing one adapter at once, one removes it; the others get NotFoundError.
         """
-        folders = self._removal_candidates(name)
-        if not folders:
+        def missing() -> NotFoundError:
             names = sorted({e.name for e in self.entries()})
-            raise NotFoundError(f"adapter '{name}' not found in {self.root}{did_you_mean(name, names)}")
-        trashed = []
+            return NotFoundError(f"adapter '{name}' not found in {self.root}{did_you_mean(name, names)}")
+
+        if self._removal_target(name) is None:
+            raise missing()
         with self.lock(), self._run_guard(name):
-            for folder in folders:
-                if folder.exists() or folder.is_symlink():
-                    trashed.append((folder.name, self._to_trash(folder, name)))
-            pointers = self.active_pointers(strict=False)
+            folder = self._removal_target(name)
+            if folder is None:  # another process removed it meanwhile
+                raise missing()
+            pointers = self.active_pointers(strict=False)  # first: a kill after this leaves the adapter, inactive
             kept = {k: v for k, v in pointers.items() if v["adapter"] != name}
             if kept != pointers:
                 self._write_pointers(kept)
+            trash = self._to_trash(folder, name)
             fsync_dir(self.root)
-        for _, trash in trashed:
-            self._empty_trash(trash)
-        return [folder for folder, _ in trashed]
+            fault_point("remove.trashed")
+        self._empty_trash(trash)
+        return [folder.name]
 
     def remove_broken(self) -> list[str]:
         """Remove every broken folder (crashed runs, incomplete folders) and leftover trash.

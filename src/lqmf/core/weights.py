@@ -8,6 +8,7 @@ without loading any weights.
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
@@ -39,6 +40,30 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
         raise InputError(f"{path}: the safetensors header is not a JSON object")
     return {name: (info.get("dtype", "?"), tuple(info.get("shape", ())))
             for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why path is not a complete safetensors file (header unreadable, data cut short or padded), or None."""
+    try:
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+            if length is None or length > MAX_HEADER_BYTES:
+                return f"{path.name} is not a safetensors file (no valid header length)"
+            header = json.loads(handle.read(length))
+            data_bytes = os.fstat(handle.fileno()).st_size - 8 - length
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"{path.name} is not a safetensors file (unreadable header: {type(err).__name__})"
+    if not isinstance(header, dict):
+        return f"{path.name} is not a safetensors file (its header is not a JSON object)"
+    try:
+        end = max((int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
+                  default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return f"{path.name} is not a safetensors file (a tensor without data offsets)"
+    if end != data_bytes:
+        return f"{path.name} holds {data_bytes} bytes of tensor data, its header describes {end}"
+    return None
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, TensorInfo] | None:

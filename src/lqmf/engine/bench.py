@@ -262,7 +262,7 @@ def run_benchmark(workspace: Workspace, adapter: str, options: BenchOptions,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Benchmark an adapter (and with options.with_base its base model); returns the result to save."""
     progress = progress or (lambda message: None)
-    entry = Registry(workspace).get(adapter)
+    entry = Registry(workspace).get_intact(adapter)
     manifest = entry.manifest
     task = manifest["task"]
     config = manifest.get("config") or {}

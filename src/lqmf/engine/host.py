@@ -220,6 +220,7 @@ class ModelHost:
             raise ConflictError(f"adapter name '{name}' is the id of the served base or of the default model; "
                                 "rename the adapter to serve it")
         entry = _entry(self.workspace, name, self.operator_paths)
+        Registry(self.workspace).check_intact(entry)
         task = entry.manifest.get("task", "")
         if is_generative(task) != is_generative(self.model.task):
             kind = "text-generation" if is_generative(self.model.task) else "classification"

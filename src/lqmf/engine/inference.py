@@ -72,7 +72,7 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
     base may be a ResolvedModel (e.g. adapter_base(...)) to load exactly the model an adapter uses.
     """
     quiet_libraries()
-    entry = Registry(workspace).get(adapter) if adapter else None
+    entry = Registry(workspace).get_intact(adapter) if adapter else None
     if entry is not None:
         resolved = adapter_base(workspace, entry)
         task = entry.manifest["task"]
