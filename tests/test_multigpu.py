@@ -105,3 +105,29 @@ def test_plan_per_gpu(cli, workspace):
     assert cli(*args, "--gpus", "3").exit_code == 2  # 64 examples per step do not split over 3
     bad = cli(*args, "--gpus", "2", "--strategy", "pipeline")
     assert bad.exit_code == 2 and "strategy" in bad.output
+
+
+def test_train_refuses_more_gpus_than_visible_before_loading_anything(cli, workspace, tiny_model, monkeypatch):
+    from tests.conftest import EXAMPLES
+
+    data = EXAMPLES / "chat_training.csv"
+    monkeypatch.setattr("lqmf.engine.loading.visible_gpus", lambda: 1)
+    result = cli("train", tiny_model, data, "chat", "--name", "x", "--gpus", "2")
+    assert result.exit_code == 2 and "gpus=2 asks for more GPUs than the 1 visible" in result.output
+    bad = cli("train", tiny_model, data, "chat", "--name", "x", "--gpus", "two")
+    assert bad.exit_code == 2 and "'gpus' must be a number of GPUs" in bad.output
+    split = cli("train", tiny_model, data, "chat", "--name", "x", "--device", "cpu", "--gpus", "3", "--dry-run")
+    assert split.exit_code == 2 and "gradient_accumulation_steps" in split.output
+    assert not (workspace / "adapters").exists() or not any((workspace / "adapters").iterdir())
+
+
+def test_dry_run_plans_each_process(cli, workspace, tiny_model):
+    from tests.conftest import EXAMPLES
+
+    result = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", "x", "--device", "cpu",
+                 "--gpus", "2", "--batch-size", "4", "--grad-accum", "4", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["effective_batch"] == 16 and plan["processes"] == 2
+    assert plan["micro_batch"] * plan["gradient_accumulation"] == 8
+    assert plan["memory"]["gpus"] == 2 and plan["memory"]["strategy"] == "ddp"

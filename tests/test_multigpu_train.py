@@ -66,3 +66,20 @@ def test_two_processes_match_one_and_resume(cli, run_lqmf, workspace, tiny_model
     assert weights_one.keys() == weights_two.keys()
     for key, tensor in weights_one.items():
         assert weights_two[key].allclose(tensor, rtol=1e-3, atol=1e-5), key
+
+
+def test_train_from_python(workspace, tiny_model):
+    from lqmf import train
+    from lqmf.engine.train import Events
+
+    seen = []
+
+    class Steps(Events):
+        def on_step(self, record):
+            seen.append(record["step"])
+
+    result = train({"base_model": str(tiny_model), "dataset_path": str(EXAMPLES / "chat_training.csv"),
+                    "task_type": "chat", "job_name": "py", "max_steps": 2, "max_seq_length": 128,
+                    "use_4bit_quantization": False, "validation_split": 0}, workspace=workspace, events=Steps())
+    assert result.path == workspace / "adapters" / "py" and (result.path / "adapter_model.safetensors").is_file()
+    assert seen == [1, 2] and result.metrics["steps"] == 2 and result.runtime["processes"] == 1
