@@ -139,7 +139,7 @@ class Recipe:
         if memory.micro_batch != memory.requested_micro_batch and self.main:
             append_jsonl(self.log_path, steps._memory_record(
                 "fit", self.progress["step"], memory.requested_micro_batch, memory.micro_batch,
-                self.prepared.effective_batch, budget_gb=memory.to_dict()["budget_gb"],
+                self.prepared.effective_batch, memory.gpus, budget_gb=memory.to_dict()["budget_gb"],
                 budget_source=memory.budget_source))
 
     # ------------------------------------------------------------------ the loop
@@ -162,10 +162,10 @@ class Recipe:
                 self.progress["elapsed_s"] = time.perf_counter() - self.started
                 self.checkpoint()
                 signum = self.stop.signum or signal.SIGINT
-                raise Interrupted(
+                self.stop_all(Interrupted(
                     f"training {'terminated' if signum == signal.SIGTERM else 'interrupted'} after step "
                     f"{self.progress['step']}/{self.total}; checkpoint saved: lqmf train --resume "
-                    f"{self.config.job_name} continues it", exit_code=128 + signum) from None
+                    f"{self.config.job_name} continues it", exit_code=128 + signum))
         return self.finish()
 
     def run_epoch(self) -> None:
@@ -254,12 +254,14 @@ class Recipe:
         if smaller == 0:
             if self.progress["step"] > 0:
                 self.checkpoint()
-            steps._stop_out_of_memory(self.config, self.progress, reason)
+            try:
+                steps._stop_out_of_memory(self.config, self.progress, reason)
+            except RuntimeFailure as err:
+                self.stop_all(err)
         self.progress["micro_batch"] = smaller
         record = steps._memory_record("out_of_memory", self.progress["step"] + 1, micro, smaller,
-                                      self.prepared.effective_batch, error=reason,
+                                      self.prepared.effective_batch, self.collective.world_size, error=reason,
                                       memory_gb=memory_in_use_gb(self.loaded.device))
-        record["gradient_accumulation"] = [share // micro, share // smaller]
         if self.main:
             append_jsonl(self.log_path, record)
         self.events.on_note(
@@ -278,8 +280,14 @@ class Recipe:
         kept = (f"; steps 1-{self.progress['step']} are checkpointed: lqmf train --resume {self.config.job_name} "
                 "continues" if saved else "")
         world = self.collective.world_size
-        message = f"step {self.progress['step'] + 1} failed on rank {rank} of {world}: {text}{kept}"
-        raise RuntimeFailure(message) if self.main else RankFailure(message)
+        step = self.progress["step"] + 1
+        self.stop_all(RuntimeFailure(f"step {step} failed on rank {rank} of {world}: {text}{kept}"))
+
+    def stop_all(self, error: LqmfError) -> None:
+        """Raise error where every rank decided the same: rank 0 reports it, the others exit quietly."""
+        if self.main:
+            raise error from None
+        raise RankFailure(error.message, exit_code=error.exit_code) from None
 
     # ------------------------------------------------------------------ log, evaluate, checkpoint
 

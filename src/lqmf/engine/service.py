@@ -124,12 +124,13 @@ class TrainingRun:
         prepared = engine.prepare(self.config, self.model, self.data)
         memory = engine.plan_memory(self.config, self.model, prepared, gpus)
         if dry_run:
-            return self.dry_run(prepared, memory)
+            return self.plan_only(prepared, memory)
         from lqmf.engine.distributed import Collective
 
         return self.execute(prepared, memory, Collective(), loaded)
 
-    def dry_run(self, prepared, memory) -> TrainResult:
+    def plan_only(self, prepared, memory) -> TrainResult:
+        """The dry run's answer: what the run would do, nothing trained."""
         estimate = estimate_train_seconds(self.model.config, prepared.train_tokens * prepared.total_steps
                                           / prepared.steps_per_epoch, self.config.use_gradient_checkpointing)
         plan = {"adapter": self.adapter, "dry_run": True, "task": self.data.task, "base_model": self.model.reference,

@@ -571,18 +571,21 @@ def _divisor_at_most(effective: int, limit: int) -> int:
     return next((m for m in range(limit, 0, -1) if effective % m == 0), 0)
 
 
-def _memory_record(event: str, step: int, before: int, after: int, effective: int, **extra: Any) -> dict[str, Any]:
-    """A metrics.jsonl line saying how and why the micro-batch changed."""
+def _memory_record(event: str, step: int, before: int, after: int, effective: int, processes: int = 1,
+                   **extra: Any) -> dict[str, Any]:
+    """A metrics.jsonl line saying how and why the micro-batch (each process's) changed."""
+    share = effective // processes
     return {"type": "memory", "event": event, "step": step, "micro_batch": [before, after],
-            "gradient_accumulation": [math.ceil(effective / before), math.ceil(effective / after)],
+            "gradient_accumulation": [math.ceil(share / before), math.ceil(share / after)],
             "effective_batch": effective, **extra}
 
 
 def _fit_message(memory: MemoryPlan, effective: int) -> str:
     before, after = memory.requested_micro_batch, memory.micro_batch
+    share = effective // memory.gpus
     return (f"micro-batch {before} -> {after} to fit {gb(memory.budget or 0)} of {memory.budget_source} "
             f"(estimated peak {gb(memory.estimate.total if memory.estimate else 0)}); gradient accumulation "
-            f"{effective // before} -> {effective // after}, effective batch {effective} unchanged")
+            f"{share // before} -> {share // after}, effective batch {effective} unchanged")
 
 
 def _stop_out_of_memory(config: TrainConfig, progress: dict[str, Any], reason: str) -> None:
