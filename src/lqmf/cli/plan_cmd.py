@@ -80,7 +80,9 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     parts = ", ".join(f"{label} {size(key)}" for key, label in COMPONENTS[:5])
     cuda = memory["device"] == "cuda"
     extra = f"; slack {size('allocator_slack')}, CUDA context {size('cuda_context')}" if cuda else ""
-    lines = [f"memory:      ~{size('total')} peak on {memory['device']} ({parts}{extra})"]
+    where = (f"each of {memory['gpus']} GPUs ({memory['strategy']})" if memory.get("gpus", 1) > 1
+             else memory["device"])
+    lines = [f"memory:      ~{size('total')} peak on {where} ({parts}{extra})"]
     if memory["budget_gb"]:
         lines.append(f"budget:      {human_size(memory['budget_gb'] * GiB)} ({memory['budget_source']})")
     if memory["micro_batch"] != memory["requested_micro_batch"]:

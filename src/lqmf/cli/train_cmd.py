@@ -13,8 +13,6 @@ from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.errors import InputError
 
-STAGED_CONFIG = "config.yaml"
-
 
 class ProgressPrinter:
     """Training events on stderr: a live bar on a terminal, one line per log step otherwise."""
@@ -163,7 +161,8 @@ def _print_plan(adapter: str, plan: dict[str, Any]) -> None:
         typer.echo("  labels:      " + ", ".join(f"{k} ({v})" for k, v in plan["label_counts"].items()))
     typer.echo(f"  tokens:      {plan['train_tokens_per_epoch']:,} per epoch, longest example "
                f"{plan['longest_example_tokens']}")
-    typer.echo(f"  batches:     {plan['micro_batch']} x {plan['gradient_accumulation']} accumulation = "
+    processes = f" x {plan['processes']} processes" if plan.get("processes", 1) > 1 else ""
+    typer.echo(f"  batches:     {plan['micro_batch']} x {plan['gradient_accumulation']} accumulation{processes} = "
                f"{plan['effective_batch']} examples per step")
     typer.echo(f"  steps:       {plan['total_steps']} ({plan['steps_per_epoch']} per epoch)")
     est = plan["estimated_seconds"]
