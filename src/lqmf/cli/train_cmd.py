@@ -28,7 +28,9 @@ class ProgressPrinter:
         quant = "4-bit NF4" if plan["quantized_4bit"] else plan["dtype"]
         info(f"training on {plan['device']} ({quant}), {plan['trainable_params']:,} trainable of "
              f"{plan['total_params']:,} parameters, {plan['total_steps']} steps of {plan['effective_batch']} "
-             f"examples ({plan['micro_batch']} x {plan['gradient_accumulation']}), optimizer {plan['optimizer']}")
+             f"examples ({plan['micro_batch']} x {plan['gradient_accumulation']}"
+             f"{' x ' + str(plan['processes']) + ' processes' if plan.get('processes', 1) > 1 else ''}), "
+             f"optimizer {plan['optimizer']}")
         memory = plan["memory"]
         if memory["estimate"]:
             budget = (f" (budget {human_size(memory['budget_gb'] * 2**30)}, {memory['budget_source']})"
