@@ -23,7 +23,7 @@ from typing import Any
 from lqmf.core import config as cfg
 from lqmf.core.datasets import TaskDataset, load_task_dataset
 from lqmf.core.distributed import Topology, requested_gpus
-from lqmf.core.errors import ConflictError, Interrupted, LqmfError, NotFoundError, RankFailure
+from lqmf.core.errors import ConflictError, InputError, Interrupted, LqmfError, NotFoundError, RankFailure
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.manifest import build_manifest, default_adapter_name
 from lqmf.core.models import ModelCatalogue, ResolvedModel
@@ -119,6 +119,9 @@ class TrainingRun:
             gpus = requested_gpus(self.config.gpus, 0 if self.config.device == "cpu" else visible_gpus(),
                                   self.config.device)
         self.check_conflicts(dry_run)
+        if gpus > 1 and loaded is not None:
+            raise InputError(f"gpus={self.config.gpus}: a model loaded by the caller trains in its own process only; "
+                             "leave gpus unset")
         if gpus > 1 and not dry_run:
             return self.launch(gpus)  # the ranks prepare and plan; rank 0's plan holds for all
         prepared = engine.prepare(self.config, self.model, self.data)
