@@ -13,6 +13,7 @@ import functools
 from typing import Any
 
 from lqmf.core.distributed import check_fsdp_settings
+from lqmf.core.errors import RuntimeFailure
 
 
 def _trainable_leaf(module) -> bool:
@@ -57,9 +58,25 @@ def wrap(model, device, compute_dtype):
                                     sharding_strategy=ShardingStrategy.FULL_SHARD, limit_all_gathers=True)
 
 
-def trainable_state_dict(sharded) -> dict[str, Any]:
-    """The trainable weights, whole, on every rank (a collective: every rank calls it), keyed as in
-    the unwrapped PEFT model's state_dict."""
+def adapter_keys(model) -> dict[str, str]:
+    """{parameter name: the key PEFT saves it under} for model's trainable weights, read before FSDP
+    wraps the model (PEFT finds its layers by module names, which FSDP changes)."""
+    from peft import get_peft_model_state_dict
+
+    saved = get_peft_model_state_dict(model)
+    adapter = f".{model.active_adapter}."
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    keys = {name: name.replace(adapter, ".") for name in trainable if name.replace(adapter, ".") in saved}
+    if len(keys) != len(trainable):
+        missing = next(name for name in trainable if name not in keys)
+        raise RuntimeFailure(f"strategy=fsdp cannot save the trained weight {missing} as PEFT names it (a "
+                             "classification head?); use strategy=ddp")
+    return keys
+
+
+def trainable_state_dict(sharded, keys: dict[str, str]) -> dict[str, Any]:
+    """The trainable weights, whole, keyed as PEFT saves them (keys: adapter_keys before wrapping);
+    a collective: every rank calls it."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     prefix = "_fsdp_wrapped_module."
@@ -68,9 +85,12 @@ def trainable_state_dict(sharded) -> dict[str, Any]:
         if not isinstance(unit, FullyShardedDataParallel) or not _trainable_leaf(unit.module):
             continue
         with FullyShardedDataParallel.summon_full_params(unit, recurse=False, writeback=False):
-            clean = name.replace(prefix, "")
             for key, tensor in unit.module.state_dict().items():
-                out[f"{clean}.{key.replace(prefix, '')}"] = tensor.detach().cpu().clone()
+                full = f"{name.replace(prefix, '')}.{key}"
+                if full in keys:
+                    out[keys[full]] = tensor.detach().cpu().clone()
+    if len(out) != len(keys):
+        raise RuntimeError(f"FSDP gathered {len(out)} of the adapter's {len(keys)} weights")
     return out
 
 

@@ -79,6 +79,7 @@ class Recipe:
             steps.apply_weights(self.model, checkpoint)
         counts = {"trainable_params": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
                   "total_params": sum(p.numel() for p in self.model.parameters())}  # before FSDP shards them
+        self.adapter_keys = fsdp.adapter_keys(self.model) if self.sharded else {}
         self.runner = (fsdp.wrap(self.model, self.loaded.device, compute_dtype(select_device(self.loaded.device)))
                        if self.sharded else self.model)
         self.trainable = [p for p in self.runner.parameters() if p.requires_grad]
@@ -354,7 +355,7 @@ class Recipe:
         """Rank 0 saves the state after the last finished step (under FSDP every rank gathers it first)."""
         weights = optimizer = None
         if self.sharded:
-            weights = fsdp.trainable_state_dict(self.runner)
+            weights = fsdp.trainable_state_dict(self.runner, self.adapter_keys)
             optimizer = fsdp.optimizer_state(self.runner, self.optimizer)
         if self.main:
             steps.save_checkpoint(self.staging, self.model, self.optimizer, self.scheduler, self.progress,
@@ -367,7 +368,7 @@ class Recipe:
         """Rank 0 saves the adapter; every rank returns the metrics (peak memory: the largest rank's)."""
         import torch
 
-        weights = fsdp.trainable_state_dict(self.runner) if self.sharded else None
+        weights = fsdp.trainable_state_dict(self.runner, self.adapter_keys) if self.sharded else None
         if self.main:
             # The last step's checkpoint stays in staging until the finished adapter is in place
             # (Registry.finalize removes it): a kill at any instant leaves the adapter or a resumable run.

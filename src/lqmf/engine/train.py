@@ -433,8 +433,17 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_adapter(model, folder: Path, weights: dict[str, Any] | None = None) -> None:
-    """The PEFT adapter files of model; weights: its trainable state gathered from FSDP's shards."""
-    model.save_pretrained(folder, **({"state_dict": weights} if weights is not None else {}))
+    """The PEFT adapter files of model; weights: its adapter state gathered from FSDP's shards, keyed
+    as PEFT saves it (engine/fsdp.py), written as PEFT writes it."""
+    if weights is None:
+        model.save_pretrained(folder)
+        return
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config[model.active_adapter].save_pretrained(folder)
+    save_file({key: tensor.contiguous() for key, tensor in weights.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
 
 
 def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any],
