@@ -83,3 +83,26 @@ def test_train_from_python(workspace, tiny_model):
                     "use_4bit_quantization": False, "validation_split": 0}, workspace=workspace, events=Steps())
     assert result.path == workspace / "adapters" / "py" and (result.path / "adapter_model.safetensors").is_file()
     assert seen == [1, 2] and result.metrics["steps"] == 2 and result.runtime["processes"] == 1
+
+
+def test_fsdp_two_processes_train_what_one_process_trains(cli, run_lqmf, workspace, tiny_model):
+    """FSDP-QLoRA (4-bit base sharded over two gloo processes) against one process on the 4-bit base:
+    the same curve, and an adapter with the same weights under PEFT's own names."""
+    data = EXAMPLES / "chat_training.csv"
+    run = ["--max-seq-length", "128", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--lr", "5e-3",
+           "--device", "cpu", "--4bit", "--set", "lora_dropout=0", "--set", "validation_split=0", "-q"]
+    assert cli("train", tiny_model, data, "chat", "--name", "one", *run).exit_code == 0
+    sharded = run_lqmf("train", tiny_model, data, "chat", "--name", "two", "--gpus", "2", "--strategy", "fsdp",
+                       *run, "--json")
+    assert sharded.returncode == 0, sharded.stderr
+    assert json.loads(sharded.stdout)["runtime"]["strategy"] == "fsdp"
+    one, two = workspace / "adapters" / "one", workspace / "adapters" / "two"
+    assert [r["loss"] for r in records(two, "train")] == pytest.approx([r["loss"] for r in records(one, "train")],
+                                                                       rel=1e-4)
+    from safetensors.torch import load_file
+
+    weights_one = load_file(one / "adapter_model.safetensors")
+    weights_two = load_file(two / "adapter_model.safetensors")
+    assert weights_one and weights_one.keys() == weights_two.keys()
+    for key, tensor in weights_one.items():
+        assert weights_two[key].allclose(tensor, rtol=1e-3, atol=1e-5), key
