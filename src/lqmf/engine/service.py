@@ -179,6 +179,7 @@ class TrainingRun:
                 try:  # While the run lock is held, `adapters list` shows the run as training.
                     stack.enter_context(self.registry.training_run(self.adapter, wait=5.0))
                     stack.enter_context(terminate_as_interrupt())
+                    self.check_conflicts(dry_run=False)  # again, now under the lock (and for ranks launched by others)
                     self.open_staging()
                 except LqmfError as err:
                     refusal = err
