@@ -105,7 +105,8 @@ class Recipe:
             self.events.on_note(f"activation offload on: checkpointed activations wait in pinned CPU memory "
                                 f"(offload_activations={config.offload_activations})")
         elif config.offload_activations == "on":
-            self.events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing (not FSDP); not "
+            without = " and no FSDP" if memory.strategy == "fsdp" else ""
+            self.events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing{without}; not "
                                 f"offloading on {memory.device}")
         if memory.gpus > 1:
             self.events.on_note(f"{memory.strategy} on {memory.gpus} processes: {self.prepared.micro_batch} x "
