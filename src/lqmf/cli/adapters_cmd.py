@@ -59,6 +59,7 @@ def list_adapters(
                                    entry.base_model.get("path")):
             continue
         rows.append(row)
+    checksums.save()
     if json_output:
         print_json_rows(rows)
         return

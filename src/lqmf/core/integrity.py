@@ -19,7 +19,7 @@ from typing import Any
 
 from lqmf.core.errors import InputError
 from lqmf.core.fsutil import atomic_write_json, file_sha256
-from lqmf.core.weights import LORA_KEY, safetensors_problem
+from lqmf.core.weights import LORA_KEY, TensorInfo, read_safetensors_checked
 
 CHECKSUM_CACHE = Path(".lqmf") / "checksums.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -28,7 +28,8 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 class ChecksumCache:
     """{file path: [mtime_ns, size, sha256]} in WORKSPACE/.lqmf/checksums.json (in memory only without a
-    workspace); a lost update between processes only costs a rehash."""
+    workspace), plus {"passed:" adapter folder: the (file, mtime, size) list of a version that passed the
+    content checks}; a lost update between processes only costs a recheck."""
 
     def __init__(self, workspace_root: Path | None):
         self.path = workspace_root / CHECKSUM_CACHE if workspace_root is not None else None
@@ -39,16 +40,18 @@ class ChecksumCache:
             data = {}
         self.entries: dict[str, list[Any]] = data if isinstance(data, dict) else {}
 
-    def digest(self, path: Path, compute: bool) -> str | None:
+    def digest(self, path: str, compute: bool) -> str | None:
         """The file's sha256 when cached for its current mtime and size (or computed, with compute)."""
-        stat = path.stat()
-        known = self.entries.get(str(path))
+        known = self.entries.get(path)
+        if known is None and not compute:
+            return None
+        stat = os.stat(path)
         if isinstance(known, list) and len(known) == 3 and known[:2] == [stat.st_mtime_ns, stat.st_size]:
             return str(known[2])
         if not compute:
             return None
         digest = file_sha256(path)
-        self.entries[str(path)] = [stat.st_mtime_ns, stat.st_size, digest]
+        self.entries[path] = [stat.st_mtime_ns, stat.st_size, digest]
         self.changed = True
         return digest
 
@@ -65,11 +68,21 @@ def adapter_problems(folder: Path, manifest: dict[str, Any], full: bool = False,
                      cache: ChecksumCache | None = None) -> list[str]:
     """What is wrong with the adapter in folder against its manifest ([] when nothing is)."""
     cache = cache or ChecksumCache(None)
-    problems = _file_problems(folder, manifest, full, cache)
+    problems, signature = _file_problems(folder, manifest, full, cache)
     if problems:
         return problems
-    weights = folder / ADAPTER_WEIGHTS
-    problem = safetensors_problem(weights)
+    verdict_key = f"passed:{folder}"
+    if signature and cache.entries.get(verdict_key) == signature:
+        return []  # these very file versions passed the checks below before
+    problems = _content_problems(folder, manifest)
+    if not problems and signature:
+        cache.entries[verdict_key] = signature
+        cache.changed = True
+    return problems
+
+
+def _content_problems(folder: Path, manifest: dict[str, Any]) -> list[str]:
+    tensors, problem = read_safetensors_checked(folder / ADAPTER_WEIGHTS)
     if problem:
         return [problem]
     try:
@@ -78,32 +91,41 @@ def adapter_problems(folder: Path, manifest: dict[str, Any], full: bool = False,
         return [f"{ADAPTER_CONFIG} is not readable JSON ({type(err).__name__})"]
     if not isinstance(config, dict):
         return [f"{ADAPTER_CONFIG} is not a JSON object"]
-    return _config_problems(config, manifest) or _shape_problems(config, weights)
+    return _config_problems(config, manifest) or _shape_problems(config, tensors)
 
 
-def _file_problems(folder: Path, manifest: dict[str, Any], full: bool, cache: ChecksumCache) -> list[str]:
+def _file_problems(folder: Path, manifest: dict[str, Any], full: bool,
+                   cache: ChecksumCache) -> tuple[list[str], list[Any]]:
+    """Problems with the files the manifest lists, and their signature (name, mtime, size for each)."""
     recorded = manifest.get("files")
     if not isinstance(recorded, dict):
-        return []  # manifests written before files were recorded: nothing to compare with
+        return [], []  # manifests written before files were recorded: nothing to compare with
     problems = []
+    base = str(folder)
+    try:
+        stat = os.lstat(os.path.join(base, "lqmf.json"))
+        signature: list[Any] = [["lqmf.json", stat.st_mtime_ns, stat.st_size]]
+    except OSError:
+        signature = []
     for rel, record in sorted(recorded.items()):
-        path = folder / rel
-        if not isinstance(record, dict) or ".." in Path(rel).parts or Path(rel).is_absolute():
+        if not isinstance(record, dict) or rel.startswith("/") or ".." in rel.split("/"):
             problems.append(f"lqmf.json lists '{rel}' oddly")
             continue
+        path = os.path.join(base, rel)
         try:
-            size = os.lstat(path).st_size
+            stat = os.lstat(path)
         except OSError:
             problems.append(f"{rel} is missing")
             continue
+        size = stat.st_size
+        signature.append([rel, stat.st_mtime_ns, size])
         if record.get("size") is not None and size != record["size"]:
             problems.append(f"{rel} has {size} bytes, the manifest recorded {record['size']}")
             continue
         digest = cache.digest(path, compute=full) if record.get("sha256") else None
         if digest is not None and digest != record["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest's")
-    cache.save()
-    return problems
+    return problems, signature
 
 
 def _config_problems(config: dict[str, Any], manifest: dict[str, Any]) -> list[str]:
@@ -122,14 +144,12 @@ def _config_problems(config: dict[str, Any], manifest: dict[str, Any]) -> list[s
     return problems
 
 
-def _shape_problems(config: dict[str, Any], weights: Path) -> list[str]:
-    from lqmf.core.weights import read_safetensors_header
-
+def _shape_problems(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> list[str]:
     rank = config["r"]
     ranks = {rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))}
     targets = config.get("target_modules")
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
-    for key, (_, shape) in read_safetensors_header(weights).items():
+    for key, (_, shape) in tensors.items():
         match = LORA_KEY.match(key)
         if match and len(shape) == 2:
             pairs.setdefault(match["module"], {})[match["which"]] = shape
@@ -151,7 +171,9 @@ def _shape_problems(config: dict[str, Any], weights: Path) -> list[str]:
 
 def ensure_intact(name: str, folder: Path, manifest: dict[str, Any], cache: ChecksumCache | None = None) -> None:
     """Refuse (InputError, one line) to load an adapter that fails the full check."""
+    cache = cache or ChecksumCache(None)
     problems = adapter_problems(folder, manifest, full=True, cache=cache)
+    cache.save()
     if problems:
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise InputError(f"adapter '{name}' is corrupt: {problems[0]}{more}; `lqmf adapters verify {name}` "

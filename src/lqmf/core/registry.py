@@ -331,7 +331,10 @@ class Registry:
             "metric": key_metric(manifest.get("task"), metrics),
             "active": key is not None and (active.get(key) or {}).get("adapter") == entry.name,
         })
-        problems = adapter_problems(entry.path, manifest, cache=checksums or ChecksumCache(self.workspace.root))
+        cache = checksums or ChecksumCache(self.workspace.root)
+        problems = adapter_problems(entry.path, manifest, cache=cache)
+        if checksums is None:
+            cache.save()
         if problems:
             row.update(state=CORRUPT, problem=problems[0])
         return row

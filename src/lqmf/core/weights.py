@@ -42,28 +42,33 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
             for name, info in header.items() if name != "__metadata__" and isinstance(info, dict)}
 
 
-def safetensors_problem(path: Path) -> str | None:
-    """Why path is not a complete safetensors file (header unreadable, data cut short or padded), or None."""
+def read_safetensors_checked(path: Path) -> tuple[dict[str, TensorInfo], str | None]:
+    """The tensors of a safetensors file and why it is not complete (header unreadable, data cut short
+    or padded), or None: one open and one header read."""
     try:
         with open(path, "rb") as handle:
             prefix = handle.read(8)
             length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
             if length is None or length > MAX_HEADER_BYTES:
-                return f"{path.name} is not a safetensors file (no valid header length)"
+                return {}, f"{path.name} is not a safetensors file (no valid header length)"
             header = json.loads(handle.read(length))
             data_bytes = os.fstat(handle.fileno()).st_size - 8 - length
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"{path.name} is not a safetensors file (unreadable header: {type(err).__name__})"
+        return {}, f"{path.name} is not a safetensors file (unreadable header: {type(err).__name__})"
     if not isinstance(header, dict):
-        return f"{path.name} is not a safetensors file (its header is not a JSON object)"
+        return {}, f"{path.name} is not a safetensors file (its header is not a JSON object)"
+    tensors = {}
+    end = 0
     try:
-        end = max((int(info["data_offsets"][1]) for name, info in header.items() if name != "__metadata__"),
-                  default=0)
-    except (TypeError, KeyError, IndexError, ValueError):
-        return f"{path.name} is not a safetensors file (a tensor without data offsets)"
+        for name, info in header.items():
+            if name != "__metadata__":
+                tensors[name] = (info.get("dtype", "?"), tuple(info["shape"]))
+                end = max(end, int(info["data_offsets"][1]))
+    except (TypeError, KeyError, IndexError, ValueError, AttributeError):
+        return {}, f"{path.name} is not a safetensors file (a tensor without shape or data offsets)"
     if end != data_bytes:
-        return f"{path.name} holds {data_bytes} bytes of tensor data, its header describes {end}"
-    return None
+        return {}, f"{path.name} holds {data_bytes} bytes of tensor data, its header describes {end}"
+    return tensors, None
 
 
 def checkpoint_tensors(folder: Path) -> dict[str, TensorInfo] | None:
