@@ -12,6 +12,15 @@ optimizer step, loss on every token, as the baseline. Run on the GPU machine:
 (--micro-batch asks for a micro-batch; with --max-memory the planner may lower it, and the record's
 runtime says what ran.)
 
+Several GPUs (`lqmf train --gpus N`, one process per GPU; docs/performance.md):
+
+    PYTHONPATH=src python3 benchmarks/gpu_train_bench.py --seq 2048 --micro-batch 16 --steps 6 \
+        --extra "--max-memory 8GB" --gpus 1 2 --strategies ddp fsdp --out $OUT
+
+runs the one-GPU baseline and each strategy on each GPU count above one, and next to every run
+`lqmf plan --gpus N --strategy S --json` at the micro-batch and offload the run used, for the
+planner's per-GPU estimate.
+
 Prints and writes one JSON record per run: median step time (first step excluded), tokens/s,
 peak allocated and reserved VRAM.
 """
@@ -66,10 +75,12 @@ def write_tokens(seq: int, rows: int) -> Path:
     return path
 
 
-def run(seq: int, micro: int, steps: int, extra: list[str]) -> dict:
+def run(seq: int, micro: int, steps: int, extra: list[str], gpus: int = 1, strategy: str = "auto") -> dict:
     workspace = Path("/tmp/lqmf-bench-ws")
-    name = f"bench-{seq}-{micro}"
+    name = f"bench-{seq}-{micro}-{gpus}-{strategy}"
     data = write_tokens(seq, steps * EFFECTIVE_BATCH)
+    if gpus > 1:
+        extra = [*extra, "--gpus", str(gpus), "--set", f"strategy={strategy}"]
     cmd = [sys.executable, "-m", "lqmf", "--workspace", str(workspace), "train", str(MODEL_DIR), str(data), "chat",
            "--name", name, "--force", "--max-steps", str(steps), "--batch-size", str(micro),
            "--grad-accum", str(EFFECTIVE_BATCH // micro), "--max-seq-length", str(seq), "--rank", "16",
@@ -92,9 +103,25 @@ def run(seq: int, micro: int, steps: int, extra: list[str]) -> dict:
         "step_s_median": round(step_s, 3), "train_tok_s": round(EFFECTIVE_BATCH * seq / step_s, 1),
         "peak_alloc_gb": round(metrics["peak_memory_gb"], 3),
         "peak_reserved_gb": round(metrics.get("peak_memory_reserved_gb", 0), 3),
+        "peak_alloc_gb_per_process": metrics.get("peak_memory_gb_per_process"),
         "final_loss": metrics["train_loss"], "wall_s": round(wall, 1), "runtime": manifest["runtime"],
-        "extra": extra,
+        "extra": extra, "gpus": gpus, "strategy": manifest["runtime"].get("strategy"),
+        "plan": plan_estimate(seq, manifest["runtime"], gpus, workspace) if gpus > 1 else None,
     }
+
+
+def plan_estimate(seq: int, runtime: dict, gpus: int, workspace: Path) -> dict:
+    """`lqmf plan --gpus N --strategy S --json` at the micro-batch and offload the run used: per GPU."""
+    micro = runtime["micro_batch"]
+    cmd = [sys.executable, "-m", "lqmf", "--workspace", str(workspace), "plan", str(MODEL_DIR), "--seq-len",
+           str(seq), "--batch-size", str(micro), "--rank", "16", "--targets", "q_proj,k_proj,v_proj,o_proj",
+           "--max-memory", "80GB", "--gpus", str(gpus), "--strategy", runtime["strategy"],
+           "--offload" if runtime["offload_activations"] else "--no-offload", "--json"]
+    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+    estimate = report["estimate"]
+    return {"peak_allocated_gb": estimate["peak_allocated_gb"],
+            "allocated_plus_slack_gb": round(estimate["peak_allocated_gb"] + estimate["allocator_slack_gb"], 3),
+            "total_gb": estimate["total_gb"], "chosen": report["strategies"]["chosen"]}
 
 
 def sweep(seqs: list[int], micro_batches: list[int], measure, out: str, filename: str) -> list[dict]:
@@ -116,11 +143,17 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--extra", default="", help="more lqmf train options, space separated")
+    parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run (lqmf train --gpus)")
+    parser.add_argument("--strategies", nargs="+", default=["auto"], help="with --gpus above 1: ddp fsdp auto")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
     ensure_model()
-    sweep(args.seq, args.micro_batch, lambda seq, micro: run(seq, micro, args.steps, args.extra.split()), args.out,
-          "lqmf_train.json")
+    layouts = [(gpus, strategy) for gpus in args.gpus for strategy in (args.strategies if gpus > 1 else ["single"])]
+    for gpus, strategy in layouts:
+        suffix = "" if layouts == [(1, "single")] else f"_{gpus}gpu_{strategy}"
+        sweep(args.seq, args.micro_batch,
+              lambda seq, micro, g=gpus, s=strategy: run(seq, micro, args.steps, args.extra.split(), g, s),
+              args.out, f"lqmf_train{suffix}.json")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """LQMF: the Local Quantized Model Factory.
 
-`from lqmf import MemoryOptimizer` works without importing anything heavy up front: public names
-load on first use.
+`from lqmf import MemoryOptimizer` and `from lqmf import train` work without importing anything heavy
+up front: public names load on first use.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["MemoryOptimizer", "__version__"]
+__all__ = ["MemoryOptimizer", "TrainResult", "__version__", "train"]
 
-_LAZY = {"MemoryOptimizer": "lqmf.memory"}
+_LAZY = {"MemoryOptimizer": "lqmf.memory", "train": "lqmf.engine.service", "TrainResult": "lqmf.engine.service"}
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ import typer
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_size, print_json, print_table
 from lqmf.core import config as cfg
+from lqmf.core.distributed import check_batch_split
 from lqmf.core.errors import InputError
 from lqmf.core.memory_plan import (
     LOSS_CHUNK_TOKENS,
@@ -17,7 +18,9 @@ from lqmf.core.memory_plan import (
     GiB,
     ModelShape,
     TrainSettings,
+    choose_strategy,
     estimate,
+    fit_strategies,
     largest_micro_batch,
     largest_seq_len,
     parse_size,
@@ -32,7 +35,7 @@ DEFAULT_BUDGET = "8GB"  # the guide's target GPU
 OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "batch-size", "lora_r": "rank",
                 "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
                 "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory",
-                "offload_activations": "offload"}
+                "offload_activations": "offload", "strategy": "strategy"}
 
 COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
@@ -77,7 +80,9 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     parts = ", ".join(f"{label} {size(key)}" for key, label in COMPONENTS[:5])
     cuda = memory["device"] == "cuda"
     extra = f"; slack {size('allocator_slack')}, CUDA context {size('cuda_context')}" if cuda else ""
-    lines = [f"memory:      ~{size('total')} peak on {memory['device']} ({parts}{extra})"]
+    where = (f"each of {memory['gpus']} GPUs ({memory['strategy']})" if memory.get("gpus", 1) > 1
+             else memory["device"])
+    lines = [f"memory:      ~{size('total')} peak on {where} ({parts}{extra})"]
     if memory["budget_gb"]:
         lines.append(f"budget:      {human_size(memory['budget_gb'] * GiB)} ({memory['budget_source']})")
     if memory["micro_batch"] != memory["requested_micro_batch"]:
@@ -120,6 +125,9 @@ def plan(
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
                                           "max_memory, else this machine's free GPU memory, else 8GB)."),
     config_name: str | None = typer.Option(None, "--config", "-c", help="Take defaults from this saved config."),
+    gpus: int = typer.Option(1, "--gpus", help="Plan per GPU for a run on this many GPUs (lqmf train --gpus)."),
+    strategy: str | None = typer.Option(None, "--strategy", help="With --gpus: ddp, fsdp or auto (default: "
+                                        "the config's, else auto: ddp when it fits each GPU)."),
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -127,19 +135,32 @@ def plan(
     ws = workspace(ctx, workspace_dir)
     if device not in ("cuda", "cpu"):
         raise InputError(f"--device must be cuda or cpu, got {device!r}")
+    if gpus < 1:
+        raise InputError(f"--gpus must be at least 1, got {gpus}")
     resolved = ModelCatalogue(ws).resolve(model)
     shape = require_shape(resolved)
     file_values = cfg.read_config_file(cfg.config_path(ws.configs_dir, config_name)) if config_name else {}
     options = {"max_seq_length": seq_len, "per_device_train_batch_size": batch_size, "lora_r": rank,
                "target_modules": targets, "use_4bit_quantization": four_bit,
                "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory,
-               "offload_activations": None if offload is None else ("on" if offload else "off")}
+               "offload_activations": None if offload is None else ("on" if offload else "off"),
+               "strategy": strategy}
     overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
     config = cfg.resolve_config(file_values, overrides)
     if config.task_type is None:
         config.task_type = "classification" if shape.encoder else "chat"
-    settings = settings_for(config, resolved, device=device)
+    settings = settings_for(config, resolved, device=device, gpus=gpus)
     budget, budget_source, budget_text = _budget(max_memory, file_values.get("max_memory"), device)
+    strategies = None
+    if gpus > 1:
+        effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        check_batch_split(effective, gpus)
+        fits = fit_strategies(shape, settings, effective, budget, offload=config.offload_activations)
+        chosen = choose_strategy(fits, config.strategy)
+        settings = replace(settings, strategy=chosen or "fsdp",
+                           micro_batch=min(settings.micro_batch, effective // gpus))
+        strategies = {"chosen": chosen, "effective_batch": effective, "per_gpu_batch": effective // gpus,
+                      **{name: fit.to_dict() for name, fit in fits.items()}}
     result = estimate(shape, settings)
     report = {
         "model": resolved.reference, "source": resolved.source,
@@ -156,6 +177,8 @@ def plan(
     report["would_fit_with"] = ([{"changes": alt.changes, "total_gb": round(alt.total / GiB, 3)}
                                  for alt in what_would_fit(shape, settings, budget)]
                                 if not report["largest_micro_batch"] else [])
+    if strategies:
+        report["gpus"], report["strategies"] = gpus, strategies
     if json_output:
         print_json(report)
         return
@@ -164,8 +187,9 @@ def plan(
 
 def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSettings, budget_text: str) -> None:
     targets = ",".join(settings.target_modules) if settings.target_modules else "all-linear"
+    per_gpu = f"; per GPU of {report['gpus']}, {settings.strategy}" if report.get("gpus") else ""
     typer.echo(f"memory plan for {report['model']} ({report['parameters'] / 1e9:.2f}B parameters; shape from "
-               f"{report['shape_from']})")
+               f"{report['shape_from']}{per_gpu})")
     typer.echo(f"settings: {settings.device}, {'4-bit NF4' if settings.quantize_4bit else 'not quantized'}, "
                f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}"
                f"{', activations offloaded' if settings.offloaded else ''}, LoRA r={settings.lora_r} "
@@ -174,6 +198,8 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     notes = component_notes(shape, settings, estimate_gb["details"])
     print_table([[label, f"{estimate_gb[f'{key}_gb']:.2f}", notes[key]] for key, label in COMPONENTS],
                 ["component", "GB", "what"])
+    if report.get("strategies"):
+        _print_strategies(report["gpus"], report["strategies"])
     typer.echo(f"budget {report['budget_gb']:.2f} GB ({report['budget_source']}): "
                f"{'fits' if report['fits'] else 'does not fit'}")
     micro, longest = report["largest_micro_batch"], report["longest_seq_len"]
@@ -190,3 +216,16 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
             str(Alternative(alt["changes"], int(alt["total_gb"] * GiB))) for alt in report["would_fit_with"]))
     elif not micro:
         typer.echo(f"no single change makes it fit in {budget_text}: use a smaller model or a larger GPU")
+
+
+def _print_strategies(gpus: int, strategies: dict[str, Any]) -> None:
+    share = strategies["per_gpu_batch"]
+    typer.echo(f"on {gpus} GPUs, {share} of the effective batch of {strategies['effective_batch']} per GPU per step:")
+    for name, what in (("ddp", "each GPU holds the whole 4-bit model"), ("fsdp", "weights and optimizer sharded")):
+        fit = strategies[name]
+        where = (f"fits at micro-batch {fit['micro_batch']} (~{fit['per_gpu_gb']:.2f} GB per GPU"
+                 f"{', activations offloaded' if fit['offload_activations'] else ''})" if fit["fits"]
+                 else f"does not fit (~{fit['per_gpu_gb']:.2f} GB per GPU at micro-batch 1)")
+        typer.echo(f"  {name:5s} {where}; {what}")
+    chosen = strategies["chosen"]
+    typer.echo(f"strategy: {chosen}" if chosen else "strategy: neither fits; see below")

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import shutil
-import signal
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import typer
@@ -16,15 +11,7 @@ from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_duration, human_size, info, print_json
 from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
-from lqmf.core.datasets import load_task_dataset
-from lqmf.core.errors import ConflictError, InputError, Interrupted, NotFoundError
-from lqmf.core.fsutil import atomic_write_text
-from lqmf.core.manifest import build_manifest, default_adapter_name
-from lqmf.core.models import ModelCatalogue
-from lqmf.core.registry import Registry
-from lqmf.core.timing import estimate_train_seconds
-
-STAGED_CONFIG = "config.yaml"
+from lqmf.core.errors import InputError
 
 
 class ProgressPrinter:
@@ -41,7 +28,9 @@ class ProgressPrinter:
         quant = "4-bit NF4" if plan["quantized_4bit"] else plan["dtype"]
         info(f"training on {plan['device']} ({quant}), {plan['trainable_params']:,} trainable of "
              f"{plan['total_params']:,} parameters, {plan['total_steps']} steps of {plan['effective_batch']} "
-             f"examples ({plan['micro_batch']} x {plan['gradient_accumulation']}), optimizer {plan['optimizer']}")
+             f"examples ({plan['micro_batch']} x {plan['gradient_accumulation']}"
+             f"{' x ' + str(plan['processes']) + ' processes' if plan.get('processes', 1) > 1 else ''}), "
+             f"optimizer {plan['optimizer']}")
         memory = plan["memory"]
         if memory["estimate"]:
             budget = (f" (budget {human_size(memory['budget_gb'] * 2**30)}, {memory['budget_source']})"
@@ -84,28 +73,9 @@ class ProgressPrinter:
             info(line)
 
 
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM before or after the training loop stops the run as Ctrl-C does (exit 143, one line);
-    inside the loop the engine's StopFlag takes over and checkpoints first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise Interrupted("terminated (SIGTERM)", exit_code=128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _overrides(model, dataset, task, name, options: dict[str, Any], sets: list[str]) -> dict[str, Any]:
     values = {"base_model": model, "dataset_path": dataset, "task_type": task, "job_name": name, **options}
-    checked = {k: cfg.coerce_value(k, v, f"option for {k}") for k, v in values.items() if v is not None}
-    return {**checked, **cfg.parse_set_options(sets)}
+    return {**{k: v for k, v in values.items() if v is not None}, **cfg.parse_set_options(sets)}
 
 
 def _summary_lines(name: str, metrics: dict[str, Any]) -> list[str]:
@@ -143,6 +113,9 @@ def train(
     max_memory: str | None = typer.Option(None, "--max-memory",
                                           help="max_memory: budget for the micro-batch, e.g. 7.5GB"),
     seed: int | None = typer.Option(None, "--seed", help="seed"),
+    gpus: str | None = typer.Option(None, "--gpus", help="gpus: train on N GPUs (or all), one process each; "
+                                    "default one device"),
+    strategy: str | None = typer.Option(None, "--strategy", help="strategy with --gpus: ddp | fsdp | auto"),
     resume: str | None = typer.Option(None, "--resume", help="Resume the unfinished run of this adapter name."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; train nothing."),
     force: bool = typer.Option(False, "--force", help="Replace an existing adapter (or unfinished run) of this name."),
@@ -151,80 +124,34 @@ def train(
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Fine-tune a LoRA/QLoRA adapter and register it under adapters/NAME."""
+    from lqmf.engine import service
+
     ws = workspace(ctx, workspace_dir)
-    registry = Registry(ws)
     options = {"num_train_epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
                "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
                "max_seq_length": max_seq_length, "lora_r": rank, "use_4bit_quantization": four_bit,
                "use_gradient_checkpointing": checkpointing, "device": device, "seed": seed,
-               "max_memory": max_memory}
-    if resume:
-        if model or dataset or task or name or config_name:
-            raise InputError("--resume continues a run with its saved model, dataset, task and config; "
-                             "only options like --max-steps or --set may change")
-        staging = registry.staging_path(resume)
-        if not (staging / STAGED_CONFIG).is_file():
-            raise NotFoundError(f"no unfinished run named '{resume}' in {ws.adapters_dir}")
-        file_values = cfg.read_config_file(staging / STAGED_CONFIG)
-    else:
-        file_values = cfg.read_config_file(cfg.config_path(ws.configs_dir, config_name)) if config_name else {}
-    config = cfg.resolve_config(file_values, _overrides(model, dataset, task, name, options, sets))
-    cfg.check_complete(config)
-    resolved = ModelCatalogue(ws).resolve(config.base_model)
-    data = load_task_dataset(ws.resolve_path(config.dataset_path), config.task_type)
-    config.dataset_path = str(data.path)
-    adapter = config.job_name or default_adapter_name(resolved, data.task)
-    config.job_name = adapter
-    staging = registry.staging_path(adapter)
-    if not resume:
-        if registry.exists(adapter) and not force:
-            raise ConflictError(f"adapter '{adapter}' already exists; use --force to replace it or --name")
-        if staging.exists() and not force and not dry_run:
-            raise ConflictError(f"an unfinished run of '{adapter}' exists; use --resume {adapter} or --force")
-
-    from lqmf.engine import train as engine
-
-    prepared = engine.prepare(config, resolved, data)
-    memory = engine.plan_memory(config, resolved, prepared)  # may shrink the micro-batch to fit
-    plan = prepared.plan()
-    estimate = estimate_train_seconds(resolved.config, prepared.train_tokens * prepared.total_steps
-                                      / prepared.steps_per_epoch, config.use_gradient_checkpointing)
-    if dry_run:
-        result = {"adapter": adapter, "dry_run": True, "task": data.task, "base_model": resolved.reference,
-                  "model_source": resolved.source, "dataset": str(data.path), **plan,
-                  "label_counts": data.label_counts or None, "estimated_seconds": estimate,
-                  "memory": memory.to_dict(), "config": config.to_dict()}
-        if json_output:
-            print_json(result)
-            return
-        _print_plan(adapter, result)
+               "max_memory": max_memory, "gpus": gpus, "strategy": strategy}
+    if resume and (model or dataset or task or name or config_name):
+        raise InputError("--resume continues a run with its saved model, dataset, task and config; "
+                         "only options like --max-steps or --set may change")
+    config = service.resolve_config(ws, _overrides(model, dataset, task, name, options, sets), resume=resume,
+                                    config_name=config_name)
+    printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
+    result = service.train(config, ws, resume=bool(resume), force=force, dry_run=dry_run, events=printer)
+    if result.path is None:  # a dry run, or a rank other than 0 of a run launched from outside LQMF
+        if dry_run and json_output:
+            print_json(result.plan)
+        elif dry_run:
+            _print_plan(result.adapter, result.plan)
         return
-
-    # While the run lock is held, `adapters list` shows the run as training and `remove` leaves it.
-    with registry.training_run(adapter, wait=5.0), terminate_as_interrupt():
-        if not resume and staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir(parents=True, exist_ok=True)
-        try:
-            atomic_write_text(staging / STAGED_CONFIG, cfg.dump_config(config))
-            printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
-            outcome = engine.train(config, resolved, data, staging, events=printer, prepared=prepared,
-                                   resume=bool(resume), memory=memory)
-            manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
-            target = registry.finalize(adapter, staging, manifest, force=force or bool(resume),
-                                       scratch=engine.CHECKPOINT_FOLDERS)
-        except BaseException:
-            if not engine.has_checkpoint(staging):  # nothing to resume: leave no unfinished run behind
-                shutil.rmtree(staging, ignore_errors=True)
-            raise
     if json_output:
-        print_json({"adapter": adapter, "path": str(target), "task": data.task, "metrics": outcome.metrics,
-                    "runtime": manifest["runtime"], "resumed_from_step": outcome.runtime["resumed_from_step"]})
+        print_json(result.to_dict())
         return
-    for line in _summary_lines(adapter, outcome.metrics):
+    for line in _summary_lines(result.adapter, result.metrics):
         info(line)
-    info(f"saved {target}")
-    typer.echo(adapter)
+    info(f"saved {result.path}")
+    typer.echo(result.adapter)
 
 
 def _print_plan(adapter: str, plan: dict[str, Any]) -> None:
@@ -236,7 +163,8 @@ def _print_plan(adapter: str, plan: dict[str, Any]) -> None:
         typer.echo("  labels:      " + ", ".join(f"{k} ({v})" for k, v in plan["label_counts"].items()))
     typer.echo(f"  tokens:      {plan['train_tokens_per_epoch']:,} per epoch, longest example "
                f"{plan['longest_example_tokens']}")
-    typer.echo(f"  batches:     {plan['micro_batch']} x {plan['gradient_accumulation']} accumulation = "
+    processes = f" x {plan['processes']} processes" if plan.get("processes", 1) > 1 else ""
+    typer.echo(f"  batches:     {plan['micro_batch']} x {plan['gradient_accumulation']} accumulation{processes} = "
                f"{plan['effective_batch']} examples per step")
     typer.echo(f"  steps:       {plan['total_steps']} ({plan['steps_per_epoch']} per epoch)")
     est = plan["estimated_seconds"]

@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from lqmf.core.distributed import QUANT_STORAGE_DTYPES
 from lqmf.core.errors import InputError, NotFoundError, did_you_mean
-from lqmf.core.memory_plan import parse_size
+from lqmf.core.memory_plan import STRATEGIES, parse_size
 from lqmf.core.names import validate_name
 
 TASK_ALIASES = {"instruction": "instruction_following", "instruct": "instruction_following"}
@@ -72,6 +73,12 @@ class TrainConfig:
         "auto", "Keep the checkpointed activations in pinned CPU memory during each step (CUDA, with gradient "
         "checkpointing): auto | on | off; auto: when that lets a larger micro-batch fit the budget", choices=SWITCHES)
     device: str = _opt("auto", "auto | cpu | cuda | mps", choices=DEVICES)
+    gpus: str | None = _opt(None, "Train on this many GPUs, one process each, or all (default: one device)")
+    strategy: str = _opt("auto", "With several GPUs: ddp (each GPU holds the 4-bit model) | fsdp (sharded) | "
+                         "auto (ddp when it fits each GPU)", choices=STRATEGIES)
+    bnb_4bit_quant_storage: str = _opt(
+        "auto", "Storage dtype of 4-bit weights: auto (uint8; under FSDP the compute dtype) | uint8 | bfloat16 | "
+        "float16 | float32", choices=("auto", *QUANT_STORAGE_DTYPES))
     max_memory: str | None = _opt(
         None, "Memory budget for picking the micro-batch, e.g. 7.5GB (default: the GPU's free memory; "
         "on the CPU, no limit)")
@@ -228,6 +235,9 @@ def _check_range(key: str, value: Any, source: str) -> None:
             parse_size(value)
         except ValueError as err:
             raise InputError(f"{source}: 'max_memory': {err}") from None
+    if key == "gpus" and value is not None and value.strip().lower() != "all":
+        if not value.strip().isdigit() or int(value) < 1:
+            raise InputError(f"{source}: 'gpus' must be a number of GPUs (at least 1) or all, got {value!r}")
     if key == "job_name" and value is not None:
         try:
             validate_name(value)

@@ -49,6 +49,10 @@ class Interrupted(LqmfError):
     exit_code = 130
 
 
+class RankFailure(RuntimeFailure):
+    """A failure every rank of a multi-process run agreed on; rank 0 reports it, the others exit quietly."""
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when none is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.5)

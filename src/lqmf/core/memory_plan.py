@@ -9,6 +9,13 @@ LQMF means GiB (2**30 bytes), as PyTorch and nvidia-smi count.
 peak = weights + LoRA (params + grads) + optimizer state
        + saved activations + max(one block's recompute and backward, chunked logits and loss)
 total = peak + allocator slack + CUDA context
+
+On several GPUs the figures are per GPU. Data parallel (DDP): each GPU holds the whole 4-bit model
+and its share of the batch, plus one flat fp32 copy of the LoRA gradients for their all-reduce.
+FSDP-QLoRA: the 4-bit storage, the LoRA weights, gradients and (fp32 AdamW) optimizer state are
+sharded over the GPUs; what stays whole on each is the quantization constants, the root unit
+(embeddings, head, final norm: gathered for the whole step) and two gathered blocks (the one
+running and the one prefetched).
 """
 
 from __future__ import annotations
@@ -37,6 +44,11 @@ ADAM8BIT_BYTES_PER_PARAM = 2 + 2 * 4 / 256
 ADAM8BIT_MIN_SIZE = 4096
 PAGED_MIN_SIZE = 100_000
 ADAM32_BYTES_PER_PARAM = 8
+NF4_PACKED_BYTES_PER_PARAM = 0.5  # what FSDP shards of a 4-bit weight; the constants stay whole
+# Strategies for several GPUs: ddp (each holds the whole model) or fsdp (sharded); auto picks ddp
+# when it fits the per-GPU budget, else fsdp.
+STRATEGIES = ("auto", "ddp", "fsdp")
+FSDP_GATHERED_BLOCKS = 2
 # engine/train.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
 LOSS_CHUNK_TOKENS = 1024
 # With activation offload, block inputs on the device at once (engine/offload.py).
@@ -49,6 +61,11 @@ ALLOCATOR_SLACK = 0.08
 # With activation offload, copies on side streams keep freed blocks reserved until they finish:
 # reserved/allocated was 1.161-1.163 in the two offloaded H200 runs (docs/memory.md).
 ALLOCATOR_SLACK_OFFLOADED = 0.16
+# Under FSDP the blocks' weights are gathered on FSDP's own streams, and the caching allocator keeps
+# blocks freed there apart from the compute stream's: what a step allocates and frees (activations,
+# gathered blocks) came close to being reserved twice, 1.495 x allocated in all, in the FSDP-QLoRA
+# run on two H200s (docs/performance.md, h200x2-memory-fsdp-mb2.json): 0.9 of it on top of the 8%.
+FSDP_STREAM_SLACK = 0.9
 
 GATED_MLP_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
                    "olmo", "olmo2", "starcoder2_gated", "cohere", "granite", "smollm3"}
@@ -188,11 +205,17 @@ class TrainSettings:
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
     offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
+    gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
+    strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
 
     @property
     def offloadable(self) -> bool:
-        """Whether activation offload can apply: only on CUDA, and only with gradient checkpointing."""
-        return self.gradient_checkpointing and self.device == "cuda"
+        """Whether activation offload can apply: only on CUDA, with gradient checkpointing, not under FSDP."""
+        return self.gradient_checkpointing and self.device == "cuda" and not self.sharded
+
+    @property
+    def sharded(self) -> bool:
+        return self.gpus > 1 and self.strategy == "fsdp"
 
     @property
     def offloaded(self) -> bool:
@@ -238,9 +261,23 @@ def _lora_targets(shape: ModelShape, targets: tuple[str, ...] | None) -> dict[st
             if any(name == t or name.endswith("." + t) or name.split(".")[-1] == t for t in targets)}
 
 
-def _optimizer_bytes(tensor_sizes: list[int], device: str) -> tuple[int, int]:
-    """(state bytes, of which paged outside PyTorch's allocator) for AdamW over these tensors."""
-    if device != "cuda":
+def _sharded_weights(shape: ModelShape, settings: TrainSettings, quantized: int, plain_bytes: int) -> int:
+    """FSDP: each GPU's share of the 4-bit storage, the quantization constants whole, the root unit
+    (everything outside the blocks) whole, and two blocks gathered at a time."""
+    per_block = shape.block_linear_params * (NF4_BYTES_PER_PARAM if settings.quantize_4bit else
+                                             settings.compute_bytes)
+    packed = quantized * NF4_PACKED_BYTES_PER_PARAM
+    constants = quantized * (NF4_BYTES_PER_PARAM - NF4_PACKED_BYTES_PER_PARAM)
+    if not settings.quantize_4bit:  # the blocks' linears are sharded in the compute dtype
+        packed = shape.layers * shape.block_linear_params * settings.compute_bytes
+        plain_bytes -= int(packed)
+    return int(packed / settings.gpus + constants + plain_bytes + FSDP_GATHERED_BLOCKS * per_block)
+
+
+def _optimizer_bytes(tensor_sizes: list[int], device: str, sharded: bool = False) -> tuple[int, int]:
+    """(state bytes, of which paged outside PyTorch's allocator) for AdamW over these tensors:
+    8-bit paged on one CUDA GPU or under DDP, fp32 on the CPU and under FSDP (its flat shards)."""
+    if device != "cuda" or sharded:
         return sum(tensor_sizes) * ADAM32_BYTES_PER_PARAM, 0
     total = paged = 0
     for n in tensor_sizes:
@@ -297,6 +334,8 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     plain = shape.parameters - quantized
     head = shape.hidden * settings.num_labels if classification else 0
     weights = int(quantized * NF4_BYTES_PER_PARAM) + plain * c + head * 4
+    if settings.sharded:
+        weights = _sharded_weights(shape, settings, quantized, plain * c + head * 4)
 
     # LoRA: A (r x in) and B (out x r) per targeted linear per layer, fp32, with fp32 gradients;
     # a classification head is trained in full (PEFT modules_to_save).
@@ -306,7 +345,13 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     if classification:
         tensors.append(head)
     lora_params = sum(tensors)
-    optimizer, paged = _optimizer_bytes(tensors, settings.device)
+    optimizer, paged = _optimizer_bytes(tensors, settings.device, settings.sharded)
+    lora_bytes = 2 * lora_params * 4
+    if settings.sharded:  # LoRA weights, gradients and AdamW state sharded; one LoRA unit gathered
+        lora_bytes = lora_bytes // settings.gpus + 2 * max(tensors) * 4
+        optimizer //= settings.gpus
+    elif settings.gpus > 1:  # DDP: the gradients flattened into one buffer for their all-reduce
+        lora_bytes += lora_params * 4
 
     # Activations. With gradient checkpointing each block keeps only its input, and backward
     # recomputes one block at a time; without it every block keeps what it saved. Padded and
@@ -336,18 +381,23 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         # the logits' gradient coexist (chunk x V each); a bf16 head adds its bf16 logits.
         chunk = min(LOSS_CHUNK_TOKENS, answers)
         logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
-    peak = weights + 2 * lora_params * 4 + optimizer + saved + max(working, logits_loss)
+    peak = weights + lora_bytes + optimizer + saved + max(working, logits_loss)
     context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else 0
     slack_share = ALLOCATOR_SLACK_OFFLOADED if settings.offloaded else ALLOCATOR_SLACK
     slack = int(slack_share * (peak - paged)) if settings.device == "cuda" else 0
+    if settings.sharded and settings.device == "cuda":
+        gathered = FSDP_GATHERED_BLOCKS * shape.block_linear_params * (
+            NF4_BYTES_PER_PARAM if settings.quantize_4bit else c)
+        slack += int(FSDP_STREAM_SLACK * (saved + max(working, logits_loss) + gathered))
     details = {
         "parameters": shape.parameters, "quantized_params": quantized, "lora_params": lora_params,
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
+        "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
     }
     return MemoryEstimate(
-        weights=weights, lora=2 * lora_params * 4, optimizer=optimizer, activations=saved + working,
+        weights=weights, lora=lora_bytes, optimizer=optimizer, activations=saved + working,
         logits_loss=logits_loss, peak_allocated=int(peak), allocator_slack=slack, cuda_context=context,
         total=int(peak) + slack + context, details=details,
     )
@@ -384,8 +434,8 @@ def require_shape(model: ResolvedModel) -> ModelShape:
 
 def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int | None = None,
                  micro_batch: int | None = None, num_labels: int = 2,
-                 quantize_4bit: bool | None = None) -> TrainSettings:
-    """TrainSettings from a TrainConfig (lqmf.core.config) for model on device."""
+                 quantize_4bit: bool | None = None, gpus: int = 1, strategy: str = "ddp") -> TrainSettings:
+    """TrainSettings from a TrainConfig (lqmf.core.config) for model on device (per GPU on gpus)."""
     targets = config.target_modules or model.target_modules
     return TrainSettings(
         micro_batch=micro_batch or config.per_device_train_batch_size,
@@ -399,6 +449,8 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         num_labels=num_labels,
         device=device,
         offload_activations=config.offload_activations == "on",
+        gpus=gpus,
+        strategy=strategy,
     )
 
 
@@ -461,6 +513,44 @@ def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int,
         if larger > micro:
             return larger, offloaded
     return micro, settings
+
+
+class StrategyFit(NamedTuple):
+    """How one strategy fits the per-GPU budget: its largest micro-batch (0: none) and the estimate
+    there (at micro-batch 1 when none fits)."""
+
+    strategy: str
+    micro_batch: int
+    settings: TrainSettings
+    estimate: MemoryEstimate
+
+    def to_dict(self, budget: float | None = None) -> dict[str, Any]:
+        per_gpu = self.settings.micro_batch
+        return {"strategy": self.strategy, "fits": self.micro_batch > 0, "micro_batch": self.micro_batch or None,
+                "per_gpu_gb": round(self.estimate.total / GiB, 3), "offload_activations": self.settings.offloaded,
+                "estimate": self.estimate.to_dict(), "at_micro_batch": per_gpu,
+                **({"budget_gb": round(budget / GiB, 3)} if budget else {})}
+
+
+def fit_strategies(shape: ModelShape, settings: TrainSettings, effective_batch: int, budget: float,
+                   context_counted: bool = True, offload: str = "auto") -> dict[str, StrategyFit]:
+    """DDP and FSDP on settings.gpus GPUs, each GPU taking effective_batch / gpus examples per step."""
+    share = max(1, effective_batch // settings.gpus)
+    fits = {}
+    for strategy in ("ddp", "fsdp"):
+        wanted = replace(settings, strategy=strategy, micro_batch=min(settings.micro_batch, share))
+        micro, chosen = fit_budget(shape, wanted, share, budget, context_counted, offload)
+        at = replace(chosen, micro_batch=max(micro, 1))
+        fits[strategy] = StrategyFit(strategy, micro, at, estimate(shape, at))
+    return fits
+
+
+def choose_strategy(fits: dict[str, StrategyFit], asked: str = "auto") -> str | None:
+    """The strategy asked for, or with auto: DDP when it fits (faster: no weight gathering), else FSDP;
+    None when auto finds neither fits."""
+    if asked != "auto":
+        return asked
+    return next((name for name in ("ddp", "fsdp") if fits[name].micro_batch), None)
 
 
 class Alternative(NamedTuple):

@@ -61,6 +61,13 @@ def select_device(preference: str = "auto"):
     return torch.device(preference)
 
 
+def visible_gpus() -> int:
+    """CUDA GPUs this process can see (CUDA_VISIBLE_DEVICES applies)."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def compute_dtype(device):
     import torch
 
@@ -106,11 +113,13 @@ def checkpoint_dtype(resolved: ResolvedModel) -> str:
 
 def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "auto",
                quantize_4bit: bool = False, labels: list[str] | None = None,
-               training: bool = False, dtype_name: str | None = None, tokenizer=None) -> LoadedModel:
+               training: bool = False, dtype_name: str | None = None, tokenizer=None,
+               quant_storage: str = "uint8") -> LoadedModel:
     """Load a base model for task (causal LM, or sequence classification with labels).
 
     The weights load in the device's compute dtype unless dtype_name (e.g. "bfloat16") says otherwise.
-    A tokenizer the caller already loaded for this model is used as it is.
+    A tokenizer the caller already loaded for this model is used as it is. quant_storage is the
+    dtype 4-bit weights are packed in (FSDP needs the compute dtype).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -131,6 +140,7 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=[*CLASSIFIER_HEADS, "lm_head"],
+            bnb_4bit_quant_storage=getattr(torch, quant_storage),
         )
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}
     try:

@@ -13,22 +13,24 @@ import os
 import random
 import signal
 import threading
-import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
-from lqmf.core.errors import InputError, Interrupted, NotFoundError, RuntimeFailure
+from lqmf.core.distributed import check_batch_split, quant_storage_for
+from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.faults import fault_point
-from lqmf.core.fsutil import append_jsonl, atomic_write_text, fsync_dir, fsync_tree
+from lqmf.core.fsutil import atomic_write_text, fsync_dir, fsync_tree
 from lqmf.core.memory_plan import (
     GiB,
     MemoryEstimate,
     TrainSettings,
+    choose_strategy,
     estimate,
     fit_budget,
+    fit_strategies,
     gb,
     model_shape,
     settings_for,
@@ -40,6 +42,7 @@ from lqmf.engine import data as data_mod
 from lqmf.engine.fastgen import use_lean_lora
 from lqmf.engine.loading import (
     LoadedModel,
+    compute_dtype,
     first_line,
     four_bit_support,
     load_model,
@@ -48,12 +51,7 @@ from lqmf.engine.loading import (
     select_device,
 )
 from lqmf.engine.memory import (
-    is_out_of_memory,
     memory_budget,
-    memory_in_use_gb,
-    peak_memory_gb,
-    release_memory,
-    reset_peak_memory,
 )
 from lqmf.engine.offload import ActivationOffload
 
@@ -91,16 +89,18 @@ class Prepared:
     chat_template: str | None = None
     dropped: int = 0
     tokenizer: Any = None  # the tokenizer that encoded the examples, reused for training
+    world_size: int = 1  # processes sharing each step's examples (micro_batch and accumulation are per process)
 
     @property
     def effective_batch(self) -> int:
-        return self.micro_batch * self.accumulation
+        return self.micro_batch * self.accumulation * self.world_size
 
     def plan(self) -> dict[str, Any]:
         return {
             "train_examples": len(self.train), "validation_examples": len(self.validation),
             "labels": self.labels, "micro_batch": self.micro_batch,
             "gradient_accumulation": self.accumulation, "effective_batch": self.effective_batch,
+            "processes": self.world_size,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps,
             "train_tokens_per_epoch": self.train_tokens, "longest_example_tokens": self.max_tokens,
             "chat_template": self.chat_template, "dropped_examples": self.dropped, "notes": self.notes,
@@ -167,10 +167,14 @@ class MemoryPlan:
     budget: int | None = None
     budget_source: str | None = None
     offload_activations: bool = False
+    gpus: int = 1
+    strategy: str = "single"  # single | ddp | fsdp
+    strategies: dict[str, Any] | None = None  # with several GPUs: how each strategy fits
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "device": self.device, "requested_micro_batch": self.requested_micro_batch,
+            "device": self.device, "gpus": self.gpus, "strategy": self.strategy, "strategies": self.strategies,
+            "requested_micro_batch": self.requested_micro_batch,
             "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
             "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
@@ -178,59 +182,82 @@ class MemoryPlan:
         }
 
 
-def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -> MemoryPlan:
-    """Estimate the run's peak memory and pick the largest micro-batch, at most the one asked for,
-    that fits the budget (max_memory, or the GPU's free memory) while keeping the effective batch.
-    With offload_activations=auto, activations are offloaded when that fits a larger micro-batch.
+def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, gpus: int = 1) -> MemoryPlan:
+    """Estimate the run's peak memory (per GPU on several) and pick the largest micro-batch, at most
+    the one asked for, that fits the budget (max_memory, or the GPU's free memory) while keeping the
+    effective batch. With offload_activations=auto, activations are offloaded when that fits a larger
+    micro-batch. On several GPUs config.strategy (auto: DDP when it fits, else FSDP) decides.
 
-    Adjusts prepared's micro-batch and accumulation; raises RuntimeFailure, saying what would fit,
-    when even micro-batch 1 does not. Loads no weights.
+    Sets prepared's world size, micro-batch and accumulation (per process); raises RuntimeFailure,
+    saying what would fit, when even micro-batch 1 does not. Loads no weights.
     """
     device = select_device(config.device)
     quantize = config.use_4bit_quantization and four_bit_support(device) is None
     shape, source = model_shape(model)
+    effective = prepared.effective_batch
+    if gpus > 1:
+        check_batch_split(effective, gpus)
+        prepared.world_size = gpus
+        prepared.micro_batch = _divisor_at_most(effective // gpus, prepared.micro_batch)
+        prepared.accumulation = effective // gpus // prepared.micro_batch
     requested = prepared.micro_batch
+    strategy = "single" if gpus == 1 else (config.strategy if config.strategy != "auto" else "ddp")
     settings = None
     if shape is not None:
         settings = settings_for(config, model, device=device.type,
                                 seq_len=min(config.max_seq_length, prepared.max_tokens), micro_batch=requested,
-                                num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
+                                num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize, gpus=gpus,
+                                strategy=strategy if gpus > 1 else "ddp")
     if settings is None:
-        offloadable = TrainSettings(device=device.type,
-                                    gradient_checkpointing=config.use_gradient_checkpointing).offloadable
+        offloadable = TrainSettings(device=device.type, gradient_checkpointing=config.use_gradient_checkpointing,
+                                    gpus=gpus, strategy=strategy).offloadable
         return MemoryPlan(device.type, requested, requested, None, source,
-                          offload_activations=config.offload_activations == "on" and offloadable)
+                          offload_activations=config.offload_activations == "on" and offloadable,
+                          gpus=gpus, strategy=strategy)
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
+    strategies = None
+    if gpus > 1 and budget is not None:
+        fits = fit_strategies(shape, settings, effective, budget, context_counted, config.offload_activations)
+        strategies = {name: fit.to_dict() for name, fit in fits.items()}
+        strategy = choose_strategy(fits, config.strategy) or "fsdp"
+        settings = replace(settings, strategy=strategy)
     micro = requested
+    share = effective // gpus
     if budget is not None:
-        micro, settings = fit_budget(shape, settings, prepared.effective_batch, budget, context_counted,
-                                     config.offload_activations)
+        micro, settings = fit_budget(shape, settings, share, budget, context_counted, config.offload_activations)
         if micro == 0:
             needed = estimate(shape, replace(settings, micro_batch=1))
             options = what_would_fit(shape, settings, budget, context_counted)
             fix = (f"it would fit with {' or '.join(str(option) for option in options)}" if options
                    else "no single change makes it fit; use a smaller model")
+            per_gpu = f" per GPU ({strategy} on {gpus})" if gpus > 1 else ""
             raise RuntimeFailure(
-                f"training needs about {gb(needed.total)} even at micro-batch 1 ({settings.seq_len} tokens, "
+                f"training needs about {gb(needed.total)}{per_gpu} even at micro-batch 1 ({settings.seq_len} tokens, "
                 f"r={settings.lora_r}, {'4-bit' if quantize else 'not quantized'}), more than the "
                 f"{gb(budget)} of {budget_source}: {fix}"
             )
-        prepared.micro_batch, prepared.accumulation = micro, prepared.effective_batch // micro
+        prepared.micro_batch, prepared.accumulation = micro, share // micro
     return MemoryPlan(device.type, requested, micro, estimate(shape, replace(settings, micro_batch=micro)), source,
-                      budget, budget_source, settings.offloaded)
+                      budget, budget_source, settings.offloaded, gpus, strategy, strategies)
 
 
 # ----------------------------------------------------------------------------- model
 
 
-def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str) -> LoadedModel:
+def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str,
+                sharded: bool = False) -> LoadedModel:
+    """The base loaded for training and wrapped with a fresh LoRA adapter; sharded: set up for FSDP
+    (4-bit storage in the compute dtype, PEFT's own LoRA forward)."""
     quiet_libraries()
     import torch
     from peft import LoraConfig, TaskType, get_peft_model
 
+    device = select_device(config.device)
+    storage = quant_storage_for(config.bnb_4bit_quant_storage, sharded,
+                                str(compute_dtype(device)).replace("torch.", ""))
     loaded = load_model(model_ref, task=task, device_preference=config.device,
                         quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
-                        tokenizer=prepared.tokenizer)
+                        tokenizer=prepared.tokenizer, quant_storage=storage)
     model = loaded.model
     if loaded.quantized and loaded.device == "cpu":
         # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
@@ -260,7 +287,8 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
     for parameter in loaded.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
             parameter.data = parameter.data.float()
-    use_lean_lora(loaded.model)
+    if not sharded:
+        use_lean_lora(loaded.model)
     return loaded
 
 
@@ -298,7 +326,12 @@ def _answer_loss_sum(model, batch) -> Any:
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                    ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        if is_sharded(model):  # through the root unit (it gathers the embeddings), no logits
+            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           output_hidden_states=True, logits_to_keep=batch["input_ids"].new_zeros(0)).hidden_states[-1]
+        else:
+            hidden = decoder(input_ids=batch["input_ids"],
+                             attention_mask=batch["attention_mask"]).last_hidden_state
     mask = labels != data_mod.IGNORE_INDEX
     picked = hidden[:, :-1][mask]
     targets = labels[mask]
@@ -313,6 +346,13 @@ def _answer_loss_sum(model, batch) -> Any:
         end = start + LOSS_CHUNK_TOKENS
         total = total + checkpoint(chunk_loss, picked[start:end], targets[start:end], use_reentrant=False)
     return total
+
+
+def is_sharded(model) -> bool:
+    """Whether model is wrapped by FSDP (engine/fsdp.py)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(model, FullyShardedDataParallel)
 
 
 def _classification_logits(model, batch):
@@ -392,8 +432,24 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any]) -> None:
-    """Replace staging/checkpoint with the state after the last finished optimizer step.
+def save_adapter(model, folder: Path, weights: dict[str, Any] | None = None) -> None:
+    """The PEFT adapter files of model; weights: its adapter state gathered from FSDP's shards, keyed
+    as PEFT saves it (engine/fsdp.py), written as PEFT writes it."""
+    if weights is None:
+        model.save_pretrained(folder)
+        return
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.peft_config[model.active_adapter].save_pretrained(folder)
+    save_file({key: tensor.contiguous() for key, tensor in weights.items()}, str(folder / "adapter_model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[str, Any],
+                    weights: dict[str, Any] | None = None, optimizer_state: dict[str, Any] | None = None) -> None:
+    """Replace staging/checkpoint with the state after the last finished optimizer step (under FSDP:
+    weights and optimizer_state, gathered whole).
 
     training_state.pt holds only tensors and plain containers, so that it loads with
     torch.load(weights_only=True), which runs no code from the file.
@@ -405,9 +461,10 @@ def save_checkpoint(staging: Path, model, optimizer, scheduler, progress: dict[s
     final = staging / CHECKPOINT_DIR
     tmp = staging / f"{CHECKPOINT_DIR}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "progress": progress, "rng": _rng_state()}, tmp / TRAINING_STATE)
+    save_adapter(model, tmp, weights)
+    torch.save({"optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "progress": progress, "rng": _rng_state()},
+               tmp / TRAINING_STATE)
     fsync_tree(tmp)
     fault_point("checkpoint.written")
     old = staging / f"{CHECKPOINT_DIR}.old"
@@ -430,17 +487,18 @@ def checkpoint_folder(staging: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(staging: Path, model, optimizer, scheduler) -> dict[str, Any]:
+def read_checkpoint(staging: Path) -> dict[str, Any] | None:
+    """{"weights": the adapter's tensors, "state": optimizer, scheduler, progress, rng} of staging's
+    newest complete checkpoint, checked; None when there is none."""
     import pickle
 
     import torch
-    from peft import set_peft_model_state_dict
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = checkpoint_folder(staging)
     if folder is None:
-        raise NotFoundError(f"no checkpoint in {staging}")
+        return None
     state_file = folder / TRAINING_STATE
     try:
         # weights_only: a planted file must not run code; ours holds only tensors and plain containers
@@ -455,11 +513,13 @@ def load_checkpoint(staging: Path, model, optimizer, scheduler) -> dict[str, Any
                          "lqmf adapters remove --broken") from None
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "progress", "rng"} <= set(state):
         raise InputError(f"{state_file}: not a checkpoint LQMF wrote (missing keys)")
-    set_peft_model_state_dict(model, weights)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return state["progress"]
+    return {"weights": weights, "state": state}
+
+
+def apply_weights(model, checkpoint: dict[str, Any]) -> None:
+    from peft import set_peft_model_state_dict
+
+    set_peft_model_state_dict(model, checkpoint["weights"])
 
 
 def has_checkpoint(staging: Path) -> bool:
@@ -488,19 +548,26 @@ def truncate_log(log_path: Path, step: int | None) -> int:
 
 
 def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
-                      offload: ActivationOffload | None = None):
-    """Forward and backward over one optimizer step's examples in micro-batches; the summed loss."""
+                      offload: ActivationOffload | None = None, passes: int = 0, filler=None, scale: float = 1.0):
+    """Forward and backward over one optimizer step's examples in micro-batches; the summed loss.
+
+    The gradients are of the loss summed over rows divided by units, times scale. With passes, at least that many
+    micro-batches run: the ones past rows run filler (one example) at weight 0, so that every FSDP
+    rank joins the same number of gathers.
+    """
     import contextlib
 
     import torch
 
     total = torch.zeros((), device=device)
-    for start in range(0, len(rows), micro):
-        batch = _to_device(data_mod.collate(rows[start: start + micro], pad, classification), device)
+    batches = [(rows[start: start + micro], 1.0) for start in range(0, len(rows), micro)]
+    batches += [(filler, 0.0)] * (passes - len(batches))
+    for chunk, weight in batches:
+        batch = _to_device(data_mod.collate(chunk, pad, classification), device)
         try:
             with offload or contextlib.nullcontext():
-                loss = loss_fn(model, batch)
-            (loss / max(units, 1)).backward()
+                loss = loss_fn(model, batch) * weight
+            (loss * (scale / max(units, 1))).backward()
         finally:  # also after an out-of-memory error, so a retry does not find the old tensors held
             if offload is not None:
                 offload.clear()
@@ -513,25 +580,25 @@ def _divisor_at_most(effective: int, limit: int) -> int:
     return next((m for m in range(limit, 0, -1) if effective % m == 0), 0)
 
 
-def _memory_record(event: str, step: int, before: int, after: int, effective: int, **extra: Any) -> dict[str, Any]:
-    """A metrics.jsonl line saying how and why the micro-batch changed."""
+def _memory_record(event: str, step: int, before: int, after: int, effective: int, processes: int = 1,
+                   **extra: Any) -> dict[str, Any]:
+    """A metrics.jsonl line saying how and why the micro-batch (each process's) changed."""
+    share = effective // processes
     return {"type": "memory", "event": event, "step": step, "micro_batch": [before, after],
-            "gradient_accumulation": [math.ceil(effective / before), math.ceil(effective / after)],
+            "gradient_accumulation": [math.ceil(share / before), math.ceil(share / after)],
             "effective_batch": effective, **extra}
 
 
 def _fit_message(memory: MemoryPlan, effective: int) -> str:
     before, after = memory.requested_micro_batch, memory.micro_batch
+    share = effective // memory.gpus
     return (f"micro-batch {before} -> {after} to fit {gb(memory.budget or 0)} of {memory.budget_source} "
             f"(estimated peak {gb(memory.estimate.total if memory.estimate else 0)}); gradient accumulation "
-            f"{effective // before} -> {effective // after}, effective batch {effective} unchanged")
+            f"{share // before} -> {share // after}, effective batch {effective} unchanged")
 
 
-def _stop_out_of_memory(staging: Path, model, optimizer, scheduler, progress: dict[str, Any], config: TrainConfig,
-                        reason: str) -> None:
-    """Out of memory at micro-batch 1: keep what is done and say what would need less memory."""
-    if progress["step"] > 0:
-        save_checkpoint(staging, model, optimizer, scheduler, progress)
+def _stop_out_of_memory(config: TrainConfig, progress: dict[str, Any], reason: str) -> None:
+    """Out of memory at micro-batch 1 (what is done is checkpointed): say what would need less memory."""
     fixes = [f"a shorter max_seq_length (now {config.max_seq_length})", f"a lower lora_r (now {config.lora_r})"]
     if not config.use_4bit_quantization:
         fixes.append("use_4bit_quantization=true")
@@ -582,13 +649,6 @@ class StopFlag:
             signal.signal(signum, previous)
 
 
-class _StopRequested(Exception):
-    """Raised by the loop at a step boundary once a stop signal arrived."""
-
-
-# ----------------------------------------------------------------------------- run
-
-
 @dataclass
 class Outcome:
     metrics: dict[str, Any]
@@ -596,28 +656,12 @@ class Outcome:
     history: list[dict[str, Any]]
 
 
-def _resume(staging: Path, model, optimizer, scheduler, fresh: dict[str, Any], total: int,
-            events: Events) -> dict[str, Any]:
-    """The progress saved in staging's checkpoint (or fresh, saying so); metrics past it are dropped."""
-    log_path = staging / METRICS_LOG
-    if not has_checkpoint(staging):
-        truncate_log(log_path, None)
-        events.on_note(f"no checkpoint in {staging} (the run stopped before its first save): "
-                       f"starting again from step 0/{total}")
-        return fresh
-    progress = {**fresh, **load_checkpoint(staging, model, optimizer, scheduler)}
-    progress["micro_batch"] = min(progress["micro_batch"], fresh["micro_batch"])
-    dropped = truncate_log(log_path, progress["step"])
-    events.on_note(f"resumed from step {progress['step']}/{total}"
-                   + (f" ({dropped} metrics records after that step dropped)" if dropped else ""))
-    return progress
-
-
-def make_optimizer(config: TrainConfig, model, device: str):
+def make_optimizer(config: TrainConfig, model, device: str, sharded: bool = False):
+    """Paged 8-bit AdamW on CUDA (also under DDP); torch's AdamW on the CPU and over FSDP's flat shards."""
     import torch
 
     params = [p for p in model.parameters() if p.requires_grad]
-    if device == "cuda":
+    if device == "cuda" and not sharded:
         try:
             import bitsandbytes as bnb
 
@@ -630,203 +674,17 @@ def make_optimizer(config: TrainConfig, model, device: str):
 
 def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
           events: Events | None = None, prepared: Prepared | None = None, resume: bool = False,
-          memory: MemoryPlan | None = None) -> Outcome:
+          memory: MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None) -> Outcome:
     """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
 
-    memory is plan_memory's result for prepared, when the caller has it already.
+    memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
+    caller set up already (setup_model, e.g. on a base it keeps loaded; seed torch before that);
+    collective the ranks of a multi-process run (engine/distributed.py). The steps: engine/recipe.py.
     """
-    import torch
-    from transformers import get_scheduler
+    from lqmf.engine.recipe import Recipe
 
-    events = events or Events()
-    classification = dataset.task == "classification"
     prepared = prepared or prepare(config, model_ref, dataset)
-    for note in prepared.notes:
-        events.on_note(note)
     memory = memory or plan_memory(config, model_ref, prepared)
-    if memory.micro_batch != memory.requested_micro_batch:
-        events.on_note(_fit_message(memory, prepared.effective_batch))
-    if memory.offload_activations:
-        events.on_note(f"activation offload on: checkpointed activations wait in pinned CPU memory "
-                       f"(offload_activations={config.offload_activations})")
-    elif config.offload_activations == "on":
-        events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing; not offloading on "
-                       f"{memory.device}")
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    loaded = setup_model(config, model_ref, prepared, dataset.task)
-    for note in loaded.notes:
-        events.on_note(note)
-    model = loaded.model
-    optimizer, optimizer_name = make_optimizer(config, model, loaded.device)
-    total = prepared.total_steps
-    scheduler = get_scheduler(config.lr_scheduler_type, optimizer,
-                              num_warmup_steps=int(config.warmup_ratio * total), num_training_steps=total)
-    log_path = staging / METRICS_LOG
-    progress = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": prepared.micro_batch,
-                "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
-    if resume:
-        progress = _resume(staging, model, optimizer, scheduler, progress, total, events)
-    resumed_from = progress["step"] if resume else None
-    effective = prepared.effective_batch
-    if memory.micro_batch != memory.requested_micro_batch:
-        append_jsonl(log_path, _memory_record("fit", progress["step"], memory.requested_micro_batch,
-                                              memory.micro_batch, effective, budget_gb=memory.to_dict()["budget_gb"],
-                                              budget_source=memory.budget_source))
-    plan = {**prepared.plan(), **loaded.runtime(), "optimizer": optimizer_name,
-            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "total_params": sum(p.numel() for p in model.parameters()), "resumed_at_step": progress["step"],
-            "memory": memory.to_dict()}
-    events.on_plan(plan)
-    n_labels = len(prepared.labels)
-
-    def run_eval(step: int, epoch: float) -> dict[str, Any]:
-        batch_size = max(1, progress["micro_batch"] * 2)
-        while True:
-            try:
-                result = evaluate(loaded, prepared.validation, classification, batch_size, n_labels)
-                break
-            except Exception as err:
-                if batch_size == 1 or not is_out_of_memory(err):
-                    raise
-            release_memory(loaded.device)
-            batch_size //= 2
-            events.on_note(f"out of memory while evaluating: evaluation batch {batch_size * 2} -> {batch_size}")
-        record = {"type": "eval", "step": step, "epoch": round(epoch, 3),
-                  **{f"eval_{k}": v for k, v in result.items()}}
-        append_jsonl(log_path, record)
-        events.on_eval(record)
-        return record
-
-    if prepared.validation and config.eval_at_start and progress["step"] == 0 and progress["initial_eval"] is None:
-        progress["initial_eval"] = run_eval(0, 0.0)
-
-    model.train()
-    reset_peak_memory(loaded.device)
-    started = time.perf_counter() - progress["elapsed_s"]
-    pad = loaded.tokenizer.pad_token_id
-    loss_fn = _classification_loss_sum if classification else _answer_loss_sum
-    offload = ActivationOffload(loaded.device) if memory.offload_activations else None
-    window_loss = torch.zeros((), device=loaded.device)
-    window_units = 0
-    window_tokens = 0
-    window_start = time.perf_counter()
-    with StopFlag() as stop:
-        try:
-            while progress["step"] < total:
-                epoch = progress["epoch"]
-                order = list(range(len(prepared.train)))
-                random.Random(config.seed + epoch).shuffle(order)
-                groups = [order[i: i + effective] for i in range(0, len(order), effective)]
-                while progress["step_in_epoch"] < len(groups) and progress["step"] < total:
-                    rows = [prepared.train[i] for i in groups[progress["step_in_epoch"]]]
-                    units = _units(rows, classification)
-                    micro = progress["micro_batch"]
-                    try:
-                        step_loss = _forward_backward(model, loss_fn, rows, units, micro, pad, classification,
-                                                      loaded.device, offload)
-                    except Exception as err:
-                        if not is_out_of_memory(err):
-                            raise
-                        reason = first_line(err)
-                    else:
-                        reason = None
-                    if reason is not None:  # handled here, once the traceback and its tensors are gone
-                        optimizer.zero_grad(set_to_none=True)  # the half-done step's gradients
-                        release_memory(loaded.device)
-                        smaller = _divisor_at_most(effective, micro // 2)
-                        if smaller == 0:
-                            _stop_out_of_memory(staging, model, optimizer, scheduler, progress, config, reason)
-                        progress["micro_batch"] = smaller
-                        record = _memory_record("out_of_memory", progress["step"] + 1, micro, smaller, effective,
-                                                error=reason, memory_gb=memory_in_use_gb(loaded.device))
-                        append_jsonl(log_path, record)
-                        events.on_note(f"out of memory in step {record['step']} at micro-batch {micro}: micro-batch "
-                                       f"{micro} -> {smaller}, gradient accumulation "
-                                       f"{record['gradient_accumulation'][0]} -> {record['gradient_accumulation'][1]} "
-                                       f"(effective batch {effective} unchanged); redoing step {record['step']}")
-                        continue
-                    window_loss += step_loss
-                    window_tokens += sum(len(r["input_ids"]) for r in rows)
-                    window_units += units
-                    grad_norm = None
-                    if config.max_grad_norm > 0:
-                        grad_norm = torch.nn.utils.clip_grad_norm_(
-                            [p for p in model.parameters() if p.requires_grad], config.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    progress["step"] += 1
-                    progress["step_in_epoch"] += 1
-                    step = progress["step"]
-                    epoch_float = epoch + progress["step_in_epoch"] / len(groups)
-                    if step % config.logging_steps == 0 or step == total:
-                        loss_value = float(window_loss) / max(window_units, 1)  # waits for the device
-                        now = time.perf_counter()
-                        elapsed = now - started
-                        record = {
-                            "type": "train", "step": step, "total_steps": total, "epoch": round(epoch_float, 3),
-                            "loss": loss_value,
-                            "lr": scheduler.get_last_lr()[0],
-                            "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                            "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                            "memory_gb": memory_in_use_gb(loaded.device),
-                            "elapsed_s": elapsed, "eta_s": elapsed / step * (total - step) if step else None,
-                        }
-                        progress["history"].append(record)
-                        append_jsonl(log_path, record)
-                        events.on_step(record)
-                        window_loss.zero_()
-                        window_units = window_tokens = 0
-                        window_start = time.perf_counter()
-                    epoch_done = progress["step_in_epoch"] >= len(groups)
-                    if prepared.validation and (
-                        (config.eval_strategy == "steps" and config.eval_steps and step % config.eval_steps == 0)
-                        or (config.eval_strategy == "epoch" and epoch_done)
-                        or (config.eval_strategy != "no" and step == total and progress["last_eval"] is None)
-                    ):
-                        progress["last_eval"] = run_eval(step, epoch_float)
-                    if epoch_done:
-                        progress["epoch"] += 1
-                        progress["step_in_epoch"] = 0
-                    progress["elapsed_s"] = time.perf_counter() - started
-                    if (config.save_steps and step % config.save_steps == 0) or epoch_done or step == total:
-                        save_checkpoint(staging, model, optimizer, scheduler, progress)
-                    if stop.requested and step < total:
-                        raise _StopRequested
-                    if epoch_done:
-                        break
-        except _StopRequested:
-            progress["elapsed_s"] = time.perf_counter() - started
-            save_checkpoint(staging, model, optimizer, scheduler, progress)
-            raise Interrupted(
-                f"training {'terminated' if stop.signum == signal.SIGTERM else 'interrupted'} after step "
-                f"{progress['step']}/{total}; checkpoint saved: lqmf train --resume {config.job_name} continues it",
-                exit_code=stop.exit_code) from None
-    # The last step's checkpoint stays in staging until the finished adapter is in place (Registry.finalize
-    # removes it), so a kill at any instant from here on leaves the adapter or a resumable run.
-    fault_point("train.final_checkpoint")
-    model.save_pretrained(staging)
-    fault_point("train.adapter_saved")
-    last_eval = progress["last_eval"]
-    train_records = [h for h in progress["history"] if h["type"] == "train"]
-    metrics: dict[str, Any] = {
-        "train_loss": train_records[-1]["loss"] if train_records else None,
-        "first_train_loss": train_records[0]["loss"] if train_records else None,
-        "steps": progress["step"], "epochs": round(progress["step"] / prepared.steps_per_epoch, 3),
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "peak_memory_gb": peak_memory_gb(loaded.device),
-    }
-    if loaded.device == "cuda":
-        metrics["peak_memory_reserved_gb"] = torch.cuda.max_memory_reserved() / 2**30
-    if last_eval:
-        metrics.update({k: v for k, v in last_eval.items() if k.startswith("eval_")})
-    if progress["initial_eval"]:
-        metrics["initial"] = {k: v for k, v in progress["initial_eval"].items() if k.startswith("eval_")}
-    runtime = {**loaded.runtime(), "optimizer": optimizer_name, "micro_batch": progress["micro_batch"],
-               "gradient_accumulation": math.ceil(effective / progress["micro_batch"]),
-               "offload_activations": offload is not None,
-               "memory_estimate_gb": round(memory.estimate.total / GiB, 3) if memory.estimate else None,
-               "chat_template": prepared.chat_template, "trainable_params": plan["trainable_params"],
-               "resumed_from_step": resumed_from}
-    return Outcome(metrics, runtime, progress["history"])
+    recipe = Recipe(config, model_ref, dataset, staging, prepared=prepared, memory=memory, events=events,
+                    resume=resume, collective=collective)
+    return recipe.run(loaded)
