@@ -10,7 +10,7 @@ import typer
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_size, print_json, print_table
 from lqmf.core import config as cfg
-from lqmf.core.errors import InputError
+from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.memory_plan import (
     LOSS_CHUNK_TOKENS,
     Alternative,
@@ -123,7 +123,10 @@ def plan(
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Estimate peak training memory from config.json alone, and the largest batch and sequence that fit."""
+    """Estimate peak training memory from config.json alone, and the largest batch and sequence that fit.
+
+    Exits 5 (as `lqmf train` would fail) when not even micro-batch 1 fits the budget.
+    """
     ws = workspace(ctx, workspace_dir)
     if device not in ("cuda", "cpu"):
         raise InputError(f"--device must be cuda or cpu, got {device!r}")
@@ -158,8 +161,10 @@ def plan(
                                 if not report["largest_micro_batch"] else [])
     if json_output:
         print_json(report)
-        return
-    _print_report(report, shape, settings, budget_text)
+    else:
+        _print_report(report, shape, settings, budget_text)
+    if not report["largest_micro_batch"]:
+        raise typer.Exit(RuntimeFailure.exit_code)
 
 
 def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSettings, budget_text: str) -> None:

@@ -13,7 +13,6 @@ Beside the folders the registry keeps:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -113,6 +112,8 @@ class VerifyReport:
 
 
 def file_sha256(path: Path) -> str:
+    import hashlib  # not at the top: `lqmf adapters list` never hashes
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

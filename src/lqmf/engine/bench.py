@@ -21,9 +21,10 @@ from lqmf.core.bench import RESULT_VERSION, builtin_prompts, deltas, latency_sum
 from lqmf.core.config import DEVICES
 from lqmf.core.datasets import load_task_dataset
 from lqmf.core.errors import InputError, require
-from lqmf.core.manifest import LIBRARIES, library_versions, now_iso
+from lqmf.core.manifest import now_iso
 from lqmf.core.metrics import classification_scores, confusion_matrix, rouge_scores
 from lqmf.core.registry import AdapterEntry, Registry
+from lqmf.core.system import LIBRARIES, library_versions
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
 from lqmf.engine import inference
