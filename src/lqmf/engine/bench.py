@@ -208,6 +208,9 @@ def measure(load: Callable[[], inference.InferenceModel], description: str, opti
     started = time.perf_counter()
     model = load()
     load_seconds = time.perf_counter() - started
+    if inference.KEPT.last_reused:
+        notes.append(f"{description} was already loaded in this process (lqmf shell): its load time "
+                     f"({load_seconds:.2f} s) is the time to reuse it")
     after_load = memory_in_use_gb(device)
     max_length = int(config.get("max_seq_length", 512))
     progress(f"timing {len(options.prompts)} prompts after {options.warmup} warm-up run(s)")
