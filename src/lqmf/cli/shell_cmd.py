@@ -36,8 +36,6 @@ ACTIVATING = {("adapters", "load"), ("adapters", "switch")}
 class LqmfShell(cmd.Cmd):
     """Reads lines (a terminal with history and tab completion, or a pipe) and runs each as `lqmf ...`."""
 
-    intro = None
-
     def __init__(self, ws: Workspace, run_line: Callable[[list[str]], int], root: Any, *, interactive: bool,
                  json_output: bool, stop_on_error: bool):
         super().__init__()
