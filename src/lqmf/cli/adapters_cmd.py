@@ -10,7 +10,6 @@ import typer
 from lqmf.cli import export_cmd
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import App, human_size, info, print_json, print_json_rows, print_table
-from lqmf.core.config import normalize_task
 from lqmf.core.errors import InputError, LqmfError
 from lqmf.core.integrity import ChecksumCache
 from lqmf.core.registry import BROKEN, Registry
@@ -44,6 +43,9 @@ def list_adapters(
     runs still going as training; neither is usable.
     """
     registry = _registry(ctx, workspace_dir)
+    if task:
+        from lqmf.core.config import normalize_task
+
     wanted_task = normalize_task(task) if task else None
     matches = registry.base_selector(base) if base else None
     active = registry.active_pointers(strict=False)

@@ -24,6 +24,7 @@ def create(
     task: str | None = typer.Option(None, "--task", "-t", help="Task type to fill in."),
     model: str | None = typer.Option(None, "--model", "-m", help="Base model to fill in."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing config."),
+    json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Write a commented template with every key at its default."""
@@ -32,6 +33,9 @@ def create(
     if path.exists() and not force:
         raise ConflictError(f"config '{path}' already exists; use --force to overwrite it")
     atomic_write_text(path, cfg.template(task=task, model=model))
+    if json_output:
+        print_json({"name": name, "path": str(path)})
+        return
     info(f"wrote {path}; edit it, then: lqmf train --config {path.stem}")
     typer.echo(str(path))
 
@@ -74,12 +78,14 @@ def validate(
 def edit(
     ctx: typer.Context,
     name: str = typer.Argument(..., help="Config name or path."),
+    json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Open the config in $EDITOR (creating it from the template first if needed), then validate it."""
     ws = workspace(ctx, workspace_dir)
     path = cfg.config_path(ws.configs_dir, name)
-    if not path.exists():
+    created = not path.exists()
+    if created:
         atomic_write_text(path, cfg.template())
         info(f"created {path} from the template")
     editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
@@ -89,4 +95,7 @@ def edit(
     if result.returncode != 0:
         raise InputError(f"editor '{editor}' exited with status {result.returncode}")
     cfg.read_config_file(path)
+    if json_output:
+        print_json({"path": str(path), "created": created, "valid": True})
+        return
     typer.echo(f"{path}: valid")

@@ -8,10 +8,6 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import info, print_json
-from lqmf.core.config import DEVICES
-from lqmf.core.errors import InputError
-from lqmf.core.exporting import plan_export, write_export
-from lqmf.core.registry import Registry
 
 
 def export(
@@ -35,6 +31,11 @@ def export(
     the manifest (lqmf.json), a README and SHA256SUMS sit beside the weights. Nothing is written
     until PATH has been checked, and the export appears at PATH only when complete.
     """
+    from lqmf.core.config import DEVICES  # imported here: `lqmf adapters list` loads this module too
+    from lqmf.core.errors import InputError
+    from lqmf.core.exporting import plan_export, write_export
+    from lqmf.core.registry import Registry
+
     if device not in DEVICES:
         raise InputError(f"unknown device '{device}'; choose one of {', '.join(DEVICES)}")
     registry = Registry(workspace(ctx, workspace_dir))

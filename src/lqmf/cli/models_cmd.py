@@ -67,11 +67,15 @@ def add(
     family: str | None = typer.Option(None, "--family", help="Model family for LoRA target defaults."),
     description: str | None = typer.Option(None, "--description", help="One line shown in listings."),
     force: bool = typer.Option(False, "--force", help="Replace an existing workspace alias."),
+    json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Add an alias to the workspace's configs/models.yaml."""
     catalogue = ModelCatalogue(workspace(ctx, workspace_dir))
     catalogue.add(alias, source, family=family, description=description, force=force)
+    if json_output:
+        print_json({"alias": alias, "source": source, "file": str(catalogue.workspace.models_file)})
+        return
     typer.echo(f"added {alias} -> {source} ({catalogue.workspace.models_file})")
 
 
@@ -83,6 +87,7 @@ def make_tiny(
     corpus: list[Path] = typer.Option([], "--corpus", help="Text files to train the tokenizer on (repeatable)."),
     no_chat_template: bool = typer.Option(False, "--no-chat-template", help="Leave the tokenizer without one."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing folder."),
+    json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Build a tiny random 2-layer Llama (and tokenizer) locally: pipelines can be smoke-tested offline."""
@@ -106,4 +111,7 @@ def make_tiny(
         ModelCatalogue(ws).add(alias, str(target), family="llama", description="tiny random Llama (tests)",
                                force=True)
         info(f"registered alias '{alias}'")
+    if json_output:
+        print_json({"path": str(target), "alias": alias})
+        return
     typer.echo(str(target))

@@ -11,7 +11,7 @@ from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_size, print_json, print_table
 from lqmf.core import config as cfg
 from lqmf.core.distributed import check_batch_split
-from lqmf.core.errors import InputError
+from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.memory_plan import (
     LOSS_CHUNK_TOKENS,
     Alternative,
@@ -131,7 +131,10 @@ def plan(
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Estimate peak training memory from config.json alone, and the largest batch and sequence that fit."""
+    """Estimate peak training memory from config.json alone, and the largest batch and sequence that fit.
+
+    Exits 5 (as `lqmf train` would fail) when not even micro-batch 1 fits the budget.
+    """
     ws = workspace(ctx, workspace_dir)
     if device not in ("cuda", "cpu"):
         raise InputError(f"--device must be cuda or cpu, got {device!r}")
@@ -181,8 +184,10 @@ def plan(
         report["gpus"], report["strategies"] = gpus, strategies
     if json_output:
         print_json(report)
-        return
-    _print_report(report, shape, settings, budget_text)
+    else:
+        _print_report(report, shape, settings, budget_text)
+    if not report["largest_micro_batch"]:
+        raise typer.Exit(RuntimeFailure.exit_code)
 
 
 def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSettings, budget_text: str) -> None:

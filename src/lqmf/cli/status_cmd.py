@@ -11,9 +11,8 @@ import typer
 from lqmf import __version__
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import print_json, print_table
-from lqmf.core.manifest import library_versions
 from lqmf.core.registry import Registry
-from lqmf.core.system import cpu_and_ram, disk, gpus
+from lqmf.core.system import cpu_and_ram, disk, gpus, library_versions
 from lqmf.core.workspace import Workspace
 
 

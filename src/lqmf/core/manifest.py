@@ -12,22 +12,10 @@ from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
 from lqmf.core.models import ResolvedModel
 from lqmf.core.names import slug
+from lqmf.core.system import library_versions
 
 MANIFEST_VERSION = 1
-LIBRARIES = ("lqmf", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 TASK_SHORT = {"instruction_following": "instruction"}
-
-
-def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
-    from importlib import metadata  # slow to import; only training needs it
-
-    versions: dict[str, str | None] = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def default_adapter_name(model: ResolvedModel, task: str) -> str:

@@ -27,10 +27,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-import yaml
-
 from lqmf.core.errors import NotFoundError
-from lqmf.core.models import ResolvedModel
+from lqmf.core.models import ResolvedModel, load_yaml
 
 GiB = 2**30
 
@@ -410,7 +408,7 @@ BUILTIN_SHAPES = Path(__file__).with_name("builtin_shapes.yaml")
 
 @functools.cache
 def _builtin_shapes() -> dict[str, dict[str, Any]]:
-    return yaml.safe_load(BUILTIN_SHAPES.read_text(encoding="utf-8")) or {}
+    return load_yaml(BUILTIN_SHAPES.read_text(encoding="utf-8")) or {}
 
 
 def model_shape(model: ResolvedModel) -> tuple[ModelShape | None, str]:

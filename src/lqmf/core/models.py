@@ -51,9 +51,14 @@ class ResolvedModel:
         return self.alias or (self.path.name if self.path is not None else self.source)
 
 
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, through libyaml where PyYAML has it (several times faster: `lqmf models list` reads 3 files)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""

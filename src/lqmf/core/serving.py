@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +86,9 @@ def running_servers(workspace: Workspace) -> list[dict[str, Any]]:
 def call_server(url: str, method: str, route: str, body: dict[str, Any] | None = None,
                 api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
     """One JSON request to an lqmf server; its error answers become LqmfError with the server's message."""
+    import urllib.error  # with http.client, ~40 ms to import: only when a server is asked
+    import urllib.request
+
     data = json.dumps(body).encode() if body is not None else None
     request = urllib.request.Request(url.rstrip("/") + route, data=data, method=method)
     request.add_header("Content-Type", "application/json")
@@ -103,7 +104,7 @@ def call_server(url: str, method: str, route: str, body: dict[str, Any] | None =
         raise RuntimeFailure(f"cannot reach the lqmf server at {url}: {reason}") from None
 
 
-def _http_error(url: str, err: urllib.error.HTTPError) -> LqmfError:
+def _http_error(url: str, err: Any) -> LqmfError:
     try:
         message = json.loads(err.read())["error"]["message"]
     except (ValueError, KeyError, TypeError, OSError):

@@ -21,9 +21,10 @@ from lqmf.core.bench import RESULT_VERSION, builtin_prompts, deltas, latency_sum
 from lqmf.core.config import DEVICES
 from lqmf.core.datasets import load_task_dataset
 from lqmf.core.errors import InputError, require
-from lqmf.core.manifest import LIBRARIES, library_versions, now_iso
+from lqmf.core.manifest import now_iso
 from lqmf.core.metrics import classification_scores, confusion_matrix, rouge_scores
 from lqmf.core.registry import AdapterEntry, Registry
+from lqmf.core.system import LIBRARIES, library_versions
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
 from lqmf.engine import inference
@@ -207,6 +208,9 @@ def measure(load: Callable[[], inference.InferenceModel], description: str, opti
     started = time.perf_counter()
     model = load()
     load_seconds = time.perf_counter() - started
+    if inference.KEPT.last_reused:
+        notes.append(f"{description} was already loaded in this process (lqmf shell): its load time "
+                     f"({load_seconds:.2f} s) is the time to reuse it")
     after_load = memory_in_use_gb(device)
     max_length = int(config.get("max_seq_length", 512))
     progress(f"timing {len(options.prompts)} prompts after {options.warmup} warm-up run(s)")

@@ -19,6 +19,7 @@ from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
+from lqmf.engine.kept import KEPT
 from lqmf.engine.loading import LoadedModel, load_model, quiet_libraries
 
 
@@ -70,7 +71,9 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
 
     quantize_4bit=None loads the base the way the adapter was trained (4-bit if it was).
     base may be a ResolvedModel (e.g. adapter_base(...)) to load exactly the model an adapter uses.
+    An adapter comes from KEPT's model when a long-lived process keeps one that matches.
     """
+    KEPT.last_reused = False
     quiet_libraries()
     entry = Registry(workspace).get_intact(adapter) if adapter else None
     if entry is not None:
@@ -79,6 +82,10 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
         labels = labels_of(entry)
         if quantize_4bit is None:
             quantize_4bit = bool(entry.manifest.get("runtime", {}).get("quantized_4bit"))
+        key = (resolved.load_id, task, device, bool(quantize_4bit), tuple(labels))
+        kept = KEPT.lookup(key, entry)
+        if kept is not None:
+            return kept
     else:
         if base is None:
             raise InputError("give an adapter name or a base model")
@@ -91,6 +98,7 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
     model = InferenceModel(loaded, task, resolved, labels or [])
     if entry is not None:
         attach_adapter(model, entry.path, entry.name)
+        KEPT.store(key, entry, model)
     return model
 
 
