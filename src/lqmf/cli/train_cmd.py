@@ -10,12 +10,14 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_duration, human_size, info, print_json
+from lqmf.cli.phases import importing, show_phases
 from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.datasets import load_task_dataset
 from lqmf.core.errors import ConflictError, InputError, NotFoundError
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.manifest import build_manifest, default_adapter_name
+from lqmf.core.metrics import no_improvement_warning
 from lqmf.core.models import ModelCatalogue
 from lqmf.core.registry import Registry
 from lqmf.core.timing import estimate_train_seconds
@@ -130,6 +132,7 @@ def train(
 ) -> None:
     """Fine-tune a LoRA/QLoRA adapter and register it under adapters/NAME."""
     ws = workspace(ctx, workspace_dir)
+    show_phases(ctx, not (quiet or json_output))
     registry = Registry(ws)
     options = {"num_train_epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
                "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
@@ -160,6 +163,7 @@ def train(
         if staging.exists() and not force and not dry_run:
             raise ConflictError(f"an unfinished run of '{adapter}' exists; use --resume {adapter} or --force")
 
+    importing()
     from lqmf.engine import train as engine
 
     prepared = engine.prepare(config, resolved, data)
@@ -189,13 +193,18 @@ def train(
                                resume=bool(resume), memory=memory)
         manifest = build_manifest(adapter, config, resolved, data, plan, outcome.metrics, outcome.runtime)
         target = registry.finalize(adapter, staging, manifest, force=force or bool(resume))
+    warning = no_improvement_warning(adapter, manifest["learning"])
     if json_output:
+        if warning:
+            info(warning)
         print_json({"adapter": adapter, "path": str(target), "task": data.task, "metrics": outcome.metrics,
-                    "runtime": manifest["runtime"]})
+                    "learning": manifest["learning"], "runtime": manifest["runtime"]})
         return
     for line in _summary_lines(adapter, outcome.metrics):
         info(line)
     info(f"saved {target}")
+    if warning:
+        info(warning)
     typer.echo(adapter)
 
 
@@ -210,7 +219,11 @@ def _print_plan(adapter: str, plan: dict[str, Any]) -> None:
                f"{plan['longest_example_tokens']}")
     typer.echo(f"  batches:     {plan['micro_batch']} x {plan['gradient_accumulation']} accumulation = "
                f"{plan['effective_batch']} examples per step")
-    typer.echo(f"  steps:       {plan['total_steps']} ({plan['steps_per_epoch']} per epoch)")
+    config = plan["config"]
+    typer.echo(f"  steps:       {plan['total_steps']} ({plan['steps_per_epoch']} per epoch, "
+               f"{config['num_train_epochs']:g} epochs)")
+    head = f" (classifier head {config['head_learning_rate']:g})" if config["head_learning_rate"] else ""
+    typer.echo(f"  learn rate:  {config['learning_rate']:g}{head}")
     est = plan["estimated_seconds"]
     typer.echo("  est. time:   " + ", ".join(f"{k} ~{human_duration(v)}" for k, v in est.items()) if est
                else "  est. time:   unknown (model config not available locally)")

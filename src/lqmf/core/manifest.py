@@ -10,6 +10,7 @@ from typing import Any
 
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
+from lqmf.core.metrics import learning_check
 from lqmf.core.models import ResolvedModel
 from lqmf.core.names import slug
 
@@ -60,6 +61,7 @@ def build_manifest(name: str, config: TrainConfig, model: ResolvedModel, dataset
                  "target_modules": config.target_modules or model.target_modules or "all-linear"},
         "config": config.to_dict(),
         "metrics": metrics,
+        "learning": learning_check(dataset.task, metrics),
         "runtime": {**runtime, "python": platform.python_version(), "platform": platform.platform()},
         "versions": library_versions(),
     }

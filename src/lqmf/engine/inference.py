@@ -16,6 +16,7 @@ from typing import Any
 from lqmf.core.datasets import prompt_messages
 from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.models import ModelCatalogue, ResolvedModel
+from lqmf.core.progress import phase
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
@@ -102,6 +103,7 @@ def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
     """
     from peft import PeftModel
 
+    phase(f"loading adapter {slot}")
     if isinstance(model.model, PeftModel):
         model.model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
     else:

@@ -10,6 +10,7 @@ from typing import Any
 
 from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.models import ResolvedModel
+from lqmf.core.progress import phase
 
 CLASSIFIER_HEADS = ["classifier", "score"]
 
@@ -83,6 +84,7 @@ def four_bit_support(device) -> str | None:
 def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
+    phase(f"loading tokenizer of {resolved.reference}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.load_id)
     except OSError as err:
@@ -126,6 +128,8 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
             quantize_4bit = False
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved)
+    phase(f"loading base model {resolved.reference} on {device.type}"
+          + (" (quantizing to 4-bit NF4)" if quantize_4bit else f" ({str(dtype).replace('torch.', '')})"))
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

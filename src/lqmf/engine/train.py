@@ -33,6 +33,7 @@ from lqmf.core.memory_plan import (
 )
 from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
+from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
 from lqmf.engine.fastgen import use_lean_lora
 from lqmf.engine.loading import (
@@ -141,12 +142,13 @@ def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> 
     if not train.rows:
         raise RuntimeFailure("no training examples left after applying max_seq_length")
     micro = config.per_device_train_batch_size
-    accumulation = config.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(train.rows) / (micro * accumulation)))
-    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
-    return Prepared(train.rows, val.rows, dataset.labels, micro, accumulation, steps_per_epoch, total,
-                    sum(len(r["input_ids"]) for r in train.rows), max(train.max_tokens, val.max_tokens),
-                    train.notes + val.notes, template, train.dropped + val.dropped, tokenizer)
+    schedule = plan_schedule(len(train.rows), micro, config.gradient_accumulation_steps, config.num_train_epochs,
+                             config.max_steps)
+    config.gradient_accumulation_steps, config.num_train_epochs = schedule.accumulation, schedule.epochs
+    return Prepared(train.rows, val.rows, dataset.labels, micro, schedule.accumulation, schedule.steps_per_epoch,
+                    schedule.total_steps, sum(len(r["input_ids"]) for r in train.rows),
+                    max(train.max_tokens, val.max_tokens), [*schedule.notes, *train.notes, *val.notes], template,
+                    train.dropped + val.dropped, tokenizer)
 
 
 @dataclass
@@ -514,10 +516,22 @@ class Outcome:
     history: list[dict[str, Any]]
 
 
+def parameter_groups(config: TrainConfig, model) -> list[dict[str, Any]]:
+    """The trainable parameters; a classifier head (PEFT's modules_to_save) at head_learning_rate."""
+    head, lora = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (head if "modules_to_save" in name else lora).append(parameter)
+    groups = [{"params": lora, "lr": config.learning_rate}]
+    if head:
+        groups.append({"params": head, "lr": config.head_learning_rate or config.learning_rate})
+    return [group for group in groups if group["params"]]
+
+
 def make_optimizer(config: TrainConfig, model, device: str):
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(config, model)
     if device == "cuda":
         try:
             import bitsandbytes as bnb
