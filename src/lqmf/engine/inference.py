@@ -92,6 +92,9 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
     model = InferenceModel(loaded, task, resolved, labels or [])
     if entry is not None:
         attach_adapter(model, entry.path, entry.name)
+    else:
+        phase("importing peft")
+        import peft  # noqa: F401  (1-3 s: paid here, not by the first adapter a server loads)
     return model
 
 
