@@ -77,6 +77,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     parts = ", ".join(f"{label} {size(key)}" for key, label in COMPONENTS[:5])
     cuda = memory["device"] == "cuda"
     extra = f"; slack {size('allocator_slack')}, CUDA context {size('cuda_context')}" if cuda else ""
+    if not cuda and est["cuda_context_gb"]:
+        extra = f"; this process before the weights load {size('cuda_context')}"
     lines = [f"memory:      ~{size('total')} peak on {memory['device']} ({parts}{extra})"]
     if memory["budget_gb"]:
         lines.append(f"budget:      {human_size(memory['budget_gb'] * GiB)} ({memory['budget_source']})")

@@ -106,7 +106,8 @@ def train(
     model: str | None = typer.Argument(None, help="Base model: alias (lqmf models list), hub id or folder."),
     dataset: str | None = typer.Argument(None, help="Training data: .csv, .jsonl or .json in the task's format."),
     task: str | None = typer.Argument(None, help="chat | instruction_following | classification | summarization"),
-    name: str | None = typer.Option(None, "--name", "-n", help="Adapter name (default <model>-<task>-xxxxx)."),
+    name: str | None = typer.Option(None, "--name", "-n",
+                                    help="Adapter name (default <model>-<task>-<dataset hash>; -2, -3... if taken)."),
     config_name: str | None = typer.Option(None, "--config", "-c", help="Saved config name or YAML path."),
     sets: list[str] = typer.Option([], "--set", "-s", help="Override any config key: --set lora_r=32 (repeatable)."),
     epochs: float | None = typer.Option(None, "--epochs", help="num_train_epochs"),
@@ -154,7 +155,8 @@ def train(
     resolved = ModelCatalogue(ws).resolve(config.base_model)
     data = load_task_dataset(ws.resolve_path(config.dataset_path), config.task_type)
     config.dataset_path = str(data.path)
-    adapter = config.job_name or default_adapter_name(resolved, data.task)
+    adapter = config.job_name or default_adapter_name(
+        resolved, data.task, data.sha256, lambda n: registry.exists(n) or registry.staging_path(n).exists())
     config.job_name = adapter
     staging = registry.staging_path(adapter)
     if not resume:

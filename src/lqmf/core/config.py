@@ -40,7 +40,7 @@ def _opt(default: Any, help_text: str, **choices: Any) -> Any:
 @dataclass
 class TrainConfig:
     # What to train
-    job_name: str | None = _opt(None, "Adapter name; default <model>-<task>-<5 random chars>")
+    job_name: str | None = _opt(None, "Adapter name; default <model>-<task>-<5 chars of the dataset's sha256>")
     base_model: str | None = _opt(None, "Model alias (lqmf models list), hub id or local folder")
     task_type: str | None = _opt(None, "chat | instruction_following | classification | summarization",
                                  choices=TASKS)

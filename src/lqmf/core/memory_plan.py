@@ -188,6 +188,9 @@ class TrainSettings:
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
     offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
+    # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
+    # counted in the total in place of the CUDA context, so the total compares with the process's RSS.
+    process_baseline: int = 0
 
     @property
     def offloadable(self) -> bool:
@@ -337,7 +340,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         chunk = min(LOSS_CHUNK_TOKENS, answers)
         logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
     peak = weights + 2 * lora_params * 4 + optimizer + saved + max(working, logits_loss)
-    context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else 0
+    context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else settings.process_baseline
     slack_share = ALLOCATOR_SLACK_OFFLOADED if settings.offloaded else ALLOCATOR_SLACK
     slack = int(slack_share * (peak - paged)) if settings.device == "cuda" else 0
     details = {
@@ -345,6 +348,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
+        "process_baseline_gb": round(settings.process_baseline / GiB, 4),
     }
     return MemoryEstimate(
         weights=weights, lora=2 * lora_params * 4, optimizer=optimizer, activations=saved + working,

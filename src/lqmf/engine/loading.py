@@ -88,7 +88,12 @@ def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.load_id)
     except OSError as err:
-        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}': {first_line(err)}") from None
+        where = f" ({resolved.load_id})" if str(resolved.load_id) != resolved.reference else ""
+        hint = ("; it is neither a local folder nor in the Hugging Face cache, and counting tokens needs it "
+                f"(offline, `lqmf plan {resolved.reference}` estimates memory from the catalogue's shape)"
+                if resolved.kind == "hub" else "")
+        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}'{where}: "
+                             f"{first_line(err)}{hint}") from None
     template = chat_template or resolved.chat_template
     if template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template

@@ -17,6 +17,11 @@ def _rss_gb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
 
 
+def process_baseline_bytes(device: str) -> int:
+    """Off CUDA, the memory this process holds now (before the weights load); 0 on CUDA."""
+    return 0 if device == "cuda" else int(_rss_gb() * 2**30)
+
+
 def memory_budget(max_memory: str | None, device: str) -> tuple[int | None, str | None, bool]:
     """(bytes, where the number came from, whether it must also hold this process's CUDA context).
 

@@ -50,6 +50,7 @@ from lqmf.engine.memory import (
     memory_budget,
     memory_in_use_gb,
     peak_memory_gb,
+    process_baseline_bytes,
     release_memory,
     reset_peak_memory,
 )
@@ -191,6 +192,8 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -
         settings = settings_for(config, model, device=device.type,
                                 seq_len=min(config.max_seq_length, prepared.max_tokens), micro_batch=requested,
                                 num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
+    if settings is not None:
+        settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     if settings is None:
         offloadable = TrainSettings(device=device.type,
                                     gradient_checkpointing=config.use_gradient_checkpointing).offloadable
