@@ -43,7 +43,8 @@ def _manifests(registry: Registry, names) -> dict[str, dict]:
 def serve(
     ctx: typer.Context,
     model: str | None = typer.Option(None, "--model", "-m",
-                                     help="Base model: alias, hub id or folder (default: the first adapter's base)."),
+                                     help="Base model: alias, hub id or folder (default: the first adapter's base; "
+                                     "with no --adapter either, the active adapter's)."),
     adapters: list[str] = typer.Option([], "--adapter", "-a",
                                        help="Adapter to load at start: a registry name, or NAME=PATH for an adapter "
                                        "folder (repeatable; the first is the active one)."),

@@ -192,13 +192,12 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -
         settings = settings_for(config, model, device=device.type,
                                 seq_len=min(config.max_seq_length, prepared.max_tokens), micro_batch=requested,
                                 num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize)
-    if settings is not None:
-        settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     if settings is None:
         offloadable = TrainSettings(device=device.type,
                                     gradient_checkpointing=config.use_gradient_checkpointing).offloadable
         return MemoryPlan(device.type, requested, requested, None, source,
                           offload_activations=config.offload_activations == "on" and offloadable)
+    settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
     micro = requested
     if budget is not None:
