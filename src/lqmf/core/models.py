@@ -18,7 +18,6 @@ import yaml
 from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_mean
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.names import validate_name
-from lqmf.core.progress import phase
 from lqmf.core.workspace import Workspace
 
 BUILTIN_CATALOGUE = Path(__file__).with_name("builtin_models.yaml")
@@ -97,7 +96,6 @@ class ModelCatalogue:
                 self.origin[str(alias)] = origin
 
     def resolve(self, reference: str) -> ResolvedModel:
-        phase(f"resolving model {reference}")
         if reference in self.models:
             entry = self.models[reference]
             resolved = self._resolve_source(entry["source"], reference, base_dir=self.workspace.root)
