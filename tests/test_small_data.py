@@ -83,6 +83,7 @@ def test_dry_run_shows_and_saves_the_small_set_schedule(cli, workspace, minilm):
     assert "classifier head" in text.stdout and "epochs)" in text.stdout
 
 
+@pytest.mark.slow
 def test_defaults_learn_a_small_classification_set(cli, workspace, minilm):
     """50 rows at the defaults (only the quantization off, for speed): held-out accuracy must rise."""
     data = topic_csv(workspace / "topics.csv", 50, seed=1)
