@@ -14,7 +14,9 @@ from tests.conftest import REPO
 
 def test_seed_defaults():
     c = cfg.TrainConfig()
-    assert (c.lora_r, c.per_device_train_batch_size, c.gradient_accumulation_steps) == (16, 2, 8)
+    assert (c.lora_r, c.per_device_train_batch_size) == (16, 2)
+    # chosen from the data set's size at prepare time (core/schedule.py) unless set
+    assert c.gradient_accumulation_steps is None and c.num_train_epochs is None
     assert c.use_4bit_quantization and c.use_gradient_checkpointing
 
 
@@ -24,6 +26,7 @@ def test_task_dependent_learning_rate_default():
     cfg.check_complete(chat)
     cfg.check_complete(cls)
     assert chat.learning_rate == 2e-4 and cls.learning_rate == 1e-3
+    assert chat.head_learning_rate is None and cls.head_learning_rate == 1e-2
 
 
 def test_precedence_defaults_file_options(tmp_path: Path):

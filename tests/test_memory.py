@@ -178,11 +178,14 @@ def test_oom_at_micro_batch_one_stops_with_a_checkpoint(cli, workspace, tiny_mod
 
 def _tiny_estimates(cli, tiny_model: Path, workspace: Path, **changes) -> dict[int, int]:
     """Estimated totals of the tiny model at micro-batches 1..4 for the sample chat set on the CPU."""
+    from lqmf.engine.memory import process_baseline_bytes
+
     plan = json.loads(cli("train", tiny_model, CHAT, "chat", "--dry-run", "--json", *FAST).stdout)
     resolved = ModelCatalogue(Workspace(workspace)).resolve(str(tiny_model))
     shape = ModelShape.from_config(resolved.config)
     settings = TrainSettings(device="cpu", quantize_4bit=False, seq_len=plan["longest_example_tokens"],
-                             target_modules=tuple(resolved.target_modules))
+                             target_modules=tuple(resolved.target_modules),
+                             process_baseline=process_baseline_bytes("cpu"))  # the same once-measured value
     settings = replace(settings, **changes)
     return {m: estimate(shape, replace(settings, micro_batch=m)).total for m in (1, 2, 3, 4)}
 

@@ -116,8 +116,12 @@ def test_train_refuses_more_gpus_than_visible_before_loading_anything(cli, works
     assert result.exit_code == 2 and "gpus=2 asks for more GPUs than the 1 visible" in result.output
     bad = cli("train", tiny_model, data, "chat", "--name", "x", "--gpus", "two")
     assert bad.exit_code == 2 and "'gpus' must be a number of GPUs" in bad.output
-    split = cli("train", tiny_model, data, "chat", "--name", "x", "--device", "cpu", "--gpus", "3", "--dry-run")
+    split = cli("train", tiny_model, data, "chat", "--name", "x", "--device", "cpu", "--gpus", "3", "--dry-run",
+                "--batch-size", "2", "--grad-accum", "8")
     assert split.exit_code == 2 and "gradient_accumulation_steps" in split.output
+    chosen = cli("train", tiny_model, data, "chat", "--name", "x", "--device", "cpu", "--gpus", "3", "--dry-run",
+                 "--batch-size", "2", "--json")
+    assert chosen.exit_code == 0 and json.loads(chosen.stdout)["effective_batch"] % 3 == 0
     assert not (workspace / "adapters").exists() or not any((workspace / "adapters").iterdir())
 
 

@@ -99,7 +99,7 @@ def test_dry_run_writes_nothing(cli, workspace, tiny_model):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert plan["train_examples"] + plan["validation_examples"] + plan["dropped_examples"] == 80
-    assert plan["total_steps"] == plan["steps_per_epoch"] * 3
+    assert plan["total_steps"] == plan["steps_per_epoch"] * plan["config"]["num_train_epochs"]
     assert plan["train_tokens_per_epoch"] > 0 and plan["estimated_seconds"]
     assert any("exceed max_seq_length=64" in note for note in plan["notes"])
     assert not (workspace / "adapters").exists() or not any((workspace / "adapters").iterdir())

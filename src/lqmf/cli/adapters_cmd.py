@@ -77,7 +77,7 @@ def list_adapters(
         created = (r["created"] or "")[:16].replace("T", " ")
         table.append(["*" if r["active"] else "", r["name"], r["base_model"] or "?", r["task"] or "?",
                       r["rank"] if r["rank"] is not None else "?", human_size(r["size_bytes"]), created,
-                      _metric_text(r["metric"]), state])
+                      _metric_text(r["metric"]) + (" (no gain!)" if r["improved"] is False else ""), state])
     print_table(table, ["", "name", "base model", "task", "r", "size", "created", "metric", "state"])
 
 
@@ -159,6 +159,8 @@ def _activate(ctx: typer.Context, action: str, name: str, server: str | None, js
     registry.get_intact(name)  # a missing, broken or corrupt adapter fails here, before any server is asked
     served = _tell_server(ctx, action, name, server, workspace_dir)  # a refusal leaves the registry as it was
     change = registry.activate(name)
+    for note in (served or {}).get("notes") or []:
+        info(f"warning: {note}")
     if json_output:
         print_json({**change, "server": served})
         return

@@ -9,6 +9,7 @@ import typer
 
 from lqmf.cli.common import DefaultCommandGroup, JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import App, info, print_json, print_table
+from lqmf.cli.phases import importing, show_phases
 from lqmf.core.bench import comparison_rows, comparison_table, load_results, side_by_side
 
 app = App(
@@ -42,9 +43,11 @@ def run(
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Measure speed (response times, tokens/s, load time), peak memory and quality of an adapter."""
+    ws = workspace(ctx, workspace_dir)
+    show_phases(ctx, not json_output)
+    importing()
     from lqmf.engine.bench import benchmark
 
-    ws = workspace(ctx, workspace_dir)
     result = benchmark(ws, adapter, prompts_file, base=base, eval_file=eval_file, eval_limit=eval_limit,
                        max_new_tokens=max_new_tokens, warmup=warmup, device=device,
                        progress=None if json_output else info)

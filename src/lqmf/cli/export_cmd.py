@@ -8,6 +8,7 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import info, print_json
+from lqmf.cli.phases import importing, show_phases
 
 
 def export(
@@ -45,7 +46,10 @@ def export(
         base = registry.resolve_base(plan.entry)
         info(f"merging '{name}' into {plan.entry.base_model.get('reference') or base.reference} on {device}...")
 
+        show_phases(ctx, not json_output)
+
         def merge_into(folder: Path) -> dict:
+            importing()
             from lqmf.engine.export import merge_adapter
 
             return merge_adapter(plan.entry, base, folder, device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -9,7 +10,9 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import info, print_json, print_table
+from lqmf.cli.phases import importing, show_phases
 from lqmf.core.errors import InputError
+from lqmf.core.serving import API_KEY_ENV, call_server, server_with_adapter
 
 
 def _read_prompt(prompt: str) -> str:
@@ -37,6 +40,8 @@ def answer(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     four_bit: bool | None = typer.Option(None, "--4bit/--no-4bit",
                                          help="Load the base in 4-bit (default: as the adapter was trained)."),
+    local: bool = typer.Option(False, "--local", help="Load the model in this process even when a running "
+                               "`lqmf serve` of this workspace holds the adapter."),
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -45,12 +50,22 @@ def answer(
     The prompt is formatted as the adapter's task was trained (its chat
     template); a classification adapter prints the label's probability.
     With --base the base model answers too (the adapter switched off).
+    A running `lqmf serve` of this workspace that holds the adapter answers
+    instead of a new process loading it (--local: load it here anyway).
     """
     text = _read_prompt(prompt)
     ws = workspace(ctx, workspace_dir)
     from lqmf.core.registry import Registry
 
     Registry(ws).get(adapter)  # fail fast (and fast) on a wrong name, before any model loads
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    served = None if local else server_with_adapter(ws, adapter)
+    if served is not None:
+        info(f"answering with the running server {served['url']} (--local loads the model here instead)")
+        _answer_with_server(served, adapter, text, base, raw, options, json_output)
+        return
+    show_phases(ctx, not json_output)
+    importing()
     from lqmf.engine import inference
 
     model = inference.load_for_inference(ws, adapter, device=device, quantize_4bit=four_bit)
@@ -73,7 +88,6 @@ def answer(
         return
 
     ids = inference.prompt_ids(model, text, raw=raw)
-    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
     for key, slot in runs:
         if not json_output and base:
             typer.echo(f"=== {key if slot else f'base ({model.base.display_name})'} ===")
@@ -89,3 +103,44 @@ def answer(
                  f"{generation.tokens_per_second:.1f} tokens/s, {generation.finish_reason}]")
     if json_output:
         print_json({"prompt": text, "raw": raw, "options": options, **result})
+
+
+def _answer_with_server(served: dict[str, Any], adapter: str, text: str, base: bool, raw: bool,
+                        options: dict[str, Any], json_output: bool) -> None:
+    """`lqmf test` answered by a running server: the same output, from its HTTP API."""
+    state, key = served["state"], os.environ.get(API_KEY_ENV) or None
+    result: dict[str, Any] = {"adapter": adapter, "task": None, "base_model": state.get("base_reference"),
+                              "device": state.get("device"), "quantized_4bit": state.get("quantized_4bit"),
+                              "server": served["url"]}
+    runs = [(adapter, adapter)] + ([("base", state["base"])] if base else [])
+    rows = []
+    for key_name, model_id in runs:
+        label = key_name if model_id == adapter else f"base ({state['base']})"
+        if state.get("task") == "classification":
+            answer = call_server(served["url"], "POST", "/v1/classify", {"model": model_id, "input": text}, key)
+            top = answer["data"][0]
+            part = {"label": top["label"], "probability": top["score"], "probabilities": top["probabilities"]}
+            rows.append([label, top["label"], f"{top['score']:.4f}"])
+        else:
+            body = {"model": model_id, "max_tokens": options["max_new_tokens"], "temperature": options["temperature"],
+                    "top_p": options["top_p"] or None, "seed": options["seed"]}
+            if raw:
+                route, body["prompt"] = "/v1/completions", text
+            else:
+                route, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
+            answer = call_server(served["url"], "POST", route, body, key, timeout=600)
+            choice = answer["choices"][0]
+            words = choice["text"] if raw else choice["message"]["content"]
+            part = {"answer": words, "finish_reason": choice["finish_reason"],
+                    "prompt_tokens": answer["usage"]["prompt_tokens"],
+                    "new_tokens": answer["usage"]["completion_tokens"]}
+            if not json_output:
+                if base:
+                    typer.echo(f"=== {label} ===")
+                typer.echo(words)
+        result.update(part if model_id == adapter else {"base": part})
+    result["task"] = state.get("task")
+    if json_output:
+        print_json({("text" if state.get("task") == "classification" else "prompt"): text, **result})
+    elif rows:
+        print_table(rows, ["model", "label", "probability"])

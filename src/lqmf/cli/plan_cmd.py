@@ -29,6 +29,7 @@ from lqmf.core.memory_plan import (
     what_would_fit,
 )
 from lqmf.core.models import ModelCatalogue
+from lqmf.core.schedule import DEFAULT_ACCUMULATION
 from lqmf.core.system import free_gpu_memory
 
 DEFAULT_BUDGET = "8GB"  # the guide's target GPU
@@ -82,6 +83,8 @@ def memory_lines(memory: dict[str, Any]) -> list[str]:
     extra = f"; slack {size('allocator_slack')}, CUDA context {size('cuda_context')}" if cuda else ""
     where = (f"each of {memory['gpus']} GPUs ({memory['strategy']})" if memory.get("gpus", 1) > 1
              else memory["device"])
+    if not cuda and est["cuda_context_gb"]:
+        extra = f"; this process before the weights load {size('cuda_context')}"
     lines = [f"memory:      ~{size('total')} peak on {where} ({parts}{extra})"]
     if memory["budget_gb"]:
         lines.append(f"budget:      {human_size(memory['budget_gb'] * GiB)} ({memory['budget_source']})")
@@ -156,7 +159,7 @@ def plan(
     budget, budget_source, budget_text = _budget(max_memory, file_values.get("max_memory"), device)
     strategies = None
     if gpus > 1:
-        effective = config.per_device_train_batch_size * config.gradient_accumulation_steps
+        effective = config.per_device_train_batch_size * (config.gradient_accumulation_steps or DEFAULT_ACCUMULATION)
         check_batch_split(effective, gpus)
         fits = fit_strategies(shape, settings, effective, budget, offload=config.offload_activations)
         chosen = choose_strategy(fits, config.strategy)

@@ -9,9 +9,19 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import info, print_json
+from lqmf.cli.phases import importing, show_phases
 from lqmf.core.errors import InputError
 from lqmf.core.manifest import now_iso
-from lqmf.core.serving import API_KEY_ENV, DEFAULT_MODEL, register_server, server_url, unregister_server
+from lqmf.core.registry import Registry
+from lqmf.core.serving import (
+    API_KEY_ENV,
+    DEFAULT_MODEL,
+    latest_active_adapter,
+    quantization_warnings,
+    register_server,
+    server_url,
+    unregister_server,
+)
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
@@ -25,10 +35,16 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _manifests(registry: Registry, names) -> dict[str, dict]:
+    """The manifests of registered adapters among names (NAME=PATH adapters are not in the registry)."""
+    return {name: registry.get(name).manifest or {} for name in names if registry.exists(name)}
+
+
 def serve(
     ctx: typer.Context,
     model: str | None = typer.Option(None, "--model", "-m",
-                                     help="Base model: alias, hub id or folder (default: the first adapter's base)."),
+                                     help="Base model: alias, hub id or folder (default: the first adapter's base; "
+                                     "with no --adapter either, the active adapter's)."),
     adapters: list[str] = typer.Option([], "--adapter", "-a",
                                        help="Adapter to load at start: a registry name, or NAME=PATH for an adapter "
                                        "folder (repeatable; the first is the active one)."),
@@ -59,13 +75,21 @@ def serve(
     recorded in the workspace until the server stops (Ctrl-C, SIGTERM).
     """
     ws = workspace(ctx, workspace_dir)
+    registry = Registry(ws)
     if not model and not adapters:
-        raise InputError("give a base model (--model) or at least one adapter (--adapter)")
+        active = latest_active_adapter(registry.active_pointers(strict=False))
+        if active is None:
+            raise InputError("no adapter is active: give a base model (--model) or an adapter (--adapter), "
+                             "or make one active with `lqmf adapters load NAME`")
+        info(f"serving the active adapter '{active}' on its base model (give --model or --adapter to choose)")
+        adapters = [active]
     if log_level not in LOG_LEVELS:
         raise InputError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if not _is_loopback(host) and not api_key:
         info(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model "
              "and swap its adapters")
+    show_phases(ctx, not json_output)
+    importing()
     try:
         from lqmf.engine import server as server_mod
     except ImportError as err:
@@ -81,6 +105,8 @@ def serve(
         model_host = ModelHost.start(ws, base=model, adapters=adapters, device=device, quantize_4bit=four_bit,
                                      max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
         base = model_host.model.base
+        for line in quantization_warnings(_manifests(registry, model_host.resident), model_host.model.loaded.quantized):
+            info(line)
         record = {"url": url, "host": host, "port": bound_port, "base_id": model_host.base_id,
                   "base": {"reference": base.reference, "source": base.source, "alias": base.alias,
                            "path": str(base.path) if base.path else None},

@@ -9,9 +9,11 @@ import typer
 
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_duration, human_size, info, print_json
+from lqmf.cli.phases import importing, show_phases
 from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.errors import InputError
+from lqmf.core.metrics import no_improvement_warning
 
 
 class ProgressPrinter:
@@ -96,7 +98,8 @@ def train(
     model: str | None = typer.Argument(None, help="Base model: alias (lqmf models list), hub id or folder."),
     dataset: str | None = typer.Argument(None, help="Training data: .csv, .jsonl or .json in the task's format."),
     task: str | None = typer.Argument(None, help="chat | instruction_following | classification | summarization"),
-    name: str | None = typer.Option(None, "--name", "-n", help="Adapter name (default <model>-<task>-xxxxx)."),
+    name: str | None = typer.Option(None, "--name", "-n",
+                                    help="Adapter name (default <model>-<task>-<dataset hash>; -2, -3... if taken)."),
     config_name: str | None = typer.Option(None, "--config", "-c", help="Saved config name or YAML path."),
     sets: list[str] = typer.Option([], "--set", "-s", help="Override any config key: --set lora_r=32 (repeatable)."),
     epochs: float | None = typer.Option(None, "--epochs", help="num_train_epochs"),
@@ -127,6 +130,7 @@ def train(
     from lqmf.engine import service
 
     ws = workspace(ctx, workspace_dir)
+    show_phases(ctx, not (quiet or json_output))
     options = {"num_train_epochs": epochs, "max_steps": max_steps, "learning_rate": learning_rate,
                "per_device_train_batch_size": batch_size, "gradient_accumulation_steps": grad_accum,
                "max_seq_length": max_seq_length, "lora_r": rank, "use_4bit_quantization": four_bit,
@@ -137,6 +141,7 @@ def train(
                          "only options like --max-steps or --set may change")
     config = service.resolve_config(ws, _overrides(model, dataset, task, name, options, sets), resume=resume,
                                     config_name=config_name)
+    importing()
     printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
     result = service.train(config, ws, resume=bool(resume), force=force, dry_run=dry_run, events=printer)
     if result.path is None:  # a dry run, or a rank other than 0 of a run launched from outside LQMF
@@ -145,12 +150,17 @@ def train(
         elif dry_run:
             _print_plan(result.adapter, result.plan)
         return
+    warning = no_improvement_warning(result.adapter, result.learning)
     if json_output:
+        if warning:
+            info(warning)
         print_json(result.to_dict())
         return
     for line in _summary_lines(result.adapter, result.metrics):
         info(line)
     info(f"saved {result.path}")
+    if warning:
+        info(warning)
     typer.echo(result.adapter)
 
 
@@ -166,7 +176,11 @@ def _print_plan(adapter: str, plan: dict[str, Any]) -> None:
     processes = f" x {plan['processes']} processes" if plan.get("processes", 1) > 1 else ""
     typer.echo(f"  batches:     {plan['micro_batch']} x {plan['gradient_accumulation']} accumulation{processes} = "
                f"{plan['effective_batch']} examples per step")
-    typer.echo(f"  steps:       {plan['total_steps']} ({plan['steps_per_epoch']} per epoch)")
+    config = plan["config"]
+    typer.echo(f"  steps:       {plan['total_steps']} ({plan['steps_per_epoch']} per epoch, "
+               f"{config['num_train_epochs']:g} epochs)")
+    head = f" (classifier head {config['head_learning_rate']:g})" if config["head_learning_rate"] else ""
+    typer.echo(f"  learn rate:  {config['learning_rate']:g}{head}")
     est = plan["estimated_seconds"]
     typer.echo("  est. time:   " + ", ".join(f"{k} ~{human_duration(v)}" for k, v in est.items()) if est
                else "  est. time:   unknown (model config not available locally)")

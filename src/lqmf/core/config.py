@@ -21,6 +21,7 @@ from lqmf.core.distributed import QUANT_STORAGE_DTYPES
 from lqmf.core.errors import InputError, NotFoundError, did_you_mean
 from lqmf.core.memory_plan import STRATEGIES, parse_size
 from lqmf.core.names import validate_name
+from lqmf.core.schedule import head_learning_rate
 
 TASK_ALIASES = {"instruction": "instruction_following", "instruct": "instruction_following"}
 TASKS = ("chat", "instruction_following", "classification", "summarization")
@@ -41,7 +42,7 @@ def _opt(default: Any, help_text: str, **choices: Any) -> Any:
 @dataclass
 class TrainConfig:
     # What to train
-    job_name: str | None = _opt(None, "Adapter name; default <model>-<task>-<5 random chars>")
+    job_name: str | None = _opt(None, "Adapter name; default <model>-<task>-<5 chars of the dataset's sha256>")
     base_model: str | None = _opt(None, "Model alias (lqmf models list), hub id or local folder")
     task_type: str | None = _opt(None, "chat | instruction_following | classification | summarization",
                                  choices=TASKS)
@@ -53,11 +54,18 @@ class TrainConfig:
     target_modules: list[str] | None = _opt(None, "Modules to adapt; default: the model family's list")
     # Optimisation
     learning_rate: float | None = _opt(
-        None, "Peak learning rate; default 2e-4, or 1e-3 for classification (its head starts from random)")
-    num_train_epochs: float = _opt(3.0, "Passes over the training split")
+        None, "Peak learning rate; default 2e-4, or 1e-3 for classification")
+    head_learning_rate: float | None = _opt(
+        None, "Classification only: the classifier head's learning rate (it starts from random); "
+        "default 10 x learning_rate")
+    num_train_epochs: float | None = _opt(
+        None, "Passes over the training split; default 3, more on small sets so that the run has at least "
+        "100 optimizer steps (at most 20 epochs)")
     max_steps: int = _opt(-1, "Stop after this many optimizer steps (-1: use num_train_epochs)")
     per_device_train_batch_size: int = _opt(2, "Micro-batch size (sequences per forward pass)")
-    gradient_accumulation_steps: int = _opt(8, "Micro-batches per optimizer step")
+    gradient_accumulation_steps: int | None = _opt(
+        None, "Micro-batches per optimizer step; default 8, fewer on small sets so that an epoch has at "
+        "least 10 optimizer steps")
     max_seq_length: int = _opt(512, "Longest example in tokens; see overlong")
     overlong: str = _opt("truncate", "What to do with examples over max_seq_length: truncate | drop | error",
                          choices=OVERLONG_POLICIES)
@@ -194,6 +202,7 @@ _RANGES: dict[str, tuple[float, float, bool]] = {
     "lora_alpha": (1, 1_000_000, True),
     "lora_dropout": (0, 0.999999, True),
     "learning_rate": (0, 1, False),
+    "head_learning_rate": (0, 1, False),
     "num_train_epochs": (0, 100_000, False),
     "max_steps": (-1, 1_000_000_000, True),
     "per_device_train_batch_size": (1, 65_536, True),
@@ -323,6 +332,8 @@ def check_complete(config: TrainConfig) -> None:
                          f"{config.eval_steps}); set eval_steps or eval_strategy=epoch")
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATE.get(config.task_type, GENERATIVE_LEARNING_RATE)
+    config.head_learning_rate = head_learning_rate(config.task_type, config.learning_rate,
+                                                   config.head_learning_rate)
 
 
 def dump_config(config: TrainConfig) -> str:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import platform
-import secrets
-import string
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
 from lqmf.core.config import TrainConfig
 from lqmf.core.datasets import TaskDataset
+from lqmf.core.metrics import learning_check
 from lqmf.core.models import ResolvedModel
 from lqmf.core.names import slug
 from lqmf.core.system import library_versions
@@ -18,10 +18,20 @@ MANIFEST_VERSION = 1
 TASK_SHORT = {"instruction_following": "instruction"}
 
 
-def default_adapter_name(model: ResolvedModel, task: str) -> str:
-    """<model>-<task>-<5 chars>, as the guide names adapters (mistral-7b-chat-x1y2z)."""
-    suffix = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(5))
-    return f"{slug(model.display_name)}-{TASK_SHORT.get(task, task)}-{suffix}"
+def default_adapter_name(model: ResolvedModel, task: str, dataset_sha256: str,
+                         taken: Callable[[str], bool] = lambda name: False) -> str:
+    """<model>-<task>-<5 chars of the dataset's hash>, as the guide names adapters (mistral-7b-chat-x1y2z).
+
+    Deterministic, so that --dry-run announces the name the run uses; a name already taken gets
+    the first free suffix -2, -3, ...
+    """
+    name = f"{slug(model.display_name)}-{TASK_SHORT.get(task, task)}-{dataset_sha256[:5]}"
+    suffix = 1
+    candidate = name
+    while taken(candidate):
+        suffix += 1
+        candidate = f"{name}-{suffix}"
+    return candidate
 
 
 def now_iso() -> str:
@@ -48,6 +58,7 @@ def build_manifest(name: str, config: TrainConfig, model: ResolvedModel, dataset
                  "target_modules": config.target_modules or model.target_modules or "all-linear"},
         "config": config.to_dict(),
         "metrics": metrics,
+        "learning": learning_check(dataset.task, metrics),
         "runtime": {**runtime, "python": platform.python_version(), "platform": platform.platform()},
         "versions": library_versions(),
     }

@@ -205,6 +205,9 @@ class TrainSettings:
     offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
+    # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
+    # counted in the total in place of the CUDA context, so the total compares with the process's RSS.
+    process_baseline: int = 0
 
     @property
     def offloadable(self) -> bool:
@@ -380,7 +383,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         chunk = min(LOSS_CHUNK_TOKENS, answers)
         logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
     peak = weights + lora_bytes + optimizer + saved + max(working, logits_loss)
-    context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else 0
+    context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else settings.process_baseline
     slack_share = ALLOCATOR_SLACK_OFFLOADED if settings.offloaded else ALLOCATOR_SLACK
     slack = int(slack_share * (peak - paged)) if settings.device == "cuda" else 0
     if settings.sharded and settings.device == "cuda":
@@ -393,6 +396,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
+        "process_baseline_gb": round(settings.process_baseline / GiB, 4),
     }
     return MemoryEstimate(
         weights=weights, lora=lora_bytes, optimizer=optimizer, activations=saved + working,

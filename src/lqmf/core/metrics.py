@@ -43,3 +43,28 @@ def rouge_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[
         for key, score in scorer.score(reference, prediction).items():
             totals[key] += score.fmeasure
     return {key: total / len(predictions) for key, total in totals.items()}
+
+
+# The held-out metric that says whether training helped, and whether higher is better.
+LEARNING_METRICS = {"classification": ("eval_accuracy", True)}
+DEFAULT_LEARNING_METRIC = ("eval_loss", False)
+
+
+def learning_check(task: str, metrics: dict) -> dict | None:
+    """Did the held-out metric improve over its value before training? None without both evaluations."""
+    key, higher_is_better = LEARNING_METRICS.get(task, DEFAULT_LEARNING_METRIC)
+    before = (metrics.get("initial") or {}).get(key)
+    after = metrics.get(key)
+    if not isinstance(before, int | float) or not isinstance(after, int | float):
+        return None
+    improved = after > before if higher_is_better else after < before
+    return {"metric": key.removeprefix("eval_"), "before": before, "after": after, "improved": improved}
+
+
+def no_improvement_warning(name: str, check: dict | None) -> str | None:
+    """The line to print when training did not improve the held-out metric."""
+    if check is None or check["improved"]:
+        return None
+    return (f"WARNING: adapter '{name}' did not improve held-out {check['metric']} "
+            f"({check['before']:.4f} before training, {check['after']:.4f} after); it may be useless: "
+            "try more epochs (--epochs), a higher learning rate (--lr) or more data")

@@ -48,7 +48,7 @@ REMOVE_WAIT_S = 1.0  # how long remove waits on a run lock before calling the ru
 
 OK, BROKEN, TRAINING, CORRUPT = "ok", "broken", "training", "corrupt"
 SUMMARY_FIELDS = ("base_model", "base_id", "task", "rank", "target_modules", "quantized_4bit", "size_bytes",
-                  "created", "metric")
+                  "created", "metric", "improved")
 # The metric that `adapters list` shows, by task: the first one the manifest has.
 KEY_METRICS = {
     "classification": ("eval_accuracy", "eval_macro_f1", "eval_loss", "train_loss"),
@@ -329,6 +329,7 @@ class Registry:
             "size_bytes": sum(f.get("size", 0) for f in files.values() if isinstance(f, dict)),
             "created": manifest.get("created"),
             "metric": key_metric(manifest.get("task"), metrics),
+            "improved": (manifest.get("learning") or {}).get("improved"),
             "active": key is not None and (active.get(key) or {}).get("adapter") == entry.name,
         })
         cache = checksums or ChecksumCache(self.workspace.root)

@@ -21,6 +21,7 @@ API_KEY_ENV = "LQMF_API_KEY"
 DEFAULT_MODEL = "default"  # the model id that follows the active adapter
 ACTIONS = ("load", "switch", "unload")
 SWAP_TIMEOUT_S = 600.0  # a swap waits for the requests queued before it
+PROBE_TIMEOUT_S = 3.0  # asking a server what it holds
 
 
 def servers_dir(workspace: Workspace) -> Path:
@@ -168,3 +169,36 @@ def notify_server(workspace: Workspace, action: str, adapter: str | None = None,
     key = api_key or os.environ.get(API_KEY_ENV) or None
     result = call_server(server_url, "POST", f"/admin/adapters/{action}", {"adapter": adapter}, key, timeout)
     return {**result, "server": server_url}
+
+
+def server_with_adapter(workspace: Workspace, adapter: str, api_key: str | None = None) -> dict[str, Any] | None:
+    """The running server of this workspace that holds adapter (its record, with `state`), if any."""
+    key = api_key or os.environ.get(API_KEY_ENV) or None
+    for record in running_servers(workspace):
+        try:
+            state = call_server(record["url"], "GET", "/admin/adapters", None, key, timeout=PROBE_TIMEOUT_S)
+        except LqmfError:
+            continue  # busy, stopping or asking for a key we lack: answer locally
+        if adapter in (state.get("resident") or []):
+            return {**record, "state": state}
+    return None
+
+
+def latest_active_adapter(active: dict[str, dict[str, Any]]) -> str | None:
+    """The adapter made active last, over every base (the registry's active pointers)."""
+    if not active:
+        return None
+    return max(active.values(), key=lambda pointer: str(pointer.get("since") or ""))["adapter"]
+
+
+def quantization_warnings(manifests: dict[str, dict[str, Any]], served_4bit: bool) -> list[str]:
+    """A plain warning for each adapter trained on a base quantized otherwise than the one served."""
+    warnings = []
+    for name, manifest in manifests.items():
+        trained = bool((manifest.get("runtime") or {}).get("quantized_4bit"))
+        if trained != served_4bit:
+            warnings.append(
+                f"warning: adapter '{name}' was trained on a {'4-bit' if trained else 'full-precision'} base but the "
+                f"served base is {'4-bit' if served_4bit else 'not quantized'}: its answers will differ from "
+                f"`lqmf test`; restart with {'--4bit' if trained else '--no-4bit'} to match")
+    return warnings

@@ -12,6 +12,7 @@ from typing import Any
 
 from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.models import ResolvedModel
+from lqmf.core.progress import phase
 from lqmf.core.registry import MANIFEST, AdapterEntry
 from lqmf.engine.data import ensure_chat_template
 from lqmf.engine.loading import checkpoint_dtype, load_model
@@ -41,11 +42,13 @@ def merge_adapter(entry: AdapterEntry, base: ResolvedModel, folder: Path, device
     dtype = checkpoint_dtype(base)
     loaded = load_model(base, task=task, device_preference=device, quantize_4bit=False, labels=labels,
                         dtype_name=dtype)
+    phase(f"loading adapter {entry.name}")
     try:
         model = PeftModel.from_pretrained(loaded.model, str(entry.path))
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RuntimeFailure(f"cannot apply adapter '{entry.name}' to '{base.reference}': {first}") from None
+    phase("merging and saving")
     merged = model.merge_and_unload()
     merged.save_pretrained(folder)
     if task != "classification":

@@ -16,6 +16,7 @@ from typing import Any
 from lqmf.core.datasets import prompt_messages
 from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.models import ModelCatalogue, ResolvedModel
+from lqmf.core.progress import phase
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
@@ -99,6 +100,9 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
     if entry is not None:
         attach_adapter(model, entry.path, entry.name)
         KEPT.store(key, entry, model)
+    else:
+        phase("importing peft")
+        import peft  # noqa: F401  (1-3 s: paid here, not by the first adapter a server loads)
     return model
 
 
@@ -110,6 +114,7 @@ def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
     """
     from peft import PeftModel
 
+    phase(f"loading adapter {slot}")
     if isinstance(model.model, PeftModel):
         model.model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
     else:

@@ -10,6 +10,7 @@ from typing import Any
 
 from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.models import ResolvedModel
+from lqmf.core.progress import phase
 
 CLASSIFIER_HEADS = ["classifier", "score"]
 
@@ -90,10 +91,16 @@ def four_bit_support(device) -> str | None:
 def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
+    phase(f"loading tokenizer of {resolved.reference}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.load_id)
     except OSError as err:
-        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}': {first_line(err)}") from None
+        where = f" ({resolved.load_id})" if str(resolved.load_id) != resolved.reference else ""
+        hint = ("; it is neither a local folder nor in the Hugging Face cache, and counting tokens needs it "
+                f"(offline, `lqmf plan {resolved.reference}` estimates memory from the catalogue's shape)"
+                if resolved.kind == "hub" else "")
+        raise RuntimeFailure(f"cannot load the tokenizer of '{resolved.reference}'{where}: "
+                             f"{first_line(err)}{hint}") from None
     template = chat_template or resolved.chat_template
     if template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template
@@ -135,6 +142,8 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
             quantize_4bit = False
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved)
+    phase(f"loading base model {resolved.reference} on {device.type}"
+          + (" (quantizing to 4-bit NF4)" if quantize_4bit else f" ({str(dtype).replace('torch.', '')})"))
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(

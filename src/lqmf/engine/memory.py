@@ -3,6 +3,7 @@ budget that picks the micro-batch, and recovery from running out."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 from pathlib import Path
@@ -15,6 +16,16 @@ def _rss_gb() -> float:
     import psutil
 
     return psutil.Process(os.getpid()).memory_info().rss / 2**30
+
+
+def process_baseline_bytes(device: str) -> int:
+    """Off CUDA, the memory this process holds before any weights load (measured once); 0 on CUDA."""
+    return 0 if device == "cuda" else _first_rss_bytes()
+
+
+@functools.cache
+def _first_rss_bytes() -> int:
+    return int(_rss_gb() * 2**30)
 
 
 def memory_budget(max_memory: str | None, device: str) -> tuple[int | None, str | None, bool]:

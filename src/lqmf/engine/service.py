@@ -44,10 +44,11 @@ class TrainResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
     plan: dict[str, Any] = field(default_factory=dict)  # the dry run's plan
+    learning: dict[str, Any] = field(default_factory=dict)  # did the held-out metric improve (manifest)
 
     def to_dict(self) -> dict[str, Any]:
         return {"adapter": self.adapter, "path": str(self.path) if self.path else None, "task": self.task,
-                "metrics": self.metrics, "runtime": self.runtime,
+                "metrics": self.metrics, "learning": self.learning, "runtime": self.runtime,
                 "resumed_from_step": self.runtime.get("resumed_from_step")}
 
 
@@ -95,7 +96,9 @@ class TrainingRun:
         self.model: ResolvedModel = ModelCatalogue(workspace).resolve(config.base_model)
         self.data: TaskDataset = load_task_dataset(workspace.resolve_path(config.dataset_path), config.task_type)
         config.dataset_path = str(self.data.path)
-        config.job_name = config.job_name or default_adapter_name(self.model, self.data.task)
+        config.job_name = config.job_name or default_adapter_name(
+            self.model, self.data.task, self.data.sha256,
+            lambda name: self.registry.exists(name) or self.registry.staging_path(name).exists())
         self.adapter = config.job_name
         self.staging = self.registry.staging_path(self.adapter)
         self.topology = Topology.from_environment()
@@ -124,7 +127,7 @@ class TrainingRun:
                              "leave gpus unset")
         if gpus > 1 and not dry_run:
             return self.launch(gpus)  # the ranks prepare and plan; rank 0's plan holds for all
-        prepared = engine.prepare(self.config, self.model, self.data)
+        prepared = engine.prepare(self.config, self.model, self.data, gpus)
         memory = engine.plan_memory(self.config, self.model, prepared, gpus)
         if dry_run:
             return self.plan_only(prepared, memory)
@@ -151,7 +154,7 @@ class TrainingRun:
                                "resume": self.resume, "force": self.force, "quiet": quiet},
                         "cpu" if self.config.device == "cpu" else "cuda")
         return TrainResult(result["adapter"], result["task"], Path(result["path"]), result["metrics"],
-                           result["runtime"])
+                           result["runtime"], learning=result["learning"])
 
     def run_rank(self, loaded: Any = None) -> TrainResult:
         """This process is one rank of several: plan with rank 0's word, then run together."""
@@ -160,7 +163,7 @@ class TrainingRun:
 
         collective = Collective(self.topology, "cpu" if self.config.device == "cpu" else "cuda")
         try:
-            prepared = engine.prepare(self.config, self.model, self.data)
+            prepared = engine.prepare(self.config, self.model, self.data, self.topology.world_size)
             memory = engine.plan_memory(self.config, self.model, prepared, self.topology.world_size)
             memory, prepared.micro_batch, prepared.accumulation = collective.from_main(
                 (memory, prepared.micro_batch, prepared.accumulation))
@@ -192,11 +195,11 @@ class TrainingRun:
                 recipe = Recipe(self.config, self.model, self.data, self.staging, prepared=prepared, memory=memory,
                                 events=self.events, resume=self.resume, collective=collective)
                 outcome = recipe.run(loaded)
-                target, runtime = None, outcome.runtime
+                target, runtime, learning = None, outcome.runtime, {}
                 if collective.is_main:
                     manifest = build_manifest(self.adapter, self.config, self.model, self.data, prepared.plan(),
                                               outcome.metrics, outcome.runtime)
-                    runtime = manifest["runtime"]
+                    runtime, learning = manifest["runtime"], manifest["learning"]
                     target = self.registry.finalize(self.adapter, self.staging, manifest,
                                                     force=self.force or self.resume, scratch=engine.CHECKPOINT_FOLDERS)
             except BaseException:
@@ -204,7 +207,7 @@ class TrainingRun:
                     shutil.rmtree(self.staging, ignore_errors=True)  # nothing to resume: no unfinished run left
                 raise
         collective.barrier()
-        return TrainResult(self.adapter, self.data.task, target, outcome.metrics, runtime)
+        return TrainResult(self.adapter, self.data.task, target, outcome.metrics, runtime, learning=learning)
 
     def open_staging(self) -> None:
         if not self.resume and self.staging.exists():

@@ -38,6 +38,7 @@ from lqmf.core.memory_plan import (
 )
 from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
+from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
 from lqmf.engine.fastgen import use_lean_lora
 from lqmf.engine.loading import (
@@ -52,6 +53,7 @@ from lqmf.engine.loading import (
 )
 from lqmf.engine.memory import (
     memory_budget,
+    process_baseline_bytes,
 )
 from lqmf.engine.offload import ActivationOffload
 
@@ -132,7 +134,7 @@ def split_examples(dataset: TaskDataset, fraction: float, seed: int):
     return rows(parts["train"]), rows(parts["test"])
 
 
-def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> Prepared:
+def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset, processes: int = 1) -> Prepared:
     """Split, tokenise and count steps; loads the tokenizer only."""
     quiet_libraries()
     tokenizer = load_tokenizer(model)
@@ -147,12 +149,13 @@ def prepare(config: TrainConfig, model: ResolvedModel, dataset: TaskDataset) -> 
     if not train.rows:
         raise RuntimeFailure("no training examples left after applying max_seq_length")
     micro = config.per_device_train_batch_size
-    accumulation = config.gradient_accumulation_steps
-    steps_per_epoch = max(1, math.ceil(len(train.rows) / (micro * accumulation)))
-    total = config.max_steps if config.max_steps > 0 else max(1, math.ceil(config.num_train_epochs * steps_per_epoch))
-    return Prepared(train.rows, val.rows, dataset.labels, micro, accumulation, steps_per_epoch, total,
-                    sum(len(r["input_ids"]) for r in train.rows), max(train.max_tokens, val.max_tokens),
-                    train.notes + val.notes, template, train.dropped + val.dropped, tokenizer)
+    schedule = plan_schedule(len(train.rows), micro, config.gradient_accumulation_steps, config.num_train_epochs,
+                             config.max_steps, processes)
+    config.gradient_accumulation_steps, config.num_train_epochs = schedule.accumulation, schedule.epochs
+    return Prepared(train.rows, val.rows, dataset.labels, micro, schedule.accumulation, schedule.steps_per_epoch,
+                    schedule.total_steps, sum(len(r["input_ids"]) for r in train.rows),
+                    max(train.max_tokens, val.max_tokens), [*schedule.notes, *train.notes, *val.notes], template,
+                    train.dropped + val.dropped, tokenizer)
 
 
 @dataclass
@@ -214,6 +217,7 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
         return MemoryPlan(device.type, requested, requested, None, source,
                           offload_activations=config.offload_activations == "on" and offloadable,
                           gpus=gpus, strategy=strategy)
+    settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
     strategies = None
     if gpus > 1 and budget is not None:
@@ -656,11 +660,23 @@ class Outcome:
     history: list[dict[str, Any]]
 
 
+def parameter_groups(config: TrainConfig, model) -> list[dict[str, Any]]:
+    """The trainable parameters; a classifier head (PEFT's modules_to_save) at head_learning_rate."""
+    head, lora = [], []
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            (head if "modules_to_save" in name else lora).append(parameter)
+    groups = [{"params": lora, "lr": config.learning_rate}]
+    if head:
+        groups.append({"params": head, "lr": config.head_learning_rate or config.learning_rate})
+    return [group for group in groups if group["params"]]
+
+
 def make_optimizer(config: TrainConfig, model, device: str, sharded: bool = False):
     """Paged 8-bit AdamW on CUDA (also under DDP); torch's AdamW on the CPU and over FSDP's flat shards."""
     import torch
 
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = parameter_groups(config, model)
     if device == "cuda" and not sharded:
         try:
             import bitsandbytes as bnb
