@@ -24,6 +24,7 @@ from lqmf.cli import (
     serve_cmd,
     status_cmd,
     train_cmd,
+    tune_cmd,
 )
 from lqmf.cli.common import WorkspaceOption
 from lqmf.cli.output import DEBUG_ENV, App
@@ -65,6 +66,7 @@ app.add_typer(bench_cmd.app, name="bench")
 app.add_typer(report_cmd.app, name="report")
 app.add_typer(adapters_cmd.app, name="adapters")
 app.command("export")(export_cmd.export)
+app.command("tune")(tune_cmd.tune)
 
 
 def main() -> None:

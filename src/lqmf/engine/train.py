@@ -217,22 +217,34 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared) -
 # ----------------------------------------------------------------------------- model
 
 
-def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str) -> LoadedModel:
+def load_base(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str) -> LoadedModel:
+    """The base model as training loads it (4-bit if asked and possible), not yet wrapped with LoRA."""
     quiet_libraries()
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-
     loaded = load_model(model_ref, task=task, device_preference=config.device,
                         quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
                         tokenizer=prepared.tokenizer)
-    model = loaded.model
     if loaded.quantized and loaded.device == "cpu":
         # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
         # in eval mode and never unpacks them for training (its in-place bias add then fails in
         # backward); our per-epoch evaluation would trigger it, so keep the training layout.
-        for module in model.modules():
+        for module in loaded.model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+    return loaded
+
+
+def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str,
+                base: LoadedModel | None = None) -> LoadedModel:
+    """Load the base (or take base, already loaded by load_base) and wrap it with a fresh LoRA adapter.
+
+    A caller that passes base gets its model back with `result.model.unload()` (LoRA layers removed).
+    """
+    quiet_libraries()
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    loaded = replace(base) if base is not None else load_base(config, model_ref, prepared, task)
+    model = loaded.model
     # Unlike peft's prepare_model_for_kbit_training, frozen layers stay in their load dtype (bf16 on
     # GPUs): upcasting embeddings, norms and lm_head to fp32 costs ~0.5 GB on a 7B model and buys
     # nothing under autocast. Trainable parameters (LoRA, classifier heads) are fp32 below.
@@ -531,10 +543,11 @@ def make_optimizer(config: TrainConfig, model, device: str):
 
 def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
           events: Events | None = None, prepared: Prepared | None = None, resume: bool = False,
-          memory: MemoryPlan | None = None) -> Outcome:
+          memory: MemoryPlan | None = None, loaded: LoadedModel | None = None) -> Outcome:
     """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
 
-    memory is plan_memory's result for prepared, when the caller has it already.
+    memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
+    caller set up already (setup_model on a base it keeps loaded; it seeds torch before that).
     """
     import torch
     from transformers import get_scheduler
@@ -555,7 +568,7 @@ def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, s
                        f"{memory.device}")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    loaded = setup_model(config, model_ref, prepared, dataset.task)
+    loaded = loaded or setup_model(config, model_ref, prepared, dataset.task)
     for note in loaded.notes:
         events.on_note(note)
     model = loaded.model
