@@ -86,6 +86,7 @@ def combine(model: inference.InferenceModel, sources: list[AdapterEntry], stagin
     except (ValueError, TypeError, RuntimeError) as err:
         raise InputError(f"PEFT cannot combine these adapters with --method {method}: "
                          f"{first_line(err)}") from None
+    model.model.eval()  # the new slot's dropout modules start in training mode
     model.adapters.append(NEW_SLOT)
     staging.mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(str(staging), selected_adapters=[NEW_SLOT])
