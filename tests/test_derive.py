@@ -118,6 +118,7 @@ def test_compress_halves_size_and_reports_the_metric(cli, adapters_workspace, ti
     assert half["scores"]["before"]["loss"] != half["scores"]["after"]["loss"]
     manifest = json.loads((adapters_workspace / "adapters" / "r8" / MANIFEST).read_text())
     assert manifest["lineage"]["operation"] == "compress" and manifest["lora"]["r"] == 8
+    assert "lora_r: 8\n" in (adapters_workspace / "adapters" / "r8" / "config.yaml").read_text()
     assert manifest["metrics"]["eval_loss"] == half["scores"]["after"]["loss"]
     result = cli("adapters", "compress", "r8", "--dtype", "bf16", "--in-place", "--device", "cpu")
     assert result.exit_code == 0, result.output
@@ -131,8 +132,8 @@ def test_compress_halves_size_and_reports_the_metric(cli, adapters_workspace, ti
 
 
 def test_compress_by_energy_on_a_classifier(cli, adapters_workspace):
-    result = out_json(cli("adapters", "compress", "sent", "--energy", "0.9", "--name", "slim", "--device", "cpu",
-                          "--json"))
+    result = out_json(cli("adapters", "compress", "sent", "--energy", "0.9", "--dtype", "bf16", "--name", "slim",
+                          "--device", "cpu", "--json"))
     assert result["size_bytes"]["after"] < result["size_bytes"]["before"]
     assert {"accuracy", "loss"} <= set(result["scores"]["after"])
     ranks = json.loads((adapters_workspace / "adapters" / "slim" / MANIFEST).read_text())["lineage"]["module_ranks"]

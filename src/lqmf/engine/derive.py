@@ -23,6 +23,7 @@ from lqmf.engine import inference
 from lqmf.engine.loading import first_line
 
 PEFT_PREFIX = "base_model.model."
+CONFIG_FILE = "config.yaml"
 NEW_SLOT = "default"  # PEFT saves the adapter called "default" flat in the folder, any other in a subfolder
 
 
@@ -61,10 +62,18 @@ def score(model: inference.InferenceModel, slot: str, examples: list[dict[str, A
 
 
 def _copy_extras(source: Path, staging: Path) -> None:
-    """The source folder's other files (training log, tokenizer files), not its PEFT files or manifest."""
+    """The source folder's other files (its training log), not its PEFT files, manifest or config."""
     for path in source.iterdir():
-        if path.is_file() and path.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST):
+        if path.is_file() and path.name not in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, CONFIG_FILE):
             shutil.copy2(path, staging / path.name)
+
+
+def _write_config(staging: Path, manifest: dict[str, Any]) -> None:
+    """config.yaml beside the weights, as training writes it: the manifest's config (r and alpha updated)."""
+    from lqmf.core.config import dump_config, resolve_config
+
+    values = {k: v for k, v in (manifest.get("config") or {}).items() if v is not None}
+    (staging / CONFIG_FILE).write_text(dump_config(resolve_config({}, values)), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- combine
@@ -172,9 +181,9 @@ def compress(source: Path, staging: Path, rank: int | None, energy: float | None
         scaling = _module_scaling(config, module, lora_a.shape[0])
         out[key_a], out[key_b] = reduce_pair(lora_a, lora_b, scaling, rank, energy)
         ranks[module] = out[key_a].shape[0]
-    out.update(state)  # modules_to_save (a classifier head) and anything else: kept as they are
     if target_dtype is not None:
-        out = {k: v.to(target_dtype) if v.is_floating_point() else v for k, v in out.items()}
+        out = {k: v.to(target_dtype) for k, v in out.items()}
+    out.update(state)  # modules_to_save (a classifier head, used as stored: its dtype must stay) and the rest
     staging.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in out.items()}, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     top = max(ranks.values())
@@ -240,6 +249,7 @@ def combine_adapters(workspace: Workspace, new: str, names: list[str], method: s
         _gated(gate, scores)
         lineage = {"operation": "combine", "method": method, "weights": weights, "density": density}
         manifest = derived_manifest(new, entries, lora, lineage, {"data": source, "scores": scores} if scores else None)
+        _write_config(staging, manifest)
         return registry.finalize(new, staging, manifest, force=force)
 
     target = _staged(registry, new, build)
@@ -277,6 +287,7 @@ def compress_adapter(workspace: Workspace, name: str, new: str | None, rank: int
                    "size_bytes": {"before": size_before, "after": (staging / ADAPTER_WEIGHTS).stat().st_size}}
         quality = {"data": source, "scores": scores[1], "before": scores[0]} if scores[1] else None
         manifest = derived_manifest(target_name, [entry], lora, lineage, quality)
+        _write_config(staging, manifest)
         return registry.finalize(target_name, staging, manifest, force=force or new is None)
 
     target = _staged(registry, target_name, build)
