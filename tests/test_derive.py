@@ -118,6 +118,7 @@ def test_compress_halves_size_and_reports_the_metric(cli, adapters_workspace, ti
     assert half["scores"]["before"]["loss"] != half["scores"]["after"]["loss"]
     manifest = json.loads((adapters_workspace / "adapters" / "r8" / MANIFEST).read_text())
     assert manifest["lineage"]["operation"] == "compress" and manifest["lora"]["r"] == 8
+    assert "compress of chat-a rank=8" in cli("adapters", "show", "r8").stdout
     assert "lora_r: 8\n" in (adapters_workspace / "adapters" / "r8" / "config.yaml").read_text()
     assert manifest["metrics"]["eval_loss"] == half["scores"]["after"]["loss"]
     result = cli("adapters", "compress", "r8", "--dtype", "bf16", "--in-place", "--device", "cpu")

@@ -110,6 +110,13 @@ def show(
                        + (" 4-bit NF4 (QLoRA)" if runtime.get("quantized_4bit") else "")),
         ("size", human_size(row["size_bytes"])),
     ]
+    lineage = manifest.get("lineage")
+    if isinstance(lineage, dict):
+        details = {k: v for k, v in lineage.items() if k in ("method", "weights", "rank", "energy", "dtype", "trial")
+                   and v is not None}
+        sources = ", ".join(s.get("name", "?") for s in lineage.get("sources") or [])
+        lines.append(("made by", f"{lineage.get('operation')}" + (f" of {sources}" if sources else "")
+                      + "".join(f" {k}={v}" for k, v in details.items())))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")
