@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -115,6 +116,13 @@ def show(
                        + (" 4-bit NF4 (QLoRA)" if runtime.get("quantized_4bit") else "")),
         ("size", human_size(row["size_bytes"])),
     ]
+    lineage = manifest.get("lineage")
+    if isinstance(lineage, dict):
+        details = {k: v for k, v in lineage.items() if k in ("method", "weights", "rank", "energy", "dtype", "trial")
+                   and v is not None}
+        sources = ", ".join(s.get("name", "?") for s in lineage.get("sources") or [])
+        lines.append(("made by", f"{lineage.get('operation')}" + (f" of {sources}" if sources else "")
+                      + "".join(f" {k}={v}" for k, v in details.items())))
     width = max(len(k) for k, _ in lines)
     for key, value in lines:
         typer.echo(f"{key:<{width}}  {value}")
@@ -303,6 +311,112 @@ def verify(
             info(f"{len(failed)} of {len(reports)} adapter{'s' if len(reports) > 1 else ''} failed verification")
     if failed:
         raise typer.Exit(1)
+
+
+EvalFileOption = typer.Option(None, "--eval-file", help="Score the result on this file (the task's dataset "
+                              "format) instead of the source adapter's held-out validation split.")
+MinMetricOption = typer.Option(None, "--min-metric", help="Quality gate (classification): refuse to register "
+                               "a result whose held-out accuracy is below this.")
+MaxLossOption = typer.Option(None, "--max-loss", help="Quality gate (any task): refuse to register a result "
+                             "whose held-out loss is above this.")
+DeviceOption = typer.Option("auto", "--device", help="auto | cpu | cuda | mps")
+ForceOption = typer.Option(False, "--force", help="Replace an existing adapter of the new name.")
+
+
+def _scores_text(scores: dict[str, float] | None) -> str:
+    if not scores:
+        return "n/a"
+    return ", ".join(f"{k} {scores[k]:.4f}" for k in ("loss", "accuracy", "macro_f1") if k in scores)
+
+
+@app.command("combine")
+def combine(
+    ctx: typer.Context,
+    new: str = typer.Argument(..., help="Name of the new adapter."),
+    sources: list[str] = typer.Argument(..., help="Two or more adapters of one base model and task."),
+    method: str = typer.Option("linear", "--method", help="linear | svd | cat | ties | dare_ties | dare_linear "
+                               "(PEFT's add_weighted_adapter)."),
+    weights: str | None = typer.Option(None, "--weights", help="One weight per source, e.g. 0.7,0.3 "
+                                       "(default: equal weights summing to 1)."),
+    density: float | None = typer.Option(None, "--density", help="Share of values kept by ties / dare_* "
+                                         "(default 0.5 for those)."),
+    eval_file: Path | None = EvalFileOption,
+    min_metric: float | None = MinMetricOption,
+    max_loss: float | None = MaxLossOption,
+    device: str = DeviceOption,
+    force: bool = ForceOption,
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Combine adapters into a new registered adapter NEW (weighted, with PEFT's add_weighted_adapter).
+
+    The result is scored on the first source's held-out split (or --eval-file) and its lineage
+    (sources, method, weights) is kept in its manifest.
+    """
+    from lqmf.core.derived import DENSITY_METHODS, Gate, parse_weights
+    from lqmf.engine.derive import combine_adapters
+
+    ws = workspace(ctx, workspace_dir)
+    if density is None and method in DENSITY_METHODS:
+        density = 0.5
+    result = combine_adapters(ws, new, sources, method, parse_weights(weights, len(sources)), density,
+                              ws.resolve_path(eval_file) if eval_file else None, Gate(min_metric, max_loss),
+                              device, force, progress=(lambda m: None) if json_output else info)
+    if json_output:
+        print_json(result)
+        return
+    lineage = result["lineage"]
+    scores = (result["quality"] or {}).get("scores")
+    info(f"{method} of {', '.join(f'{s} x{w:g}' for s, w in zip(sources, lineage['weights'], strict=True))}: "
+         f"r={result['lora']['r']}, {human_size(result['size_bytes'])}; held-out: {_scores_text(scores)}")
+    info(f"saved {result['path']}")
+    typer.echo(new)
+
+
+@app.command("compress")
+def compress(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help="Adapter to compress."),
+    rank: int | None = typer.Option(None, "--rank", "-r", help="New LoRA rank (SVD of each B@A)."),
+    energy: float | None = typer.Option(None, "--energy", help="Keep per module the fewest singular values "
+                                        "holding this share of the squared sum, e.g. 0.95."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Store the weights as bf16 | fp16 | fp32."),
+    new: str | None = typer.Option(None, "--name", "-n", help="Register the result as this new adapter."),
+    in_place: bool = typer.Option(False, "--in-place", help="Replace NAME itself (staged, then renamed into "
+                                  "place: a crash keeps the old version)."),
+    eval_file: Path | None = EvalFileOption,
+    min_metric: float | None = MinMetricOption,
+    max_loss: float | None = MaxLossOption,
+    device: str = DeviceOption,
+    force: bool = ForceOption,
+    json_output: bool = JsonOption,
+    workspace_dir: str | None = WorkspaceOption,
+) -> None:
+    """Shrink an adapter: SVD rank reduction of each LoRA pair and/or half-precision storage.
+
+    Prints the size before/after and, when the held-out split can be rebuilt (or --eval-file), the
+    metric before/after.
+    """
+    from lqmf.core.derived import Gate, check_compress
+    from lqmf.engine.derive import compress_adapter
+
+    torch_dtype = check_compress(rank, energy, dtype, new, in_place)
+    ws = workspace(ctx, workspace_dir)
+    result = compress_adapter(ws, name, new, rank, energy, torch_dtype,
+                              ws.resolve_path(eval_file) if eval_file else None, Gate(min_metric, max_loss),
+                              device, force, progress=(lambda m: None) if json_output else info)
+    if json_output:
+        print_json(result)
+        return
+    size, ranks, scores = result["size_bytes"], result["rank"], result["scores"]
+    typer.echo(f"size:  {human_size(size['before'])} -> {human_size(size['after'])} "
+               f"({size['after'] / size['before']:.0%})")
+    typer.echo(f"rank:  {ranks['before']} -> {ranks['after']}" + (f", stored as {dtype}" if dtype else ""))
+    if scores["after"]:
+        typer.echo(f"held-out: {_scores_text(scores['before'])} -> {_scores_text(scores['after'])}")
+    else:
+        info("note: no held-out data to score on (pass --eval-file)")
+    info(f"saved {result['path']}")
 
 
 app.command("export")(export_cmd.export)

@@ -34,7 +34,7 @@ def model_rows(catalogue: ModelCatalogue) -> list[dict]:
             "family": resolved.family, "available": resolved.available,
             "path": str(resolved.path) if resolved.path else None,
             "origin": catalogue.origin[alias], "description": entry.get("description"),
-            "qlora_estimate_gb": qlora_estimate_gb(resolved),
+            "quantization": resolved.quantization, "qlora_estimate_gb": qlora_estimate_gb(resolved),
         })
     return rows
 
@@ -51,9 +51,10 @@ def list_models(
         print_json(rows)
         return
     print_table(
-        [[r["alias"], r["source"], r["family"] or "?", "yes" if r["available"] else "no", r["origin"],
+        [[r["alias"], r["source"], r["family"] or "?", "yes" if r["available"] else "no",
+          r["quantization"]["label"] if r["quantization"] else "", r["origin"],
           f"{r['qlora_estimate_gb']:.1f} GB" if r["qlora_estimate_gb"] is not None else "?"] for r in rows],
-        ["alias", "source", "family", "local", "from", "QLoRA est."],
+        ["alias", "source", "family", "local", "quantized", "from", "QLoRA est."],
     )
     info("QLoRA est.: peak GPU memory to train with the defaults (4-bit, r=16, micro-batch 2, 512 tokens); "
          "lqmf plan MODEL for other settings")

@@ -445,7 +445,8 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         lora_r=config.lora_r,
         target_modules=tuple(targets) if targets else None,
         lora_dropout=config.lora_dropout,
-        quantize_4bit=config.use_4bit_quantization if quantize_4bit is None else quantize_4bit,
+        quantize_4bit=model.prequantized_4bit  # weights saved in 4-bit count as 4-bit whatever is asked
+        or (config.use_4bit_quantization if quantize_4bit is None else quantize_4bit),
         gradient_checkpointing=config.use_gradient_checkpointing,
         task="classification" if config.task_type == "classification" else "causal",
         num_labels=num_labels,

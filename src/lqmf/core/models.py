@@ -50,6 +50,41 @@ class ResolvedModel:
     def display_name(self) -> str:
         return self.alias or (self.path.name if self.path is not None else self.source)
 
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """How the saved weights are quantized (config.json's quantization_config), None when they are not."""
+        return quantization_of(self.config)
+
+    @property
+    def prequantized_4bit(self) -> bool:
+        quant = self.quantization
+        return bool(quant and quant["bits"] == 4)
+
+
+# Pre-quantized formats: quant_method -> (module transformers needs, what to pip install).
+QUANT_LOADERS = {
+    "bitsandbytes": ("bitsandbytes", "bitsandbytes"),
+    "gptq": ("gptqmodel", "gptqmodel optimum"),
+    "awq": ("awq", "autoawq"),
+}
+
+
+def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
+    """{method, bits, kind, label} from a model's config.json quantization_config; None when absent."""
+    quant = config.get("quantization_config")
+    if not isinstance(quant, dict):
+        return None
+    method = str(quant.get("quant_method") or "unknown").lower()
+    if method == "bitsandbytes":
+        four = bool(quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
+        bits = 4 if four else 8
+        kind = str(quant.get("bnb_4bit_quant_type") or "nf4") if four else "int8"
+    else:
+        bits = quant.get("bits") or quant.get("w_bit")
+        kind = str(quant.get("version") or quant.get("quant_type") or method)
+    label = f"{method} {bits}-bit" + (f" {kind}" if kind and kind != method else "")
+    return {"method": method, "bits": bits, "kind": kind, "label": label}
+
 
 def load_yaml(text: str) -> Any:
     """yaml.safe_load, through libyaml where PyYAML has it (several times faster: `lqmf models list` reads 3 files)."""

@@ -30,7 +30,7 @@ from lqmf.core.names import validate_name
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.serving import DEFAULT_MODEL
 from lqmf.core.workspace import Workspace
-from lqmf.engine import inference
+from lqmf.engine import combined, inference
 from lqmf.engine.inference import Generation, InferenceModel
 from lqmf.engine.loading import first_line
 
@@ -112,6 +112,7 @@ class ModelHost:
         self.active: str | None = None
         self.free_slot: str | None = None  # weights of an unloaded adapter, kept for the next to swap into
         self._slots = itertools.count()
+        self.combinations = combined.Combinations(self)  # model ids like A+B (engine/combined.py)
 
     @classmethod
     def start(cls, workspace: Workspace, *, base: str | None = None, adapters: list[str] = (), device: str = "auto",
@@ -164,6 +165,8 @@ class ModelHost:
             return None
         if model_id in self.resident:
             return model_id
+        if combined.is_combination(model_id):  # several resident adapters at once (engine/combined.py)
+            return self.combinations.check(model_id)
         known = [DEFAULT_MODEL, self.base_id, *self.resident]
         raise NotFoundError(f"model '{model_id}' is not served here{did_you_mean(model_id, known)}; "
                             f"served: {', '.join(known)}")
@@ -287,6 +290,8 @@ class ModelHost:
     # -- requests (worker thread) -------------------------------------------------------------
 
     def _slot(self, adapter: str | None) -> str | None:
+        if combined.is_combination(adapter):  # built once per combination, on this (the model's) thread
+            return self.combinations.slot(adapter)
         return self.resident[adapter].slot if adapter is not None else None
 
     def complete(self, model_id: str | None, prompt: str | list[dict[str, str]], *, raw: bool = False,

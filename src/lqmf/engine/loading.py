@@ -88,6 +88,27 @@ def four_bit_support(device) -> str | None:
     return None
 
 
+def check_prequantized(resolved: ResolvedModel, device) -> None:
+    """Fail in one line, naming what to install, when a model saved quantized cannot load here."""
+    import importlib.util
+
+    from lqmf.core.models import QUANT_LOADERS
+
+    quant = resolved.quantization
+    if quant is None:
+        return
+    if quant["method"] not in QUANT_LOADERS:
+        raise RuntimeFailure(f"'{resolved.reference}' is saved {quant['label']}, a format LQMF does not load "
+                             f"(it loads {', '.join(QUANT_LOADERS)})")
+    module, package = QUANT_LOADERS[quant["method"]]
+    if importlib.util.find_spec(module) is None:
+        raise RuntimeFailure(f"'{resolved.reference}' is saved {quant['label']}; loading it needs {package}: "
+                             f"pip install {package}")
+    reason = four_bit_support(device) if quant["method"] == "bitsandbytes" else None
+    if reason:
+        raise RuntimeFailure(f"'{resolved.reference}' is saved {quant['label']}, but {reason}")
+
+
 def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
@@ -135,7 +156,13 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
     device = select_device(device_preference)
     dtype = getattr(torch, dtype_name) if dtype_name else compute_dtype(device)
     notes: list[str] = []
-    if quantize_4bit:
+    saved_quant = resolved.quantization
+    if saved_quant is not None:  # weights saved quantized load as saved, whatever was asked
+        check_prequantized(resolved, device)
+        if not quantize_4bit and saved_quant["bits"] == 4:
+            notes.append(f"'{resolved.reference}' is saved {saved_quant['label']}: loading it 4-bit as saved")
+        quantize_4bit = saved_quant["bits"] == 4
+    elif quantize_4bit:
         reason = four_bit_support(device)
         if reason:
             notes.append(f"4-bit quantization off: {reason}")
@@ -145,7 +172,9 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
     phase(f"loading base model {resolved.reference} on {device.type}"
           + (" (quantizing to 4-bit NF4)" if quantize_4bit else f" ({str(dtype).replace('torch.', '')})"))
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if quantize_4bit:
+    if saved_quant is not None:
+        kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}
+    elif quantize_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=[*CLASSIFIER_HEADS, "lm_head"],
@@ -168,7 +197,7 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
-    if not quantize_4bit:
+    if "device_map" not in kwargs:
         model.to(device)
     if not training:
         model.eval()

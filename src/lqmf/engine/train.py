@@ -248,28 +248,40 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
 # ----------------------------------------------------------------------------- model
 
 
-def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str,
-                sharded: bool = False) -> LoadedModel:
-    """The base loaded for training and wrapped with a fresh LoRA adapter; sharded: set up for FSDP
-    (4-bit storage in the compute dtype, PEFT's own LoRA forward)."""
+def load_base(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str,
+              sharded: bool = False) -> LoadedModel:
+    """The base model as training loads it (4-bit if asked and possible), not yet wrapped with LoRA;
+    sharded: 4-bit storage in the compute dtype, as FSDP needs."""
     quiet_libraries()
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-
     device = select_device(config.device)
     storage = quant_storage_for(config.bnb_4bit_quant_storage, sharded,
                                 str(compute_dtype(device)).replace("torch.", ""))
     loaded = load_model(model_ref, task=task, device_preference=config.device,
                         quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
                         tokenizer=prepared.tokenizer, quant_storage=storage)
-    model = loaded.model
     if loaded.quantized and loaded.device == "cpu":
         # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
         # in eval mode and never unpacks them for training (its in-place bias add then fails in
         # backward); our per-epoch evaluation would trigger it, so keep the training layout.
-        for module in model.modules():
+        for module in loaded.model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
+    return loaded
+
+
+def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared, task: str,
+                sharded: bool = False, base: LoadedModel | None = None) -> LoadedModel:
+    """Load the base (or take base, already loaded by load_base) and wrap it with a fresh LoRA adapter;
+    sharded: set up for FSDP (4-bit storage in the compute dtype, PEFT's own LoRA forward).
+
+    A caller that passes base gets its model back with `result.model.unload()` (LoRA layers removed).
+    """
+    quiet_libraries()
+    import torch
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    loaded = replace(base) if base is not None else load_base(config, model_ref, prepared, task, sharded)
+    model = loaded.model
     # Unlike peft's prepare_model_for_kbit_training, frozen layers stay in their load dtype (bf16 on
     # GPUs): upcasting embeddings, norms and lm_head to fp32 costs ~0.5 GB on a 7B model and buys
     # nothing under autocast. Trainable parameters (LoRA, classifier heads) are fp32 below.

@@ -1,0 +1,101 @@
+"""Per-request combinations of resident adapters on `lqmf serve`: a request's model may be `A+B`
+(both applied in full) or `A:0.7+B:0.3` (weighted).
+
+The first request for a combination builds it once, exactly (PEFT's add_weighted_adapter with
+`cat`: the weighted sum of the adapters' updates, any ranks), into a slot of its own; later
+requests reuse the slot. A combination is rebuilt when one of its adapters was reloaded, and the
+least recently used is freed beyond MAX_CACHED. Runs on the server's model thread, like every
+call that touches the model.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from lqmf.core.errors import InputError, NotFoundError, did_you_mean
+from lqmf.engine import inference
+
+if TYPE_CHECKING:
+    from lqmf.engine.host import ModelHost
+
+SEPARATOR = "+"
+WEIGHT_MARK = ":"
+MAX_CACHED = 4
+
+
+def is_combination(model_id: str | None) -> bool:
+    return bool(model_id) and SEPARATOR in model_id
+
+
+def parse(model_id: str) -> list[tuple[str, float]]:
+    """'A+B' -> [(A, 1.0), (B, 1.0)]; 'A:0.7+B:0.3' -> [(A, 0.7), (B, 0.3)]."""
+    parts = []
+    for part in model_id.split(SEPARATOR):
+        name, mark, weight = part.strip().partition(WEIGHT_MARK)
+        try:
+            value = float(weight) if mark else 1.0
+        except ValueError:
+            raise InputError(f"model '{model_id}': '{weight}' is not a weight (write A:0.7+B:0.3)") from None
+        if not name:
+            raise InputError(f"model '{model_id}': an adapter name is empty (write A+B or A:0.7+B:0.3)")
+        parts.append((name, value))
+    names = [name for name, _ in parts]
+    if len(set(names)) != len(names):
+        raise InputError(f"model '{model_id}' names an adapter twice")
+    return parts
+
+
+@dataclass
+class Built:
+    slot: str
+    sources: tuple  # the ResidentAdapter records it was built from
+    used: float
+
+
+class Combinations:
+    """The combinations built on one host, by model id."""
+
+    def __init__(self, host: ModelHost):
+        self.host = host
+        self.built: dict[str, Built] = {}
+        self._slots = itertools.count()
+
+    def check(self, model_id: str) -> str:
+        """The model id if every adapter it names is resident and the task allows it (no model work)."""
+        if self.host.model.task == "classification":
+            raise InputError(f"model '{model_id}': classification adapters each carry their own trained head; "
+                             "only text-generation adapters combine")
+        for name, _ in parse(model_id):
+            if name not in self.host.resident:
+                raise NotFoundError(f"model '{model_id}': adapter '{name}' is not resident here"
+                                    f"{did_you_mean(name, self.host.resident)}; load it first")
+        return model_id
+
+    def slot(self, model_id: str) -> str:
+        """The PEFT slot holding the combination (built now if it is new or an adapter was reloaded)."""
+        self.check(model_id)
+        parts = parse(model_id)
+        sources = tuple(self.host.resident[name] for name, _ in parts)
+        cached = self.built.get(model_id)
+        if cached is not None and cached.sources == sources:
+            cached.used = time.monotonic()
+            return cached.slot
+        if cached is not None:
+            self._free(model_id)
+        while len(self.built) >= MAX_CACHED:
+            self._free(min(self.built, key=lambda key: self.built[key].used))
+        slot = f"combo{next(self._slots)}_"
+        model = self.host.model
+        model.model.add_weighted_adapter([s.slot for s in sources], [w for _, w in parts], slot,
+                                         combination_type="cat")
+        model.model.eval()  # the new slot's dropout modules start in training mode
+        model.adapters.append(slot)
+        model.decoder = None  # its graphs hold the old module set
+        self.built[model_id] = Built(slot, sources, time.monotonic())
+        return slot
+
+    def _free(self, model_id: str) -> None:
+        inference.detach_adapter(self.host.model, self.built.pop(model_id).slot)
