@@ -379,7 +379,7 @@ class StaticDecoder:
             for index in range(max_new_tokens):
                 if blocked is not None and index < min_new_tokens:
                     logits = logits.index_fill(-1, blocked, float("-inf"))
-                token = _pick(logits.float(), temperature, top_p, generator)
+                token = pick_token(logits.float(), temperature, top_p, generator)
                 value = int(token)
                 if index == 0:
                     first = time.perf_counter() - started
@@ -409,7 +409,8 @@ def _lora_step_attention_backends(device) -> list | None:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _pick(logits, temperature: float, top_p: float, generator) -> Any:
+def pick_token(logits, temperature: float, top_p: float, generator) -> Any:
+    """The next token from logits: argmax at temperature 0, else sampled (nucleus when top_p < 1)."""
     import torch
 
     if temperature <= 0:
