@@ -30,6 +30,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,10 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
 @contextmanager
-def lqmf_serve(workspace: Path, model: Path, adapters: list[str], extra: list[str], threads: int | None):
-    """`python -m lqmf serve` on a free port; yields (base url, ready record); always stopped."""
+def lqmf_serve(workspace: Path, model: Path, adapters: list[str], extra: list[str], threads: int | None,
+               keep_log: Path | None = None):
+    """`python -m lqmf serve` on a free port; yields (base url, ready record); always stopped (its
+    stderr appended to keep_log)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
     if threads:
@@ -74,6 +77,9 @@ def lqmf_serve(workspace: Path, model: Path, adapters: list[str], extra: list[st
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if keep_log is not None:
+            with open(keep_log, "a") as handle:
+                handle.write(f"$ {' '.join(command)}\n{log.read_text(errors='replace')}\n")
 
 
 def drive(client, models: list[str], clients: int, rounds: int, new_tokens: int, prompt: str = PROMPT
@@ -82,6 +88,7 @@ def drive(client, models: list[str], clients: int, rounds: int, new_tokens: int,
     times: list[float] = []
     tokens: list[int] = []
     errors: list[str] = []
+    texts: dict[str, set[str]] = {}
     lock = threading.Lock()
 
     def worker(index: int) -> None:
@@ -98,6 +105,7 @@ def drive(client, models: list[str], clients: int, rounds: int, new_tokens: int,
             with lock:
                 times.append(time.perf_counter() - started)
                 tokens.append(reply.usage.completion_tokens)
+                texts.setdefault(model, set()).add(reply.choices[0].text)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -110,20 +118,26 @@ def drive(client, models: list[str], clients: int, rounds: int, new_tokens: int,
             "wall_s": round(wall, 3), "completion_tokens": sum(tokens),
             "aggregate_tokens_per_s": round(sum(tokens) / wall, 1),
             "median_request_s": round(statistics.median(times), 3) if times else None,
-            "max_request_s": round(max(times), 3) if times else None}
+            "max_request_s": round(max(times), 3) if times else None,
+            "texts": {model: sorted(answers) for model, answers in texts.items()}}
+
+
+def http_json(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET (or POST body to) url; the JSON answer."""
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())
 
 
 def adapter_loads(url: str, name: str, repeats: int) -> dict[str, Any]:
     """Round trips of loading an adapter into the running server and unloading it."""
-    import httpx
-
     loads = []
-    with httpx.Client(base_url=url, timeout=120) as http:
-        for _ in range(repeats):
-            started = time.perf_counter()
-            body = http.post("/admin/adapters/load", json={"adapter": name, "activate": False}).json()
-            loads.append((time.perf_counter() - started, body.get("swap_ms")))
-            http.post("/admin/adapters/unload", json={"adapter": name})
+    for _ in range(repeats):
+        started = time.perf_counter()
+        body = http_json(url + "/admin/adapters/load", {"adapter": name, "activate": False})
+        loads.append((time.perf_counter() - started, body["swap_ms"]))
+        http_json(url + "/admin/adapters/unload", {"adapter": name})
     return {"round_trip_ms_p50": round(statistics.median(t for t, _ in loads) * 1000, 1),
             "server_ms_p50": round(statistics.median(s for _, s in loads), 1),
             "round_trip_ms_max": round(max(t for t, _ in loads) * 1000, 1), "n": repeats}
@@ -144,9 +158,7 @@ def long_prompt(model: Path, tokens: int) -> str:
 
 
 def health(url: str) -> dict[str, Any]:
-    import httpx
-
-    return httpx.get(url + "/health", timeout=30).json()
+    return http_json(url + "/health")
 
 
 def main() -> None:
@@ -166,6 +178,7 @@ def main() -> None:
     parser.add_argument("--memory-run", type=int, nargs=2, metavar=("SEQUENCES", "TOKENS"))
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (CPU)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--server-log", type=Path, help="append the servers' stderr here")
     args = parser.parse_args()
 
     import openai
@@ -182,7 +195,7 @@ def main() -> None:
                               "model": str(model), "shape": None if args.model else args.shape,
                               "four_bit": args.four_bit, "device": args.device, "new_tokens": args.new_tokens}
     with lqmf_serve(workspace, model, served, [*extra, "--max-batch", str(args.max_batch), "--max-seq-len",
-                                               str(args.max_seq_len)], args.threads) as (url, record):
+                                               str(args.max_seq_len)], args.threads, args.server_log) as (url, record):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         models = [*served, record["base_id"]]
         report["server"] = {k: v for k, v in health(url).items() if k in ("batching", "device", "dtype")}
@@ -192,7 +205,12 @@ def main() -> None:
         for clients in args.clients:
             result = drive(client, models, clients, args.rounds, args.new_tokens)
             report["levels"].append(result)
-            print(json.dumps(result), flush=True)
+            print(json.dumps({k: v for k, v in result.items() if k != "texts"}), flush=True)
+        # greedy answers per model id, whatever the batch: one distinct text each when batching is exact
+        answers = {model: {text for level in report["levels"] for text in level["texts"].get(model, [])}
+                   for model in models}
+        report["distinct_answers_per_model"] = {model: len(texts) for model, texts in answers.items()}
+        print(json.dumps(report["distinct_answers_per_model"]), flush=True)
         if args.sequential:
             concurrent = drive(client, models, args.sequential, 1, args.new_tokens)
             sequential = drive(client, models, 1, args.sequential, args.new_tokens)
@@ -214,7 +232,7 @@ def main() -> None:
         sequences, length = args.memory_run
         prompt = long_prompt(model, length - args.new_tokens)
         with lqmf_serve(workspace, model, served, [*extra, "--max-batch", str(sequences), "--max-seq-len",
-                                                   str(length)], args.threads) as (url, record):
+                                                   str(length)], args.threads, args.server_log) as (url, record):
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
             run = drive(client, [*served, record["base_id"]], sequences, 1, args.new_tokens, prompt)
             report["memory_run"] = {"sequences": sequences, "tokens": length, "load": run,

@@ -27,11 +27,13 @@ Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others 
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger("lqmf.serve")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -108,44 +110,49 @@ class BatchedLoRALinear:
     """A projection for a batch of rows: the base layer once, plus each row's own adapter's product.
 
     Holds the base layer (an nn.Linear or a 4-bit Linear4bit, called as it is) and the stacked LoRA
-    matrices of the adapters that target it. `rows` is the [B] tensor of each row's adapter index
-    (0: none) that the decoder sets before a forward.
+    matrices of the adapters that target it. Projections whose adapters have the same ranks and
+    scalings share one `layout`: a [adapters + 1, sum r] one-hot column table and the [adapters + 1]
+    scalings (row 0: no adapter), from which the decoder selects each row's once per forward pass.
     """
 
     def __init__(self, base):
         self.base = base
         self.stacked_a = None  # [sum r, K]
         self.stacked_b = None  # [N, sum r]
-        self.columns = None  # [adapters + 1, sum r]: 1 on each adapter's rank-space columns
-        self.scales = None  # [adapters + 1]: each adapter's scaling (0 for the base)
+        self.layout: tuple | None = None
 
-    def set_adapters(self, entries: list[AdapterEntry], name: str, device, dtype) -> None:
-        """Stack the weights that entries (index i + 1 each) hold for this projection."""
+    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, tuple]) -> None:
+        """Stack the weights that entries (index i + 1 each) hold for this projection; add its layout's
+        tables to layouts when new."""
         import torch
 
         mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
         if not mine:
-            self.stacked_a = self.stacked_b = self.columns = self.scales = None
+            self.stacked_a = self.stacked_b = self.layout = None
             return
-        total = sum(a.shape[0] for _, (a, _, _) in mine)
         self.stacked_a = torch.cat([a for _, (a, _, _) in mine])
         self.stacked_b = torch.cat([b for _, (_, b, _) in mine], dim=1)
-        self.columns = torch.zeros(len(entries) + 1, total, dtype=dtype, device=device)
-        self.scales = torch.zeros(len(entries) + 1, dtype=dtype, device=device)
-        start = 0
-        for index, (a, _, scaling) in mine:
-            self.columns[index, start:start + a.shape[0]] = 1
-            self.scales[index] = scaling
-            start += a.shape[0]
+        self.layout = (len(entries), tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
+        if self.layout not in layouts:
+            columns = self.stacked_a.new_zeros(len(entries) + 1, self.stacked_a.shape[0])
+            scales = self.stacked_a.new_zeros(len(entries) + 1)
+            start = 0
+            for index, rank, scaling in self.layout[1]:
+                columns[index, start:start + rank] = 1
+                scales[index] = scaling
+                start += rank
+            layouts[self.layout] = (columns, scales)
 
-    def __call__(self, x, rows):
-        """x: [B, T, K]; rows: [B] adapter indices. Returns [B, T, N]."""
+    def __call__(self, x, selected: dict[tuple, tuple]):
+        """x: [B, T, K]; selected: per layout, each row's (columns [B, 1, sum r], scaling [B, 1, 1])."""
+        import torch
+
         out = self.base(x)
         if self.stacked_a is None:
             return out
-        low = (x @ self.stacked_a.t()) * self.columns.index_select(0, rows).unsqueeze(1)
-        delta = (low @ self.stacked_b.t()) * self.scales.index_select(0, rows).view(-1, 1, 1)
-        return out + delta
+        columns, scales = selected[self.layout]
+        low = (x @ self.stacked_a.t()) * columns
+        return torch.addcmul(out, low @ self.stacked_b.t(), scales)
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -202,16 +209,20 @@ class BatchedDecoder:
         self.key_positions = torch.arange(max_len + 1, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
         self.pool = None
+        self.layouts: dict[tuple, tuple] = {}  # a LoRA layout -> (one-hot columns, scalings) per adapter index
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def set_adapters(self, entries: list[AdapterEntry]) -> None:
         """Stack entries' weights into every projection (entry i gets adapter index i + 1); drops graphs."""
+        self.layouts = {}
         for name, projection in self.projections.items():
-            projection.set_adapters(entries, name, self.device, self.dtype)
+            projection.set_adapters(entries, name, self.layouts)
         self.graphs.clear()
+        self.failed.clear()
 
     # -- the forward pass ---------------------------------------------------------------------
 
@@ -222,6 +233,8 @@ class BatchedDecoder:
         cos, sin = model.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         batch, length = ids.shape
+        rows = {layout: (columns.index_select(0, rows).unsqueeze(1), scales.index_select(0, rows).view(-1, 1, 1))
+                for layout, (columns, scales) in self.layouts.items()}
         for index, layer in enumerate(self.layers):
             p = layer.projections
             x = layer.input_norm(hidden)
@@ -295,11 +308,27 @@ class BatchedDecoder:
         self.positions[:batch].copy_(torch.tensor([self.max_len if p is None else p for p in positions]
                                                   + [self.max_len] * pad))
         self.rows[:batch].copy_(torch.tensor(rows + [0] * pad))
-        if not self.use_graphs:
+        graph = self._graph(batch, length) if self.use_graphs else None
+        if graph is None:
             return self._step(batch, length)[:len(tokens)].float()
-        graph = self.graphs.get((batch, length)) or self._capture(batch, length)
         graph[0].replay()
         return graph[1][:len(tokens)].float()
+
+    def _graph(self, batch: int, length: int):
+        """The captured step for (batch, length), capturing it when new; None where capture failed."""
+        import torch
+
+        key = (batch, length)
+        if key in self.graphs or key in self.failed:
+            return self.graphs.get(key)
+        try:
+            return self._capture(batch, length)
+        except RuntimeError:
+            torch.cuda.synchronize(self.device)
+            self.failed.add(key)
+            log.warning("CUDA graph capture failed for batch %d x %d positions: that step runs eagerly",
+                        batch, length, exc_info=True)
+            return None
 
     def _capture(self, batch: int, length: int):
         """Capture the step for (batch, length) after two warm-up steps (they write what the step writes)."""
