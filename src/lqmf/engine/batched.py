@@ -5,8 +5,7 @@ plain linears); the forward pass is ours, so rows at different positions share o
 
   - a static KV cache of `slots` sequences of up to `max_len` tokens; a row's slot is its index in
     the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
-  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`; a 4-bit one by
-    engine/nf4_kernels.py, which reads the packed weight once for all rows), then adds each
+  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each
     row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
     tensor and the B matrices into one [N, sum r] tensor; a row's one-hot column mask keeps its
     adapter's rank-space columns, and its scaling multiplies its delta. Three small ops, whatever
@@ -117,10 +116,7 @@ class BatchedLoRALinear:
     """
 
     def __init__(self, base):
-        from lqmf.engine.nf4_kernels import NF4Weight
-
         self.base = base
-        self.nf4 = NF4Weight.of(base)  # a 4-bit base: one kernel for a few rows (engine/nf4_kernels.py)
         self.stacked_a = None  # [sum r, K]
         self.stacked_b = None  # [N, sum r]
         self.layout: tuple | None = None
@@ -151,7 +147,7 @@ class BatchedLoRALinear:
         """x: [B, T, K]; selected: per layout, each row's (columns [B, 1, sum r], scaling [B, 1, 1])."""
         import torch
 
-        out = self.nf4.matmul(x) if self.nf4 is not None and self.nf4.applies(x) else self.base(x)
+        out = self.base(x)
         if self.stacked_a is None:
             return out
         columns, scales = selected[self.layout]
