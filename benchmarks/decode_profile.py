@@ -151,13 +151,14 @@ def main() -> None:
     from lqmf.core.workspace import Workspace
     from lqmf.engine import inference
     from lqmf.engine.fastgen import adapter_key
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.host import BatchSettings, ModelHost
 
     ensure_model()
     workspace = Workspace(Path(tempfile.mkdtemp(prefix="lqmf-profile-")))
     names = write_adapters(workspace.root, MODEL_DIR, str(MODEL_DIR), 1, 16, ["q_proj", "k_proj", "v_proj", "o_proj"],
                            True)
-    host = ModelHost.start(workspace, base=str(MODEL_DIR), adapters=names, device="cuda", quantize_4bit=True)
+    host = ModelHost.start(workspace, base=str(MODEL_DIR), adapters=names, device="cuda", quantize_4bit=True,
+                           batching=BatchSettings(enabled=False))  # the single-stream decoder on PEFT slots
     model = host.model
     ids = inference.prompt_ids(model, PROMPT)
     results: dict[str, Any] = {}

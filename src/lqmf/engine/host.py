@@ -118,6 +118,7 @@ class BatchSettings:
     max_queue: int | None = None  # default: 4 x max_batch
     max_adapters: int = DEFAULT_MAX_ADAPTERS
     max_memory: int | None = None  # bytes; default: this process's GPU memory plus what is free
+    enabled: bool = True  # False: one request at a time, adapters as PEFT slots (as with LQMF_FAST=0)
 
 
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -172,7 +173,8 @@ class ModelHost:
         """The continuous-batching scheduler, or None where the model cannot run in it."""
         from lqmf.engine import batched
 
-        if not is_generative(self.model.task) or not inference.fast_enabled() or not batched.supports(self.model.model):
+        if (not self.batching.enabled or not is_generative(self.model.task) or not inference.fast_enabled()
+                or not batched.supports(self.model.model)):
             return None
         from lqmf.engine.scheduler import Scheduler
 
