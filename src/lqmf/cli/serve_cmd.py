@@ -47,7 +47,7 @@ def serve(
     max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", min=1,
                                                  help="The longest prompt accepted, in tokens (default: the "
                                                  "model's context length)."),
-    max_batch: int | None = typer.Option(None, "--max-batch", min=1,
+    max_batch: int | None = typer.Option(None, "--max-batch", min=1, max=256,
                                          help="Sequences decoded together (default: what fits --max-memory on a "
                                          "GPU, at most 64; 8 on the CPU)."),
     max_seq_len: int | None = typer.Option(None, "--max-seq-len", min=2,

@@ -72,14 +72,13 @@ class AdapterEntry:
     id: int
     name: str
     path: Path
-    rank: int
     weights: dict[str, tuple[Any, Any, float]]  # projection name -> (A [r, K], B [N, r], scaling)
     retired: bool = False  # unloaded or replaced: freed once no row uses it
     nbytes: int = 0
 
 
-def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> tuple[int, dict[str, tuple]]:
-    """(rank, {projection: (A, B, scaling)}) for the plain LoRA adapter folder at path."""
+def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> dict[str, tuple]:
+    """{projection: (A, B, scaling)} for the plain LoRA adapter folder at path."""
     from safetensors.torch import load_file
 
     config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
@@ -103,7 +102,7 @@ def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> tupl
         if set(pair) != {"A", "B"}:
             raise UnsupportedAdapter(f"{path}: {module} lacks its lora_A or lora_B weight")
         weights[module] = (pair["A"].contiguous(), pair["B"].contiguous(), scaling)
-    return rank, weights
+    return weights
 
 
 class BatchedLoRALinear:

@@ -233,7 +233,8 @@ class ModelHost:
                  "max_adapters": self.batching.max_adapters if self.scheduler else None,
                  "evictions": self.evictions[-20:], "batching": None}
         if self.scheduler is not None:
-            state["batching"] = {**self.scheduler.load(), "max_seq_len": self.scheduler.decoder.max_len}
+            state["batching"] = {**self.scheduler.load(), **self.scheduler.memory(),
+                                 "max_seq_len": self.scheduler.decoder.max_len}
         if self.model.loaded.device == "cuda":
             import torch
 

@@ -172,6 +172,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     import torch
     from safetensors.torch import load_file
 
+    from lqmf.engine.compat import foreach_copy
     from lqmf.engine.fastgen import lora_layers
 
     if config.rank_pattern or config.alpha_pattern or config.lora_bias:
@@ -189,7 +190,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     # as a strided tensor would send the whole batch down the slow path.
     dense = sorted(name for name, p in live.items() if p.is_contiguous())
     with torch.no_grad():
-        torch._foreach_copy_([live[name] for name in dense], [state[name] for name in dense])
+        foreach_copy([live[name] for name in dense], [state[name] for name in dense])
         for name in set(live) - set(dense):
             live[name].copy_(state[name])
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)

@@ -105,6 +105,12 @@ class Scheduler:
             return {"running": len(self._rows), "waiting": len(self._waiting), "max_batch": self.decoder.slots,
                     "max_queue": self.max_queue}
 
+    def memory(self) -> dict[str, float]:
+        """GiB held by the KV cache and by the adapters' stacked weights (retired ones still in use included)."""
+        entries = list(self.entries.values())
+        return {"kv_cache_gb": self.decoder.kv_bytes() / 2**30,
+                "adapters_gb": sum(entry.nbytes for entry in entries) / 2**30}
+
     def submit(self, request: BatchRequest) -> BatchRequest:
         """Queue request (FIFO); Busy when the queue is full."""
         if len(request.ids) + request.max_new_tokens > self.decoder.max_len:
@@ -130,9 +136,9 @@ class Scheduler:
         """Read the adapter at path into a new entry (on the loop thread); it serves new requests at once."""
 
         def add() -> AdapterEntry:
-            rank, weights = read_adapter(path, self.decoder.projections, self.decoder.device, self.decoder.dtype)
+            weights = read_adapter(path, self.decoder.projections, self.decoder.device, self.decoder.dtype)
             size = sum(t.numel() * t.element_size() for a, b, _ in weights.values() for t in (a, b))
-            entry = AdapterEntry(next(self._ids), name, path, rank, weights, nbytes=size)
+            entry = AdapterEntry(next(self._ids), name, path, weights, nbytes=size)
             self.entries[entry.id] = entry
             self._restack()
             return entry
