@@ -255,9 +255,12 @@ class ModelHost:
             return None
         if model_id in self.resident:
             return model_id
-        if load and self.scheduler is not None and model_id not in (DEFAULT_MODEL, self.base_id):
-            with contextlib.suppress(NotFoundError, InputError):
+        if load and self.scheduler is not None:
+            try:
                 _entry(self.workspace, model_id, self.operator_paths)
+            except (NotFoundError, InputError):
+                pass  # not an adapter that could be loaded: say what is served
+            else:
                 self.load(model_id, activate=False)
                 return model_id
         known = [DEFAULT_MODEL, self.base_id, *self.resident]
