@@ -175,7 +175,7 @@ def test_full_queue_is_refused_and_a_cancelled_request_frees_its_row(trained_wor
         waiter.join(60)
         assert outcomes["long"].finish_reason == "cancelled" and outcomes["long"].new_tokens < 200
         assert outcomes["waiting"].new_tokens == NEW
-        assert host.scheduler.load() == {"running": 0, "waiting": 0, "max_batch": 1, "max_queue": 1}
+        assert {k: host.scheduler.load()[k] for k in ("running", "waiting")} == {"running": 0, "waiting": 0}
     finally:
         host.close()
 
@@ -187,3 +187,57 @@ def test_lqmf_fast_0_serves_with_stock_peft_and_generate_alike(trained_workspace
     for model_id in ("chat-a", "instr-b", "default", host.base_id):
         for prompt in PROMPTS[:3]:
             assert ask(stock, model_id, prompt).text == ask(host, model_id, prompt).text, (model_id, prompt)
+
+
+def test_full_server_answers_429_with_retry_after(trained_workspace):
+    from fastapi.testclient import TestClient
+
+    from lqmf.engine.server import create_app
+
+    host = ModelHost.start(Workspace(trained_workspace), adapters=["chat-a"],
+                           batching=BatchSettings(max_batch=1, max_queue=1))
+    body = {"model": "chat-a", "prompt": PROMPTS[0], "max_tokens": 200, "min_tokens": 200}
+    try:
+        with TestClient(create_app(host)) as http:
+            answers: list = []
+            threads = [threading.Thread(target=lambda: answers.append(http.post("/v1/completions", json=body)))
+                       for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while sum(host.scheduler.load()[k] for k in ("running", "waiting")) < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused = http.post("/v1/completions", json=body)
+            for thread in threads:
+                thread.join(120)
+        assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+        assert refused.json()["error"]["code"] == "server_busy"
+        assert [a.status_code for a in answers] == [200, 200]
+        assert all(a.json()["usage"]["completion_tokens"] == 200 for a in answers)
+    finally:
+        host.close()
+
+
+def test_a_client_that_hangs_up_frees_its_row(adapters_workspace):
+    """A real `lqmf serve`: a streaming client leaves after a few chunks of a 900-token answer; its row
+    leaves the batch at once instead of generating the rest."""
+    import httpx
+
+    from tests.serve_util import running_server
+
+    body = {"model": "chat-a", "prompt": PROMPTS[0], "max_tokens": 900, "min_tokens": 900, "stream": True}
+    with running_server(adapters_workspace, "--adapter", "chat-a", "--max-new-tokens", "900") as server:
+        def state() -> dict:
+            return httpx.get(server.url + "/health", timeout=30).json()["batching"]
+
+        before = state()["tokens_generated"]
+        with httpx.Client(timeout=60) as http, http.stream("POST", server.url + "/v1/completions",
+                                                           json=body) as response:
+            chunks = (line for line in response.iter_lines() if line.startswith("data: "))
+            assert len([next(chunks) for _ in range(3)]) == 3
+        deadline = time.monotonic() + 30
+        while state()["running"]:
+            assert time.monotonic() < deadline, "the row of a client that left is still generating"
+            time.sleep(0.05)
+        assert state()["tokens_generated"] - before < 900

@@ -91,6 +91,7 @@ class Scheduler:
         self._stopping = False
         self._durations: collections.deque[float] = collections.deque(maxlen=64)
         self.steps = 0
+        self.tokens_generated = 0
         self._thread = threading.Thread(target=self._run, name="lqmf-batch", daemon=True)
         self._thread.start()
 
@@ -103,7 +104,7 @@ class Scheduler:
     def load(self) -> dict[str, int]:
         with self._wake:
             return {"running": len(self._rows), "waiting": len(self._waiting), "max_batch": self.decoder.slots,
-                    "max_queue": self.max_queue}
+                    "max_queue": self.max_queue, "tokens_generated": self.tokens_generated}
 
     def memory(self) -> dict[str, float]:
         """GiB held by the KV cache and by the adapters' stacked weights (retired ones still in use included)."""
@@ -281,6 +282,7 @@ class Scheduler:
         request = row.request
         row.last = token
         row.generated += 1
+        self.tokens_generated += 1
         request.tokens.put(token)
         if token in request.eos_ids or row.generated >= request.max_new_tokens:
             self._finish(row.slot)
