@@ -20,6 +20,7 @@ CLASSIFIER_HEADS = ["classifier", "score"]
 QUIET_WARNINGS = (
     (FutureWarning, r"`(gradient_checkpointing_enable|is_gradient_checkpointing)` is deprecated"),
     (UserWarning, r"Input type into Linear4bit is torch\.float(16|32), but bnb_4bit_compute_dtype"),
+    (UserWarning, r"Adapter \S+ was active which is now deleted"),  # the host freeing one of its PEFT slots
 )
 
 
