@@ -119,20 +119,20 @@ def lean_vs_peft(model, decoder) -> dict[str, Any]:
     """One eager decode step with the lean LoRA forward and with PEFT's own: how far their logits are apart."""
     import torch
 
-    from lqmf.engine.fastgen import adapter_key
+    from lqmf.engine.compat import set_forward
+    from lqmf.engine.fastgen import adapter_key, lean_state
 
     key = adapter_key(decoder.lora_layers)
     with torch.inference_mode():
         with cache_kept(decoder):
             lean = decoder._step(key).float()
-        for layer in decoder.lora_layers:
-            layer.forward, layer.lean_forward = layer._peft_forward, layer.forward
+        leans = [set_forward(layer, lean_state(layer).peft_forward) for layer in decoder.lora_layers]
         try:
             with cache_kept(decoder):
                 reference = decoder._step(key).float()
         finally:
-            for layer in decoder.lora_layers:
-                layer.forward = layer.__dict__.pop("lean_forward")
+            for layer, lean in zip(decoder.lora_layers, leans, strict=True):
+                set_forward(layer, lean)
     return {"max_abs_logit_diff": round(float((lean - reference).abs().max()), 5),
             "logit_scale": round(float(reference.abs().max()), 3),
             "same_argmax": bool(lean.argmax() == reference.argmax())}
@@ -150,14 +150,16 @@ def main() -> None:
     args = parser.parse_args()
     from lqmf.core.workspace import Workspace
     from lqmf.engine import inference
-    from lqmf.engine.fastgen import adapter_key
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.compat import set_forward
+    from lqmf.engine.fastgen import adapter_key, lean_state
+    from lqmf.engine.host import BatchSettings, ModelHost
 
     ensure_model()
     workspace = Workspace(Path(tempfile.mkdtemp(prefix="lqmf-profile-")))
     names = write_adapters(workspace.root, MODEL_DIR, str(MODEL_DIR), 1, 16, ["q_proj", "k_proj", "v_proj", "o_proj"],
                            True)
-    host = ModelHost.start(workspace, base=str(MODEL_DIR), adapters=names, device="cuda", quantize_4bit=True)
+    host = ModelHost.start(workspace, base=str(MODEL_DIR), adapters=names, device="cuda", quantize_4bit=True,
+                           batching=BatchSettings(enabled=False))  # the single-stream decoder on PEFT slots
     model = host.model
     ids = inference.prompt_ids(model, PROMPT)
     results: dict[str, Any] = {}
@@ -169,13 +171,11 @@ def main() -> None:
         model.decoder = None
         inference.generate(model, ids, max_new_tokens=4)  # builds the decoder (and lean layers)
         for layer in model.decoder.lora_layers:
-            side_stream = side_stream or layer.__dict__.get("_side_stream")
-            if setup["side"]:
-                layer._side_stream = side_stream
-            else:
-                layer.__dict__.pop("_side_stream", None)
+            state = lean_state(layer)
+            side_stream = side_stream or state.side_stream
+            state.side_stream = side_stream if setup["side"] else None
             if variant == "peft":
-                layer.forward = layer._peft_forward
+                set_forward(layer, state.peft_forward)
         if setup["attention"] != "default":
             model.decoder.lora_attention_backends = setup["attention"]
         model.decoder.graphs.clear()

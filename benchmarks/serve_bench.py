@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from lqmf.core.models import ModelCatalogue
     from lqmf.core.workspace import Workspace
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.host import BatchSettings, ModelHost
     from lqmf.engine.loading import quiet_libraries, select_device
 
     quiet_libraries()
@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     prepared_s = time.perf_counter() - started
     started = time.perf_counter()
     host = ModelHost.start(workspace, base=reference, adapters=[names[0]], device=args.device,
-                           quantize_4bit=args.four_bit)
+                           quantize_4bit=args.four_bit, batching=BatchSettings(enabled=False))  # PEFT slots
     load_s = time.perf_counter() - started
     bench = Bench(host, device)
     adapter_bytes = (workspace.adapters_dir / names[0] / "adapter_model.safetensors").stat().st_size

@@ -10,7 +10,7 @@ import pytest
 
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
-from lqmf.engine.fastgen import StaticDecoder, adapter_key, cache_size_for
+from lqmf.engine.fastgen import StaticDecoder, adapter_key, cache_size_for, lean_state, uses_lean_forward
 
 NEW = 12
 
@@ -38,10 +38,10 @@ def test_static_decoding_matches_generate(models):
         got = greedy(fast, ids)
         assert (got.text, got.new_tokens, got.finish_reason) == (expected.text, NEW, "length")
     assert isinstance(fast.decoder, StaticDecoder) and fast.decoder.max_cache_len == 256
-    assert "_peft_forward" in vars(next(m for m in fast.model.modules() if hasattr(m, "lora_A")))
+    assert uses_lean_forward(next(m for m in fast.model.modules() if hasattr(m, "lora_A")))
     # q/k/v's adapter weights are views into one stacked A and one block-diagonal B
     attention = fast.model.base_model.model.model.layers[0].self_attn
-    stacked_a, block_b, spans = attention.q_proj._fused[fast.adapters[0]]
+    stacked_a, block_b, spans = lean_state(attention.q_proj).fused[fast.adapters[0]]
     assert [member for member, _, _ in spans] == [attention.q_proj, attention.k_proj, attention.v_proj]
     v_b = attention.v_proj.lora_B[fast.adapters[0]].weight
     assert v_b.untyped_storage().data_ptr() == block_b.untyped_storage().data_ptr()
@@ -119,8 +119,8 @@ def test_lean_lora_trains_like_peft():
         torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)
     # q_proj computed k_proj's and v_proj's products for them, and both used them
     attention = lean_model.base_model.model.model.layers[0].self_attn
-    assert attention.q_proj._followers == [attention.k_proj, attention.v_proj]
-    assert not any("_pending" in vars(module) for module in lean_model.modules())
+    assert lean_state(attention.q_proj).followers == [attention.k_proj, attention.v_proj]
+    assert not any(lean_state(module).pending for module in lean_model.modules() if uses_lean_forward(module))
 
 
 def test_lean_inference_matches_peft(monkeypatch):

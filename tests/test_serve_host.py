@@ -71,10 +71,13 @@ def test_classification_route(cli, adapters_workspace):
         assert mismatch.status_code == 409 and "classification model" in mismatch.json()["error"]["message"]
 
 
-def test_swaps_go_in_place_when_shapes_fit_and_fall_back_when_not(adapters_workspace):
+def test_swaps_go_in_place_when_shapes_fit_and_fall_back_when_not(adapters_workspace, monkeypatch):
+    """One-request-at-a-time serving (LQMF_FAST=0): adapters are PEFT slots, swapped in place."""
+    monkeypatch.setenv("LQMF_FAST", "0")
     derive_adapter(adapters_workspace, "instr-b", "instr-qv", keep=("q_proj", "v_proj"))
     derive_adapter(adapters_workspace, "instr-b", "instr-drop", dropout=0.2)
     host = ModelHost.start(Workspace(adapters_workspace), adapters=["chat-a"])
+    assert host.scheduler is None
     result = host.switch("instr-drop")  # only the dropout differs, which inference ignores: in place
     assert (result.method, result.previous, result.resident) == ("hotswap", "chat-a", ["instr-drop"])
     assert answer(host, "default") == reference(adapters_workspace, "instr-b")

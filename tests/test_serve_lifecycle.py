@@ -29,7 +29,7 @@ def test_serve_a_base_and_an_operator_folder_then_stop_cleanly(adapters_workspac
             assert mine[0] == "mine"
             assert notify_server(ws, "unload", None)["resident"] == []
             assert ask("default")[0] == "tiny-llama"
-            assert notify_server(ws, "load", "chat-a")["method"] == "hotswap"  # into the freed weights
+            assert notify_server(ws, "load", "chat-a")["method"] == "load"
             assert ask("chat-a")[1] == mine[1]  # the same weights, from the registry this time
             assert notify_server(ws, "load", "mine")["method"] == "load"  # the operator's folder stays allowed
             assert ask("mine") == mine

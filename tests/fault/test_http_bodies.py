@@ -34,7 +34,7 @@ BODIES = [
     ("chat-penalty", CHAT, {"messages": HELLO, "presence_penalty": 1}, 400),
     ("chat-stream-text", CHAT, {"messages": HELLO, "stream": "yes please"}, 400),
     ("chat-unknown-model", CHAT, {"messages": HELLO, "model": "nobody"}, 404),
-    ("chat-corrupt-model", CHAT, {"messages": HELLO, "model": "bad"}, 404),
+    ("chat-corrupt-model", CHAT, {"messages": HELLO, "model": "bad"}, 400),  # loaded on request: refused
     ("chat-model-path", CHAT, {"messages": HELLO, "model": "../good"}, 404),
     ("complete-no-prompt", COMPLETE, {"model": "good"}, 400),
     ("complete-empty-list", COMPLETE, {"prompt": []}, 400),

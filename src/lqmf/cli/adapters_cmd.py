@@ -158,7 +158,9 @@ def _tell_server(ctx: typer.Context, action: str, name: str | None, server: str 
 def _server_line(result: dict | None) -> str:
     if result is None:
         return ""
-    return f"; server {result['server']}: {result['method']} in {result['swap_ms']:.1f} ms"
+    evicted = result.get("evicted") or []
+    return (f"; server {result['server']}: {result['method']} in {result['swap_ms']:.1f} ms"
+            + (f"; evicted {', '.join(evicted)} (no longer resident)" if evicted else ""))
 
 
 def _activate(ctx: typer.Context, action: str, name: str, server: str | None, json_output: bool,

@@ -23,8 +23,10 @@ from lqmf.core.memory_plan import (
     fit_strategies,
     largest_micro_batch,
     largest_seq_len,
+    largest_serving_batch,
     parse_size,
     require_shape,
+    serving_estimate,
     settings_for,
     what_would_fit,
 )
@@ -131,6 +133,11 @@ def plan(
     gpus: int = typer.Option(1, "--gpus", help="Plan per GPU for a run on this many GPUs (lqmf train --gpus)."),
     strategy: str | None = typer.Option(None, "--strategy", help="With --gpus: ddp, fsdp or auto (default: "
                                         "the config's, else auto: ddp when it fits each GPU)."),
+    serve_batch: int | None = typer.Option(None, "--serve-batch", min=1,
+                                           help="Serving estimate for this many concurrent sequences (default: "
+                                           "the most that fit)."),
+    serve_seq_len: int = typer.Option(1024, "--serve-seq-len", min=1,
+                                      help="Tokens per sequence (prompt + answer) for the serving estimate."),
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -185,12 +192,23 @@ def plan(
                                 if not report["largest_micro_batch"] else [])
     if strategies:
         report["gpus"], report["strategies"] = gpus, strategies
+    report["serving"] = _serving(shape, settings, budget, serve_batch, serve_seq_len)
     if json_output:
         print_json(report)
     else:
         _print_report(report, shape, settings, budget_text)
     if not report["largest_micro_batch"]:
         raise typer.Exit(RuntimeFailure.exit_code)
+
+
+def _serving(shape: ModelShape, settings: TrainSettings, budget: int, sequences: int | None,
+             seq_len: int) -> dict[str, Any]:
+    """The serving estimate: weights, one adapter of the plan's rank, and the KV cache of the sequences."""
+    options = {"seq_len": seq_len, "quantize_4bit": settings.quantize_4bit, "device": settings.device,
+               "lora_r": settings.lora_r, "target_modules": settings.target_modules}
+    largest = largest_serving_batch(shape, budget, **options)
+    result = serving_estimate(shape, sequences=sequences or max(largest, 1), **options)
+    return {**result.to_dict(), "largest_batch": largest, "fits": result.total <= budget}
 
 
 def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSettings, budget_text: str) -> None:
@@ -224,6 +242,11 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
             str(Alternative(alt["changes"], int(alt["total_gb"] * GiB))) for alt in report["would_fit_with"]))
     elif not micro:
         typer.echo(f"no single change makes it fit in {budget_text}: use a smaller model or a larger GPU")
+    serving = report["serving"]
+    typer.echo(f"serving (lqmf serve): {serving['sequences']} sequences x {serving['seq_len']} tokens ~"
+               f"{serving['total']:.2f} GB (weights {serving['weights']:.2f}, adapters {serving['adapters']:.2f}, "
+               f"KV cache {serving['kv_cache']:.2f}, working {serving['working']:.2f}); "
+               f"at most {serving['largest_batch']} sequences fit the budget (lqmf serve --max-batch)")
 
 
 def _print_strategies(gpus: int, strategies: dict[str, Any]) -> None:

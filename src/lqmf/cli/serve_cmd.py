@@ -12,6 +12,7 @@ from lqmf.cli.output import info, print_json
 from lqmf.cli.phases import importing, show_phases
 from lqmf.core.errors import InputError
 from lqmf.core.manifest import now_iso
+from lqmf.core.memory_plan import parse_size
 from lqmf.core.registry import Registry
 from lqmf.core.serving import (
     API_KEY_ENV,
@@ -62,6 +63,21 @@ def serve(
     max_prompt_tokens: int | None = typer.Option(None, "--max-prompt-tokens", min=1,
                                                  help="The longest prompt accepted, in tokens (default: the "
                                                  "model's context length)."),
+    max_batch: int | None = typer.Option(None, "--max-batch", min=1, max=256,
+                                         help="Sequences decoded together (default: what fits --max-memory on a "
+                                         "GPU, at most 64; 8 on the CPU)."),
+    max_seq_len: int | None = typer.Option(None, "--max-seq-len", min=2,
+                                           help="Tokens one sequence may hold, prompt and answer (default: the "
+                                           "model's context, at most 2048)."),
+    max_queue: int | None = typer.Option(None, "--max-queue", min=0,
+                                         help="Requests that may wait for a free sequence before the server "
+                                         "answers 429 (default: 4 x --max-batch)."),
+    max_adapters: int = typer.Option(8, "--max-adapters", min=1,
+                                     help="Adapters resident at once; loading another evicts the least recently "
+                                     "used (and says so)."),
+    max_memory: str | None = typer.Option(None, "--max-memory",
+                                          help="GPU memory budget for weights, adapters and KV cache, e.g. 8GB "
+                                          "(default: the free memory)."),
     log_level: str = typer.Option("info", "--log-level", help="critical | error | warning | info | debug"),
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
@@ -83,6 +99,11 @@ def serve(
                              "or make one active with `lqmf adapters load NAME`")
         info(f"serving the active adapter '{active}' on its base model (give --model or --adapter to choose)")
         adapters = [active]
+    if max_memory:
+        try:
+            parse_size(max_memory)
+        except ValueError as err:
+            raise InputError(f"--max-memory: {err}") from None
     if log_level not in LOG_LEVELS:
         raise InputError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     if not _is_loopback(host) and not api_key:
@@ -95,15 +116,18 @@ def serve(
     except ImportError as err:
         raise InputError(f"lqmf serve needs FastAPI and uvicorn ({err.name} is missing): "
                          "pip install 'lqmf[serve]'") from None
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.host import BatchSettings, ModelHost
 
     sock = server_mod.bind_socket(host, port)
     try:
         bound_port = sock.getsockname()[1]
         url = server_url(host, bound_port)
         info(f"loading {model or adapters[0]} ...")
+        batching = BatchSettings(max_batch, max_seq_len, max_queue, max_adapters,
+                                 parse_size(max_memory) if max_memory else None)
         model_host = ModelHost.start(ws, base=model, adapters=adapters, device=device, quantize_4bit=four_bit,
-                                     max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+                                     max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
+                                     batching=batching)
         base = model_host.model.base
         for line in quantization_warnings(_manifests(registry, model_host.resident), model_host.model.loaded.quantized):
             info(line)
@@ -124,9 +148,17 @@ def serve(
             info(f"serving {model_host.base_id} on {model_host.model.loaded.device}"
                  f"{' with ' + resident if resident else ''} at {url}; model ids: {DEFAULT_MODEL}, "
                  f"{model_host.base_id}{', ' + ', '.join(model_host.resident) if resident else ''}. Ctrl-C stops it.")
+            batching = model_host.describe()["batching"]
+            info(f"continuous batching: up to {batching['max_batch']} sequences of {batching['max_seq_len']} tokens, "
+                 f"{batching['max_queue']} more waiting" if batching else
+                 "one request at a time (LQMF_FAST=0, a classification model, or a model the batched decoder "
+                 "does not run)")
 
         app = server_mod.create_app(model_host, api_key=api_key, on_ready=ready, on_stop=lambda: unregister_server(ws))
-        server_mod.run_server(app, sock, log_level)
+        try:
+            server_mod.run_server(app, sock, log_level)
+        finally:
+            model_host.close()
     finally:
         unregister_server(ws)
         sock.close()

@@ -42,7 +42,8 @@ def running_servers(ws: Workspace) -> list[dict[str, Any]]:
         try:
             state = call_server(record["url"], "GET", "/admin/adapters", api_key=os.environ.get(API_KEY_ENV),
                                 timeout=2.0)
-            entry.update(active=state.get("active"), adapters=state.get("resident"), device=state.get("device"))
+            entry.update(active=state.get("active"), adapters=state.get("resident"), device=state.get("device"),
+                         evictions=state.get("evictions") or [], batching=state.get("batching"))
         except LqmfError as err:
             entry["error"] = err.message
         servers.append(entry)
@@ -114,6 +115,8 @@ def _print_status(report: dict[str, Any]) -> None:
         held = ", ".join(server.get("adapters") or []) or "no adapters"
         state = f"error: {server['error']}" if "error" in server else f"active {server.get('active') or 'none'}"
         typer.echo(f"serving: {server['base']} at {server['url']} (pid {server['pid']}): {held}; {state}")
+        for eviction in server.get("evictions") or []:
+            typer.echo(f"  evicted {eviction['adapter']}: {eviction['reason']}")
 
 
 def _gb(value: float | None) -> str:

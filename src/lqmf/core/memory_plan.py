@@ -405,6 +405,67 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     )
 
 
+# ----------------------------------------------------------------------------- serving
+
+# engine/scheduler.py prefills a long prompt this many tokens at a time.
+PREFILL_CHUNK_TOKENS = 512
+MAX_SERVING_BATCH = 256
+
+
+@dataclass
+class ServingEstimate:
+    """Memory of `lqmf serve` with continuous batching, in bytes: the base, resident adapters, the KV
+    cache of `sequences` sequences of `seq_len` tokens, and the largest step's working set."""
+
+    sequences: int
+    seq_len: int
+    weights: int
+    adapters: int
+    kv_cache: int
+    working: int
+    allocator_slack: int
+    cuda_context: int
+    total: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: (value if key in ("sequences", "seq_len") else round(value / GiB, 4))
+                for key, value in asdict(self).items()}
+
+
+def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantize_4bit: bool, device: str,
+                     adapters: int = 1, lora_r: int = 16, target_modules: tuple[str, ...] | None = None
+                     ) -> ServingEstimate:
+    """What serving shape needs for `sequences` sequences of up to `seq_len` tokens each (engine/batched.py):
+
+    weights (4-bit block linears or not) + adapters (r x (in + out) per targeted linear, compute
+    dtype) + KV cache (keys and values, every layer, seq_len + 1 positions per sequence) + the
+    larger of a decode step (bitsandbytes' dequantized weight, the MLP's inner tensors, fp32
+    logits for every row) and a prefill chunk (its fp32 attention scores and MLP tensors).
+    """
+    c = 2 if device == "cuda" else 4
+    quantized = shape.layers * shape.block_linear_params if quantize_4bit else 0
+    weights = int(quantized * NF4_BYTES_PER_PARAM) + (shape.parameters - quantized) * c
+    lora = _lora_targets(shape, target_modules)
+    adapter_bytes = adapters * shape.layers * sum(lora_r * (lin.in_features + lin.out_features)
+                                                  for lin in lora.values()) * c
+    kv = 2 * shape.layers * shape.kv_width * (seq_len + 1) * sequences * c
+    dequantized = max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c
+    decode = sequences * (3 * shape.intermediate * c + shape.vocab * (c + 4))
+    chunk = min(PREFILL_CHUNK_TOKENS, seq_len)
+    prefill = shape.heads * chunk * seq_len * 4 * 2 + chunk * 3 * shape.intermediate * c + shape.vocab * (c + 4)
+    working = max(decode, prefill) + (dequantized if quantize_4bit else 0)
+    peak = weights + adapter_bytes + kv + working
+    slack = int(ALLOCATOR_SLACK * peak) if device == "cuda" else 0
+    context = CUDA_CONTEXT_BYTES if device == "cuda" else 0
+    return ServingEstimate(sequences, seq_len, weights, adapter_bytes, kv, working, slack, context,
+                           peak + slack + context)
+
+
+def largest_serving_batch(shape: ModelShape, budget: float, **options: Any) -> int:
+    """The most sequences (at most MAX_SERVING_BATCH) whose serving estimate fits budget bytes; 0 if none."""
+    return _largest(lambda n: serving_estimate(shape, sequences=n, **options).total <= budget, 1, MAX_SERVING_BATCH)
+
+
 # ----------------------------------------------------------------------------- models and configs
 
 BUILTIN_SHAPES = Path(__file__).with_name("builtin_shapes.yaml")

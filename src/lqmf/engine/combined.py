@@ -1,11 +1,12 @@
 """Per-request combinations of resident adapters on `lqmf serve`: a request's model may be `A+B`
 (both applied in full) or `A:0.7+B:0.3` (weighted).
 
-The first request for a combination builds it once, exactly (PEFT's add_weighted_adapter with
-`cat`: the weighted sum of the adapters' updates, any ranks), into a slot of its own; later
-requests reuse the slot. A combination is rebuilt when one of its adapters was reloaded, and the
-least recently used is freed beyond MAX_CACHED. Runs on the server's model thread, like every
-call that touches the model.
+The first request for a combination builds it once, exactly (the weighted sum of the adapters'
+updates, any ranks: PEFT's add_weighted_adapter with `cat`), and later requests reuse it: with
+continuous batching, an adapter entry of the scheduler whose A matrices are the adapters' A's
+stacked and whose B's carry each adapter's weight and scaling (so its rows batch with any other);
+one request at a time, a PEFT slot of its own. A combination is rebuilt when one of its adapters
+was reloaded, and the least recently used is freed beyond MAX_CACHED.
 """
 
 from __future__ import annotations
@@ -30,6 +31,27 @@ def is_combination(model_id: str | None) -> bool:
     return bool(model_id) and SEPARATOR in model_id
 
 
+def names(model_id: str | None) -> list[str]:
+    """The adapters a model id uses: none for the base, one, or a combination's."""
+    if not model_id:
+        return []
+    return [name for name, _ in parse(model_id)] if is_combination(model_id) else [model_id]
+
+
+def stacked_weights(parts: list[tuple[dict[str, tuple], float]]) -> dict[str, tuple]:
+    """{projection: (A, B, 1.0)} applying sum_i weight_i * scaling_i * B_i A_i, from each adapter's
+    {projection: (A, B, scaling)} and its weight."""
+    import torch
+
+    combined: dict[str, tuple] = {}
+    for projection in sorted({name for weights, _ in parts for name in weights}):
+        pieces = [(weights[projection], weight) for weights, weight in parts if projection in weights]
+        a = torch.cat([a for (a, _, _), _ in pieces])
+        b = torch.cat([b * (weight * scaling) for (_, b, scaling), weight in pieces], dim=1)
+        combined[projection] = (a, b, 1.0)
+    return combined
+
+
 def parse(model_id: str) -> list[tuple[str, float]]:
     """'A+B' -> [(A, 1.0), (B, 1.0)]; 'A:0.7+B:0.3' -> [(A, 0.7), (B, 0.3)]."""
     parts = []
@@ -50,9 +72,10 @@ def parse(model_id: str) -> list[tuple[str, float]]:
 
 @dataclass
 class Built:
-    slot: str
+    slot: str | None  # the PEFT slot (one request at a time)
     sources: tuple  # the ResidentAdapter records it was built from
     used: float
+    entry: object = None  # the scheduler's AdapterEntry (continuous batching)
 
 
 class Combinations:
@@ -74,19 +97,36 @@ class Combinations:
                                     f"{did_you_mean(name, self.host.resident)}; load it first")
         return model_id
 
-    def slot(self, model_id: str) -> str:
-        """The PEFT slot holding the combination (built now if it is new or an adapter was reloaded)."""
+    def _cached(self, model_id: str) -> tuple[Built | None, list[tuple[str, float]], tuple]:
+        """(the built combination when still current, its parts, its sources); makes room otherwise."""
         self.check(model_id)
         parts = parse(model_id)
         sources = tuple(self.host.resident[name] for name, _ in parts)
         cached = self.built.get(model_id)
         if cached is not None and cached.sources == sources:
             cached.used = time.monotonic()
-            return cached.slot
+            return cached, parts, sources
         if cached is not None:
             self._free(model_id)
         while len(self.built) >= MAX_CACHED:
             self._free(min(self.built, key=lambda key: self.built[key].used))
+        return None, parts, sources
+
+    def entry(self, model_id: str):
+        """The scheduler entry applying the combination (built now if it is new or an adapter was reloaded)."""
+        cached, parts, sources = self._cached(model_id)
+        if cached is not None:
+            return cached.entry
+        weighted = [(source.entry.weights, weight) for source, (_, weight) in zip(sources, parts, strict=True)]
+        entry = self.host.scheduler.add_adapter(model_id, None, weights=lambda: stacked_weights(weighted))
+        self.built[model_id] = Built(None, sources, time.monotonic(), entry)
+        return entry
+
+    def slot(self, model_id: str) -> str:
+        """The PEFT slot holding the combination (built now if it is new or an adapter was reloaded)."""
+        cached, parts, sources = self._cached(model_id)
+        if cached is not None:
+            return cached.slot
         slot = f"combo{next(self._slots)}_"
         model = self.host.model
         model.model.add_weighted_adapter([s.slot for s in sources], [w for _, w in parts], slot,
@@ -98,4 +138,8 @@ class Combinations:
         return slot
 
     def _free(self, model_id: str) -> None:
-        inference.detach_adapter(self.host.model, self.built.pop(model_id).slot)
+        built = self.built.pop(model_id)
+        if built.entry is not None:
+            self.host.scheduler.retire(built.entry)  # its weights stay until its last request ends
+        else:
+            inference.detach_adapter(self.host.model, built.slot)

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import contextlib
 import time
-import types
+import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from lqmf.engine.compat import bind_forward, tensor_version
 from lqmf.engine.lora_kernels import scaled_product
 
 MIN_CACHE = 256
@@ -53,6 +54,30 @@ def lora_layers(model) -> list:
     return [module for module in model.modules() if isinstance(module, LoraLayer)]
 
 
+@dataclass
+class LeanState:
+    """What the lean forward keeps for one PEFT LoRA layer (beside it, not on it)."""
+
+    peft_forward: Callable[..., Any]  # PEFT's own forward, for what the lean one does not handle
+    side_stream: Any = None  # CUDA stream for the LoRA products while a graph is captured
+    followers: list = field(default_factory=list)  # shared-input siblings this layer computes for
+    fused: dict = field(default_factory=dict)  # adapter -> (stacked A, block-diagonal B, spans)
+    pending: tuple | None = None  # (input, its version, adapters, output) left by the group's leader
+    forked: bool = False  # this step used the side stream
+
+
+_LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PEFT LoRA layer -> LeanState
+
+
+def uses_lean_forward(layer) -> bool:
+    return layer in _LEAN
+
+
+def lean_state(layer) -> LeanState:
+    """The lean forward's state of a layer that `use_lean_lora` prepared."""
+    return _LEAN[layer]
+
+
 # LoRA layers that transformers calls one after another on the same input tensor.
 SHARED_INPUT_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"))
 
@@ -71,13 +96,14 @@ def lean_lora_forward(layer, x, *args, **kwargs):
     """
     import torch
 
+    state = _LEAN[layer]
     if args or kwargs or layer.merged:
-        return layer._peft_forward(x, *args, **kwargs)
+        return state.peft_forward(x, *args, **kwargs)
     if layer.disable_adapters:
         return layer.base_layer(x)
     active = _lean_active(layer, x, training=torch.is_grad_enabled())
     if active is None:
-        return layer._peft_forward(x, *args, **kwargs)
+        return state.peft_forward(x, *args, **kwargs)
     if torch.is_grad_enabled():
         result = layer.base_layer(x)
         for name in active:
@@ -86,15 +112,15 @@ def lean_lora_forward(layer, x, *args, **kwargs):
                                layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
             result = flat.view(result.shape)
         return result
-    pending = layer.__dict__.pop("_pending", None)
-    if pending is not None and pending[0] is x and pending[1] == _version(x) and pending[2] == active:
+    pending, state.pending = state.pending, None
+    if pending is not None and pending[0] is x and pending[1] == tensor_version(x) and pending[2] == active:
         return pending[3]
     rows = x.reshape(-1, x.shape[-1])
-    side = layer.__dict__.get("_side_stream") if x.is_cuda and torch.cuda.is_current_stream_capturing() else None
+    side = state.side_stream if x.is_cuda and torch.cuda.is_current_stream_capturing() else None
     if side is not None:
         side.wait_stream(torch.cuda.current_stream(x.device))
         x.record_stream(side)
-        layer._forked = True
+        state.forked = True
     with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
         products = _group_products(layer, rows, active)
         ready = side.record_event() if side is not None else None
@@ -108,7 +134,7 @@ def lean_lora_forward(layer, x, *args, **kwargs):
         for delta in [delta for _, theirs in products.values() for delta in theirs] + deltas:
             delta.record_stream(main)
     for follower, (names, theirs) in products.items():
-        follower._pending = (x, _version(x), names, _base_plus(follower, x, rows, theirs))
+        _LEAN[follower].pending = (x, tensor_version(x), names, _base_plus(follower, x, rows, theirs))
     if ready is not None:
         flat = result.view(-1, result.shape[-1])
         for delta in deltas:
@@ -147,11 +173,6 @@ def _lean_active(layer, x, training: bool = False) -> list[str] | None:
     return active
 
 
-def _version(tensor) -> int | None:
-    """Its in-place version counter (inference tensors keep none)."""
-    return None if tensor.is_inference() else tensor._version
-
-
 def _group_products(leader, rows, active: list[str]) -> dict:
     """{layer: (its active adapters, their scaled LoRA products)} for leader and the followers it can serve.
 
@@ -159,11 +180,11 @@ def _group_products(leader, rows, active: list[str]) -> dict:
     stacked A and block-diagonal B gives every member's at once.
     """
     members = {leader: active}
-    for follower in leader.__dict__.get("_followers", ()):
+    for follower in _LEAN[leader].followers:
         names = None if follower.disable_adapters or follower.merged else _lean_active(follower, rows)
         if names is not None:
             members[follower] = names
-    fused = leader.__dict__.get("_fused", {})
+    fused = _LEAN[leader].fused
     if (active and all(names == active for names in members.values()) and all(name in fused for name in active)
             and all(len({member.scaling[name] for member in members}) == 1 for name in active)):
         products: dict = {member: [] for member in members}
@@ -186,7 +207,7 @@ def _fuse_group(members: list) -> None:
     import torch
 
     leader = members[0]
-    fused = leader.__dict__.setdefault("_fused", {})
+    fused = _LEAN[leader].fused
     for name in list(fused):
         if any(name not in member.lora_A for member in members):
             del fused[name]
@@ -215,7 +236,8 @@ def _fuse_group(members: list) -> None:
 def forget_fused(model, name: str) -> None:
     """Drop adapter name's fused tensors (its weights were replaced other than in place)."""
     for layer in lora_layers(model):
-        layer.__dict__.get("_fused", {}).pop(name, None)
+        if layer in _LEAN:
+            _LEAN[layer].fused.pop(name, None)
 
 
 def join_side_streams(layers: list) -> None:
@@ -224,9 +246,11 @@ def join_side_streams(layers: list) -> None:
 
     sides = set()
     for layer in layers:
-        layer.__dict__.pop("_pending", None)
-        if layer.__dict__.pop("_forked", False):  # only streams this step used: others are not in a graph capture
-            sides.add(layer._side_stream)
+        state = _LEAN[layer]
+        state.pending = None
+        if state.forked:  # only streams this step used: others are not in a graph capture
+            state.forked = False
+            sides.add(state.side_stream)
     for side in sides:
         torch.cuda.current_stream(side.device).wait_stream(side)
 
@@ -239,13 +263,12 @@ def use_lean_lora(model, dtype=None) -> list:
     side = None
     layers = lora_layers(model)
     for layer in layers:
-        if "_peft_forward" not in layer.__dict__:
-            layer._peft_forward = layer.forward
-            layer.forward = types.MethodType(lean_lora_forward, layer)
+        if layer not in _LEAN:
+            state = _LEAN[layer] = LeanState(bind_forward(layer, lean_lora_forward))
             weight = next(layer.base_layer.parameters(), None)
             if weight is not None and weight.is_cuda:
                 side = side or torch.cuda.Stream(weight.device)
-                layer._side_stream = side
+                state.side_stream = side
         for modules in (layer.lora_A, layer.lora_B) if dtype is not None else ():
             for module in modules.values():
                 if module.weight.dtype != dtype:
@@ -253,9 +276,9 @@ def use_lean_lora(model, dtype=None) -> list:
     for parent in model.modules():
         for group in SHARED_INPUT_GROUPS:
             members = [getattr(parent, name, None) for name in group]
-            members = [m for m in members if m is not None and "_peft_forward" in vars(m)]
+            members = [m for m in members if m is not None and m in _LEAN]
             if len(members) > 1:
-                members[0]._followers = members[1:]
+                _LEAN[members[0]].followers = members[1:]
                 if dtype is not None:  # inference only: training keeps PEFT's own tensors
                     _fuse_group(members)
     return layers
@@ -379,7 +402,7 @@ class StaticDecoder:
             for index in range(max_new_tokens):
                 if blocked is not None and index < min_new_tokens:
                     logits = logits.index_fill(-1, blocked, float("-inf"))
-                token = _pick(logits.float(), temperature, top_p, generator)
+                token = pick_token(logits.float(), temperature, top_p, generator)
                 value = int(token)
                 if index == 0:
                     first = time.perf_counter() - started
@@ -409,7 +432,8 @@ def _lora_step_attention_backends(device) -> list | None:
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def _pick(logits, temperature: float, top_p: float, generator) -> Any:
+def pick_token(logits, temperature: float, top_p: float, generator) -> Any:
+    """The next token from logits: argmax at temperature 0, else sampled (nucleus when top_p < 1)."""
     import torch
 
     if temperature <= 0:

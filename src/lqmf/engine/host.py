@@ -9,15 +9,23 @@ or `default` (the active adapter, or the bare base when none is active). `load`,
   (PEFT hot-swap into its weights when both fit, the fastest swap), so memory stays flat;
 - unload [NAME]: drop NAME (default: the active one); with none active, `default` is the base.
 
-Not thread-safe by design: the server makes every call that touches the model from one worker
-thread, in arrival order, so each request runs entirely with one adapter and swaps happen
-between requests. `resident` and `active` are replaced, never mutated, so any thread may read them.
+Generation runs through the continuous-batching scheduler (engine/scheduler.py) when the model
+has the layout of engine/batched.py and LQMF_FAST is not 0: `complete` may be called from many
+threads at once, each blocking until its own answer is done, and adapters live in the scheduler,
+up to `max_adapters` of them (the least recently used is evicted beyond that, and reported).
+Swaps are serialized with the decode loop and never change a request already queued or running:
+it keeps the adapter it was submitted with. Otherwise (a classification model, an architecture the
+batched decoder does not run, LQMF_FAST=0) adapters are PEFT slots and every call that touches
+the model takes one lock, so requests run one at a time. `resident` and `active` are replaced,
+never mutated, so any thread may read them.
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,6 +42,10 @@ from lqmf.engine import combined, inference
 from lqmf.engine.inference import Generation, InferenceModel
 from lqmf.engine.loading import first_line
 
+log = logging.getLogger("lqmf.serve")
+DEFAULT_MAX_ADAPTERS = 8
+LOAD_WAIT_S = 60.0  # the longest a request waits for its adapter to be loaded
+
 
 class PromptTooLong(InputError):
     """A prompt (or prompt plus answer) longer than the server allows."""
@@ -48,6 +60,7 @@ class ResidentAdapter:
     labels: tuple[str, ...]
     trained_4bit: bool
     loaded: float = field(default_factory=time.time)
+    entry: Any = None  # the scheduler's AdapterEntry (batched serving)
 
 
 @dataclass
@@ -60,11 +73,12 @@ class SwapResult:
     resident: list[str]
     swap_ms: float
     notes: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"action": self.action, "adapter": self.adapter, "method": self.method, "active": self.active,
                 "previous": self.previous, "resident": self.resident, "swap_ms": round(self.swap_ms, 3),
-                "notes": self.notes}
+                "notes": self.notes, "evicted": self.evicted}
 
 
 def parse_adapter_spec(spec: str) -> tuple[str, Path | None]:
@@ -95,11 +109,48 @@ def same_base(served: ResolvedModel, recorded: dict[str, Any], workspace: Worksp
     return served.path is not None and again.path == served.path
 
 
+@dataclass
+class BatchSettings:
+    """How many sequences the scheduler decodes at once, how long each may be, how many may wait."""
+
+    max_batch: int | None = None  # default: what fits max_memory on CUDA (at most DEFAULT_MAX_BATCH), else 8
+    max_seq_len: int | None = None  # default: the model's context, at most DEFAULT_MAX_SEQ_LEN
+    max_queue: int | None = None  # default: 4 x max_batch
+    max_adapters: int = DEFAULT_MAX_ADAPTERS
+    max_memory: int | None = None  # bytes; default: this process's GPU memory plus what is free
+    enabled: bool = True  # False: one request at a time, adapters as PEFT slots (as with LQMF_FAST=0)
+
+
+DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_MAX_BATCH = 64
+CPU_MAX_BATCH = 8
+
+
+def default_max_batch(model: InferenceModel, settings: BatchSettings, seq_len: int) -> int:
+    """The most sequences of seq_len tokens whose KV cache and working memory fit the budget (core.memory_plan)."""
+    from lqmf.core.memory_plan import ModelShape, largest_serving_batch
+
+    if model.loaded.device != "cuda":
+        return CPU_MAX_BATCH
+    import torch
+
+    shape = ModelShape.from_config(model.model.config.to_dict())
+    free, _ = torch.cuda.mem_get_info()
+    budget = settings.max_memory or (torch.cuda.memory_allocated() + free)
+    fitting = largest_serving_batch(shape, budget, seq_len=seq_len, quantize_4bit=model.loaded.quantized,
+                                    device="cuda", adapters=settings.max_adapters) if shape else 1
+    if fitting < 1:
+        raise InputError(f"not even one sequence of {seq_len} tokens fits {budget / 2**30:.2f} GB beside the model: "
+                         "lower --max-seq-len or raise --max-memory")
+    return min(fitting, DEFAULT_MAX_BATCH)
+
+
 class ModelHost:
     """The served base model, its resident adapters and the active one."""
 
     def __init__(self, workspace: Workspace, model: InferenceModel, *, operator_paths: dict[str, Path] | None = None,
-                 max_new_tokens: int = 512, max_prompt_tokens: int | None = None):
+                 max_new_tokens: int = 512, max_prompt_tokens: int | None = None,
+                 batching: BatchSettings | None = None):
         self.workspace = workspace
         self.model = model
         self.base_id = model.base.display_name
@@ -112,12 +163,36 @@ class ModelHost:
         self.active: str | None = None
         self.free_slot: str | None = None  # weights of an unloaded adapter, kept for the next to swap into
         self._slots = itertools.count()
+        self._lock = threading.RLock()  # swaps (and, without the scheduler, every model call) one at a time
+        self._used: dict[str, float] = {}  # adapter -> when a request or swap last named it
+        self.evictions: list[dict[str, Any]] = []
+        self.batching = batching or BatchSettings()
+        self.scheduler = self._start_scheduler()
         self.combinations = combined.Combinations(self)  # model ids like A+B (engine/combined.py)
+
+    def _start_scheduler(self):
+        """The continuous-batching scheduler, or None where the model cannot run in it."""
+        from lqmf.engine import batched
+
+        if (not self.batching.enabled or not is_generative(self.model.task) or not inference.fast_enabled()
+                or not batched.supports(self.model.model)):
+            return None
+        from lqmf.engine.scheduler import Scheduler
+
+        settings = self.batching
+        limits = [n for n in (self.context_length, settings.max_seq_len or DEFAULT_MAX_SEQ_LEN) if n]
+        slots = settings.max_batch or default_max_batch(self.model, settings, min(limits))
+        decoder = batched.BatchedDecoder(self.model.model, slots, min(limits))
+        return Scheduler(decoder, max_queue=settings.max_queue or 4 * slots)
+
+    def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
 
     @classmethod
     def start(cls, workspace: Workspace, *, base: str | None = None, adapters: list[str] = (), device: str = "auto",
               quantize_4bit: bool | None = None, max_new_tokens: int = 512,
-              max_prompt_tokens: int | None = None) -> ModelHost:
+              max_prompt_tokens: int | None = None, batching: BatchSettings | None = None) -> ModelHost:
         """Load the base once (given, or the first adapter's) and the adapters; the first becomes active."""
         specs = [parse_adapter_spec(spec) for spec in adapters]
         operator_paths = {name: path for name, path in specs if path is not None}
@@ -135,7 +210,7 @@ class ModelHost:
                                              quantize_4bit=quantize_4bit,
                                              labels=inference.labels_of(first) if first is not None else None)
         host = cls(workspace, model, operator_paths=operator_paths, max_new_tokens=max_new_tokens,
-                   max_prompt_tokens=max_prompt_tokens)
+                   max_prompt_tokens=max_prompt_tokens, batching=batching)
         for index, (name, _) in enumerate(specs):
             host.load(name, activate=index == 0)
         return host
@@ -151,14 +226,30 @@ class ModelHost:
         return rows
 
     def describe(self) -> dict[str, Any]:
-        return {"base": self.base_id, "base_reference": self.model.base.reference, "task": self.model.task,
-                "device": self.model.loaded.device, "dtype": self.model.loaded.dtype,
-                "quantized_4bit": self.model.loaded.quantized, "active": self.active,
-                "resident": list(self.resident), "context_length": self.context_length,
-                "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens}
+        state = {"base": self.base_id, "base_reference": self.model.base.reference, "task": self.model.task,
+                 "device": self.model.loaded.device, "dtype": self.model.loaded.dtype,
+                 "quantized_4bit": self.model.loaded.quantized, "active": self.active,
+                 "resident": list(self.resident), "context_length": self.context_length,
+                 "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens,
+                 "max_adapters": self.batching.max_adapters if self.scheduler else None,
+                 "evictions": self.evictions[-20:], "batching": None}
+        if self.scheduler is not None:
+            state["batching"] = {**self.scheduler.load(), **self.scheduler.memory(),
+                                 "max_seq_len": self.scheduler.decoder.max_len}
+        if self.model.loaded.device == "cuda":
+            import torch
 
-    def resolve(self, model_id: str | None) -> str | None:
-        """The adapter a request's model id selects (None: the bare base)."""
+            state["gpu_memory_gb"] = {"allocated": torch.cuda.memory_allocated() / 2**30,
+                                      "peak_allocated": torch.cuda.max_memory_allocated() / 2**30,
+                                      "reserved": torch.cuda.memory_reserved() / 2**30,
+                                      "peak_reserved": torch.cuda.max_memory_reserved() / 2**30}
+        return state
+
+    def resolve(self, model_id: str | None, load: bool = False) -> str | None:
+        """The adapter a request's model id selects (None: the bare base).
+
+        load=True (batched serving): a registered adapter that is not resident is loaded first.
+        """
         if model_id in (None, "", DEFAULT_MODEL):
             return self.active
         if model_id == self.base_id:
@@ -167,55 +258,106 @@ class ModelHost:
             return model_id
         if combined.is_combination(model_id):  # several resident adapters at once (engine/combined.py)
             return self.combinations.check(model_id)
+        if load and self.scheduler is not None:
+            try:
+                _entry(self.workspace, model_id, self.operator_paths)
+            except (NotFoundError, InputError):
+                pass  # not an adapter that could be loaded: say what is served
+            else:
+                self.load(model_id, activate=False)
+                return model_id
         known = [DEFAULT_MODEL, self.base_id, *self.resident]
         raise NotFoundError(f"model '{model_id}' is not served here{did_you_mean(model_id, known)}; "
                             f"served: {', '.join(known)}")
 
-    # -- swaps (worker thread) ----------------------------------------------------------------
+    # -- swaps ----------------------------------------------------------------------------------
 
     def load(self, name: str, activate: bool = True) -> SwapResult:
-        started = time.perf_counter()
-        previous = self.active
-        method, notes = "resident", []
-        if name not in self.resident:
-            adapter, notes = self._prepare(name)
-            method = self._occupy_free_slot(adapter) or self._add_slot(adapter)
-        if activate:
-            self.active = name
-        return self._result("load", name, method, previous, started, notes)
+        with self._lock:
+            started = time.perf_counter()
+            previous = self.active
+            method, notes, evicted = "resident", [], []
+            if name not in self.resident:
+                adapter, notes = self._prepare(name)
+                if self.scheduler is not None:
+                    method = self._load_batched(adapter)
+                else:
+                    method = self._occupy_free_slot(adapter) or self._add_slot(adapter)
+            if activate:
+                self.active = name
+            self._used[name] = time.monotonic()
+            if self.scheduler is not None:
+                evicted = self._evict_over_budget()
+            return self._result("load", name, method, previous, started, notes, evicted)
 
     def switch(self, name: str) -> SwapResult:
-        started = time.perf_counter()
-        previous = self.active
-        if name in self.resident or previous is None:
-            result = self.load(name)
-            result.action, result.previous = "switch", previous
-            return result
-        adapter, notes = self._prepare(name)
-        old = self.resident[previous]
-        adapter = _with_slot(adapter, old.slot)
-        if inference.replace_adapter(self.model, adapter.path, old.slot):
-            method = "hotswap"
-            self._set_resident(previous, None)
-            self._set_resident(name, adapter)
-        else:  # not the same shape: a new slot, then free the old one
-            method = self._add_slot(adapter)
-            self._remove(previous)
-        self.active = name
-        return self._result("switch", name, method, previous, started, notes)
+        """Make name active. Batched serving keeps the previous adapter resident (up to max_adapters);
+        otherwise a non-resident adapter replaces the active one in place, as its result says."""
+        with self._lock:
+            started = time.perf_counter()
+            previous = self.active
+            if name in self.resident or previous is None or self.scheduler is not None:
+                result = self.load(name)
+                result.action, result.previous = "switch", previous
+                return result
+            adapter, notes = self._prepare(name)
+            old = self.resident[previous]
+            adapter = _with_slot(adapter, old.slot)
+            if inference.replace_adapter(self.model, adapter.path, old.slot):
+                method = "hotswap"
+                self._set_resident(previous, None)
+                self._set_resident(name, adapter)
+            else:  # not the same shape: a new slot, then free the old one
+                method = self._add_slot(adapter)
+                self._remove(previous)
+            self.active = name
+            self._record_eviction(previous, f"replaced by '{name}' (switch)")
+            return self._result("switch", name, method, previous, started, notes, [previous])
 
     def unload(self, name: str | None = None) -> SwapResult:
-        started = time.perf_counter()
-        previous = self.active
-        name = name or previous
-        if name is None:
-            return self._result("unload", None, "none", previous, started, ["no adapter is active"])
-        if name not in self.resident:
-            raise NotFoundError(f"adapter '{name}' is not loaded here{did_you_mean(name, self.resident)}")
-        self._remove(name)
-        if self.active == name:
-            self.active = None
-        return self._result("unload", name, "unload", previous, started, [])
+        with self._lock:
+            started = time.perf_counter()
+            previous = self.active
+            name = name or previous
+            if name is None:
+                return self._result("unload", None, "none", previous, started, ["no adapter is active"])
+            if name not in self.resident:
+                raise NotFoundError(f"adapter '{name}' is not loaded here{did_you_mean(name, self.resident)}")
+            self._remove(name)
+            if self.active == name:
+                self.active = None
+            return self._result("unload", name, "unload", previous, started, [])
+
+    def _load_batched(self, adapter: ResidentAdapter) -> str:
+        from lqmf.engine.batched import UnsupportedAdapter
+
+        try:
+            entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)
+        except UnsupportedAdapter as err:
+            raise ConflictError(f"adapter '{adapter.name}': {first_line(err)}") from None
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
+                             f"{type(err).__name__}: {first_line(err)}") from err
+        self._set_resident(adapter.name, ResidentAdapter(adapter.name, "", adapter.path, adapter.task,
+                                                         adapter.labels, adapter.trained_4bit, entry=entry))
+        return "load"
+
+    def _evict_over_budget(self) -> list[str]:
+        """Unload the least recently used adapters beyond max_adapters (never the active one)."""
+        evicted = []
+        while len(self.resident) > self.batching.max_adapters:
+            candidates = [name for name in self.resident if name != self.active]
+            if not candidates:
+                break
+            name = min(candidates, key=lambda n: self._used.get(n, 0.0))
+            self._remove(name)
+            self._record_eviction(name, f"least recently used; at most {self.batching.max_adapters} resident")
+            evicted.append(name)
+        return evicted
+
+    def _record_eviction(self, name: str, reason: str) -> None:
+        log.warning("adapter '%s' is no longer resident: %s", name, reason)
+        self.evictions.append({"adapter": name, "reason": reason, "time": round(time.time(), 3)})
 
     def _prepare(self, name: str) -> tuple[ResidentAdapter, list[str]]:
         """Check that an adapter may be served here; read nothing heavy."""
@@ -269,12 +411,15 @@ class ModelHost:
         return "load"
 
     def _remove(self, name: str) -> None:
-        slot = self.resident[name].slot
+        adapter = self.resident[name]
         self._set_resident(name, None)
-        if len(self.model.adapters) > 1:
-            inference.detach_adapter(self.model, slot)
+        self._used.pop(name, None)
+        if adapter.entry is not None:
+            self.scheduler.retire(adapter.entry)  # its weights stay until its last request ends
+        elif len(self.model.adapters) > 1:
+            inference.detach_adapter(self.model, adapter.slot)
         else:
-            self.free_slot = slot
+            self.free_slot = adapter.slot
 
     def _set_resident(self, name: str, adapter: ResidentAdapter | None) -> None:
         resident = {k: v for k, v in self.resident.items() if k != name}
@@ -283,38 +428,70 @@ class ModelHost:
         self.resident = resident
 
     def _result(self, action: str, name: str | None, method: str, previous: str | None, started: float,
-                notes: list[str]) -> SwapResult:
+                notes: list[str], evicted: list[str] | None = None) -> SwapResult:
         return SwapResult(action, name, method, self.active, previous, list(self.resident),
-                          (time.perf_counter() - started) * 1000, notes)
+                          (time.perf_counter() - started) * 1000, notes, list(evicted or []))
 
-    # -- requests (worker thread) -------------------------------------------------------------
+    # -- requests (any thread) ------------------------------------------------------------------
 
     def _slot(self, adapter: str | None) -> str | None:
         if combined.is_combination(adapter):  # built once per combination, on this (the model's) thread
             return self.combinations.slot(adapter)
         return self.resident[adapter].slot if adapter is not None else None
 
+    def _entry_of(self, adapter: str | None) -> Any:
+        """The scheduler's weights for adapter (a combination's built on first use); None for the base."""
+        if adapter is None:
+            return None
+        if combined.is_combination(adapter):
+            return self.combinations.entry(adapter)
+        return self.resident[adapter].entry
+
     def complete(self, model_id: str | None, prompt: str | list[dict[str, str]], *, raw: bool = False,
                  max_new_tokens: int | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None,
+                 seed: int | None = None, stop: list[str] | None = None, min_new_tokens: int = 0,
                  on_start: Callable[[str | None], None] | None = None, on_text: Callable[[str], None] | None = None,
                  cancelled: Callable[[], bool] | None = None) -> tuple[str | None, Generation]:
         """Answer a prompt (raw text, or chat messages) with the adapter model_id selects.
 
-        on_start(adapter) is called once the adapter is chosen and the prompt accepted, before
-        the first token.
+        Blocks until the answer is done; many threads may call it at once. on_start(adapter) is
+        called once the adapter is chosen and the prompt accepted (queued), before the first token.
+        scheduler.Busy when the queue is full.
         """
         if not is_generative(self.model.task):
             raise InputError("this server serves a classification model: use POST /v1/classify")
-        adapter = self.resolve(model_id)
         ids = inference.prompt_ids(self.model, prompt, raw=raw)
-        max_new_tokens = self._check_lengths(len(ids), max_new_tokens)
-        if on_start is not None:
-            on_start(adapter)
-        with inference.adapter_context(self.model, self._slot(adapter)):
-            generation = inference.generate(self.model, ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                                            top_p=top_p, seed=seed, stop=stop, on_text=on_text, cancelled=cancelled)
-        return adapter, generation
+        options = {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop, "on_text": on_text,
+                   "cancelled": cancelled, "min_new_tokens": min(min_new_tokens, max_new_tokens or min_new_tokens)}
+        if self.scheduler is None:
+            with self._lock:
+                adapter = self.resolve(model_id)
+                options["max_new_tokens"] = self._check_lengths(len(ids), max_new_tokens)
+                if on_start is not None:
+                    on_start(adapter)
+                with inference.adapter_context(self.model, self._slot(adapter)):
+                    return adapter, inference.generate(self.model, ids, **options)
+        self._lock.acquire()  # held until the request is queued, so no swap retires its adapter before
+        held = True
+
+        def queued() -> None:
+            nonlocal held
+            self._lock.release()
+            held = False
+            if on_start is not None:
+                on_start(adapter)
+
+        try:
+            adapter = self.resolve(model_id, load=True)
+            options["max_new_tokens"] = self._check_lengths(len(ids), max_new_tokens)
+            for name in combined.names(adapter):
+                self._used[name] = time.monotonic()
+            entry = self._entry_of(adapter)
+            return adapter, inference.generate_batched(self.model, self.scheduler, ids, entry=entry,
+                                                       on_queued=queued, **options)
+        finally:
+            if held:
+                self._lock.release()
 
     def _check_lengths(self, prompt_tokens: int, max_new_tokens: int | None) -> int:
         """The number of tokens to generate, or an error when the prompt or the request is too long."""
@@ -323,14 +500,18 @@ class ModelHost:
                                 f"{self.max_prompt_tokens}")
         if max_new_tokens is not None and max_new_tokens > self.max_new_tokens:
             raise InputError(f"max_tokens is {max_new_tokens}; this server allows at most {self.max_new_tokens}")
-        room = self.context_length - prompt_tokens if self.context_length else None
+        limits = [n for n in (self.context_length, self.scheduler and self.scheduler.decoder.max_len) if n]
+        limit = min(limits) if limits else None
+        where = (f"the model's context of {limit} tokens" if limit == self.context_length
+                 else f"the {limit} tokens a sequence may hold in this server (--max-seq-len)")
+        room = limit - prompt_tokens if limit else None
         if room is not None and room < 1:
-            raise PromptTooLong(f"the prompt fills the model's context of {self.context_length} tokens")
+            raise PromptTooLong(f"the prompt fills {where}")
         if max_new_tokens is None:
             return min(self.max_new_tokens, room) if room is not None else self.max_new_tokens
         if room is not None and max_new_tokens > room:
             raise PromptTooLong(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) exceeds "
-                                f"the model's context of {self.context_length} tokens")
+                                f"{where}")
         return max_new_tokens
 
     def classify(self, model_id: str | None, texts: list[str]) -> tuple[str | None, list[dict[str, float]], int]:
@@ -338,15 +519,16 @@ class ModelHost:
         if is_generative(self.model.task):
             raise InputError("this server serves a text-generation model: use /v1/completions or "
                              "/v1/chat/completions")
-        adapter = self.resolve(model_id)
         counts = [len(self.model.tokenizer(text, add_special_tokens=True)["input_ids"]) for text in texts]
         longest = max(counts, default=0)
         if self.max_prompt_tokens is not None and longest > self.max_prompt_tokens:
             raise PromptTooLong(f"input {counts.index(longest)} has {longest} tokens; this server takes at most "
                                 f"{self.max_prompt_tokens}")
-        labels = list(self.resident[adapter].labels) if adapter is not None else None
-        with inference.adapter_context(self.model, self._slot(adapter)):
-            scores = inference.classify(self.model, texts, max_length=max(longest, 1), labels=labels)
+        with self._lock:
+            adapter = self.resolve(model_id)
+            labels = list(self.resident[adapter].labels) if adapter is not None else None
+            with inference.adapter_context(self.model, self._slot(adapter)):
+                scores = inference.classify(self.model, texts, max_length=max(longest, 1), labels=labels)
         return adapter, scores, sum(counts)
 
 

@@ -6,6 +6,8 @@ an answer is produced the same way everywhere.
 
 from __future__ import annotations
 
+import os
+import queue
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -183,6 +185,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     import torch
     from safetensors.torch import load_file
 
+    from lqmf.engine.compat import foreach_copy
     from lqmf.engine.fastgen import lora_layers
 
     if config.rank_pattern or config.alpha_pattern or config.lora_bias:
@@ -200,7 +203,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     # as a strided tensor would send the whole batch down the slow path.
     dense = sorted(name for name, p in live.items() if p.is_contiguous())
     with torch.no_grad():
-        torch._foreach_copy_([live[name] for name in dense], [state[name] for name in dense])
+        foreach_copy([live[name] for name in dense], [state[name] for name in dense])
         for name in set(live) - set(dense):
             live[name].copy_(state[name])
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
@@ -324,9 +327,7 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
     """
     if model.task == "classification":
         raise InputError("a classification adapter labels text; it does not generate")
-    eos = model.model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {model.tokenizer.eos_token_id}
-    eos_ids.discard(None)
+    eos_ids = eos_ids_of(model)
     started = time.perf_counter()
     decoder = _decoder_for(model, len(ids) + max_new_tokens)
     streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [], skip_prompt=decoder is None)
@@ -351,14 +352,73 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
             streamer.end()
     if new is None:
         new = _hf_generate(model, ids, max_new_tokens, temperature, top_p, seed, min_new_tokens, streamer, done)
-    seconds = time.perf_counter() - started
+    return _generation(streamer, ids, new, eos_ids, max_new_tokens, started, cancelled)
+
+
+def eos_ids_of(model: InferenceModel) -> set[int]:
+    """The token ids that end a generation."""
+    eos = model.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {model.tokenizer.eos_token_id}
+    eos_ids.discard(None)
+    return eos_ids
+
+
+def _generation(streamer: _CallbackStreamer, ids: list[int], new: list[int], eos_ids: set[int], max_new_tokens: int,
+                started: float, cancelled: Callable[[], bool] | None) -> Generation:
     if streamer.stopped or (new and new[-1] in eos_ids):
         reason = "stop"
     elif cancelled is not None and cancelled():
         reason = "cancelled"
     else:
         reason = "length" if len(new) >= max_new_tokens else "stop"
-    return Generation(streamer.text, len(ids), len(new), seconds, streamer.first_token_at, reason)
+    return Generation(streamer.text, len(ids), len(new), time.perf_counter() - started, streamer.first_token_at,
+                      reason)
+
+
+def generate_batched(model: InferenceModel, scheduler, ids: list[int], *, entry=None, max_new_tokens: int = 128,
+                     temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                     min_new_tokens: int = 0, stop: list[str] | None = None,
+                     on_text: Callable[[str], None] | None = None,
+                     cancelled: Callable[[], bool] | None = None, on_queued: Callable[[], None] | None = None,
+                     poll_s: float = 0.05) -> Generation:
+    """generate(), through the continuous-batching scheduler (engine/scheduler.py) with adapter entry.
+
+    Runs on the caller's thread: it queues the request (scheduler.Busy when the queue is full),
+    calls on_queued(), then turns the tokens the scheduler sends into text, stop strings and
+    on_text calls; once it has what it needs, or cancelled() turns true, it cancels the row.
+    """
+    from lqmf.engine.scheduler import BatchRequest
+
+    eos_ids = eos_ids_of(model)
+    started = time.perf_counter()
+    request = scheduler.submit(BatchRequest(ids, max_new_tokens, entry, temperature, top_p, seed, min_new_tokens,
+                                            frozenset(eos_ids)))
+    if on_queued is not None:
+        on_queued()
+    streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [], skip_prompt=False)
+    new: list[int] = []
+    try:
+        while True:
+            try:
+                item = request.tokens.get(timeout=poll_s)
+            except queue.Empty:
+                if cancelled is not None and cancelled():
+                    request.cancel()
+                continue
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            if streamer.stopped or request.cancelled.is_set():
+                continue  # tokens already on their way when the row was cancelled
+            new.append(item)
+            streamer.put([item])
+            if streamer.stopped or (cancelled is not None and cancelled()):
+                request.cancel()
+    finally:
+        request.cancel()  # a caller that fails (or leaves) frees the row
+    streamer.end()
+    return _generation(streamer, ids, new, eos_ids, max_new_tokens, started, cancelled)
 
 
 def _hf_generate(model: InferenceModel, ids: list[int], max_new_tokens: int, temperature: float, top_p: float,
@@ -390,10 +450,15 @@ def _hf_generate(model: InferenceModel, ids: list[int], max_new_tokens: int, tem
     return output[0, len(ids):].tolist()
 
 
+def fast_enabled() -> bool:
+    """False when LQMF_FAST=0: stock PEFT layers and transformers' generate, one request at a time."""
+    return os.environ.get("LQMF_FAST", "1") != "0"
+
+
 def _decoder_for(model: InferenceModel, tokens: int):
     """The model's StaticDecoder with room for tokens (rebuilt larger when needed); None for HF generate."""
     fast = model.fast_decode if model.fast_decode is not None else model.loaded.device == "cuda"
-    if not fast:
+    if not fast or not fast_enabled():
         return None
     from lqmf.engine.fastgen import StaticDecoder, cache_size_for
 

@@ -4,8 +4,10 @@ Routes: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/
 (`stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`),
 POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}.
 
-Every call that touches the model runs on one worker thread in arrival order (see host.py), so a
-request runs entirely with the adapter it was given and a swap waits for the requests before it.
+Requests run at once: each generation blocks one thread of a pool on `ModelHost.complete`, which
+the host batches (continuous batching, engine/scheduler.py); at most `capacity` requests are in
+flight, and beyond that a request gets 429 with Retry-After. A request runs entirely with the
+adapter it was given; swaps are serialized with the decode loop.
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx
 status for anything the client can fix; the server keeps running whatever a request sends.
 """
@@ -34,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
 from lqmf.engine.host import ModelHost, PromptTooLong
 from lqmf.engine.inference import Generation
+from lqmf.engine.scheduler import Busy
 
 log = logging.getLogger("lqmf.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -44,15 +47,16 @@ UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias"
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
+                 param: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.code, self.param = status, message, kind, code, param
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        headers = {**self.headers, **({"WWW-Authenticate": "Bearer"} if self.status == 401 else {})}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -60,6 +64,9 @@ def api_error(err: BaseException) -> ApiError:
     """The HTTP answer for an exception raised while serving a request."""
     if isinstance(err, ApiError):
         return err
+    if isinstance(err, Busy):
+        return ApiError(429, err.message, kind="rate_limit_error", code="server_busy",
+                        headers={"Retry-After": str(err.retry_after)})
     if isinstance(err, PromptTooLong):
         return ApiError(400, err.message, code="context_length_exceeded")
     if isinstance(err, NotFoundError):
@@ -92,6 +99,7 @@ class _GenerationRequest(BaseModel):
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-text before this many tokens
 
     @model_validator(mode="after")
     def _supported(self):
@@ -109,7 +117,7 @@ class _GenerationRequest(BaseModel):
     def options(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
         return {"max_new_tokens": self.max_tokens, "temperature": self.temperature or 0.0,
-                "top_p": self.top_p or 1.0, "seed": self.seed, "stop": stop}
+                "top_p": self.top_p or 1.0, "seed": self.seed, "stop": stop, "min_new_tokens": self.min_tokens}
 
     def include_usage(self) -> bool:
         return bool((self.stream_options or {}).get("include_usage"))
@@ -182,22 +190,25 @@ async def parse_body(request: Request, model: type[Body]) -> Body:
         raise _validation_error(err.errors()) from None
 
 
-# -- the model worker -------------------------------------------------------------------------
+# -- running model calls ----------------------------------------------------------------------
 
 
 class ModelWorker:
-    """Runs every call that touches the model on one thread, in arrival order."""
+    """Runs blocking model calls on a pool of threads: generations at once (the host batches them),
+    up to `capacity` in flight; beyond that a request is refused with Busy (429) instead of waiting."""
 
-    def __init__(self):
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lqmf-model")
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._executor = ThreadPoolExecutor(max_workers=capacity + 4, thread_name_prefix="lqmf-request")
+        self._slots = threading.BoundedSemaphore(capacity)
         self.stopping = threading.Event()  # set at shutdown: generations in progress end early
 
     async def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """fn(*args, **kwargs) on the worker; cancelling the caller drops it if it has not started."""
+        """fn(*args, **kwargs) on the pool (swaps, classification); cancelling the caller drops it if not started."""
         return await asyncio.wrap_future(self._executor.submit(fn, *args, **kwargs))
 
     async def timed(self, fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
-        """fn(*args) on the worker, and the milliseconds it waited for its turn."""
+        """fn(*args) on the pool, and the milliseconds it waited for its turn."""
         submitted = time.perf_counter()
         started: list[float] = []
 
@@ -208,13 +219,46 @@ class ModelWorker:
         result = await self.call(run)
         return result, (started[0] - submitted) * 1000
 
+    def _claim(self) -> None:
+        if not self._slots.acquire(blocking=False):
+            raise Busy(f"the server is busy: {self.capacity} requests in flight", retry_after=1)
+
+    async def generate(self, job: Callable[[Callable[[], bool]], Any]) -> Any:
+        """job(cancelled) (a generation) on the pool, counted against the capacity; cancelled() turns true
+        when the caller is cancelled (its client left) or the server stops."""
+        self._claim()
+        cancel = threading.Event()
+
+        def run() -> Any:
+            try:
+                return job(lambda: cancel.is_set() or self.stopping.is_set())
+            finally:
+                self._slots.release()
+
+        future = self._submit(run)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def _submit(self, run: Callable[[], Any]):
+        try:
+            future = self._executor.submit(run)
+        except RuntimeError:  # shutting down
+            self._slots.release()
+            raise
+        future.add_done_callback(lambda f: f.cancelled() and self._slots.release())
+        return future
+
     async def stream(self, job: Callable[..., Any]) -> tuple[Any, AsyncIterator[tuple[str, Any]]]:
-        """Start job(on_start, on_text, cancelled) on the worker and wait until it calls on_start.
+        """Start job(on_start, on_text, cancelled) on the pool and wait until it calls on_start.
 
         Returns on_start's argument and the events that follow: ("text", piece)... then
         ("done", result) or ("error", exception). An exception before on_start is raised here.
         Leaving the iterator early (a client that hangs up) makes cancelled() true.
         """
+        self._claim()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         cancel = threading.Event()
@@ -226,17 +270,19 @@ class ModelWorker:
                 cancel.set()
 
         def run() -> None:
-            if cancel.is_set():
-                return
             try:
+                if cancel.is_set():
+                    return
                 result = job(lambda value: put("start", value), lambda text: put("text", text),
                              lambda: cancel.is_set() or self.stopping.is_set())
             except Exception as err:  # noqa: BLE001 - handed to the request that asked
                 put("error", err)
             else:
                 put("done", result)
+            finally:
+                self._slots.release()
 
-        future = self._executor.submit(run)
+        future = self._submit(run)
         try:
             kind, value = await events.get()
         except asyncio.CancelledError:
@@ -280,12 +326,44 @@ def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
+def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str | None, str | None], dict],
+                    include_usage: bool, opening: dict[str, Any] | None = None) -> StreamingResponse:
+    """Server-sent events in OpenAI's chunk format from a generation's events (ModelWorker.stream).
+
+    chunk(text, finish_reason) builds one chunk (text None: no text); opening, when given, goes first.
+    """
+
+    async def sse():
+        if opening is not None:
+            yield _sse(opening)
+        async for kind, value in events:
+            if kind == "text":
+                yield _sse(chunk(value, None))
+            elif kind == "error":
+                yield _sse(api_error(value).body())
+            else:
+                yield _sse(chunk(None, _finish(value)))
+                if include_usage:
+                    yield _sse({**chunk(None, None), "choices": [], "usage": _usage([value])})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 # -- the app ----------------------------------------------------------------------------------
+
+
+def default_capacity(host: ModelHost) -> int:
+    """Requests in flight at most: the scheduler's batch and queue, or a queue of 64 for one-at-a-time serving."""
+    if host.scheduler is None:
+        return 64
+    return host.scheduler.max_batch + host.scheduler.max_queue
 
 
 def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callable[[], None] | None = None,
                on_stop: Callable[[], None] | None = None) -> FastAPI:
-    worker = ModelWorker()
+    """The server: /health, the OpenAI router and the admin router over host."""
+    worker = ModelWorker(default_capacity(host))
     started_at = time.time()
 
     @asynccontextmanager
@@ -313,6 +391,21 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
             raise ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
                            kind="authentication_error", code="invalid_api_key")
 
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health(request: Request):
+        body: dict[str, Any] = {"status": "ok"}
+        if authorized(request):
+            body.update(host.describe(), uptime_s=round(time.time() - started_at, 1))
+        return body
+
+    app.include_router(openai_router(host, worker, started_at), dependencies=[Depends(require_key)])
+    app.include_router(admin_router(host, worker), dependencies=[Depends(require_key)])
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, err: ApiError):
         return err.response()
@@ -337,18 +430,17 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
     async def on_unexpected(request: Request, err: Exception):
         return api_error(err).response()
 
-    @app.get("/health")
-    async def health(request: Request):
-        body: dict[str, Any] = {"status": "ok"}
-        if authorized(request):
-            body.update(host.describe(), uptime_s=round(time.time() - started_at, 1))
-        return body
 
-    api = APIRouter(dependencies=[Depends(require_key)])
+def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> APIRouter:
+    """/v1/models, /v1/completions, /v1/chat/completions and /v1/classify."""
+    api = APIRouter()
 
     def model_card(row: dict[str, Any]) -> dict[str, Any]:
         return {"id": row["id"], "object": "model", "created": row.get("created", int(started_at)),
                 "owned_by": "lqmf", "lqmf": {k: row[k] for k in ("kind", "adapter", "task")}}
+
+    def served_name(adapter: str | None) -> str:
+        return adapter if adapter is not None else host.base_id
 
     @api.get("/v1/models")
     async def list_models():
@@ -362,21 +454,17 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
         host.resolve(model_id)  # raises NotFoundError naming what is served
         raise ApiError(404, f"model '{model_id}' is not served here", code="not_found")
 
-    def served_name(adapter: str | None) -> str:
-        return adapter if adapter is not None else host.base_id
-
     @api.post("/v1/completions")
     async def completions(request: Request):
         body = await parse_body(request, CompletionRequest)
         options, prompts = body.options(), body.prompts()
         ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if not body.stream:
-            def job():
-                results = [host.complete(body.model, prompt, raw=True, **options) for prompt in prompts]
-                return results[0][0], [generation for _, generation in results]
-
-            adapter, generations = await worker.call(job)
-            return {"id": ident, "object": "text_completion", "created": created, "model": served_name(adapter),
+            results = await asyncio.gather(*(worker.generate(
+                lambda cancelled, prompt=prompt: host.complete(body.model, prompt, raw=True, cancelled=cancelled,
+                                                               **options)) for prompt in prompts))
+            generations = [generation for _, generation in results]
+            return {"id": ident, "object": "text_completion", "created": created, "model": served_name(results[0][0]),
                     "choices": [{"index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None}
                                 for i, g in enumerate(generations)],
                     "usage": _usage(generations)}
@@ -388,23 +476,11 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
         adapter, events = await worker.stream(stream_job)
         name = served_name(adapter)
 
-        def chunk(text: str, finish: str | None) -> dict[str, Any]:
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": name,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
-        async def sse():
-            async for kind, value in events:
-                if kind == "text":
-                    yield _sse(chunk(value, None))
-                elif kind == "error":
-                    yield _sse(api_error(value).body())
-                else:
-                    yield _sse(chunk("", _finish(value)))
-                    if body.include_usage():
-                        yield _sse({**chunk("", None), "choices": [], "usage": _usage([value])})
-            yield _sse("[DONE]")
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return stream_response(events, chunk, body.include_usage())
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -412,7 +488,8 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
         options, messages = body.options(), [m.plain() for m in body.messages]
         ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if not body.stream:
-            adapter, generation = await worker.call(lambda: host.complete(body.model, messages, **options))
+            adapter, generation = await worker.generate(
+                lambda cancelled: host.complete(body.model, messages, cancelled=cancelled, **options))
             return {"id": ident, "object": "chat.completion", "created": created, "model": served_name(adapter),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                                  "finish_reason": _finish(generation), "logprobs": None}],
@@ -425,30 +502,20 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
         adapter, events = await worker.stream(stream_job)
         name = served_name(adapter)
 
-        def chunk(delta: dict[str, str], finish: str | None) -> dict[str, Any]:
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                    "choices": [{"index": 0, "delta": {} if text is None else {"content": text},
+                                 "finish_reason": finish, "logprobs": None}]}
 
-        async def sse():
-            yield _sse(chunk({"role": "assistant", "content": ""}, None))
-            async for kind, value in events:
-                if kind == "text":
-                    yield _sse(chunk({"content": value}, None))
-                elif kind == "error":
-                    yield _sse(api_error(value).body())
-                else:
-                    yield _sse(chunk({}, _finish(value)))
-                    if body.include_usage():
-                        yield _sse({**chunk({}, None), "choices": [], "usage": _usage([value])})
-            yield _sse("[DONE]")
-
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        opening = chunk(None, None)
+        opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
+        return stream_response(events, chunk, body.include_usage(), opening)
 
     @api.post("/v1/classify")
     async def classify(request: Request):
         body = await parse_body(request, ClassifyRequest)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        adapter, scores, tokens = await worker.call(host.classify, body.model, texts)
+        adapter, scores, tokens = await worker.generate(lambda cancelled: host.classify(body.model, texts))
         data = []
         for index, probabilities in enumerate(scores):
             label = max(probabilities, key=probabilities.get)
@@ -456,6 +523,13 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
                          "score": probabilities[label], "probabilities": probabilities})
         return {"object": "list", "model": served_name(adapter), "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+    return api
+
+
+def admin_router(host: ModelHost, worker: ModelWorker) -> APIRouter:
+    """/admin/adapters and its load, switch and unload actions."""
+    api = APIRouter()
 
     @api.get("/admin/adapters")
     async def adapters_state():
@@ -484,8 +558,7 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
     async def unload_adapter(request: Request):
         return await swap("unload", request)
 
-    app.include_router(api)
-    return app
+    return api
 
 
 def _validation_error(errors: list[Any]) -> ApiError:

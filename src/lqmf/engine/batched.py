@@ -1,0 +1,378 @@
+"""A decoder for many sequences at once, each with its own LoRA adapter (or none): the engine of `lqmf serve`.
+
+The base model's modules are reused as they are (embeddings, norms, rotary embedding, 4-bit or
+plain linears); the forward pass is ours, so rows at different positions share one step:
+
+  - a static KV cache of `slots` sequences of up to `max_len` tokens; a row's slot is its index in
+    the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
+  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each
+    row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
+    tensor and the B matrices into one [N, sum r] tensor; a row's one-hot column mask keeps its
+    adapter's rank-space columns, and its scaling multiplies its delta. Three small ops, whatever
+    the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
+    batching, done by masking instead of gathering);
+  - prompts are prefilled one row and one chunk at a time, eagerly; on CUDA the one-token decode
+    step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed.
+
+Adapters are read from their folders (`adapter_config.json`, `adapter_model.safetensors`) into
+these stacked tensors; PEFT is not involved in serving. Each loaded adapter is an `AdapterEntry`
+with an id; rows hold the id they were admitted with, so replacing or unloading an adapter never
+changes a row in flight (its entry stays until `collect` finds it unused).
+
+Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others with
+`model.layers[i].self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and a rotary embedding).
+`supports(model)` says whether a model is; the host falls back to PEFT + generate otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lqmf.serve")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP = ("gate_proj", "up_proj", "down_proj")
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MIN_LENGTH_BUCKET = 128
+
+
+class UnsupportedAdapter(ValueError):
+    """An adapter the batched decoder cannot apply (DoRA, rank patterns, embeddings...)."""
+
+
+def supports(model) -> bool:
+    """Whether model (a bare causal LM) has the Llama-shaped layout the batched decoder runs."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not len(layers) or getattr(inner, "rotary_emb", None) is None:
+        return False
+    if getattr(model.config, "model_type", "") in ("gemma", "gemma2", "gemma3", "cohere", "olmo2"):
+        return False  # norms or scalings this forward does not reproduce
+    layer = layers[0]
+    return (all(hasattr(layer.self_attn, name) for name in ATTENTION)
+            and all(hasattr(layer.mlp, name) for name in MLP)
+            and hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm"))
+
+
+def bucket(value: int, buckets) -> int:
+    return next(b for b in buckets if b >= value)
+
+
+# ----------------------------------------------------------------------------- adapters
+
+
+@dataclass
+class AdapterEntry:
+    """One loaded adapter: its LoRA weights per projection, on the model's device and dtype."""
+
+    id: int
+    name: str
+    path: Path | None  # None for a combination of other entries
+    weights: dict[str, tuple[Any, Any, float]]  # projection name -> (A [r, K], B [N, r], scaling)
+    retired: bool = False  # unloaded or replaced: freed once no row uses it
+    nbytes: int = 0
+
+
+def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> dict[str, tuple]:
+    """{projection: (A, B, scaling)} for the plain LoRA adapter folder at path."""
+    from safetensors.torch import load_file
+
+    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    for key in ("use_dora", "lora_bias"):
+        if config.get(key):
+            raise UnsupportedAdapter(f"{path}: {key} adapters are not served by the batched decoder")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise UnsupportedAdapter(f"{path}: rank_pattern/alpha_pattern adapters are not served by the batched decoder")
+    rank = int(config["r"])
+    alpha = float(config.get("lora_alpha", rank))
+    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+    state = load_file(str(path / "adapter_model.safetensors"), device=str(device))
+    pairs: dict[str, dict[str, Any]] = {}
+    for key, tensor in state.items():
+        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if kind not in ("A.weight", "B.weight") or module not in projections:
+            raise UnsupportedAdapter(f"{path}: weight '{key}' is not a LoRA matrix of a projection this decoder runs")
+        pairs.setdefault(module, {})[kind[0]] = tensor.to(dtype)
+    weights = {}
+    for module, pair in pairs.items():
+        if set(pair) != {"A", "B"}:
+            raise UnsupportedAdapter(f"{path}: {module} lacks its lora_A or lora_B weight")
+        weights[module] = (pair["A"].contiguous(), pair["B"].contiguous(), scaling)
+    return weights
+
+
+class BatchedLoRALinear:
+    """A projection for a batch of rows: the base layer once, plus each row's own adapter's product.
+
+    Holds the base layer (an nn.Linear or a 4-bit Linear4bit, called as it is) and the stacked LoRA
+    matrices of the adapters that target it. Projections whose adapters have the same ranks and
+    scalings share one `layout`: a [adapters + 1, sum r] one-hot column table and the [adapters + 1]
+    scalings (row 0: no adapter), from which the decoder selects each row's once per forward pass.
+    """
+
+    def __init__(self, base):
+        self.base = base
+        self.stacked_a = None  # [sum r, K]
+        self.stacked_b = None  # [N, sum r]
+        self.layout: tuple | None = None
+
+    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, tuple]) -> None:
+        """Stack the weights that entries (index i + 1 each) hold for this projection; add its layout's
+        tables to layouts when new."""
+        import torch
+
+        mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
+        if not mine:
+            self.stacked_a = self.stacked_b = self.layout = None
+            return
+        self.stacked_a = torch.cat([a for _, (a, _, _) in mine])
+        self.stacked_b = torch.cat([b for _, (_, b, _) in mine], dim=1)
+        self.layout = (len(entries), tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
+        if self.layout not in layouts:
+            columns = self.stacked_a.new_zeros(len(entries) + 1, self.stacked_a.shape[0])
+            scales = self.stacked_a.new_zeros(len(entries) + 1)
+            start = 0
+            for index, rank, scaling in self.layout[1]:
+                columns[index, start:start + rank] = 1
+                scales[index] = scaling
+                start += rank
+            layouts[self.layout] = (columns, scales)
+
+    def __call__(self, x, selected: dict[tuple, tuple]):
+        """x: [B, T, K]; selected: per layout, each row's (columns [B, 1, sum r], scaling [B, 1, 1])."""
+        import torch
+
+        out = self.base(x)
+        if self.stacked_a is None:
+            return out
+        columns, scales = selected[self.layout]
+        low = (x @ self.stacked_a.t()) * columns
+        return torch.addcmul(out, low @ self.stacked_b.t(), scales)
+
+
+# ----------------------------------------------------------------------------- the decoder
+
+
+@dataclass
+class _Layer:
+    attention: Any
+    mlp: Any
+    input_norm: Any
+    post_norm: Any
+    projections: dict[str, BatchedLoRALinear] = field(default_factory=dict)
+    q_norm: Any = None
+    k_norm: Any = None
+
+
+class BatchedDecoder:
+    """Forward passes over a static per-slot KV cache: prefill chunks for one row, decode steps for many."""
+
+    def __init__(self, model, slots: int, max_len: int, use_graphs: bool | None = None):
+        import torch
+
+        if not supports(model):
+            raise ValueError(f"the batched decoder does not run {type(model).__name__} models")
+        self.model = model
+        config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        self.slots, self.max_len = slots, max_len
+        self.heads = config.num_attention_heads
+        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.scaling = self.head_dim ** -0.5
+        self.window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
+        self.layers: list[_Layer] = []
+        self.projections: dict[str, BatchedLoRALinear] = {}
+        for index, layer in enumerate(model.model.layers):
+            entry = _Layer(layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+                           q_norm=getattr(layer.self_attn, "q_norm", None),
+                           k_norm=getattr(layer.self_attn, "k_norm", None))
+            for group, names in (("self_attn", ATTENTION), ("mlp", MLP)):
+                for name in names:
+                    module = getattr(getattr(layer, group), name)
+                    projection = BatchedLoRALinear(getattr(module, "base_layer", module))
+                    entry.projections[name] = projection
+                    self.projections[f"model.layers.{index}.{group}.{name}"] = projection
+            self.layers.append(entry)
+        shape = (slots, self.kv_heads, max_len + 1, self.head_dim)  # the last position: scratch for idle slots
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.positions = torch.full((slots,), max_len, dtype=torch.long, device=self.device)
+        self.rows = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.key_positions = torch.arange(max_len + 1, device=self.device)
+        self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
+        self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
+        self.pool = None
+        self.layouts: dict[tuple, tuple] = {}  # a LoRA layout -> (one-hot columns, scalings) per adapter index
+
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def set_adapters(self, entries: list[AdapterEntry]) -> None:
+        """Stack entries' weights into every projection (entry i gets adapter index i + 1); drops graphs."""
+        self.layouts = {}
+        for name, projection in self.projections.items():
+            projection.set_adapters(entries, name, self.layouts)
+        self.graphs.clear()
+        self.failed.clear()
+
+    # -- the forward pass ---------------------------------------------------------------------
+
+    def _forward(self, ids, positions, rows, attend) -> Any:
+        """Hidden states after the final norm; attend(layer_index, q, k, v) writes the cache and attends."""
+        model = self.model.model
+        hidden = model.embed_tokens(ids)
+        cos, sin = model.rotary_emb(hidden, positions)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        batch, length = ids.shape
+        rows = {layout: (columns.index_select(0, rows).unsqueeze(1), scales.index_select(0, rows).view(-1, 1, 1))
+                for layout, (columns, scales) in self.layouts.items()}
+        for index, layer in enumerate(self.layers):
+            p = layer.projections
+            x = layer.input_norm(hidden)
+            q = p["q_proj"](x, rows).view(batch, length, -1, self.head_dim)
+            k = p["k_proj"](x, rows).view(batch, length, -1, self.head_dim)
+            v = p["v_proj"](x, rows).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            if layer.q_norm is not None:
+                q, k = layer.q_norm(q), layer.k_norm(k)
+            q = _rotate(q.transpose(1, 2), cos, sin)
+            k = _rotate(k.transpose(1, 2), cos, sin)
+            out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, -1)
+            hidden = hidden + p["o_proj"](out, rows)
+            x = layer.post_norm(hidden)
+            hidden = hidden + p["down_proj"](layer.mlp.act_fn(p["gate_proj"](x, rows)) * p["up_proj"](x, rows), rows)
+        return model.norm(hidden)
+
+    def prefill(self, slot: int, ids: list[int], start: int, adapter_index: int):
+        """Run ids at positions start.. for slot's row; the logits after its last token ([vocab])."""
+        import torch
+
+        count = len(ids)
+        ids_t = torch.tensor([ids], device=self.device)
+        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
+        rows = torch.tensor([adapter_index], device=self.device)
+        allowed = self.key_positions[:start + count].view(1, -1) <= positions.view(-1, 1)
+        if self.window:
+            allowed &= self.key_positions[:start + count].view(1, -1) > positions.view(-1, 1) - self.window
+
+        def attend(index, q, k, v):
+            self.keys[index][slot, :, start:start + count] = k[0]
+            self.values[index][slot, :, start:start + count] = v[0]
+            keys = self.keys[index][slot:slot + 1, :, :start + count]
+            values = self.values[index][slot:slot + 1, :, :start + count]
+            return _attention(q, keys, values, allowed.view(1, 1, count, -1), self.scaling)
+
+        hidden = self._forward(ids_t, positions, rows, attend)
+        return self.model.lm_head(hidden[:, -1]).float()[0]
+
+    def _step(self, batch: int, length: int):
+        """One token for slots 0..batch-1 from self.tokens/positions/rows; attention over length positions."""
+        import torch
+
+        positions = self.positions[:batch]
+        slots = torch.arange(batch, device=self.device)
+        keys_at = self.key_positions[:length].view(1, -1)
+        allowed = keys_at <= positions.view(-1, 1)
+        if self.window:
+            allowed &= keys_at > positions.view(-1, 1) - self.window
+
+        def attend(index, q, k, v):
+            self.keys[index][slots, :, positions] = k[:, :, 0]
+            self.values[index][slots, :, positions] = v[:, :, 0]
+            return _attention(q, self.keys[index][:batch, :, :length], self.values[index][:batch, :, :length],
+                              allowed.view(batch, 1, 1, length), self.scaling)
+
+        hidden = self._forward(self.tokens[:batch].view(batch, 1), positions.view(batch, 1), self.rows[:batch], attend)
+        return self.model.lm_head(hidden[:, -1])
+
+    def decode(self, tokens: list[int], positions: list[int], rows: list[int]):
+        """One decode step: row i (slot i) feeds tokens[i] at positions[i] (None: an idle slot).
+
+        Returns the [len(tokens), vocab] logits (float32); idle rows' are meaningless.
+        """
+        import torch
+
+        batch = bucket(len(tokens), BATCH_BUCKETS)
+        live = [p for p in positions if p is not None]
+        length = min(bucket(max(live) + 1, _length_buckets(self.max_len)), self.max_len) if live else 1
+        pad = batch - len(tokens)
+        self.tokens[:batch].copy_(torch.tensor(tokens + [0] * pad))
+        self.positions[:batch].copy_(torch.tensor([self.max_len if p is None else p for p in positions]
+                                                  + [self.max_len] * pad))
+        self.rows[:batch].copy_(torch.tensor(rows + [0] * pad))
+        graph = self._graph(batch, length) if self.use_graphs else None
+        if graph is None:
+            return self._step(batch, length)[:len(tokens)].float()
+        graph[0].replay()
+        return graph[1][:len(tokens)].float()
+
+    def _graph(self, batch: int, length: int):
+        """The captured step for (batch, length), capturing it when new; None where capture failed."""
+        import torch
+
+        key = (batch, length)
+        if key in self.graphs or key in self.failed:
+            return self.graphs.get(key)
+        try:
+            return self._capture(batch, length)
+        except RuntimeError:
+            torch.cuda.synchronize(self.device)
+            self.failed.add(key)
+            log.warning("CUDA graph capture failed for batch %d x %d positions: that step runs eagerly",
+                        batch, length, exc_info=True)
+            return None
+
+    def _capture(self, batch: int, length: int):
+        """Capture the step for (batch, length) after two warm-up steps (they write what the step writes)."""
+        import torch
+
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._step(batch, length)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._step(batch, length)
+        self.pool = graph.pool()
+        self.graphs[(batch, length)] = (graph, logits)
+        return graph, logits
+
+
+def _length_buckets(max_len: int) -> list[int]:
+    sizes, size = [], MIN_LENGTH_BUCKET
+    while size < max_len:
+        sizes.append(size)
+        size *= 2
+    return [*sizes, max_len]
+
+
+def _rotate(x, cos, sin):
+    """Rotary position embedding (the rotate-half form of Llama)."""
+    import torch
+
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _attention(q, keys, values, allowed, scaling: float):
+    """Grouped-query attention of q [B, H, T, D] over keys/values [B, Hkv, L, D] where allowed [B, 1, T, L]."""
+    import torch
+
+    batch, heads, length, dim = q.shape
+    groups = heads // keys.shape[1]
+    grouped = q.reshape(batch, keys.shape[1], groups * length, dim)
+    scores = (grouped @ keys.transpose(-1, -2)).float() * scaling
+    mask = allowed.repeat(1, 1, groups, 1) if length > 1 else allowed  # q's rows: group-major
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return (probs @ values).reshape(batch, heads, length, dim)

@@ -1,0 +1,304 @@
+"""Continuous batching: one thread runs the batched decoder for every request in flight.
+
+Requests wait in a bounded FIFO queue; whenever a slot of the decoder is free, the oldest joins.
+Each turn of the loop runs, in order: swaps asked for in between (`call`), admissions, one prefill
+chunk of the oldest row still reading its prompt, and one decode step for every row generating.
+So a long prompt is read a chunk at a time while the others keep decoding, and a finished or
+cancelled row leaves at the next token boundary and frees its slot for the next request.
+
+Tokens go to each request's own queue; the thread that submitted it turns them into text, checks
+stop strings and cancels (`BatchRequest.cancel`) when it has what it needs. Adapters are
+`AdapterEntry`s owned here; a request holds the entry it was submitted with until it ends, so
+replacing or unloading an adapter never changes a request already queued or running.
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lqmf.core.errors import LqmfError
+from lqmf.engine.batched import AdapterEntry, BatchedDecoder, read_adapter
+
+log = logging.getLogger("lqmf.serve")
+PREFILL_CHUNK = 512
+
+
+class Busy(LqmfError):
+    """The request queue is full; retry after retry_after seconds."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class BatchRequest:
+    ids: list[int]
+    max_new_tokens: int
+    entry: AdapterEntry | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    min_new_tokens: int = 0
+    eos_ids: frozenset[int] = frozenset()
+    tokens: queue.Queue = field(default_factory=queue.Queue)  # ints, then None (or an exception)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop generating: the row leaves at the next token boundary (or never starts)."""
+        self.cancelled.set()
+
+
+@dataclass
+class _Row:
+    request: BatchRequest
+    slot: int
+    prefilled: int = 0
+    position: int = 0  # where the last token (to feed next) goes
+    last: int = 0
+    generated: int = 0
+    generator: Any = None
+
+
+class Scheduler:
+    """Owns the decoder, its adapters and the loop thread."""
+
+    def __init__(self, decoder: BatchedDecoder, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK):
+        self.decoder = decoder
+        self.max_queue = max_queue
+        self.prefill_chunk = prefill_chunk
+        self.entries: dict[int, AdapterEntry] = {}
+        self._index: dict[int, int] = {}  # entry id -> adapter index in the decoder (0: none)
+        self._ids = itertools.count(1)
+        self._waiting: collections.deque[BatchRequest] = collections.deque()
+        self._rows: dict[int, _Row] = {}  # slot -> row
+        self._free = list(range(decoder.slots))
+        self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._durations: collections.deque[float] = collections.deque(maxlen=64)
+        self.steps = 0
+        self.tokens_generated = 0
+        self._thread = threading.Thread(target=self._run, name="lqmf-batch", daemon=True)
+        self._thread.start()
+
+    # -- called from any thread -----------------------------------------------------------------
+
+    @property
+    def max_batch(self) -> int:
+        return self.decoder.slots
+
+    def load(self) -> dict[str, int]:
+        with self._wake:
+            return {"running": len(self._rows), "waiting": len(self._waiting), "max_batch": self.decoder.slots,
+                    "max_queue": self.max_queue, "tokens_generated": self.tokens_generated}
+
+    def memory(self) -> dict[str, float]:
+        """GiB held by the KV cache and by the adapters' stacked weights (retired ones still in use included)."""
+        entries = list(self.entries.values())
+        return {"kv_cache_gb": self.decoder.kv_bytes() / 2**30,
+                "adapters_gb": sum(entry.nbytes for entry in entries) / 2**30}
+
+    def submit(self, request: BatchRequest) -> BatchRequest:
+        """Queue request (FIFO); Busy when the queue is full."""
+        if len(request.ids) + request.max_new_tokens > self.decoder.max_len:
+            raise ValueError(f"prompt plus max_new_tokens exceed the {self.decoder.max_len} tokens a sequence may "
+                             "hold in this server")
+        with self._wake:
+            if len(self._waiting) >= self.max_queue and not self._free:
+                raise Busy(f"the server is busy: {len(self._rows)} requests running and {len(self._waiting)} "
+                           "waiting", self._retry_after())
+            self._waiting.append(request)
+            self._wake.notify()
+        return request
+
+    def call(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """fn() on the loop thread between two steps (a swap), and its result."""
+        future: Future = Future()
+        with self._wake:
+            self._commands.append((fn, future))
+            self._wake.notify()
+        return future.result(timeout)
+
+    def add_adapter(self, name: str, path: Path | None, timeout: float | None = None,
+                    weights: Callable[[], dict[str, tuple]] | None = None) -> AdapterEntry:
+        """Read the adapter at path (or take weights(), e.g. a combination's) into a new entry, on the
+        loop thread; it serves new requests at once."""
+
+        def add() -> AdapterEntry:
+            if weights is not None:
+                return self._add_entry(name, path, weights())
+            return self._add_entry(name, path, read_adapter(path, self.decoder.projections, self.decoder.device,
+                                                            self.decoder.dtype))
+
+        return self.call(add, timeout)
+
+    def _add_entry(self, name: str, path: Path | None, weights: dict[str, tuple]) -> AdapterEntry:
+        size = sum(t.numel() * t.element_size() for a, b, _ in weights.values() for t in (a, b))
+        entry = AdapterEntry(next(self._ids), name, path, weights, nbytes=size)
+        self.entries[entry.id] = entry
+        self._restack()
+        return entry
+
+    def retire(self, entry: AdapterEntry) -> None:
+        """Mark entry unloaded; its weights go once no queued or running request uses it."""
+
+        def mark() -> None:
+            entry.retired = True
+            self._collect()
+
+        self.call(mark)
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # -- the loop thread ------------------------------------------------------------------------
+
+    def _retry_after(self) -> int:
+        average = sum(self._durations) / len(self._durations) if self._durations else 1.0
+        return max(1, math.ceil(average * (len(self._waiting) + 1) / self.decoder.slots))
+
+    def _restack(self) -> None:
+        live = list(self.entries.values())
+        self.decoder.set_adapters(live)
+        self._index = {entry.id: index + 1 for index, entry in enumerate(live)}
+
+    def _collect(self) -> None:
+        in_use = {row.request.entry.id for row in self._rows.values() if row.request.entry is not None}
+        with self._wake:
+            in_use |= {r.entry.id for r in self._waiting if r.entry is not None}
+        gone = [key for key, entry in self.entries.items() if entry.retired and key not in in_use]
+        for key in gone:
+            del self.entries[key]
+        if gone:
+            self._restack()
+
+    def _run(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not (self._stopping or self._commands or self._waiting or self._rows):
+                        self._wake.wait()
+                    if self._stopping:
+                        break
+                    commands = list(self._commands)
+                    self._commands.clear()
+                for fn, future in commands:
+                    try:
+                        future.set_result(fn())
+                    except BaseException as err:  # noqa: BLE001 - handed to the caller
+                        future.set_exception(err)
+                try:
+                    self._turn()
+                except Exception as err:  # noqa: BLE001 - every row in flight gets the error; the loop goes on
+                    log.error("batched decoding failed", exc_info=err)
+                    for slot in list(self._rows):
+                        self._finish(slot, err)
+        for slot in list(self._rows):
+            self._finish(slot, RuntimeError("the server is stopping"))
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), collections.deque()
+        for request in waiting:
+            request.tokens.put(RuntimeError("the server is stopping"))
+
+    def _turn(self) -> None:
+        self._admit()
+        for slot in [s for s, row in self._rows.items() if row.request.cancelled.is_set()]:
+            self._finish(slot)
+        prefilling = [row for row in self._rows.values() if row.prefilled < len(row.request.ids)]
+        if prefilling:
+            self._prefill(min(prefilling, key=lambda row: row.request.submitted))
+        decoding = {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
+        if decoding:
+            self._decode(decoding)
+
+    def _admit(self) -> None:
+        with self._wake:
+            while self._waiting and self._free:
+                request = self._waiting.popleft()
+                if request.cancelled.is_set():
+                    request.tokens.put(None)
+                    continue
+                slot = heapq.heappop(self._free)
+                self._rows[slot] = _Row(request, slot, generator=self._generator(request))
+
+    def _generator(self, request: BatchRequest):
+        import torch
+
+        if request.temperature <= 0:
+            return None
+        generator = torch.Generator(device=self.decoder.device)
+        generator.manual_seed(request.seed if request.seed is not None else int(torch.seed()))
+        return generator
+
+    def _prefill(self, row: _Row) -> None:
+        ids = row.request.ids
+        chunk = ids[row.prefilled:row.prefilled + self.prefill_chunk]
+        logits = self.decoder.prefill(row.slot, chunk, row.prefilled, self._adapter_index(row))
+        row.prefilled += len(chunk)
+        if row.prefilled == len(ids):
+            row.position = len(ids)
+            self._emit(row, self._pick(row, logits))
+
+    def _decode(self, decoding: dict[int, _Row]) -> None:
+        width = max(decoding) + 1
+        rows = [decoding.get(slot) for slot in range(width)]
+        logits = self.decoder.decode([row.last if row else 0 for row in rows],
+                                     [row.position if row else None for row in rows],
+                                     [self._adapter_index(row) if row else 0 for row in rows])
+        self.steps += 1
+        greedy = logits.argmax(-1).tolist()
+        for slot, row in enumerate(rows):
+            if row is None:
+                continue
+            row.position += 1
+            sampled = row.generator is not None or row.generated < row.request.min_new_tokens
+            self._emit(row, self._pick(row, logits[slot]) if sampled else greedy[slot])
+
+    def _adapter_index(self, row: _Row) -> int:
+        return self._index[row.request.entry.id] if row.request.entry is not None else 0
+
+    def _pick(self, row: _Row, logits) -> int:
+        from lqmf.engine.fastgen import pick_token
+
+        request = row.request
+        if row.generated < request.min_new_tokens and request.eos_ids:
+            logits = logits.clone()
+            logits[list(request.eos_ids)] = float("-inf")
+        return int(pick_token(logits, request.temperature, request.top_p, row.generator))
+
+    def _emit(self, row: _Row, token: int) -> None:
+        request = row.request
+        row.last = token
+        row.generated += 1
+        self.tokens_generated += 1
+        request.tokens.put(token)
+        if token in request.eos_ids or row.generated >= request.max_new_tokens:
+            self._finish(row.slot)
+
+    def _finish(self, slot: int, error: BaseException | None = None) -> None:
+        row = self._rows.pop(slot)
+        with self._wake:
+            heapq.heappush(self._free, slot)
+        self._durations.append(time.perf_counter() - row.request.submitted)
+        row.request.tokens.put(error)
+        if row.request.entry is not None and row.request.entry.retired:
+            self._collect()

@@ -1,0 +1,57 @@
+"""Each library internal that engine/compat.py touches, checked as the code uses it: an upgrade that
+changes one fails here, by name, instead of deep inside a model."""
+
+from __future__ import annotations
+
+import torch
+
+from lqmf.engine import compat
+
+
+def test_tensor_version_counts_in_place_changes():
+    tensor = torch.zeros(3)
+    before = compat.tensor_version(tensor)
+    tensor.add_(1)
+    assert isinstance(before, int) and compat.tensor_version(tensor) == before + 1
+    with torch.inference_mode():
+        assert compat.tensor_version(torch.zeros(3)) is None
+
+
+def test_foreach_copy_copies_every_pair_in_place():
+    targets = [torch.zeros(2), torch.zeros(3, 2)[:, 0]]  # a strided view too
+    sources = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])]
+    addresses = [t.data_ptr() for t in targets]
+    compat.foreach_copy(targets, sources)
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+    assert [t.data_ptr() for t in targets] == addresses
+
+
+def test_bind_forward_changes_one_instance_and_can_be_undone():
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    x = torch.ones(1, 2)
+    expected = first(x)
+
+    def doubled(module, inputs):
+        return 2 * torch.nn.functional.linear(inputs, module.weight, module.bias)
+
+    original = compat.bind_forward(first, doubled)
+    assert torch.allclose(first(x), 2 * expected)  # nn.Module.__call__ goes through the instance's forward
+    assert torch.allclose(second(x), second.forward(x))
+    compat.set_forward(first, original)
+    assert torch.allclose(first(x), expected)
+
+
+def test_only_named_library_notices_are_silenced():
+    import warnings
+
+    from lqmf.engine.loading import quiet_libraries
+
+    quiet_libraries()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_libraries()  # the named filters go first again, inside this block
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
+        warnings.warn("a deprecation the user should see", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something the user should see", "a deprecation the user should see"]
