@@ -18,7 +18,7 @@ from typing import Any
 
 from lqmf.core.datasets import prompt_messages
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure
-from lqmf.core.fsutil import atomic_write_json
+from lqmf.core.fsutil import atomic_write_json, process_started
 from lqmf.core.workspace import Workspace
 
 API_KEY_ENV = "LQMF_API_KEY"
@@ -31,16 +31,6 @@ ANSWER_TIMEOUT_S = 600.0  # one answer, queued behind others
 
 def servers_dir(workspace: Workspace) -> Path:
     return workspace.root / ".lqmf" / "servers"
-
-
-def process_started(pid: int) -> float | None:
-    """The start time of process pid (to tell it from a later process given the same pid), None if gone."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
 
 
 def connect_host(host: str) -> str:
