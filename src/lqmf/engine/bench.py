@@ -198,8 +198,8 @@ def _eval_loss(model: Answerer, examples: list[dict[str, Any]], config: dict[str
     from lqmf.engine.train import evaluate
 
     if isinstance(model, ServedModel):
-        notes.append("eval loss and perplexity not measured through the server (they need the model's logits): "
-                     "run with --local for them")
+        note = "eval loss and perplexity not measured through the server (they need the model's logits): --local"
+        notes += [note] if note not in notes else []
         return {}
     overlong = config.get("overlong", "truncate")
     encoded = data_mod.encode_examples(model.model.tokenizer, examples, model.task,
