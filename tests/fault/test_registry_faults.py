@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -82,11 +83,13 @@ def test_an_export_keeps_the_temporaries_of_running_exports(fault_ws, tmp_path):
 
     live = tmp_path / f".out.{owner_tag()}.abc123.lqmf-tmp"  # this test process: alive
     unnamed = tmp_path / ".out.abc123.lqmf-tmp"  # says no owner: not ours to judge
-    for folder in (live, unnamed):
+    reused = tmp_path / f".out.{os.getpid()}p100.abc123.lqmf-tmp"  # this pid, but a process started in 1970
+    for folder in (live, unnamed, reused):
         folder.mkdir()
     done = run_forked(["export", "good", tmp_path / "out", "--json"], fault_ws)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["stale_removed"] == [] and live.is_dir() and unnamed.is_dir()
+    assert json.loads(done.stdout)["stale_removed"] == [reused.name]
+    assert live.is_dir() and unnamed.is_dir() and not reused.exists()
 
 
 def test_racing_removes_of_one_adapter(fault_ws):

@@ -28,9 +28,19 @@ def owner_tag() -> str:
 
 
 def owner_alive(pid: int, started_cs: int) -> bool:
-    """Whether the process an owner_tag names still runs (a pid reused by a later process is not it)."""
-    now = process_started(pid)
-    return now is not None and abs(now - started_cs / 100) <= SAME_PROCESS_S
+    """Whether the process an owner_tag names still runs (a pid reused by a later process is not it).
+
+    A process this user may not inspect counts as alive: what it may be writing is left alone.
+    """
+    import psutil
+
+    try:
+        now = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    return abs(now - started_cs / 100) <= SAME_PROCESS_S
 
 
 def fsync_dir(path: Path) -> None:
