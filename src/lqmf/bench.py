@@ -37,10 +37,16 @@ class BenchmarkAgent:
 
     def benchmark(self, adapter: str, prompts_file: str | Path | None = None, *, base: bool = False,
                   eval_file: str | Path | None = None, eval_limit: int = 200, max_new_tokens: int = 64,
-                  warmup: int = 1, device: str = "auto", save: bool = True) -> dict[str, Any]:
-        """Benchmark an adapter (and with base=True its base model), as `lqmf bench` does; returns the result."""
+                  warmup: int = 1, device: str = "auto", save: bool = True, local: bool = False) -> dict[str, Any]:
+        """Benchmark an adapter (and with base=True its base model), as `lqmf bench` does; returns the result.
+
+        Like `lqmf bench`, a running `lqmf serve` of the workspace that holds the adapter answers
+        (result["via"] == "server") unless local=True.
+        """
+        from lqmf.core.serving import server_with_adapter
         from lqmf.engine.bench import benchmark
 
+        served = None if local else server_with_adapter(self.workspace, adapter)
         return benchmark(self.workspace, adapter, prompts_file, base=base, eval_file=eval_file,
                          eval_limit=eval_limit, max_new_tokens=max_new_tokens, warmup=warmup, device=device,
-                         save=save)
+                         save=save, served=served)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -49,9 +50,46 @@ def test_kill_while_exporting(fault_ws, tmp_path, signame, archive):
     assert run.returncode == -getattr(signal, signame)
     assert not target.exists(), "no half export at the target"
     assert snapshot(fault_ws) == before
-    done = run_forked(["export", "good", target, *(["--archive"] if archive else [])], fault_ws)
+    assert leftovers(tmp_path), "the killed export left its hidden temporary"
+    done = run_forked(["export", "good", target, *(["--archive"] if archive else []), "--json"], fault_ws)
     assert done.returncode == 0, done.stderr
     assert target.exists()
+    assert leftovers(tmp_path) == [], "the next export removes what the killed one left"
+    assert json.loads(done.stdout)["stale_removed"]
+
+
+def leftovers(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".lqmf-tmp", ".lqmf-old")))
+
+
+@pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])
+def test_kill_while_replacing_an_export(fault_ws, tmp_path, signame):
+    target = tmp_path / "out"
+    assert run_forked(["export", "good", target], fault_ws).returncode == 0
+    previous = sorted(p.name for p in target.iterdir())
+    run = run_forked(["export", "good", target, "--force"], fault_ws, fault=f"export.old_moved_aside:{signame}")
+    assert run.returncode == -getattr(signal, signame)
+    assert not target.exists()
+    [aside] = [name for name in leftovers(tmp_path) if name.endswith(".lqmf-old")]  # the previous export, whole
+    assert sorted(p.name for p in (tmp_path / aside).iterdir()) == previous
+    done = run_forked(["export", "good", target], fault_ws)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in target.iterdir()) == previous and leftovers(tmp_path) == []
+    assert "temporary file(s) left beside it by killed exports" in done.stderr
+
+
+def test_an_export_keeps_the_temporaries_of_running_exports(fault_ws, tmp_path):
+    from lqmf.core.fsutil import owner_tag
+
+    live = tmp_path / f".out.{owner_tag()}.abc123.lqmf-tmp"  # this test process: alive
+    unnamed = tmp_path / ".out.abc123.lqmf-tmp"  # says no owner: not ours to judge
+    reused = tmp_path / f".out.{os.getpid()}p100.abc123.lqmf-tmp"  # this pid, but a process started in 1970
+    for folder in (live, unnamed, reused):
+        folder.mkdir()
+    done = run_forked(["export", "good", tmp_path / "out", "--json"], fault_ws)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["stale_removed"] == [reused.name]
+    assert live.is_dir() and unnamed.is_dir() and not reused.exists()
 
 
 def test_racing_removes_of_one_adapter(fault_ws):

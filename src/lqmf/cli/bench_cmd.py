@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from lqmf.cli.common import DefaultCommandGroup, JsonOption, WorkspaceOption, workspace
+from lqmf.cli.common import DefaultCommandGroup, JsonOption, LocalOption, WorkspaceOption, running_server_for, workspace
 from lqmf.cli.output import App, info, print_json, print_table
 from lqmf.cli.phases import importing, show_phases
 from lqmf.core.bench import comparison_rows, comparison_table, load_results, side_by_side
@@ -39,18 +39,28 @@ def run(
     warmup: int = typer.Option(1, "--warmup", min=0, help="Untimed runs before the timed prompts."),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     report: bool = typer.Option(False, "--report", help="Also write reports/ADAPTER.md and .html with plots."),
+    local: bool = LocalOption,
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Measure speed (response times, tokens/s, load time), peak memory and quality of an adapter."""
+    """Measure speed (response times, tokens/s, load time), peak memory and quality of an adapter.
+
+    A running `lqmf serve` of this workspace that holds the adapter answers instead of a new
+    process loading it: speed is then measured over HTTP through that server (the result says
+    "via": "server"), and peak memory is the server's own report or marked not measured.
+    """
     ws = workspace(ctx, workspace_dir)
+    from lqmf.core.registry import Registry
+
+    Registry(ws).get(adapter)  # a wrong name fails before a server is asked or a model loads
+    served = running_server_for(ws, adapter, local, "benchmarking")
     show_phases(ctx, not json_output)
     importing()
     from lqmf.engine.bench import benchmark
 
     result = benchmark(ws, adapter, prompts_file, base=base, eval_file=eval_file, eval_limit=eval_limit,
                        max_new_tokens=max_new_tokens, warmup=warmup, device=device,
-                       progress=None if json_output else info)
+                       progress=None if json_output else info, served=served)
     written = None
     if report:
         from lqmf.core.report import write_adapter_report
@@ -71,6 +81,8 @@ def print_result(result: dict[str, Any]) -> None:
     quant = "4-bit NF4" if runtime.get("quantized_4bit") else runtime.get("dtype")
     typer.echo(f"{result['adapter']} ({result['task']}) on {runtime.get('device')} ({quant}), "
                f"base {result['base_model']}")
+    if result.get("via") == "server":
+        typer.echo(f"through the running server {result['server']} (figures measured over HTTP)")
     prompts = options["prompts_file"] or "built-in prompts"
     typer.echo(f"speed: {options['prompt_count']} prompts from {prompts}, {options['warmup']} warm-up run(s)"
                + ("" if result["task"] == "classification" else f", {options['max_new_tokens']} tokens each"))

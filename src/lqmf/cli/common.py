@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from typer.core import TyperGroup
 
+from lqmf.cli.output import info
 from lqmf.core.workspace import WORKSPACE_ENV, Workspace
 
 WorkspaceOption = typer.Option(
@@ -21,6 +24,26 @@ def workspace(ctx: typer.Context | None, option: str | None = None) -> Workspace
         root = ctx.find_root()
         root_option = (root.obj or {}).get("workspace") if isinstance(root.obj, dict) else None
     return Workspace.resolve(option or root_option)
+
+
+LocalOption = typer.Option(
+    False, "--local", help="Load the model in this process even when a running `lqmf serve` of this workspace "
+    "holds the adapter.")
+
+
+def running_server_for(ws: Workspace, adapter: str, local: bool, doing: str) -> dict[str, Any] | None:
+    """The running `lqmf serve` of the workspace that holds adapter (None with --local or when none does).
+
+    Says on stderr that the server is used, e.g. doing="answering": what `lqmf test` and `lqmf bench` share.
+    """
+    if local:
+        return None
+    from lqmf.core.serving import server_with_adapter
+
+    served = server_with_adapter(ws, adapter)
+    if served is not None:
+        info(f"{doing} with the running server {served['url']} (--local loads the model here instead)")
+    return served
 
 
 class DefaultCommandGroup(TyperGroup):

@@ -60,6 +60,9 @@ def export(
         return
     if result.get("note"):
         info(f"note: {result['note']}")
+    if result["stale_removed"]:
+        info(f"removed {len(result['stale_removed'])} temporary file(s) left beside it by killed exports: "
+             + ", ".join(result["stale_removed"]))
     what = "merged model" if merge else "PEFT adapter"
     info(f"exported {what} '{name}' to {plan.target}" + (f" (sha256 {result['sha256']})" if archive else ""))
     typer.echo(str(plan.target))

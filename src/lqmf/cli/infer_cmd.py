@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
 import typer
 
-from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
+from lqmf.cli.common import JsonOption, LocalOption, WorkspaceOption, running_server_for, workspace
 from lqmf.cli.output import info, print_json, print_table
 from lqmf.cli.phases import importing, show_phases
 from lqmf.core.errors import InputError
-from lqmf.core.serving import API_KEY_ENV, call_server, server_with_adapter
+from lqmf.core.serving import ServedModel
 
 
 def _read_prompt(prompt: str) -> str:
@@ -40,8 +39,7 @@ def answer(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | mps"),
     four_bit: bool | None = typer.Option(None, "--4bit/--no-4bit",
                                          help="Load the base in 4-bit (default: as the adapter was trained)."),
-    local: bool = typer.Option(False, "--local", help="Load the model in this process even when a running "
-                               "`lqmf serve` of this workspace holds the adapter."),
+    local: bool = LocalOption,
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -59,9 +57,8 @@ def answer(
 
     Registry(ws).get(adapter)  # fail fast (and fast) on a wrong name, before any model loads
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
-    served = None if local else server_with_adapter(ws, adapter)
+    served = running_server_for(ws, adapter, local, "answering")
     if served is not None:
-        info(f"answering with the running server {served['url']} (--local loads the model here instead)")
         _answer_with_server(served, adapter, text, base, raw, options, json_output)
         return
     show_phases(ctx, not json_output)
@@ -108,38 +105,29 @@ def answer(
 def _answer_with_server(served: dict[str, Any], adapter: str, text: str, base: bool, raw: bool,
                         options: dict[str, Any], json_output: bool) -> None:
     """`lqmf test` answered by a running server: the same output, from its HTTP API."""
-    state, key = served["state"], os.environ.get(API_KEY_ENV) or None
-    result: dict[str, Any] = {"adapter": adapter, "task": None, "base_model": state.get("base_reference"),
+    state = served["state"]
+    result: dict[str, Any] = {"adapter": adapter, "task": state.get("task"), "base_model": state.get("base_reference"),
                               "device": state.get("device"), "quantized_4bit": state.get("quantized_4bit"),
                               "server": served["url"]}
-    runs = [(adapter, adapter)] + ([("base", state["base"])] if base else [])
+    runs = [(adapter, adapter)] + ([(f"base ({state['base']})", state["base"])] if base else [])
     rows = []
-    for key_name, model_id in runs:
-        label = key_name if model_id == adapter else f"base ({state['base']})"
-        if state.get("task") == "classification":
-            answer = call_server(served["url"], "POST", "/v1/classify", {"model": model_id, "input": text}, key)
-            top = answer["data"][0]
-            part = {"label": top["label"], "probability": top["score"], "probabilities": top["probabilities"]}
-            rows.append([label, top["label"], f"{top['score']:.4f}"])
+    for label, model_id in runs:
+        model = ServedModel(served, model_id)
+        if model.task == "classification":
+            probabilities = model.classify([text])[0]
+            top = max(probabilities, key=probabilities.get)
+            part = {"label": top, "probability": probabilities[top], "probabilities": probabilities}
+            rows.append([label, top, f"{probabilities[top]:.4f}"])
         else:
-            body = {"model": model_id, "max_tokens": options["max_new_tokens"], "temperature": options["temperature"],
-                    "top_p": options["top_p"] or None, "seed": options["seed"]}
-            if raw:
-                route, body["prompt"] = "/v1/completions", text
-            else:
-                route, body["messages"] = "/v1/chat/completions", [{"role": "user", "content": text}]
-            answer = call_server(served["url"], "POST", route, body, key, timeout=600)
-            choice = answer["choices"][0]
-            words = choice["text"] if raw else choice["message"]["content"]
-            part = {"answer": words, "finish_reason": choice["finish_reason"],
-                    "prompt_tokens": answer["usage"]["prompt_tokens"],
-                    "new_tokens": answer["usage"]["completion_tokens"]}
+            if not json_output and base:
+                typer.echo(f"=== {label} ===")
+            generation = model.generate(text, raw=raw, on_text=None if json_output else _write, **options)
+            part = {"answer": generation["text"], "finish_reason": generation["finish_reason"],
+                    "prompt_tokens": generation["prompt_tokens"], "new_tokens": generation["new_tokens"],
+                    "seconds": round(generation["seconds"], 4)}
             if not json_output:
-                if base:
-                    typer.echo(f"=== {label} ===")
-                typer.echo(words)
+                _write("\n")
         result.update(part if model_id == adapter else {"base": part})
-    result["task"] = state.get("task")
     if json_output:
         print_json({("text" if state.get("task") == "classification" else "prompt"): text, **result})
     elif rows:

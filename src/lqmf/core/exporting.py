@@ -3,12 +3,15 @@
 PATH names the export itself (a folder, or a .tar.gz with --archive); a PATH that ends with '/'
 is a folder to export into, as NAME (NAME-merged for --merge; plus .tar.gz for --archive).
 Everything is built in a temporary folder beside the target and renamed into place when done.
+Temporaries are named after their process (owner_tag), so the next export to the same PATH can
+remove those a killed export left, and never one a running export is still writing.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,7 +25,7 @@ from typing import Any
 from lqmf import __version__
 from lqmf.core.errors import ConflictError, InputError
 from lqmf.core.faults import fault_point
-from lqmf.core.fsutil import fsync_dir
+from lqmf.core.fsutil import fsync_dir, owner_alive, owner_tag
 from lqmf.core.registry import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -38,6 +41,8 @@ CHECKSUMS = "SHA256SUMS"
 README = "README.md"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 PEFT_EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.yaml")
+# .STEM.PIDpSTART[.RANDOM].lqmf-tmp (being built) or .lqmf-old (a --force'd export moved aside)
+TEMPORARY = re.compile(r"^\.(?P<stem>.+)\.(?P<pid>\d+)p(?P<started>\d+)(?:\.[^.]+)?\.lqmf-(?P<kind>tmp|old)$")
 
 
 @dataclass(frozen=True)
@@ -202,7 +207,8 @@ def readme_text(entry: AdapterEntry, fmt: str, details: dict[str, Any]) -> str:
 def build_folder(plan: ExportPlan) -> Iterator[Path]:
     """A temporary folder beside the target, removed unless the export is installed."""
     plan.target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{plan.folder_name}.", suffix=".lqmf-tmp", dir=plan.target.parent))
+    work = Path(tempfile.mkdtemp(prefix=f".{plan.folder_name}.{owner_tag()}.", suffix=".lqmf-tmp",
+                                 dir=plan.target.parent))
     try:
         yield work
     finally:
@@ -222,7 +228,7 @@ def make_archive(folder: Path, plan: ExportPlan) -> Path:
     """Pack folder as FOLDER_NAME/ into a temporary .tar.gz beside the target; returns its path."""
     import tarfile
 
-    tmp = plan.target.with_name(f".{plan.target.name}.{os.getpid()}.{time.time_ns()}.lqmf-tmp")
+    tmp = plan.target.with_name(f".{plan.target.name}.{owner_tag()}.{time.time_ns()}.lqmf-tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
     try:
         with os.fdopen(fd, "wb") as raw:
@@ -253,12 +259,35 @@ def install(built: Path, plan: ExportPlan) -> None:
         if not plan.force:  # it appeared while we were building
             raise ConflictError(f"'{target}' already exists; use --force to replace it")
         if target.is_dir():
-            old = target.with_name(f".{target.name}.{os.getpid()}.lqmf-old")
+            old = target.with_name(f".{target.name}.{owner_tag()}.lqmf-old")
             target.rename(old)
+            fault_point("export.old_moved_aside")
     os.replace(built, target)
     fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_stale_temporaries(plan: ExportPlan, kind: str) -> list[str]:
+    """Remove what killed exports to this target left beside it: kind 'tmp' (unfinished builds) or 'old'
+    (a previous export moved aside by --force; only once the target is in place). Returns their names.
+
+    Only temporaries whose process is gone are removed; a name that does not say its process is kept.
+    """
+    if kind == "old" and not plan.target.exists():
+        return []
+    removed = []
+    for path in sorted(plan.target.parent.glob(f".*.lqmf-{kind}")):
+        match = TEMPORARY.match(path.name)
+        if (match is None or match["stem"] not in (plan.folder_name, plan.target.name)
+                or owner_alive(int(match["pid"]), int(match["started"]))):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path.name)
+    return removed
 
 
 def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -274,6 +303,7 @@ def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] 
 
 
 def _write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None) -> dict[str, Any]:
+    stale = remove_stale_temporaries(plan, "tmp") if plan.target.parent.is_dir() else []
     with build_folder(plan) as work:
         folder = work / plan.folder_name
         folder.mkdir()
@@ -297,8 +327,9 @@ def _write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]]
                 raise
         else:
             install(folder, plan)
+    stale += remove_stale_temporaries(plan, "old")
     result = {"adapter": plan.entry.name, "path": str(plan.target), "format": plan.format,
-              "archive": plan.archive, "files": files, **details}
+              "archive": plan.archive, "files": files, "stale_removed": stale, **details}
     if plan.archive:
         result["sha256"] = file_sha256(plan.target)
     return result

@@ -24,6 +24,7 @@ POINTS = {
     "finalize.old_trashed": "with --force: the old adapter moved to trash, staging not yet renamed",
     "finalize.renamed": "the adapter is in place, its training checkpoint not yet removed",
     "export.written": "the export is complete in its temporary folder, not yet renamed into place",
+    "export.old_moved_aside": "with --force: the previous export renamed aside, the new one not yet in place",
     "remove.trashed": "the adapter was moved to trash, the trash not yet emptied",
     "rename.moved": "the adapter folder has its new name, its manifest still the old name",
 }

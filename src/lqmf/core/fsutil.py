@@ -1,4 +1,4 @@
-"""Crash-safe file writes: temp file + fsync + os.replace."""
+"""Crash-safe file writes: temp file + fsync + os.replace; which process owns a temporary."""
 
 from __future__ import annotations
 
@@ -7,6 +7,40 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+SAME_PROCESS_S = 1.0  # start times further apart than this are two processes given one pid
+
+
+def process_started(pid: int) -> float | None:
+    """The start time of process pid (to tell it from a later process given the same pid), None if gone."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return None
+
+
+def owner_tag() -> str:
+    """'PIDpSTART' (start time in 1/100 s) naming this process in a temporary's name; see owner_alive."""
+    pid = os.getpid()  # not cached: a forked child is another owner
+    return f"{pid}p{round((process_started(pid) or 0.0) * 100)}"
+
+
+def owner_alive(pid: int, started_cs: int) -> bool:
+    """Whether the process an owner_tag names still runs (a pid reused by a later process is not it).
+
+    A process this user may not inspect counts as alive: what it may be writing is left alone.
+    """
+    import psutil
+
+    try:
+        now = psutil.Process(pid).create_time()
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+    return abs(now - started_cs / 100) <= SAME_PROCESS_S
 
 
 def fsync_dir(path: Path) -> None:

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lqmf.core.datasets import prompt_messages
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure
-from lqmf.core.fsutil import atomic_write_json
+from lqmf.core.fsutil import atomic_write_json, process_started
 from lqmf.core.workspace import Workspace
 
 API_KEY_ENV = "LQMF_API_KEY"
@@ -22,20 +26,11 @@ DEFAULT_MODEL = "default"  # the model id that follows the active adapter
 ACTIONS = ("load", "switch", "unload")
 SWAP_TIMEOUT_S = 600.0  # a swap waits for the requests queued before it
 PROBE_TIMEOUT_S = 3.0  # asking a server what it holds
+ANSWER_TIMEOUT_S = 600.0  # one answer, queued behind others
 
 
 def servers_dir(workspace: Workspace) -> Path:
     return workspace.root / ".lqmf" / "servers"
-
-
-def process_started(pid: int) -> float | None:
-    """The start time of process pid (to tell it from a later process given the same pid), None if gone."""
-    import psutil
-
-    try:
-        return psutil.Process(pid).create_time()
-    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
-        return None
 
 
 def connect_host(host: str) -> str:
@@ -84,9 +79,10 @@ def running_servers(workspace: Workspace) -> list[dict[str, Any]]:
     return sorted(live, key=lambda r: r.get("pid_started") or 0)
 
 
-def call_server(url: str, method: str, route: str, body: dict[str, Any] | None = None,
-                api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
-    """One JSON request to an lqmf server; its error answers become LqmfError with the server's message."""
+@contextmanager
+def _request(url: str, method: str, route: str, body: dict[str, Any] | None, api_key: str | None,
+             timeout: float) -> Iterator[Any]:
+    """The open HTTP response of one request; the server's error answers become LqmfError with its message."""
     import urllib.error  # with http.client, ~40 ms to import: only when a server is asked
     import urllib.request
 
@@ -97,12 +93,36 @@ def call_server(url: str, method: str, route: str, body: dict[str, Any] | None =
         request.add_header("Authorization", f"Bearer {api_key}")
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read() or b"{}")
+            yield response
     except urllib.error.HTTPError as err:
         raise _http_error(url, err) from None
     except (urllib.error.URLError, OSError) as err:
         reason = getattr(err, "reason", err)
         raise RuntimeFailure(f"cannot reach the lqmf server at {url}: {reason}") from None
+
+
+def call_server(url: str, method: str, route: str, body: dict[str, Any] | None = None,
+                api_key: str | None = None, timeout: float = 30.0) -> dict[str, Any]:
+    """One JSON request to an lqmf server; its error answers become LqmfError with the server's message."""
+    with _request(url, method, route, body, api_key, timeout) as response:
+        return json.loads(response.read() or b"{}")
+
+
+def stream_server(url: str, route: str, body: dict[str, Any], api_key: str | None = None,
+                  timeout: float = ANSWER_TIMEOUT_S) -> Iterator[dict[str, Any]]:
+    """The server-sent events of one streaming request, as they arrive (an error event raises)."""
+    with _request(url, "POST", route, {**body, "stream": True}, api_key, timeout) as response:
+        for raw_line in response:
+            line = raw_line.decode("utf-8").strip()
+            if not line.startswith("data:"):
+                continue
+            data = line[len("data:"):].strip()
+            if data == "[DONE]":
+                return
+            event = json.loads(data)
+            if "error" in event:
+                raise RuntimeFailure(f"server {url} failed mid-answer: {event['error'].get('message')}")
+            yield event
 
 
 def _http_error(url: str, err: Any) -> LqmfError:
@@ -182,6 +202,73 @@ def server_with_adapter(workspace: Workspace, adapter: str, api_key: str | None 
         if adapter in (state.get("resident") or []):
             return {**record, "state": state}
     return None
+
+
+class ServedModel:
+    """An adapter (or the bare base) of a running server, answering over HTTP as a local model would.
+
+    served is server_with_adapter's record; model_id an adapter it holds or its base id. What
+    `lqmf test` and `lqmf bench` ask of a running server goes through here.
+    """
+
+    def __init__(self, served: dict[str, Any], model_id: str, api_key: str | None = None):
+        self.url, self.state, self.model_id = served["url"], served["state"], model_id
+        self.task = self.state.get("task")
+        self.api_key = api_key or os.environ.get(API_KEY_ENV) or None
+
+    def runtime(self) -> dict[str, Any]:
+        return {"device": self.state.get("device"), "dtype": self.state.get("dtype"),
+                "quantized_4bit": self.state.get("quantized_4bit"), "server": self.url}
+
+    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+        """{label: probability} for each text, as engine.inference.classify gives them."""
+        answer = call_server(self.url, "POST", "/v1/classify", {"model": self.model_id, "input": texts},
+                             self.api_key, timeout=ANSWER_TIMEOUT_S)
+        return [row["probabilities"] for row in sorted(answer["data"], key=lambda row: row["index"])]
+
+    def generate(self, prompt: str | list[dict[str, str]], *, max_new_tokens: int, min_new_tokens: int = 0,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, raw: bool = False,
+                 on_text: Callable[[str], None] | None = None) -> dict[str, Any]:
+        """One streamed answer: its text, finish reason, token counts and times (seconds, first token).
+
+        A str prompt is formatted as the adapter's task trained it (raw=True: sent as it is);
+        min_new_tokens asks for no end of text before that many tokens (vLLM's `min_tokens`).
+        """
+        body: dict[str, Any] = {"model": self.model_id, "max_tokens": max_new_tokens, "temperature": temperature,
+                                "top_p": top_p or None, "seed": seed, "stream_options": {"include_usage": True}}
+        if min_new_tokens:
+            body["min_tokens"] = min_new_tokens
+        if raw:
+            route, body["prompt"] = "/v1/completions", prompt
+        else:
+            route = "/v1/chat/completions"
+            body["messages"] = prompt_messages(self.task, prompt) if isinstance(prompt, str) else prompt
+        pieces: list[str] = []
+        finish, usage, first = None, {}, None
+        started = time.perf_counter()
+        for event in stream_server(self.url, route, body, self.api_key):
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                text = choice.get("text") if raw else (choice.get("delta") or {}).get("content")
+                if text:
+                    first = first if first is not None else time.perf_counter() - started
+                    pieces.append(text)
+                    if on_text is not None:
+                        on_text(text)
+                finish = choice.get("finish_reason") or finish
+        return {"text": "".join(pieces), "finish_reason": finish, "prompt_tokens": usage.get("prompt_tokens"),
+                "new_tokens": usage.get("completion_tokens"), "seconds": time.perf_counter() - started,
+                "first_token_seconds": first}
+
+    def memory(self) -> dict[str, Any]:
+        """The server's own peak memory report (on a GPU: its peak since it started, over all its requests),
+        or a record saying it was not measured (a server on the CPU reports none)."""
+        state = call_server(self.url, "GET", "/admin/adapters", None, self.api_key, timeout=PROBE_TIMEOUT_S)
+        gpu = state.get("gpu_memory_gb") or {}
+        if gpu.get("peak_allocated") is not None:
+            return {"kind": "vram", "device": "cuda", "peak_gb": gpu["peak_allocated"],
+                    "after_load_gb": gpu.get("allocated"), "source": "server (its peak since it started)"}
+        return {"kind": None, "device": self.state.get("device"), "peak_gb": None, "measured": False}
 
 
 def latest_active_adapter(active: dict[str, dict[str, Any]]) -> str | None:

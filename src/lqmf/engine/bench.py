@@ -24,6 +24,7 @@ from lqmf.core.errors import InputError, require
 from lqmf.core.manifest import now_iso
 from lqmf.core.metrics import classification_scores, confusion_matrix, rouge_scores
 from lqmf.core.registry import AdapterEntry, Registry
+from lqmf.core.serving import ServedModel
 from lqmf.core.system import LIBRARIES, library_versions
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
@@ -116,7 +117,31 @@ def quality_set(entry: AdapterEntry, eval_file: Path | None, limit: int, notes: 
 # ----------------------------------------------------------------------------- measuring one model
 
 
-def _speed(model: inference.InferenceModel, options: BenchOptions, max_length: int):
+class LocalModel:
+    """A model loaded in this process, answering as core.serving.ServedModel does over HTTP."""
+
+    def __init__(self, model: inference.InferenceModel, max_length: int):
+        self.model, self.task, self.max_length = model, model.task, max_length
+
+    def runtime(self) -> dict[str, Any]:
+        return self.model.loaded.runtime()
+
+    def classify(self, texts: list[str]) -> list[dict[str, float]]:
+        return inference.classify(self.model, texts, max_length=self.max_length)
+
+    def generate(self, prompt: str | list[dict[str, str]], *, max_new_tokens: int,
+                 min_new_tokens: int = 0) -> dict[str, Any]:
+        generation = inference.generate(self.model, inference.prompt_ids(self.model, prompt),
+                                        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        return {"text": generation.text, "finish_reason": generation.finish_reason,
+                "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
+                "seconds": generation.seconds, "first_token_seconds": generation.first_token_seconds}
+
+
+Answerer = LocalModel | ServedModel
+
+
+def _speed(model: Answerer, options: BenchOptions):
     """Time every prompt after the warm-up runs; generative prompts make exactly max_new_tokens tokens."""
     classification = model.task == "classification"
     n_tokens = options.max_new_tokens
@@ -124,15 +149,14 @@ def _speed(model: inference.InferenceModel, options: BenchOptions, max_length: i
     def answer(prompt: str) -> dict[str, Any]:
         if classification:
             started = time.perf_counter()
-            scores = inference.classify(model, [prompt], max_length=max_length)[0]
+            scores = model.classify([prompt])[0]
             seconds = time.perf_counter() - started
             label = max(scores, key=scores.get)
             return {"prompt": prompt, "output": label, "confidence": scores[label], "seconds": seconds}
-        generation = inference.generate(model, inference.prompt_ids(model, prompt), max_new_tokens=n_tokens,
-                                        min_new_tokens=n_tokens)
-        return {"prompt": prompt, "output": generation.text, "seconds": generation.seconds,
-                "prompt_tokens": generation.prompt_tokens, "new_tokens": generation.new_tokens,
-                "first_token_seconds": generation.first_token_seconds}
+        generation = model.generate(prompt, max_new_tokens=n_tokens, min_new_tokens=n_tokens)
+        return {"prompt": prompt, "output": generation["text"], "seconds": generation["seconds"],
+                "prompt_tokens": generation["prompt_tokens"], "new_tokens": generation["new_tokens"],
+                "first_token_seconds": generation["first_token_seconds"]}
 
     for index in range(options.warmup):
         answer(options.prompts[index % len(options.prompts)])
@@ -150,39 +174,49 @@ def _speed(model: inference.InferenceModel, options: BenchOptions, max_length: i
     return speed, responses
 
 
-def _classification_quality(model: inference.InferenceModel, examples: list[dict[str, Any]],
-                            max_length: int) -> dict[str, Any]:
-    label_ids = {label: i for i, label in enumerate(model.labels)}
+def _classification_quality(model: Answerer, labels: list[str], examples: list[dict[str, Any]]) -> dict[str, Any]:
+    label_ids = {label: i for i, label in enumerate(labels)}
     truth = [label_ids[e["label"]] for e in examples]
     predicted: list[int] = []
     for start in range(0, len(examples), CLASSIFY_BATCH):
         texts = [e["text"] for e in examples[start: start + CLASSIFY_BATCH]]
-        for scores in inference.classify(model, texts, max_length=max_length):
+        for scores in model.classify(texts):
             predicted.append(label_ids[max(scores, key=scores.get)])
-    n_labels = len(model.labels)
+    n_labels = len(labels)
     return {"examples": len(examples), **classification_scores(truth, predicted, n_labels),
-            "labels": model.labels, "confusion_matrix": confusion_matrix(truth, predicted, n_labels)}
+            "labels": labels, "confusion_matrix": confusion_matrix(truth, predicted, n_labels)}
 
 
 def _last_user_turn(messages: list[dict[str, str]]) -> str:
     return next(m["content"] for m in reversed(messages) if m["role"] == "user")
 
 
-def _generative_quality(model: inference.InferenceModel, examples: list[dict[str, Any]], config: dict[str, Any],
-                        max_new_tokens: int, notes: list[str]) -> dict[str, Any]:
-    """Perplexity on the reference answers (training's own evaluation) and ROUGE of greedy answers."""
+def _eval_loss(model: Answerer, examples: list[dict[str, Any]], config: dict[str, Any],
+               notes: list[str]) -> dict[str, float]:
+    """Eval loss and perplexity on the reference answers (training's own evaluation); they need the logits,
+    so a model answering through a server has none."""
     from lqmf.engine.train import evaluate
 
+    if isinstance(model, ServedModel):
+        note = "eval loss and perplexity not measured through the server (they need the model's logits): --local"
+        notes += [note] if note not in notes else []
+        return {}
     overlong = config.get("overlong", "truncate")
-    encoded = data_mod.encode_examples(model.tokenizer, examples, model.task, int(config.get("max_seq_length", 512)),
+    encoded = data_mod.encode_examples(model.model.tokenizer, examples, model.task,
+                                       int(config.get("max_seq_length", 512)),
                                        "truncate" if overlong == "error" else overlong, source="evaluation")
     notes += [n for n in encoded.notes if n not in notes]
     batch = max(1, int(config.get("per_device_train_batch_size", 2)) * 2)
-    scores = evaluate(model.loaded, encoded.rows, False, batch) if encoded.rows else {}
+    return evaluate(model.model.loaded, encoded.rows, False, batch) if encoded.rows else {}
+
+
+def _generative_quality(model: Answerer, examples: list[dict[str, Any]], config: dict[str, Any],
+                        max_new_tokens: int, notes: list[str]) -> dict[str, Any]:
+    """Perplexity on the reference answers and ROUGE of greedy answers."""
+    scores = _eval_loss(model, examples, config, notes)
     predictions, references = [], []
     for example in examples:
-        ids = inference.prompt_ids(model, example["messages"][:-1])
-        predictions.append(inference.generate(model, ids, max_new_tokens=max_new_tokens).text)
+        predictions.append(model.generate(example["messages"][:-1], max_new_tokens=max_new_tokens)["text"])
         references.append(example["messages"][-1]["content"])
     samples = [{"prompt": _last_user_turn(e["messages"]), "reference": r, "answer": p}
                for e, r, p in zip(examples[:SAMPLES_KEPT], references, predictions, strict=False)]
@@ -195,6 +229,21 @@ def _release(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def answer_figures(model: Answerer, labels: list[str], options: BenchOptions, quality: QualitySet | None,
+                   config: dict[str, Any], notes: list[str], progress: Callable[[str], None]) -> dict[str, Any]:
+    """Speed and quality of a model, in this process or through a server alike."""
+    progress(f"timing {len(options.prompts)} prompts after {options.warmup} warm-up run(s)")
+    speed, responses = _speed(model, options)
+    scores = None
+    if quality is not None:
+        progress(f"scoring quality on {len(quality.examples)} examples")
+        if model.task == "classification":
+            scores = _classification_quality(model, labels, quality.examples)
+        else:
+            scores = _generative_quality(model, quality.examples, config, options.max_new_tokens, notes)
+    return {"runtime": model.runtime(), "speed": speed, "quality": scores, "responses": responses}
 
 
 def measure(load: Callable[[], inference.InferenceModel], description: str, options: BenchOptions,
@@ -212,25 +261,27 @@ def measure(load: Callable[[], inference.InferenceModel], description: str, opti
         notes.append(f"{description} was already loaded in this process (lqmf shell): its load time "
                      f"({load_seconds:.2f} s) is the time to reuse it")
     after_load = memory_in_use_gb(device)
-    max_length = int(config.get("max_seq_length", 512))
-    progress(f"timing {len(options.prompts)} prompts after {options.warmup} warm-up run(s)")
-    speed, responses = _speed(model, options, max_length)
-    scores = None
-    if quality is not None:
-        progress(f"scoring quality on {len(quality.examples)} examples")
-        if model.task == "classification":
-            scores = _classification_quality(model, quality.examples, max_length)
-        else:
-            scores = _generative_quality(model, quality.examples, config, options.max_new_tokens, notes)
-    run = {
-        "model": description, "runtime": model.loaded.runtime(), "load_seconds": load_seconds, "speed": speed,
-        "memory": {"kind": "vram" if device == "cuda" else "rss", "device": device,
-                   "after_load_gb": after_load, "peak_gb": peak_memory_gb(device)},
-        "quality": scores, "responses": responses,
-    }
+    figures = answer_figures(LocalModel(model, int(config.get("max_seq_length", 512))), model.labels, options,
+                             quality, config, notes, progress)
+    run = {"model": description, "load_seconds": load_seconds, **figures,
+           "memory": {"kind": "vram" if device == "cuda" else "rss", "device": device,
+                      "after_load_gb": after_load, "peak_gb": peak_memory_gb(device)}}
     del model
     _release(device)
     return run
+
+
+def measure_served(model: ServedModel, description: str, labels: list[str], options: BenchOptions,
+                   quality: QualitySet | None, config: dict[str, Any], notes: list[str],
+                   progress: Callable[[str], None]) -> dict[str, Any]:
+    """Measure a model a running server holds, over HTTP: no load time; memory as the server reports it."""
+    progress(f"asking the server {model.url} for {description}")
+    figures = answer_figures(model, labels, options, quality, config, notes, progress)
+    memory = model.memory()
+    if memory["peak_gb"] is None:
+        note = f"peak memory not measured: the server {model.url} reports none on {memory['device'] or 'its device'}"
+        notes += [note] if note not in notes else []
+    return {"model": description, "load_seconds": None, **figures, "memory": memory}
 
 
 # ----------------------------------------------------------------------------- the whole benchmark
@@ -263,46 +314,41 @@ def hardware(device: str) -> dict[str, Any]:
 
 
 def run_benchmark(workspace: Workspace, adapter: str, options: BenchOptions,
-                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Benchmark an adapter (and with options.with_base its base model); returns the result to save."""
+                  progress: Callable[[str], None] | None = None,
+                  served: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Benchmark an adapter (and with options.with_base its base model); returns the result to save.
+
+    served (core.serving.server_with_adapter's record): measure through that running server, over HTTP.
+    """
     progress = progress or (lambda message: None)
     entry = Registry(workspace).get_intact(adapter)
     manifest = entry.manifest
     task = manifest["task"]
     config = manifest.get("config") or {}
+    labels = inference.labels_of(entry)
     notes: list[str] = []
     inference.quiet_libraries()
     quality = quality_set(entry, options.eval_file, options.eval_limit, notes)
     if quality is not None and task != "classification":
         require("rouge_score", "rouge-score", "bench")
-    import peft  # noqa: F401 - imported before the clock starts: load times count loading, not imports
     base_ref = manifest["base_model"]["reference"]
-    adapter_run = measure(lambda: inference.load_for_inference(workspace, adapter, device=options.device),
-                          f"adapter '{adapter}' on {base_ref}", options, quality, config, notes, progress)
-    base_run = None
-    if options.with_base:
-        import torch
-
-        resolved = inference.adapter_base(workspace, entry)
-        labels = inference.labels_of(entry)
-        quantized = bool((manifest.get("runtime") or {}).get("quantized_4bit"))
-
-        def load_base() -> inference.InferenceModel:
-            torch.manual_seed(int(config.get("seed", 42)))  # the same random head on every run
-            return inference.load_for_inference(workspace, None, base=resolved, task=task, labels=labels or None,
-                                                device=options.device, quantize_4bit=quantized)
-
-        if task == "classification":
-            notes.append("the base model has no trained classification head: it gets a randomly initialised "
-                         "(seeded) one, so its quality figures are chance level by construction")
-        base_run = measure(load_base, f"base model {base_ref}", options, quality, config, notes, progress)
-    device = adapter_run["memory"]["device"]
+    if task == "classification" and options.with_base:
+        notes.append("the base model has no trained classification head: it gets a randomly initialised "
+                     "(seeded) one, so its quality figures are chance level by construction")
+    if served is not None:
+        adapter_run, base_run = _runs_through_server(served, adapter, base_ref, labels, options, quality, config,
+                                                     notes, progress)
+    else:
+        adapter_run, base_run = _runs_here(workspace, entry, options, quality, config, notes, progress)
+    device = adapter_run["memory"]["device"] or adapter_run["runtime"]["device"]
     return {
         "lqmf_benchmark": RESULT_VERSION,
         "adapter": adapter,
         "task": task,
         "base_model": base_ref,
         "created": now_iso(),
+        "via": "server" if served is not None else "local",
+        "server": served["url"] if served is not None else None,
         "options": options.to_dict(),
         "quality_data": quality.source if quality else None,
         "hardware": hardware(device),
@@ -314,12 +360,55 @@ def run_benchmark(workspace: Workspace, adapter: str, options: BenchOptions,
     }
 
 
+def _runs_here(workspace: Workspace, entry: AdapterEntry, options: BenchOptions, quality: QualitySet | None,
+               config: dict[str, Any], notes: list[str], progress: Callable[[str], None]):
+    """The adapter's run (and the base's) with each model loaded in this process."""
+    import peft  # noqa: F401 - imported before the clock starts: load times count loading, not imports
+
+    manifest = entry.manifest
+    base_ref = manifest["base_model"]["reference"]
+    adapter_run = measure(lambda: inference.load_for_inference(workspace, entry.name, device=options.device),
+                          f"adapter '{entry.name}' on {base_ref}", options, quality, config, notes, progress)
+    if not options.with_base:
+        return adapter_run, None
+    import torch
+
+    resolved = inference.adapter_base(workspace, entry)
+    quantized = bool((manifest.get("runtime") or {}).get("quantized_4bit"))
+
+    def load_base() -> inference.InferenceModel:
+        torch.manual_seed(int(config.get("seed", 42)))  # the same random head on every run
+        return inference.load_for_inference(workspace, None, base=resolved, task=manifest["task"],
+                                            labels=inference.labels_of(entry) or None, device=options.device,
+                                            quantize_4bit=quantized)
+
+    return adapter_run, measure(load_base, f"base model {base_ref}", options, quality, config, notes, progress)
+
+
+def _runs_through_server(served: dict[str, Any], adapter: str, base_ref: str, labels: list[str],
+                         options: BenchOptions, quality: QualitySet | None, config: dict[str, Any],
+                         notes: list[str], progress: Callable[[str], None]):
+    """The adapter's run (and the base's) answered by a running server, timed over HTTP."""
+    notes.append(f"measured through the running server {served['url']} over HTTP: times include the HTTP round "
+                 "trip and any other requests it serves meanwhile; no load time (the model was already loaded)")
+    if options.device != "auto":
+        notes.append(f"--device {options.device} ignored: the server runs on {served['state'].get('device')}")
+    adapter_run = measure_served(ServedModel(served, adapter), f"adapter '{adapter}' on {base_ref}", labels,
+                                 options, quality, config, notes, progress)
+    base_run = None
+    if options.with_base:
+        base_run = measure_served(ServedModel(served, served["state"]["base"]), f"base model {base_ref}", labels,
+                                  options, quality, config, notes, progress)
+    return adapter_run, base_run
+
+
 def benchmark(workspace: Workspace, adapter: str, prompts_file: str | Path | None = None, *, base: bool = False,
               eval_file: str | Path | None = None, eval_limit: int = 200, max_new_tokens: int = 64,
               warmup: int = 1, device: str = "auto", save: bool = True,
-              progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+              progress: Callable[[str], None] | None = None, served: dict[str, Any] | None = None) -> dict[str, Any]:
     """Check the inputs (before any model loads), benchmark, and save the result under benchmarks/.
 
+    served: a running server's record (core.serving.server_with_adapter) to measure through.
     The returned result names its file under 'source_file' (as loaded results do).
     """
     if device not in DEVICES:
@@ -333,7 +422,7 @@ def benchmark(workspace: Workspace, adapter: str, prompts_file: str | Path | Non
     prompts = read_prompts(prompts_path) if prompts_path else builtin_prompts(task)
     options = BenchOptions(prompts, str(prompts_path) if prompts_path else None, max_new_tokens, warmup,
                            workspace.resolve_path(eval_file) if eval_file else None, eval_limit, base, device)
-    result = run_benchmark(workspace, adapter, options, progress=progress)
+    result = run_benchmark(workspace, adapter, options, progress=progress, served=served)
     if save:
         result["source_file"] = str(save_result(workspace, result))
     return result
