@@ -5,13 +5,14 @@ plain linears); the forward pass is ours, so rows at different positions share o
 
   - a static KV cache of `slots` sequences of up to `max_len` tokens; a row's slot is its index in
     the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
-  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each
+  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`; a 4-bit one by
+    engine/nf4_kernels.py for 2..64 rows, which reads the packed weight once), then adds each
     row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
     tensor and the B matrices into one [N, sum r] tensor; a row's one-hot column mask keeps its
     adapter's rank-space columns, and its scaling multiplies its delta. Three small ops, whatever
     the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
     batching, done by masking instead of gathering);
-  - prompts are prefilled one row and one chunk at a time, eagerly; on CUDA the one-token decode
+  - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
     step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed.
 
 Adapters are read from their folders (`adapter_config.json`, `adapter_model.safetensors`) into
@@ -115,7 +116,10 @@ class BatchedLoRALinear:
     """
 
     def __init__(self, base):
+        from lqmf.engine.nf4_kernels import NF4Weight
+
         self.base = base
+        self.nf4 = NF4Weight.of(base)  # a 4-bit base: one kernel for a few rows (engine/nf4_kernels.py)
         self.stacked_a = None  # [sum r, K]
         self.stacked_b = None  # [N, sum r]
         self.layout: tuple | None = None
@@ -146,7 +150,7 @@ class BatchedLoRALinear:
         """x: [B, T, K]; selected: per layout, each row's (columns [B, 1, sum r], scaling [B, 1, 1])."""
         import torch
 
-        out = self.base(x)
+        out = self.nf4.matmul(x) if self.nf4 is not None and self.nf4.applies(x) else self.base(x)
         if self.stacked_a is None:
             return out
         columns, scales = selected[self.layout]
@@ -220,8 +224,13 @@ class BatchedDecoder:
         self.layouts = {}
         for name, projection in self.projections.items():
             projection.set_adapters(entries, name, self.layouts)
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget every captured step (and their memory pool, which goes with the last of them)."""
         self.graphs.clear()
         self.failed.clear()
+        self.pool = None
 
     # -- the forward pass ---------------------------------------------------------------------
 
@@ -250,27 +259,34 @@ class BatchedDecoder:
             hidden = hidden + p["down_proj"](layer.mlp.act_fn(p["gate_proj"](x, rows)) * p["up_proj"](x, rows), rows)
         return model.norm(hidden)
 
-    def prefill(self, slot: int, ids: list[int], start: int, adapter_index: int):
-        """Run ids at positions start.. for slot's row; the logits after its last token ([vocab])."""
+    def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int], adapters: list[int]):
+        """Run chunks[i] at positions starts[i].. for slot slots[i]'s row, all rows in one pass (shorter
+        chunks padded; padding writes the idle position); the logits after each row's last token [rows, vocab]."""
         import torch
 
-        count = len(ids)
-        ids_t = torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
-        rows = torch.tensor([adapter_index], device=self.device)
-        allowed = self.key_positions[:start + count].view(1, -1) <= positions.view(-1, 1)
+        count, lengths = max(len(chunk) for chunk in chunks), [len(chunk) for chunk in chunks]
+        ids = torch.tensor([chunk + [0] * (count - len(chunk)) for chunk in chunks], device=self.device)
+        positions = torch.tensor([[start + j if j < len(chunk) else self.max_len for j in range(count)]
+                                  for chunk, start in zip(chunks, starts, strict=True)], device=self.device)
+        rows = torch.tensor(adapters, device=self.device)
+        slots_t = torch.tensor(slots, device=self.device)
+        length = max(start + len(chunk) for chunk, start in zip(chunks, starts, strict=True))
+        keys_at = self.key_positions[:length].view(1, 1, -1)
+        allowed = keys_at <= positions.unsqueeze(-1)
         if self.window:
-            allowed &= self.key_positions[:start + count].view(1, -1) > positions.view(-1, 1) - self.window
+            allowed &= keys_at > positions.unsqueeze(-1) - self.window
+        allowed = allowed.unsqueeze(1)  # [rows, 1, count, length]
 
         def attend(index, q, k, v):
-            self.keys[index][slot, :, start:start + count] = k[0]
-            self.values[index][slot, :, start:start + count] = v[0]
-            keys = self.keys[index][slot:slot + 1, :, :start + count]
-            values = self.values[index][slot:slot + 1, :, :start + count]
-            return _attention(q, keys, values, allowed.view(1, 1, count, -1), self.scaling)
+            self.keys[index][slots_t.view(-1, 1), :, positions] = k.transpose(1, 2)
+            self.values[index][slots_t.view(-1, 1), :, positions] = v.transpose(1, 2)
+            keys = self.keys[index].index_select(0, slots_t)[:, :, :length]
+            values = self.values[index].index_select(0, slots_t)[:, :, :length]
+            return _attention(q, keys, values, allowed, self.scaling)
 
-        hidden = self._forward(ids_t, positions, rows, attend)
-        return self.model.lm_head(hidden[:, -1]).float()[0]
+        hidden = self._forward(ids, positions, rows, attend)
+        last = hidden[torch.arange(len(chunks), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.model.lm_head(last).float()
 
     def _step(self, batch: int, length: int):
         """One token for slots 0..batch-1 from self.tokens/positions/rows; attention over length positions."""
