@@ -6,10 +6,10 @@ plain linears); the forward pass is ours, so rows at different positions share o
   - a static KV cache of `slots` sequences of up to `max_len` tokens; a row's slot is its index in
     the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
   - every projection runs its base matmul once for the batch (`BatchedLoRALinear`; a 4-bit one by
-    engine/nf4_kernels.py for 2..64 rows, which reads the packed weight once), then adds each
+    engine/nf4_kernels.py for a few rows when LQMF_NF4_KERNEL=1), then adds each
     row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
-    tensor and the B matrices into one [N, sum r] tensor; a row's one-hot column mask keeps its
-    adapter's rank-space columns, and its scaling multiplies its delta. Three small ops, whatever
+    tensor and the B matrices into one [N, sum r] tensor; a row's column mask keeps its adapter's
+    rank-space columns, scaled by its scaling, and the product with B adds in place. Three small ops, whatever
     the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
     batching, done by masking instead of gathering);
   - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
@@ -111,8 +111,9 @@ class BatchedLoRALinear:
 
     Holds the base layer (an nn.Linear or a 4-bit Linear4bit, called as it is) and the stacked LoRA
     matrices of the adapters that target it. Projections whose adapters have the same ranks and
-    scalings share one `layout`: a [adapters + 1, sum r] one-hot column table and the [adapters + 1]
-    scalings (row 0: no adapter), from which the decoder selects each row's once per forward pass.
+    scalings share one `layout`: an [adapters + 1, sum r] table whose row i holds adapter i's scaling in its
+    rank-space columns and zeros elsewhere (row 0: no adapter); the decoder selects each row's once per
+    forward pass.
     """
 
     def __init__(self, base):
@@ -124,7 +125,7 @@ class BatchedLoRALinear:
         self.stacked_b = None  # [N, sum r]
         self.layout: tuple | None = None
 
-    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, tuple]) -> None:
+    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, Any]) -> None:
         """Stack the weights that entries (index i + 1 each) hold for this projection; add its layout's
         tables to layouts when new."""
         import torch
@@ -138,24 +139,20 @@ class BatchedLoRALinear:
         self.layout = (len(entries), tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
         if self.layout not in layouts:
             columns = self.stacked_a.new_zeros(len(entries) + 1, self.stacked_a.shape[0])
-            scales = self.stacked_a.new_zeros(len(entries) + 1)
             start = 0
             for index, rank, scaling in self.layout[1]:
-                columns[index, start:start + rank] = 1
-                scales[index] = scaling
+                columns[index, start:start + rank] = scaling
                 start += rank
-            layouts[self.layout] = (columns, scales)
+            layouts[self.layout] = columns
 
-    def __call__(self, x, selected: dict[tuple, tuple]):
-        """x: [B, T, K]; selected: per layout, each row's (columns [B, 1, sum r], scaling [B, 1, 1])."""
-        import torch
-
+    def __call__(self, x, selected: dict[tuple, Any]):
+        """x: [B, T, K]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
         out = self.nf4.matmul(x) if self.nf4 is not None and self.nf4.applies(x) else self.base(x)
         if self.stacked_a is None:
             return out
-        columns, scales = selected[self.layout]
-        low = (x @ self.stacked_a.t()) * columns
-        return torch.addcmul(out, low @ self.stacked_b.t(), scales)
+        low = (x @ self.stacked_a.t()) * selected[self.layout]
+        out.view(-1, out.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.stacked_b.t())
+        return out
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -214,7 +211,7 @@ class BatchedDecoder:
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
         self.pool = None
-        self.layouts: dict[tuple, tuple] = {}  # a LoRA layout -> (one-hot columns, scalings) per adapter index
+        self.layouts: dict[tuple, Any] = {}  # a LoRA layout -> its scaled column table, a row per adapter index
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -241,8 +238,7 @@ class BatchedDecoder:
         cos, sin = model.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         batch, length = ids.shape
-        rows = {layout: (columns.index_select(0, rows).unsqueeze(1), scales.index_select(0, rows).view(-1, 1, 1))
-                for layout, (columns, scales) in self.layouts.items()}
+        rows = {layout: columns.index_select(0, rows).unsqueeze(1) for layout, columns in self.layouts.items()}
         for index, layer in enumerate(self.layers):
             p = layer.projections
             x = layer.input_norm(hidden)
