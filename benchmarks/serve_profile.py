@@ -5,22 +5,22 @@ Loads the 4-bit Mistral-7B-shaped model of benchmarks/gpu_train_bench.py in the 
 
 - per batch bucket: whether the decode step's CUDA graph is captured, the capture time, the GPU
   time of one replay (CUDA events), the wall time of one `decode()` call as the scheduler makes it
-  (with the argmax and copy back), and one eager step; with and without the NF4 kernel
-  (engine/nf4_kernels.py) and without adapters (the per-row LoRA's share);
-- the kernels of one replay by category (torch.profiler);
-- the base matmuls of one layer alone, bitsandbytes vs the NF4 kernel's configurations, in graphs;
-- prefill of a short and a 512-token prompt;
-- the scheduler in process: C client threads x 2 requests of 128 tokens, the time in prefill,
-  in decode steps and elsewhere.
+  (with the argmax and copy back), and one eager step; also without adapters (the per-row LoRA's share);
+- the kernels of one replay (and one eager step) by category (torch.profiler);
+- prefill of a short prompt, a 512-token prompt and 16 short prompts in one pass;
+- the scheduler in process (no HTTP): C client threads x 2 requests of 128 tokens, the time in
+  prefill, in decode steps and elsewhere.
 
-    PYTHONPATH=src:benchmarks python3 benchmarks/serve_profile.py --out $OUT/profile.json
+    PYTHONPATH=src:benchmarks python3 benchmarks/serve_profile.py --out $OUT/profile.json [--scheduler-only]
+
+(Commit 695468a/a16c91d's NF4 Triton kernels were timed with earlier versions of this script:
+docs/measurements/h200-serve-profile-2.json.)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -67,7 +67,7 @@ def graphed_us(fn, repeats: int = 20) -> float:
 def category(name: str) -> str:
     lowered = name.lower()
     for key, label in (("dequant", "bnb_dequantize"), ("gemv_4bit", "bnb_gemv"), ("kgemm_4bit", "bnb_gemv"),
-                       ("nf4_matmul", "nf4_kernel"), ("softmax", "attention_softmax"), ("gemm", "gemm"),
+                       ("softmax", "attention_softmax"), ("gemm", "gemm"),
                        ("cutlass", "gemm"), ("xmma", "gemm"), ("nvjet", "gemm"), ("index", "index_kv"),
                        ("elementwise", "elementwise"), ("reduce", "reduce")):
         if key in lowered:
@@ -131,54 +131,6 @@ def steps(decoder, batches, length: int, label: str, out: dict[str, Any]) -> Non
         record = step_figures(decoder, batch, length)
         out[label].append(record)
         print(label, json.dumps(record), flush=True)
-
-
-def set_kernel(decoder, saved: dict[str, Any] | None):
-    """Turn the NF4 kernel off (saved None: returns what it removed) or back on; drops captured graphs."""
-    removed = {}
-    for name, projection in decoder.projections.items():
-        if saved is None:
-            removed[name], projection.nf4 = projection.nf4, None
-        else:
-            projection.nf4 = saved[name]
-    decoder.drop_graphs()
-    return removed
-
-
-def matmul_table(decoder, rows_list) -> list[dict[str, Any]]:
-    import dataclasses
-
-    import torch
-
-    from lqmf.engine.nf4_kernels import Config
-
-    configs = [Config(64, 128), Config(64, 256), Config(128, 128), Config(32, 256), Config(64, 128, warps=8),
-               Config(64, 128, split=1), Config(32, 128)]
-    layer = decoder.layers[0].projections
-    table = []
-    for name in ("q_proj", "k_proj", "gate_proj", "down_proj"):
-        projection = layer[name]
-        weight = projection.nf4
-        flat = weight.code2[weight.absmax.long()] * weight.absmax2.repeat_interleave(weight.blocksize2)[
-            :weight.absmax.numel()] + weight.offset
-        plain = dataclasses.replace(weight, absmax=flat.float().contiguous(), absmax2=None, code2=None, offset=0.0)
-        for rows in rows_list:
-            x = (torch.randn(rows, 1, weight.in_features, generator=torch.Generator().manual_seed(rows)) * 0.5).to(
-                device=decoder.device, dtype=decoder.dtype)
-            reference = projection.base(x).float()
-            bnb_us = graphed_us(lambda p=projection, x=x: p.base(x))
-            entry: dict[str, Any] = {"proj": name, "rows": rows, "bnb_us": bnb_us}
-            for label, variant, config in [*((f"k{c.block_n}x{c.block_k}w{c.warps}s{c.split or 'auto'}", weight, c)
-                                             for c in configs), ("plain_absmax_k64x128", plain, Config(64, 128))]:
-                try:
-                    got = variant.matmul(x, config).float()
-                    error = ((got - reference).abs().max() / reference.abs().max()).item()
-                    entry[label] = [graphed_us(lambda v=variant, x=x, c=config: v.matmul(x, c)), round(error, 4)]
-                except Exception as err:  # noqa: BLE001 - reported
-                    entry[label] = f"{type(err).__name__}: {str(err)[:200]}"
-            table.append(entry)
-            print(json.dumps(entry), flush=True)
-    return table
 
 
 def prefill_figures(decoder) -> dict[str, Any]:
@@ -251,18 +203,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
-    parser.add_argument("--kernel-min-rows", type=int, default=1, help="the NF4 kernel from this many rows on")
+    parser.add_argument("--scheduler-only", action="store_true", help="only the in-process scheduler runs")
     args = parser.parse_args()
 
     import torch
 
     from lqmf.core.workspace import Workspace
-    from lqmf.engine import nf4_kernels
     from lqmf.engine.host import BatchSettings, ModelHost
     from lqmf.engine.loading import quiet_libraries
 
-    os.environ["LQMF_NF4_KERNEL"] = "1"  # built into every projection; set_kernel turns it off and on
-    nf4_kernels.MIN_ROWS = args.kernel_min_rows
     quiet_libraries()
     ensure_model()
     scratch = Path(tempfile.mkdtemp(prefix="lqmf-serve-profile-"))
@@ -275,7 +224,6 @@ def main() -> None:
     scheduler = host.scheduler
     decoder = scheduler.decoder
     entries = list(scheduler.entries.values())
-    report["nf4_kernel_layers"] = sum(p.nf4 is not None for p in decoder.projections.values())
 
     def save() -> None:
         args.out.write_text(json.dumps(report, indent=1))
@@ -294,40 +242,26 @@ def main() -> None:
             print(name, "failed:", err, flush=True)
         save()
 
-    saved: dict[str, Any] = {}
-
-    def without_kernel() -> None:
-        saved.update(set_kernel(decoder, None))
-        steps(decoder, args.batches, 128, "steps_bnb", report)
-        report["replay_kernels_b1_bnb"] = kernel_profile(decoder.graphs[(1, 128)][0].replay)
-        report["replay_kernels_b16_bnb"] = kernel_profile(decoder.graphs[(16, 128)][0].replay)
-        report["eager_kernels_b16_bnb"] = kernel_profile(lambda: decoder._step(16, 128))
-        steps(decoder, [16], 512, "steps_bnb_len512", report)
+    def graphs_and_kernels() -> None:
+        steps(decoder, args.batches, 128, "steps", report)
+        report["replay_kernels_b1"] = kernel_profile(decoder.graphs[(1, 128)][0].replay)
+        report["replay_kernels_b16"] = kernel_profile(decoder.graphs[(16, 128)][0].replay)
+        report["eager_kernels_b16"] = kernel_profile(lambda: decoder._step(16, 128))
+        steps(decoder, [16], 512, "steps_len512", report)
 
     def without_adapters() -> None:
         decoder.set_adapters([])
-        steps(decoder, [1, 16, 32], 128, "steps_bnb_no_adapters", report)
-
-    def restore() -> None:
+        steps(decoder, [1, 16, 32], 128, "steps_no_adapters", report)
         scheduler._restack()
-        set_kernel(decoder, saved)
 
-    section("steps_nf4", lambda: steps(decoder, args.batches, 128, "steps_nf4_kernel", report))
-    section("kernels_nf4", lambda: report.update(
-        replay_kernels_b16_nf4=kernel_profile(decoder.graphs[(16, 128)][0].replay),
-        replay_kernels_b1_nf4=kernel_profile(decoder.graphs[(1, 128)][0].replay)))
-    section("bnb", without_kernel)
-    section("no_adapters", without_adapters)
-    section("restore", restore)
-    section("prefill", lambda: report.update(prefill=prefill_figures(decoder)))
-    section("matmuls", lambda: report.update(matmuls=matmul_table(decoder, [1, 4, 16, 32])))
-    for label in ("nf4", "bnb"):
-        if label == "bnb":
-            section("kernel_off", lambda: set_kernel(decoder, None))
-        section(f"warm_{label}", lambda: scheduler_load(scheduler, entries, 32, 1, 130), inference=False)
-        section(f"scheduler_{label}", lambda label=label: report.update({f"scheduler_{label}": [
-            scheduler_load(scheduler, entries, clients) for clients in (1, 4, 16, 32)]}), inference=False)
-        print(json.dumps(report.get(f"scheduler_{label}")), flush=True)
+    if not args.scheduler_only:
+        section("steps", graphs_and_kernels)
+        section("no_adapters", without_adapters)
+        section("prefill", lambda: report.update(prefill=prefill_figures(decoder)))
+    section("warm", lambda: scheduler_load(scheduler, entries, 32, 1, 130), inference=False)
+    section("scheduler", lambda: report.update(scheduler=[scheduler_load(scheduler, entries, clients)
+                                                          for clients in (1, 4, 16, 32)]), inference=False)
+    print(json.dumps(report.get("scheduler")), flush=True)
     host.close()
 
 

@@ -5,8 +5,7 @@ plain linears); the forward pass is ours, so rows at different positions share o
 
   - a static KV cache of `slots` sequences of up to `max_len` tokens; a row's slot is its index in
     the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
-  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`; a 4-bit one by
-    engine/nf4_kernels.py for a few rows when LQMF_NF4_KERNEL=1), then adds each
+  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each
     row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
     tensor and the B matrices into one [N, sum r] tensor; a row's column mask keeps its adapter's
     rank-space columns, scaled by its scaling, and the product with B adds in place. Three small ops, whatever
@@ -117,10 +116,7 @@ class BatchedLoRALinear:
     """
 
     def __init__(self, base):
-        from lqmf.engine.nf4_kernels import NF4Weight
-
         self.base = base
-        self.nf4 = NF4Weight.of(base)  # a 4-bit base: one kernel for a few rows (engine/nf4_kernels.py)
         self.stacked_a = None  # [sum r, K]
         self.stacked_b = None  # [N, sum r]
         self.layout: tuple | None = None
@@ -147,7 +143,7 @@ class BatchedLoRALinear:
 
     def __call__(self, x, selected: dict[tuple, Any]):
         """x: [B, T, K]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
-        out = self.nf4.matmul(x) if self.nf4 is not None and self.nf4.applies(x) else self.base(x)
+        out = self.base(x)
         if self.stacked_a is None:
             return out
         low = (x @ self.stacked_a.t()) * selected[self.layout]
@@ -203,9 +199,9 @@ class BatchedDecoder:
         shape = (slots, self.kv_heads, max_len + 1, self.head_dim)  # the last position: scratch for idle slots
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.positions = torch.full((slots,), max_len, dtype=torch.long, device=self.device)
-        self.rows = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.inputs = torch.zeros(3, slots, dtype=torch.long, device=self.device)  # a step's input, one copy
+        self.tokens, self.positions, self.rows = self.inputs
+        self.positions.fill_(max_len)
         self.key_positions = torch.arange(max_len + 1, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
@@ -315,10 +311,9 @@ class BatchedDecoder:
         live = [p for p in positions if p is not None]
         length = min(bucket(max(live) + 1, _length_buckets(self.max_len)), self.max_len) if live else 1
         pad = batch - len(tokens)
-        self.tokens[:batch].copy_(torch.tensor(tokens + [0] * pad))
-        self.positions[:batch].copy_(torch.tensor([self.max_len if p is None else p for p in positions]
-                                                  + [self.max_len] * pad))
-        self.rows[:batch].copy_(torch.tensor(rows + [0] * pad))
+        self.inputs[:, :batch].copy_(torch.tensor([tokens + [0] * pad,
+                                                   [self.max_len if p is None else p for p in positions]
+                                                   + [self.max_len] * pad, rows + [0] * pad]))
         graph = self._graph(batch, length) if self.use_graphs else None
         if graph is None:
             return self._step(batch, length)[:len(tokens)].float()

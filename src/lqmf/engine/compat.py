@@ -35,21 +35,3 @@ def set_forward(module, forward: Callable[..., Any]) -> Callable[..., Any]:
     module.forward = forward
     return previous
 
-
-def nf4_parts(layer) -> dict[str, Any] | None:
-    """The pieces of a bitsandbytes NF4 layer's weight that engine/nf4_kernels.py reads, or None where the
-    layer holds no NF4 weight: the packed bytes (two codes a byte, the first element in the high nibble),
-    the per-block absmax (uint8 codes with the second-level absmax, code and offset when double-quantized,
-    else float32), the 16-entry NF4 code and the shapes. Relies on bitsandbytes' QuantState layout."""
-    weight = getattr(layer, "weight", None)
-    state = getattr(weight, "quant_state", None)
-    if state is None or getattr(state, "quant_type", None) != "nf4" or weight.dtype.itemsize != 1:
-        return None
-    out_features, in_features = state.shape
-    nested = bool(state.nested)
-    return {"packed": weight.data.view(-1), "absmax": (state.absmax if nested else state.absmax.float()).contiguous(),
-            "absmax2": state.state2.absmax.float().contiguous() if nested else None,
-            "code2": state.state2.code.float().contiguous() if nested else None,
-            "offset": float(state.offset) if nested else 0.0, "code": state.code.float().contiguous(),
-            "out_features": int(out_features), "in_features": int(in_features), "blocksize": int(state.blocksize),
-            "blocksize2": int(state.state2.blocksize) if nested else 1}
