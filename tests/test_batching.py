@@ -267,3 +267,21 @@ def test_prompts_read_together_give_what_each_gives_alone(host):
         assert together[index].argmax() == alone[index].argmax()
         for got, expected in zip(cache(3 - index, starts[index] + len(chunk)), cached[index], strict=True):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_rows_below_min_new_tokens_never_end_early(host):
+    """A greedy row below its min_new_tokens never picks an end-of-text token, batched with other rows."""
+    from lqmf.engine.scheduler import BatchRequest
+
+    ids = inference.prompt_ids(host.model, PROMPTS[0])
+
+    def run(eos: frozenset[int], minimum: int) -> list[list[int]]:
+        requests = [host.scheduler.submit(BatchRequest(ids, 6, min_new_tokens=minimum, eos_ids=eos))
+                    for _ in range(3)]
+        return [list(iter(request.tokens.get, None)) for request in requests]
+
+    free = run(frozenset(), 0)[0]
+    ending = frozenset({free[2]})  # greedy decoding picks this third: make it end the text
+    assert all(tokens == free[:3] for tokens in run(ending, 0))
+    for tokens in run(ending, 6):
+        assert len(tokens) == 6 and free[2] not in tokens and tokens[:2] == free[:2]

@@ -269,13 +269,16 @@ class Scheduler:
                                      [row.position if row else None for row in rows],
                                      [self._adapter_index(row) if row else 0 for row in rows])
         self.steps += 1
+        blocked = [(slot, eos) for slot, row in enumerate(rows) if row is not None
+                   and row.generated < row.request.min_new_tokens for eos in row.request.eos_ids]
+        if blocked:  # rows below their min_new_tokens: end of text is not a choice yet (one op for all)
+            logits[[slot for slot, _ in blocked], [eos for _, eos in blocked]] = float("-inf")
         greedy = logits.argmax(-1).tolist()
         for slot, row in enumerate(rows):
             if row is None:
                 continue
             row.position += 1
-            sampled = row.generator is not None or row.generated < row.request.min_new_tokens
-            self._emit(row, self._pick(row, logits[slot]) if sampled else greedy[slot])
+            self._emit(row, self._pick(row, logits[slot]) if row.generator is not None else greedy[slot])
 
     def _adapter_index(self, row: _Row) -> int:
         return self._index[row.request.entry.id] if row.request.entry is not None else 0
