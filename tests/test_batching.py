@@ -241,3 +241,47 @@ def test_a_client_that_hangs_up_frees_its_row(adapters_workspace):
             assert time.monotonic() < deadline, "the row of a client that left is still generating"
             time.sleep(0.05)
         assert state()["tokens_generated"] - before < 900
+
+
+def test_prompts_read_together_give_what_each_gives_alone(host):
+    """One prefill pass over rows of different lengths, adapters and starts (padding included) leaves the
+    logits and KV cache of each row read alone (to float32 rounding)."""
+    import torch
+
+    decoder = host.scheduler.decoder
+    chunks, starts, adapters = [[5, 9, 13, 2, 7], [11, 3], [4, 4, 8, 1]], [0, 0, 3], [1, 2, 0]
+
+    def cache(slot: int, length: int):
+        return [t[slot, :, :length].clone() for t in (*decoder.keys, *decoder.values)]
+
+    alone, cached = [], []
+    with torch.inference_mode():
+        host.scheduler.call(lambda: None)  # the loop is idle between turns
+        decoder.prefill([1], [[6, 6, 6]], [0], [0])  # the third row (slot 1) continues its prompt at position 3
+        for index, chunk in enumerate(chunks):
+            alone.append(decoder.prefill([3 - index], [chunk], [starts[index]], [adapters[index]])[0])
+            cached.append(cache(3 - index, starts[index] + len(chunk)))
+        together = decoder.prefill([3, 2, 1], chunks, starts, adapters)
+    for index, chunk in enumerate(chunks):  # matrix products of more rows may round the last bit differently
+        torch.testing.assert_close(together[index], alone[index], rtol=0, atol=1e-5)
+        assert together[index].argmax() == alone[index].argmax()
+        for got, expected in zip(cache(3 - index, starts[index] + len(chunk)), cached[index], strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_rows_below_min_new_tokens_never_end_early(host):
+    """A greedy row below its min_new_tokens never picks an end-of-text token, batched with other rows."""
+    from lqmf.engine.scheduler import BatchRequest
+
+    ids = inference.prompt_ids(host.model, PROMPTS[0])
+
+    def run(eos: frozenset[int], minimum: int) -> list[list[int]]:
+        requests = [host.scheduler.submit(BatchRequest(ids, 6, min_new_tokens=minimum, eos_ids=eos))
+                    for _ in range(3)]
+        return [list(iter(request.tokens.get, None)) for request in requests]
+
+    free = run(frozenset(), 0)[0]
+    ending = frozenset({free[2]})  # greedy decoding picks this third: make it end the text
+    assert all(tokens == free[:3] for tokens in run(ending, 0))
+    for tokens in run(ending, 6):
+        assert len(tokens) == 6 and free[2] not in tokens and tokens[:2] == free[:2]

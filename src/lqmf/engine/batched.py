@@ -7,11 +7,11 @@ plain linears); the forward pass is ours, so rows at different positions share o
     the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
   - every projection runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each
     row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
-    tensor and the B matrices into one [N, sum r] tensor; a row's one-hot column mask keeps its
-    adapter's rank-space columns, and its scaling multiplies its delta. Three small ops, whatever
+    tensor and the B matrices into one [N, sum r] tensor; a row's column mask keeps its adapter's
+    rank-space columns, scaled by its scaling, and the product with B adds in place. Three small ops, whatever
     the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
     batching, done by masking instead of gathering);
-  - prompts are prefilled one row and one chunk at a time, eagerly; on CUDA the one-token decode
+  - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
     step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed.
 
 Adapters are read from their folders (`adapter_config.json`, `adapter_model.safetensors`) into
@@ -110,8 +110,9 @@ class BatchedLoRALinear:
 
     Holds the base layer (an nn.Linear or a 4-bit Linear4bit, called as it is) and the stacked LoRA
     matrices of the adapters that target it. Projections whose adapters have the same ranks and
-    scalings share one `layout`: a [adapters + 1, sum r] one-hot column table and the [adapters + 1]
-    scalings (row 0: no adapter), from which the decoder selects each row's once per forward pass.
+    scalings share one `layout`: an [adapters + 1, sum r] table whose row i holds adapter i's scaling in its
+    rank-space columns and zeros elsewhere (row 0: no adapter); the decoder selects each row's once per
+    forward pass.
     """
 
     def __init__(self, base):
@@ -120,7 +121,7 @@ class BatchedLoRALinear:
         self.stacked_b = None  # [N, sum r]
         self.layout: tuple | None = None
 
-    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, tuple]) -> None:
+    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, Any]) -> None:
         """Stack the weights that entries (index i + 1 each) hold for this projection; add its layout's
         tables to layouts when new."""
         import torch
@@ -134,24 +135,20 @@ class BatchedLoRALinear:
         self.layout = (len(entries), tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
         if self.layout not in layouts:
             columns = self.stacked_a.new_zeros(len(entries) + 1, self.stacked_a.shape[0])
-            scales = self.stacked_a.new_zeros(len(entries) + 1)
             start = 0
             for index, rank, scaling in self.layout[1]:
-                columns[index, start:start + rank] = 1
-                scales[index] = scaling
+                columns[index, start:start + rank] = scaling
                 start += rank
-            layouts[self.layout] = (columns, scales)
+            layouts[self.layout] = columns
 
-    def __call__(self, x, selected: dict[tuple, tuple]):
-        """x: [B, T, K]; selected: per layout, each row's (columns [B, 1, sum r], scaling [B, 1, 1])."""
-        import torch
-
+    def __call__(self, x, selected: dict[tuple, Any]):
+        """x: [B, T, K]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
         out = self.base(x)
         if self.stacked_a is None:
             return out
-        columns, scales = selected[self.layout]
-        low = (x @ self.stacked_a.t()) * columns
-        return torch.addcmul(out, low @ self.stacked_b.t(), scales)
+        low = (x @ self.stacked_a.t()) * selected[self.layout]
+        out.view(-1, out.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.stacked_b.t())
+        return out
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -202,15 +199,15 @@ class BatchedDecoder:
         shape = (slots, self.kv_heads, max_len + 1, self.head_dim)  # the last position: scratch for idle slots
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
-        self.positions = torch.full((slots,), max_len, dtype=torch.long, device=self.device)
-        self.rows = torch.zeros(slots, dtype=torch.long, device=self.device)
+        self.inputs = torch.zeros(3, slots, dtype=torch.long, device=self.device)  # a step's input, one copy
+        self.tokens, self.positions, self.rows = self.inputs
+        self.positions.fill_(max_len)
         self.key_positions = torch.arange(max_len + 1, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
         self.pool = None
-        self.layouts: dict[tuple, tuple] = {}  # a LoRA layout -> (one-hot columns, scalings) per adapter index
+        self.layouts: dict[tuple, Any] = {}  # a LoRA layout -> its scaled column table, a row per adapter index
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
@@ -220,8 +217,13 @@ class BatchedDecoder:
         self.layouts = {}
         for name, projection in self.projections.items():
             projection.set_adapters(entries, name, self.layouts)
+        self.drop_graphs()
+
+    def drop_graphs(self) -> None:
+        """Forget every captured step (and their memory pool, which goes with the last of them)."""
         self.graphs.clear()
         self.failed.clear()
+        self.pool = None
 
     # -- the forward pass ---------------------------------------------------------------------
 
@@ -232,8 +234,7 @@ class BatchedDecoder:
         cos, sin = model.rotary_emb(hidden, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         batch, length = ids.shape
-        rows = {layout: (columns.index_select(0, rows).unsqueeze(1), scales.index_select(0, rows).view(-1, 1, 1))
-                for layout, (columns, scales) in self.layouts.items()}
+        rows = {layout: columns.index_select(0, rows).unsqueeze(1) for layout, columns in self.layouts.items()}
         for index, layer in enumerate(self.layers):
             p = layer.projections
             x = layer.input_norm(hidden)
@@ -250,27 +251,34 @@ class BatchedDecoder:
             hidden = hidden + p["down_proj"](layer.mlp.act_fn(p["gate_proj"](x, rows)) * p["up_proj"](x, rows), rows)
         return model.norm(hidden)
 
-    def prefill(self, slot: int, ids: list[int], start: int, adapter_index: int):
-        """Run ids at positions start.. for slot's row; the logits after its last token ([vocab])."""
+    def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int], adapters: list[int]):
+        """Run chunks[i] at positions starts[i].. for slot slots[i]'s row, all rows in one pass (shorter
+        chunks padded; padding writes the idle position); the logits after each row's last token [rows, vocab]."""
         import torch
 
-        count = len(ids)
-        ids_t = torch.tensor([ids], device=self.device)
-        positions = torch.arange(start, start + count, device=self.device).unsqueeze(0)
-        rows = torch.tensor([adapter_index], device=self.device)
-        allowed = self.key_positions[:start + count].view(1, -1) <= positions.view(-1, 1)
+        count, lengths = max(len(chunk) for chunk in chunks), [len(chunk) for chunk in chunks]
+        ids = torch.tensor([chunk + [0] * (count - len(chunk)) for chunk in chunks], device=self.device)
+        positions = torch.tensor([[start + j if j < len(chunk) else self.max_len for j in range(count)]
+                                  for chunk, start in zip(chunks, starts, strict=True)], device=self.device)
+        rows = torch.tensor(adapters, device=self.device)
+        slots_t = torch.tensor(slots, device=self.device)
+        length = max(start + len(chunk) for chunk, start in zip(chunks, starts, strict=True))
+        keys_at = self.key_positions[:length].view(1, 1, -1)
+        allowed = keys_at <= positions.unsqueeze(-1)
         if self.window:
-            allowed &= self.key_positions[:start + count].view(1, -1) > positions.view(-1, 1) - self.window
+            allowed &= keys_at > positions.unsqueeze(-1) - self.window
+        allowed = allowed.unsqueeze(1)  # [rows, 1, count, length]
 
         def attend(index, q, k, v):
-            self.keys[index][slot, :, start:start + count] = k[0]
-            self.values[index][slot, :, start:start + count] = v[0]
-            keys = self.keys[index][slot:slot + 1, :, :start + count]
-            values = self.values[index][slot:slot + 1, :, :start + count]
-            return _attention(q, keys, values, allowed.view(1, 1, count, -1), self.scaling)
+            self.keys[index][slots_t.view(-1, 1), :, positions] = k.transpose(1, 2)
+            self.values[index][slots_t.view(-1, 1), :, positions] = v.transpose(1, 2)
+            keys = self.keys[index].index_select(0, slots_t)[:, :, :length]
+            values = self.values[index].index_select(0, slots_t)[:, :, :length]
+            return _attention(q, keys, values, allowed, self.scaling)
 
-        hidden = self._forward(ids_t, positions, rows, attend)
-        return self.model.lm_head(hidden[:, -1]).float()[0]
+        hidden = self._forward(ids, positions, rows, attend)
+        last = hidden[torch.arange(len(chunks), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        return self.model.lm_head(last).float()
 
     def _step(self, batch: int, length: int):
         """One token for slots 0..batch-1 from self.tokens/positions/rows; attention over length positions."""
@@ -303,10 +311,9 @@ class BatchedDecoder:
         live = [p for p in positions if p is not None]
         length = min(bucket(max(live) + 1, _length_buckets(self.max_len)), self.max_len) if live else 1
         pad = batch - len(tokens)
-        self.tokens[:batch].copy_(torch.tensor(tokens + [0] * pad))
-        self.positions[:batch].copy_(torch.tensor([self.max_len if p is None else p for p in positions]
-                                                  + [self.max_len] * pad))
-        self.rows[:batch].copy_(torch.tensor(rows + [0] * pad))
+        self.inputs[:, :batch].copy_(torch.tensor([tokens + [0] * pad,
+                                                   [self.max_len if p is None else p for p in positions]
+                                                   + [self.max_len] * pad, rows + [0] * pad]))
         graph = self._graph(batch, length) if self.use_graphs else None
         if graph is None:
             return self._step(batch, length)[:len(tokens)].float()

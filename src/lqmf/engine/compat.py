@@ -34,3 +34,4 @@ def set_forward(module, forward: Callable[..., Any]) -> Callable[..., Any]:
     previous = module.forward
     module.forward = forward
     return previous
+

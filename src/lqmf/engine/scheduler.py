@@ -2,7 +2,8 @@
 
 Requests wait in a bounded FIFO queue; whenever a slot of the decoder is free, the oldest joins.
 Each turn of the loop runs, in order: swaps asked for in between (`call`), admissions, one prefill
-chunk of the oldest row still reading its prompt, and one decode step for every row generating.
+pass over the next chunks of the rows still reading their prompts (oldest first, up to
+`prefill_chunk` tokens), and one decode step for every row generating.
 So a long prompt is read a chunk at a time while the others keep decoding, and a finished or
 cancelled row leaves at the next token boundary and frees its slot for the next request.
 
@@ -223,9 +224,10 @@ class Scheduler:
         self._admit()
         for slot in [s for s, row in self._rows.items() if row.request.cancelled.is_set()]:
             self._finish(slot)
-        prefilling = [row for row in self._rows.values() if row.prefilled < len(row.request.ids)]
+        prefilling = sorted((row for row in self._rows.values() if row.prefilled < len(row.request.ids)),
+                            key=lambda row: row.request.submitted)
         if prefilling:
-            self._prefill(min(prefilling, key=lambda row: row.request.submitted))
+            self._prefill(prefilling)
         decoding = {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
         if decoding:
             self._decode(decoding)
@@ -249,14 +251,23 @@ class Scheduler:
         generator.manual_seed(request.seed if request.seed is not None else int(torch.seed()))
         return generator
 
-    def _prefill(self, row: _Row) -> None:
-        ids = row.request.ids
-        chunk = ids[row.prefilled:row.prefilled + self.prefill_chunk]
-        logits = self.decoder.prefill(row.slot, chunk, row.prefilled, self._adapter_index(row))
-        row.prefilled += len(chunk)
-        if row.prefilled == len(ids):
-            row.position = len(ids)
-            self._emit(row, self._pick(row, logits))
+    def _prefill(self, prefilling: list[_Row]) -> None:
+        """The next chunk of the oldest rows still reading their prompts, in one pass of at most
+        prefill_chunk tokens (padding counted; the oldest row always goes)."""
+        group: list[tuple[_Row, list[int]]] = []
+        for row in prefilling:
+            chunk = row.request.ids[row.prefilled:row.prefilled + self.prefill_chunk]
+            if group and (len(group) + 1) * max(len(chunk), *(len(c) for _, c in group)) > self.prefill_chunk:
+                break
+            group.append((row, chunk))
+        rows = [row for row, _ in group]
+        logits = self.decoder.prefill([row.slot for row in rows], [chunk for _, chunk in group],
+                                      [row.prefilled for row in rows], [self._adapter_index(row) for row in rows])
+        for index, (row, chunk) in enumerate(group):
+            row.prefilled += len(chunk)
+            if row.prefilled == len(row.request.ids):
+                row.position = len(row.request.ids)
+                self._emit(row, self._pick(row, logits[index]))
 
     def _decode(self, decoding: dict[int, _Row]) -> None:
         width = max(decoding) + 1
@@ -265,13 +276,16 @@ class Scheduler:
                                      [row.position if row else None for row in rows],
                                      [self._adapter_index(row) if row else 0 for row in rows])
         self.steps += 1
+        blocked = [(slot, eos) for slot, row in enumerate(rows) if row is not None
+                   and row.generated < row.request.min_new_tokens for eos in row.request.eos_ids]
+        if blocked:  # rows below their min_new_tokens: end of text is not a choice yet (one op for all)
+            logits[[slot for slot, _ in blocked], [eos for _, eos in blocked]] = float("-inf")
         greedy = logits.argmax(-1).tolist()
         for slot, row in enumerate(rows):
             if row is None:
                 continue
             row.position += 1
-            sampled = row.generator is not None or row.generated < row.request.min_new_tokens
-            self._emit(row, self._pick(row, logits[slot]) if sampled else greedy[slot])
+            self._emit(row, self._pick(row, logits[slot]) if row.generator is not None else greedy[slot])
 
     def _adapter_index(self, row: _Row) -> int:
         return self._index[row.request.entry.id] if row.request.entry is not None else 0
