@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lqmf.engine.compat import bind_forward, tensor_version
+from lqmf.engine.compat import bind_forward, cache_keyword, tensor_version
 from lqmf.engine.lora_kernels import scaled_product
 
 MIN_CACHE = 256
@@ -308,6 +308,7 @@ class StaticDecoder:
         self.dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         self.max_cache_len = max_cache_len
         self.cache = StaticCache(config=config, max_cache_len=max_cache_len)
+        self.cache_argument = {cache_keyword(model): self.cache}
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.token = torch.zeros((1, 1), dtype=torch.long, device=self.device)
         self.position = torch.zeros((1, 1), dtype=torch.long, device=self.device)
@@ -333,7 +334,7 @@ class StaticDecoder:
         backends = self.lora_attention_backends if key else None
         with sdpa_kernel(backends) if backends else contextlib.nullcontext():
             out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask,
-                             cache=self.cache, use_cache=True)
+                             **self.cache_argument, use_cache=True)
         join_side_streams(self.lora_layers)
         return out.logits[:, -1, :]
 
@@ -393,7 +394,7 @@ class StaticDecoder:
             self.cache.reset()
             out = self.model(input_ids=torch.tensor([prompt], device=self.device),
                              position_ids=torch.arange(len(prompt), device=self.device).unsqueeze(0),
-                             cache=self.cache, use_cache=True, logits_to_keep=1)
+                             **self.cache_argument, use_cache=True, logits_to_keep=1)
             join_side_streams(self.lora_layers)
             logits = out.logits[:, -1, :]
             self.position.fill_(len(prompt))
