@@ -113,7 +113,7 @@ def step_figures(decoder, batch: int, length: int) -> dict[str, Any]:
     times = []
     for _ in range(20):
         started = time.perf_counter()
-        decoder.decode(tokens, positions, rows).argmax(-1).tolist()
+        decoder.decode(tokens, positions, rows).greedy()
         times.append(time.perf_counter() - started)
     record["decode_call_ms"] = round(statistics.median(times) * 1000, 3)
     record["eager_gpu_ms"] = events_ms(lambda: decoder._step(batch, length), 3)
@@ -157,7 +157,7 @@ def scheduler_load(scheduler, entries, clients: int, rounds: int = 2, new_tokens
 
     spent = {"prefill": 0.0, "decode": 0.0}
     widths: dict[int, int] = {}
-    original_prefill, original_decode = scheduler._prefill, scheduler._decode
+    originals = scheduler._prefill, scheduler._decode_ahead, scheduler._decode_on_host
 
     def timed(kind, fn):
         def run(arg):
@@ -170,8 +170,10 @@ def scheduler_load(scheduler, entries, clients: int, rounds: int = 2, new_tokens
                     widths[max(arg) + 1] = widths.get(max(arg) + 1, 0) + 1
         return run
 
-    scheduler._prefill, scheduler._decode = timed("prefill", original_prefill), timed("decode", original_decode)
+    scheduler._prefill = timed("prefill", originals[0])
+    scheduler._decode_ahead, scheduler._decode_on_host = timed("decode", originals[1]), timed("decode", originals[2])
     steps_before, graphs_before = scheduler.steps, len(scheduler.decoder.graphs)
+    ahead_before = scheduler.steps_ahead
     latencies = []
 
     def client(index: int) -> None:
@@ -189,10 +191,11 @@ def scheduler_load(scheduler, entries, clients: int, rounds: int = 2, new_tokens
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    del scheduler._prefill, scheduler._decode
+    del scheduler._prefill, scheduler._decode_ahead, scheduler._decode_on_host
     return {"clients": clients, "wall_s": round(wall, 3),
             "tokens_per_s": round(clients * rounds * new_tokens / wall, 1),
             "median_request_s": round(statistics.median(latencies), 3), "steps": scheduler.steps - steps_before,
+            "steps_ahead": scheduler.steps_ahead - ahead_before,
             "prefill_s": round(spent["prefill"], 3), "decode_s": round(spent["decode"], 3),
             "other_s": round(wall - spent["prefill"] - spent["decode"], 3),
             "graphs_captured": len(scheduler.decoder.graphs) - graphs_before,

@@ -68,3 +68,23 @@ def test_cache_keyword_is_the_one_the_model_fills(tiny_model):
     with torch.inference_mode():
         model(input_ids=torch.tensor([[1, 5, 9]]), use_cache=True, **{keyword: cache})
     assert int(cache.layers[0].cumulative_length) == 3
+
+
+def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    layers = [bnb.nn.Linear4bit(128, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+              for rows in (128, 64, 64)]  # moving them quantizes them (double-quantized absmax: nested)
+    assert all(layer.weight.quant_state.nested for layer in layers)
+    dense = torch.cat([dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in layers])
+    packed, state = compat.stack_4bit(layers)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(bnb.matmul_4bit(x, packed.t(), quant_state=state), x @ dense.t())
+    starts = [layer.weight.data_ptr() - packed.data_ptr() for layer in layers]
+    assert starts == [0, 128 * 128 // 2, 192 * 128 // 2] and packed.numel() == 256 * 128 // 2
+    torch.testing.assert_close(torch.cat([layer(x) for layer in layers], dim=-1), x @ dense.t())
+    assert compat.stack_4bit(layers[:1]) is None
+    other = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="fp4").to("cpu")
+    assert compat.stack_4bit([layers[0], other]) is None

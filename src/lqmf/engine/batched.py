@@ -5,14 +5,20 @@ plain linears); the forward pass is ours, so rows at different positions share o
 
   - a static KV cache of `slots` sequences of up to `max_len` tokens; a row's slot is its index in
     the batch, so a step runs rows 0..B-1 in place (B a power-of-two bucket), with no gather;
-  - every projection runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each
-    row's LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K]
-    tensor and the B matrices into one [N, sum r] tensor; a row's column mask keeps its adapter's
-    rank-space columns, scaled by its scaling, and the product with B adds in place. Three small ops, whatever
-    the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
+  - projections that read the same input run as one (q/k/v, gate/up): their weights are stacked,
+    4-bit ones too (`compat.stack_4bit`), the original layers keeping views of them, so one matmul
+    serves the group (on an H200 bitsandbytes then takes its fused 4-bit kernel for q/k/v up to 16 rows);
+  - every group runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each row's
+    LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K] tensor and
+    each projection's B matrices into one [N, its r] tensor; a row's column mask keeps its adapter's
+    rank-space columns, scaled by its scaling, and the product with B adds in place. A few small ops,
+    whatever the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
     batching, done by masking instead of gathering);
   - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
-    step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed.
+    step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed;
+  - a decode step also picks each row's greedy token on the device (end-of-text barred for rows below
+    their min_new_tokens) and can take its input tokens from the step before, so the scheduler can
+    launch the next step before it has read the last one's tokens back (`decode(..., follow=)`).
 
 Adapters are read from their folders (`adapter_config.json`, `adapter_model.safetensors`) into
 these stacked tensors; PEFT is not involved in serving. Each loaded adapter is an `AdapterEntry`
@@ -29,14 +35,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lqmf.engine import compat
+
 log = logging.getLogger("lqmf.serve")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
+GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj",)),
+          ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))  # projections that read one input
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+BARRED = 8  # end-of-text ids a row may bar on the device (below its min_new_tokens)
 MIN_LENGTH_BUCKET = 128
 
 
@@ -105,50 +117,115 @@ def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> dict
     return weights
 
 
-class BatchedLoRALinear:
-    """A projection for a batch of rows: the base layer once, plus each row's own adapter's product.
+def stacked_base(modules: list) -> Callable[[Any], Any]:
+    """One callable for the base layers of projections that read the same input, giving their outputs
+    side by side [..., sum N]: one matmul where they can be stacked (plain nn.Linear of one dtype, or
+    bitsandbytes 4-bit of one quantization; the layers keep their weights as views of the stacked
+    ones, so no copy stays), else each layer in turn."""
+    import torch
 
-    Holds the base layer (an nn.Linear or a 4-bit Linear4bit, called as it is) and the stacked LoRA
-    matrices of the adapters that target it. Projections whose adapters have the same ranks and
-    scalings share one `layout`: an [adapters + 1, sum r] table whose row i holds adapter i's scaling in its
-    rank-space columns and zeros elsewhere (row 0: no adapter); the decoder selects each row's once per
-    forward pass.
+    if len(modules) == 1:
+        return modules[0]
+    stacked = compat.stack_4bit(modules)
+    if stacked is not None:
+        import bitsandbytes as bnb
+
+        packed, state = stacked
+        compute = modules[0].compute_dtype
+
+        def matmul_4bit(x):
+            return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
+
+        return matmul_4bit
+    kinds = {(type(m), m.weight.dtype, m.weight.device, m.bias is None) for m in modules}
+    if len(kinds) != 1 or next(iter(kinds))[0] is not torch.nn.Linear:
+        return lambda x: torch.cat([m(x) for m in modules], dim=-1)
+    weight = torch.cat([m.weight.data for m in modules])
+    bias = None if modules[0].bias is None else torch.cat([m.bias.data for m in modules])
+    start = 0
+    for module in modules:
+        end = start + module.out_features
+        module.weight.data = weight[start:end]
+        if bias is not None:
+            module.bias.data = bias[start:end]
+        start = end
+    return lambda x: torch.nn.functional.linear(x, weight, bias)
+
+
+class BatchedLoRALinear:
+    """Projections that read one input (q/k/v, gate/up, or one alone) for a batch of rows: the base
+    matmul once for all of them (`stacked_base`), plus each row's own adapter's product.
+
+    The A matrices of every resident adapter, for every projection of the group, are stacked into one
+    [sum r, K] tensor; each projection keeps its adapters' B matrices as one [N, its r] tensor. Groups
+    whose adapters have the same ranks and scalings share one `layout`: an [adapters + 1, sum r] table
+    whose row i holds adapter i's scaling in its rank-space columns and zeros elsewhere (row 0: no
+    adapter); the decoder selects each row's once per forward pass.
     """
 
-    def __init__(self, base):
-        self.base = base
+    def __init__(self, names: tuple[str, ...], modules: list):
+        bases = [getattr(module, "base_layer", module) for module in modules]
+        self.names = names
+        self.sizes = [base.out_features for base in bases]
+        self.base = stacked_base(bases)
         self.stacked_a = None  # [sum r, K]
-        self.stacked_b = None  # [N, sum r]
+        self.parts: list[tuple[int, int, int, int, Any]] = []  # output columns, rank columns, B [N, r]
         self.layout: tuple | None = None
 
-    def set_adapters(self, entries: list[AdapterEntry], name: str, layouts: dict[tuple, Any]) -> None:
-        """Stack the weights that entries (index i + 1 each) hold for this projection; add its layout's
-        tables to layouts when new."""
+    def set_adapters(self, entries: list[AdapterEntry], layouts: dict[tuple, Any]) -> None:
+        """Stack the weights that entries (index i + 1 each) hold for these projections; add the
+        layout's table to layouts when new."""
         import torch
 
-        mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
-        if not mine:
-            self.stacked_a = self.stacked_b = self.layout = None
+        a_list, self.parts, layout, rank_start, out_start = [], [], [], 0, 0
+        for name, size in zip(self.names, self.sizes, strict=True):
+            mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
+            layout.append(tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
+            if mine:
+                rank = sum(a.shape[0] for _, (a, _, _) in mine)
+                a_list += [a for _, (a, _, _) in mine]
+                self.parts.append((out_start, out_start + size, rank_start, rank_start + rank,
+                                   torch.cat([b for _, (_, b, _) in mine], dim=1)))
+                rank_start += rank
+            out_start += size
+        if not a_list:
+            self.stacked_a = self.layout = None
             return
-        self.stacked_a = torch.cat([a for _, (a, _, _) in mine])
-        self.stacked_b = torch.cat([b for _, (_, b, _) in mine], dim=1)
-        self.layout = (len(entries), tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
+        self.stacked_a = torch.cat(a_list)
+        self.layout = (len(entries), tuple(layout))
         if self.layout not in layouts:
-            columns = self.stacked_a.new_zeros(len(entries) + 1, self.stacked_a.shape[0])
+            columns = self.stacked_a.new_zeros(len(entries) + 1, rank_start)
             start = 0
-            for index, rank, scaling in self.layout[1]:
+            for index, rank, scaling in (adapter for part in layout for adapter in part):
                 columns[index, start:start + rank] = scaling
                 start += rank
             layouts[self.layout] = columns
 
     def __call__(self, x, selected: dict[tuple, Any]):
-        """x: [B, T, K]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
+        """x: [B, T, K] -> [B, T, sum N]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
         out = self.base(x)
         if self.stacked_a is None:
             return out
-        low = (x @ self.stacked_a.t()) * selected[self.layout]
-        out.view(-1, out.shape[-1]).addmm_(low.view(-1, low.shape[-1]), self.stacked_b.t())
+        low = ((x @ self.stacked_a.t()) * selected[self.layout]).view(-1, self.stacked_a.shape[0])
+        flat = out.view(-1, out.shape[-1])
+        for out_start, out_end, rank_start, rank_end, b in self.parts:
+            flat[:, out_start:out_end].addmm_(low[:, rank_start:rank_end], b.t())
         return out
+
+
+@dataclass
+class Step:
+    """A decode step on its way through the device: its logits (device buffers, valid until the next
+    step) and the greedy token of each row, read when `greedy()` is called."""
+
+    logits: Any
+    tokens: Any  # host tensor the step's argmax is copied into
+    ready: Any = None  # CUDA event after that copy (None: already there)
+
+    def greedy(self) -> list[int]:
+        if self.ready is not None:
+            self.ready.synchronize()
+        return self.tokens.tolist()
 
 
 # ----------------------------------------------------------------------------- the decoder
@@ -160,7 +237,7 @@ class _Layer:
     mlp: Any
     input_norm: Any
     post_norm: Any
-    projections: dict[str, BatchedLoRALinear] = field(default_factory=dict)
+    groups: dict[str, BatchedLoRALinear] = field(default_factory=dict)  # by first projection: q_proj, o_proj...
     q_norm: Any = None
     k_norm: Any = None
 
@@ -184,24 +261,35 @@ class BatchedDecoder:
         self.scaling = self.head_dim ** -0.5
         self.window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         self.layers: list[_Layer] = []
-        self.projections: dict[str, BatchedLoRALinear] = {}
+        self.projections: dict[str, BatchedLoRALinear] = {}  # full projection name -> its group
+        self.groups: list[BatchedLoRALinear] = []
         for index, layer in enumerate(model.model.layers):
             entry = _Layer(layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
                            q_norm=getattr(layer.self_attn, "q_norm", None),
                            k_norm=getattr(layer.self_attn, "k_norm", None))
-            for group, names in (("self_attn", ATTENTION), ("mlp", MLP)):
-                for name in names:
-                    module = getattr(getattr(layer, group), name)
-                    projection = BatchedLoRALinear(getattr(module, "base_layer", module))
-                    entry.projections[name] = projection
-                    self.projections[f"model.layers.{index}.{group}.{name}"] = projection
+            for parent, names in GROUPS:
+                full = tuple(f"model.layers.{index}.{parent}.{name}" for name in names)
+                group = BatchedLoRALinear(full, [getattr(getattr(layer, parent), name) for name in names])
+                entry.groups[names[0]] = group
+                self.groups.append(group)
+                self.projections.update(dict.fromkeys(full, group))
             self.layers.append(entry)
         shape = (slots, self.kv_heads, max_len + 1, self.head_dim)  # the last position: scratch for idle slots
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.inputs = torch.zeros(3, slots, dtype=torch.long, device=self.device)  # a step's input, one copy
-        self.tokens, self.positions, self.rows = self.inputs
+        # A step's input, one copy: tokens, positions, adapter rows, whether a row follows on from the last
+        # step (its token is that step's argmax, still on the device: `next_tokens`), whether it bars
+        # end of text, and the BARRED ids it bars.
+        self.inputs = torch.zeros(5 + BARRED, slots, dtype=torch.long, device=self.device)
+        self.tokens, self.positions, self.rows, self.follow, self.barring = self.inputs[:5]
+        self.barred = self.inputs[5:]
         self.positions.fill_(max_len)
+        self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
+        pinned = self.device.type == "cuda"
+        self.staging = [torch.zeros(5 + BARRED, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.results = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.copied: list[Any] = [None, None]  # per staging/results pair: the event after its last use
+        self.launched = 0
         self.key_positions = torch.arange(max_len + 1, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
@@ -215,8 +303,8 @@ class BatchedDecoder:
     def set_adapters(self, entries: list[AdapterEntry]) -> None:
         """Stack entries' weights into every projection (entry i gets adapter index i + 1); drops graphs."""
         self.layouts = {}
-        for name, projection in self.projections.items():
-            projection.set_adapters(entries, name, self.layouts)
+        for group in self.groups:
+            group.set_adapters(entries, self.layouts)
         self.drop_graphs()
 
     def drop_graphs(self) -> None:
@@ -236,19 +324,19 @@ class BatchedDecoder:
         batch, length = ids.shape
         rows = {layout: columns.index_select(0, rows).unsqueeze(1) for layout, columns in self.layouts.items()}
         for index, layer in enumerate(self.layers):
-            p = layer.projections
-            x = layer.input_norm(hidden)
-            q = p["q_proj"](x, rows).view(batch, length, -1, self.head_dim)
-            k = p["k_proj"](x, rows).view(batch, length, -1, self.head_dim)
-            v = p["v_proj"](x, rows).view(batch, length, -1, self.head_dim).transpose(1, 2)
+            p = layer.groups
+            q, k, v = p["q_proj"](layer.input_norm(hidden), rows).split(p["q_proj"].sizes, dim=-1)
+            q = q.view(batch, length, -1, self.head_dim)
+            k = k.view(batch, length, -1, self.head_dim)
+            v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
             q = _rotate(q.transpose(1, 2), cos, sin)
             k = _rotate(k.transpose(1, 2), cos, sin)
             out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, -1)
             hidden = hidden + p["o_proj"](out, rows)
-            x = layer.post_norm(hidden)
-            hidden = hidden + p["down_proj"](layer.mlp.act_fn(p["gate_proj"](x, rows)) * p["up_proj"](x, rows), rows)
+            gate, up = p["gate_proj"](layer.post_norm(hidden), rows).split(p["gate_proj"].sizes, dim=-1)
+            hidden = hidden + p["down_proj"](layer.mlp.act_fn(gate) * up, rows)
         return model.norm(hidden)
 
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int], adapters: list[int]):
@@ -281,7 +369,8 @@ class BatchedDecoder:
         return self.model.lm_head(last).float()
 
     def _step(self, batch: int, length: int):
-        """One token for slots 0..batch-1 from self.tokens/positions/rows; attention over length positions."""
+        """One token for slots 0..batch-1 from self.inputs; attention over length positions. Writes
+        each row's argmax to next_tokens."""
         import torch
 
         positions = self.positions[:batch]
@@ -297,28 +386,56 @@ class BatchedDecoder:
             return _attention(q, self.keys[index][:batch, :, :length], self.values[index][:batch, :, :length],
                               allowed.view(batch, 1, 1, length), self.scaling)
 
-        hidden = self._forward(self.tokens[:batch].view(batch, 1), positions.view(batch, 1), self.rows[:batch], attend)
-        return self.model.lm_head(hidden[:, -1])
+        tokens = torch.where(self.follow[:batch].bool(), self.next_tokens[:batch], self.tokens[:batch])
+        hidden = self._forward(tokens.view(batch, 1), positions.view(batch, 1), self.rows[:batch], attend)
+        logits = self.model.lm_head(hidden[:, -1])
+        barred = self.barred[:, :batch].t()  # [batch, BARRED]: a barring row's ids, repeated to fill
+        kept = logits.gather(1, barred)
+        allowed = logits.scatter(1, barred, torch.where(self.barring[:batch, None].bool(), float("-inf"), kept))
+        self.next_tokens[:batch].copy_(allowed.argmax(-1))
+        return logits
 
-    def decode(self, tokens: list[int], positions: list[int], rows: list[int]):
-        """One decode step: row i (slot i) feeds tokens[i] at positions[i] (None: an idle slot).
+    def decode(self, tokens: list[int], positions: list[int | None], rows: list[int],
+               follow: list[bool] | None = None, barred: list[tuple[int, ...]] | None = None) -> Step:
+        """Launch one decode step: row i (slot i) feeds tokens[i] (or, where follow[i], the token the
+        last step chose for it, without a trip through the host) at positions[i] (None: an idle slot).
+        The greedy token of row i is never one of barred[i] (up to BARRED ids; empty: none).
 
-        Returns the [len(tokens), vocab] logits (float32); idle rows' are meaningless.
+        Returns at once on CUDA; the Step's greedy() waits for the tokens, its logits ([len(tokens), vocab],
+        nothing barred) stay valid until the next step.
         """
         import torch
 
-        batch = bucket(len(tokens), BATCH_BUCKETS)
+        count = len(tokens)
+        batch = bucket(count, BATCH_BUCKETS)
         live = [p for p in positions if p is not None]
         length = min(bucket(max(live) + 1, _length_buckets(self.max_len)), self.max_len) if live else 1
-        pad = batch - len(tokens)
-        self.inputs[:, :batch].copy_(torch.tensor([tokens + [0] * pad,
-                                                   [self.max_len if p is None else p for p in positions]
-                                                   + [self.max_len] * pad, rows + [0] * pad]))
+        pad = batch - count
+        turn = self.launched % 2
+        self.launched += 1
+        if self.copied[turn] is not None:  # the step two back still reads these buffers
+            self.copied[turn].synchronize()
+        staging, results = self.staging[turn], self.results[turn]
+        bars = [tuple(ids) for ids in barred or [()] * count] + [()] * pad
+        staging[:, :batch] = torch.tensor([tokens + [0] * pad, [self.max_len if p is None else p for p in positions]
+                                           + [self.max_len] * pad, rows + [0] * pad,
+                                           [int(f) for f in follow or [False] * count] + [0] * pad,
+                                           [int(bool(ids)) for ids in bars],
+                                           *zip(*[(ids * BARRED)[:BARRED] if ids else (0,) * BARRED
+                                                  for ids in bars], strict=True)])
+        self.inputs.copy_(staging, non_blocking=True)  # whole: a strided copy would stage through pageable memory
         graph = self._graph(batch, length) if self.use_graphs else None
         if graph is None:
-            return self._step(batch, length)[:len(tokens)].float()
-        graph[0].replay()
-        return graph[1][:len(tokens)].float()
+            logits = self._step(batch, length)
+        else:
+            graph[0].replay()
+            logits = graph[1]
+        results[:count].copy_(self.next_tokens[:count], non_blocking=True)
+        ready = None
+        if self.device.type == "cuda":
+            ready = self.copied[turn] = torch.cuda.Event()
+            ready.record()
+        return Step(logits[:count], results[:count], ready)
 
     def _graph(self, batch: int, length: int):
         """The captured step for (batch, length), capturing it when new; None where capture failed."""
@@ -340,11 +457,13 @@ class BatchedDecoder:
         """Capture the step for (batch, length) after two warm-up steps (they write what the step writes)."""
         import torch
 
+        chosen = self.next_tokens.clone()  # the warm-up steps overwrite what rows that follow on read
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self._step(batch, length)
+                self.next_tokens.copy_(chosen)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):

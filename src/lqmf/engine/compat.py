@@ -49,3 +49,46 @@ def set_forward(module, forward: Callable[..., Any]) -> Callable[..., Any]:
     module.forward = forward
     return previous
 
+
+
+def stack_4bit(modules: list) -> tuple[Any, Any] | None:
+    """bitsandbytes 4-bit linears that read one input, as one: (packed weight, QuantState) of their
+    weights stacked by output rows, for `bitsandbytes.matmul_4bit`; None where they cannot be stacked.
+
+    Relies on the packed layout: a [N, K] weight is quantized row-major in blocks of `blocksize` values,
+    so where N*K is a whole number of blocks, the stacked bytes and absmax are those of the stacked
+    weight. The modules' weights become views into the stacked bytes (no copy stays); only the absmax,
+    dequantized to float32 when nested, is new (1/16 of the packed size).
+    """
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import QuantState, dequantize_blockwise
+
+    if len(modules) < 2 or not all(isinstance(m, bnb.nn.Linear4bit) for m in modules):
+        return None
+    weights = [m.weight for m in modules]
+    states = [getattr(w, "quant_state", None) for w in weights]
+    if any(s is None or getattr(s, "packing_format_for_cpu", False) or len(s.shape) != 2 for s in states):
+        return None
+    first = states[0]
+    same = {(s.blocksize, s.quant_type, s.dtype, s.shape[1], w.dtype, w.device)
+            for s, w in zip(states, weights, strict=True)}
+    if (len(same) != 1 or any(m.bias is not None for m in modules)
+            or any(s.shape[0] * s.shape[1] % s.blocksize for s in states)
+            or not all(w.is_contiguous() for w in weights)):
+        return None
+
+    def absmax(state):
+        if not state.nested:
+            return state.absmax.float()
+        return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+    packed = torch.cat([w.data for w in weights])
+    start = 0
+    for weight in weights:
+        weight.data = packed[start:start + weight.shape[0]]
+        start += weight.shape[0]
+    rows = sum(s.shape[0] for s in states)
+    state = QuantState(absmax=torch.cat([absmax(s) for s in states]), shape=torch.Size([rows, first.shape[1]]),
+                       code=first.code, blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
+    return packed, state

@@ -7,6 +7,12 @@ pass over the next chunks of the rows still reading their prompts (oldest first,
 So a long prompt is read a chunk at a time while the others keep decoding, and a finished or
 cancelled row leaves at the next token boundary and frees its slot for the next request.
 
+Greedy rows decode ahead: a step is launched with the tokens of the step before still on the
+device, and only then are that step's tokens read back and handed out, so the host's work (and
+the HTTP threads') overlaps the device's; a row that ends has one token computed past its end,
+which is dropped. A step with a sampling row picks on the host from the logits, after the step in
+flight is read back (`_settle`); swaps also wait for it.
+
 Tokens go to each request's own queue; the thread that submitted it turns them into text, checks
 stop strings and cancels (`BatchRequest.cancel`) when it has what it needs. Adapters are
 `AdapterEntry`s owned here; a request holds the entry it was submitted with until it ends, so
@@ -30,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import LqmfError
-from lqmf.engine.batched import AdapterEntry, BatchedDecoder, read_adapter
+from lqmf.engine.batched import BARRED, AdapterEntry, BatchedDecoder, Step, read_adapter
 
 log = logging.getLogger("lqmf.serve")
 PREFILL_CHUNK = 512
@@ -70,8 +76,19 @@ class _Row:
     prefilled: int = 0
     position: int = 0  # where the last token (to feed next) goes
     last: int = 0
+    ahead: bool = False  # its last token is still on the device: a step in flight chose it
     generated: int = 0
     generator: Any = None
+
+    def needs_logits(self) -> bool:
+        """Whether its next token is picked on the host: sampling, or more end-of-text ids to bar than
+        the device step takes."""
+        return self.generator is not None or len(self.request.eos_ids) > BARRED
+
+    def barred(self) -> tuple[int, ...]:
+        """The ids its next token must not be: the end-of-text ones while below min_new_tokens."""
+        chosen = self.generated + self.ahead  # tokens before the next one, the one in flight included
+        return tuple(sorted(self.request.eos_ids)) if chosen < self.request.min_new_tokens else ()
 
 
 class Scheduler:
@@ -87,11 +104,13 @@ class Scheduler:
         self._waiting: collections.deque[BatchRequest] = collections.deque()
         self._rows: dict[int, _Row] = {}  # slot -> row
         self._free = list(range(decoder.slots))
+        self._in_flight: tuple[Step, list[_Row | None]] | None = None  # a greedy step not yet read back
         self._commands: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._wake = threading.Condition()
         self._stopping = False
         self._durations: collections.deque[float] = collections.deque(maxlen=64)
         self.steps = 0
+        self.steps_ahead = 0  # launched before the tokens of the step before were read back
         self.tokens_generated = 0
         self._thread = threading.Thread(target=self._run, name="lqmf-batch", daemon=True)
         self._thread.start()
@@ -196,12 +215,14 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._wake:
-                    while not (self._stopping or self._commands or self._waiting or self._rows):
+                    while not (self._stopping or self._commands or self._waiting or self._rows or self._in_flight):
                         self._wake.wait()
                     if self._stopping:
                         break
                     commands = list(self._commands)
                     self._commands.clear()
+                if commands:
+                    self._settle()
                 for fn, future in commands:
                     try:
                         future.set_result(fn())
@@ -211,6 +232,7 @@ class Scheduler:
                     self._turn()
                 except Exception as err:  # noqa: BLE001 - every row in flight gets the error; the loop goes on
                     log.error("batched decoding failed", exc_info=err)
+                    self._in_flight = None
                     for slot in list(self._rows):
                         self._finish(slot, err)
         for slot in list(self._rows):
@@ -228,9 +250,17 @@ class Scheduler:
                             key=lambda row: row.request.submitted)
         if prefilling:
             self._prefill(prefilling)
-        decoding = {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
-        if decoding:
-            self._decode(decoding)
+        if any(row.needs_logits() for row in self._decoding().values()):
+            self._settle()
+            if decoding := self._decoding():
+                self._decode_on_host(decoding)
+        elif decoding := self._decoding():
+            self._decode_ahead(decoding)
+        else:
+            self._settle()
+
+    def _decoding(self) -> dict[int, _Row]:
+        return {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
 
     def _admit(self) -> None:
         with self._wake:
@@ -269,23 +299,52 @@ class Scheduler:
                 row.position = len(row.request.ids)
                 self._emit(row, self._pick(row, logits[index]))
 
-    def _decode(self, decoding: dict[int, _Row]) -> None:
+    def _launch(self, decoding: dict[int, _Row]) -> tuple[Step, list[_Row | None]]:
         width = max(decoding) + 1
         rows = [decoding.get(slot) for slot in range(width)]
-        logits = self.decoder.decode([row.last if row else 0 for row in rows],
-                                     [row.position if row else None for row in rows],
-                                     [self._adapter_index(row) if row else 0 for row in rows])
+        step = self.decoder.decode([row.last if row else 0 for row in rows],
+                                   [row.position if row else None for row in rows],
+                                   [self._adapter_index(row) if row else 0 for row in rows],
+                                   follow=[row is not None and row.ahead for row in rows],
+                                   barred=[row.barred() if row else () for row in rows])
         self.steps += 1
-        blocked = [(slot, eos) for slot, row in enumerate(rows) if row is not None
-                   and row.generated < row.request.min_new_tokens for eos in row.request.eos_ids]
-        if blocked:  # rows below their min_new_tokens: end of text is not a choice yet (one op for all)
-            logits[[slot for slot, _ in blocked], [eos for _, eos in blocked]] = float("-inf")
-        greedy = logits.argmax(-1).tolist()
-        for slot, row in enumerate(rows):
-            if row is None:
-                continue
+        for row in decoding.values():
             row.position += 1
-            self._emit(row, self._pick(row, logits[slot]) if row.generator is not None else greedy[slot])
+        return step, rows
+
+    def _decode_ahead(self, decoding: dict[int, _Row]) -> None:
+        """Greedy rows only: launch the next step (its inputs, the tokens of the step in flight, stay on
+        the device), then hand out the tokens of the step before while the device runs this one. A row
+        that ends there has one token computed past its end, which is dropped."""
+        launched = self._launch(decoding)
+        for row in decoding.values():
+            row.ahead = True
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self.steps_ahead += 1
+            self._deliver(*previous)
+
+    def _settle(self) -> None:
+        """Hand out the tokens of the step in flight, if any: afterwards the host knows every row's last token."""
+        previous, self._in_flight = self._in_flight, None
+        if previous is not None:
+            self._deliver(*previous)
+        for row in self._rows.values():
+            row.ahead = False
+
+    def _deliver(self, step: Step, rows: list[_Row | None]) -> None:
+        for slot, token in enumerate(step.greedy()):
+            row = rows[slot] if slot < len(rows) else None
+            if row is not None and self._rows.get(slot) is row:  # not ended or replaced since
+                self._emit(row, token)
+
+    def _decode_on_host(self, decoding: dict[int, _Row]) -> None:
+        """One step whose sampling rows pick their tokens on the host from its logits."""
+        step, rows = self._launch(decoding)
+        greedy = step.greedy()
+        for slot, row in enumerate(rows):
+            if row is not None:
+                self._emit(row, self._pick(row, step.logits[slot].float()) if row.needs_logits() else greedy[slot])
 
     def _adapter_index(self, row: _Row) -> int:
         return self._index[row.request.entry.id] if row.request.entry is not None else 0
