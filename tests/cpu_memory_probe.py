@@ -78,7 +78,7 @@ def measure(case: dict, root: Path) -> dict:
         gc.collect()
         Path("/proc/self/clear_refs").write_text("5")
         before = _status("VmRSS")
-        loss = engine._answer_loss_sum(model, step_batch)
+        loss = engine.answer_loss_sum(model, step_batch)
         (loss / 100).backward()
         step_bytes = _status("VmHWM") - before
         optimizer.step()

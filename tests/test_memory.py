@@ -115,7 +115,7 @@ def _run_out_of_memory(engine, monkeypatch, when) -> None:
     """Make the real loop's loss raise CUDA's out-of-memory error on the calls where when(n, batch) holds."""
     import torch
 
-    real_loss = engine._answer_loss_sum
+    real_loss = engine.answer_loss_sum
     calls = {"n": 0}
 
     def loss(model, batch):
@@ -124,7 +124,7 @@ def _run_out_of_memory(engine, monkeypatch, when) -> None:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
         return real_loss(model, batch)
 
-    monkeypatch.setattr(engine, "_answer_loss_sum", loss)
+    monkeypatch.setattr(engine, "answer_loss_sum", loss)
 
 
 def test_oom_in_the_loop_halves_the_micro_batch_and_redoes_the_step(cli, workspace, tiny_model, monkeypatch):

@@ -100,7 +100,7 @@ class Recipe:
         for note in self.prepared.notes:
             self.events.on_note(note)
         if memory.micro_batch != memory.requested_micro_batch:
-            self.events.on_note(steps._fit_message(memory, self.prepared.effective_batch))
+            self.events.on_note(steps.fit_message(memory, self.prepared.effective_batch))
         if memory.offload_activations:
             self.events.on_note(f"activation offload on: checkpointed activations wait in pinned CPU memory "
                                 f"(offload_activations={config.offload_activations})")
@@ -128,7 +128,7 @@ class Recipe:
         else:
             self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        steps._set_rng_state(state["rng"])
+        steps.set_rng_state(state["rng"])
         progress = {**self.fresh, **state["progress"]}
         progress["micro_batch"] = min(progress["micro_batch"], self.fresh["micro_batch"])
         dropped = steps.truncate_log(self.log_path, progress["step"]) if self.main else 0
@@ -139,7 +139,7 @@ class Recipe:
     def _log_fit(self) -> None:
         memory = self.memory
         if memory.micro_batch != memory.requested_micro_batch and self.main:
-            append_jsonl(self.log_path, steps._memory_record(
+            append_jsonl(self.log_path, steps.memory_record(
                 "fit", self.progress["step"], memory.requested_micro_batch, memory.micro_batch,
                 self.prepared.effective_batch, memory.gpus, budget_gb=memory.to_dict()["budget_gb"],
                 budget_source=memory.budget_source))
@@ -210,13 +210,13 @@ class Recipe:
         import torch
 
         micro, world = self.progress["micro_batch"], self.collective.world_size
-        units = steps._units(rows, self.classification)  # over every rank's rows: the loss is their mean
+        units = steps.loss_units(rows, self.classification)  # over every rank's rows: the loss is their mean
         mine = self._share(rows)
         passes = math.ceil(math.ceil(len(rows) / world) / micro) if self.sharded else 0
-        loss_fn = steps._classification_loss_sum if self.classification else steps._answer_loss_sum
+        loss_fn = steps.classification_loss_sum if self.classification else steps.answer_loss_sum
         oom = failure = None
         try:
-            loss = steps._forward_backward(self.runner, loss_fn, mine, units, micro, self.loaded.tokenizer.pad_token_id,
+            loss = steps.forward_backward(self.runner, loss_fn, mine, units, micro, self.loaded.tokenizer.pad_token_id,
                                            self.classification, self.loaded.device, self.offload, passes, rows[:1],
                                            scale=world if self.sharded else 1)  # FSDP averages over ranks
         except Exception as err:
@@ -252,16 +252,16 @@ class Recipe:
         release_memory(self.loaded.device)
         micro = self.progress["micro_batch"]
         share = self.prepared.effective_batch // self.collective.world_size
-        smaller = steps._divisor_at_most(share, micro // 2)
+        smaller = steps.divisor_at_most(share, micro // 2)
         if smaller == 0:
             if self.progress["step"] > 0:
                 self.checkpoint()
             try:
-                steps._stop_out_of_memory(self.config, self.progress, reason)
+                steps.stop_out_of_memory(self.config, self.progress, reason)
             except RuntimeFailure as err:
                 self.stop_all(err)
         self.progress["micro_batch"] = smaller
-        record = steps._memory_record("out_of_memory", self.progress["step"] + 1, micro, smaller,
+        record = steps.memory_record("out_of_memory", self.progress["step"] + 1, micro, smaller,
                                       self.prepared.effective_batch, self.collective.world_size, error=reason,
                                       memory_gb=memory_in_use_gb(self.loaded.device))
         if self.main:

@@ -201,7 +201,7 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
     if gpus > 1:
         check_batch_split(effective, gpus)
         prepared.world_size = gpus
-        prepared.micro_batch = _divisor_at_most(effective // gpus, prepared.micro_batch)
+        prepared.micro_batch = divisor_at_most(effective // gpus, prepared.micro_batch)
         prepared.accumulation = effective // gpus // prepared.micro_batch
     requested = prepared.micro_batch
     strategy = "single" if gpus == 1 else (config.strategy if config.strategy != "auto" else "ddp")
@@ -320,7 +320,7 @@ def autocast(device_type: str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
-def _answer_loss_sum(model, batch) -> Any:
+def answer_loss_sum(model, batch) -> Any:
     """Summed cross-entropy over answer tokens, computing logits only where labels are set.
 
     Falls back to the model's own logits for architectures that post-process them.
@@ -376,13 +376,13 @@ def _classification_logits(model, batch):
         return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
 
 
-def _classification_loss_sum(model, batch):
+def classification_loss_sum(model, batch):
     import torch.nn.functional as F
 
     return F.cross_entropy(_classification_logits(model, batch), batch["labels"], reduction="sum")
 
 
-def _units(rows: list[dict[str, Any]], classification: bool) -> int:
+def loss_units(rows: list[dict[str, Any]], classification: bool) -> int:
     """What the loss is averaged over: examples, or answer tokens (after the shift)."""
     if classification:
         return len(rows)
@@ -415,8 +415,8 @@ def evaluate(loaded: LoadedModel, rows: list[dict[str, Any]], classification: bo
                 truth += batch["labels"].tolist()
                 predicted += logits.argmax(-1).tolist()
             else:
-                loss_sum += float(_answer_loss_sum(model, batch))
-            units += _units(chunk, classification)
+                loss_sum += float(answer_loss_sum(model, batch))
+            units += loss_units(chunk, classification)
     if was_training:
         model.train()
     result = {"loss": loss_sum / max(units, 1)}
@@ -439,7 +439,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     import torch
 
     random.setstate(state["python"])
@@ -563,7 +563,7 @@ def truncate_log(log_path: Path, step: int | None) -> int:
     return len(lines) - len(kept)
 
 
-def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
+def forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
                       offload: ActivationOffload | None = None, passes: int = 0, filler=None, scale: float = 1.0):
     """Forward and backward over one optimizer step's examples in micro-batches; the summed loss.
 
@@ -591,12 +591,12 @@ def _forward_backward(model, loss_fn, rows, units, micro, pad, classification, d
     return total
 
 
-def _divisor_at_most(effective: int, limit: int) -> int:
+def divisor_at_most(effective: int, limit: int) -> int:
     """The largest micro-batch <= limit that divides the effective batch (0 when limit < 1)."""
     return next((m for m in range(limit, 0, -1) if effective % m == 0), 0)
 
 
-def _memory_record(event: str, step: int, before: int, after: int, effective: int, processes: int = 1,
+def memory_record(event: str, step: int, before: int, after: int, effective: int, processes: int = 1,
                    **extra: Any) -> dict[str, Any]:
     """A metrics.jsonl line saying how and why the micro-batch (each process's) changed."""
     share = effective // processes
@@ -605,7 +605,7 @@ def _memory_record(event: str, step: int, before: int, after: int, effective: in
             "effective_batch": effective, **extra}
 
 
-def _fit_message(memory: MemoryPlan, effective: int) -> str:
+def fit_message(memory: MemoryPlan, effective: int) -> str:
     before, after = memory.requested_micro_batch, memory.micro_batch
     share = effective // memory.gpus
     return (f"micro-batch {before} -> {after} to fit {gb(memory.budget or 0)} of {memory.budget_source} "
@@ -613,7 +613,7 @@ def _fit_message(memory: MemoryPlan, effective: int) -> str:
             f"{share // before} -> {share // after}, effective batch {effective} unchanged")
 
 
-def _stop_out_of_memory(config: TrainConfig, progress: dict[str, Any], reason: str) -> None:
+def stop_out_of_memory(config: TrainConfig, progress: dict[str, Any], reason: str) -> None:
     """Out of memory at micro-batch 1 (what is done is checkpointed): say what would need less memory."""
     fixes = [f"a shorter max_seq_length (now {config.max_seq_length})", f"a lower lora_r (now {config.lora_r})"]
     if not config.use_4bit_quantization:
