@@ -119,20 +119,20 @@ def lean_vs_peft(model, decoder) -> dict[str, Any]:
     """One eager decode step with the lean LoRA forward and with PEFT's own: how far their logits are apart."""
     import torch
 
-    from lqmf.engine.compat import set_forward
-    from lqmf.engine.fastgen import adapter_key, lean_state
+    from lqmf.engine.fastgen import adapter_key
 
     key = adapter_key(decoder.lora_layers)
     with torch.inference_mode():
         with cache_kept(decoder):
             lean = decoder._step(key).float()
-        leans = [set_forward(layer, lean_state(layer).peft_forward) for layer in decoder.lora_layers]
+        for layer in decoder.lean_layers:
+            layer.lean.enabled = False  # PEFT's own forward
         try:
             with cache_kept(decoder):
                 reference = decoder._step(key).float()
         finally:
-            for layer, lean in zip(decoder.lora_layers, leans, strict=True):
-                set_forward(layer, lean)
+            for layer in decoder.lean_layers:
+                layer.lean.enabled = True
     return {"max_abs_logit_diff": round(float((lean - reference).abs().max()), 5),
             "logit_scale": round(float(reference.abs().max()), 3),
             "same_argmax": bool(lean.argmax() == reference.argmax())}
@@ -150,7 +150,6 @@ def main() -> None:
     args = parser.parse_args()
     from lqmf.core.workspace import Workspace
     from lqmf.engine import inference
-    from lqmf.engine.compat import set_forward
     from lqmf.engine.fastgen import adapter_key, lean_state
     from lqmf.engine.host import BatchSettings, ModelHost
 
@@ -170,12 +169,12 @@ def main() -> None:
         os.environ["LQMF_LORA_KERNELS"] = "1" if setup["kernels"] else "0"
         model.decoder = None
         inference.generate(model, ids, max_new_tokens=4)  # builds the decoder (and lean layers)
-        for layer in model.decoder.lora_layers:
+        for layer in model.decoder.lean_layers:
             state = lean_state(layer)
             side_stream = side_stream or state.side_stream
             state.side_stream = side_stream if setup["side"] else None
             if variant == "peft":
-                set_forward(layer, state.peft_forward)
+                state.enabled = False  # PEFT's own forward
         if setup["attention"] != "default":
             model.decoder.lora_attention_backends = setup["attention"]
         model.decoder.graphs.clear()

@@ -26,19 +26,41 @@ def test_foreach_copy_copies_every_pair_in_place():
     assert [t.data_ptr() for t in targets] == addresses
 
 
-def test_bind_forward_changes_one_instance_and_can_be_undone():
-    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
-    x = torch.ones(1, 2)
-    expected = first(x)
+def test_build_lora_layers_as_gives_our_classes_and_plain_peft_loads_what_they_save(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import Linear
 
-    def doubled(module, inputs):
-        return 2 * torch.nn.functional.linear(inputs, module.weight, module.bias)
+    class Mine(Linear):
+        pass
 
-    original = compat.bind_forward(first, doubled)
-    assert torch.allclose(first(x), 2 * expected)  # nn.Module.__call__ goes through the instance's forward
-    assert torch.allclose(second(x), second.forward(x))
-    compat.set_forward(first, original)
-    assert torch.allclose(first(x), expected)
+    class Exactly(type):
+        def __instancecheck__(cls, obj):
+            return type(obj) is torch.nn.Linear
+
+    class PlainLinear(metaclass=Exactly):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = torch.nn.Linear(4, 4)
+            self.sub = type("LinearKind", (torch.nn.Linear,), {})(4, 4)  # a subclass: PEFT's own layer
+
+        def forward(self, x):
+            return self.sub(self.plain(x))
+
+    config = LoraConfig(r=2, target_modules=["plain", "sub"], init_lora_weights=False)
+    compat.build_lora_layers_as(config, {PlainLinear: Mine})
+    model = get_peft_model(Net(), config)
+    assert type(model.base_model.model.plain) is Mine and type(model.base_model.model.sub) is Linear
+    x = torch.randn(2, 4)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    assert "custom" not in (tmp_path / "adapter_config.json").read_text()
+    plain = PeftModel.from_pretrained(Net(), tmp_path)
+    plain.load_state_dict(model.state_dict())
+    assert type(plain.base_model.model.plain) is Linear
+    torch.testing.assert_close(plain(x), expected)
 
 
 def test_only_named_library_notices_are_silenced():

@@ -108,7 +108,7 @@ def test_lean_lora_trains_like_peft():
     from tests.test_offload import _gradients, _lora_model
 
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
-    peft_model, lean_model = _lora_model(), _lora_model()
+    peft_model, lean_model = _lora_model(), _lora_model(lean=True)
     use_lean_lora(lean_model)
     expected, got = _gradients(peft_model, ids), _gradients(lean_model, ids)
     assert set(expected) == set(got) and len(got) == 24
@@ -131,7 +131,7 @@ def test_lean_inference_matches_peft(monkeypatch):
     from tests.test_offload import _lora_model
 
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
-    peft_model, lean_model = _lora_model().eval(), _lora_model().eval()
+    peft_model, lean_model = _lora_model().eval(), _lora_model(lean=True).eval()
     fastgen.use_lean_lora(lean_model, torch.float32)
     calls = []
     group_products = fastgen._group_products

@@ -54,7 +54,7 @@ def test_lean_decode_step_with_kernels_matches_peft(interpreted):
     from tests.test_offload import _lora_model
 
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(2))
-    peft_model, lean_model = _lora_model().eval(), _lora_model().eval()
+    peft_model, lean_model = _lora_model().eval(), _lora_model(lean=True).eval()
     use_lean_lora(lean_model, torch.float32)
     with torch.no_grad():
         torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)

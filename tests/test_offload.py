@@ -22,10 +22,13 @@ from lqmf.engine.offload import ActivationOffload
 from tests.test_memory import MISTRAL_7B
 
 
-def _lora_model():
+def _lora_model(lean: bool = False):
+    """A tiny Llama with r=4 LoRA on q/k/v/o; lean: of our LoRA layer classes (fastgen.build_lean_layers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lqmf.engine.fastgen import build_lean_layers
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -33,8 +36,10 @@ def _lora_model():
     model = LlamaForCausalLM(config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    if lean:
+        build_lean_layers(lora)
+    model = get_peft_model(model, lora)
     for name, parameter in model.named_parameters():
         if "lora_B" in name:
             parameter.data.normal_(0, 0.1)

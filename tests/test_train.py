@@ -85,7 +85,7 @@ def test_classification_on_a_decoder(cli, workspace, tiny_model):
 def test_minilm_learns_sentiment(cli, workspace, minilm):
     """A LoRA adapter on the real pretrained MiniLM clearly beats chance on the held-out split."""
     result = cli("train", "minilm", EXAMPLES / "sentiment.csv", "classification", "--name", "sent",
-                 "--epochs", "3", "--no-4bit", "--json", "-q")  # LoRA: the CPU's 4-bit matmuls cost a third more
+                 "--epochs", "2", "--no-4bit", "--json", "-q")  # 0.55 -> 0.875; 4-bit: a third slower on CPUs
     assert result.exit_code == 0, result.output
     metrics = json.loads(result.stdout)["metrics"]
     assert metrics["eval_accuracy"] >= 0.8, metrics

@@ -3,8 +3,6 @@ that fails loudly when an upgrade changes it. Other modules call these functions
 
 from __future__ import annotations
 
-import types
-from collections.abc import Callable
 from typing import Any
 
 
@@ -34,21 +32,12 @@ def cache_keyword(model) -> str:
                        "this transformers version is not supported by the static-cache decoder")
 
 
-def bind_forward(module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Make forward(module, ...) the forward of this one module instance; returns the forward it replaces.
-
-    Used by engine/fastgen.py's lean LoRA layers on PEFT's LoRA layers, for the single-stream decoder
-    and training; the batched decoder of `lqmf serve` (engine/batched.py) runs its own modules instead.
-    """
-    return set_forward(module, types.MethodType(forward, module))
-
-
-def set_forward(module, forward: Callable[..., Any]) -> Callable[..., Any]:
-    """Give this module instance the (bound) forward; returns the one it had (to put back)."""
-    previous = module.forward
-    module.forward = forward
-    return previous
-
+def build_lora_layers_as(config, mapping: dict) -> None:
+    """Have PEFT build config's LoRA layers from mapping's classes ({base layer type: LoRA layer class},
+    first isinstance match wins; a base that matches none gets PEFT's own layer), through PEFT's
+    experimental custom-module API (`LoraConfig._register_custom_module`, docs: custom_models).
+    The mapping is not saved with the adapter: plain PEFT loads what these layers save."""
+    config._register_custom_module(mapping)
 
 
 def stack_4bit(modules: list) -> tuple[Any, Any] | None:

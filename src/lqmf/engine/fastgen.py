@@ -12,18 +12,23 @@ A graph bakes in which adapter is active and its scaling, so graphs are kept per
 GEMMs overlap the 4-bit base layer on a side stream and whose adds mostly ride in the base GEMV's
 bias, instead of PEFT's clone, casts, two GEMMs, scale and add in line: at batch 1 each kernel
 costs microseconds whatever its arithmetic (benchmarks/lora_decode_bench.py).
+
+The lean forward belongs to LoRA layer classes of our own, `LeanLinear` and `LeanLinear4bit`:
+PEFT's `lora.Linear` and `lora.bnb.Linear4bit` with `LeanForward` mixed in, which PEFT builds when
+a LoraConfig went through `build_lean_layers` (PEFT's custom-module API, compat.py). They behave
+as PEFT's own until `use_lean_lora` turns the lean forward on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from lqmf.engine.compat import bind_forward, cache_keyword, tensor_version
+from lqmf.engine.compat import build_lora_layers_as, cache_keyword, tensor_version
 from lqmf.engine.lora_kernels import scaled_product
 
 MIN_CACHE = 256
@@ -56,9 +61,9 @@ def lora_layers(model) -> list:
 
 @dataclass
 class LeanState:
-    """What the lean forward keeps for one PEFT LoRA layer (beside it, not on it)."""
+    """What the lean forward keeps for one LoRA layer."""
 
-    peft_forward: Callable[..., Any]  # PEFT's own forward, for what the lean one does not handle
+    enabled: bool = False  # off: the layer is PEFT's
     side_stream: Any = None  # CUDA stream for the LoRA products while a graph is captured
     followers: list = field(default_factory=list)  # shared-input siblings this layer computes for
     fused: dict = field(default_factory=dict)  # adapter -> (stacked A, block-diagonal B, spans)
@@ -66,16 +71,71 @@ class LeanState:
     forked: bool = False  # this step used the side stream
 
 
-_LEAN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # PEFT LoRA layer -> LeanState
+class LeanForward:
+    """Mixed into PEFT's LoRA layer classes (`lean_layer_classes`): `lean_lora_forward` once
+    `use_lean_lora` enabled it, PEFT's forward until then and for what it does not handle."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lean = LeanState()
+
+    def forward(self, x, *args, **kwargs):
+        if self.lean.enabled:
+            return lean_lora_forward(self, x, *args, **kwargs)
+        return super().forward(x, *args, **kwargs)
+
+    def peft_forward(self, x, *args, **kwargs):
+        return super().forward(x, *args, **kwargs)
+
+
+class _ExactType(type):
+    """isinstance(obj, C) is True only for objects of exactly C.types (not their subclasses): PEFT
+    matches a base layer type by isinstance, and 8-bit or other quantized linears subclass nn.Linear."""
+
+    def __instancecheck__(cls, obj) -> bool:
+        return type(obj) in cls.types
+
+
+@functools.cache
+def lean_layer_classes() -> dict:
+    """{base layer type: our LoRA layer class}: plain nn.Linear and bitsandbytes 4-bit linears."""
+    import torch
+    from peft.tuners.lora import Linear
+
+    class LeanLinear(LeanForward, Linear):
+        """PEFT's LoRA Linear with the lean forward."""
+
+    class PlainLinear(metaclass=_ExactType):
+        types = (torch.nn.Linear,)
+
+    classes: dict = {PlainLinear: LeanLinear}
+    try:
+        import bitsandbytes as bnb
+        from peft.tuners.lora.bnb import Linear4bit
+    except ImportError:
+        return classes
+
+    class LeanLinear4bit(LeanForward, Linear4bit):
+        """PEFT's LoRA Linear4bit (a bitsandbytes 4-bit base) with the lean forward."""
+
+    class Plain4bit(metaclass=_ExactType):
+        types = (bnb.nn.Linear4bit,)
+
+    return {Plain4bit: LeanLinear4bit, **classes}
+
+
+def build_lean_layers(config) -> None:
+    """Make PEFT build the LoRA layers of config (a LoraConfig) as `lean_layer_classes`."""
+    build_lora_layers_as(config, lean_layer_classes())
 
 
 def uses_lean_forward(layer) -> bool:
-    return layer in _LEAN
+    return isinstance(layer, LeanForward) and layer.lean.enabled
 
 
 def lean_state(layer) -> LeanState:
     """The lean forward's state of a layer that `use_lean_lora` prepared."""
-    return _LEAN[layer]
+    return layer.lean
 
 
 # LoRA layers that transformers calls one after another on the same input tensor.
@@ -96,14 +156,14 @@ def lean_lora_forward(layer, x, *args, **kwargs):
     """
     import torch
 
-    state = _LEAN[layer]
+    state = layer.lean
     if args or kwargs or layer.merged:
-        return state.peft_forward(x, *args, **kwargs)
+        return layer.peft_forward(x, *args, **kwargs)
     if layer.disable_adapters:
         return layer.base_layer(x)
     active = _lean_active(layer, x, training=torch.is_grad_enabled())
     if active is None:
-        return state.peft_forward(x, *args, **kwargs)
+        return layer.peft_forward(x, *args, **kwargs)
     if torch.is_grad_enabled():
         result = layer.base_layer(x)
         for name in active:
@@ -134,7 +194,7 @@ def lean_lora_forward(layer, x, *args, **kwargs):
         for delta in [delta for _, theirs in products.values() for delta in theirs] + deltas:
             delta.record_stream(main)
     for follower, (names, theirs) in products.items():
-        _LEAN[follower].pending = (x, tensor_version(x), names, _base_plus(follower, x, rows, theirs))
+        follower.lean.pending = (x, tensor_version(x), names, _base_plus(follower, x, rows, theirs))
     if ready is not None:
         flat = result.view(-1, result.shape[-1])
         for delta in deltas:
@@ -180,11 +240,11 @@ def _group_products(leader, rows, active: list[str]) -> dict:
     stacked A and block-diagonal B gives every member's at once.
     """
     members = {leader: active}
-    for follower in _LEAN[leader].followers:
+    for follower in leader.lean.followers:
         names = None if follower.disable_adapters or follower.merged else _lean_active(follower, rows)
         if names is not None:
             members[follower] = names
-    fused = _LEAN[leader].fused
+    fused = leader.lean.fused
     if (active and all(names == active for names in members.values()) and all(name in fused for name in active)
             and all(len({member.scaling[name] for member in members}) == 1 for name in active)):
         products: dict = {member: [] for member in members}
@@ -207,7 +267,7 @@ def _fuse_group(members: list) -> None:
     import torch
 
     leader = members[0]
-    fused = _LEAN[leader].fused
+    fused = leader.lean.fused
     for name in list(fused):
         if any(name not in member.lora_A for member in members):
             del fused[name]
@@ -236,8 +296,8 @@ def _fuse_group(members: list) -> None:
 def forget_fused(model, name: str) -> None:
     """Drop adapter name's fused tensors (its weights were replaced other than in place)."""
     for layer in lora_layers(model):
-        if layer in _LEAN:
-            _LEAN[layer].fused.pop(name, None)
+        if isinstance(layer, LeanForward):
+            layer.lean.fused.pop(name, None)
 
 
 def join_side_streams(layers: list) -> None:
@@ -246,7 +306,7 @@ def join_side_streams(layers: list) -> None:
 
     sides = set()
     for layer in layers:
-        state = _LEAN[layer]
+        state = layer.lean
         state.pending = None
         if state.forked:  # only streams this step used: others are not in a graph capture
             state.forked = False
@@ -256,19 +316,20 @@ def join_side_streams(layers: list) -> None:
 
 
 def use_lean_lora(model, dtype=None) -> list:
-    """Give every LoRA layer of model the lean forward (idempotent); for inference (dtype given) also
-    its adapters' weights in dtype, fused per shared-input group. Returns the LoRA layers."""
+    """Turn on the lean forward of model's LoRA layers of our classes (idempotent; PEFT's own layers,
+    built without `build_lean_layers`, stay as they are); for inference (dtype given) also put their
+    adapters' weights in dtype, fused per shared-input group. Returns those layers."""
     import torch
 
     side = None
-    layers = lora_layers(model)
+    layers = [layer for layer in lora_layers(model) if isinstance(layer, LeanForward)]
     for layer in layers:
-        if layer not in _LEAN:
-            state = _LEAN[layer] = LeanState(bind_forward(layer, lean_lora_forward))
+        if not layer.lean.enabled:
+            layer.lean.enabled = True
             weight = next(layer.base_layer.parameters(), None)
             if weight is not None and weight.is_cuda:
                 side = side or torch.cuda.Stream(weight.device)
-                state.side_stream = side
+                layer.lean.side_stream = side
         for modules in (layer.lora_A, layer.lora_B) if dtype is not None else ():
             for module in modules.values():
                 if module.weight.dtype != dtype:
@@ -276,9 +337,9 @@ def use_lean_lora(model, dtype=None) -> list:
     for parent in model.modules():
         for group in SHARED_INPUT_GROUPS:
             members = [getattr(parent, name, None) for name in group]
-            members = [m for m in members if m is not None and m in _LEAN]
+            members = [m for m in members if uses_lean_forward(m)]
             if len(members) > 1:
-                _LEAN[members[0]].followers = members[1:]
+                members[0].lean.followers = members[1:]
                 if dtype is not None:  # inference only: training keeps PEFT's own tensors
                     _fuse_group(members)
     return layers
@@ -317,7 +378,8 @@ class StaticDecoder:
         self.graphs: dict[tuple, tuple[Any, Any]] = {}  # adapter key -> (graph, its logits output)
         self.failed: set[tuple] = set()  # keys whose capture failed: those run eagerly
         self.pool = None
-        self.lora_layers = use_lean_lora(model, self.dtype)
+        self.lean_layers = use_lean_lora(model, self.dtype)
+        self.lora_layers = lora_layers(model)  # lean or PEFT's own (an adapter on other modules): the graph key
         self.lora_attention_backends = _lora_step_attention_backends(self.device)
 
     def _step(self, key: tuple):
@@ -335,7 +397,7 @@ class StaticDecoder:
         with sdpa_kernel(backends) if backends else contextlib.nullcontext():
             out = self.model(input_ids=self.token, position_ids=self.position, attention_mask=mask,
                              **self.cache_argument, use_cache=True)
-        join_side_streams(self.lora_layers)
+        join_side_streams(self.lean_layers)
         return out.logits[:, -1, :]
 
     def _graph_for(self, key: tuple):
@@ -395,7 +457,7 @@ class StaticDecoder:
             out = self.model(input_ids=torch.tensor([prompt], device=self.device),
                              position_ids=torch.arange(len(prompt), device=self.device).unsqueeze(0),
                              **self.cache_argument, use_cache=True, logits_to_keep=1)
-            join_side_streams(self.lora_layers)
+            join_side_streams(self.lean_layers)
             logits = out.logits[:, -1, :]
             self.position.fill_(len(prompt))
             key = adapter_key(self.lora_layers)

@@ -114,14 +114,19 @@ def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
     The first adapter wraps the base in a PeftModel; later ones are added beside it, so several
     stay resident and `adapter_context` picks one per call.
     """
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     phase(f"loading adapter {slot}")
-    if isinstance(model.model, PeftModel):
+    if isinstance(model.model, PeftModel):  # on modules the first adapter targets: its layers, of its class
         model.model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
     else:
+        config = PeftConfig.from_pretrained(str(path))
+        if fast_enabled() and config.peft_type == "LORA":
+            from lqmf.engine.fastgen import build_lean_layers
+
+            build_lean_layers(config)  # our LoRA layer classes (PEFT's until a fast decoder turns them lean)
         model.loaded.model = PeftModel.from_pretrained(model.model, str(path), adapter_name=slot,
-                                                       low_cpu_mem_usage=True)
+                                                       low_cpu_mem_usage=True, config=config)
     model.model.eval()
     model.adapters.append(slot)
     model.decoder = None  # its graphs hold the old module set

@@ -40,7 +40,7 @@ from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
 from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
-from lqmf.engine.fastgen import use_lean_lora
+from lqmf.engine.fastgen import build_lean_layers, use_lean_lora
 from lqmf.engine.loading import (
     LoadedModel,
     compute_dtype,
@@ -296,6 +296,8 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
         target_modules=targets, bias="none",
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
     )
+    if not sharded:
+        build_lean_layers(lora)
     try:
         loaded.model = get_peft_model(model, lora)
     except ValueError as err:
