@@ -302,6 +302,10 @@ class BatchedDecoder:
 
     def set_adapters(self, entries: list[AdapterEntry]) -> None:
         """Stack entries' weights into every projection (entry i gets adapter index i + 1); drops graphs."""
+        import torch
+
+        if self.device.type == "cuda":  # a step may still run (decoding ahead): its graph and tensors go
+            torch.cuda.current_stream(self.device).synchronize()
         self.layouts = {}
         for group in self.groups:
             group.set_adapters(entries, self.layouts)
