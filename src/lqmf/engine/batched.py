@@ -233,7 +233,6 @@ class Step:
 
 @dataclass
 class _Layer:
-    attention: Any
     mlp: Any
     input_norm: Any
     post_norm: Any
@@ -264,7 +263,7 @@ class BatchedDecoder:
         self.projections: dict[str, BatchedLoRALinear] = {}  # full projection name -> its group
         self.groups: list[BatchedLoRALinear] = []
         for index, layer in enumerate(model.model.layers):
-            entry = _Layer(layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
+            entry = _Layer(layer.mlp, layer.input_layernorm, layer.post_attention_layernorm,
                            q_norm=getattr(layer.self_attn, "q_norm", None),
                            k_norm=getattr(layer.self_attn, "k_norm", None))
             for parent, names in GROUPS:
@@ -283,7 +282,6 @@ class BatchedDecoder:
         self.inputs = torch.zeros(5 + BARRED, slots, dtype=torch.long, device=self.device)
         self.tokens, self.positions, self.rows, self.follow, self.barring = self.inputs[:5]
         self.barred = self.inputs[5:]
-        self.positions.fill_(max_len)
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         pinned = self.device.type == "cuda"
         self.staging = [torch.zeros(5 + BARRED, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]

@@ -250,11 +250,12 @@ class Scheduler:
                             key=lambda row: row.request.submitted)
         if prefilling:
             self._prefill(prefilling)
-        if any(row.needs_logits() for row in self._decoding().values()):
+        decoding = self._decoding()
+        if any(row.needs_logits() for row in decoding.values()):
             self._settle()
-            if decoding := self._decoding():
+            if decoding := self._decoding():  # the tokens just handed out may have ended rows
                 self._decode_on_host(decoding)
-        elif decoding := self._decoding():
+        elif decoding:
             self._decode_ahead(decoding)
         else:
             self._settle()
