@@ -10,7 +10,7 @@ import typer
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import App, human_size, info, print_json
 from lqmf.core import config as cfg
-from lqmf.core.errors import require
+from lqmf.core import federated as fed
 
 app = App(help="Federated fine-tuning on Flower: sites train one adapter without sharing their data.")
 
@@ -69,7 +69,7 @@ def server(
 ) -> None:
     """Run the Flower server: each round sites train from the global adapter; it averages their LoRA tensors
     (weighted by example count), evaluates on --eval and finally registers the adapter with its lineage."""
-    require("flwr", "flwr", "federated")
+    fed.require_flower()
     from lqmf.engine.federated import run_server
 
     request = _request(model, task, rounds, min_clients, fraction, strategy, address, name, eval_file, labels,
@@ -93,7 +93,7 @@ def client(
 ) -> None:
     """Join a federated run: train each round on DATASET from the global adapter, send back only the adapter
     tensors. Stops when the server's run ends; a restarted site joins again."""
-    require("flwr", "flwr", "federated")
+    fed.require_flower()
     from lqmf.engine.federated import Site, run_site
 
     ws = workspace(ctx, workspace_dir)
@@ -114,6 +114,8 @@ def simulate(
     clients: int = typer.Option(3, "--clients", min=1, help="Simulated sites."),
     partition: str = typer.Option("iid", "--partition", help="iid | by-column (each site mostly one value)."),
     column: str | None = typer.Option(None, "--column", help="With --partition by-column: the column (e.g. label)."),
+    spill: float = typer.Option(0.05, "--spill", min=0.0, max=1.0, help="With by-column: the share of rows dealt "
+                                "to the other sites."),
     rounds: int = typer.Option(3, "--rounds", "-r", min=1, help="Federated rounds."),
     fraction: float = typer.Option(1.0, "--fraction", help="Share of the sites sampled each round."),
     strategy: str = typer.Option("fedavg", "--strategy", help="fedavg | fedprox."),
@@ -129,7 +131,7 @@ def simulate(
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Server and N sites in one process on loopback (Flower's own server and clients, no Ray): for trying."""
-    require("flwr", "flwr", "federated")
+    fed.require_flower()
     from lqmf.engine.federated import free_loopback_port
     from lqmf.engine.federated import simulate as run_simulation
 
@@ -137,5 +139,5 @@ def simulate(
     request = _request(model, task, rounds, min(clients, max(1, round(clients * fraction))), fraction, strategy,
                        f"127.0.0.1:{free_loopback_port()}", name, eval_file, labels, local_steps, transport, None,
                        proximal_mu, sets, force)
-    result = run_simulation(ws, request, ws.resolve_path(dataset), clients, partition, column, info)
+    result = run_simulation(ws, request, ws.resolve_path(dataset), clients, partition, column, info, spill=spill)
     _print_result(result, json_output)

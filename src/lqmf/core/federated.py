@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lqmf.core.errors import InputError
+from lqmf.core.errors import InputError, LqmfError
 
 STRATEGIES = ("fedavg", "fedprox")
 TRANSPORTS = ("fp32", "bf16")
@@ -24,6 +24,18 @@ PARTITIONS = ("iid", "by-column")
 DEFAULT_ADDRESS = "127.0.0.1:9099"
 # What a site may not change: the adapter's shape and what it is trained for.
 FIXED_KEYS = ("base_model", "task_type", "lora_r", "lora_alpha", "target_modules")
+
+
+FLOWER_SPEC = "flwr>=1.42,<1.43"
+
+
+def require_flower() -> None:
+    """Flower installs apart from its pins (they clash with lqmf's typer): say how, before any work."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        raise LqmfError(f"Flower is not installed; install it with: pip install 'lqmf[federated]' && "
+                        f"pip install --no-deps '{FLOWER_SPEC}'")
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -132,7 +144,7 @@ def _write_table(path: Path, rows: list[dict[str, Any]], fmt: str, columns: list
 
 
 def partition(path: Path, clients: int, how: str, column: str | None, out_dir: Path, seed: int = 42,
-              spill: float = 0.1) -> list[Path]:
+              spill: float = 0.05) -> list[Path]:
     """Split one dataset file into `clients` files (the simulated sites' data).
 
     iid: shuffled, dealt round-robin. by-column: rows of the k-th value of COLUMN go to site k mod

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import threading
 import time
@@ -136,17 +137,15 @@ class Site:
         if fixed:
             raise SiteRefused(f"--set {fixed[0]}: the server decides it for every site")
         self.model_ref: ResolvedModel = ModelCatalogue(self.workspace).resolve(self.model or run.base_model)
-        try:
-            self.dataset: TaskDataset = load_task_dataset(self.dataset_path, run.task)
+        reason = fed.refusal(run, model=self.model, task=self.task, fingerprint=fed.model_fingerprint(
+            self.model_ref.config), site_labels=[])
+        if reason:
+            raise SiteRefused(f"refused: {reason}")
+        try:  # with the server's labels: a site may hold one class only
+            self.dataset: TaskDataset = load_task_dataset(self.dataset_path, run.task, run.labels or None)
         except InputError as err:
             raise SiteRefused(f"refused: the server trains a {run.task} adapter and this site's data does not fit: "
                               f"{err.message}") from None
-        reason = fed.refusal(run, model=self.model, task=self.task, fingerprint=fed.model_fingerprint(
-            self.model_ref.config), site_labels=self.dataset.labels)
-        if reason:
-            raise SiteRefused(f"refused: {reason}")
-        if run.labels:
-            self.dataset = replace(self.dataset, labels=list(run.labels))
         values = {**self.settings, **run.train, **ROUND_SETTINGS, "base_model": self.model_ref.reference,
                   "dataset_path": str(self.dataset.path), "task_type": run.task, "max_steps": run.local_steps,
                   "job_name": f"federated-{slug(self.name)}"}
@@ -505,13 +504,14 @@ def free_loopback_port() -> int:
 
 
 def simulate(workspace: Workspace, request: ServerRequest, dataset: Path, clients: int, how: str = "iid",
-             column: str | None = None, progress: Progress = lambda line: None, on_aggregate=None) -> dict[str, Any]:
+             column: str | None = None, progress: Progress = lambda line: None, on_aggregate=None,
+             spill: float = 0.05) -> dict[str, Any]:
     """Split dataset into `clients` sites and run server and sites in this process on loopback."""
     if not request.address or not fed.is_loopback(fed.split_address(request.address)[0]):
         raise InputError("simulate runs on loopback only")
     request.check()
     folder = workspace.root / "federated" / "simulate" / slug(request.name or "run")
-    files = fed.partition(dataset, clients, how, column, folder)
+    files = fed.partition(dataset, clients, how, column, folder, spill=spill)
     progress(f"simulate: {clients} sites ({how}{' ' + column if column else ''}) in {folder}")
     shared = SharedBase()
     sites = [Site(workspace, path, name=f"site-{k + 1}", shared=shared) for k, path in enumerate(files)]
@@ -520,14 +520,18 @@ def simulate(workspace: Workspace, request: ServerRequest, dataset: Path, client
     def join(site: Site) -> None:
         try:
             run_site(workspace, site, request.address, progress=progress, max_wait_s=120)
-        except BaseException as err:  # noqa: BLE001 - reported after the server ends
-            progress(f"{site.name} stopped: {type(err).__name__}: {err}")
+        except BaseException as err:  # noqa: BLE001 - reported once the server has stopped
             errors.append(err)
+            os.kill(os.getpid(), signal.SIGINT)  # Flower's server stops on it (its handler, main thread)
 
     threads = [threading.Thread(target=join, args=(site,), name=site.name, daemon=True) for site in sites]
     for thread in threads:
         thread.start()
-    result = run_server(workspace, request, progress, on_aggregate)
+    try:
+        result = run_server(workspace, request, progress, on_aggregate)
+    except (SystemExit, KeyboardInterrupt):
+        if not errors:
+            raise
     for thread in threads:
         thread.join(timeout=60)
     if errors:
