@@ -262,3 +262,15 @@ def test_sites_of_the_wrong_task_or_model_are_refused(tiny_model, tiny_model_no_
     finally:
         for proc in procs:
             stop(proc)
+
+
+def test_a_site_may_hold_one_class_of_the_servers_labels(tmp_path):
+    from lqmf.core.datasets import load_task_dataset
+
+    one_class = tmp_path / "one.csv"
+    one_class.write_text("text,label\ngreat,positive\nlovely,positive\n", encoding="utf-8")
+    with pytest.raises(InputError, match="at least two label classes"):
+        load_task_dataset(one_class, "classification")
+    assert load_task_dataset(one_class, "classification", ["negative", "positive"]).labels == ["negative", "positive"]
+    with pytest.raises(InputError, match=r"labels \['positive'\] are not among \['a', 'b'\]"):
+        load_task_dataset(one_class, "classification", ["a", "b"])
