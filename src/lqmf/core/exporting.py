@@ -161,7 +161,7 @@ def _check_written_by_export(target: Path) -> None:
     record = read_export_record(target)
     if record is None:
         if (target / MANIFEST).is_file():
-            raise ConflictError(f"'{target}' has {MANIFEST} but no {EXPORT_RECORD}: it is an adapter folder (of "
+            raise ConflictError(f"'{target}' has {MANIFEST} but no valid {EXPORT_RECORD}: it is an adapter folder (of "
                                 "a registry, maybe another workspace's) or an export lqmf did not record; "
                                 "refusing to replace it even with --force")
         raise ConflictError(f"'{target}' is not an LQMF export (it has no {EXPORT_RECORD}); "

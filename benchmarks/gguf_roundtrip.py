@@ -1,0 +1,183 @@
+"""Does llama.cpp compute what PEFT computes with an adapter that `lqmf export --format gguf` wrote?
+
+Builds the tiny random Llama (engine/tiny.py), trains a LoRA adapter on it with `lqmf train` (all
+seven projections), exports it with `lqmf export --format gguf`, writes the base model as a GGUF with
+the gguf package (names from gguf-py's tensor map, q/k rows reordered as llama.cpp's converter does),
+loads both with llama.cpp through llama-cpp-python, and compares the next-token logits of each
+prompt with PEFT's (transformers + peft on the same weights). Also compares the base alone, and
+reports how far the adapter moves the logits, so that a match is not a match of two no-ops.
+
+    PYTHONPATH=src .venv/bin/python benchmarks/gguf_roundtrip.py                 # f32 and f16 adapters
+    PYTHONPATH=src .venv/bin/python benchmarks/gguf_roundtrip.py --outtype q8_0  # others: bf16
+
+Needs llama-cpp-python (`pip install llama-cpp-python` builds llama.cpp; not a dependency of LQMF).
+Nothing is downloaded. Exit status 1 when a difference is over the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["What is AI?", "How do I return an item?", "Translate to French: hello",
+           "Summarize the following text. The quick brown fox jumps over the lazy dog."]
+# Largest |llama.cpp - PEFT| on a next-token logit, per adapter tensor type (base in f32). The logits of
+# the tiny model are of order 1; f32 differs only by summation order, f16/bf16/q8_0 by rounding the pair.
+TOLERANCE = {"f32": 1e-3, "f16": 5e-3, "bf16": 3e-2, "q8_0": 3e-2}
+ALL_PROJECTIONS = "[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]"
+
+
+def lqmf(*args: str, workspace: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lqmf", "--workspace", str(workspace), *args], env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"lqmf {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
+
+
+def write_base_gguf(model_dir: Path, out: Path) -> None:
+    """The HF Llama in model_dir as an f32 GGUF llama.cpp loads (byte-level BPE vocabulary, 'default' pre-tokenizer)."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = json.loads((model_dir / "config.json").read_text())
+    tokenizer = json.loads((model_dir / "tokenizer.json").read_text())
+    n_head, n_kv = config["num_attention_heads"], config["num_key_value_heads"]
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name("lqmf-tiny-llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_rope_dimension_count(config["hidden_size"] // n_head)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or
+                                    (config.get("rope_parameters") or {}).get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    vocab = {**tokenizer["model"]["vocab"], **{t["content"]: t["id"] for t in tokenizer["added_tokens"]}}
+    special = {t["id"] for t in tokenizer["added_tokens"] if t.get("special")}
+    tokens = sorted(vocab, key=vocab.get)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if vocab[t] in special else gguf.TokenType.NORMAL
+                            for t in tokens])
+    gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    for name, data in load_file(str(model_dir / "model.safetensors")).items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")):  # HF rotary halves -> GGML's pairs
+            heads = n_head if "q_proj" in name else n_kv
+            data = data.reshape(heads, 2, data.shape[0] // heads // 2, *data.shape[1:]).swapaxes(1, 2) \
+                .reshape(data.shape)
+        mapped = names.get_name(name, try_suffixes=(".weight",))
+        if mapped is None:
+            raise SystemExit(f"no GGUF name for {name}")
+        writer.add_tensor(mapped, np.ascontiguousarray(data, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def peft_logits(model_dir: Path, adapter_dir: Path, token_ids: list[list[int]]):
+    """(with adapter, base alone) next-token logits per prompt, from transformers + peft."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                                      str(adapter_dir)).eval()
+    with torch.no_grad():
+        adapted = [model(torch.tensor([ids])).logits[0, -1].numpy() for ids in token_ids]
+        with model.disable_adapter():
+            base = [model(torch.tensor([ids])).logits[0, -1].numpy() for ids in token_ids]
+    return adapted, base
+
+
+def llama_cpp_logits(base_gguf: Path, adapter_gguf: Path | None, token_ids: list[list[int]]):
+    import numpy as np
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(base_gguf), lora_path=str(adapter_gguf) if adapter_gguf else None, n_ctx=256,
+                n_threads=1, n_batch=256, logits_all=True, verbose=False)
+    out = []
+    for ids in token_ids:
+        llm.reset()
+        llm.eval(ids)
+        out.append(np.array(llm.scores[len(ids) - 1], dtype=np.float32))
+    llm.close()
+    return out
+
+
+def roundtrip(work: Path, outtypes: list[str], steps: int = 30) -> list[dict]:
+    """Build, train, export and compare; one result row per outtype (plus the base alone)."""
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(REPO / "src"))
+    from lqmf.engine.tiny import build_tiny_causal_lm
+
+    corpus = [p.read_text(encoding="utf-8") for p in sorted((REPO / "examples" / "datasets").iterdir())]
+    model_dir = build_tiny_causal_lm(work / "tiny-llama", corpus=corpus)
+    workspace = work / "ws"
+    print(f"training an adapter on {model_dir} ({steps} steps) ...", file=sys.stderr)
+    lqmf("train", str(model_dir), str(REPO / "examples" / "datasets" / "chat_training.csv"), "chat", "--name",
+         "rt", "--no-4bit", "--max-steps", str(steps), "--lr", "2e-2", "--batch-size", "4", "--grad-accum", "1",
+         "--max-seq-length", "128", "--set", f"target_modules={ALL_PROJECTIONS}", "-q", workspace=workspace)
+    write_base_gguf(model_dir, work / "base-f32.gguf")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    token_ids = [[tokenizer.bos_token_id, *tokenizer(p, add_special_tokens=False)["input_ids"]] for p in PROMPTS]
+    adapted, base = peft_logits(model_dir, workspace / "adapters" / "rt", token_ids)
+    effect = max(float(np.abs(a - b).max()) for a, b in zip(adapted, base, strict=True))
+    rows = []
+    cpp_base = llama_cpp_logits(work / "base-f32.gguf", None, token_ids)
+    rows.append(_row("base alone", cpp_base, base, 1e-3, effect))
+    for outtype in outtypes:
+        out = json.loads(lqmf("export", "rt", f"{work}/exports/{outtype}/", "--format", "gguf", "--outtype",
+                              outtype, "--json", workspace=workspace))
+        adapter = Path(out["path"]) / out["gguf_file"]
+        rows.append(_row(f"adapter {outtype}", llama_cpp_logits(work / "base-f32.gguf", adapter, token_ids),
+                         adapted, TOLERANCE[outtype], effect))
+    return rows
+
+
+def _row(what: str, got, expected, tolerance: float, effect: float) -> dict:
+    import numpy as np
+
+    diff = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
+    same_top = sum(int(np.argmax(g) == np.argmax(e)) for g, e in zip(got, expected, strict=True))
+    return {"what": what, "max_abs_diff": diff, "tolerance": tolerance, "ok": diff <= tolerance,
+            "same_argmax": f"{same_top}/{len(got)}", "adapter_effect": effect}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--outtype", nargs="+", default=["f32", "f16"], choices=sorted(TOLERANCE))
+    parser.add_argument("--steps", type=int, default=30, help="training steps of the adapter")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="lqmf-gguf-rt-") as tmp:
+        rows = roundtrip(Path(tmp), args.outtype, args.steps)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'compared with PEFT':<18} {'max |diff|':>11} {'tolerance':>10} {'argmax':>7} {'adapter moves':>14}")
+        for row in rows:
+            print(f"{row['what']:<18} {row['max_abs_diff']:>11.2e} {row['tolerance']:>10.0e} "
+                  f"{row['same_argmax']:>7} {row['adapter_effect']:>14.3f}  {'ok' if row['ok'] else 'OVER'}")
+    return 0 if all(row["ok"] for row in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
