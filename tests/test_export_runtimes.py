@@ -340,4 +340,4 @@ def test_llama_cpp_computes_what_peft_computes(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     rows = gguf_roundtrip.roundtrip(tmp_path, ["f32"], steps=10)
     assert all(row["ok"] for row in rows), rows
-    assert rows[-1]["adapter_effect"] > 10 * rows[-1]["tolerance"], "the adapter changes the logits"
+    assert rows[-1]["adapter_effect"] > 0.1, "the adapter changes the logits (the comparison can fail)"
