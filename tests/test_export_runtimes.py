@@ -320,12 +320,19 @@ def test_vllm_folder_meets_vllms_adapter_rules_and_names_its_serve_line(cli, wor
     assert "--enable-lora" in (folder / "README.md").read_text()
 
 
-def test_vllm_merge_writes_a_model_vllm_serves_alone(cli, workspace, trained_workspace, tmp_path):
+@pytest.mark.parametrize("fmt", ["vllm", "ollama"])
+def test_merge_variants_write_a_model_the_runtime_loads_alone(cli, workspace, trained_workspace, tmp_path, fmt):
     copy_adapter(trained_workspace, "chat-a", workspace)
-    out = json.loads(cli("export", "chat-a", f"{tmp_path}/", "--format", "vllm", "--merge", "--json").stdout)
-    folder = tmp_path / "chat-a-vllm-merged"
-    assert out["format"] == "vllm-merged" and out["command"] == f"vllm serve {folder}"
-    assert (folder / "config.json").is_file() and not (folder / "adapter_config.json").exists()
+    out = json.loads(cli("export", "chat-a", f"{tmp_path}/", "--format", fmt, "--merge", "--json").stdout)
+    folder = tmp_path / f"chat-a-{fmt}-merged"
+    assert out["format"] == f"{fmt}-merged" and (folder / "config.json").is_file()
+    assert not (folder / "adapter_config.json").exists() and not list(folder.glob("*.gguf"))
+    if fmt == "vllm":
+        assert out["command"] == f"vllm serve {folder}"
+    else:
+        assert out["command"] == f"ollama create chat-a -f {folder / 'Modelfile'}"
+        commands = dict(parse_modelfile((folder / "Modelfile").read_text()))
+        assert commands["FROM"] == "." and "ADAPTER" not in commands and "{{ .Prompt }}" in commands["TEMPLATE"]
 
 
 # ----------------------------------------------------------------------------- llama.cpp itself
@@ -340,4 +347,5 @@ def test_llama_cpp_computes_what_peft_computes(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     rows = gguf_roundtrip.roundtrip(tmp_path, ["f32"], steps=10)
     assert all(row["ok"] for row in rows), rows
+    assert rows[1]["file_vs_peft"] < 1e-6, "the pairs read back from the GGUF are PEFT's"
     assert rows[-1]["adapter_effect"] > 0.1, "the adapter changes the logits (the comparison can fail)"
