@@ -45,7 +45,7 @@ def export(
     """
     from lqmf.core.config import DEVICES  # imported here: `lqmf adapters list` loads this module too
     from lqmf.core.errors import InputError
-    from lqmf.core.export_formats import RuntimeSpec, runtime_spec
+    from lqmf.core.export_formats import merged_spec, runtime_spec
     from lqmf.core.exporting import base_reference, plan_export, write_export
     from lqmf.core.registry import Registry
 
@@ -57,7 +57,7 @@ def export(
     build_into = None
     if merge or fmt != "peft":
         base = registry.resolve_base(plan.entry) if merge or fmt in ("gguf", "ollama") else None
-        spec = RuntimeSpec(base_reference(plan.entry)) if merge else \
+        spec = merged_spec(fmt, plan.entry, base_reference(plan.entry)) if merge else \
             runtime_spec(fmt, plan.entry, base.config if base else None, base_reference(plan.entry))
         if merge:
             info(f"merging '{name}' into {plan.entry.base_model.get('reference') or base.reference} on {device}...")

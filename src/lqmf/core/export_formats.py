@@ -9,6 +9,7 @@ each refusal here is one line saying why.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shlex
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from lqmf.core.errors import InputError
-from lqmf.core.weights import TensorInfo
+from lqmf.core.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterEntry
+from lqmf.core.weights import TensorInfo, read_safetensors_header
 
 FORMATS = ("peft", "gguf", "ollama", "vllm")
 GGUF_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
@@ -170,13 +172,15 @@ class RuntimeSpec:
     max_lora_rank: int | None = None  # vLLM
 
 
-def runtime_spec(fmt: str, entry: Any, base_config: dict[str, Any] | None, base: str) -> RuntimeSpec:
+def merged_spec(fmt: str, entry: AdapterEntry, base: str) -> RuntimeSpec:
+    """A merged export for the runtime: any adapter merges, but Ollama serves text generation only."""
+    if fmt == "ollama" and (entry.manifest or {}).get("task") == "classification":
+        raise InputError(f"adapter '{entry.name}' is a classification adapter; Ollama serves text generation only")
+    return RuntimeSpec(base)
+
+
+def runtime_spec(fmt: str, entry: AdapterEntry, base_config: dict[str, Any] | None, base: str) -> RuntimeSpec:
     """Check the adapter (and for GGUF its base model's config.json) against the runtime; refusals in one line."""
-    import json
-
-    from lqmf.core.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS
-    from lqmf.core.weights import read_safetensors_header
-
     try:
         config = json.loads((entry.path / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -186,14 +190,13 @@ def runtime_spec(fmt: str, entry: Any, base_config: dict[str, Any] | None, base:
     check_runtime_config(fmt, entry.name, config, (entry.manifest or {}).get("task"))
     tensors = read_safetensors_header(entry.path / ADAPTER_WEIGHTS)
     if fmt == "vllm":
-        pairs = runtime_pairs(fmt, entry.name, config, tensors)
-        return RuntimeSpec(base, max_lora_rank=vllm_max_lora_rank(entry.name, tensors, pairs))
+        vllm_pairs = runtime_pairs(fmt, entry.name, config, tensors)
+        return RuntimeSpec(base, max_lora_rank=vllm_max_lora_rank(entry.name, tensors, vllm_pairs))
     if not base_config:
         raise InputError(f"the config.json of base model '{base}' is not on this machine; a GGUF adapter "
                          "needs its architecture and head counts")
-    arch = gguf_architecture(base_config, base)
-    pairs_ = gguf_pairs(entry.name, config, tensors, base_config, base, fmt)
-    return RuntimeSpec(base, pairs_, arch.name, float(config.get("lora_alpha") or 0.0))
+    pairs = gguf_pairs(entry.name, config, tensors, base_config, base, fmt)
+    return RuntimeSpec(base, pairs, gguf_architecture(base_config, base).name, float(config.get("lora_alpha") or 0.0))
 
 
 def vllm_max_lora_rank(name: str, tensors: dict[str, TensorInfo], pairs: dict[str, tuple[str, str]]) -> int:
