@@ -41,6 +41,9 @@ from lqmf.engine.scheduler import Busy
 log = logging.getLogger("lqmf.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 4
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_SEED = 2**63 - 1  # a torch.Generator seed is a signed 64-bit integer
+MAX_COUNT = 2**31 - 1  # token counts
 UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
                       "tool_choice", "response_format")
 
@@ -85,13 +88,15 @@ def api_error(err: BaseException) -> ApiError:
 
 
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Numbers are checked here, at the edge: finite (json reads NaN and Infinity), in range, and in the
+    # type the kernel takes, so nothing the decode loop does for one request can fail on them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -99,7 +104,7 @@ class _GenerationRequest(BaseModel):
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-text before this many tokens
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT)  # vLLM's extension: no end-of-text before this many tokens
 
     @model_validator(mode="after")
     def _supported(self):
@@ -130,6 +135,8 @@ class CompletionRequest(_GenerationRequest):
     def _prompts(self):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is an empty list")
+        if isinstance(self.prompt, list) and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt takes at most {MAX_PROMPTS} strings")
         if self.stream and isinstance(self.prompt, list) and len(self.prompt) > 1:
             raise ValueError("streaming takes one prompt per request")
         return self
@@ -154,7 +161,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
 
     def options(self) -> dict[str, Any]:
         options = super().options()
