@@ -32,6 +32,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
 from lqmf.engine.host import ModelHost, PromptTooLong
@@ -184,7 +185,11 @@ Body = TypeVar("Body", bound=BaseModel)
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
     """The JSON body as model (whatever the Content-Type says), or a 400 that says what is wrong."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # nobody to answer: one line in the log, no traceback
+        log.info("%s %s: the client hung up before sending its whole body", request.method, request.url.path)
+        raise ApiError(400, "the client hung up before sending its whole body", code="client_disconnected") from None
     try:
         data = json.loads(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError) as err:
@@ -644,7 +649,12 @@ def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> No
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         log.addHandler(handler)
     log.setLevel(log_level.upper())
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
+    from lqmf.engine import compat
+
+    unparsable = compat.json_400_http_protocol(
+        lambda message: json.dumps(ApiError(400, f"malformed HTTP request: {message}", code="invalid_http").body())
+        .encode())
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10, http=unparsable,
                             access_log=log_level in ("debug", "info"))
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, _stop_requested) for signum in stop_signals}
