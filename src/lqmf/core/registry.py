@@ -386,10 +386,10 @@ class Registry:
         of the manifest, and removed only once the adapter is in place, so that a kill at any instant
         leaves either the finished adapter or the run that can still be resumed.
         """
-        (staging / STAGING_NOTE).unlink(missing_ok=True)
-        manifest = {**manifest, "files": file_inventory(staging, exclude=scratch)}
+        manifest = {**manifest, "files": file_inventory(staging, exclude=(*scratch, STAGING_NOTE))}
         atomic_write_json(staging / MANIFEST, manifest)
         fault_point("finalize.manifest_written")
+        (staging / STAGING_NOTE).unlink(missing_ok=True)  # until here a kill leaves a folder that says what it is
         target = self.path(name)
         with self.lock():
             trash = None
