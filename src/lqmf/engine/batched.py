@@ -315,6 +315,14 @@ class BatchedDecoder:
         self.pool = None
         self.layouts: dict[tuple, Any] = {}  # a LoRA layout -> its scaled column table, a row per adapter index
 
+    def clear_slot(self, slot: int) -> None:
+        """Zero slot's cached values before a new sequence takes it: attention weighs the positions a row
+        may not see by exactly 0, and 0 x NaN is NaN, so what an earlier row left there (its own adapter's
+        NaN or inf) must not stay. Keys need no clearing: their scores are masked, not weighed. A few
+        memsets per admission, on the device's stream (after any step still running for the slot)."""
+        for values in self.values:
+            values[slot].zero_()
+
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 

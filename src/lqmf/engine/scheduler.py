@@ -275,7 +275,9 @@ class Scheduler:
         for slot, request in admitted:
             try:
                 self._index_of(request)  # set up here, so a failure below ends this request alone
-                self._rows[slot] = _Row(request, slot, generator=self._generator(request))
+                row = _Row(request, slot, generator=self._generator(request))
+                self.decoder.clear_slot(slot)
+                self._rows[slot] = row
             except Exception as err:  # noqa: BLE001 - the request gets its error, its slot is free again
                 log.warning("a request could not start: %s: %s", type(err).__name__, err)
                 with self._wake:
