@@ -45,6 +45,7 @@ MAX_STOP_STRINGS = 4
 MAX_PROMPTS = 32  # prompts in one /v1/completions request
 MAX_SEED = 2**63 - 1  # a torch.Generator seed is a signed 64-bit integer
 MAX_COUNT = 2**31 - 1  # token counts
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (as vLLM does): logits / 1e-300 overflow float32
 UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
                       "tool_choice", "response_format")
 
@@ -122,7 +123,8 @@ class _GenerationRequest(BaseModel):
 
     def options(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature or 0.0,
+        temperature = self.temperature if self.temperature and self.temperature >= GREEDY_BELOW else 0.0
+        return {"max_new_tokens": self.max_tokens, "temperature": temperature,
                 "top_p": self.top_p or 1.0, "seed": self.seed, "stop": stop, "min_new_tokens": self.min_tokens}
 
     def include_usage(self) -> bool:
