@@ -111,12 +111,14 @@ def send_raw(address: tuple[str, int], kind: str, route: str, body: bytes) -> in
         if kind == "leave":
             return None
         response = b""
-        while b"\r\n" not in response:
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
+        while chunk := sock.recv(65536):  # Connection: close, so the server ends the answer by closing
             response += chunk
-    return int(response.split(b" ", 2)[1]) if response.startswith(b"HTTP/1.1 ") else -1
+    if not response.startswith(b"HTTP/1.1 "):
+        return -1
+    status = int(response.split(b" ", 2)[1])
+    if status >= 400 and status != 429:  # every refusal in OpenAI's JSON shape, the HTTP parser's too
+        assert json.loads(response.partition(b"\r\n\r\n")[2])["error"]["message"], response[:500]
+    return status
 
 
 def ask(address: tuple[str, int], model: str, prompt: str, stream: bool = False) -> str:
