@@ -13,6 +13,10 @@ the HTTP threads') overlaps the device's; a row that ends has one token computed
 which is dropped. A step with a sampling row picks on the host from the logits, after the step in
 flight is read back (`_settle`); swaps also wait for it.
 
+A request fails alone: whatever raises while its row is set up (its sampling generator, say) or
+while its token is picked on the host ends that request with the error and frees its row; only a
+failure of a whole pass (the device) ends every row in it.
+
 Tokens go to each request's own queue; the thread that submitted it turns them into text, checks
 stop strings and cancels (`BatchRequest.cancel`) when it has what it needs. Adapters are
 `AdapterEntry`s owned here; a request holds the entry it was submitted with until it ends, so
