@@ -187,7 +187,7 @@ for option, value in (("--max-loss", "nan"), ("--max-loss", "inf"), ("--min-metr
         option)
 add("compress-rank-not-below", 2, ["adapters", "compress", "good", "--rank", "1000", "--name", "small"],
     "nothing would change")
-add("compress-rank-equal", 2, ["adapters", "compress", "good", "--rank", "16", "--name", "small"], "has rank 16")
+add("compress-rank-above", 2, ["adapters", "compress", "good", "--rank", "17", "--name", "small"], "has rank 16")
 add("compress-max-loss-nan", 2, ["adapters", "compress", "good", "--rank", "4", "--name", "s", "--max-loss", "nan"],
     "--max-loss")
 

@@ -157,16 +157,19 @@ def reduce_pair(lora_a, lora_b, scaling: float, rank: int | None, energy: float 
     return new_a.float(), new_b.float()
 
 
-def _check_reduces(source: Path, rank: int | None) -> None:
-    """Refuse --rank at or above every module's rank (read from the weights' header): the result would be
-    the adapter unchanged."""
+def _check_reduces(source: Path, rank: int | None, progress: Callable[[str], None]) -> None:
+    """Refuse --rank above every module's rank (read from the weights' header): nothing could be reduced.
+    At the adapter's rank, say that nothing is reduced (the SVD refactors the weights exactly)."""
     if rank is None:
         return
     tensors = read_safetensors_header(source / ADAPTER_WEIGHTS)
     ranks = [tensors[key_a][1][0] for key_a, _ in _pairs(tensors).values() if tensors.get(key_a, ("", ()))[1]]
-    if ranks and rank >= max(ranks):
+    if ranks and rank > max(ranks):
         raise InputError(f"--rank {rank}: adapter {source.name} has rank {max(ranks)}, so nothing would change; "
                          f"give a rank below {max(ranks)} (or only --dtype to change its storage)")
+    if ranks and rank == max(ranks):
+        progress(f"note: --rank {rank} is the rank of {source.name}: nothing is reduced (the SVD refactors its "
+                 "weights exactly); give a lower rank to shrink it")
 
 
 def compress(source: Path, staging: Path, rank: int | None, energy: float | None, dtype: str | None) -> dict[str, Any]:
@@ -303,7 +306,7 @@ def compress_adapter(workspace: Workspace, name: str, new: str | None, rank: int
     target_name = new or name
     if new and registry.exists(new) and not force:
         raise ConflictError(f"adapter '{new}' already exists; use --force to replace it")
-    _check_reduces(entry.path, rank)
+    _check_reduces(entry.path, rank, progress)
     examples, source = _quality(entry, eval_file, gate, progress)
     size_before = (entry.path / ADAPTER_WEIGHTS).stat().st_size
     scores: list[dict[str, float] | None] = [None, None]
