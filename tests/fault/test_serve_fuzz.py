@@ -203,7 +203,9 @@ def test_hostile_requests_harm_only_themselves(fuzz_ws):
         assert {job: ask(address, *job) for job in jobs} == alone
         time.sleep(0.5)
         rss_after, threads_after = process_state(server.proc.pid)
-        assert threads_after <= threads_before + 4, (threads_before, threads_after)
+        # The request pool keeps the threads it grew to (clients that left hold one a moment longer); a leak
+        # would add one per request, hundreds.
+        assert threads_after <= threads_before + 8, (threads_before, threads_after)
         assert rss_after - rss_before < 200 * 1024, (rss_before, rss_after)  # KiB
 
         started = time.monotonic()
