@@ -132,6 +132,7 @@ def test_compress_at_the_adapters_rank_says_nothing_is_reduced(fault_ws):
     run = run_forked(["adapters", "compress", "good", "--rank", "16", "--name", "same"], fault_ws)
     assert run.returncode == 0, run.stderr
     assert "note: --rank 16 is the rank of good: nothing is reduced" in run.stderr
-    line = run_forked(["adapters", "compress", "good", "--rank", "1000", "--name", "big"], fault_ws).assert_clean_error(2)
+    refused = run_forked(["adapters", "compress", "good", "--rank", "1000", "--name", "big"], fault_ws)
+    line = refused.assert_clean_error(2)
     assert "has rank 16, so nothing would change" in line
     assert not (fault_ws / "adapters" / "big").exists()
