@@ -136,3 +136,21 @@ def test_compress_at_the_adapters_rank_says_nothing_is_reduced(fault_ws):
     line = refused.assert_clean_error(2)
     assert "has rank 16, so nothing would change" in line
     assert not (fault_ws / "adapters" / "big").exists()
+
+
+def test_models_list_shows_an_alias_whose_quantization_config_is_refused(fault_ws, tiny_model, cli):
+    """An alias added before the check (or whose folder changed since) is listed as refused; the others stay."""
+    import shutil
+
+    folder = fault_ws.parent / "odd"
+    shutil.copytree(tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    assert cli("models", "add", "odd", str(folder)).exit_code == 0
+    config["quantization_config"] = "nf4"
+    (folder / "config.json").write_text(json.dumps(config))
+    rows = {row["alias"]: row for row in json.loads(cli("models", "list", "--json").stdout)}
+    assert "quantization_config is a str" in rows["odd"]["problem"] and len(rows) > 1
+    assert "refused" in cli("models", "list").stdout
+    line = run_forked(["plan", "odd"], fault_ws).assert_clean_error(2)
+    assert "quantization_config is a str" in line
