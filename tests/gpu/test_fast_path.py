@@ -115,7 +115,7 @@ def fast(gpu_workspace):
 
 @pytest.fixture(scope="module")
 def host(gpu_workspace):
-    from lqmf.engine.host import BatchSettings, ModelHost
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     host = ModelHost.start(Workspace(gpu_workspace), adapters=list(ADAPTERS), quantize_4bit=True,
                            batching=BatchSettings(max_batch=8, max_queue=64))
@@ -167,7 +167,7 @@ def assert_logits_close(got, expected, check: str) -> None:
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_single_requests_follow_stock(stock, fast, graphs):
-    from lqmf.engine.fastgen import StaticDecoder
+    from lqmf.engine.decode.static import StaticDecoder
 
     decoder = StaticDecoder(fast.model, 256, use_graphs=graphs)
     eos = inference.eos_ids_of(fast)
@@ -206,7 +206,7 @@ def test_hot_swap_in_place_keeps_graphs_and_follows_stock(gpu_workspace, stock):
 
 
 def submit(host, model_id: str | None, ids: list[int], new: int = NEW):
-    from lqmf.engine.scheduler import BatchRequest
+    from lqmf.engine.serve.scheduler import BatchRequest
 
     entry = host._entry_of(model_id)
     return host.scheduler.submit(BatchRequest(ids, new, entry, eos_ids=frozenset(inference.eos_ids_of(host.model))))
@@ -259,7 +259,7 @@ def test_batched_prompt_logits_match_stock(host, stock):
 
 def test_hot_swap_during_a_batch_changes_no_request_in_flight(gpu_workspace, stock):
     """Rows keep the adapter they started with while adapters unload and load around them."""
-    from lqmf.engine.host import BatchSettings, ModelHost
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     host = ModelHost.start(Workspace(gpu_workspace), adapters=["chat", "instr"], quantize_4bit=True,
                            batching=BatchSettings(max_batch=16))
@@ -294,8 +294,8 @@ def _train_model(gpu_workspace, lean: bool):
     from peft import LoraConfig, get_peft_model
 
     from lqmf.core.models import ModelCatalogue
-    from lqmf.engine.fastgen import build_lean_layers, use_lean_lora
     from lqmf.engine.loading import load_model
+    from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
 
     resolved = ModelCatalogue(Workspace(gpu_workspace)).resolve(str(gpu_workspace.parent / "tiny-llama-256"))
     loaded = load_model(resolved, task="chat", quantize_4bit=True, training=True)
