@@ -10,7 +10,7 @@ import pytest
 
 from lqmf.core.errors import InputError
 from lqmf.core.workspace import Workspace
-from lqmf.engine.host import BatchSettings, ModelHost
+from lqmf.engine.serve.host import BatchSettings, ModelHost
 
 PROMPTS = ["How do I return an item?", "Where is my order?", "hello"]
 NEW = 8

@@ -104,7 +104,7 @@ def test_nan_weights_are_refused_by_compress_combine_and_serve(fault_ws):
     assert sorted(e.name for e in Registry(Workspace(fault_ws)).entries()) == ["good", "other"]  # nothing left
 
     from lqmf.core.errors import InputError
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.serve.host import ModelHost
 
     host = ModelHost.start(Workspace(fault_ws), adapters=["other"], device="cpu")
     try:

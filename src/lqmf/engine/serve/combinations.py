@@ -14,14 +14,11 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from lqmf.core.derived import check_weight
 from lqmf.core.errors import InputError, NotFoundError, did_you_mean
 from lqmf.engine import inference
-
-if TYPE_CHECKING:
-    from lqmf.engine.host import ModelHost
 
 SEPARATOR = "+"
 WEIGHT_MARK = ":"
@@ -44,7 +41,7 @@ def stacked_weights(parts: list[tuple[dict[str, tuple], float]], model_id: str =
     {projection: (A, B, scaling)} and its weight; refused (InputError) where the weighted B overflows."""
     import torch
 
-    from lqmf.engine.batched import NonFiniteWeights, check_finite
+    from lqmf.engine.decode.batched import NonFiniteWeights, check_finite
 
     combined: dict[str, tuple] = {}
     for projection in sorted({name for weights, _ in parts for name in weights}):
@@ -88,7 +85,7 @@ class Built:
 class Combinations:
     """The combinations built on one host, by model id."""
 
-    def __init__(self, host: ModelHost):
+    def __init__(self, host: Any):  # the host.ModelHost that owns them (host.py imports this module)
         self.host = host
         self.built: dict[str, Built] = {}
         self._slots = itertools.count()
