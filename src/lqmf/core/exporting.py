@@ -146,26 +146,27 @@ def read_export_record(folder: Path) -> dict[str, Any] | None:
         record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
-    files = record.get("files") if isinstance(record, dict) else None
-    if not isinstance(record.get("export_id") if isinstance(record, dict) else None, str) or \
-            not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+    if not isinstance(record, dict) or not isinstance(record.get("export_id"), str):
+        return None
+    files = record.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
         return None
     return record
 
 
 def _check_written_by_export(target: Path) -> None:
     """Refuse to replace a folder unless an export wrote it and nothing was added to it since."""
-    present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file() or p.is_symlink()}
-    if not present:
-        return
     record = read_export_record(target)
     if record is None:
+        if not any(target.iterdir()):
+            return
         if (target / MANIFEST).is_file():
             raise ConflictError(f"'{target}' has {MANIFEST} but no valid {EXPORT_RECORD}: it is an adapter folder (of "
                                 "a registry, maybe another workspace's) or an export lqmf did not record; "
                                 "refusing to replace it even with --force")
         raise ConflictError(f"'{target}' is not an LQMF export (it has no {EXPORT_RECORD}); "
                             "refusing to replace it even with --force")
+    present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file() or p.is_symlink()}
     added = sorted(present - set(record["files"]) - {EXPORT_RECORD})
     if added:
         shown = ", ".join(added[:3]) + (f" and {len(added) - 3} more" if len(added) > 3 else "")
