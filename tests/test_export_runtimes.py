@@ -233,6 +233,7 @@ def test_refusals_reach_the_cli_as_one_line_and_write_nothing(cli, workspace, tr
     assert cli("export", "chat-a", tmp_path / "g", "--format", "gguf", "--merge").exit_code == 2
     assert cli("export", "chat-a", tmp_path / "g", "--format", "exe").exit_code == 2
     assert cli("export", "chat-a", tmp_path / "g", "--format", "gguf", "--outtype", "q4_k").exit_code == 2
+    assert cli("export", "chat-a", tmp_path / "g", "--format", "vllm", "--outtype", "f32").exit_code == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
 
 

@@ -21,7 +21,8 @@ def export(
     fmt: str = typer.Option("peft", "--format", help="peft: the PEFT folder | gguf: an adapter-only GGUF for "
                             "llama.cpp --lora | ollama: that GGUF plus a Modelfile | vllm: a PEFT folder checked "
                             "for vLLM plus its `vllm serve` line."),
-    outtype: str = typer.Option("f16", "--outtype", help="GGUF tensor type: f16 | bf16 | f32 | q8_0."),
+    outtype: str | None = typer.Option(None, "--outtype", help="GGUF tensor type (gguf, ollama): f16 (default) | "
+                                       "bf16 | f32 | q8_0."),
     merge: bool = typer.Option(False, "--merge", help="Write the base model with the adapter merged into its "
                                "weights: it loads with transformers alone, without peft (with --format ollama "
                                "or vllm: a merged model for that runtime)."),

@@ -82,10 +82,13 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def plan_export(registry: Registry, name: str, path: str, *, merge: bool = False, archive: bool = False,
-                force: bool = False, runtime: str = "peft", outtype: str = "f16") -> ExportPlan:
+                force: bool = False, runtime: str = "peft", outtype: str | None = None) -> ExportPlan:
     """Resolve and check the export path before anything is written (raises InputError / ConflictError)."""
     if runtime not in FORMATS:
         raise InputError(f"unknown export format '{runtime}'; choose one of {', '.join(FORMATS)}")
+    if outtype is not None and runtime not in ("gguf", "ollama"):
+        raise InputError(f"--outtype sets the GGUF tensor type; --format {runtime} writes no GGUF")
+    outtype = outtype or "f16"
     if outtype not in GGUF_OUTTYPES:
         raise InputError(f"unknown GGUF --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}")
     if runtime != "peft" and archive:
