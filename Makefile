@@ -10,7 +10,7 @@ DEMO := build/demo
 # Flower without its pins (typer < 0.21 and others clash with lqmf's); its dependencies come from lqmf[federated].
 FLWR_SPEC ?= flwr>=1.42,<1.43
 
-.PHONY: setup test lint format demo bench-registry clean
+.PHONY: setup test lint format demo bench-registry clean gpu-check
 
 setup: $(STAMP)
 
@@ -38,3 +38,7 @@ bench-registry: setup
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
+
+# The GPU check (tests/gpu/, skipped without CUDA): the fast path against stock PEFT on a 4-bit model.
+gpu-check: setup
+	PATH=$(VENV)/bin:$$PATH bash benchmarks/gpu_check.sh
