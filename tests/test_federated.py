@@ -24,7 +24,7 @@ pytest.importorskip("flwr")
 
 TINY_SETTINGS = {"learning_rate": 1e-2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                  "max_seq_length": 256, "use_4bit_quantization": False}
-ROUNDS, LOCAL_STEPS = 4, 8  # the MiniLM comparison (docs/federated.md)
+ROUNDS, LOCAL_STEPS = 8, 4  # the MiniLM comparison (docs/federated.md)
 MINILM_SETTINGS = {"learning_rate": 5e-3, "per_device_train_batch_size": 8, "gradient_accumulation_steps": 1,
                    "max_seq_length": 128, "use_4bit_quantization": False}
 

@@ -4,7 +4,7 @@ Server: Flower's gRPC server (flwr.server.start_server) with Flower's FedAvg or 
 extended to decode the transport, count bytes, evaluate the global adapter on a held-out file each
 round and keep the history; the result is registered as an adapter with its lineage.
 Site: Flower's client (flwr.client.start_client); each round it trains `local_steps` optimizer steps
-from the global adapter through the training service (engine/train.py's recipe, as `lqmf tune` runs
+from the global adapter through the training service (engine/train/recipe.py, as `lqmf tune` runs
 it: the base loaded once, a fresh LoRA wrapper per round) and returns the adapter tensors only.
 Simulation: the same server and sites in one process, the sites in threads on loopback.
 
@@ -163,8 +163,9 @@ class Site:
     def _train_round(self, arrays: list[Any], run: fed.RunDescription, mu: float):
         import torch
 
-        from lqmf.engine import train as trainer
         from lqmf.engine.loading import CLASSIFIER_HEADS
+        from lqmf.engine.train import loop as trainer
+        from lqmf.engine.train.recipe import train
 
         started = time.perf_counter()
         prepared = trainer.prepare(self.config, self.model_ref, self.dataset)
@@ -185,7 +186,7 @@ class Site:
             load_arrays(loaded.model, keys, arrays)
             if mu > 0:
                 hooks = proximal_hooks(loaded.model, mu, prepared.accumulation)
-            outcome = trainer.train(self.config, self.model_ref, self.dataset, staging, prepared=prepared,
+            outcome = train(self.config, self.model_ref, self.dataset, staging, prepared=prepared,
                                     memory=memory, loaded=loaded)
             _, trained = adapter_arrays(loaded.model, run.keys)
         finally:
@@ -313,8 +314,8 @@ class GlobalAdapter:
     def __init__(self, workspace: Workspace, request: ServerRequest):
         import torch
 
-        from lqmf.engine import train as trainer
         from lqmf.engine.loading import load_tokenizer
+        from lqmf.engine.train import loop as trainer
 
         self.model_ref = ModelCatalogue(workspace).resolve(request.model)
         self.held_out = load_task_dataset(workspace.resolve_path(request.held_out), request.task) \
@@ -339,7 +340,7 @@ class GlobalAdapter:
         self.keys, self.initial = adapter_arrays(self.loaded.model)
 
     def evaluate(self, arrays: list[Any]) -> dict[str, float]:
-        from lqmf.engine import train as trainer
+        from lqmf.engine.train import loop as trainer
 
         load_arrays(self.loaded.model, self.keys, arrays)
         return trainer.evaluate(self.loaded, self.prepared.train, self.task == "classification",
@@ -475,7 +476,7 @@ def run_server(workspace: Workspace, request: ServerRequest, progress: Progress 
 def register(workspace: Workspace, registry: Registry, name: str, model: GlobalAdapter, request: ServerRequest,
              arrays: list[Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Save the global adapter (PEFT files) with a manifest holding the federation's lineage."""
-    from lqmf.engine import train as trainer
+    from lqmf.engine.train import loop as trainer
 
     load_arrays(model.loaded.model, model.keys, arrays)
     staging = registry.staging_path(name)
