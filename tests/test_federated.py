@@ -274,3 +274,17 @@ def test_a_site_may_hold_one_class_of_the_servers_labels(tmp_path):
     assert load_task_dataset(one_class, "classification", ["negative", "positive"]).labels == ["negative", "positive"]
     with pytest.raises(InputError, match=r"labels \['positive'\] are not among \['a', 'b'\]"):
         load_task_dataset(one_class, "classification", ["a", "b"])
+
+
+def test_simulate_on_the_command_line(cli, workspace, tiny_model):
+    held, rest = split_file(EXAMPLES / "instructions.jsonl", workspace, 20)
+    sets = [arg for key, value in TINY_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
+    result = cli("federated", "simulate", rest, "--model", tiny_model, "--task", "instruction_following",
+                 "--clients", "2", "--rounds", "1", "--local-steps", "1", "--eval", held, "--transport", "bf16",
+                 "--name", "fed-cli", "--json", *sets)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["adapter"] == "fed-cli" and summary["clients_per_round"] == [2]
+    assert summary["transport"] == "bf16" and [s["rounds"] for s in summary["sites"]] == [1, 1]
+    assert "round 1/1: 2 sites" in result.stderr
+    assert (workspace / "adapters" / "fed-cli" / "adapter_model.safetensors").is_file()
