@@ -278,13 +278,41 @@ def test_a_site_may_hold_one_class_of_the_servers_labels(tmp_path):
 
 def test_simulate_on_the_command_line(cli, workspace, tiny_model):
     held, rest = split_file(EXAMPLES / "instructions.jsonl", workspace, 20)
+    secret = workspace / "secret"
+    secret.write_text("0123456789abcdef0123456789abcdef\n")
     sets = [arg for key, value in TINY_SETTINGS.items() for arg in ("--set", f"{key}={value}")]
     result = cli("federated", "simulate", rest, "--model", tiny_model, "--task", "instruction_following",
                  "--clients", "2", "--rounds", "1", "--local-steps", "1", "--eval", held, "--transport", "bf16",
-                 "--name", "fed-cli", "--json", *sets)
+                 "--name", "fed-cli", "--secret-file", secret, "--json", *sets)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["adapter"] == "fed-cli" and summary["clients_per_round"] == [2]
     assert summary["transport"] == "bf16" and [s["rounds"] for s in summary["sites"]] == [1, 1]
-    assert "round 1/1: 2 sites" in result.stderr
+    assert "round 1/1: 2 sites" in result.stderr and "shared secret" in result.stderr
+    assert "dropped" not in result.stderr
     assert (workspace / "adapters" / "fed-cli" / "adapter_model.safetensors").is_file()
+
+
+def test_the_shared_secret_is_proven_both_ways(tmp_path):
+    from lqmf.engine.federated import SiteRefused, check_server_proof
+
+    short = tmp_path / "short"
+    short.write_text("abc")
+    with pytest.raises(InputError, match="at least 16 bytes"):
+        fed.read_secret(short)
+    secret, other = b"s" * 32, b"t" * 32
+    tensors = [b"\x00\x01", b"\x02"]
+    claim = fed.proof(secret, "site", "n1", tensors)
+    assert fed.proven(secret, "site", "n1", tensors, claim)
+    assert not fed.proven(secret, "site", "n2", tensors, claim)  # another round's nonce
+    assert not fed.proven(secret, "site", "n1", [b"\x00\x01", b"\x03"], claim)  # other tensors
+    assert not fed.proven(other, "site", "n1", tensors, claim) and not fed.proven(secret, "site", "n1", tensors, None)
+    config = {"lqmf": "{}", "nonce": "n1", "server_proof": fed.proof(secret, "server", "n1", "{}")}
+    check_server_proof(secret, config)
+    with pytest.raises(SiteRefused, match="did not prove"):
+        check_server_proof(other, config)
+    with pytest.raises(SiteRefused, match="give --secret-file"):
+        check_server_proof(None, config)
+    with pytest.raises(SiteRefused, match="asks for none"):
+        check_server_proof(secret, {"lqmf": "{}"})
+    check_server_proof(None, {"lqmf": "{}"})

@@ -16,12 +16,15 @@ app = App(help="Federated fine-tuning on Flower: sites train one adapter without
 
 CertificatesOption = typer.Option(None, "--certificates", help="TLS folder: ca.pem (+ server.pem, server.key on "
                                   "the server). Required off loopback.")
+SecretOption = typer.Option(None, "--secret-file", help="A file holding the federation's shared secret: the server "
+                            "counts only sites that prove it; a site trains only for a server that proves it.")
 SetOption = typer.Option([], "--set", "-s", help="Training setting: --set learning_rate=5e-3.")
 
 
 def _request(model: str, task: str, rounds: int, min_clients: int, fraction: float, strategy: str, address: str,
              name: str | None, eval_file: Path | None, labels: str | None, local_steps: int, transport: str,
-             certificates: Path | None, proximal_mu: float, sets: list[str], force: bool):
+             certificates: Path | None, proximal_mu: float, sets: list[str], force: bool,
+             secret_file: Path | None = None):
     from lqmf.engine.federated import ServerRequest
 
     return ServerRequest(model=model, task=cfg.normalize_task(task),
@@ -29,7 +32,8 @@ def _request(model: str, task: str, rounds: int, min_clients: int, fraction: flo
                          proximal_mu=proximal_mu, address=address, name=name, held_out=eval_file,
                          labels=[x.strip() for x in labels.split(",") if x.strip()] if labels else [],
                          local_steps=local_steps, transport=transport, certificates=certificates,
-                         settings=cfg.parse_set_options(sets), force=force)
+                         settings=cfg.parse_set_options(sets), force=force,
+                         secret=fed.read_secret(secret_file) if secret_file else None)
 
 
 def _print_result(result: dict[str, Any], json_output: bool) -> None:
@@ -62,6 +66,7 @@ def server(
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Optimizer steps each site trains per round."),
     transport: str = typer.Option("fp32", "--transport", help="fp32 | bf16 (half the bytes)."),
     certificates: Path | None = CertificatesOption,
+    secret_file: Path | None = SecretOption,
     sets: list[str] = SetOption,
     force: bool = typer.Option(False, "--force", help="Replace adapter NAME."),
     json_output: bool = JsonOption,
@@ -73,7 +78,7 @@ def server(
     from lqmf.engine.federated import run_server
 
     request = _request(model, task, rounds, min_clients, fraction, strategy, address, name, eval_file, labels,
-                       local_steps, transport, certificates, proximal_mu, sets, force)
+                       local_steps, transport, certificates, proximal_mu, sets, force, secret_file)
     _print_result(run_server(workspace(ctx, workspace_dir), request, info), json_output)
 
 
@@ -87,6 +92,7 @@ def client(
     task: str | None = typer.Option(None, "--task", "-t", help="Refuse a server training another task."),
     certificates: Path | None = CertificatesOption,
     wait: float = typer.Option(600, "--wait", help="Seconds to wait for the server to answer."),
+    secret_file: Path | None = SecretOption,
     sets: list[str] = SetOption,
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
@@ -97,7 +103,8 @@ def client(
     from lqmf.engine.federated import Site, run_site
 
     ws = workspace(ctx, workspace_dir)
-    site = Site(ws, ws.resolve_path(dataset), name=name, model=model, task=task, settings=cfg.parse_set_options(sets))
+    site = Site(ws, ws.resolve_path(dataset), name=name, model=model, task=task, settings=cfg.parse_set_options(sets),
+                secret=fed.read_secret(secret_file) if secret_file else None)
     result = run_site(ws, site, server_address, certificates=certificates, progress=info, max_wait_s=wait)
     if json_output:
         print_json(result)
@@ -125,6 +132,7 @@ def simulate(
     labels: str | None = typer.Option(None, "--labels", help="Classification labels, comma-separated."),
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Optimizer steps per site per round."),
     transport: str = typer.Option("fp32", "--transport", help="fp32 | bf16."),
+    secret_file: Path | None = SecretOption,
     sets: list[str] = SetOption,
     force: bool = typer.Option(False, "--force", help="Replace adapter NAME."),
     json_output: bool = JsonOption,
@@ -138,6 +146,6 @@ def simulate(
     ws = workspace(ctx, workspace_dir)
     request = _request(model, task, rounds, min(clients, max(1, round(clients * fraction))), fraction, strategy,
                        f"127.0.0.1:{free_loopback_port()}", name, eval_file, labels, local_steps, transport, None,
-                       proximal_mu, sets, force)
+                       proximal_mu, sets, force, secret_file)
     result = run_simulation(ws, request, ws.resolve_path(dataset), clients, partition, column, info, spill=spill)
     _print_result(result, json_output)

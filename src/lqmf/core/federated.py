@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import hmac
 import ipaddress
 import json
 import random
@@ -75,6 +76,29 @@ def certificate_files(folder: Path, server: bool) -> dict[str, Path]:
             raise InputError(f"{path}: missing (a TLS folder holds ca.pem{', server.pem, server.key' if server else ''}"
                              "; see docs/federated.md)")
     return files
+
+
+def read_secret(path: Path) -> bytes:
+    """The shared secret of a federation: the file's content (at least 16 bytes, surrounding space stripped)."""
+    try:
+        secret = path.read_bytes().strip()
+    except OSError as err:
+        raise InputError(f"{path}: cannot read the shared secret ({err.strerror})") from None
+    if len(secret) < 16:
+        raise InputError(f"{path}: a shared secret needs at least 16 bytes (e.g. openssl rand -hex 32 > {path.name})")
+    return secret
+
+
+def proof(secret: bytes, role: str, nonce: str, payload: list[bytes] | str) -> str:
+    """HMAC-SHA256 of a round's nonce and what one side sends (the run, or a site's tensors)."""
+    digest = hashlib.sha256()
+    for part in [payload] if isinstance(payload, str) else payload:
+        digest.update(part.encode() if isinstance(part, str) else part)
+    return hmac.new(secret, f"{role}:{nonce}:{digest.hexdigest()}".encode(), hashlib.sha256).hexdigest()
+
+
+def proven(secret: bytes, role: str, nonce: str, payload: list[bytes] | str, claimed: object) -> bool:
+    return isinstance(claimed, str) and hmac.compare_digest(proof(secret, role, nonce, payload), claimed)
 
 
 def model_fingerprint(model_config: dict[str, Any] | None) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -129,6 +130,7 @@ class Site:
     task: str | None = None
     settings: dict[str, Any] = field(default_factory=dict)  # --set values (not fixed by the server)
     shared: SharedBase = field(default_factory=SharedBase)
+    secret: bytes | None = None  # the federation's shared secret (--secret-file)
     rounds: int = 0
 
     def _join(self, run: fed.RunDescription) -> None:
@@ -233,14 +235,28 @@ def flower_client(site: Site, progress: Progress):
             return []  # the server starts from its own initial adapter
 
         def fit(self, parameters, config):
+            check_server_proof(site.secret, config)
             run = fed.RunDescription.from_json(str(config["lqmf"]))
             mu = float(config.get("proximal_mu", 0.0))
             arrays, examples, metrics = site.fit(parameters, run, mu)
+            if site.secret:
+                metrics["proof"] = fed.proof(site.secret, "site", str(config["nonce"]), [a.tobytes() for a in arrays])
             progress(f"{site.name} round {config['round']}: {run.local_steps} steps on {examples} examples, "
                      f"train loss {metrics['train_loss']:.4f} ({metrics['seconds']:.1f} s)")
             return arrays, examples, metrics
 
     return LqmfSite()
+
+
+def check_server_proof(secret: bytes | None, config: dict[str, Any]) -> None:
+    """A site with a shared secret trains only for a server that proves it, and the other way round."""
+    nonce = config.get("nonce")
+    if secret and not nonce:
+        raise SiteRefused("refused: this site has a shared secret (--secret-file) and the server asks for none")
+    if nonce and not secret:
+        raise SiteRefused("refused: the server requires the federation's shared secret: give --secret-file")
+    if secret and not fed.proven(secret, "server", str(nonce), str(config["lqmf"]), config.get("server_proof")):
+        raise SiteRefused("refused: the server did not prove the federation's shared secret")
 
 
 def run_site(workspace: Workspace, site: Site, server: str, *, certificates: Path | None = None,
@@ -295,6 +311,7 @@ class ServerRequest:
     round_timeout_s: float | None = 900.0
     settings: dict[str, Any] = field(default_factory=dict)
     force: bool = False
+    secret: bytes | None = None
 
     def check(self) -> None:
         if self.strategy not in fed.STRATEGIES:
@@ -370,11 +387,31 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
             super().__init__(fraction_fit=request.fraction, fraction_evaluate=0.0, min_fit_clients=request.min_clients,
                              min_available_clients=request.min_clients, accept_failures=True,
                              initial_parameters=ndarrays_to_parameters(encode(model.initial, run.transport)),
-                             on_fit_config_fn=lambda r: {"lqmf": run.to_json(), "round": r}, **extra)
+                             on_fit_config_fn=self.fit_config, **extra)
+            self.nonces: dict[int, str] = {}
             self.global_arrays = model.initial
             self.history: list[dict[str, Any]] = []
             self.current: dict[str, Any] = {}
             self.started = time.perf_counter()
+
+        def fit_config(self, server_round: int) -> dict[str, Any]:
+            config: dict[str, Any] = {"lqmf": run.to_json(), "round": server_round}
+            if request.secret:
+                nonce = self.nonces[server_round] = secrets.token_hex(16)
+                config.update(nonce=nonce, server_proof=fed.proof(request.secret, "server", nonce, config["lqmf"]))
+            return config
+
+        def proven(self, server_round: int, res) -> bool:
+            """Without a secret every result counts; with one, only a site's that proves it."""
+            if not request.secret:
+                return True
+            arrays = parameters_to_ndarrays(res.parameters)
+            ok = fed.proven(request.secret, "site", self.nonces.get(server_round, ""), [a.tobytes() for a in arrays],
+                            res.metrics.get("proof"))
+            if not ok:
+                progress(f"round {server_round}: dropped the result of a site without the shared secret "
+                         f"({res.metrics.get('site', '?')})")
+            return ok
 
         def configure_fit(self, server_round, parameters, client_manager):
             instructions = super().configure_fit(server_round, parameters, client_manager)
@@ -384,6 +421,9 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
 
         def aggregate_fit(self, server_round, results, failures):
             received = sum(payload_bytes(res.parameters) for _, res in results)
+            proven = [self.proven(server_round, res) for _, res in results]
+            failures = [*failures, *(res for (_, res), ok in zip(results, proven, strict=True) if not ok)]
+            results = [pair for pair, ok in zip(results, proven, strict=True) if ok]
             inputs = [(decode(parameters_to_ndarrays(res.parameters), run.transport), res.num_examples)
                       for _, res in results]
             self.current.update(bytes_received=received, clients=len(results), failures=len(failures),
@@ -462,7 +502,8 @@ def run_server(workspace: Workspace, request: ServerRequest, progress: Progress 
         files = fed.certificate_files(request.certificates, server=True)
         certificates = (files["ca"].read_bytes(), files["certificate"].read_bytes(), files["key"].read_bytes())
     progress(f"server {request.address}: {request.rounds} rounds, at least {request.min_clients} sites, "
-             f"{len(run.keys)} adapter tensors ({request.transport}), {'TLS' if certificates else 'plain text'}")
+             f"{len(run.keys)} adapter tensors ({request.transport}), {'TLS' if certificates else 'plain text'}"
+             f"{', shared secret' if request.secret else ''}")
     if ready is not None:
         ready.set()
     start_server(server_address=request.address, strategy=strategy, certificates=certificates,
@@ -515,7 +556,8 @@ def simulate(workspace: Workspace, request: ServerRequest, dataset: Path, client
     files = fed.partition(dataset, clients, how, column, folder, spill=spill)
     progress(f"simulate: {clients} sites ({how}{' ' + column if column else ''}) in {folder}")
     shared = SharedBase()
-    sites = [Site(workspace, path, name=f"site-{k + 1}", shared=shared) for k, path in enumerate(files)]
+    sites = [Site(workspace, path, name=f"site-{k + 1}", shared=shared, secret=request.secret)
+             for k, path in enumerate(files)]
     errors: list[BaseException] = []
 
     def join(site: Site) -> None:
