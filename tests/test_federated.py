@@ -316,3 +316,60 @@ def test_the_shared_secret_is_proven_both_ways(tmp_path):
     with pytest.raises(SiteRefused, match="asks for none"):
         check_server_proof(secret, {"lqmf": "{}"})
     check_server_proof(None, {"lqmf": "{}"})
+
+
+def make_certificates(folder: Path) -> Path:
+    """A CA and a server certificate for 127.0.0.1 (ca.pem, server.pem, server.key), made here."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    def name(text: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = (x509.CertificateBuilder().subject_name(name("lqmf-test-ca")).issuer_name(name("lqmf-test-ca"))
+          .public_key(ca_key.public_key()).serial_number(1).not_valid_before(now)
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    server = (x509.CertificateBuilder().subject_name(name("127.0.0.1")).issuer_name(ca.subject)
+              .public_key(server_key.public_key()).serial_number(2).not_valid_before(now)
+              .not_valid_after(now + datetime.timedelta(days=1))
+              .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                             critical=False).sign(ca_key, hashes.SHA256()))
+    folder.mkdir(parents=True)
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return folder
+
+
+def test_a_run_over_tls(tiny_model, tmp_path):
+    from lqmf.engine.federated import free_loopback_port
+
+    certs = make_certificates(tmp_path / "certs")
+    site_certs = tmp_path / "site-certs"
+    site_certs.mkdir()
+    (site_certs / "ca.pem").write_bytes((certs / "ca.pem").read_bytes())  # a site holds the CA only
+    address = f"127.0.0.1:{free_loopback_port()}"
+    server_log = tmp_path / "server.log"
+    procs = [start(["server", "--model", str(tiny_model), "--task", "instruction_following", "--rounds", "1",
+                    "--min-clients", "1", "--address", address, "--local-steps", "1", "--certificates", str(certs),
+                    "--json"], tmp_path / "ws", server_log)]
+    try:
+        procs.append(start(["client", str(EXAMPLES / "instructions.jsonl"), "--server", address, "--wait", "120",
+                            "--certificates", str(site_certs)], tmp_path / "site-ws", tmp_path / "site.log"))
+        out, _ = procs[0].communicate(timeout=240)
+        assert procs[0].returncode == 0, server_log.read_text()
+        assert json.loads(out)["clients_per_round"] == [1]
+        assert "TLS" in server_log.read_text() and "(TLS)" in (tmp_path / "site.log").read_text()
+        assert procs[1].wait(timeout=60) == 0
+    finally:
+        for proc in procs:
+            stop(proc)

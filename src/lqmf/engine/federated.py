@@ -153,6 +153,7 @@ class Site:
                   "job_name": f"federated-{slug(self.name)}"}
         self.config = cfg.resolve_config({}, {k: cfg.coerce_value(k, v, f"federated {k}")
                                               for k, v in values.items() if v is not None})
+        cfg.check_complete(self.config)
 
     def fit(self, arrays: list[Any], run: fed.RunDescription, proximal_mu: float = 0.0) -> tuple[list[Any], int,
                                                                                                  dict[str, Any]]:
@@ -343,9 +344,11 @@ class GlobalAdapter:
             raise InputError("a classification server needs its labels: give --eval FILE (a held-out file) or --labels")
         self.task, self.labels = task, list(labels)
         values = {**request.settings, **ROUND_SETTINGS, "base_model": request.model, "task_type": task,
-                  "max_steps": request.local_steps, "dataset_path": str(self.held_out.path) if self.held_out else None}
+                  "max_steps": request.local_steps,
+                  "dataset_path": str(self.held_out.path) if self.held_out else "(federated: the sites' data)"}
         self.config = cfg.resolve_config({}, {k: cfg.coerce_value(k, v, f"federated {k}")
                                               for k, v in values.items() if v is not None})
+        cfg.check_complete(self.config)  # the task's defaults (learning rate), sent to every site
         if self.held_out:
             self.held_out = replace(self.held_out, labels=self.labels)
             self.prepared = trainer.prepare(self.config, self.model_ref, self.held_out)
