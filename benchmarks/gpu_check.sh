@@ -13,4 +13,4 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, \
 'accelerate', accelerate.__version__)"
 } 2>&1 | tee "$OUT/gpu-check-versions.txt"
-python3 -m pytest -p no:cacheprovider -q -s -rA tests/gpu "$@" 2>&1 | tee "$OUT/gpu-check.log"
+python3 -m pytest -p no:cacheprovider -q -s -rA --durations=0 tests/gpu "$@" 2>&1 | tee "$OUT/gpu-check.log"

@@ -3,6 +3,7 @@ changes one fails here, by name, instead of deep inside a model."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lqmf.engine import compat
@@ -110,3 +111,106 @@ def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
     assert compat.stack_4bit(layers[:1]) is None
     other = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="fp4").to("cpu")
     assert compat.stack_4bit([layers[0], other]) is None
+
+
+def _peft_linear(tmp_path=None, dropout: float = 0.0, rank: int = 2):
+    """A two-layer net with LoRA (non-zero B) on both layers; saved to tmp_path when given."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(rank)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = get_peft_model(net, LoraConfig(r=rank, lora_alpha=4, lora_dropout=dropout, target_modules=["0", "1"],
+                                           init_lora_weights=False))
+    if tmp_path is not None:
+        model.save_pretrained(tmp_path)
+    return model
+
+
+def test_repoint_keeps_the_parameter_and_its_module_reads_the_new_tensor():
+    layer = torch.nn.Linear(4, 2)
+    parameter = layer.weight
+    stacked = torch.randn(6, 4)
+    compat.repoint(layer.weight, stacked[2:4])
+    assert layer.weight is parameter and dict(layer.named_parameters())["weight"] is parameter
+    assert parameter.data_ptr() == stacked[2:4].data_ptr() and isinstance(parameter, torch.nn.Parameter)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer(x), x @ stacked[2:4].t() + layer.bias)
+    compat.repoint(parameter, parameter.data.double())  # training upcasts PEFT's trainable weights in place
+    assert parameter.dtype == torch.float64 and parameter.requires_grad
+
+
+def test_set_lora_scaling_is_what_peft_forward_multiplies():
+    model = _peft_linear().eval()
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 4)
+    base = layer.base_layer(x)
+    delta = layer(x) - base
+    compat.set_lora_scaling(layer, "default", layer.scaling["default"] * 3)
+    torch.testing.assert_close(layer(x) - base, 3 * delta)
+
+
+def test_saved_and_live_lora_keys_follow_peft_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _peft_linear(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sorted(compat.saved_lora_key(key) for key in saved) == [("0", "A"), ("0", "B"), ("1", "A"), ("1", "B")]
+    assert compat.saved_lora_key("base_model.model.0.bias") is None
+    live = dict(model.named_parameters())
+    for key, tensor in saved.items():
+        assert torch.equal(live[compat.live_lora_key(key, "default")].detach(), tensor)
+
+
+def test_hotswap_lora_adapter_takes_another_dropout_and_rank(tmp_path):
+    """PEFT refuses a swap between configs differing in lora_dropout; through compat it swaps, and the
+    swapped model computes what the new adapter loaded fresh computes."""
+    from peft import PeftModel
+
+    _peft_linear(tmp_path / "old", dropout=0.0, rank=2)
+    _peft_linear(tmp_path / "new", dropout=0.1, rank=2)
+    import copy
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "old"))
+    from peft.utils.hotswap import hotswap_adapter
+
+    with pytest.raises(ValueError, match="lora_dropout"):  # PEFT's refusal, which compat works around
+        hotswap_adapter(copy.deepcopy(model), str(tmp_path / "new"), adapter_name="default", torch_device="cpu")
+    compat.hotswap_lora_adapter(model, str(tmp_path / "new"), "default", "cpu")
+    fresh = PeftModel.from_pretrained(base, str(tmp_path / "new")).eval()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model.eval()(x), fresh(x))
+    assert model.peft_config["default"].lora_dropout == 0.1
+
+
+def test_keep_4bit_training_layout_clears_the_bitsandbytes_flag():
+    import bitsandbytes as bnb
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32))
+    assert hasattr(model[0], "support_avx512bf16_for_cpu"), "bitsandbytes renamed its AVX512-BF16 repacking flag"
+    model[0].support_avx512bf16_for_cpu = True
+    compat.keep_4bit_training_layout(model)
+    assert model[0].support_avx512bf16_for_cpu is False
+
+
+def test_no_split_module_names_name_the_decoder_block():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    names = compat.no_split_module_names(LlamaForCausalLM(config))
+    assert names == {"LlamaDecoderLayer"}
+
+
+def test_models_load_without_hub_kernels(tiny_model):
+    """transformers 5.25 turns hub kernels on by default (fetched online): loading.HUB_KERNELS keeps them off."""
+    from lqmf.core.models import (
+        ModelCatalogue,
+        ResolvedModel,  # noqa: F401
+    )
+    from lqmf.core.workspace import Workspace
+    from lqmf.engine.loading import HUB_KERNELS, load_model
+
+    loaded = load_model(ModelCatalogue(Workspace(tiny_model.parent)).resolve(str(tiny_model)), task="chat")
+    assert HUB_KERNELS is False and not getattr(loaded.model, "use_kernels", False)

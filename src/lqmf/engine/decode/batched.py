@@ -105,10 +105,10 @@ def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> dict
     state = load_file(str(path / "adapter_model.safetensors"), device=str(device))
     pairs: dict[str, dict[str, Any]] = {}
     for key, tensor in state.items():
-        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight") or module not in projections:
+        module, kind = compat.saved_lora_key(key) or (None, None)
+        if module not in projections:
             raise UnsupportedAdapter(f"{path}: weight '{key}' is not a LoRA matrix of a projection this decoder runs")
-        pairs.setdefault(module, {})[kind[0]] = tensor.to(dtype)
+        pairs.setdefault(module, {})[kind] = tensor.to(dtype)
     weights = {}
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
@@ -145,9 +145,9 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
     start = 0
     for module in modules:
         end = start + module.out_features
-        module.weight.data = weight[start:end]
+        compat.repoint(module.weight, weight[start:end])
         if bias is not None:
-            module.bias.data = bias[start:end]
+            compat.repoint(module.bias, bias[start:end])
         start = end
     return lambda x: torch.nn.functional.linear(x, weight, bias)
 
