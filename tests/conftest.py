@@ -22,8 +22,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Where Triton is installed, its kernels run in its interpreter here (read when triton is imported);
-# they still run only where a test sets lora_kernels.OFF_GPU (tests/test_lora_kernels.py).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# they still run only where a test sets lora_kernels.OFF_GPU (tests/test_lora_kernels.py). Not on a GPU
+# machine: there the GPU check (tests/gpu) runs them compiled, as `lqmf serve` does.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
