@@ -37,8 +37,8 @@ if not torch.cuda.is_available():
 
 from lqmf.core.workspace import Workspace  # noqa: E402
 from lqmf.engine import inference  # noqa: E402
+from tests.helpers import EXAMPLES  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "datasets"
 ADAPTERS = {"chat": ("chat_training.csv", "chat", "1"), "instr": ("instructions.jsonl", "instruction_following", "3"),
             "chat2": ("chat_training.csv", "chat", "5")}
 PROMPTS = ["How do I return an item?", "Where is my order?", "Translate to French: good morning",

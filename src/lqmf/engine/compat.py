@@ -1,4 +1,4 @@
-"""Every use of a library's private API or internals, in one place, each with a test (tests/test_compat.py)
+"""Every use of a library's private API or internals, in one place, each with a test (tests/engine/test_compat.py)
 that fails loudly when an upgrade changes it. Other modules call these functions instead."""
 
 from __future__ import annotations
