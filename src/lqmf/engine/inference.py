@@ -22,8 +22,8 @@ from lqmf.core.progress import phase
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
-from lqmf.engine.kept import KEPT
 from lqmf.engine.loading import LoadedModel, load_model, quiet_libraries
+from lqmf.engine.model_cache import KEPT
 
 
 @dataclass
