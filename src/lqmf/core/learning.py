@@ -181,6 +181,7 @@ def family_members(registry: Registry, root: str) -> list[dict[str, Any]]:
             members.append({"name": entry.name, "version": lineage.get("version", 1) if entry.name != root else 1,
                             "parent": lineage.get("parent") if entry.name != root else None,
                             "feedback": lineage.get("feedback") or [] if entry.name != root else [],
+                            "held_out_feedback": lineage.get("held_out_feedback") or [] if entry.name != root else [],
                             "created": manifest.get("created"), "state": entry.state,
                             "evaluation": lineage.get("evaluation") if entry.name != root else None})
     if not any(m["name"] == root for m in members):
@@ -208,10 +209,11 @@ def latest_feedback(workspace: Workspace) -> dict[str, dict[str, Any]]:
 
 
 def pending_feedback(workspace: Workspace, members: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Feedback on completions of the family's versions not yet used by any of them, joined with
+    """Feedback on completions of the family's versions not yet used (trained on, or held out to score)
+    by any of them, joined with
     its completion: {id, adapter, task, kind, prompt, answer, rating?, correction?}, oldest first."""
     names = {m["name"] for m in members}
-    used = {ident for m in members for ident in m["feedback"]}
+    used = {ident for m in members for ident in (*m["feedback"], *m["held_out_feedback"])}
     records = {r["id"]: r for r in completions_log(workspace).read()}
     joined = []
     for ident, entry in latest_feedback(workspace).items():

@@ -124,7 +124,15 @@ class LearnRun:
             raise InputError(f"adapter '{self.parent.name}': its training data {path} is gone; learning replays it "
                              "and scores on its held-out split")
         dataset = load_task_dataset(Path(path), self.task)
-        return split_examples(dataset, float(self.original["validation_split"]), int(self.original["seed"]))
+        train, held = split_examples(dataset, float(self.original["validation_split"]), int(self.original["seed"]))
+        return self.corrected(train), self.corrected(held)
+
+    def corrected(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Original classification examples with the label a user's correction gave the same text: the
+        best truth there is, so replay does not teach the old mistake back and the gate scores the truth."""
+        if not self.classification or not self.corrections:
+            return examples
+        return [{**e, "label": self.corrections.get(e["text"], e["label"])} for e in examples]
 
     def mixture(self, train_feedback: list[dict[str, Any]], original_train: list[dict[str, Any]]) -> list[dict]:
         """Corrections as examples plus a seeded replay sample of the original training examples
@@ -145,6 +153,7 @@ class LearnRun:
         from lqmf.engine.service import terminate_as_interrupt
         from lqmf.engine.train import CHECKPOINT_FOLDERS
 
+        self.corrections = {str(item["prompt"]): item["correction"] for item in corrections}
         train_feedback, held_feedback = learning.split_held_out(corrections, self.settings.hold_out,
                                                                 int(self.original["seed"]))
         original_train, original_held = self.original_split()

@@ -1,0 +1,168 @@
+"""Continuous learning end to end: `lqmf serve --record` keeps answers, users correct them, `lqmf learn
+--promote` trains ADAPTER-v2 from them and hot-swaps it into the running server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import threading
+
+import pytest
+
+from lqmf.core import learning
+from lqmf.core.workspace import Workspace
+from tests.serve_util import running_server
+
+ANSWERS = ("Yes, within 30 days.", "It ships tomorrow.")
+
+
+def question(i: int) -> str:
+    return f"Can I return item {i}?" if i % 2 == 0 else f"Where is my order {i}?"
+
+
+def ask(client, prompt: str, model: str = "default"):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                          max_tokens=12, temperature=0)
+
+
+def test_served_answers_learn_from_corrections_and_promote(adapters_workspace, run_lqmf):
+    import httpx
+    import openai
+
+    ws = adapters_workspace
+    with running_server(ws, "--adapter", "chat-a", "--record", "--max-new-tokens", "16") as served:
+        client = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        status = run_lqmf("status", "--json", cwd=ws)
+        assert [s["recording"] for s in json.loads(status.stdout)["serve"]] == [True]
+        replies = [ask(client, question(i)) for i in range(50)]
+        records = {r["id"]: r for r in learning.completions_log(Workspace.resolve(ws)).read()}
+        assert [r.id for r in replies] == list(records)  # the response id is the record's id
+        assert records[replies[0].id]["answer"] == replies[0].choices[0].message.content
+        assert records[replies[0].id]["adapter"] == "chat-a"
+        assert stat.S_IMODE(os.stat(ws / "learning" / "completions.jsonl").st_mode) == 0o600
+
+        # corrections: 15 over HTTP, 15 from a JSONL file through the CLI
+        for i in range(15):
+            answer = httpx.post(served.url + "/v1/feedback", json={"id": replies[i].id, "correction": ANSWERS[i % 2]})
+            assert answer.status_code == 200, answer.text
+        unknown = httpx.post(served.url + "/v1/feedback", json={"id": "chatcmpl-nope", "rating": "up"})
+        assert unknown.status_code == 404 and "no recorded completion has id 'chatcmpl-nope'" in unknown.text
+        bad = httpx.post(served.url + "/v1/feedback", json={"id": replies[0].id, "rating": "meh"})
+        assert bad.status_code == 400 and "rating must be 'up' or 'down'" in bad.text
+        lines = [json.dumps({"id": replies[i].id, "correction": ANSWERS[i % 2], "rating": "down"})
+                 for i in range(15, 30)]
+        (ws / "fb.jsonl").write_text("\n".join(lines) + "\n")
+        added = run_lqmf("feedback", "add", "--file", "fb.jsonl", "--json", cwd=ws)
+        assert added.returncode == 0 and len(json.loads(added.stdout)["kept"]) == 15, added.stderr
+
+        learned = run_lqmf("learn", "chat-a", "--promote", "--epochs", "40", "--lr", "3e-3", "--json", cwd=ws,
+                           env={"OMP_NUM_THREADS": "1"})
+        assert learned.returncode == 0, learned.stderr
+        result = json.loads(learned.stdout)
+        assert result["learned"] and result["version"] == "chat-a-v2", result
+        assert result["promoted"]["server"]["adapter"] == "chat-a-v2"
+        old, new = result["evaluation"]["old"], result["evaluation"]["new"]
+        assert new["original"]["loss"] <= old["original"]["loss"] * 1.02  # the gate's bar (--max-drop 0.02)
+        assert new["feedback"]["loss"] < old["feedback"]["loss"]
+
+        after = [ask(client, question(i)).choices[0].message.content.strip() for i in range(30)]
+        matches = sum(text == ANSWERS[i % 2] for i, text in enumerate(after))
+        print(f"\ngreedy answers matching the correction after learn --promote: {matches}/30")
+        assert matches >= 20, after
+
+        # nothing new: exit 0, nothing changed (what cron runs nightly)
+        again = run_lqmf("learn", "chat-a", "--min-new", "5", "--promote", "--json", cwd=ws)
+        assert again.returncode == 0 and not json.loads(again.stdout)["learned"], again.stdout
+        assert not (ws / "adapters" / "chat-a-v3").exists()
+        history = json.loads(run_lqmf("adapters", "history", "chat-a", "--json", cwd=ws).stdout)
+        assert [(h["name"], h["parent"], h["feedback"], h["active"]) for h in history] == [
+            ("chat-a", None, 0, False), ("chat-a-v2", "chat-a", 24, True)]
+        back = run_lqmf("adapters", "rollback", "chat-a-v2", "--json", cwd=ws)
+        assert back.returncode == 0 and json.loads(back.stdout)["adapter"] == "chat-a", back.stderr
+        assert ask(client, question(0)).model == "chat-a"
+
+        # a kill keeps every acknowledged answer
+        acknowledged: list[str] = []
+
+        def keep_asking() -> None:
+            own = openai.OpenAI(base_url=served.url + "/v1", api_key="none", max_retries=0, timeout=30)
+            for i in range(100):
+                try:
+                    acknowledged.append(ask(own, question(i)).id)
+                except openai.APIError:
+                    return
+
+        threads = [threading.Thread(target=keep_asking) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        while len(acknowledged) < 6:
+            threads[0].join(0.05)
+        served.proc.send_signal(signal.SIGKILL)
+        for thread in threads:
+            thread.join(60)
+    kept = {r["id"] for r in learning.completions_log(Workspace.resolve(ws)).read()}
+    assert set(acknowledged) <= kept and len(acknowledged) >= 6
+
+
+@pytest.fixture
+def recorded(workspace):
+    """A workspace with one recorded chat answer and one classification answer (no model needed)."""
+    ws = Workspace.resolve(workspace)
+    log = learning.completions_log(ws)
+    log.append(learning.completion_record("c1", "chat-a", "chat", "chat", [{"role": "user", "content": "hi"}], "yo"))
+    log.append(learning.completion_record("k1", "sent", "classification", "classify", "great", "negative",
+                                          ["negative", "positive"]))
+    return workspace
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["nope", "--up"], "no recorded completion has id 'nope'"),
+    (["k1", "--correction", "neutral"], "must be one of the adapter's labels (negative, positive), got 'neutral'"),
+    (["c1", "--correction", " "], "the correction must be a non-empty text"),
+    (["c1", "--up", "--down"], "give --up or --down, not both"),
+    (["c1"], "give a rating ('up' or 'down') or a correction"),
+])
+def test_bad_feedback_is_one_clear_line(recorded, cli, args, message):
+    result = cli("feedback", "add", *args)
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (recorded / "learning" / "feedback.jsonl").exists()
+
+
+def test_a_bad_line_in_a_feedback_file_keeps_nothing(recorded, cli):
+    (recorded / "fb.jsonl").write_text('{"id": "c1", "rating": "up"}\n{"id": "k1", "rating": "sideways"}\n')
+    result = cli("feedback", "add", "--file", "fb.jsonl")
+    assert result.exit_code != 0 and "fb.jsonl item 2: rating must be 'up' or 'down', got 'sideways'" in result.output
+    assert not (recorded / "learning" / "feedback.jsonl").exists()
+
+
+def test_feedback_list_show_export_purge(recorded, cli):
+    assert cli("feedback", "add", "c1", "--down", "--correction", "hello there").exit_code == 0
+    assert cli("feedback", "add", "k1", "--correction", "positive").exit_code == 0
+    rows = json.loads(cli("feedback", "list", "--json").stdout)
+    assert [(r["id"], r.get("rating"), r["correction"]) for r in rows] == [("c1", "down", "hello there"),
+                                                                         ("k1", None, "positive")]
+    shown = json.loads(cli("feedback", "show", "c1", "--json").stdout)
+    assert shown["answer"] == "yo" and shown["rating"] == "down"
+    exported = json.loads(cli("feedback", "export", "-o", "out", "--json").stdout)
+    assert exported["sft"]["rows"] == 2 and exported["kto"]["rows"] == 1
+    sft = [json.loads(line) for line in (recorded / "out" / "sft.jsonl").read_text().splitlines()]
+    assert sft == [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
+                   {"text": "great", "label": "positive"}]
+    kto = json.loads((recorded / "out" / "kto.jsonl").read_text())
+    assert kto == {"prompt": [{"role": "user", "content": "hi"}],
+                   "completion": [{"role": "assistant", "content": "yo"}], "label": False}
+    purged = json.loads(cli("feedback", "purge", "--yes", "--json").stdout)
+    assert purged["purged"] == {"feedback": 2, "completions": 2}
+    assert json.loads(cli("feedback", "list", "--json").stdout) == []
+
+
+def test_a_cut_last_line_is_skipped_and_does_not_swallow_the_next(workspace):
+    log = learning.RecordLog(workspace / "log.jsonl")
+    log.append({"id": "a"})
+    with open(log.path, "a") as handle:
+        handle.write('{"id": "torn')  # a kill in the middle of a write
+    log.append({"id": "b"})
+    assert [r["id"] for r in log.read()] == ["a", "b"]
