@@ -190,8 +190,10 @@ def family_members(registry: Registry, root: str) -> list[dict[str, Any]]:
 
 
 def next_version_name(registry: Registry, root: str, members: list[dict[str, Any]]) -> tuple[str, int]:
+    """ROOT-vN after the family's newest version (and any other adapter of that name); a staging folder a
+    killed run left is not a version: the next run takes its name, and removes it under the run lock."""
     version = max(m["version"] for m in members) + 1
-    while registry.exists(f"{root}-v{version}") or registry.staging_path(f"{root}-v{version}").exists():
+    while registry.exists(f"{root}-v{version}"):
         version += 1
     return f"{root}-v{version}", version
 
