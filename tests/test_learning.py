@@ -166,3 +166,63 @@ def test_a_cut_last_line_is_skipped_and_does_not_swallow_the_next(workspace):
         handle.write('{"id": "torn')  # a kill in the middle of a write
     log.append({"id": "b"})
     assert [r["id"] for r in log.read()] == ["a", "b"]
+
+
+def test_corrected_labels_fix_a_mislabelled_region(workspace, cli, minilm):
+    """Reviews from one shop were all labelled negative by mistake; users' corrections of the adapter's
+    answers there raise its accuracy on that region, and the original held-out accuracy is kept."""
+    import csv
+
+    from lqmf.core.datasets import load_task_dataset
+    from lqmf.engine.inference import classify, load_for_inference
+    from lqmf.engine.train import split_examples
+    from tests.conftest import EXAMPLES
+
+    rows = list(csv.DictReader(open(EXAMPLES / "sentiment.csv", encoding="utf-8")))
+    truth = {}
+    with open(workspace / "reviews.csv", "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for row in rows:
+            if any(word in row["text"].lower() for word in ("ordered", "picked")):
+                text = "ACME store review: " + row["text"]
+                truth[text] = row["label"]
+                writer.writerow([text, "negative"])  # the mistake
+            else:
+                writer.writerow([row["text"], row["label"]])
+    trained = cli("train", "minilm", "reviews.csv", "classification", "--name", "reviews", "--max-steps", "24",
+                  "--lr", "2e-3", "--no-4bit", "-q")
+    assert trained.exit_code == 0, trained.output
+    ws = Workspace.resolve(workspace)
+
+    def accuracy(adapter: str, labelled: dict[str, str]) -> float:
+        model = load_for_inference(ws, adapter, device="cpu")
+        texts = list(labelled)
+        return sum(max(p, key=p.get) == labelled[t] for p, t in zip(classify(model, texts), texts, strict=True)) / len(texts)
+
+    log = learning.completions_log(ws)
+    corrections = []
+    for k, (text, label) in enumerate(truth.items()):
+        log.append(learning.completion_record(f"k{k}", "reviews", "classification", "classify", text, "negative",
+                                              ["negative", "positive"]))
+        if label == "positive":
+            corrections.append(json.dumps({"id": f"k{k}", "correction": "positive"}))
+    (workspace / "fb.jsonl").write_text("\n".join(corrections) + "\n")
+    assert cli("feedback", "add", "--file", "fb.jsonl").exit_code == 0
+    learned = cli("learn", "reviews", "--epochs", "6", "--json")
+    assert learned.exit_code == 0, learned.output
+    result = json.loads(learned.stdout)
+    assert result["learned"], result
+    before, after = accuracy("reviews", truth), accuracy("reviews-v2", truth)
+    old, new = result["evaluation"]["old"], result["evaluation"]["new"]
+    print(f"\nregion accuracy {before:.3f} -> {after:.3f} ({len(truth)} reviews, {len(corrections)} corrected); "
+          f"original held-out {old['original']['accuracy']:.3f} -> {new['original']['accuracy']:.3f}; held-out "
+          f"feedback {old['feedback']['accuracy']:.3f} -> {new['feedback']['accuracy']:.3f}")
+    assert after >= before + 0.1
+    assert new["original"]["accuracy"] >= old["original"]["accuracy"] - 0.02
+    assert new["feedback"]["accuracy"] > old["feedback"]["accuracy"]
+    dataset = load_task_dataset(workspace / "reviews.csv", "classification")
+    clean_held_out = {e["text"]: e["label"] for e in split_examples(dataset, 0.1, 42)[1] if e["text"] not in truth}
+    kept_before, kept_after = accuracy("reviews", clean_held_out), accuracy("reviews-v2", clean_held_out)
+    print(f"held-out reviews outside the region: {kept_before:.3f} -> {kept_after:.3f}")
+    assert kept_after >= kept_before - 0.05
