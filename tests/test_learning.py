@@ -198,7 +198,8 @@ def test_corrected_labels_fix_a_mislabelled_region(workspace, cli, minilm):
     def accuracy(adapter: str, labelled: dict[str, str]) -> float:
         model = load_for_inference(ws, adapter, device="cpu")
         texts = list(labelled)
-        return sum(max(p, key=p.get) == labelled[t] for p, t in zip(classify(model, texts), texts, strict=True)) / len(texts)
+        answers = classify(model, texts)
+        return sum(max(p, key=p.get) == labelled[t] for p, t in zip(answers, texts, strict=True)) / len(texts)
 
     log = learning.completions_log(ws)
     corrections = []
