@@ -32,7 +32,7 @@ def trl_kto_loss(policy_chosen_logps, policy_rejected_logps, policy_kl_logps, re
 @pytest.mark.parametrize("labels", [[True, False, True, False, False], [False, False, False], [True, True]])
 @pytest.mark.parametrize(("beta", "weights"), [(0.1, (1.0, 1.0)), (0.5, (1.0, 1.33)), (2.0, (0.7, 1.0))])
 def test_kto_loss_equals_trl(labels, beta, weights):
-    from lqmf.engine.kto import kto_losses
+    from lqmf.engine.train.kto import kto_losses
 
     generator = torch.Generator().manual_seed(len(labels) + int(beta * 10))
     n = len(labels)
@@ -49,7 +49,7 @@ def test_kto_loss_equals_trl(labels, beta, weights):
 
 
 def test_gradients_match_trl():
-    from lqmf.engine.kto import kto_loss
+    from lqmf.engine.train.kto import kto_loss
 
     policy = torch.tensor([-12.0, -7.5, -20.0], dtype=torch.float64, requires_grad=True)
     reference = torch.tensor([-11.0, -8.0, -19.0], dtype=torch.float64)
@@ -68,7 +68,7 @@ def test_a_thumbs_down_batch_lowers_the_rejected_answer(tiny_model):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lqmf.engine import data as data_mod
-    from lqmf.engine.kto import kto_loss, sequence_logps
+    from lqmf.engine.train.kto import kto_loss, sequence_logps
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)

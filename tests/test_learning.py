@@ -175,7 +175,7 @@ def test_corrected_labels_fix_a_mislabelled_region(workspace, cli, minilm):
 
     from lqmf.core.datasets import load_task_dataset
     from lqmf.engine.inference import classify, load_for_inference
-    from lqmf.engine.train import split_examples
+    from lqmf.engine.train.loop import split_examples
     from tests.conftest import EXAMPLES
 
     rows = list(csv.DictReader(open(EXAMPLES / "sentiment.csv", encoding="utf-8")))

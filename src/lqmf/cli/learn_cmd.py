@@ -31,8 +31,8 @@ def learn(
 ) -> None:
     """Train ADAPTER-vN from ADAPTER's current version on its new feedback, with replay of the original
     data; register it only if the quality gate passes (--promote: make it active). Nothing new: exit 0."""
-    from lqmf.engine.learn import LearnSettings
-    from lqmf.engine.learn import learn as run_learn  # torch loads only once there is something to learn
+    from lqmf.engine.train.learn import LearnSettings
+    from lqmf.engine.train.learn import learn as run_learn  # torch loads only once there is something to learn
 
     show_phases(ctx, not json_output)
     settings = LearnSettings(method=method, min_new=min_new, promote=promote, epochs=epochs,

@@ -115,11 +115,11 @@ def serve(
     show_phases(ctx, not json_output)
     importing()
     try:
-        from lqmf.engine import server as server_mod
+        from lqmf.engine.serve import server as server_mod
     except ImportError as err:
         raise InputError(f"lqmf serve needs FastAPI and uvicorn ({err.name} is missing): "
                          "pip install 'lqmf[serve]'") from None
-    from lqmf.engine.host import BatchSettings, ModelHost
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     sock = server_mod.bind_socket(host, port)
     try:
@@ -159,7 +159,7 @@ def serve(
 
         recorder = None
         if record_answers:
-            from lqmf.engine.recording import Recorder
+            from lqmf.engine.serve.recording import Recorder
 
             recorder = Recorder(ws, model_host.model.task)
             info(f"recording every answer in {recorder.log.path} (owner-only); feedback: POST /v1/feedback")

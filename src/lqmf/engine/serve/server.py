@@ -7,7 +7,7 @@ Recorder (`lqmf serve --record`, engine/recording.py) every answer is kept under
 and POST /v1/feedback takes ratings and corrections of it.
 
 Requests run at once: each generation blocks one thread of a pool on `ModelHost.complete`, which
-the host batches (continuous batching, engine/scheduler.py); at most `capacity` requests are in
+the host batches (continuous batching, engine/serve/scheduler.py); at most `capacity` requests are in
 flight, and beyond that a request gets 429 with Retry-After. A request runs entirely with the
 adapter it was given; swaps are serialized with the decode loop.
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx
@@ -36,10 +36,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
-from lqmf.engine.host import ModelHost, PromptTooLong
 from lqmf.engine.inference import Generation
-from lqmf.engine.recording import Recorder, feedback_router
-from lqmf.engine.scheduler import Busy
+from lqmf.engine.serve.host import ModelHost, PromptTooLong
+from lqmf.engine.serve.recording import Recorder, feedback_router
+from lqmf.engine.serve.scheduler import Busy
 
 log = logging.getLogger("lqmf.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024

@@ -6,8 +6,8 @@ corrections (SFT; classification: corrected labels) mixed with a replay sample o
 training data -> evaluate old and new on the original held-out split and on held-out feedback ->
 register ADAPTER-vN only when the quality gate passes (staging + rename under the run lock, so a
 kill leaves no half version) -> with promote, make it active and hot-swap a running server.
-Ratings without a correction are not trained on yet (see docs/learning.md); engine/kto.py holds
-the KTO loss they will use.
+Ratings without a correction are not trained on yet (see docs/learning.md); engine/train/kto.py
+holds the KTO loss they will use.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ class LearnRun:
                                        for k, v in values.items()})
 
     def original_split(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        from lqmf.engine.train import split_examples
+        from lqmf.engine.train.loop import split_examples
 
         path = self.original.get("dataset_path")
         if not path or not Path(path).is_file():
@@ -150,8 +150,8 @@ class LearnRun:
         return mixed
 
     def execute(self, corrections: list[dict[str, Any]]) -> dict[str, Any]:
-        from lqmf.engine.service import terminate_as_interrupt
-        from lqmf.engine.train import CHECKPOINT_FOLDERS
+        from lqmf.engine.train.loop import CHECKPOINT_FOLDERS
+        from lqmf.engine.train.run import terminate_as_interrupt
 
         self.corrections = {str(item["prompt"]): item["correction"] for item in corrections}
         train_feedback, held_feedback = learning.split_held_out(corrections, self.settings.hold_out,
@@ -200,7 +200,8 @@ class LearnRun:
         import torch
         from safetensors.torch import load_file
 
-        from lqmf.engine import train as steps
+        from lqmf.engine.train import loop as steps
+        from lqmf.engine.train.recipe import train as run_recipe
 
         model_ref = self.registry.resolve_base(self.parent)
         dataset = load_task_dataset(Path(config.dataset_path), self.task)
@@ -220,7 +221,7 @@ class LearnRun:
         feedback = self.encoded(prepared, [learning.sft_example(item) for item in held_feedback], "held-out feedback")
         old = self.scores(loaded, prepared, held, feedback)
         self.progress(f"training {self.name} from {self.parent.name}: {prepared.total_steps} steps")
-        outcome = steps.train(config, model_ref, dataset, staging, events=self.events, prepared=prepared,
+        outcome = run_recipe(config, model_ref, dataset, staging, events=self.events, prepared=prepared,
                               memory=memory, loaded=loaded)
         fault_point("learn.trained")
         new = self.scores(loaded, prepared, held, feedback)
@@ -234,7 +235,7 @@ class LearnRun:
             "max_seq_length", 512), "truncate", label_ids, source=source).rows
 
     def scores(self, loaded, prepared, held: list[dict], feedback: list[dict]) -> dict[str, Any]:
-        from lqmf.engine.train import evaluate
+        from lqmf.engine.train.loop import evaluate
 
         n_labels = len(prepared.labels)
         pick = ("accuracy", "loss") if self.classification else ("loss",)
