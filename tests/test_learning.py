@@ -227,3 +227,41 @@ def test_corrected_labels_fix_a_mislabelled_region(workspace, cli, minilm):
     kept_before, kept_after = accuracy("reviews", clean_held_out), accuracy("reviews-v2", clean_held_out)
     print(f"held-out reviews outside the region: {kept_before:.3f} -> {kept_after:.3f}")
     assert kept_after >= kept_before - 0.05
+
+
+def test_thumbs_down_ratings_train_a_version_through_kto(adapters_workspace, cli):
+    """Ratings alone (no correction) go through the KTO loss: the new version gives the rejected answers
+    a lower log-probability than its parent did, and its original held-out loss passes the gate."""
+    import torch
+
+    from lqmf.engine import data as data_mod
+    from lqmf.engine.inference import load_for_inference
+    from lqmf.engine.train.kto import sequence_logps
+
+    ws = Workspace.resolve(adapters_workspace)
+    log = learning.completions_log(ws)
+    rejected = []
+    for i in range(8):
+        messages = [{"role": "user", "content": question(i)}]
+        log.append(learning.completion_record(f"r{i}", "chat-a", "chat", "chat", messages, "Your order is lost."))
+        rejected.append([*messages, {"role": "assistant", "content": "Your order is lost."}])
+    learning.add_feedback(ws, [{"id": f"r{i}", "rating": "down"} for i in range(8)])
+    learned = cli("learn", "chat-a", "--epochs", "4", "--hold-out", "0", "--beta", "0.5", "--json")
+    assert learned.exit_code == 0, learned.output
+    result = json.loads(learned.stdout)
+    assert result["learned"] and result["method"] == "kto", result
+    assert result["trained_on"] == {"feedback": 8, "replayed": 8, "held_out_feedback": 0}
+
+    def logps(adapter: str):
+        model = load_for_inference(ws, adapter, device="cpu")
+        rows = [dict(zip(("input_ids", "labels"), data_mod.encode_generative(model.tokenizer, m), strict=True))
+                for m in rejected]
+        batch = data_mod.collate(rows, model.tokenizer.pad_token_id, classification=False)
+        with torch.no_grad():
+            return sequence_logps(model.model, batch["input_ids"], batch["attention_mask"], batch["labels"])
+
+    before, after = logps("chat-a"), logps("chat-a-v2")
+    print(f"\nlog-probability of the rejected answer: {before.mean():.2f} -> {after.mean():.2f}")
+    assert (after < before).all(), (before, after)
+    old, new = result["evaluation"]["old"]["original"], result["evaluation"]["new"]["original"]
+    assert new["loss"] <= old["loss"] * 1.02

@@ -14,8 +14,11 @@ from lqmf.core.errors import LqmfError
 def learn(
     ctx: typer.Context,
     adapter: str = typer.Argument(..., help="The adapter (or any of its learned versions) to improve."),
-    method: str = typer.Option("auto", "--method", help="auto | sft | kto (auto: corrections as SFT examples)."),
-    min_new: int = typer.Option(1, "--min-new", min=1, help="Do nothing (exit 0) below this many new corrections."),
+    method: str = typer.Option("auto", "--method", help="sft: the corrections as examples; kto: the ratings "
+                               "(corrections as good answers) through the KTO loss; auto: sft with --min-new "
+                               "corrections, else kto."),
+    min_new: int = typer.Option(1, "--min-new", min=1, help="Do nothing (exit 0) below this many new corrections "
+                                "(kto: rated or corrected answers)."),
     promote: bool = typer.Option(False, "--promote", help="Make the new version active and hot-swap it into a "
                                  "running server."),
     epochs: float = typer.Option(3.0, "--epochs", min=0.01, help="Passes over the corrections and replayed data."),
@@ -26,6 +29,8 @@ def learn(
                                    "parent the held-out score may be (accuracy points; relative loss)."),
     hold_out: float = typer.Option(0.2, "--hold-out", min=0.0, max=0.9, help="Fraction of the corrections kept "
                                    "out of training to score old and new (from 5 corrections)."),
+    beta: float = typer.Option(0.1, "--beta", min=0.0, help="KTO's beta (--method kto): how far the ratings may "
+                               "pull the new version from its parent."),
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -36,7 +41,8 @@ def learn(
 
     show_phases(ctx, not json_output)
     settings = LearnSettings(method=method, min_new=min_new, promote=promote, epochs=epochs,
-                             learning_rate=learning_rate, replay=replay, max_drop=max_drop, hold_out=hold_out)
+                             learning_rate=learning_rate, replay=replay, max_drop=max_drop, hold_out=hold_out,
+                             beta=beta)
     result = run_learn(workspace(ctx, workspace_dir), adapter, settings,
                        progress=(lambda message: None) if json_output else info,
                        events=ProgressPrinter(json_output))
@@ -52,8 +58,9 @@ def _print(result: dict) -> None:
     if not result["learned"]:
         typer.echo(f"{result['adapter']}: nothing learned: {result['reason']}")
         return
-    typer.echo(f"registered {result['version']} (from {result['parent']}: {result['trained_on']['corrections']} "
-               f"corrections, {result['trained_on']['replayed']} replayed examples)")
+    typer.echo(f"registered {result['version']} (from {result['parent']}, {result['method']}: "
+               f"{result['trained_on']['feedback']} answers with feedback, {result['trained_on']['replayed']} replayed "
+               "examples)")
     for key in ("original", "feedback"):
         old, new = result["evaluation"]["old"].get(key), result["evaluation"]["new"].get(key)
         if old:

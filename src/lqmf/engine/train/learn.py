@@ -1,13 +1,12 @@
 """`lqmf learn ADAPTER`: a new version of an adapter trained on the feedback its users gave.
 
 setup (the family's current version, its new feedback, the original data) -> if too little is new,
-stop having changed nothing -> train the parent's LoRA further through the training recipe on the
-corrections (SFT; classification: corrected labels) mixed with a replay sample of the original
-training data -> evaluate old and new on the original held-out split and on held-out feedback ->
+stop having changed nothing -> train the parent's LoRA further through the training recipe, mixed
+with a replay sample of the original training data: on the corrections (sft; classification:
+corrected labels), or on the ratings through the KTO loss (kto; engine/train/kto.py, the parent as
+the reference) -> evaluate old and new on the original held-out split and on held-out corrections ->
 register ADAPTER-vN only when the quality gate passes (staging + rename under the run lock, so a
 kill leaves no half version) -> with promote, make it active and hot-swap a running server.
-Ratings without a correction are not trained on yet (see docs/learning.md); engine/train/kto.py
-holds the KTO loss they will use.
 """
 
 from __future__ import annotations
@@ -47,6 +46,21 @@ class LearnSettings:
     replay: float = 1.0  # replayed original examples per feedback example
     max_drop: float = 0.02  # accuracy points (classification) or relative loss rise the gate allows
     hold_out: float = HELD_OUT_FEEDBACK
+    beta: float = 0.1  # KTO's beta: how far from the parent the ratings may pull
+
+
+def choose_method(settings: LearnSettings, task: str, pending: list[dict[str, Any]]) -> tuple[str, list[dict]]:
+    """sft (corrections) or kto (ratings, corrections as good answers) and the feedback it learns from.
+    auto: sft when there are at least --min-new corrections, else kto (generative adapters)."""
+    corrections = [item for item in pending if item.get("correction") is not None]
+    method = settings.method
+    if method == "auto":
+        method = "sft" if len(corrections) >= settings.min_new or task == "classification" else "kto"
+    if method == "kto" and task == "classification":
+        raise InputError("--method kto is for generative adapters; a classifier learns from corrected labels "
+                         "(--method sft)")
+    return method, corrections if method == "sft" else [
+        item for item in pending if item.get("rating") or item.get("correction") is not None]
 
 
 def learn(workspace: Workspace, adapter: str, settings: LearnSettings,
@@ -59,19 +73,17 @@ def learn(workspace: Workspace, adapter: str, settings: LearnSettings,
     members = learning.family_members(registry, root)
     parent = registry.get_intact(learning.current_member(registry, members))
     pending = learning.pending_feedback(workspace, members)
-    corrections = [item for item in pending if item.get("correction") is not None]
-    ratings_only = len(pending) - len(corrections)
-    base_answer = {"adapter": root, "parent": parent.name, "new_feedback": len(pending),
-                   "corrections": len(corrections), "ratings_only": ratings_only}
-    if settings.method == "kto":
-        raise InputError("--method kto: learning from ratings alone is not available yet; corrections are "
-                         "learned with --method sft (or auto)")
-    if len(corrections) < max(settings.min_new, 1):
+    method, usable = choose_method(settings, parent.manifest["task"], pending)
+    corrections = sum(1 for item in pending if item.get("correction") is not None)
+    base_answer = {"adapter": root, "parent": parent.name, "method": method, "new_feedback": len(pending),
+                   "corrections": corrections, "ratings_only": len(pending) - corrections}
+    if len(usable) < max(settings.min_new, 1):
+        what = "correction(s)" if method == "sft" else "rated or corrected answer(s)"
         return {**base_answer, "learned": False,
-                "reason": f"{len(corrections)} new correction(s), fewer than --min-new {max(settings.min_new, 1)}"}
+                "reason": f"{len(usable)} new {what}, fewer than --min-new {max(settings.min_new, 1)}"}
     name, version = learning.next_version_name(registry, root, members)
     run = LearnRun(workspace, registry, parent, root, name, version, settings, progress, events)
-    result = run.execute(corrections)
+    result = run.execute(usable, method)
     answer = {**base_answer, **result}
     if result["learned"] and settings.promote:
         answer["promoted"] = promote(workspace, name)
@@ -145,22 +157,42 @@ class LearnRun:
             present = {e["label"] for e in replay} | {e["label"] for e in examples}
             for label in sorted({e["label"] for e in original_train} - present):
                 replay.append(next(e for e in original_train if e["label"] == label))
-        mixed = examples + replay
+        mixed, self.replayed = examples + replay, len(replay)
         rng.shuffle(mixed)
         return mixed
 
-    def execute(self, corrections: list[dict[str, Any]]) -> dict[str, Any]:
+    def rated_mixture(self, train_feedback: list[dict[str, Any]], original_train: list[dict[str, Any]]) -> list[dict]:
+        """KTO rows: corrections and thumbs-up answers desirable, thumbs-down answers undesirable, plus a
+        seeded replay sample of the original examples (desirable); each a messages example with kto_label."""
+        rows = []
+        for item in train_feedback:
+            if item.get("correction") is not None:
+                rows.append({**learning.sft_example(item), "kto_label": True})
+            if item.get("rating"):
+                answer = {"role": "assistant", "content": item["answer"]}
+                rows.append({"messages": [*learning.user_messages(item), answer], "kto_label": item["rating"] == "up"})
+        rng = random.Random(int(self.original["seed"]) + self.version)
+        count = min(len(original_train), round(len(rows) * self.settings.replay))
+        rows += [{**example, "kto_label": True} for example in rng.sample(original_train, count)]
+        self.replayed = count
+        rng.shuffle(rows)
+        return rows
+
+    def execute(self, feedback: list[dict[str, Any]], method: str) -> dict[str, Any]:
         from lqmf.engine.train.loop import CHECKPOINT_FOLDERS
         from lqmf.engine.train.run import terminate_as_interrupt
 
+        self.method = method
+        corrections = [item for item in feedback if item.get("correction") is not None]
         self.corrections = {str(item["prompt"]): item["correction"] for item in corrections}
-        train_feedback, held_feedback = learning.split_held_out(corrections, self.settings.hold_out,
+        train_feedback, held_feedback = learning.split_held_out(feedback, self.settings.hold_out,
                                                                 int(self.original["seed"]))
         original_train, original_held = self.original_split()
+        mixed = (self.mixture(train_feedback, original_train) if method == "sft"
+                 else self.rated_mixture(train_feedback, original_train))
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data_path = self.run_dir / "train.jsonl"
-        atomic_write_text(data_path, "".join(json.dumps(e, ensure_ascii=False) + "\n"
-                                             for e in self.mixture(train_feedback, original_train)))
+        atomic_write_text(data_path, "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in mixed))
         config = self.config(data_path)
         staging = self.registry.staging_path(self.name)
         with self.registry.training_run(self.name, wait=5.0), terminate_as_interrupt():
@@ -172,7 +204,7 @@ class LearnRun:
                 lineage = {"operation": "learn", "family": self.root, "version": self.version,
                            "parent": self.parent.name, "feedback": [item["id"] for item in train_feedback],
                            "held_out_feedback": [item["id"] for item in held_feedback],
-                           "method": "sft", "replayed": len(dataset.examples) - len(train_feedback),
+                           "method": method, "replayed": self.replayed,
                            "original": self.original, "evaluation": scores}
                 if refusal:
                     shutil.rmtree(staging, ignore_errors=True)
@@ -191,7 +223,7 @@ class LearnRun:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
         return {"learned": True, "version": self.name, "path": str(target), "evaluation": scores,
-                "trained_on": {"corrections": len(train_feedback), "replayed": lineage["replayed"],
+                "trained_on": {"feedback": len(train_feedback), "replayed": lineage["replayed"],
                                "held_out_feedback": len(held_feedback)}, "metrics": outcome.metrics}
 
     def train(self, config: cfg.TrainConfig, staging: Path, original_held: list[dict], held_feedback: list[dict]):
@@ -218,14 +250,29 @@ class LearnRun:
         loaded = steps.setup_model(config, model_ref, prepared, self.task)
         steps.apply_weights(loaded.model, {"weights": load_file(str(self.parent.path / "adapter_model.safetensors"))})
         held = self.encoded(prepared, original_held, "original held-out")
-        feedback = self.encoded(prepared, [learning.sft_example(item) for item in held_feedback], "held-out feedback")
+        feedback = self.encoded(prepared, [learning.sft_example(item) for item in held_feedback
+                                           if item.get("correction") is not None], "held-out feedback")
         old = self.scores(loaded, prepared, held, feedback)
-        self.progress(f"training {self.name} from {self.parent.name}: {prepared.total_steps} steps")
+        objective = self.kto_objective(loaded, prepared, config) if self.method == "kto" else None
+        self.progress(f"training {self.name} from {self.parent.name} ({self.method}): {prepared.total_steps} steps")
         outcome = run_recipe(config, model_ref, dataset, staging, events=self.events, prepared=prepared,
-                              memory=memory, loaded=loaded)
+                             memory=memory, loaded=loaded, loss=objective)
         fault_point("learn.trained")
         new = self.scores(loaded, prepared, held, feedback)
         return {"old": old, "new": new}, outcome, dataset, prepared
+
+    def kto_objective(self, loaded, prepared, config: cfg.TrainConfig):
+        """The KTO loss, with every training row's reference log-probabilities taken from the parent now."""
+        from lqmf.engine.train import kto
+
+        labels = [bool(json.loads(line)["kto_label"])
+                  for line in Path(config.dataset_path).read_text(encoding="utf-8").splitlines()]
+        if len(prepared.train) != len(labels):
+            raise InputError(f"{config.dataset_path}: {len(labels) - len(prepared.train)} rated answers longer than "
+                             f"max_seq_length={config.max_seq_length} left no answer tokens; raise max_seq_length")
+        self.progress(f"reference log-probabilities of {len(labels)} answers under {self.parent.name}")
+        kto.with_references(loaded.model, prepared.train, labels, loaded.tokenizer.pad_token_id, loaded.device)
+        return kto.kto_objective(self.settings.beta)
 
     def encoded(self, prepared, examples: list[dict[str, Any]], source: str) -> list[dict[str, Any]]:
         from lqmf.engine import data as data_mod
