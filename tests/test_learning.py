@@ -27,6 +27,7 @@ def ask(client, prompt: str, model: str = "default"):
                                           max_tokens=12, temperature=0)
 
 
+@pytest.mark.slow  # a real server and a real training run: about 90 s on 2 CPU cores
 def test_served_answers_learn_from_corrections_and_promote(adapters_workspace, run_lqmf):
     import httpx
     import openai
@@ -168,6 +169,7 @@ def test_a_cut_last_line_is_skipped_and_does_not_swallow_the_next(workspace):
     assert [r["id"] for r in log.read()] == ["a", "b"]
 
 
+@pytest.mark.slow  # a real server and a real training run: about 90 s on 2 CPU cores
 def test_corrected_labels_fix_a_mislabelled_region(workspace, cli, minilm):
     """Reviews from one shop were all labelled negative by mistake; users' corrections of the adapter's
     answers there raise its accuracy on that region, and the original held-out accuracy is kept."""
