@@ -81,3 +81,22 @@ def stack_4bit(modules: list) -> tuple[Any, Any] | None:
     state = QuantState(absmax=torch.cat([absmax(s) for s in states]), shape=torch.Size([rows, first.shape[1]]),
                        code=first.code, blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
     return packed, state
+
+
+def json_400_http_protocol(error_body: Any) -> type:
+    """The HTTP protocol class uvicorn's `http="auto"` picks (httptools, else h11), answering a request it
+    cannot parse (a Content-Length that is not a number...) with error_body(message) (bytes of JSON)
+    instead of its plain-text 400. Overrides `send_400_response`, an undocumented method of both."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class JsonErrorProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def send_400_response(self, msg: str) -> None:
+            body = error_body(msg)
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return JsonErrorProtocol
