@@ -305,6 +305,5 @@ def purge_feedback(workspace: Workspace, adapter: str | None = None) -> dict[str
         kept = [r for r in log.read() if r.get("adapter") not in names]
         counts[key] = len(log.read()) - len(kept)
         if log.path.exists():
-            atomic_write_text(log.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
-            os.chmod(log.path, 0o600)
+            atomic_write_text(log.path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), 0o600)
     return counts
