@@ -9,6 +9,8 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 DEMO := build/demo
 # Flower without its pins (typer < 0.21 and others clash with lqmf's); its dependencies come from lqmf[federated].
 FLWR_SPEC ?= flwr>=1.42,<1.43
+# make test: two pytest workers, one per CI core (pytest-xdist; each worker builds the session fixtures once)
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint format demo bench-registry clean gpu-check
 
@@ -28,7 +30,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	LQMF=$(LQMF) bash scripts/demo.sh $(DEMO)

@@ -37,6 +37,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "adapters": ("lqmf.cli.adapters_cmd:app", "List, show, load/switch/unload, verify, rename, remove adapters."),
     "tune": ("lqmf.cli.tune_cmd:tune", "Search hyperparameters (Optuna) on one loaded base; keep the best."),
     "federated": ("lqmf.cli.federated_cmd:app", "Federated fine-tuning (Flower): server, client, simulate."),
+    "feedback": ("lqmf.cli.feedback_cmd:app", "Rate and correct recorded answers; list, show, export, purge."),
+    "learn": ("lqmf.cli.learn_cmd:learn", "Train ADAPTER-vN on its users' corrections; --promote hot-swaps it."),
     "shell": ("lqmf.cli.shell_cmd:shell", "An FT> prompt for the guide's commands, in one process."),
     "help": ("lqmf.cli.app:help_command", "Show the help of lqmf or of a verb: lqmf help adapters list."),
 }

@@ -61,7 +61,7 @@ class ResidentAdapter:
     labels: tuple[str, ...]
     trained_4bit: bool
     loaded: float = field(default_factory=time.time)
-    entry: Any = None  # the scheduler's AdapterEntry (batched serving)
+    entry: Any = None  # the scheduler's StackedAdapter (batched serving)
 
 
 @dataclass
@@ -330,7 +330,7 @@ class ModelHost:
             return self._result("unload", name, "unload", previous, started, [])
 
     def _load_batched(self, adapter: ResidentAdapter) -> str:
-        from lqmf.engine.decode.batched import UnsupportedAdapter
+        from lqmf.engine.lora.stacked import UnsupportedAdapter
 
         try:
             entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)
