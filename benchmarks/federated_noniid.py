@@ -13,8 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.conftest import EXAMPLES  # noqa: E402
-from tests.test_federated import MINILM_SETTINGS, split_file  # noqa: E402
+from tests.engine.test_federated import MINILM_SETTINGS, split_file  # noqa: E402
+from tests.helpers import EXAMPLES  # noqa: E402
 
 from lqmf.core import federated as fed  # noqa: E402
 from lqmf.core.workspace import Workspace  # noqa: E402

@@ -17,8 +17,7 @@ import pytest
 
 from lqmf.core import federated as fed
 from lqmf.core.errors import InputError
-from tests.conftest import EXAMPLES, lqmf_env
-from tests.serve_util import running_server, stop
+from tests.helpers import EXAMPLES, lqmf_env, running_server, stop
 
 pytest.importorskip("flwr")
 
