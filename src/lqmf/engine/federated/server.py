@@ -120,9 +120,8 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
                   on_aggregate: Callable[[int, list[tuple[list[Any], int]], list[Any]], None] | None = None):
     """Flower's FedAvg (or FedProx) over the adapter tensors, with bytes, held-out loss and history kept."""
     flower()
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.common import FitRes, ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.server.strategy import FedAvg, FedProx
-    from flwr.server.strategy.aggregate import aggregate
 
     base_class = FedProx if request.strategy == "fedprox" else FedAvg
 
@@ -176,7 +175,10 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
                                 sites=sorted(str(res.metrics.get("site", "?")) for _, res in results))
             if not inputs:
                 return None, {}
-            self.global_arrays = aggregate(inputs)  # weighted by each site's example count
+            decoded = [(proxy, FitRes(res.status, ndarrays_to_parameters(arrays), res.num_examples, res.metrics))
+                       for (proxy, res), (arrays, _) in zip(results, inputs, strict=True)]
+            averaged, _ = super().aggregate_fit(server_round, decoded, failures)  # Flower's: weighted by examples
+            self.global_arrays = parameters_to_ndarrays(averaged)
             if on_aggregate is not None:
                 on_aggregate(server_round, inputs, self.global_arrays)
             return ndarrays_to_parameters(encode(self.global_arrays, run.transport)), {}

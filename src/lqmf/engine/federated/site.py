@@ -186,7 +186,7 @@ def run_site(workspace: Workspace, site: Site, server: str, *, certificates: Pat
     """Join the server at `server` until its run ends; returns what this site did."""
     fed.check_transport_security(server, certificates)
     flower()
-    from flwr.compat.client.app import start_client
+    from flwr.client import start_client
 
     root = fed.certificate_files(certificates, server=False)["ca"].read_bytes() if certificates else None
     wait_for_server(server, max_wait_s)
