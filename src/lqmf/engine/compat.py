@@ -18,20 +18,6 @@ def foreach_copy(targets: list, sources: list) -> None:
     torch._foreach_copy_(targets, sources)
 
 
-def cache_keyword(model) -> str:
-    """The forward keyword that takes a KV cache object: `past_key_values` up to transformers 5.2x, then
-    `cache`. For a PEFT model, the keyword of the model it wraps (PEFT passes keywords through)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    for keyword in ("cache", "past_key_values"):
-        if keyword in parameters:
-            return keyword
-    raise RuntimeError(f"{type(base).__name__}.forward takes no KV cache keyword (cache or past_key_values); "
-                       "this transformers version is not supported by the static-cache decoder")
-
-
 def build_lora_layers_as(config, mapping: dict) -> None:
     """Have PEFT build config's LoRA layers from mapping's classes ({base layer type: LoRA layer class},
     first isinstance match wins; a base that matches none gets PEFT's own layer), through PEFT's

@@ -376,9 +376,8 @@ def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str
 
 def default_capacity(host: ModelHost) -> int:
     """Requests in flight at most: the scheduler's batch and queue, or a queue of 64 for one-at-a-time serving."""
-    if host.scheduler is None:
-        return 64
-    return host.scheduler.max_batch + host.scheduler.max_queue
+    scheduler = host.serving.scheduler
+    return 64 if scheduler is None else scheduler.max_batch + scheduler.max_queue
 
 
 def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callable[[], None] | None = None,
