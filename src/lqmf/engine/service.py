@@ -183,6 +183,8 @@ class TrainingRun:
                     stack.enter_context(self.registry.training_run(self.adapter, wait=5.0))
                     stack.enter_context(terminate_as_interrupt())
                     self.check_conflicts(dry_run=False)  # again, now under the lock (and for ranks launched by others)
+                    if self.resume:  # before the staged config takes this run's settings
+                        engine.check_resumable(self.staging, prepared.total_steps, self.config.max_steps)
                     self.open_staging()
                 except LqmfError as err:
                     refusal = err

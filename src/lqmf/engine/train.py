@@ -534,6 +534,23 @@ def read_checkpoint(staging: Path) -> dict[str, Any] | None:
     return {"weights": weights, "state": state}
 
 
+def check_resumable(staging: Path, total_steps: int, max_steps: int) -> None:
+    """Refuse to resume a checkpoint already past this run's last step (it would finish with more steps
+    than asked for); the training state is memory-mapped, not read whole."""
+    import torch
+
+    folder = checkpoint_folder(staging)
+    if folder is None:
+        return
+    try:
+        step = torch.load(folder / TRAINING_STATE, weights_only=True, mmap=True)["progress"]["step"]
+    except Exception:  # noqa: BLE001 - read_checkpoint names what is wrong with it when the run loads it
+        return
+    if step > total_steps:
+        raise InputError(f"the checkpoint in {staging} is at step {step}, past this run's {total_steps} steps "
+                         f"(max_steps {max_steps}): resume with a larger --max-steps, or without it")
+
+
 def apply_weights(model, checkpoint: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
 
