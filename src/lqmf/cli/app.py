@@ -71,6 +71,8 @@ class LazyVerbs(TyperGroup):
             formatter.write_dl([(name, line) for name, (_, line) in VERBS.items()])
 
     def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        if guide.spelled_as_guide(args):  # `lqmf export adapter NAME PATH`: a verb, then the guide's word
+            raise fail(guide.suggestion(args), 2)
         if args and not args[0].startswith("-") and self.get_command(ctx, args[0]) is None:
             message = guide.suggestion(args) or (
                 f"no command '{args[0]}'" + _closest(args[0]) + "; lqmf --help lists them")

@@ -44,7 +44,8 @@ def export(
     merge_into = None
     if merge:
         base = registry.resolve_base(plan.entry)
-        info(f"merging '{name}' into {plan.entry.base_model.get('reference') or base.reference} on {device}...")
+        if not json_output:
+            info(f"merging '{name}' into {plan.entry.base_model.get('reference') or base.reference} on {device}...")
 
         show_phases(ctx, not json_output)
 

@@ -14,7 +14,7 @@ from lqmf.core import tune as spec
 from lqmf.core.datasets import load_task_dataset
 from lqmf.core.errors import InputError, LqmfError, require
 from lqmf.core.manifest import default_adapter_name
-from lqmf.core.models import ModelCatalogue
+from lqmf.core.models import ModelCatalogue, require_downloadable
 
 
 def _param_text(params: dict[str, Any]) -> str:
@@ -86,6 +86,7 @@ def tune(
             raise InputError("give MODEL DATASET TASK (or --resume NAME)")
         file_values = cfg.read_config_file(cfg.config_path(ws.configs_dir, config_name)) if config_name else {}
         resolved = ModelCatalogue(ws).resolve(model)
+        require_downloadable(resolved)
         data = load_task_dataset(ws.resolve_path(dataset), task)
         name = name or default_adapter_name(resolved, data.task)
         overrides = {"base_model": model, "dataset_path": str(data.path), "task_type": data.task, "job_name": name}

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lqmf.core.errors import InputError, NotFoundError, did_you_mean
+from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_mean
 from lqmf.engine import inference
 
 if TYPE_CHECKING:
@@ -93,6 +93,10 @@ class Combinations:
                              "only text-generation adapters combine")
         for name, _ in parse(model_id):
             if name not in self.host.resident:
+                try:  # an adapter this server could never load: say why, not "load it first"
+                    self.host._prepare(name)
+                except (ConflictError, InputError) as err:
+                    raise type(err)(f"model '{model_id}': {err.message}", exit_code=err.exit_code) from None
                 raise NotFoundError(f"model '{model_id}': adapter '{name}' is not resident here"
                                     f"{did_you_mean(name, self.host.resident)}; load it first")
         return model_id

@@ -113,6 +113,7 @@ def split_examples(dataset: TaskDataset, fraction: float, seed: int):
     """Seeded train/validation split through `datasets` (stratified for classification)."""
     from datasets import ClassLabel, Dataset
 
+    quiet_libraries()  # no progress bars from `datasets` (compress and bench split here too)
     table = Dataset.from_list(dataset.examples)
     n = len(table)
     n_val = 0 if fraction <= 0 or n < 4 else max(1, round(n * fraction))
