@@ -187,7 +187,8 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
             quantize_4bit = False
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved)
-    phase(f"loading base model {resolved.reference} on {device.type} ({load_description(saved_quant, quantize_4bit, dtype)})")
+    how = load_description(saved_quant, quantize_4bit, dtype)
+    phase(f"loading base model {resolved.reference} on {device.type} ({how})")
     kwargs: dict[str, Any] = {"dtype": dtype}
     if saved_quant is not None:
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}
