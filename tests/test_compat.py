@@ -110,3 +110,21 @@ def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
     assert compat.stack_4bit(layers[:1]) is None
     other = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="fp4").to("cpu")
     assert compat.stack_4bit([layers[0], other]) is None
+
+
+def test_no_such_option_error_is_what_typer_raises_and_offers_its_possibilities():
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+
+    @app.command()
+    def run(gpus: int = 0, json_output: bool = typer.Option(False, "--json")) -> None:
+        pass
+
+    result = CliRunner().invoke(app, ["--jsn"], standalone_mode=False)
+    error = result.exception
+    assert isinstance(error, compat.no_such_option_error())
+    assert error.option_name == "--jsn" and "--json" in error.possibilities
+    error.possibilities = []
+    assert error.format_message() == "No such option: --jsn"

@@ -70,6 +70,15 @@ class LazyVerbs(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl([(name, line) for name, (_, line) in VERBS.items()])
 
+    def invoke(self, ctx: typer.Context) -> Any:
+        from lqmf.engine.compat import no_such_option_error  # no torch: compat imports libraries lazily
+
+        try:
+            return super().invoke(ctx)
+        except no_such_option_error() as err:  # Typer offers any option sharing a few letters (--bogus: --gpus)
+            err.possibilities = _close_options(err.option_name, err.possibilities or [])
+            raise
+
     def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
         if guide.spelled_as_guide(args):  # `lqmf export adapter NAME PATH`: a verb, then the guide's word
             raise fail(guide.suggestion(args), 2)
@@ -101,6 +110,12 @@ class LazyVerbs(TyperGroup):
                 fail(err.format_message(), err.exit_code)
                 return err.exit_code
         return result if isinstance(result, int) else 0
+
+
+def _close_options(option: str, options: list[str]) -> list[str]:
+    """The options spelled much like option (compared without their dashes), closest first."""
+    bare = {name.lstrip("-"): name for name in options}
+    return [bare[name] for name in difflib.get_close_matches(option.lstrip("-"), list(bare), n=2, cutoff=0.75)]
 
 
 def _closest(word: str) -> str:

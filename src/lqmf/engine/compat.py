@@ -81,3 +81,13 @@ def stack_4bit(modules: list) -> tuple[Any, Any] | None:
     state = QuantState(absmax=torch.cat([absmax(s) for s in states]), shape=torch.Size([rows, first.shape[1]]),
                        code=first.code, blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
     return packed, state
+
+
+def no_such_option_error() -> type[Exception]:
+    """The exception Typer's parser raises for an unknown option (Typer vendors click as typer._click, whose
+    NoSuchOption it does not export); its `possibilities` are the options offered in the message."""
+    try:
+        from typer._click.exceptions import NoSuchOption
+    except ImportError:  # a Typer on the plain click package
+        from click.exceptions import NoSuchOption
+    return NoSuchOption

@@ -137,11 +137,18 @@ class TrainingRun:
 
     def plan_only(self, prepared, memory) -> TrainResult:
         """The dry run's answer: what the run would do, nothing trained."""
-        estimate = estimate_train_seconds(self.model.config, prepared.train_tokens * prepared.total_steps
-                                          / prepared.steps_per_epoch, self.config.use_gradient_checkpointing)
+        from lqmf.engine.estimate import measured_seconds
+
+        measured = measured_seconds(self.config, self.model, self.data, prepared) if prepared.world_size == 1 \
+            else None
+        estimate = {"this machine": measured["seconds"]} if measured else estimate_train_seconds(
+            self.model.config, prepared.train_tokens * prepared.total_steps / prepared.steps_per_epoch,
+            self.config.use_gradient_checkpointing)
         plan = {"adapter": self.adapter, "dry_run": True, "task": self.data.task, "base_model": self.model.reference,
                 "model_source": self.model.source, "dataset": str(self.data.path), **prepared.plan(),
                 "label_counts": self.data.label_counts or None, "estimated_seconds": estimate,
+                "estimate": measured or {"source": "FLOP count at assumed throughputs (model not local, or too "
+                                                   "large to time steps of in a dry run)"},
                 "memory": memory.to_dict(), "config": self.config.to_dict()}
         return TrainResult(self.adapter, self.data.task, plan=plan)
 
