@@ -20,9 +20,10 @@ from lqmf.core.workspace import Workspace
 from tests.conftest import copy_adapter, lqmf_env
 
 
-def run_shell(workspace: Path, script: str, *options: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_shell(workspace: Path, script: str, *options: str, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "lqmf", "shell", *options], input=script, cwd=workspace,
-                          env=lqmf_env({"LQMF_HOME": str(workspace)}), capture_output=True, text=True,
+                          env=lqmf_env({"LQMF_HOME": str(workspace), **(env or {})}), capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -71,12 +71,13 @@ class LazyVerbs(TyperGroup):
             formatter.write_dl([(name, line) for name, (_, line) in VERBS.items()])
 
     def invoke(self, ctx: typer.Context) -> Any:
-        from lqmf.engine.compat import no_such_option_error  # no torch: compat imports libraries lazily
-
         try:
             return super().invoke(ctx)
-        except no_such_option_error() as err:  # Typer offers any option sharing a few letters (--bogus: --gpus)
-            err.possibilities = _close_options(err.option_name, err.possibilities or [])
+        except Exception as err:
+            from lqmf.engine.compat import no_such_option_error  # imported only on an error (no torch in it)
+
+            if isinstance(err, no_such_option_error()):  # Typer offers any option sharing a few letters
+                err.possibilities = _close_options(err.option_name, err.possibilities or [])  # (--bogus: --gpus)
             raise
 
     def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
