@@ -249,3 +249,31 @@ def test_10_loading_a_prequantized_base_does_not_say_quantizing():
     saved = {"method": "bitsandbytes", "bits": 4, "kind": "nf4", "label": "4-bit NF4 (bitsandbytes)"}
     assert load_description(saved, True, "torch.float32") == "saved 4-bit NF4 (bitsandbytes), loading as saved"
     assert load_description(None, True, "torch.float32") == "quantizing to 4-bit NF4"
+
+
+# ------------------------------------------------------------------ 12: cold start with 1,000 adapters
+
+def test_12_listing_1000_adapters_reuses_rows_until_a_file_changes(cli, workspace, monkeypatch):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from cold_start import fake_adapters
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from lqmf.core.registry import Registry
+
+    fake_adapters(workspace, 1000)
+    first = cli("adapters", "list", "--json").stdout
+    inspected = []
+    real = Registry.inspect
+    monkeypatch.setattr(Registry, "inspect", lambda self, *a, **k: inspected.append(1) or real(self, *a, **k))
+    assert cli("adapters", "list", "--json").stdout == first and inspected == []  # no manifest read again
+    status = json.loads(cli("status", "--json").stdout)
+    assert status["adapters"]["count"] == 1000 and inspected == []
+    config = workspace / "adapters" / "demo-7" / "adapter_config.json"
+    config.write_text("{}")  # changed in place: that adapter's row is computed again
+    rows = json.loads(cli("adapters", "list", "--json").stdout)
+    assert len(inspected) == 1 and len(rows) == 1000
+    (workspace / "adapters" / "demo-8" / "lqmf.json").unlink()
+    rows = {r["name"]: r for r in json.loads(cli("adapters", "list", "--json").stdout)}
+    before = {r["name"]: r for r in json.loads(first)}
+    assert rows["demo-8"]["state"] == "broken" and rows["demo-9"] == before["demo-9"]

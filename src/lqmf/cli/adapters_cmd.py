@@ -51,9 +51,9 @@ def list_adapters(
     matches = registry.base_selector(base) if base else None
     active = registry.active_pointers(strict=False)
     checksums = ChecksumCache(registry.workspace.root)
-    rows = []
-    for entry in registry.entries():
-        if (wanted_task or matches) and not entry.complete:
+    rows = [] if (wanted_task or matches) else registry.listing(active, checksums)  # unfiltered: cached rows
+    for entry in registry.entries() if (wanted_task or matches) else []:
+        if not entry.complete:
             continue
         row = registry.summary(entry, active, checksums)
         if wanted_task and row["task"] != wanted_task:

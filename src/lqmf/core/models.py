@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -230,6 +229,7 @@ def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be reached now (offline mode, or no connection within HUB_PROBE_S
     seconds), or None when it answers: a model missing from the cache then fails at once, not after a
     minute of the hub client's retries."""
+    import socket
     import threading
     from urllib.parse import urlsplit
 

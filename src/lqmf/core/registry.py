@@ -272,14 +272,22 @@ class Registry:
 
     def entries(self) -> list[AdapterEntry]:
         """Every folder under adapters/, complete, broken or training, sorted by name."""
-        if not self.root.is_dir():
-            return []
-        with os.scandir(self.root) as listing:
-            folders = [(Path(item.path), item.is_symlink()) for item in listing
-                       if (item.is_dir() or item.is_symlink())
-                       and (not item.name.startswith(".") or item.name.startswith(STAGING_PREFIX))]
-        return sorted((self.inspect(path, symlink) for path, symlink in folders),
+        return sorted((self.inspect(path, symlink) for path, symlink in self._folders()),
                       key=lambda e: (e.name, e.path.name))
+
+    def _folders(self) -> list[tuple[Path, bool]]:
+        """(folder, is a symbolic link) of every entry under adapters/ that may be an adapter or a run."""
+        return [(Path(path), symlink) for path, _, symlink in self._folder_names()]
+
+    def _folder_names(self) -> list[tuple[str, str, bool]]:
+        """(path, name, is a symbolic link) of every entry under adapters/ that may be an adapter or a run."""
+        try:
+            with os.scandir(self.root) as listing:
+                return [(item.path, item.name, item.is_symlink()) for item in listing
+                        if (item.is_dir() or item.is_symlink())
+                        and (not item.name.startswith(".") or item.name.startswith(STAGING_PREFIX))]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def get(self, name: str) -> AdapterEntry:
         """A complete adapter by name, or NotFoundError (suggesting the closest name)."""
@@ -339,6 +347,36 @@ class Registry:
         if problems:
             row.update(state=CORRUPT, problem=problems[0])
         return row
+
+    def listing(self, active: dict[str, dict[str, Any]] | None = None,
+                checksums: ChecksumCache | None = None) -> list[dict[str, Any]]:
+        """Every folder's summary row, as `adapters list --json` shows them, sorted by name: a complete
+        adapter's row comes from the listing cache while its files are unchanged (core/listing.py)."""
+        from lqmf.core.listing import ListingCache
+
+        active = self.active_pointers(strict=False) if active is None else active
+        cache_checksums = checksums or ChecksumCache(self.workspace.root)
+        cache = ListingCache(self.workspace.root, cache_checksums.entries)
+        rows = []
+        for path, name, symlink in self._folder_names():  # strings: Path objects cost 1,000s of parses
+            row = None if symlink or name.startswith(STAGING_PREFIX) else cache.row(path, name)
+            if row is None:
+                folder = Path(path)
+                entry = self.inspect(folder, symlink)
+                row = self.summary(entry, active, cache_checksums)
+                if entry.complete:
+                    files = [MANIFEST, *PEFT_FILES, *((entry.manifest or {}).get("files") or {})]
+                    cache.put(folder, list(dict.fromkeys(f for f in files if isinstance(f, str))),
+                              {k: v for k, v in row.items() if k not in ("active", "name", "path")})
+            else:
+                row = {"name": name, "state": row.pop("state"), "problem": row.pop("problem"), "path": path, **row}
+                key = row["base_id"]
+                row["active"] = key is not None and (active.get(key) or {}).get("adapter") == row["name"]
+            rows.append(row)
+        if checksums is None:
+            cache_checksums.save()
+        cache.save()
+        return sorted(rows, key=lambda r: (r["name"], os.path.basename(r["path"])))
 
     # ------------------------------------------------------------------ writing
 
