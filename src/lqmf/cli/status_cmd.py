@@ -17,12 +17,12 @@ from lqmf.core.workspace import Workspace
 
 
 def adapter_summary(registry: Registry) -> dict[str, Any]:
-    rows = registry.listing()  # cached rows: fast with 1,000 adapters
+    listed = registry.listing()  # cached rows: fast with 1,000 adapters
     complete = (OK, CORRUPT)
     return {
         "path": str(registry.root),
-        "count": sum(1 for r in rows if r["state"] in complete),
-        "broken": [{"name": r["name"], "problem": r["problem"]} for r in rows if r["state"] not in complete],
+        "count": sum(1 for a in listed if a.state in complete),
+        "broken": [{"name": a.name, "problem": a.problem} for a in listed if a.state not in complete],
         "active": active_adapters(registry),
     }
 

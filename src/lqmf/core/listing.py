@@ -18,11 +18,12 @@ from typing import Any
 from lqmf.core.fsutil import atomic_write_json
 
 LISTING_CACHE = Path(".lqmf") / "listing.json"
-VERSION = 1
+VERSION = 2
 
 
 class ListingCache:
-    """{adapter folder name: {"files": [[file, size, mtime_ns, cached digest entry]], "row": summary row}}."""
+    """{adapter folder name: {"files": [[file, size, mtime_ns, cached digest entry]], "state", "problem",
+    "base_id", "body": the rest of the row as JSON text}}."""
 
     def __init__(self, workspace_root: Path, checksums: dict[str, Any]):
         self.path = workspace_root / LISTING_CACHE
@@ -39,7 +40,8 @@ class ListingCache:
     def row(self, folder: str, name: str) -> dict[str, Any] | None:
         """The cached row of folder (its path and name) when none of its files changed since, else None."""
         cached = self.rows.get(name)
-        if not isinstance(cached, dict) or not isinstance(cached.get("files"), list):
+        if not isinstance(cached, dict) or not isinstance(cached.get("files"), list) or not isinstance(
+                cached.get("body"), str) or not isinstance(cached.get("state"), str):
             return None
         prefix = folder + os.sep
         for item in cached["files"]:
@@ -52,7 +54,7 @@ class ListingCache:
             if stat.st_size != size or stat.st_mtime_ns != mtime or self.checksums.get(path) != digest:
                 return None
         self.kept[name] = cached
-        return dict(cached["row"])
+        return cached
 
     def put(self, folder: Path, files: list[str], row: dict[str, Any]) -> None:
         """Remember folder's row with the state of files (names inside folder), taken now."""
@@ -64,7 +66,7 @@ class ListingCache:
             except OSError:
                 return
             signature.append([name, stat.st_size, stat.st_mtime_ns, self.checksums.get(path)])
-        self.kept[folder.name] = {"files": signature, "row": row}
+        self.kept[folder.name] = {"files": signature, **row}
         self.changed = True
 
     def save(self) -> None:

@@ -97,6 +97,34 @@ class AdapterEntry:
         return base_id(self.base_model) if self.base_model else None
 
 
+_ENCODE = json.JSONEncoder(default=str).encode
+LISTED_APART = ("name", "state", "problem", "path", "active")  # a listed row's fields kept apart from its body
+
+
+@dataclass
+class ListedAdapter:
+    """One row of `adapters list`: the fields read every time, and the rest as cached JSON text."""
+
+    name: str
+    path: str
+    state: str
+    problem: str | None
+    base_id: str | None
+    body: str  # the row's other fields, as JSON without the braces
+    active: bool
+
+    def row(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "problem": self.problem, "path": self.path,
+                **json.loads("{" + self.body + "}"), "active": self.active}
+
+    def json_line(self) -> str:
+        """The row as one line of JSON, as json.dumps(self.row()) writes it."""
+        head = (f'{{"name": {_ENCODE(self.name)}, "state": {_ENCODE(self.state)}, '
+                f'"problem": {_ENCODE(self.problem)}, "path": {_ENCODE(self.path)}')
+        return f'{head}, {self.body}, "active": {_ENCODE(self.active)}}}' if self.body else \
+            f'{head}, "active": {_ENCODE(self.active)}}}'
+
+
 @dataclass
 class VerifyReport:
     name: str
@@ -349,34 +377,34 @@ class Registry:
         return row
 
     def listing(self, active: dict[str, dict[str, Any]] | None = None,
-                checksums: ChecksumCache | None = None) -> list[dict[str, Any]]:
-        """Every folder's summary row, as `adapters list --json` shows them, sorted by name: a complete
-        adapter's row comes from the listing cache while its files are unchanged (core/listing.py)."""
+                checksums: ChecksumCache | None = None) -> list[ListedAdapter]:
+        """Every folder's summary row (as `adapters list --json` shows them), sorted by name: a complete
+        adapter's comes from the listing cache while its files are unchanged (core/listing.py)."""
         from lqmf.core.listing import ListingCache
 
         active = self.active_pointers(strict=False) if active is None else active
         cache_checksums = checksums or ChecksumCache(self.workspace.root)
         cache = ListingCache(self.workspace.root, cache_checksums.entries)
-        rows = []
+        listed = []
         for path, name, symlink in self._folder_names():  # strings: Path objects cost 1,000s of parses
-            row = None if symlink or name.startswith(STAGING_PREFIX) else cache.row(path, name)
-            if row is None:
+            cached = None if symlink or name.startswith(STAGING_PREFIX) else cache.row(path, name)
+            if cached is None:
                 folder = Path(path)
                 entry = self.inspect(folder, symlink)
                 row = self.summary(entry, active, cache_checksums)
+                body = _ENCODE({k: v for k, v in row.items() if k not in LISTED_APART})[1:-1]
+                cached = {"state": row["state"], "problem": row["problem"], "base_id": row["base_id"], "body": body}
                 if entry.complete:
                     files = [MANIFEST, *PEFT_FILES, *((entry.manifest or {}).get("files") or {})]
-                    cache.put(folder, list(dict.fromkeys(f for f in files if isinstance(f, str))),
-                              {k: v for k, v in row.items() if k not in ("active", "name", "path")})
-            else:
-                row = {"name": name, "state": row.pop("state"), "problem": row.pop("problem"), "path": path, **row}
-                key = row["base_id"]
-                row["active"] = key is not None and (active.get(key) or {}).get("adapter") == row["name"]
-            rows.append(row)
+                    cache.put(folder, list(dict.fromkeys(f for f in files if isinstance(f, str))), cached)
+                name = row["name"]  # a run's name, without the staging prefix
+            key = cached["base_id"]
+            listed.append(ListedAdapter(name, path, cached["state"], cached["problem"], key, cached["body"],
+                                        key is not None and (active.get(key) or {}).get("adapter") == name))
         if checksums is None:
             cache_checksums.save()
         cache.save()
-        return sorted(rows, key=lambda r: (r["name"], os.path.basename(r["path"])))
+        return sorted(listed, key=lambda a: (a.name, os.path.basename(a.path)))
 
     # ------------------------------------------------------------------ writing
 
