@@ -112,6 +112,47 @@ def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
     assert compat.stack_4bit([layers[0], other]) is None
 
 
+def test_json_400_http_protocol_answers_an_unparsable_request_with_json():
+    """uvicorn answers what its HTTP parser rejects through send_400_response (undocumented); ours writes
+    JSON. A uvicorn that renames it would answer plain text again, and this fails."""
+    import asyncio
+    import json
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from lqmf.engine import compat
+
+    async def app(scope, receive, send):  # never reached: the request does not parse
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol = compat.json_400_http_protocol(lambda message: json.dumps({"error": {"message": message}}).encode())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(sock.getsockname(), timeout=10) as client:
+            client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
 def test_no_such_option_error_is_what_typer_raises_and_offers_its_possibilities():
     import typer
     from typer.testing import CliRunner

@@ -230,7 +230,7 @@ def test_10_a_combination_naming_an_adapter_of_another_base_says_why(cli, adapte
                                                                       tiny_model_no_template):
     from lqmf.core.errors import ConflictError
     from lqmf.core.workspace import Workspace
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.serve.host import ModelHost
 
     result = cli("train", tiny_model_no_template, EXAMPLES / "chat_training.csv", "chat", "--name", "other",
                  "--max-steps", "1", "--no-4bit", *FAST)

@@ -167,7 +167,7 @@ def test_a_killed_trial_is_marked_failed_on_resume(cli, workspace, tiny_model):
     import optuna
 
     from lqmf.core.fsutil import owner_tag
-    from lqmf.engine import tune as engine
+    from lqmf.engine.train import tune as engine
 
     out_json(_tune(cli, tiny_model, "stale", NO_LEARNING_RATE, workspace, "--trials", "1", "--json"))
     storage = spec.storage_url(workspace / "tune" / "stale")
@@ -189,7 +189,7 @@ SAMPLE = """
 import json, sys
 from pathlib import Path
 from lqmf.core.workspace import Workspace
-from lqmf.engine.tune import open_stored_study, suggest
+from lqmf.engine.train.tune import open_stored_study, suggest
 study, request = open_stored_study(Workspace(Path(sys.argv[1])), "pair")
 trial = study.ask()
 print(json.dumps({k: suggest(trial, k, c) for k, c in request.space.params.items()}))

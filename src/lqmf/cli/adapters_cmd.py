@@ -78,7 +78,7 @@ def list_adapters(
     table = []
     for r in rows:
         state = r["state"] if r["problem"] is None else f"{r['state']}: {r['problem']}"
-        if r["state"] not in ("ok", "corrupt"):
+        if r["state"] not in ("ok", "corrupt", "suspect"):
             table.append(["", r["name"], "", "", "", "", "", "", state])
             continue
         created = (r["created"] or "")[:16].replace("T", " ")

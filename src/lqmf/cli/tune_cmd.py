@@ -67,8 +67,8 @@ def tune(
     --keep-best keeps the defaults' adapter unless a trial beats it on held-out data. The study lives in
     tune/NAME/study.db; the best config is saved as configs/NAME-best.yaml (lqmf train --config NAME-best)."""
     from lqmf.core.derived import Gate
-    from lqmf.engine.tune import TuneRequest
-    from lqmf.engine.tune import tune as run_tune
+    from lqmf.engine.train.tune import TuneRequest
+    from lqmf.engine.train.tune import tune as run_tune
 
     require("optuna", "optuna", "tune")
     ws = workspace(ctx, workspace_dir)

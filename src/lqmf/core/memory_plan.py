@@ -1,6 +1,6 @@
 """Peak training memory from a model's config.json alone, before any weights load.
 
-The estimate follows what LQMF's own training loop (engine/train.py) allocates, term by term: on
+The estimate follows what LQMF's own training loop (engine/train/loop.py) allocates, term by term: on
 CUDA the frozen base stays in its load dtype (bf16; 4-bit NF4 for the blocks' linear layers), LoRA
 weights and their gradients are fp32, and forward passes run under bf16 autocast; on the CPU
 everything is fp32. The formulas are written out in docs/memory.md. Sizes are in bytes; "GB" in
@@ -47,9 +47,9 @@ NF4_PACKED_BYTES_PER_PARAM = 0.5  # what FSDP shards of a 4-bit weight; the cons
 # when it fits the per-GPU budget, else fsdp.
 STRATEGIES = ("auto", "ddp", "fsdp")
 FSDP_GATHERED_BLOCKS = 2
-# engine/train.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
+# engine/train/loop.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
 LOSS_CHUNK_TOKENS = 1024
-# With activation offload, block inputs on the device at once (engine/offload.py).
+# With activation offload, block inputs on the device at once (engine/train/offload.py).
 OFFLOAD_IN_FLIGHT = 3
 # What CUDA itself holds outside PyTorch's allocator (driver context, kernels, cuBLAS handles).
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
@@ -202,7 +202,7 @@ class TrainSettings:
     num_labels: int = 2
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
-    offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
+    offload_activations: bool = False  # checkpointed activations wait in host memory (engine/train/offload.py)
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -407,7 +407,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
 
 # ----------------------------------------------------------------------------- serving
 
-# engine/scheduler.py prefills a long prompt this many tokens at a time.
+# engine/serve/scheduler.py prefills a long prompt this many tokens at a time.
 PREFILL_CHUNK_TOKENS = 512
 MAX_SERVING_BATCH = 256
 
@@ -435,7 +435,7 @@ class ServingEstimate:
 def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantize_4bit: bool, device: str,
                      adapters: int = 1, lora_r: int = 16, target_modules: tuple[str, ...] | None = None
                      ) -> ServingEstimate:
-    """What serving shape needs for `sequences` sequences of up to `seq_len` tokens each (engine/batched.py):
+    """What serving shape needs for `sequences` sequences of up to `seq_len` tokens each (engine/decode/batched.py):
 
     weights (4-bit block linears or not) + adapters (r x (in + out) per targeted linear, compute
     dtype) + KV cache (keys and values, every layer, seq_len + 1 positions per sequence) + the

@@ -151,6 +151,17 @@ def first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or an infinity, or None (one check per
+    tensor, when weights are loaded: never per step)."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def checkpoint_dtype(resolved: ResolvedModel) -> str:
     """The dtype the model's weights are stored in (config.json), float32 when it does not say."""
     value = resolved.config.get("dtype") or resolved.config.get("torch_dtype")

@@ -10,10 +10,12 @@ plain linears); the forward pass is ours, so rows at different positions share o
     serves the group (on an H200 bitsandbytes then takes its fused 4-bit kernel for q/k/v up to 16 rows);
   - every group runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each row's
     LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K] tensor and
-    each projection's B matrices into one [N, its r] tensor; a row's column mask keeps its adapter's
-    rank-space columns, scaled by its scaling, and the product with B adds in place. A few small ops,
+    each projection's B matrices (scaling folded in) into one [N, its r] tensor; a row keeps its
+    adapter's rank-space columns by selection (`torch.where`, so another adapter's inf or NaN there
+    never reaches it: 0 x NaN would), and the product with B adds in place. Every adapter's weights
+    are checked finite when loaded, so the zeros meet only finite B columns. A few small ops,
     whatever the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
-    batching, done by masking instead of gathering);
+    batching);
   - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
     step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed;
   - a decode step also picks each row's greedy token on the device (end-of-text barred for rows below
@@ -41,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.engine import compat
+from lqmf.engine.loading import first_nonfinite
 
 log = logging.getLogger("lqmf.serve")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -54,6 +57,20 @@ MIN_LENGTH_BUCKET = 128
 
 class UnsupportedAdapter(ValueError):
     """An adapter the batched decoder cannot apply (DoRA, rank patterns, embeddings...)."""
+
+
+class NonFiniteWeights(ValueError):
+    """Adapter weights holding NaN or an infinity (as stored, or once cast to the served dtype)."""
+
+
+def check_finite(weights: dict[str, tuple], what: str) -> dict[str, tuple]:
+    """weights ({projection: (A, B, scaling)}) if every matrix and scaling is finite; NonFiniteWeights otherwise."""
+    for projection, (a, b, scaling) in weights.items():
+        bad = first_nonfinite({"lora_A": a, "lora_B": b, "lora_B x scaling": b * scaling})
+        if bad is not None or not math.isfinite(scaling):
+            raise NonFiniteWeights(f"{what}: {projection} {bad or 'scaling'} holds NaN or infinite values "
+                                   "(refused: it would answer nothing useful)")
+    return weights
 
 
 def supports(model) -> bool:
@@ -114,7 +131,7 @@ def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> dict
         if set(pair) != {"A", "B"}:
             raise UnsupportedAdapter(f"{path}: {module} lacks its lora_A or lora_B weight")
         weights[module] = (pair["A"].contiguous(), pair["B"].contiguous(), scaling)
-    return weights
+    return check_finite(weights, str(path))
 
 
 def stacked_base(modules: list) -> Callable[[Any], Any]:
@@ -157,10 +174,10 @@ class BatchedLoRALinear:
     matmul once for all of them (`stacked_base`), plus each row's own adapter's product.
 
     The A matrices of every resident adapter, for every projection of the group, are stacked into one
-    [sum r, K] tensor; each projection keeps its adapters' B matrices as one [N, its r] tensor. Groups
-    whose adapters have the same ranks and scalings share one `layout`: an [adapters + 1, sum r] table
-    whose row i holds adapter i's scaling in its rank-space columns and zeros elsewhere (row 0: no
-    adapter); the decoder selects each row's once per forward pass.
+    [sum r, K] tensor; each projection keeps its adapters' B matrices, times their scalings, as one
+    [N, its r] tensor. Groups whose adapters have the same ranks share one `layout`: an
+    [adapters + 1, sum r] boolean table whose row i is true in adapter i's rank-space columns (row 0:
+    no adapter); the decoder selects each row's once per forward pass.
     """
 
     def __init__(self, names: tuple[str, ...], modules: list):
@@ -180,12 +197,13 @@ class BatchedLoRALinear:
         a_list, self.parts, layout, rank_start, out_start = [], [], [], 0, 0
         for name, size in zip(self.names, self.sizes, strict=True):
             mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
-            layout.append(tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
+            layout.append(tuple((index, a.shape[0]) for index, (a, _, _) in mine))
             if mine:
                 rank = sum(a.shape[0] for _, (a, _, _) in mine)
                 a_list += [a for _, (a, _, _) in mine]
                 self.parts.append((out_start, out_start + size, rank_start, rank_start + rank,
-                                   torch.cat([b for _, (_, b, _) in mine], dim=1)))
+                                   torch.cat([b * scaling if scaling != 1 else b for _, (_, b, scaling) in mine],
+                                             dim=1)))
                 rank_start += rank
             out_start += size
         if not a_list:
@@ -194,19 +212,21 @@ class BatchedLoRALinear:
         self.stacked_a = torch.cat(a_list)
         self.layout = (len(entries), tuple(layout))
         if self.layout not in layouts:
-            columns = self.stacked_a.new_zeros(len(entries) + 1, rank_start)
+            columns = torch.zeros(len(entries) + 1, rank_start, dtype=torch.bool, device=self.stacked_a.device)
             start = 0
-            for index, rank, scaling in (adapter for part in layout for adapter in part):
-                columns[index, start:start + rank] = scaling
+            for index, rank in (adapter for part in layout for adapter in part):
+                columns[index, start:start + rank] = True
                 start += rank
             layouts[self.layout] = columns
 
     def __call__(self, x, selected: dict[tuple, Any]):
-        """x: [B, T, K] -> [B, T, sum N]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
+        """x: [B, T, K] -> [B, T, sum N]; selected: per layout, each row's rank-space columns [B, 1, sum r]."""
+        import torch
+
         out = self.base(x)
         if self.stacked_a is None:
             return out
-        low = ((x @ self.stacked_a.t()) * selected[self.layout]).view(-1, self.stacked_a.shape[0])
+        low = torch.where(selected[self.layout], x @ self.stacked_a.t(), 0).view(-1, self.stacked_a.shape[0])
         flat = out.view(-1, out.shape[-1])
         for out_start, out_end, rank_start, rank_end, b in self.parts:
             flat[:, out_start:out_end].addmm_(low[:, rank_start:rank_end], b.t())
@@ -294,6 +314,14 @@ class BatchedDecoder:
         self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
         self.pool = None
         self.layouts: dict[tuple, Any] = {}  # a LoRA layout -> its scaled column table, a row per adapter index
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero slot's cached values before a new sequence takes it: attention weighs the positions a row
+        may not see by exactly 0, and 0 x NaN is NaN, so what an earlier row left there (its own adapter's
+        NaN or inf) must not stay. Keys need no clearing: their scores are masked, not weighed. A few
+        memsets per admission, on the device's stream (after any step still running for the slot)."""
+        for values in self.values:
+            values[slot].zero_()
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -5,7 +5,7 @@ Routes: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/
 POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}.
 
 Requests run at once: each generation blocks one thread of a pool on `ModelHost.complete`, which
-the host batches (continuous batching, engine/scheduler.py); at most `capacity` requests are in
+the host batches (continuous batching, engine/serve/scheduler.py); at most `capacity` requests are in
 flight, and beyond that a request gets 429 with Retry-After. A request runs entirely with the
 adapter it was given; swaps are serialized with the decode loop.
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx
@@ -32,15 +32,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
-from lqmf.engine.host import ModelHost, PromptTooLong
 from lqmf.engine.inference import Generation
-from lqmf.engine.scheduler import Busy
+from lqmf.engine.serve.host import ModelHost, PromptTooLong
+from lqmf.engine.serve.scheduler import Busy
 
 log = logging.getLogger("lqmf.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 4
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_SEED = 2**63 - 1  # a torch.Generator seed is a signed 64-bit integer
+MAX_COUNT = 2**31 - 1  # token counts
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (as vLLM does): logits / 1e-300 overflow float32
 UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
                       "tool_choice", "response_format")
 
@@ -85,13 +90,15 @@ def api_error(err: BaseException) -> ApiError:
 
 
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Numbers are checked here, at the edge: finite (json reads NaN and Infinity), in range, and in the
+    # type the kernel takes, so nothing the decode loop does for one request can fail on them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -99,7 +106,7 @@ class _GenerationRequest(BaseModel):
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-text before this many tokens
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT)  # vLLM's extension: no end-of-text before this many tokens
 
     @model_validator(mode="after")
     def _supported(self):
@@ -116,7 +123,8 @@ class _GenerationRequest(BaseModel):
 
     def options(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature or 0.0,
+        temperature = self.temperature if self.temperature and self.temperature >= GREEDY_BELOW else 0.0
+        return {"max_new_tokens": self.max_tokens, "temperature": temperature,
                 "top_p": self.top_p or 1.0, "seed": self.seed, "stop": stop, "min_new_tokens": self.min_tokens}
 
     def include_usage(self) -> bool:
@@ -130,6 +138,8 @@ class CompletionRequest(_GenerationRequest):
     def _prompts(self):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is an empty list")
+        if isinstance(self.prompt, list) and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt takes at most {MAX_PROMPTS} strings")
         if self.stream and isinstance(self.prompt, list) and len(self.prompt) > 1:
             raise ValueError("streaming takes one prompt per request")
         return self
@@ -154,7 +164,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
 
     def options(self) -> dict[str, Any]:
         options = super().options()
@@ -177,7 +187,11 @@ Body = TypeVar("Body", bound=BaseModel)
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
     """The JSON body as model (whatever the Content-Type says), or a 400 that says what is wrong."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # nobody to answer: one line in the log, no traceback
+        log.info("%s %s: the client hung up before sending its whole body", request.method, request.url.path)
+        raise ApiError(400, "the client hung up before sending its whole body", code="client_disconnected") from None
     try:
         data = json.loads(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError) as err:
@@ -637,7 +651,12 @@ def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> No
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         log.addHandler(handler)
     log.setLevel(log_level.upper())
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
+    from lqmf.engine import compat
+
+    unparsable = compat.json_400_http_protocol(
+        lambda message: json.dumps(ApiError(400, f"malformed HTTP request: {message}", code="invalid_http").body())
+        .encode())
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10, http=unparsable,
                             access_log=log_level in ("debug", "info"))
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, _stop_requested) for signum in stop_signals}

@@ -34,8 +34,9 @@ from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.names import validate_name
 from lqmf.core.registry import MANIFEST, Registry
 from lqmf.core.workspace import Workspace
-from lqmf.engine import train as trainer
 from lqmf.engine.loading import CLASSIFIER_HEADS, LoadedModel, first_line
+from lqmf.engine.train import loop as trainer
+from lqmf.engine.train import recipe
 
 SETTINGS_ATTR = "lqmf_settings"
 OWNER_ATTR = "lqmf_owner"  # host:PIDpSTART of the process running the trial (stale ones are marked failed)
@@ -320,7 +321,7 @@ class Study:
         heads = {name: getattr(self.base.model, name) for name in CLASSIFIER_HEADS if hasattr(self.base.model, name)}
         loaded = trainer.setup_model(config, self.model_ref, prepared, self.dataset.task, base=self.base)
         try:
-            outcome = trainer.train(config, self.model_ref, self.dataset, staging, prepared=prepared, memory=memory,
+            outcome = recipe.train(config, self.model_ref, self.dataset, staging, prepared=prepared, memory=memory,
                                     events=TrialEvents(trial, self.request.metric), loaded=loaded)
         except optuna.TrialPruned:
             shutil.rmtree(staging, ignore_errors=True)

@@ -22,7 +22,8 @@ from lqmf.core.fsutil import process_started
 from lqmf.core.memory_plan import approx_parameters
 from lqmf.core.models import ResolvedModel
 from lqmf.core.progress import phase
-from lqmf.engine import train as trainer
+from lqmf.engine.train import loop as trainer
+from lqmf.engine.train import recipe
 
 PROBE_STEPS = 6  # the first step warms up; the others are timed
 PROBE_MAX_PARAMETERS = 400_000_000  # larger models take too long to load for a dry run: FLOP estimate
@@ -69,7 +70,7 @@ def measured_seconds(config: TrainConfig, model_ref: ResolvedModel, dataset: Tas
     memory = trainer.plan_memory(probe, model_ref, probe_prepared)
     times = _StepTimes()
     with tempfile.TemporaryDirectory(prefix="lqmf-estimate-") as staging:
-        trainer.train(probe, model_ref, dataset, Path(staging), prepared=probe_prepared, memory=memory,
+        recipe.train(probe, model_ref, dataset, Path(staging), prepared=probe_prepared, memory=memory,
                       events=times)
     # what the last step's checkpoint and the adapter's save took: the run checkpoints at each epoch's end
     checkpoint = max(0.0, time.perf_counter() - times.planned - times.elapsed[-1])
