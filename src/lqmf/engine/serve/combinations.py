@@ -101,6 +101,8 @@ class Combinations:
                     self.host._prepare(name)
                 except (ConflictError, InputError) as err:
                     raise type(err)(f"model '{model_id}': {err.message}", exit_code=err.exit_code) from None
+                except NotFoundError:
+                    pass  # not registered at all: say what is resident
                 raise NotFoundError(f"model '{model_id}': adapter '{name}' is not resident here"
                                     f"{did_you_mean(name, self.host.resident)}; load it first")
         return model_id
