@@ -65,8 +65,8 @@ def test_peft_export_loads_with_plain_peft_and_matches(cli, workspace, trained_w
     folder = tmp_path / "exports" / "chat-a"
     assert out["path"] == str(folder) and out["format"] == "peft"
     assert set(out["files"]) == {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "README.md",
-                                 "SHA256SUMS", "lqmf.json"}
-    assert check_sums(folder) == set(out["files"]) - {"SHA256SUMS"}
+                                 "SHA256SUMS", "lqmf.json", "lqmf-export.json"}
+    assert check_sums(folder) == set(out["files"]) - {"SHA256SUMS", "lqmf-export.json"}
     manifest = json.loads((folder / "lqmf.json").read_text())
     assert manifest["name"] == "chat-a" and manifest["export"]["format"] == "peft"
     assert "PeftModel.from_pretrained" in (folder / "README.md").read_text()
@@ -147,9 +147,16 @@ def test_overwrites_need_force_and_never_clobber_other_folders(cli, workspace, t
     assert cli("export", "chat-a", target).exit_code == 0
     again = cli("export", "chat-a", target)
     assert again.exit_code == 4 and "--force" in again.output
-    (target / "stale.txt").write_text("old export")
-    assert cli("export", "chat-a", target, "--force").exit_code == 0
-    assert not (target / "stale.txt").exists() and (target / "lqmf.json").is_file()
+    record = json.loads((target / "lqmf-export.json").read_text())
+    assert sorted(record["files"]) == sorted(p.name for p in target.iterdir() if p.name != "lqmf-export.json")
+    (target / "README.md").write_text("edited")  # a file the export wrote: still its own
+    replaced = cli("export", "chat-a", target, "--force")
+    assert replaced.exit_code == 0 and "LoRA adapter" in (target / "README.md").read_text()
+    assert json.loads((target / "lqmf-export.json").read_text())["export_id"] != record["export_id"]
+    (target / "notes.txt").write_text("added by hand")
+    added = cli("export", "chat-a", target, "--force")
+    assert added.exit_code == 4 and "files its export did not write (notes.txt)" in added.stderr
+    assert len(added.stderr.strip().splitlines()) == 1 and (target / "notes.txt").is_file()
 
     precious = tmp_path / "precious"
     precious.mkdir()
@@ -160,6 +167,23 @@ def test_overwrites_need_force_and_never_clobber_other_folders(cli, workspace, t
     into = cli("export", "chat-a", f"{precious}/")
     assert into.exit_code == 0 and (precious / "chat-a" / "lqmf.json").is_file()
     assert leftovers(tmp_path) == [] and leftovers(precious) == []
+
+
+def test_force_never_replaces_an_adapter_of_another_registry(cli, workspace, trained_workspace, tmp_path):
+    """Regression (issue 20): an adapter folder has lqmf.json like an export; only the export's record counts."""
+    copy_adapter(trained_workspace, "chat-a", workspace)
+    other = tmp_path / "other-ws"
+    theirs = copy_adapter(trained_workspace, "instr-b", other, as_name="chat-a")
+    before = {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()}
+    refused = cli("export", "chat-a", theirs, "--force")
+    assert refused.exit_code == 4, refused.output
+    assert refused.stderr.count("\n") == 1 and "it is an adapter folder" in refused.stderr
+    assert {p.name: p.read_bytes() for p in theirs.iterdir() if p.is_file()} == before
+    assert cli("--workspace", other, "adapters", "verify", "chat-a").exit_code == 0
+    for tampered in ("{", '{"export_id": 1, "files": []}'):  # an unreadable or forged-looking record
+        (theirs / "lqmf-export.json").write_text(tampered)
+        assert cli("export", "chat-a", theirs, "--force").exit_code == 4
+    assert leftovers(theirs.parent) == []
 
 
 @pytest.mark.parametrize("where", ["adapters/inside", "adapters/", ".", ".."])

@@ -282,6 +282,30 @@ def _foreign(ws: Path, model: Path) -> list[str]:
     return ["export", "good", str(ws.parent / "foreign"), "--force"]
 
 
+@case("export-force-over-another-registrys-adapter", 4, "it is an adapter folder")
+def _other_registry(ws: Path, model: Path) -> list[str]:
+    import shutil
+
+    theirs = ws.parent / "other-ws" / "adapters" / "good"
+    shutil.copytree(ws / "adapters" / "good", theirs)
+    return ["export", "good", str(theirs), "--force"]
+
+
+@case("export-runtime-refuses-a-dora-adapter", 2, "DoRA adapter")
+def _dora(ws: Path, model: Path) -> list[str]:
+    import hashlib
+    import json
+
+    folder = ws / "adapters" / "good"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    manifest = json.loads((folder / "lqmf.json").read_text())
+    data = (folder / "adapter_config.json").read_bytes()
+    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "lqmf.json").write_text(json.dumps(manifest))
+    return ["export", "good", str(ws.parent / "gguf"), "--format", "gguf"]
+
+
 @case("export-unwritable-folder", 2, "")
 def _read_only(ws: Path, model: Path) -> list[str]:
     folder = ws.parent / "ro"

@@ -29,7 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "status": ("lqmf.cli.status_cmd:status", "GPUs, CPU, RAM, disk, library versions, adapters, servers."),
     "test": ("lqmf.cli.infer_cmd:answer", "Answer one prompt with an adapter (--base: its base too)."),
     "serve": ("lqmf.cli.serve_cmd:serve", "Serve a base model and hot-swappable adapters (OpenAI API)."),
-    "export": ("lqmf.cli.export_cmd:export", "Export an adapter: PEFT folder, merged model, or .tar.gz."),
+    "export": ("lqmf.cli.export_cmd:export", "Export an adapter: PEFT, merged, GGUF (llama.cpp/Ollama), vLLM."),
     "config": ("lqmf.cli.config_cmd:app", "Create, show, validate and edit training configs."),
     "models": ("lqmf.cli.models_cmd:app", "List and add base models; build a tiny test model."),
     "bench": ("lqmf.cli.bench_cmd:app", "Benchmark an adapter (speed, memory, quality); compare results."),
