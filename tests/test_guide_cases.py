@@ -152,7 +152,7 @@ def test_4_offline_a_model_not_in_the_cache_fails_at_once(workspace, run_lqmf, t
 def test_5_the_dry_run_estimate_is_within_2x_of_the_run(workspace, tiny_model, run_lqmf):
     args = ["train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", "timed", "--max-steps", "24",
             "--no-4bit", "--max-seq-length", "128"]
-    plan = json.loads(run_lqmf(*args, "--dry-run", "--json", cwd=workspace).stdout)
+    plan = json.loads(run_lqmf(*args, "--dry-run", "--json", cwd=workspace, env={"LQMF_DRY_RUN_PROBE": "1"}).stdout)
     assert plan["estimate"]["source"].endswith("training steps timed on this machine")
     started = time.monotonic()
     assert run_lqmf(*args, "-q", cwd=workspace).returncode == 0

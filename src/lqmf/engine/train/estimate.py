@@ -25,6 +25,7 @@ from lqmf.core.progress import phase
 from lqmf.engine.train import loop as trainer
 from lqmf.engine.train import recipe
 
+PROBE_ENV = "LQMF_DRY_RUN_PROBE"  # "0": no timed steps, the FLOP estimate (the test suite's default)
 PROBE_STEPS = 6  # the first step warms up; the others are timed
 PROBE_MAX_PARAMETERS = 400_000_000  # larger models take too long to load for a dry run: FLOP estimate
 FORWARD_SHARE = 0.5  # an evaluation pass costs about half a training pass (no backward)
@@ -56,9 +57,10 @@ def evaluations(config: TrainConfig, prepared: trainer.Prepared) -> int:
 def measured_seconds(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset,
                      prepared: trainer.Prepared) -> dict[str, Any] | None:
     """{"seconds", "seconds_per_step", "setup_seconds", "source"} from timing PROBE_STEPS real steps, or
-    None when the model is not local or too large to load for a dry run."""
+    None when the model is not local, too large to load for a dry run, or $LQMF_DRY_RUN_PROBE is 0."""
     parameters = approx_parameters(model_ref.config) if model_ref.available else None
-    if parameters is None or parameters > PROBE_MAX_PARAMETERS or prepared.total_steps < 1:
+    too_large = parameters is None or parameters > PROBE_MAX_PARAMETERS
+    if os.environ.get(PROBE_ENV, "1") == "0" or too_large or prepared.total_steps < 1:
         return None
     started_process = process_started(os.getpid())
     startup = time.time() - started_process if started_process else 0.0  # imports, as the real run makes
