@@ -13,7 +13,7 @@ from __future__ import annotations
 import gc
 import json
 import math
-import os
+import random
 import shutil
 import socket
 import time
@@ -195,9 +195,9 @@ def open_stored_study(workspace: Workspace, name: str):
     request = TuneRequest.from_stored(name, stored, path)
     with study_file(path):
         storage = _storage(folder)
-        done = len(optuna.load_study(study_name=name, storage=storage).trials)
-        # Another process may resume at the same moment: its sampler must not draw the same parameters.
-        seed = int(request.values.get("seed", 42)) + done + os.getpid()
+        # Another process may resume at the same moment: its sampler must not draw the same parameters, so it
+        # is seeded from the OS (a seed made of counts and pids coincided: 42 + 2 + pid == 42 + 1 + (pid + 1)).
+        seed = random.SystemRandom().getrandbits(31)
         study = optuna.load_study(study_name=name, storage=storage, sampler=optuna.samplers.TPESampler(seed=seed),
                                   pruner=_divergence_pruner(request.space.startup_trials,
                                                             request.space.warmup_steps))
