@@ -101,7 +101,7 @@ def test_tab_completion(adapters_workspace):
         text = line.rsplit(" ", 1)[1]
         return shell.completedefault(text, line, len(line) - len(text), len(line))
 
-    assert complete("list ") == ["adapters ", "models "]
+    assert complete("list ") == ["adapters ", "feedback ", "models "]
     assert complete("adapters s") == ["show ", "switch "]
     assert complete("load adapter ch") == complete("test ch") == ["chat-a ", "chat-q "]
     assert {"mistral-7b ", "mistral-7b-instruct "} <= set(complete("finetune mistral"))

@@ -4,4 +4,5 @@
 - scheduler.py: `Scheduler`, the loop thread that admits, prefills and decodes rows in batches.
 - server.py: the FastAPI app (OpenAI-compatible routes, admin routes) around one ModelHost.
 - combinations.py: `A+B` / `A:0.7+B:0.3` model ids, built once per combination.
+- recording.py: `--record`: every answer kept (core/learning.py) and POST /v1/feedback.
 """

@@ -2,7 +2,9 @@
 
 Routes: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions
 (`stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`),
-POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}.
+POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}; with a
+Recorder (`lqmf serve --record`, engine/recording.py) every answer is kept under its response id
+and POST /v1/feedback takes ratings and corrections of it.
 
 Requests run at once: each generation blocks one thread of a pool on `ModelHost.complete`, which
 the host batches (continuous batching, engine/serve/scheduler.py); at most `capacity` requests are in
@@ -37,6 +39,7 @@ from starlette.requests import ClientDisconnect
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
 from lqmf.engine.inference import Generation
 from lqmf.engine.serve.host import ModelHost, PromptTooLong
+from lqmf.engine.serve.recording import Recorder, feedback_router
 from lqmf.engine.serve.scheduler import Busy
 
 log = logging.getLogger("lqmf.serve")
@@ -341,10 +344,12 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str | None, str | None], dict],
-                    include_usage: bool, opening: dict[str, Any] | None = None) -> StreamingResponse:
+                    include_usage: bool, opening: dict[str, Any] | None = None,
+                    on_done: Callable[[Generation], Any] | None = None) -> StreamingResponse:
     """Server-sent events in OpenAI's chunk format from a generation's events (ModelWorker.stream).
 
-    chunk(text, finish_reason) builds one chunk (text None: no text); opening, when given, goes first.
+    chunk(text, finish_reason) builds one chunk (text None: no text); opening, when given, goes first;
+    on_done (a coroutine function) sees the finished generation before its last chunk goes out.
     """
 
     async def sse():
@@ -356,6 +361,8 @@ def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str
             elif kind == "error":
                 yield _sse(api_error(value).body())
             else:
+                if on_done is not None:
+                    await on_done(value)
                 yield _sse(chunk(None, _finish(value)))
                 if include_usage:
                     yield _sse({**chunk(None, None), "choices": [], "usage": _usage([value])})
@@ -375,8 +382,9 @@ def default_capacity(host: ModelHost) -> int:
 
 
 def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callable[[], None] | None = None,
-               on_stop: Callable[[], None] | None = None) -> FastAPI:
-    """The server: /health, the OpenAI router and the admin router over host."""
+               on_stop: Callable[[], None] | None = None, recorder: Recorder | None = None) -> FastAPI:
+    """The server: /health, the OpenAI router and the admin router over host (recorder: answers kept,
+    and /v1/feedback)."""
     worker = ModelWorker(default_capacity(host))
     started_at = time.time()
 
@@ -414,7 +422,9 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
             body.update(host.describe(), uptime_s=round(time.time() - started_at, 1))
         return body
 
-    app.include_router(openai_router(host, worker, started_at), dependencies=[Depends(require_key)])
+    app.include_router(openai_router(host, worker, started_at, recorder), dependencies=[Depends(require_key)])
+    if recorder is not None:
+        app.include_router(feedback_router(recorder), dependencies=[Depends(require_key)])
     app.include_router(admin_router(host, worker), dependencies=[Depends(require_key)])
     return app
 
@@ -445,9 +455,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return api_error(err).response()
 
 
-def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> APIRouter:
-    """/v1/models, /v1/completions, /v1/chat/completions and /v1/classify."""
+def openai_router(host: ModelHost, worker: ModelWorker, started_at: float,
+                  recorder: Recorder | None = None) -> APIRouter:
+    """/v1/models, /v1/completions, /v1/chat/completions and /v1/classify (each answer kept by recorder)."""
     api = APIRouter()
+
+    async def keep(ident: str, adapter: str | None, kind: str, prompt: Any, answer: str,
+                   labels: list[str] | None = None) -> None:
+        if recorder is not None:
+            await recorder.keep(ident, served_name(adapter), kind, prompt, answer, labels)
 
     def model_card(row: dict[str, Any]) -> dict[str, Any]:
         return {"id": row["id"], "object": "model", "created": row.get("created", int(started_at)),
@@ -478,6 +494,9 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
                 lambda cancelled, prompt=prompt: host.complete(body.model, prompt, raw=True, cancelled=cancelled,
                                                                **options)) for prompt in prompts))
             generations = [generation for _, generation in results]
+            for i, (prompt, (adapter, generation)) in enumerate(zip(prompts, results, strict=True)):
+                await keep(ident if len(prompts) == 1 else f"{ident}-{i}", adapter, "completion", prompt,
+                           generation.text)
             return {"id": ident, "object": "text_completion", "created": created, "model": served_name(results[0][0]),
                     "choices": [{"index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None}
                                 for i, g in enumerate(generations)],
@@ -494,7 +513,8 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
             return {"id": ident, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
-        return stream_response(events, chunk, body.include_usage())
+        return stream_response(events, chunk, body.include_usage(), on_done=lambda generation: keep(
+            ident, adapter, "completion", prompts[0], generation.text))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -504,6 +524,7 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
         if not body.stream:
             adapter, generation = await worker.generate(
                 lambda cancelled: host.complete(body.model, messages, cancelled=cancelled, **options))
+            await keep(ident, adapter, "chat", messages, generation.text)
             return {"id": ident, "object": "chat.completion", "created": created, "model": served_name(adapter),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                                  "finish_reason": _finish(generation), "logprobs": None}],
@@ -523,19 +544,22 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
 
         opening = chunk(None, None)
         opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return stream_response(events, chunk, body.include_usage(), opening)
+        return stream_response(events, chunk, body.include_usage(), opening, on_done=lambda generation: keep(
+            ident, adapter, "chat", messages, generation.text))
 
     @api.post("/v1/classify")
     async def classify(request: Request):
         body = await parse_body(request, ClassifyRequest)
         texts = [body.input] if isinstance(body.input, str) else body.input
         adapter, scores, tokens = await worker.generate(lambda cancelled: host.classify(body.model, texts))
-        data = []
+        ident, data = f"clf-{secrets.token_hex(12)}", []
         for index, probabilities in enumerate(scores):
             label = max(probabilities, key=probabilities.get)
-            data.append({"object": "classification", "index": index, "label": label,
+            row_id = ident if len(texts) == 1 else f"{ident}-{index}"
+            await keep(row_id, adapter, "classify", texts[index], label, list(probabilities))
+            data.append({"object": "classification", "index": index, "id": row_id, "label": label,
                          "score": probabilities[label], "probabilities": probabilities})
-        return {"object": "list", "model": served_name(adapter), "data": data,
+        return {"id": ident, "object": "list", "model": served_name(adapter), "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return api

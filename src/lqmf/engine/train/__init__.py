@@ -7,4 +7,5 @@
 - offload.py: activation offload to pinned host memory.
 - distributed.py: the multi-GPU launcher and what the ranks exchange; fsdp.py: FSDP-QLoRA.
 - tune.py: the Optuna study over training configs.
+- learn.py: `lqmf learn`, a new version of an adapter from its users' corrections; kto.py: the KTO loss.
 """

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -383,6 +384,15 @@ def classification_loss_sum(model, batch):
     import torch.nn.functional as F
 
     return F.cross_entropy(_classification_logits(model, batch), batch["labels"], reduction="sum")
+
+
+@dataclass
+class Loss:
+    """A training objective: sum(model, batch) is the summed loss of a micro-batch; it is averaged over
+    examples (per_example) or over answer tokens."""
+
+    sum: Callable[[Any, dict[str, Any]], Any]
+    per_example: bool = False
 
 
 def loss_units(rows: list[dict[str, Any]], classification: bool) -> int:

@@ -46,7 +46,7 @@ class Recipe:
 
     def __init__(self, config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path, *,
                  prepared: steps.Prepared, memory: steps.MemoryPlan, events: steps.Events | None = None,
-                 resume: bool = False, collective: Collective | None = None):
+                 resume: bool = False, collective: Collective | None = None, loss: steps.Loss | None = None):
         self.config, self.model_ref, self.dataset, self.staging = config, model_ref, dataset, staging
         self.prepared, self.memory, self.resume = prepared, memory, resume
         self.collective = collective or Collective()
@@ -54,6 +54,8 @@ class Recipe:
         self.events = events if events is not None and self.main else steps.Events()
         self.sharded = memory.strategy == "fsdp" and self.collective.distributed
         self.classification = dataset.task == "classification"
+        self.loss = loss or steps.Loss(steps.classification_loss_sum if self.classification else steps.answer_loss_sum,
+                                       per_example=self.classification)
         self.log_path = staging / steps.METRICS_LOG
         self.total = prepared.total_steps
 
@@ -211,15 +213,15 @@ class Recipe:
         import torch
 
         micro, world = self.progress["micro_batch"], self.collective.world_size
-        units = steps.loss_units(rows, self.classification)  # over every rank's rows: the loss is their mean
+        units = steps.loss_units(rows, self.loss.per_example)  # over every rank's rows: the loss is their mean
         mine = self._share(rows)
         passes = math.ceil(math.ceil(len(rows) / world) / micro) if self.sharded else 0
-        loss_fn = steps.classification_loss_sum if self.classification else steps.answer_loss_sum
         oom = failure = None
         try:
-            loss = steps.forward_backward(self.runner, loss_fn, mine, units, micro, self.loaded.tokenizer.pad_token_id,
-                                           self.classification, self.loaded.device, self.offload, passes, rows[:1],
-                                           scale=world if self.sharded else 1)  # FSDP averages over ranks
+            loss = steps.forward_backward(self.runner, self.loss.sum, mine, units, micro,
+                                          self.loaded.tokenizer.pad_token_id, self.classification, self.loaded.device,
+                                          self.offload, passes, rows[:1],
+                                          scale=world if self.sharded else 1)  # FSDP averages over ranks
         except Exception as err:
             if is_out_of_memory(err):
                 oom = first_line(err)
@@ -417,15 +419,17 @@ class Recipe:
 
 def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
           events: steps.Events | None = None, prepared: steps.Prepared | None = None, resume: bool = False,
-          memory: steps.MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None) -> steps.Outcome:
+          memory: steps.MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None,
+          loss: steps.Loss | None = None) -> steps.Outcome:
     """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
 
     memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
     caller set up already (setup_model, e.g. on a base it keeps loaded; seed torch before that);
-    collective the ranks of a multi-process run (engine/train/distributed.py).
+    collective the ranks of a multi-process run (engine/train/distributed.py); loss another objective
+    than the task's (engine/train/kto.py).
     """
     prepared = prepared or steps.prepare(config, model_ref, dataset)
     memory = memory or steps.plan_memory(config, model_ref, prepared)
     recipe = Recipe(config, model_ref, dataset, staging, prepared=prepared, memory=memory, events=events,
-                    resume=resume, collective=collective)
+                    resume=resume, collective=collective, loss=loss)
     return recipe.run(loaded)
