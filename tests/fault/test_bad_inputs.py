@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES
-from tests.fault.conftest import snapshot
+from tests.helpers import EXAMPLES, snapshot
 
 Prepare = Callable[[Path, Path], list[str]]  # (workspace, tiny model) -> the command line
 

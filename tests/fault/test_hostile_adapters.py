@@ -11,7 +11,7 @@ import pytest
 
 from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
-from tests.fault.forked import run_forked
+from tests.helpers import run_forked
 
 
 def _write_nan_weights(folder, name: str = "lora_B") -> None:

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.fault.conftest import snapshot
+from tests.helpers import snapshot
 
 CHAT = "/v1/chat/completions"
 COMPLETE = "/v1/completions"

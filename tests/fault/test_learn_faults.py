@@ -11,7 +11,7 @@ import pytest
 from lqmf.core import learning
 from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
-from tests.fault.forked import run_forked
+from tests.helpers import run_forked
 
 LEARN = ["learn", "chat-a", "--epochs", "1", "--hold-out", "0", "--max-drop", "1"]
 

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import pytest
 
-from tests.serve_util import running_server, stop
+from tests.helpers import running_server, stop
 
 FUZZ_SEED = 20
 HOSTILE = 300

@@ -168,6 +168,13 @@ def checkpoint_dtype(resolved: ResolvedModel) -> str:
     return value if value in ("float32", "float16", "bfloat16") else "float32"
 
 
+# transformers >= 5.25 replaces layers with kernels fetched from the Hugging Face hub at load time
+# (`use_kernels`, the `kernels` package) unless told otherwise. Off: a model must load offline (with
+# HF_HUB_OFFLINE it failed: "kernels-community/rotary is not available in the local cache"), and
+# its speed must not depend on what the hub serves that day; our decoders carry their own kernels.
+HUB_KERNELS = False
+
+
 def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "auto",
                quantize_4bit: bool = False, labels: list[str] | None = None,
                training: bool = False, dtype_name: str | None = None, tokenizer=None,
@@ -200,7 +207,7 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
         tokenizer = load_tokenizer(resolved)
     how = load_description(saved_quant, quantize_4bit, dtype)
     phase(f"loading base model {resolved.reference} on {device.type} ({how})")
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": HUB_KERNELS}
     if saved_quant is not None:
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}
     elif quantize_4bit:

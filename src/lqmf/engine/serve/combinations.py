@@ -37,20 +37,13 @@ def names(model_id: str | None) -> list[str]:
 
 
 def stacked_weights(parts: list[tuple[dict[str, tuple], float]], model_id: str = "") -> dict[str, tuple]:
-    """{projection: (A, B, 1.0)} applying sum_i weight_i * scaling_i * B_i A_i, from each adapter's
-    {projection: (A, B, scaling)} and its weight; refused (InputError) where the weighted B overflows."""
-    import torch
+    """{projection: (A, B, 1.0)} applying sum_i weight_i * scaling_i * B_i A_i (lora.stacked.weighted_sum),
+    from each adapter's {projection: (A, B, scaling)} and its weight; refused (InputError) where the
+    weighted B overflows."""
+    from lqmf.engine.lora.stacked import NonFiniteWeights, check_finite, weighted_sum
 
-    from lqmf.engine.decode.batched import NonFiniteWeights, check_finite
-
-    combined: dict[str, tuple] = {}
-    for projection in sorted({name for weights, _ in parts for name in weights}):
-        pieces = [(weights[projection], weight) for weights, weight in parts if projection in weights]
-        a = torch.cat([a for (a, _, _), _ in pieces])
-        b = torch.cat([b * (weight * scaling) for (_, b, scaling), weight in pieces], dim=1)
-        combined[projection] = (a, b, 1.0)
     try:
-        return check_finite(combined, f"model '{model_id}'")
+        return check_finite(weighted_sum(parts), f"model '{model_id}'")
     except NonFiniteWeights as err:
         raise InputError(str(err)) from None
 
@@ -79,7 +72,7 @@ class Built:
     slot: str | None  # the PEFT slot (one request at a time)
     sources: tuple  # the ResidentAdapter records it was built from
     used: float
-    entry: object = None  # the scheduler's AdapterEntry (continuous batching)
+    entry: object = None  # the scheduler's StackedAdapter (continuous batching)
 
 
 class Combinations:
@@ -98,7 +91,7 @@ class Combinations:
         for name, _ in parse(model_id):
             if name not in self.host.resident:
                 try:  # an adapter this server could never load: say why, not "load it first"
-                    self.host._prepare(name)
+                    self.host.check_loadable(name)
                 except (ConflictError, InputError) as err:
                     raise type(err)(f"model '{model_id}': {err.message}", exit_code=err.exit_code) from None
                 except NotFoundError:

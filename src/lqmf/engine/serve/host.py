@@ -61,7 +61,7 @@ class ResidentAdapter:
     labels: tuple[str, ...]
     trained_4bit: bool
     loaded: float = field(default_factory=time.time)
-    entry: Any = None  # the scheduler's AdapterEntry (batched serving)
+    entry: Any = None  # the scheduler's StackedAdapter (batched serving)
 
 
 @dataclass
@@ -330,7 +330,7 @@ class ModelHost:
             return self._result("unload", name, "unload", previous, started, [])
 
     def _load_batched(self, adapter: ResidentAdapter) -> str:
-        from lqmf.engine.decode.batched import UnsupportedAdapter
+        from lqmf.engine.lora.stacked import UnsupportedAdapter
 
         try:
             entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)
@@ -359,6 +359,10 @@ class ModelHost:
     def _record_eviction(self, name: str, reason: str) -> None:
         log.warning("adapter '%s' is no longer resident: %s", name, reason)
         self.evictions.append({"adapter": name, "reason": reason, "time": round(time.time(), 3)})
+
+    def check_loadable(self, name: str) -> None:
+        """Raise what loading adapter name here would be refused with (reads nothing heavy)."""
+        self._prepare(name)
 
     def _prepare(self, name: str) -> tuple[ResidentAdapter, list[str]]:
         """Check that an adapter may be served here; read nothing heavy."""

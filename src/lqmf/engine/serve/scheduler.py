@@ -19,7 +19,7 @@ failure of a whole pass (the device) ends every row in it.
 
 Tokens go to each request's own queue; the thread that submitted it turns them into text, checks
 stop strings and cancels (`BatchRequest.cancel`) when it has what it needs. Adapters are
-`AdapterEntry`s owned here; a request holds the entry it was submitted with until it ends, so
+`StackedAdapter`s owned here; a request holds the entry it was submitted with until it ends, so
 replacing or unloading an adapter never changes a request already queued or running.
 """
 
@@ -40,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import LqmfError
-from lqmf.engine.decode.batched import BARRED, AdapterEntry, BatchedDecoder, Step, read_adapter
+from lqmf.engine.decode.batched import BARRED, BatchedDecoder, Step
+from lqmf.engine.lora.stacked import StackedAdapter, read_adapter
 
 log = logging.getLogger("lqmf.serve")
 PREFILL_CHUNK = 512
@@ -58,7 +59,7 @@ class Busy(LqmfError):
 class BatchRequest:
     ids: list[int]
     max_new_tokens: int
-    entry: AdapterEntry | None = None
+    entry: StackedAdapter | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -102,7 +103,7 @@ class Scheduler:
         self.decoder = decoder
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.entries: dict[int, AdapterEntry] = {}
+        self.entries: dict[int, StackedAdapter] = {}
         self._index: dict[int, int] = {}  # entry id -> adapter index in the decoder (0: none)
         self._ids = itertools.count(1)
         self._waiting: collections.deque[BatchRequest] = collections.deque()
@@ -158,11 +159,11 @@ class Scheduler:
         return future.result(timeout)
 
     def add_adapter(self, name: str, path: Path | None, timeout: float | None = None,
-                    weights: Callable[[], dict[str, tuple]] | None = None) -> AdapterEntry:
+                    weights: Callable[[], dict[str, tuple]] | None = None) -> StackedAdapter:
         """Read the adapter at path (or take weights(), e.g. a combination's) into a new entry, on the
         loop thread; it serves new requests at once."""
 
-        def add() -> AdapterEntry:
+        def add() -> StackedAdapter:
             if weights is not None:
                 return self._add_entry(name, path, weights())
             return self._add_entry(name, path, read_adapter(path, self.decoder.projections, self.decoder.device,
@@ -170,14 +171,14 @@ class Scheduler:
 
         return self.call(add, timeout)
 
-    def _add_entry(self, name: str, path: Path | None, weights: dict[str, tuple]) -> AdapterEntry:
+    def _add_entry(self, name: str, path: Path | None, weights: dict[str, tuple]) -> StackedAdapter:
         size = sum(t.numel() * t.element_size() for a, b, _ in weights.values() for t in (a, b))
-        entry = AdapterEntry(next(self._ids), name, path, weights, nbytes=size)
+        entry = StackedAdapter(next(self._ids), name, path, weights, nbytes=size)
         self.entries[entry.id] = entry
         self._restack()
         return entry
 
-    def retire(self, entry: AdapterEntry) -> None:
+    def retire(self, entry: StackedAdapter) -> None:
         """Mark entry unloaded; its weights go once no queued or running request uses it."""
 
         def mark() -> None:

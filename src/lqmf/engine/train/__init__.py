@@ -1,4 +1,4 @@
-"""`lqmf train` and `lqmf tune`: from one resolved config to one registered adapter.
+"""`lqmf train`, `lqmf tune` and `lqmf learn`: from one resolved config to one registered adapter.
 
 - run.py: the training use case (`train`, `TrainingRun`): checks, dry run, launch, registration.
 - recipe.py: `Recipe`, one run's setup, step loop with out-of-memory recovery, evaluation, checkpoints.
@@ -7,5 +7,6 @@
 - offload.py: activation offload to pinned host memory.
 - distributed.py: the multi-GPU launcher and what the ranks exchange; fsdp.py: FSDP-QLoRA.
 - tune.py: the Optuna study over training configs.
+- learn.py: `lqmf learn`, a new adapter version from its users' feedback; kto.py: the KTO loss.
 - learn.py: `lqmf learn`, a new version of an adapter from its users' corrections; kto.py: the KTO loss.
 """

@@ -41,6 +41,7 @@ from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
 from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
+from lqmf.engine.compat import keep_4bit_training_layout, repoint
 from lqmf.engine.loading import (
     LoadedModel,
     compute_dtype,
@@ -262,12 +263,7 @@ def load_base(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared,
                         quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
                         tokenizer=prepared.tokenizer, quant_storage=storage)
     if loaded.quantized and loaded.device == "cpu":
-        # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
-        # in eval mode and never unpacks them for training (its in-place bias add then fails in
-        # backward); our per-epoch evaluation would trigger it, so keep the training layout.
-        for module in loaded.model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_training_layout(loaded.model)  # our per-epoch evaluation would repack the weights
     return loaded
 
 
@@ -306,7 +302,7 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
         raise RuntimeFailure(f"LoRA setup failed for target_modules={targets}: {err}") from None
     for parameter in loaded.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+            repoint(parameter, parameter.data.float())
     if not sharded:
         use_lean_lora(loaded.model)
     return loaded
