@@ -211,6 +211,13 @@ def test_9_compress_prints_no_dataset_progress_bars(cli, adapters_workspace):
     assert "Casting the dataset" not in result.stderr and "%|" not in result.stderr
 
 
+def test_10_an_unknown_task_lists_the_four(cli, workspace):
+    result = cli("train", "minilm", EXAMPLES / "sentiment.csv", "nonsense", "--dry-run")
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: the TASK argument: unknown task 'nonsense'; choose one of chat, instruction_following, "
+        "classification, summarization")
+
+
 def test_10_unknown_options_get_only_close_suggestions(cli, workspace):
     far = cli("adapters", "list", "--bogus")
     assert far.exit_code == 2 and "Possible options" not in far.output and "No such option: --bogus" in far.output

@@ -186,7 +186,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         try:
             value = normalize_task(value)
         except InputError as err:
-            raise InputError(f"{source}: '{key}': {err.message}") from None
+            raise InputError(f"{source}: {err.message}") from None
     elif choices and value not in choices:
         raise InputError(
             f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"

@@ -70,7 +70,8 @@ def resolve_config(workspace: Workspace, values: dict[str, Any], *, resume: str 
         file_values = cfg.read_config_file(staging / STAGED_CONFIG)
     else:
         file_values = cfg.read_config_file(cfg.config_path(workspace.configs_dir, config_name)) if config_name else {}
-    checked = {k: cfg.coerce_value(k, v, f"option for {k}") for k, v in values.items() if v is not None}
+    checked = {k: cfg.coerce_value(k, v, "the TASK argument" if k == "task_type" else f"option for {k}")
+               for k, v in values.items() if v is not None}
     config = cfg.resolve_config(file_values, checked)
     cfg.check_complete(config)
     return config
