@@ -243,10 +243,13 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     elif not micro:
         typer.echo(f"no single change makes it fit in {budget_text}: use a smaller model or a larger GPU")
     serving = report["serving"]
+    fitting = (f"at most {serving['largest_batch']} sequences fit the budget (lqmf serve --max-batch)"
+               if serving["largest_batch"] else f"not even one sequence of {serving['seq_len']} tokens fits "
+               f"the budget ({budget_text})")
     typer.echo(f"serving (lqmf serve): {serving['sequences']} sequences x {serving['seq_len']} tokens ~"
                f"{serving['total']:.2f} GB (weights {serving['weights']:.2f}, adapters {serving['adapters']:.2f}, "
-               f"KV cache {serving['kv_cache']:.2f}, working {serving['working']:.2f}); "
-               f"at most {serving['largest_batch']} sequences fit the budget (lqmf serve --max-batch)")
+               f"KV cache {serving['kv_cache']:.2f}, working {serving['working']:.2f}, allocator slack "
+               f"{serving['allocator_slack']:.2f}, CUDA context {serving['cuda_context']:.2f}); {fitting}")
 
 
 def _print_strategies(gpus: int, strategies: dict[str, Any]) -> None:

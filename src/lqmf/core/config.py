@@ -186,7 +186,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         try:
             value = normalize_task(value)
         except InputError as err:
-            raise InputError(f"{source}: '{key}': {err.message}") from None
+            raise InputError(f"{source}: {err.message}") from None
     elif choices and value not in choices:
         raise InputError(
             f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
@@ -330,10 +330,28 @@ def check_complete(config: TrainConfig) -> None:
     if config.eval_strategy == "steps" and config.eval_steps < 1:
         raise InputError("eval_strategy=steps needs eval_steps of at least 1 (now "
                          f"{config.eval_steps}); set eval_steps or eval_strategy=epoch")
+    fill_task_defaults(config)
+
+
+def fill_task_defaults(config: TrainConfig) -> None:
+    """The learning rates the task decides (when the config names its task)."""
+    if config.task_type is None:
+        return
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATE.get(config.task_type, GENERATIVE_LEARNING_RATE)
     config.head_learning_rate = head_learning_rate(config.task_type, config.learning_rate,
                                                    config.head_learning_rate)
+
+
+def unfilled_note(config: TrainConfig) -> str | None:
+    """What the keys still empty after fill_task_defaults wait for, as one comment line (None: none are)."""
+    waiting = {"learning_rate": "the task (2e-4; 1e-3 for classification)",
+               "gradient_accumulation_steps": "the data set's size (the small-data schedule)",
+               "num_train_epochs": "the data set's size (the small-data schedule)"}
+    empty = [key for key in waiting if getattr(config, key) is None]
+    if not empty:
+        return None
+    return "# chosen when training starts: " + "; ".join(f"{key} from {waiting[key]}" for key in empty)
 
 
 def dump_config(config: TrainConfig) -> str:

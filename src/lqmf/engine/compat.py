@@ -160,3 +160,13 @@ def json_400_http_protocol(error_body: Any) -> type:
             self.transport.close()
 
     return JsonErrorProtocol
+
+
+def no_such_option_error() -> type[Exception]:
+    """The exception Typer's parser raises for an unknown option (Typer vendors click as typer._click, whose
+    NoSuchOption it does not export); its `possibilities` are the options offered in the message."""
+    try:
+        from typer._click.exceptions import NoSuchOption
+    except ImportError:  # a Typer on the plain click package
+        from click.exceptions import NoSuchOption
+    return NoSuchOption

@@ -115,6 +115,7 @@ def split_examples(dataset: TaskDataset, fraction: float, seed: int):
     """Seeded train/validation split through `datasets` (stratified for classification)."""
     from datasets import ClassLabel, Dataset
 
+    quiet_libraries()  # no progress bars from `datasets` (compress and bench split here too)
     table = Dataset.from_list(dataset.examples)
     n = len(table)
     n_val = 0 if fraction <= 0 or n < 4 else max(1, round(n * fraction))
@@ -538,6 +539,23 @@ def read_checkpoint(staging: Path) -> dict[str, Any] | None:
     if not isinstance(state, dict) or not {"optimizer", "scheduler", "progress", "rng"} <= set(state):
         raise InputError(f"{state_file}: not a checkpoint LQMF wrote (missing keys)")
     return {"weights": weights, "state": state}
+
+
+def check_resumable(staging: Path, total_steps: int, max_steps: int) -> None:
+    """Refuse to resume a checkpoint already past this run's last step (it would finish with more steps
+    than asked for); the training state is memory-mapped, not read whole."""
+    import torch
+
+    folder = checkpoint_folder(staging)
+    if folder is None:
+        return
+    try:
+        step = torch.load(folder / TRAINING_STATE, weights_only=True, mmap=True)["progress"]["step"]
+    except Exception:  # noqa: BLE001 - read_checkpoint names what is wrong with it when the run loads it
+        return
+    if step > total_steps:
+        raise InputError(f"the checkpoint in {staging} is at step {step}, past this run's {total_steps} steps "
+                         f"(max_steps {max_steps}): resume with a larger --max-steps, or without it")
 
 
 def apply_weights(model, checkpoint: dict[str, Any]) -> None:

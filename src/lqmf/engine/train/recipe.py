@@ -170,6 +170,7 @@ class Recipe:
                     f"training {'terminated' if signum == signal.SIGTERM else 'interrupted'} after step "
                     f"{self.progress['step']}/{self.total}; checkpoint saved: lqmf train --resume "
                     f"{self.config.job_name} continues it", exit_code=128 + signum))
+        self.evaluate_final_weights()
         return self.finish()
 
     def run_epoch(self) -> None:
@@ -328,9 +329,18 @@ class Recipe:
         if self.prepared.validation and (
             (config.eval_strategy == "steps" and config.eval_steps and step % config.eval_steps == 0)
             or (config.eval_strategy == "epoch" and epoch_done)
-            or (config.eval_strategy != "no" and step == self.total and self.progress["last_eval"] is None)
         ):
             self.progress["last_eval"] = self.evaluate(step, epoch)
+
+    def evaluate_final_weights(self) -> None:
+        """Evaluate the weights about to be saved unless the last evaluation was of exactly these (the
+        manifest's metrics and its improved mark then describe the shipped adapter)."""
+        progress = self.progress
+        last = progress["last_eval"]
+        if self.prepared.validation and self.config.eval_strategy != "no" and (
+                last is None or last["step"] != progress["step"]):
+            epoch = progress["step"] / self.prepared.steps_per_epoch
+            progress["last_eval"] = self.evaluate(progress["step"], epoch)
 
     def evaluate(self, step: int, epoch: float) -> dict[str, Any]:
         """Every rank evaluates the whole held-out split (no exchange needed); on out of memory the
