@@ -80,6 +80,17 @@ class TrainConfig:
     offload_activations: str = _opt(
         "auto", "Keep the checkpointed activations in pinned CPU memory during each step (CUDA, with gradient "
         "checkpointing): auto | on | off; auto: when that lets a larger micro-batch fit the budget", choices=SWITCHES)
+    packing: str = _opt(
+        "auto", "Pack several examples into each sequence of up to max_seq_length tokens, attention kept inside "
+        "each example (causal tasks): auto | on | off; auto: when the examples' mean length is at most half of "
+        "max_seq_length", choices=SWITCHES)
+    tiled_mlp: str = _opt(
+        "auto", "Run each block's MLP over the sequence 2048 tokens at a time, each tile recomputed in backward "
+        "(with gradient checkpointing): auto | on | off; auto: when micro-batch 1 would not fit the budget without",
+        choices=SWITCHES)
+    gpu_memory_cap: str | None = _opt(
+        None, "Cap PyTorch's allocator at this size on each GPU (every process of a multi-GPU run), e.g. 7.3GB to "
+        "behave as an 8 GB card; also the budget when max_memory is not set")
     device: str = _opt("auto", "auto | cpu | cuda | mps", choices=DEVICES)
     gpus: str | None = _opt(None, "Train on this many GPUs, one process each, or all (default: one device)")
     strategy: str = _opt("auto", "With several GPUs: ddp (each GPU holds the 4-bit model) | fsdp (sharded) | "
@@ -239,11 +250,11 @@ def _check_range(key: str, value: Any, source: str) -> None:
             else:
                 wanted = f"greater than {_number(low)} and at most {_number(high)}"
             raise InputError(f"{source}: '{key}' must be {wanted}, got {value!r}")
-    if key == "max_memory" and value is not None:
+    if key in ("max_memory", "gpu_memory_cap") and value is not None:
         try:
             parse_size(value)
         except ValueError as err:
-            raise InputError(f"{source}: 'max_memory': {err}") from None
+            raise InputError(f"{source}: '{key}': {err}") from None
     if key == "gpus" and value is not None and value.strip().lower() != "all":
         if not value.strip().isdigit() or int(value) < 1:
             raise InputError(f"{source}: 'gpus' must be a number of GPUs (at least 1) or all, got {value!r}")

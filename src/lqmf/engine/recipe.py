@@ -35,6 +35,7 @@ from lqmf.engine.memory import (
     reset_peak_memory,
 )
 from lqmf.engine.offload import ActivationOffload
+from lqmf.engine.tiling import TILE_TOKENS, tile_mlps
 
 
 class _StopRequested(Exception):
@@ -72,6 +73,8 @@ class Recipe:
         for note in self.loaded.notes:
             self.events.on_note(note)
         self.model = self.loaded.model  # the PEFT model: what is saved
+        if self.memory.tiled_mlp:
+            tile_mlps(self.model)
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
                       "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
@@ -108,6 +111,12 @@ class Recipe:
             without = " and no FSDP" if memory.strategy == "fsdp" else ""
             self.events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing{without}; not "
                                 f"offloading on {memory.device}")
+        if memory.pack_tokens:
+            self.events.on_note(f"packing on: examples end to end in sequences of up to {memory.pack_tokens} tokens, "
+                                f"attention inside each (packing={config.packing})")
+        if memory.tiled_mlp:
+            self.events.on_note(f"tiled MLP on: each block's MLP runs {TILE_TOKENS} tokens at a time "
+                                f"(tiled_mlp={config.tiled_mlp})")
         if memory.gpus > 1:
             self.events.on_note(f"{memory.strategy} on {memory.gpus} processes: {self.prepared.micro_batch} x "
                                 f"{self.prepared.accumulation} examples each per step")
@@ -218,7 +227,8 @@ class Recipe:
         try:
             loss = steps.forward_backward(self.runner, loss_fn, mine, units, micro, self.loaded.tokenizer.pad_token_id,
                                            self.classification, self.loaded.device, self.offload, passes, rows[:1],
-                                           scale=world if self.sharded else 1)  # FSDP averages over ranks
+                                           scale=world if self.sharded else 1,  # FSDP averages over ranks
+                                           pack_tokens=self.memory.pack_tokens)
         except Exception as err:
             if is_out_of_memory(err):
                 oom = first_line(err)
@@ -398,7 +408,8 @@ class Recipe:
         runtime = {**self.loaded.runtime(), "optimizer": self.optimizer_name, "micro_batch": progress["micro_batch"],
                    "gradient_accumulation": prepared.effective_batch // prepared.world_size // progress["micro_batch"],
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
-                   "offload_activations": self.offload is not None,
+                   "offload_activations": self.offload is not None, "pack_tokens": self.memory.pack_tokens,
+                   "tiled_mlp": self.memory.tiled_mlp,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}
