@@ -418,8 +418,6 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         # gradient for the hidden states (answers x h) waits for backward in the place of the inputs.
         chunk = min(LOSS_CHUNK_TOKENS, answers)
         logits_loss = chunk * V * (4 + (c if c != 4 else 0))
-        if settings.sharded:  # under FSDP checkpointed chunks: log-softmax, its gradient, the logits' gradient
-            logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
     peak = weights + lora_bytes + optimizer + saved + max(working, logits_loss)
     context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else settings.process_baseline
     slack_share = ALLOCATOR_SLACK_OFFLOADED if settings.offloaded else ALLOCATOR_SLACK
@@ -614,21 +612,22 @@ def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int,
                context_counted: bool = True, offload: str = "auto", tiled: str = "off") -> tuple[int, TrainSettings]:
     """(micro-batch, settings) to train with under budget: the largest micro-batch, at most the one
     asked for, that fits and divides the effective batch (0 when even 1 does not); with
-    offload="auto", activations are offloaded when that fits a larger one; then with tiled="auto"
-    the MLP runs in tiles when that fits a larger one still (it costs a recomputation)."""
-    micro = fitting_micro_batch(shape, settings, effective_batch, budget, context_counted)
-    if micro < settings.micro_batch and offload == "auto" and settings.offloadable and not settings.offloaded:
-        offloaded = replace(settings, offload_activations=True)
-        larger = fitting_micro_batch(shape, offloaded, effective_batch, budget, context_counted)
-        if larger > micro:
-            micro, settings = larger, offloaded
-    if (micro < settings.micro_batch and tiled == "auto" and settings.gradient_checkpointing
-            and not settings.tiled and settings.seq_len > MLP_TILE_TOKENS):
-        tiles = replace(settings, tiled_mlp=True)
-        larger = fitting_micro_batch(shape, tiles, effective_batch, budget, context_counted)
-        if larger > micro:
-            micro, settings = larger, tiles
-    return micro, settings
+    offload="auto", activations are offloaded, and with tiled="auto" the MLP runs in tiles (it costs
+    a recomputation), each only when that fits a larger micro-batch than going without."""
+    candidates = [settings]  # cheapest first: the first with the largest micro-batch wins
+    if offload == "auto" and settings.offloadable and not settings.offloaded:
+        candidates.append(replace(settings, offload_activations=True))
+    long_enough = settings.seq_len > MLP_TILE_TOKENS
+    if tiled == "auto" and settings.gradient_checkpointing and not settings.tiled and long_enough:
+        candidates += [replace(candidate, tiled_mlp=True) for candidate in candidates]
+    best, chosen = -1, settings
+    for candidate in candidates:
+        micro = fitting_micro_batch(shape, candidate, effective_batch, budget, context_counted)
+        if micro > best:
+            best, chosen = micro, candidate
+        if best == settings.micro_batch:
+            break
+    return best, chosen
 
 
 def packing_wanted(setting: str, task: str, lengths: list[int], max_seq_length: int) -> bool:

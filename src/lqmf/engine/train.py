@@ -355,8 +355,9 @@ def answer_loss_sum(model, batch) -> Any:
     """Summed cross-entropy over answer tokens, computing logits only where labels are set.
 
     A frozen plain linear head takes engine/loss.py's linear cross-entropy (no logits kept, nothing
-    recomputed); another head (trainable, or under FSDP) checkpointed chunks; architectures that
-    post-process logits their model's own logits.
+    recomputed; under FSDP the root unit's weights are gathered for the whole step, and the head's is
+    read only in forward); another head checkpointed chunks; architectures that post-process logits
+    their model's own logits.
     """
     import torch
     import torch.nn.functional as F
@@ -385,8 +386,7 @@ def answer_loss_sum(model, batch) -> Any:
     mask = labels != data_mod.IGNORE_INDEX
     picked = hidden[:, :-1][mask]
     targets = labels[mask]
-    if (not sharded and type(head) is torch.nn.Linear and head.bias is None
-            and not head.weight.requires_grad):
+    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
         with autocast(device_type):
             return linear_cross_entropy(picked, head.weight, targets)
 
