@@ -110,3 +110,19 @@ def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
     assert compat.stack_4bit(layers[:1]) is None
     other = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="fp4").to("cpu")
     assert compat.stack_4bit([layers[0], other]) is None
+
+
+def test_share_children_keeps_names_and_sees_replacements():
+    import torch
+
+    from lqmf.engine.compat import share_children
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    outer = torch.nn.Module()
+    share_children(outer, inner)
+    parent = torch.nn.Module()
+    parent.block = outer
+    assert list(parent.state_dict()) == ["block.0.weight", "block.0.bias"]
+    replacement = torch.nn.Linear(2, 3)
+    outer.add_module("0", replacement)  # as PEFT's injection does: setattr on the parent it finds
+    assert inner[0] is replacement

@@ -159,18 +159,27 @@ def test_a_13b_model_needs_two_8gb_gpus_with_fsdp(cli, workspace):
 
 
 def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
-    """`lqmf train` with packing on and off (auto packs these short chats): the same losses."""
+    """`lqmf train` with packing on and off (auto packs these short chats): the same losses. The
+    switches that change nothing here (sequences under a tile; fused kernels off the GPU) train the
+    stock curve too, and the run says which ran."""
     run = ["--max-seq-length", "256", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--lr", "5e-3",
-           "--set", "lora_dropout=0", "--set", "validation_split=0", "--set", "eval_at_start=false", "-q", "--json"]
-    curves = {}
-    for packing in ("auto", "off"):
-        result = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", f"pack-{packing}",
-                     *run, "--set", f"packing={packing}")
+           "--set", "lora_dropout=0", "--set", "validation_split=0", "--set", "eval_at_start=false"]
+    variants = {"auto": ["--set", "packing=auto"], "off": ["--set", "packing=off"],
+                "switches": ["--set", "packing=off", "--set", "tiled_mlp=on", "--set", "fused_kernels=on"]}
+    curves, runtimes = {}, {}
+    for name, options in variants.items():
+        result = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", f"pack-{name}",
+                     *run, *options)
         assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout)["runtime"]["pack_tokens"] == (256 if packing == "auto" else 0)
-        lines = (workspace / "adapters" / f"pack-{packing}" / "metrics.jsonl").read_text().splitlines()
-        curves[packing] = [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
+        folder = workspace / "adapters" / f"pack-{name}"
+        runtimes[name] = json.loads((folder / "lqmf.json").read_text())["runtime"]
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        curves[name] = [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
+    assert [runtimes[name]["pack_tokens"] for name in variants] == [256, 0, 0]
+    assert runtimes["switches"]["tiled_mlp"] and runtimes["switches"]["fused_kernels"] is None
+    assert "fused_kernels=on: PyTorch's kernels kept" in result.stderr
     assert len(curves["off"]) == 3 and curves["auto"] == pytest.approx(curves["off"], rel=1e-4)
+    assert curves["switches"] == pytest.approx(curves["off"], rel=1e-5)
 
 
 def test_gpu_memory_cap_is_a_checked_budget(cli, workspace, tiny_model):

@@ -30,6 +30,7 @@ OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("epoch", "steps", "no")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
+ON_OFF = ("off", "on")
 
 
 def _opt(default: Any, help_text: str, **choices: Any) -> Any:
@@ -88,6 +89,9 @@ class TrainConfig:
         "auto", "Run each block's MLP over the sequence 2048 tokens at a time, each tile recomputed in backward "
         "(with gradient checkpointing): auto | on | off; auto: when micro-batch 1 would not fit the budget without",
         choices=SWITCHES)
+    fused_kernels: str = _opt(
+        "off", "liger-kernel's fused RMSNorm and SiLU-multiply in training (CUDA, pip install 'lqmf[kernels]'): "
+        "off | on; elsewhere PyTorch's", choices=ON_OFF)
     gpu_memory_cap: str | None = _opt(
         None, "Cap PyTorch's allocator at this size on each GPU (every process of a multi-GPU run), e.g. 7.3GB to "
         "behave as an 8 GB card; also the budget when max_memory is not set")
@@ -187,7 +191,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         if not value:
             raise InputError(f"{source}: '{key}' must not be an empty list")
     elif kind is str:
-        if isinstance(value, bool) and f.metadata.get("choices") == SWITCHES:  # YAML reads on/off as booleans
+        if isinstance(value, bool) and f.metadata.get("choices") in (SWITCHES, ON_OFF):  # YAML: on/off are booleans
             value = "on" if value else "off"
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise InputError(f"{source}: '{key}' must be text, got {value!r}")

@@ -73,6 +73,9 @@ class Recipe:
         for note in self.loaded.notes:
             self.events.on_note(note)
         self.model = self.loaded.model  # the PEFT model: what is saved
+        self.fused_kernels: dict[str, int] | None = None
+        if self.config.fused_kernels == "on":
+            self._use_fused_kernels()
         if self.memory.tiled_mlp:
             tile_mlps(self.model)
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
@@ -97,6 +100,17 @@ class Recipe:
         self.plan = {**self.prepared.plan(), **self.loaded.runtime(), "optimizer": self.optimizer_name, **counts,
                      "resumed_at_step": self.progress["step"], "memory": self.memory.to_dict()}
         self.events.on_plan(self.plan)
+
+    def _use_fused_kernels(self) -> None:
+        from lqmf.engine import kernels
+
+        reason = kernels.unavailable(self.loaded.device)
+        if reason:
+            self.events.on_note(f"fused_kernels=on: PyTorch's kernels kept: {reason}")
+            return
+        self.fused_kernels = kernels.use_fused_kernels(self.model)
+        self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
+                            f"{self.fused_kernels['swiglu']} SwiGLU")
 
     def _note_plan(self) -> None:
         memory, config = self.memory, self.config
@@ -409,7 +423,7 @@ class Recipe:
                    "gradient_accumulation": prepared.effective_batch // prepared.world_size // progress["micro_batch"],
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
                    "offload_activations": self.offload is not None, "pack_tokens": self.memory.pack_tokens,
-                   "tiled_mlp": self.memory.tiled_mlp,
+                   "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}

@@ -18,6 +18,7 @@ import functools
 from typing import Any
 
 from lqmf.core.memory_plan import MLP_TILE_TOKENS
+from lqmf.engine.compat import share_children
 
 TILE_TOKENS = MLP_TILE_TOKENS
 
@@ -31,7 +32,7 @@ def _module_class():
 
         def __init__(self, mlp: torch.nn.Module, tile: int):
             super().__init__()
-            self._modules = mlp._modules  # the same children: names and adapter keys unchanged
+            share_children(self, mlp)  # the same children: names and adapter keys unchanged
             object.__setattr__(self, "inner", mlp)  # not a child: it would name every layer twice
             self.tile = tile
 
