@@ -199,6 +199,13 @@ def sweep(seqs: list[int], micro_batches: list[int], measure, out: str, filename
     return results
 
 
+def variant_spec(text: str) -> tuple[str, str, list[str]]:
+    """NAME=SRC[@OPTIONS] -> (name, src folder, more lqmf train options)."""
+    label, _, rest = text.partition("=")
+    source, _, options = rest.partition("@")
+    return label, source, options.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seq", type=int, nargs="*", default=[512, 2048])
@@ -207,28 +214,32 @@ def main() -> None:
     parser.add_argument("--extra", default="", help="more lqmf train options, space separated")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run (lqmf train --gpus)")
     parser.add_argument("--strategies", nargs="+", default=["auto"], help="with --gpus above 1: ddp fsdp auto")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SRC",
-                        help="run LQMF from this src folder too, under this name (repeat: side by side)")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SRC[@OPTIONS]",
+                        help="run LQMF from this src folder too, under this name, with these more lqmf train "
+                        "options (space separated) after @ (repeat: side by side)")
     parser.add_argument("--cap-gib", type=float, default=None,
                         help="cap each lqmf train process's CUDA allocator at this many GiB (7.3: an 8 GB card)")
     parser.add_argument("--long-probe", type=int, default=0, metavar="TOKENS",
                         help="also train 3 steps of one sequence of this many tokens (micro-batch 1), each variant")
+    parser.add_argument("--long-probe-for", nargs="*", default=None, metavar="NAME",
+                        help="the variants that run the long probe (default: all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
     ensure_model()
-    variants = [tuple(v.split("=", 1)) for v in args.variant] or [("lqmf", None)]
+    variants = [variant_spec(v) for v in args.variant] or [("lqmf", None, [])]
     layouts = [(gpus, strategy) for gpus in args.gpus for strategy in (args.strategies if gpus > 1 else ["single"])]
-    for label, source in variants:
+    for label, source, options in variants:
+        extra = [*args.extra.split(), *options]
         for gpus, strategy in layouts:
             suffix = "" if layouts == [(1, "single")] else f"_{gpus}gpu_{strategy}"
             prefix = "" if label == "lqmf" else f"_{label}"
             sweep(args.seq, args.micro_batch,
-                  lambda seq, micro, g=gpus, s=strategy, lb=label, src=source: run(
-                      seq, micro, args.steps, args.extra.split(), g, s, src, args.cap_gib, lb),
+                  lambda seq, micro, g=gpus, s=strategy, lb=label, src=source, ex=extra: run(
+                      seq, micro, args.steps, ex, g, s, src, args.cap_gib, lb),
                   args.out, f"lqmf_train{prefix}{suffix}.json")
-        if args.long_probe:
-            sweep([args.long_probe], [1], lambda seq, _micro, lb=label, src=source: long_probe(
-                seq, args.extra.split(), src, args.cap_gib, lb), args.out, f"lqmf_long{prefix}.json")
+        if args.long_probe and (args.long_probe_for is None or label in args.long_probe_for):
+            sweep([args.long_probe], [1], lambda seq, _micro, lb=label, src=source, ex=extra: long_probe(
+                seq, ex, src, args.cap_gib, lb), args.out, f"lqmf_long{prefix}.json")
 
 
 if __name__ == "__main__":

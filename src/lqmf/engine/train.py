@@ -608,18 +608,17 @@ def forward_backward(model, loss_fn, rows, units, micro, pad, classification, de
 
     The gradients are of the loss summed over rows divided by units, times scale. With passes, at least that many
     micro-batches run: the ones past rows run filler (one example) at weight 0, so that every FSDP
-    rank joins the same number of gathers. With pack_tokens, the rows are packed into sequences of at
-    most that many tokens first (data.pack), and a micro-batch is micro such sequences.
+    rank joins the same number of gathers. With pack_tokens, each micro-batch's rows are packed into
+    sequences of at most that many tokens (data.pack) instead of padded rows.
     """
     import contextlib
 
     import torch
 
     total = torch.zeros((), device=device)
-    if pack_tokens:
-        groups = data_mod.pack(rows, pack_tokens)
-        batches = [(data_mod.collate_packed(groups[start: start + micro], pad), 1.0)
-                   for start in range(0, len(groups), micro)]
+    if pack_tokens:  # each micro-batch's examples in as few sequences as fit, without padding between them
+        batches = [(data_mod.collate_packed(data_mod.pack(rows[start: start + micro], pack_tokens), pad), 1.0)
+                   for start in range(0, len(rows), micro)]
     else:
         batches = [(data_mod.collate(rows[start: start + micro], pad, classification), 1.0)
                    for start in range(0, len(rows), micro)]
