@@ -8,7 +8,7 @@ STAMP := $(VENV)/.lqmf-installed
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 DEMO := build/demo
 
-.PHONY: setup test lint format demo bench-registry clean
+.PHONY: setup test lint format demo bench-registry clean gpu-check
 
 setup: $(STAMP)
 
@@ -35,3 +35,7 @@ bench-registry: setup
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
+
+# The GPU check (tests/gpu/, skipped without CUDA): the fast path against stock PEFT on a 4-bit model.
+gpu-check: setup
+	PATH=$(VENV)/bin:$$PATH bash benchmarks/gpu_check.sh

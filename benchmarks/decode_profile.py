@@ -11,7 +11,7 @@ each LoRA execution variant:
   - times the prompt (eager) up to the first token, the median of 10.
 
 Variants: `side-triton` is what ships (the lean forward's LoRA products on a side stream, by the
-Triton kernels of engine/lora_kernels.py, q_proj computing k/v's and passing theirs as their 4-bit
+Triton kernels of engine/lora/kernels.py, q_proj computing k/v's and passing theirs as their 4-bit
 GEMV's bias; the decoder's attention backends); `inline-*` runs the products on the main stream,
 `*-cublas` with cuBLAS GEMMs, `*-cudnn` lets SDPA use cuDNN; `peft` is PEFT's own LoRA forward.
 For the lean variants it also compares one eager decode step's logits with PEFT's forward. Run on
@@ -72,7 +72,7 @@ def eager_profile(decoder, top: int) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from lqmf.engine.fastgen import adapter_key
+    from lqmf.engine.lora.lean import adapter_key
 
     key = adapter_key(decoder.lora_layers)
     with torch.inference_mode():
@@ -119,7 +119,7 @@ def lean_vs_peft(model, decoder) -> dict[str, Any]:
     """One eager decode step with the lean LoRA forward and with PEFT's own: how far their logits are apart."""
     import torch
 
-    from lqmf.engine.fastgen import adapter_key
+    from lqmf.engine.lora.lean import adapter_key
 
     key = adapter_key(decoder.lora_layers)
     with torch.inference_mode():
@@ -150,8 +150,8 @@ def main() -> None:
     args = parser.parse_args()
     from lqmf.core.workspace import Workspace
     from lqmf.engine import inference
-    from lqmf.engine.fastgen import adapter_key, lean_state
-    from lqmf.engine.host import BatchSettings, ModelHost
+    from lqmf.engine.lora.lean import adapter_key, lean_state
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     ensure_model()
     workspace = Workspace(Path(tempfile.mkdtemp(prefix="lqmf-profile-")))

@@ -9,7 +9,7 @@ ways differ in where they run and how they reach the outputs:
   - side_all_then_add: on a side stream beside q/k/v's base products, then one add per projection;
   - side_add_each: the same, each projection adding its part right after its base product;
   - side_bias_kv: on a side stream beside q's base product; k's and v's base GEMVs take theirs as
-    bias, and only q and o need an add (what engine/fastgen.py does);
+    bias, and only q and o need an add (what engine/lora/lean.py does);
   - inline_add / inline_bias: on the main stream, then adds / as the base GEMVs' bias.
 
 A model-free first look at the choices that benchmarks/decode_profile.py then measures in the real

@@ -195,7 +195,7 @@ def http_swaps(host, workspace, names: list[str], repeats: int, new_tokens: int,
     import uvicorn
 
     from lqmf.core.serving import notify_server, server_url
-    from lqmf.engine.server import bind_socket, create_app
+    from lqmf.engine.serve.server import bind_socket, create_app
 
     sock = bind_socket("127.0.0.1", 0)
     url = server_url("127.0.0.1", sock.getsockname()[1])
@@ -265,8 +265,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     from lqmf.core.models import ModelCatalogue
     from lqmf.core.workspace import Workspace
-    from lqmf.engine.host import BatchSettings, ModelHost
     from lqmf.engine.loading import quiet_libraries, select_device
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     quiet_libraries()
     if args.threads:

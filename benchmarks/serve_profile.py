@@ -1,7 +1,7 @@
 """Where a batched decode step of `lqmf serve` spends its time on the GPU (diagnostic, not a test).
 
 Loads the 4-bit Mistral-7B-shaped model of benchmarks/gpu_train_bench.py in the real model host
-(engine/host.py, continuous batching, three random r=16 q/k/v/o adapters resident) and measures:
+(engine/serve/host.py, continuous batching, three random r=16 q/k/v/o adapters resident) and measures:
 
 - per batch bucket: whether the decode step's CUDA graph is captured, the capture time, the GPU
   time of one replay (CUDA events), the wall time of one `decode()` call as the scheduler makes it
@@ -153,7 +153,7 @@ def prefill_figures(decoder) -> dict[str, Any]:
 
 def scheduler_load(scheduler, entries, clients: int, rounds: int = 2, new_tokens: int = 128) -> dict[str, Any]:
     """clients threads, each submitting rounds requests one after another; where the loop's time goes."""
-    from lqmf.engine.scheduler import BatchRequest
+    from lqmf.engine.serve.scheduler import BatchRequest
 
     spent = {"prefill": 0.0, "decode": 0.0}
     widths: dict[int, int] = {}
@@ -212,8 +212,8 @@ def main() -> None:
     import torch
 
     from lqmf.core.workspace import Workspace
-    from lqmf.engine.host import BatchSettings, ModelHost
     from lqmf.engine.loading import quiet_libraries
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     quiet_libraries()
     ensure_model()

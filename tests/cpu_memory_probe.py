@@ -48,8 +48,8 @@ def measure(case: dict, root: Path) -> dict:
     from lqmf.core.models import ModelCatalogue
     from lqmf.core.workspace import Workspace
     from lqmf.engine import data as data_mod
-    from lqmf.engine import train as engine
     from lqmf.engine.tiny import build_tokenizer
+    from lqmf.engine.train import loop as engine
 
     path = root / f"llama-{case['hidden']}-{case['vocab']}"
     if not path.exists():

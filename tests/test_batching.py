@@ -1,4 +1,4 @@
-"""Continuous batching (engine/batched.py, engine/scheduler.py, ModelHost): many requests at once,
+"""Continuous batching (engine/decode/batched.py, engine/serve/scheduler.py, ModelHost): many requests at once,
 each with its own adapter, give what each gives alone; swaps never change a request in flight."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
-from lqmf.engine.host import BatchSettings, ModelHost
+from lqmf.engine.serve.host import BatchSettings, ModelHost
 
 PROMPTS = ["How do I return an item?", "Where is my order?", "Translate to French: good morning",
            "Summarize: shipping takes 3 to 5 days.", "What is AI?", "hello"]
@@ -188,7 +188,7 @@ def test_least_recently_used_adapter_is_evicted_and_reported(trained_workspace):
 
 
 def test_full_queue_is_refused_and_a_cancelled_request_frees_its_row(trained_workspace):
-    from lqmf.engine.scheduler import Busy
+    from lqmf.engine.serve.scheduler import Busy
 
     host = ModelHost.start(Workspace(trained_workspace), adapters=["chat-a"],
                            batching=BatchSettings(max_batch=1, max_queue=1))
@@ -238,7 +238,7 @@ def test_lqmf_fast_0_serves_with_stock_peft_and_generate_alike(trained_workspace
 def test_full_server_answers_429_with_retry_after(trained_workspace):
     from fastapi.testclient import TestClient
 
-    from lqmf.engine.server import create_app
+    from lqmf.engine.serve.server import create_app
 
     host = ModelHost.start(Workspace(trained_workspace), adapters=["chat-a"],
                            batching=BatchSettings(max_batch=1, max_queue=1))
@@ -317,7 +317,7 @@ def test_prompts_read_together_give_what_each_gives_alone(host):
 
 def test_rows_below_min_new_tokens_never_end_early(host):
     """A greedy row below its min_new_tokens never picks an end-of-text token, batched with other rows."""
-    from lqmf.engine.scheduler import BatchRequest
+    from lqmf.engine.serve.scheduler import BatchRequest
 
     ids = inference.prompt_ids(host.model, PROMPTS[0])
 

@@ -1,4 +1,4 @@
-"""The static-cache decoder (engine/fastgen.py) and in-place adapter swaps give what HF generate gives.
+"""The static-cache decoder (engine/lora/lean.py) and in-place adapter swaps give what HF generate gives.
 
 On the CPU the decoder runs its one-token step eagerly (CUDA graphs are measured on a GPU,
 docs/performance.md); the static cache, the additive mask, lean LoRA layers, streaming, stop
@@ -10,7 +10,8 @@ import pytest
 
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
-from lqmf.engine.fastgen import StaticDecoder, adapter_key, cache_size_for, lean_state, uses_lean_forward
+from lqmf.engine.decode.static import StaticDecoder, cache_size_for
+from lqmf.engine.lora.lean import adapter_key, lean_state, uses_lean_forward
 
 NEW = 12
 
@@ -104,7 +105,7 @@ def test_lean_lora_trains_like_peft():
     """Same loss and LoRA gradients as PEFT's own forward, dropout included (same random masks)."""
     import torch
 
-    from lqmf.engine.fastgen import use_lean_lora
+    from lqmf.engine.lora.lean import use_lean_lora
     from tests.test_offload import _gradients, _lora_model
 
     ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -127,15 +128,15 @@ def test_lean_inference_matches_peft(monkeypatch):
     """Fused q/k/v or not (members scaled apart), prompt or one row: PEFT's logits, one product per group."""
     import torch
 
-    from lqmf.engine import fastgen
+    from lqmf.engine.lora import lean
     from tests.test_offload import _lora_model
 
     ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(1))
     peft_model, lean_model = _lora_model().eval(), _lora_model(lean=True).eval()
-    fastgen.use_lean_lora(lean_model, torch.float32)
+    lean.use_lean_lora(lean_model, torch.float32)
     calls = []
-    group_products = fastgen._group_products
-    monkeypatch.setattr(fastgen, "_group_products", lambda *args: calls.append(args[0]) or group_products(*args))
+    group_products = lean._group_products
+    monkeypatch.setattr(lean, "_group_products", lambda *args: calls.append(args[0]) or group_products(*args))
     for scale_k in (1.0, 3.0):
         for model in (peft_model, lean_model):
             for name, module in model.named_modules():

@@ -1,5 +1,5 @@
-"""Long sequences on small GPUs, checked on the CPU: the loss without the logits (engine/loss.py),
-packing without cross-contamination (data.pack / collate_packed), the tiled MLP (engine/tiling.py),
+"""Long sequences on small GPUs, checked on the CPU: the loss without the logits (engine/train/loss.py),
+packing without cross-contamination (data.pack / collate_packed), the tiled MLP (engine/train/blocks.py),
 the LoRA dropout recomputed in backward, and what `lqmf plan` makes of them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import json
 import pytest
 
 from lqmf.engine import data as data_mod
-from lqmf.engine import train as engine
-from lqmf.engine.loss import linear_cross_entropy
+from lqmf.engine.train import loop as engine
+from lqmf.engine.train.loss import linear_cross_entropy
 from tests.conftest import EXAMPLES
 from tests.test_offload import _lora_model
 
@@ -113,7 +113,7 @@ def test_packed_examples_give_the_unpacked_loss_and_gradients():
 def test_tiled_mlp_keeps_names_loss_and_gradients():
     import torch
 
-    from lqmf.engine.tiling import tile_mlps
+    from lqmf.engine.train.blocks import tile_mlps
 
     model = _lora_model(lean=True)  # dropout on: the checkpointed tiles replay the same masks
     batch = data_mod.collate(_rows([30, 23]), pad_id=0, classification=False)
@@ -184,7 +184,7 @@ def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
 
 def test_gpu_memory_cap_is_a_checked_budget(cli, workspace, tiny_model):
     from lqmf.core.memory_plan import GiB
-    from lqmf.engine.memory import cap_allocator, memory_budget
+    from lqmf.engine.train.memory import cap_allocator, memory_budget
 
     assert memory_budget(None, "cuda", "7.3GB") == (int(7.3 * GiB), "gpu_memory_cap", False)
     assert memory_budget("6GB", "cuda", "7.3GB")[1] == "max_memory"

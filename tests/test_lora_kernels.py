@@ -1,4 +1,4 @@
-"""The Triton LoRA kernels (engine/lora_kernels.py), run by Triton's interpreter on the CPU."""
+"""The Triton LoRA kernels (engine/lora/kernels.py), run by Triton's interpreter on the CPU."""
 
 import pytest
 
@@ -8,7 +8,7 @@ pytest.importorskip("triton")
 @pytest.fixture
 def interpreted(monkeypatch):
     """The kernels, run on the CPU by Triton's interpreter (conftest.py sets TRITON_INTERPRET)."""
-    from lqmf.engine import lora_kernels
+    from lqmf.engine.lora import kernels as lora_kernels
 
     monkeypatch.setattr(lora_kernels, "OFF_GPU", True)
     return lora_kernels
@@ -50,7 +50,7 @@ def test_lean_decode_step_with_kernels_matches_peft(interpreted):
     """One-row forwards through the lean layers (fused q/k/v, the kernels) give PEFT's logits."""
     import torch
 
-    from lqmf.engine.fastgen import use_lean_lora
+    from lqmf.engine.lora.lean import use_lean_lora
     from tests.test_offload import _lora_model
 
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(2))

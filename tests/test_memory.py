@@ -139,7 +139,7 @@ def test_oom_in_the_loop_halves_the_micro_batch_and_redoes_the_step(cli, workspa
     import torch
     from safetensors.torch import load_file
 
-    from lqmf.engine import train as engine
+    from lqmf.engine.train import loop as engine
 
     args = ["train", tiny_model, CHAT, "chat", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3",
             *FAST, "--set", "lora_dropout=0", *UNPACKED]
@@ -166,7 +166,7 @@ def test_oom_in_the_loop_halves_the_micro_batch_and_redoes_the_step(cli, workspa
 
 
 def test_oom_at_micro_batch_one_stops_with_a_checkpoint(cli, workspace, tiny_model, monkeypatch):
-    from lqmf.engine import train as engine
+    from lqmf.engine.train import loop as engine
 
     _run_out_of_memory(engine, monkeypatch, lambda n, size: n > 2)  # step 1 (calls 1-2) fits, then nothing
     result = cli("train", tiny_model, CHAT, "chat", "--name", "starved", "--batch-size", "4", "--grad-accum", "2",
@@ -182,7 +182,7 @@ def test_oom_at_micro_batch_one_stops_with_a_checkpoint(cli, workspace, tiny_mod
 
 def _tiny_estimates(cli, tiny_model: Path, workspace: Path, **changes) -> dict[int, int]:
     """Estimated totals of the tiny model at micro-batches 1..4 for the sample chat set on the CPU."""
-    from lqmf.engine.memory import process_baseline_bytes
+    from lqmf.engine.train.memory import process_baseline_bytes
 
     plan = json.loads(cli("train", tiny_model, CHAT, "chat", "--dry-run", "--json", *FAST, *UNPACKED).stdout)
     resolved = ModelCatalogue(Workspace(workspace)).resolve(str(tiny_model))

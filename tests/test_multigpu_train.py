@@ -70,7 +70,7 @@ def test_two_processes_match_one_and_resume(cli, run_lqmf, workspace, tiny_model
 
 def test_train_from_python(workspace, tiny_model):
     from lqmf import train
-    from lqmf.engine.train import Events
+    from lqmf.engine.train.loop import Events
 
     seen = []
 

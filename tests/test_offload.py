@@ -1,4 +1,4 @@
-"""Activation offload (engine/offload.py) and its place in memory planning.
+"""Activation offload (engine/train/offload.py) and its place in memory planning.
 
 The CUDA copies themselves are measured on a GPU (docs/performance.md); here the saved-tensor
 bookkeeping runs on the CPU, where the hook keeps host clones, against a checkpointed LoRA model."""
@@ -18,17 +18,17 @@ from lqmf.core.memory_plan import (
     largest_micro_batch,
     what_would_fit,
 )
-from lqmf.engine.offload import ActivationOffload
+from lqmf.engine.train.offload import ActivationOffload
 from tests.test_memory import MISTRAL_7B
 
 
 def _lora_model(lean: bool = False):
-    """A tiny Llama with r=4 LoRA on q/k/v/o; lean: of our LoRA layer classes (fastgen.build_lean_layers)."""
+    """A tiny Llama with r=4 LoRA on q/k/v/o; lean: of our LoRA layer classes (lora.lean.build_lean_layers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lqmf.engine.fastgen import build_lean_layers
+    from lqmf.engine.lora.lean import build_lean_layers
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

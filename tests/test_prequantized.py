@@ -80,8 +80,8 @@ def test_adapter_on_a_prequantized_base_trains_answers_and_benchmarks(trained_on
 def test_serves_on_a_prequantized_base(trained_on_4bit):
     from fastapi.testclient import TestClient
 
-    from lqmf.engine.host import ModelHost
-    from lqmf.engine.server import create_app
+    from lqmf.engine.serve.host import ModelHost
+    from lqmf.engine.serve.server import create_app
 
     host = ModelHost.start(Workspace(trained_on_4bit), adapters=["pq"], device="cpu")
     assert host.describe()["quantized_4bit"]

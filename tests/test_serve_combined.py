@@ -7,9 +7,10 @@ from fastapi.testclient import TestClient
 
 from lqmf.core.errors import InputError
 from lqmf.core.workspace import Workspace
-from lqmf.engine import combined, inference
-from lqmf.engine.host import BatchSettings, ModelHost
-from lqmf.engine.server import create_app
+from lqmf.engine import inference
+from lqmf.engine.serve import combinations as combined
+from lqmf.engine.serve.host import BatchSettings, ModelHost
+from lqmf.engine.serve.server import create_app
 from tests.test_adapters import out_json
 
 PROMPT = "How do I return an item?"

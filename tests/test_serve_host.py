@@ -14,8 +14,8 @@ from lqmf.core.errors import ConflictError
 from lqmf.core.registry import file_inventory
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
-from lqmf.engine.host import ModelHost
-from lqmf.engine.server import create_app
+from lqmf.engine.serve.host import ModelHost
+from lqmf.engine.serve.server import create_app
 
 PROMPT = "How do I return an item?"
 

@@ -32,7 +32,7 @@ pruner: {startup_trials: 1}
 
 
 def test_study_prunes_registers_the_best_and_resumes(cli, workspace, tiny_model, monkeypatch):
-    from lqmf.engine import train as trainer
+    from lqmf.engine.train import loop as trainer
 
     loads = []
     real_load = trainer.load_model

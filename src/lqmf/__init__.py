@@ -11,7 +11,16 @@ from typing import Any
 __version__ = "0.1.0"
 __all__ = ["MemoryOptimizer", "TrainResult", "__version__", "train"]
 
-_LAZY = {"MemoryOptimizer": "lqmf.memory", "train": "lqmf.engine.service", "TrainResult": "lqmf.engine.service"}
+_LAZY = {"MemoryOptimizer": "lqmf.memory", "TrainResult": "lqmf.engine.train.run"}
+RANK_ENTRY = "lqmf.cli.rank"  # what each process of a multi-GPU run starts as (`python -m`)
+
+
+def train(config: Any, workspace: Any = None, **options: Any) -> Any:
+    """Train a LoRA/QLoRA adapter and register it (lqmf.engine.train.run.train); returns its TrainResult."""
+    from lqmf.engine.train.run import train as train_run
+
+    options.setdefault("rank_entry", RANK_ENTRY)
+    return train_run(config, workspace, **options)
 
 
 def __getattr__(name: str) -> Any:

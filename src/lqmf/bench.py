@@ -44,7 +44,7 @@ class BenchmarkAgent:
         (result["via"] == "server") unless local=True.
         """
         from lqmf.core.serving import server_with_adapter
-        from lqmf.engine.bench import benchmark
+        from lqmf.engine.evaluation import benchmark
 
         served = None if local else server_with_adapter(self.workspace, adapter)
         return benchmark(self.workspace, adapter, prompts_file, base=base, eval_file=eval_file,

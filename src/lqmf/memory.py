@@ -43,7 +43,7 @@ from lqmf.core.memory_plan import (
 )
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.workspace import Workspace
-from lqmf.engine.memory import PROC_CLEAR_REFS, memory_in_use_gb, peak_memory_gb, reset_peak_memory
+from lqmf.engine.train.memory import PROC_CLEAR_REFS, memory_in_use_gb, peak_memory_gb, reset_peak_memory
 
 log = logging.getLogger("lqmf.memory")
 SAMPLE_INTERVAL_S = 0.005

@@ -15,7 +15,7 @@ def warm_imports():
     import peft  # noqa: F401
     import transformers.optimization  # noqa: F401
 
-    from lqmf.engine import export, inference, train  # noqa: F401
+    from lqmf.engine.train import loop as train  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -53,8 +53,8 @@ BODIES = [
 @pytest.fixture(scope="module")
 def served(trained_once, tmp_path_factory):
     from lqmf.core.workspace import Workspace
-    from lqmf.engine.host import ModelHost
-    from lqmf.engine.server import create_app
+    from lqmf.engine.serve.host import ModelHost
+    from lqmf.engine.serve.server import create_app
 
     root = tmp_path_factory.mktemp("served") / "ws"
     shutil.copytree(trained_once, root)
@@ -84,7 +84,7 @@ def test_bad_body(served, path, body, status):
 def test_corrupt_adapter_is_refused_at_start(served):
     from lqmf.core.errors import InputError
     from lqmf.core.workspace import Workspace
-    from lqmf.engine.host import ModelHost
+    from lqmf.engine.serve.host import ModelHost
 
     root, _ = served
     with pytest.raises(InputError, match="adapter 'bad' is corrupt"):

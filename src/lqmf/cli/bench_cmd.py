@@ -56,7 +56,7 @@ def run(
     served = running_server_for(ws, adapter, local, "benchmarking")
     show_phases(ctx, not json_output)
     importing()
-    from lqmf.engine.bench import benchmark
+    from lqmf.engine.evaluation import benchmark
 
     result = benchmark(ws, adapter, prompts_file, base=base, eval_file=eval_file, eval_limit=eval_limit,
                        max_new_tokens=max_new_tokens, warmup=warmup, device=device,

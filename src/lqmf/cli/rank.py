@@ -1,5 +1,5 @@
 """One rank of a multi-GPU `lqmf train`: `python -m lqmf.cli.rank REQUEST.json`, started by the launcher
-(engine/distributed.py) once per GPU. It runs the same training service as `lqmf train`."""
+(engine/train/distributed.py) once per GPU. It runs the same training service as `lqmf train`."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def rank(request: str = typer.Argument(..., help="The launcher's request file.")
     import json
     from pathlib import Path
 
-    from lqmf.engine.service import run_launch_request
+    from lqmf.engine.train.run import run_launch_request
 
     quiet = json.loads(Path(request).read_text()).get("quiet", False)
     try:

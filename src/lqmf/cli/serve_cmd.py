@@ -112,11 +112,11 @@ def serve(
     show_phases(ctx, not json_output)
     importing()
     try:
-        from lqmf.engine import server as server_mod
+        from lqmf.engine.serve import server as server_mod
     except ImportError as err:
         raise InputError(f"lqmf serve needs FastAPI and uvicorn ({err.name} is missing): "
                          "pip install 'lqmf[serve]'") from None
-    from lqmf.engine.host import BatchSettings, ModelHost
+    from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     sock = server_mod.bind_socket(host, port)
     try:

@@ -69,7 +69,7 @@ def status(
         "serve": running_servers(ws),
     }
     if gpu:
-        from lqmf.engine.memory import torch_gpu_details
+        from lqmf.engine.train.memory import torch_gpu_details
 
         report["torch"] = torch_gpu_details()
     if json_output:

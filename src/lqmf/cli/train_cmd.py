@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 
+from lqmf import RANK_ENTRY
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import human_duration, human_size, info, print_json
 from lqmf.cli.phases import importing, show_phases
@@ -127,7 +128,7 @@ def train(
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
     """Fine-tune a LoRA/QLoRA adapter and register it under adapters/NAME."""
-    from lqmf.engine import service
+    from lqmf.engine.train import run as service
 
     ws = workspace(ctx, workspace_dir)
     show_phases(ctx, not (quiet or json_output))
@@ -143,7 +144,8 @@ def train(
                                     config_name=config_name)
     importing()
     printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
-    result = service.train(config, ws, resume=bool(resume), force=force, dry_run=dry_run, events=printer)
+    result = service.train(config, ws, resume=bool(resume), force=force, dry_run=dry_run, events=printer,
+                           rank_entry=RANK_ENTRY)
     if result.path is None:  # a dry run, or a rank other than 0 of a run launched from outside LQMF
         if dry_run and json_output:
             print_json(result.plan)

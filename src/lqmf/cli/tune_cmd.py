@@ -62,8 +62,8 @@ def tune(
     weak trials early on the validation metric). The study lives in tune/NAME/study.db; the best config is
     saved as configs/NAME-best.yaml (lqmf train --config NAME-best)."""
     from lqmf.core.derived import Gate
-    from lqmf.engine.tune import TuneRequest
-    from lqmf.engine.tune import tune as run_tune
+    from lqmf.engine.train.tune import TuneRequest
+    from lqmf.engine.train.tune import tune as run_tune
 
     require("optuna", "optuna", "tune")
     ws = workspace(ctx, workspace_dir)

@@ -2,7 +2,7 @@
 
 `lqmf bench` writes one JSON file per run under benchmarks/<adapter>/<timestamp>.json; this
 module reads and writes them and turns them into tables. Running models is the engine's part
-(engine/bench.py); nothing here imports torch.
+(engine/evaluation.py); nothing here imports torch.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Peak training memory from a model's config.json alone, before any weights load.
 
-The estimate follows what LQMF's own training loop (engine/train.py) allocates, term by term: on
+The estimate follows what LQMF's own training loop (engine/train/loop.py) allocates, term by term: on
 CUDA the frozen base stays in its load dtype (bf16; 4-bit NF4 for the blocks' linear layers), LoRA
 weights and their gradients are fp32, and forward passes run under bf16 autocast; on the CPU
 everything is fp32. The formulas are written out in docs/memory.md. Sizes are in bytes; "GB" in
@@ -47,13 +47,13 @@ NF4_PACKED_BYTES_PER_PARAM = 0.5  # what FSDP shards of a 4-bit weight; the cons
 # when it fits the per-GPU budget, else fsdp.
 STRATEGIES = ("auto", "ddp", "fsdp")
 FSDP_GATHERED_BLOCKS = 2
-# engine/loss.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
+# engine/train/loss.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
 LOSS_CHUNK_TOKENS = 1024
-# engine/tiling.py runs a block's MLP over this many tokens at a time (TILE_TOKENS).
+# engine/train/blocks.py runs a block's MLP over this many tokens at a time (TILE_TOKENS).
 MLP_TILE_TOKENS = 2048
 # packing=auto packs when the training examples' mean length is at most this share of max_seq_length.
 PACKING_MAX_MEAN_SHARE = 0.5
-# With activation offload, block inputs on the device at once (engine/offload.py).
+# With activation offload, block inputs on the device at once (engine/train/offload.py).
 OFFLOAD_IN_FLIGHT = 3
 # What CUDA itself holds outside PyTorch's allocator (driver context, kernels, cuBLAS handles).
 CUDA_CONTEXT_BYTES = int(0.5 * GiB)
@@ -206,10 +206,10 @@ class TrainSettings:
     num_labels: int = 2
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
-    offload_activations: bool = False  # checkpointed activations wait in host memory (engine/offload.py)
+    offload_activations: bool = False  # checkpointed activations wait in host memory (engine/train/offload.py)
     # Packing (engine/data.py: pack): examples end to end in sequences of up to this many tokens; 0: off.
     pack_tokens: int = 0
-    tiled_mlp: bool = False  # the MLP runs TILE_TOKENS at a time, each tile checkpointed (engine/tiling.py)
+    tiled_mlp: bool = False  # the MLP runs TILE_TOKENS at a time, each tile checkpointed (engine/train/blocks.py)
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -313,7 +313,7 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     Frozen linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms
     keep an fp32 copy of their input when activations are not fp32. Each LoRA layer keeps its
     r-wide intermediate and its input, once per distinct input: LQMF's LoRA forward recomputes the
-    dropout in backward (engine/fastgen.py: _low_rank). Under FSDP (PEFT's forward) each LoRA layer
+    dropout in backward (engine/lora/lean.py: _low_rank). Under FSDP (PEFT's forward) each LoRA layer
     keeps its dropout output and mask (bool on CUDA, a full-size float on the CPU) instead.
     """
     h, inter, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
@@ -413,7 +413,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         # The answer tokens' hidden states, gathered for the chunked loss (all tokens, at worst).
         answers = b * max(s - 1, 1)
         saved += 0 if settings.offloaded else answers * h * act
-        # engine/loss.py: per chunk its fp32 logits, turned into the softmax's gradient in place, and
+        # engine/train/loss.py: per chunk its fp32 logits, turned into the softmax's gradient in place, and
         # under bf16 one bf16 copy (the head's output, then the gradient fed to the matmul); the
         # gradient for the hidden states (answers x h) waits for backward in the place of the inputs.
         chunk = min(LOSS_CHUNK_TOKENS, answers)
@@ -443,7 +443,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
 
 # ----------------------------------------------------------------------------- serving
 
-# engine/scheduler.py prefills a long prompt this many tokens at a time.
+# engine/serve/scheduler.py prefills a long prompt this many tokens at a time.
 PREFILL_CHUNK_TOKENS = 512
 MAX_SERVING_BATCH = 256
 
@@ -471,7 +471,7 @@ class ServingEstimate:
 def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantize_4bit: bool, device: str,
                      adapters: int = 1, lora_r: int = 16, target_modules: tuple[str, ...] | None = None
                      ) -> ServingEstimate:
-    """What serving shape needs for `sequences` sequences of up to `seq_len` tokens each (engine/batched.py):
+    """What serving shape needs for `sequences` sequences of up to `seq_len` tokens each (engine/decode/batched.py):
 
     weights (4-bit block linears or not) + adapters (r x (in + out) per targeted linear, compute
     dtype) + KV cache (keys and values, every layer, seq_len + 1 positions per sequence) + the

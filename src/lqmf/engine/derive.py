@@ -37,7 +37,7 @@ def load_base_for(workspace: Workspace, entry: AdapterEntry, device: str = "auto
 
 def held_out(entry: AdapterEntry, eval_file: Path | None, limit: int = 0) -> tuple[list[dict], dict | None, list]:
     """(examples, source, notes): the adapter's re-created validation split, or eval_file (as `lqmf bench`)."""
-    from lqmf.engine.bench import quality_set
+    from lqmf.engine.evaluation import quality_set
 
     notes: list[str] = []
     found = quality_set(entry, eval_file, limit, notes)
@@ -47,7 +47,7 @@ def held_out(entry: AdapterEntry, eval_file: Path | None, limit: int = 0) -> tup
 def score(model: inference.InferenceModel, slot: str, examples: list[dict[str, Any]],
           config: dict[str, Any]) -> dict[str, float]:
     """Held-out loss (and accuracy / macro-F1 for classification) of one resident adapter, as training scores."""
-    from lqmf.engine.train import evaluate
+    from lqmf.engine.train.loop import evaluate
 
     classification = model.task == "classification"
     label_ids = {label: i for i, label in enumerate(model.labels)} if classification else None

@@ -35,7 +35,7 @@ class InferenceModel:
     base: ResolvedModel
     labels: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
-    fast_decode: bool | None = None  # static cache + CUDA graphs (fastgen.py); None: on CUDA
+    fast_decode: bool | None = None  # static cache + CUDA graphs (decode/static.py); None: on CUDA
     decoder: Any = None  # the StaticDecoder, made on first use
 
     @property
@@ -86,7 +86,7 @@ def load_for_inference(workspace: Workspace, adapter: str | None = None, *, base
         if quantize_4bit is None:
             quantize_4bit = bool(entry.manifest.get("runtime", {}).get("quantized_4bit"))
         key = (resolved.load_id, task, device, bool(quantize_4bit), tuple(labels))
-        kept = KEPT.lookup(key, entry)
+        kept = KEPT.lookup(key, entry, attach_adapter)
         if kept is not None:
             return kept
     else:
@@ -122,7 +122,7 @@ def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
     else:
         config = PeftConfig.from_pretrained(str(path))
         if fast_enabled() and config.peft_type == "LORA":
-            from lqmf.engine.fastgen import build_lean_layers
+            from lqmf.engine.lora.lean import build_lean_layers
 
             build_lean_layers(config)  # our LoRA layer classes (PEFT's until a fast decoder turns them lean)
         model.loaded.model = PeftModel.from_pretrained(model.model, str(path), adapter_name=slot,
@@ -176,7 +176,7 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
         return False
     model.model.peft_config[slot] = new
     if model.decoder is not None:  # PEFT may have given the slot new tensors (another rank)
-        from lqmf.engine.fastgen import forget_fused
+        from lqmf.engine.lora.lean import forget_fused
 
         forget_fused(model.model, slot)
         model.decoder = None
@@ -191,7 +191,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     from safetensors.torch import load_file
 
     from lqmf.engine.compat import foreach_copy
-    from lqmf.engine.fastgen import lora_layers
+    from lqmf.engine.lora.lean import lora_layers
 
     if config.rank_pattern or config.alpha_pattern or config.lora_bias:
         return False
@@ -204,7 +204,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
              .replace(".lora_B.weight", f".lora_B.{slot}.weight"): value for key, value in state.items()}
     if set(state) != set(live) or any(state[name].shape != p.shape for name, p in live.items()):
         return False
-    # One batched copy for plain tensors; views into fused tensors (fastgen._fuse_group) one by one,
+    # One batched copy for plain tensors; views into fused tensors (lora.lean._fuse_group) one by one,
     # as a strided tensor would send the whole batch down the slow path.
     dense = sorted(name for name, p in live.items() if p.is_contiguous())
     with torch.no_grad():
@@ -332,7 +332,7 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
 
     Generation ends at the end-of-text token, at max_new_tokens, at the first of the stop strings
     (which the text leaves out), or as soon as cancelled() turns true. On CUDA (or with
-    model.fast_decode) the static-cache decoder of fastgen.py runs it; elsewhere transformers' generate.
+    model.fast_decode) the static-cache decoder of decode/static.py runs it; elsewhere transformers' generate.
     """
     if model.task == "classification":
         raise InputError("a classification adapter labels text; it does not generate")
@@ -390,13 +390,13 @@ def generate_batched(model: InferenceModel, scheduler, ids: list[int], *, entry=
                      on_text: Callable[[str], None] | None = None,
                      cancelled: Callable[[], bool] | None = None, on_queued: Callable[[], None] | None = None,
                      poll_s: float = 0.05) -> Generation:
-    """generate(), through the continuous-batching scheduler (engine/scheduler.py) with adapter entry.
+    """generate(), through the continuous-batching scheduler (engine/serve/scheduler.py) with adapter entry.
 
     Runs on the caller's thread: it queues the request (scheduler.Busy when the queue is full),
     calls on_queued(), then turns the tokens the scheduler sends into text, stop strings and
     on_text calls; once it has what it needs, or cancelled() turns true, it cancels the row.
     """
-    from lqmf.engine.scheduler import BatchRequest
+    from lqmf.engine.serve.scheduler import BatchRequest
 
     eos_ids = eos_ids_of(model)
     started = time.perf_counter()
@@ -469,7 +469,7 @@ def _decoder_for(model: InferenceModel, tokens: int):
     fast = model.fast_decode if model.fast_decode is not None else model.loaded.device == "cuda"
     if not fast or not fast_enabled():
         return None
-    from lqmf.engine.fastgen import StaticDecoder, cache_size_for
+    from lqmf.engine.decode.static import StaticDecoder, cache_size_for
 
     if model.decoder is None or model.decoder.max_cache_len < tokens:
         model.decoder = None  # free the old cache and graphs first

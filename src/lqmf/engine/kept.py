@@ -1,14 +1,19 @@
-"""The model a long-lived process keeps loaded between commands (`lqmf shell`); importing this imports no torch."""
+"""The model a long-lived process keeps loaded between commands (`lqmf shell`); importing this imports no torch.
+
+The model kept is an `inference.InferenceModel`; this module stays below inference.py (which asks it
+first), so it names that class only in words."""
 
 from __future__ import annotations
 
 import gc
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lqmf.core.registry import AdapterEntry
-    from lqmf.engine.inference import InferenceModel
+
+InferenceModel = Any  # lqmf.engine.inference.InferenceModel
 
 
 class KeptModel:
@@ -46,8 +51,10 @@ class KeptModel:
 
                 torch.cuda.empty_cache()
 
-    def lookup(self, key: tuple, entry: AdapterEntry) -> InferenceModel | None:
-        """The kept model with entry's adapter resident, or None (and nothing kept) when it does not match."""
+    def lookup(self, key: tuple, entry: AdapterEntry,
+               attach: Callable[[InferenceModel, Path, str], None]) -> InferenceModel | None:
+        """The kept model with entry's adapter resident (attach(model, path, name) adds it when new),
+        or None (and nothing kept) when it does not match."""
         if not self.enabled or self.model is None:
             return None
         stamp = _adapter_stamp(entry)
@@ -55,9 +62,7 @@ class KeptModel:
             self.release()
             return None
         if entry.name not in self.resident:
-            from lqmf.engine.inference import attach_adapter
-
-            attach_adapter(self.model, entry.path, entry.name)
+            attach(self.model, entry.path, entry.name)
             self.resident[entry.name] = stamp
         self.reuses += 1
         self.last_reused = True

@@ -9,8 +9,8 @@ or `default` (the active adapter, or the bare base when none is active). `load`,
   (PEFT hot-swap into its weights when both fit, the fastest swap), so memory stays flat;
 - unload [NAME]: drop NAME (default: the active one); with none active, `default` is the base.
 
-Generation runs through the continuous-batching scheduler (engine/scheduler.py) when the model
-has the layout of engine/batched.py and LQMF_FAST is not 0: `complete` may be called from many
+Generation runs through the continuous-batching scheduler (engine/serve/scheduler.py) when the model
+has the layout of engine/decode/batched.py and LQMF_FAST is not 0: `complete` may be called from many
 threads at once, each blocking until its own answer is done, and adapters live in the scheduler,
 up to `max_adapters` of them (the least recently used is evicted beyond that, and reported).
 Swaps are serialized with the decode loop and never change a request already queued or running:
@@ -38,9 +38,10 @@ from lqmf.core.names import validate_name
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.serving import DEFAULT_MODEL
 from lqmf.core.workspace import Workspace
-from lqmf.engine import combined, inference
+from lqmf.engine import inference
 from lqmf.engine.inference import Generation, InferenceModel
 from lqmf.engine.loading import first_line
+from lqmf.engine.serve import combinations as combined
 
 log = logging.getLogger("lqmf.serve")
 DEFAULT_MAX_ADAPTERS = 8
@@ -168,16 +169,16 @@ class ModelHost:
         self.evictions: list[dict[str, Any]] = []
         self.batching = batching or BatchSettings()
         self.scheduler = self._start_scheduler()
-        self.combinations = combined.Combinations(self)  # model ids like A+B (engine/combined.py)
+        self.combinations = combined.Combinations(self)  # model ids like A+B (engine/serve/combinations.py)
 
     def _start_scheduler(self):
         """The continuous-batching scheduler, or None where the model cannot run in it."""
-        from lqmf.engine import batched
+        from lqmf.engine.decode import batched
 
         if (not self.batching.enabled or not is_generative(self.model.task) or not inference.fast_enabled()
                 or not batched.supports(self.model.model)):
             return None
-        from lqmf.engine.scheduler import Scheduler
+        from lqmf.engine.serve.scheduler import Scheduler
 
         settings = self.batching
         limits = [n for n in (self.context_length, settings.max_seq_len or DEFAULT_MAX_SEQ_LEN) if n]
@@ -256,7 +257,7 @@ class ModelHost:
             return None
         if model_id in self.resident:
             return model_id
-        if combined.is_combination(model_id):  # several resident adapters at once (engine/combined.py)
+        if combined.is_combination(model_id):  # several resident adapters at once (engine/serve/combinations.py)
             return self.combinations.check(model_id)
         if load and self.scheduler is not None:
             try:
@@ -329,7 +330,7 @@ class ModelHost:
             return self._result("unload", name, "unload", previous, started, [])
 
     def _load_batched(self, adapter: ResidentAdapter) -> str:
-        from lqmf.engine.batched import UnsupportedAdapter
+        from lqmf.engine.decode.batched import UnsupportedAdapter
 
         try:
             entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)

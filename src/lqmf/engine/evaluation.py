@@ -30,7 +30,7 @@ from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
 from lqmf.engine import inference
 from lqmf.engine.loading import select_device
-from lqmf.engine.memory import memory_in_use_gb, peak_memory_gb, reset_peak_memory
+from lqmf.engine.train.memory import memory_in_use_gb, peak_memory_gb, reset_peak_memory
 
 CLASSIFY_BATCH = 32
 SAMPLES_KEPT = 3  # generated answers kept in the result, to eyeball beside the scores
@@ -74,7 +74,7 @@ def quality_set(entry: AdapterEntry, eval_file: Path | None, limit: int, notes: 
 
     Returns None (with a note) when there is nothing to measure quality on.
     """
-    from lqmf.engine.train import split_examples
+    from lqmf.engine.train.loop import split_examples
 
     manifest = entry.manifest
     task = manifest["task"]
@@ -195,7 +195,7 @@ def _eval_loss(model: Answerer, examples: list[dict[str, Any]], config: dict[str
                notes: list[str]) -> dict[str, float]:
     """Eval loss and perplexity on the reference answers (training's own evaluation); they need the logits,
     so a model answering through a server has none."""
-    from lqmf.engine.train import evaluate
+    from lqmf.engine.train.loop import evaluate
 
     if isinstance(model, ServedModel):
         note = "eval loss and perplexity not measured through the server (they need the model's logits): --local"

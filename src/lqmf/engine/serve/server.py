@@ -5,7 +5,7 @@ Routes: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/
 POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}.
 
 Requests run at once: each generation blocks one thread of a pool on `ModelHost.complete`, which
-the host batches (continuous batching, engine/scheduler.py); at most `capacity` requests are in
+the host batches (continuous batching, engine/serve/scheduler.py); at most `capacity` requests are in
 flight, and beyond that a request gets 429 with Retry-After. A request runs entirely with the
 adapter it was given; swaps are serialized with the decode loop.
 Errors come back in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, with a 4xx
@@ -34,9 +34,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
-from lqmf.engine.host import ModelHost, PromptTooLong
 from lqmf.engine.inference import Generation
-from lqmf.engine.scheduler import Busy
+from lqmf.engine.serve.host import ModelHost, PromptTooLong
+from lqmf.engine.serve.scheduler import Busy
 
 log = logging.getLogger("lqmf.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024

@@ -26,8 +26,9 @@ from lqmf.core.manifest import build_manifest
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.registry import MANIFEST, Registry
 from lqmf.core.workspace import Workspace
-from lqmf.engine import train as trainer
 from lqmf.engine.loading import CLASSIFIER_HEADS, LoadedModel
+from lqmf.engine.train import loop as trainer
+from lqmf.engine.train import recipe
 
 SETTINGS_ATTR = "lqmf_settings"
 
@@ -188,7 +189,7 @@ class Study:
         heads = {name: getattr(self.base.model, name) for name in CLASSIFIER_HEADS if hasattr(self.base.model, name)}
         loaded = trainer.setup_model(config, self.model_ref, prepared, self.dataset.task, base=self.base)
         try:
-            outcome = trainer.train(config, self.model_ref, self.dataset, staging, prepared=prepared, memory=memory,
+            outcome = recipe.train(config, self.model_ref, self.dataset, staging, prepared=prepared, memory=memory,
                                     events=TrialEvents(trial, self.request.metric), loaded=loaded)
         except optuna.TrialPruned:
             shutil.rmtree(staging, ignore_errors=True)

@@ -14,13 +14,10 @@ from __future__ import annotations
 import itertools
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 from lqmf.core.errors import InputError, NotFoundError, did_you_mean
 from lqmf.engine import inference
-
-if TYPE_CHECKING:
-    from lqmf.engine.host import ModelHost
 
 SEPARATOR = "+"
 WEIGHT_MARK = ":"
@@ -81,7 +78,7 @@ class Built:
 class Combinations:
     """The combinations built on one host, by model id."""
 
-    def __init__(self, host: ModelHost):
+    def __init__(self, host: Any):  # the host.ModelHost that owns them (host.py imports this module)
         self.host = host
         self.built: dict[str, Built] = {}
         self._slots = itertools.count()

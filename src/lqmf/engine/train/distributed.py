@@ -1,9 +1,9 @@
 """Several processes, one per GPU: the launcher and what the ranks exchange.
 
 The launcher starts `torch.distributed.run` (the launcher `accelerate launch` wraps) in a session of
-its own, one process per GPU, each running `python -m lqmf.cli.rank FILE`: the same training
-service as one process. Under the launcher accelerate's `PartialState` sets up the process group
-(NCCL on GPUs, gloo on the CPU) and each rank's device.
+its own, one process per GPU, each running `python -m ENTRY FILE` (the caller's entry module, which
+runs `run.run_launch_request`): the same training service as one process. Under the launcher
+accelerate's `PartialState` sets up the process group (NCCL on GPUs, gloo on the CPU) and each rank's device.
 
 Data parallel steps agree before they communicate: every step the ranks sum one small status
 vector (out of memory, failed, stop asked), so an out-of-memory error, an exception or a Ctrl-C on
@@ -139,8 +139,9 @@ def _console_paths() -> str | None:
     return os.pathsep.join(str(proc / str(fd)) for fd in (1, 2)) if proc.is_dir() else None
 
 
-def launch(processes: int, request: dict[str, Any], device_type: str) -> dict[str, Any]:
-    """Run the training service in `processes` ranks and return rank 0's result.
+def launch(processes: int, request: dict[str, Any], device_type: str, entry_module: str) -> dict[str, Any]:
+    """Run the training service in `processes` ranks (each `python -m entry_module REQUEST`) and return
+    rank 0's result.
 
     Ctrl-C or SIGTERM here reaches the ranks once, as a Ctrl-C: they finish the step, checkpoint and
     stop together. Raises the ranks' error (with its exit code) when the run fails.
@@ -150,7 +151,7 @@ def launch(processes: int, request: dict[str, Any], device_type: str) -> dict[st
         request_path = Path(folder) / "request.json"
         request_path.write_text(json.dumps({**request, "result_path": str(result_path)}))
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}",
-                   "-m", "lqmf.cli.rank", str(request_path)]
+                   "-m", entry_module, str(request_path)]
         env = {**os.environ, "LOGLEVEL": os.environ.get("LOGLEVEL", "ERROR")}
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
         console = _console_paths()

@@ -1,7 +1,7 @@
 """One training run as a recipe (the shape of torchtune's): setup, then for each optimizer step
 step (with out-of-memory recovery), log, evaluate and checkpoint; then finish.
 
-The same recipe runs alone or as one rank of several (engine/distributed.py): each rank takes its
+The same recipe runs alone or as one rank of several (engine/train/distributed.py): each rank takes its
 share of every step's examples, the ranks agree on every step's outcome before they exchange
 gradients, and rank 0 alone writes the metrics log, checkpoints and the adapter.
 """
@@ -23,19 +23,19 @@ from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
-from lqmf.engine import fsdp
-from lqmf.engine import train as steps
-from lqmf.engine.distributed import Collective
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
-from lqmf.engine.memory import (
+from lqmf.engine.train import fsdp
+from lqmf.engine.train import loop as steps
+from lqmf.engine.train.blocks import TILE_TOKENS, tile_mlps
+from lqmf.engine.train.distributed import Collective
+from lqmf.engine.train.memory import (
     is_out_of_memory,
     memory_in_use_gb,
     peak_memory_gb,
     release_memory,
     reset_peak_memory,
 )
-from lqmf.engine.offload import ActivationOffload
-from lqmf.engine.tiling import TILE_TOKENS, tile_mlps
+from lqmf.engine.train.offload import ActivationOffload
 
 
 class _StopRequested(Exception):
@@ -102,13 +102,13 @@ class Recipe:
         self.events.on_plan(self.plan)
 
     def _use_fused_kernels(self) -> None:
-        from lqmf.engine import kernels
+        from lqmf.engine.train import blocks
 
-        reason = kernels.unavailable(self.loaded.device)
+        reason = blocks.unavailable(self.loaded.device)
         if reason:
             self.events.on_note(f"fused_kernels=on: PyTorch's kernels kept: {reason}")
             return
-        self.fused_kernels = kernels.use_fused_kernels(self.model)
+        self.fused_kernels = blocks.use_fused_kernels(self.model)
         self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
                             f"{self.fused_kernels['swiglu']} SwiGLU")
 
@@ -428,3 +428,19 @@ class Recipe:
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}
         return steps.Outcome(metrics, runtime, progress["history"])
+
+
+def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
+          events: steps.Events | None = None, prepared: steps.Prepared | None = None, resume: bool = False,
+          memory: steps.MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None) -> steps.Outcome:
+    """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
+
+    memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
+    caller set up already (setup_model, e.g. on a base it keeps loaded; seed torch before that);
+    collective the ranks of a multi-process run (engine/train/distributed.py).
+    """
+    prepared = prepared or steps.prepare(config, model_ref, dataset)
+    memory = memory or steps.plan_memory(config, model_ref, prepared)
+    recipe = Recipe(config, model_ref, dataset, staging, prepared=prepared, memory=memory, events=events,
+                    resume=resume, collective=collective)
+    return recipe.run(loaded)

@@ -41,7 +41,6 @@ from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
 from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
-from lqmf.engine.fastgen import build_lean_layers, use_lean_lora
 from lqmf.engine.loading import (
     LoadedModel,
     compute_dtype,
@@ -52,13 +51,14 @@ from lqmf.engine.loading import (
     quiet_libraries,
     select_device,
 )
-from lqmf.engine.loss import LOSS_CHUNK_TOKENS, linear_cross_entropy
-from lqmf.engine.memory import (
+from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
+from lqmf.engine.train.loss import LOSS_CHUNK_TOKENS, linear_cross_entropy
+from lqmf.engine.train.memory import (
     cap_allocator,
     memory_budget,
     process_baseline_bytes,
 )
-from lqmf.engine.offload import ActivationOffload
+from lqmf.engine.train.offload import ActivationOffload
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINING_STATE = "training_state.pt"
@@ -354,7 +354,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def answer_loss_sum(model, batch) -> Any:
     """Summed cross-entropy over answer tokens, computing logits only where labels are set.
 
-    A frozen plain linear head takes engine/loss.py's linear cross-entropy (no logits kept, nothing
+    A frozen plain linear head takes engine/train/loss.py's linear cross-entropy (no logits kept, nothing
     recomputed; under FSDP the root unit's weights are gathered for the whole step, and the head's is
     read only in forward); another head checkpointed chunks; architectures that post-process logits
     their model's own logits.
@@ -403,7 +403,7 @@ def answer_loss_sum(model, batch) -> Any:
 
 
 def is_sharded(model) -> bool:
-    """Whether model is wrapped by FSDP (engine/fsdp.py)."""
+    """Whether model is wrapped by FSDP (engine/train/fsdp.py)."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(model, FullyShardedDataParallel)
@@ -488,7 +488,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_adapter(model, folder: Path, weights: dict[str, Any] | None = None) -> None:
     """The PEFT adapter files of model; weights: its adapter state gathered from FSDP's shards, keyed
-    as PEFT saves it (engine/fsdp.py), written as PEFT writes it."""
+    as PEFT saves it (engine/train/fsdp.py), written as PEFT writes it."""
     if weights is None:
         model.save_pretrained(folder)
         return
@@ -744,21 +744,3 @@ def make_optimizer(config: TrainConfig, model, device: str, sharded: bool = Fals
         except ImportError:
             pass
     return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay), "adamw_torch"
-
-
-def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
-          events: Events | None = None, prepared: Prepared | None = None, resume: bool = False,
-          memory: MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None) -> Outcome:
-    """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
-
-    memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
-    caller set up already (setup_model, e.g. on a base it keeps loaded; seed torch before that);
-    collective the ranks of a multi-process run (engine/distributed.py). The steps: engine/recipe.py.
-    """
-    from lqmf.engine.recipe import Recipe
-
-    prepared = prepared or prepare(config, model_ref, dataset)
-    memory = memory or plan_memory(config, model_ref, prepared)
-    recipe = Recipe(config, model_ref, dataset, staging, prepared=prepared, memory=memory, events=events,
-                    resume=resume, collective=collective)
-    return recipe.run(loaded)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import LqmfError
-from lqmf.engine.batched import BARRED, AdapterEntry, BatchedDecoder, Step, read_adapter
+from lqmf.engine.decode.batched import BARRED, AdapterEntry, BatchedDecoder, Step, read_adapter
 
 log = logging.getLogger("lqmf.serve")
 PREFILL_CHUNK = 512
@@ -351,7 +351,7 @@ class Scheduler:
         return self._index[row.request.entry.id] if row.request.entry is not None else 0
 
     def _pick(self, row: _Row, logits) -> int:
-        from lqmf.engine.fastgen import pick_token
+        from lqmf.engine.decode.sampling import pick_token
 
         request = row.request
         if row.generated < request.min_new_tokens and request.eos_ids:

@@ -2,9 +2,9 @@
 
 `lqmf train`, every rank of a multi-GPU run and Python callers (`from lqmf import train`) all go
 through `train()`: resume and conflict checks, data preparation, the memory plan, the run lock,
-the staging folder, the recipe (engine/recipe.py), the manifest and the atomic rename into
+the staging folder, the recipe (engine/train/recipe.py), the manifest and the atomic rename into
 adapters/NAME. With `gpus` above one, `train()` launches itself once per GPU
-(engine/distributed.py) and returns rank 0's result; in a rank, rank 0 alone takes the lock and
+(engine/train/distributed.py) and returns rank 0's result; in a rank, rank 0 alone takes the lock and
 writes; the others wait for its word.
 """
 
@@ -71,27 +71,30 @@ def resolve_config(workspace: Workspace, values: dict[str, Any], *, resume: str 
 
 def train(config: cfg.TrainConfig | dict[str, Any], workspace: str | Path | Workspace | None = None, *,
           resume: bool = False, force: bool = False, dry_run: bool = False, events: Any = None,
-          loaded: Any = None) -> TrainResult:
+          loaded: Any = None, rank_entry: str | None = None) -> TrainResult:
     """Train a LoRA/QLoRA adapter and register it; returns its metrics.
 
     config: a TrainConfig, or a dict of its keys (base_model, dataset_path, task_type at least).
     resume: continue the unfinished run config.job_name names. events: an engine.train.Events.
     loaded: a LoadedModel the caller already holds (engine.train.setup_model), trained in place.
-    With gpus > 1 (or "all") the run launches one process per GPU and this call waits for them.
+    With gpus > 1 (or "all") the run launches one process per GPU, each `python -m rank_entry` (the
+    caller's module that runs `run_launch_request`, as the CLI's rank module does), and
+    this call waits for them.
     """
     ws = workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
     if isinstance(config, dict):
         config = resolve_config(ws, config, resume=config.get("job_name") if resume else None)
-    return TrainingRun(config, ws, resume=resume, force=force, events=events).run(dry_run=dry_run, loaded=loaded)
+    return TrainingRun(config, ws, resume=resume, force=force, events=events,
+                       rank_entry=rank_entry).run(dry_run=dry_run, loaded=loaded)
 
 
 class TrainingRun:
     """One run's decisions, from the resolved config to the registered adapter."""
 
     def __init__(self, config: cfg.TrainConfig, workspace: Workspace, *, resume: bool = False,
-                 force: bool = False, events: Any = None):
+                 force: bool = False, events: Any = None, rank_entry: str | None = None):
         self.config, self.workspace, self.resume, self.force = config, workspace, resume, force
-        self.events = events
+        self.events, self.rank_entry = events, rank_entry
         self.registry = Registry(workspace)
         self.model: ResolvedModel = ModelCatalogue(workspace).resolve(config.base_model)
         self.data: TaskDataset = load_task_dataset(workspace.resolve_path(config.dataset_path), config.task_type)
@@ -112,8 +115,8 @@ class TrainingRun:
             raise ConflictError(f"an unfinished run of '{self.adapter}' exists; use --resume {self.adapter} or --force")
 
     def run(self, dry_run: bool = False, loaded: Any = None) -> TrainResult:
-        from lqmf.engine import train as engine
         from lqmf.engine.loading import visible_gpus
+        from lqmf.engine.train import loop as engine
 
         if self.topology.distributed:
             return self.run_rank(loaded)
@@ -125,13 +128,16 @@ class TrainingRun:
         if gpus > 1 and loaded is not None:
             raise InputError(f"gpus={self.config.gpus}: a model loaded by the caller trains in its own process only; "
                              "leave gpus unset")
+        if gpus > 1 and not dry_run and self.rank_entry is None:
+            raise InputError(f"gpus={self.config.gpus}: this caller gives no entry module for the ranks; "
+                             "train through `lqmf train` or `lqmf.train`")
         if gpus > 1 and not dry_run:
             return self.launch(gpus)  # the ranks prepare and plan; rank 0's plan holds for all
         prepared = engine.prepare(self.config, self.model, self.data, gpus)
         memory = engine.plan_memory(self.config, self.model, prepared, gpus)
         if dry_run:
             return self.plan_only(prepared, memory)
-        from lqmf.engine.distributed import Collective
+        from lqmf.engine.train.distributed import Collective
 
         return self.execute(prepared, memory, Collective(), loaded)
 
@@ -147,19 +153,19 @@ class TrainingRun:
 
     def launch(self, gpus: int) -> TrainResult:
         """One process per GPU, each running this service; rank 0's result."""
-        from lqmf.engine.distributed import launch
+        from lqmf.engine.train.distributed import launch
 
         quiet = getattr(self.events, "quiet", self.events is None)
         result = launch(gpus, {"workspace": str(self.workspace.root), "config": self.config.to_dict(),
                                "resume": self.resume, "force": self.force, "quiet": quiet},
-                        "cpu" if self.config.device == "cpu" else "cuda")
+                        "cpu" if self.config.device == "cpu" else "cuda", self.rank_entry)
         return TrainResult(result["adapter"], result["task"], Path(result["path"]), result["metrics"],
                            result["runtime"], learning=result["learning"])
 
     def run_rank(self, loaded: Any = None) -> TrainResult:
         """This process is one rank of several: plan with rank 0's word, then run together."""
-        from lqmf.engine import train as engine
-        from lqmf.engine.distributed import Collective
+        from lqmf.engine.train import loop as engine
+        from lqmf.engine.train.distributed import Collective
 
         collective = Collective(self.topology, "cpu" if self.config.device == "cpu" else "cuda")
         try:
@@ -173,8 +179,8 @@ class TrainingRun:
 
     def execute(self, prepared, memory, collective, loaded: Any = None) -> TrainResult:
         """Lock, staging, the recipe, manifest and finalize: rank 0 (or the one process) writes."""
-        from lqmf.engine import train as engine
-        from lqmf.engine.recipe import Recipe
+        from lqmf.engine.train import loop as engine
+        from lqmf.engine.train.recipe import Recipe
 
         with ExitStack() as stack:
             refusal = None
@@ -237,8 +243,8 @@ def terminate_as_interrupt() -> Iterator[None]:
 def run_launch_request(path: str | Path, events: Any) -> None:
     """A rank started by engine.distributed.launch: run the request. Rank 0 writes its result (or its
     error) where the launcher reads it; another rank raises its own failures, naming itself."""
-    from lqmf.engine.distributed import use_launcher_console
     from lqmf.engine.loading import first_line
+    from lqmf.engine.train.distributed import use_launcher_console
 
     use_launcher_console()
     request = json.loads(Path(path).read_text())
