@@ -342,12 +342,13 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
 
 def _packed_rows(settings: TrainSettings) -> tuple[int, int]:
     """(rows, tokens per row) of a micro-batch: micro_batch x seq_len, or packed, the micro-batch's
-    examples (each up to seq_len tokens) in full sequences of pack_tokens, one more for a partial one."""
+    examples (each up to seq_len tokens) in full sequences of up to pack_tokens, one more for a
+    partial one."""
     b, s = settings.micro_batch, settings.seq_len
     if not settings.pack_tokens:
         return b, s
-    capacity = max(settings.pack_tokens, s)
-    return min(b, math.ceil(b * s / capacity) + (1 if b > 1 else 0)), capacity
+    width = min(max(settings.pack_tokens, s), b * s)  # one example alone is its own width
+    return min(b, math.ceil(b * s / width) + (1 if b > 1 else 0)), width
 
 
 def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
