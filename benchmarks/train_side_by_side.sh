@@ -17,7 +17,9 @@ STEPS=${STEPS:-4}
 LONG=${LONG:-16384}
 OUT=${OUT:-/tmp/out}
 HERE=$(cd "$(dirname "$0")" && pwd)
-export PYTHONUNBUFFERED=1 PYTHONPATH=$NEW_SRC:$HERE:${PYTHONPATH:-}
+# transformers 5.25 with the `kernels` package fetches Hub kernels when it loads a model; offline machines
+# cannot (docs/measurements/gpu-check/before-1-train-hub-kernels-error.json): every run uses its own code.
+export PYTHONUNBUFFERED=1 PYTHONPATH=$NEW_SRC:$HERE:${PYTHONPATH:-} USE_HUB_KERNELS=${USE_HUB_KERNELS:-NO}
 python3 -c "from gpu_train_bench import ensure_model; ensure_model()" || exit
 python3 "$HERE/gpu_train_bench.py" --seq $SEQS --micro-batch 16 --steps "$STEPS" --cap-gib 7.3 \
     --extra "--max-memory 7.8GB" --variant "main=$MAIN_SRC" --variant "new=$NEW_SRC" --long-probe "$LONG" \
