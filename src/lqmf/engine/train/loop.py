@@ -193,8 +193,9 @@ class MemoryPlan:
 def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, gpus: int = 1) -> MemoryPlan:
     """Estimate the run's peak memory (per GPU on several) and pick the largest micro-batch, at most
     the one asked for, that fits the budget (max_memory, or the GPU's free memory) while keeping the
-    effective batch. With offload_activations=auto, activations are offloaded when that fits a larger
-    micro-batch. On several GPUs config.strategy (auto: DDP when it fits, else FSDP) decides.
+    effective batch. With offload_activations=auto, activations are offloaded, with tiled_mlp=auto the
+    MLP runs in tiles, when that fits a larger micro-batch; packing=auto packs short examples unless
+    that fits a smaller one. On several GPUs config.strategy (auto: DDP when it fits, else FSDP) decides.
 
     Sets prepared's world size, micro-batch and accumulation (per process); raises RuntimeFailure,
     saying what would fit, when even micro-batch 1 does not. Loads no weights.
@@ -242,6 +243,11 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
     if budget is not None:
         micro, settings = fit_budget(shape, settings, share, budget, context_counted, config.offload_activations,
                                      config.tiled_mlp)
+        if pack_tokens and config.packing == "auto":  # the packed estimate is an upper bound: never fit less
+            unpacked = fit_budget(shape, replace(settings, pack_tokens=0), share, budget, context_counted,
+                                  config.offload_activations, config.tiled_mlp)
+            if unpacked[0] > micro:
+                (micro, settings), pack_tokens = unpacked, 0
         if micro == 0:
             _does_not_fit(shape, settings, budget, budget_source, context_counted, quantize, strategy, gpus)
         prepared.micro_batch, prepared.accumulation = micro, share // micro
