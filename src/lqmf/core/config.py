@@ -86,8 +86,8 @@ class TrainConfig:
         "each example (causal tasks): auto | on | off; auto: when the examples' mean length is at most half of "
         "max_seq_length", choices=SWITCHES)
     tiled_mlp: str = _opt(
-        "auto", "Run each block's MLP over the sequence 2048 tokens at a time, each tile recomputed in backward "
-        "(with gradient checkpointing): auto | on | off; auto: when micro-batch 1 would not fit the budget without",
+        "auto", "Run each block's MLP over the micro-batch's tokens 2048 at a time, each tile recomputed in backward "
+        "(with gradient checkpointing): auto | on | off; auto: when that lets a larger micro-batch fit the budget",
         choices=SWITCHES)
     fused_kernels: str = _opt(
         "off", "liger-kernel's fused RMSNorm and SiLU-multiply in training (CUDA, pip install 'lqmf[kernels]'): "

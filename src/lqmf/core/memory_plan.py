@@ -389,13 +389,14 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
     if settings.pack_tokens:  # position ids restart inside a row: a block-diagonal mask, as with padding
         paddings = [True]
-    tile = b * min(s, MLP_TILE_TOKENS) if settings.tiled else tokens  # tiles cut each row's sequence
+    tiled = settings.tiled and tokens > MLP_TILE_TOKENS
+    tile = MLP_TILE_TOKENS if tiled else tokens  # tiles of the micro-batch's tokens, all rows flattened
     boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
     saved = working = 0
     for padded in paddings:
         per_token, mlp, backward_per_token = _block_bytes_per_token(shape, settings, lora, padded, s)
         block = tokens * (per_token - mlp) + tile * mlp
-        if settings.tiled:  # the tiles' input (the MLP norm's output) stays whole for their recomputation
+        if tiled:  # the tiles' input (the MLP norm's output) stays whole for their recomputation
             block += tokens * h * act
         backward = tile * backward_per_token
         this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
@@ -618,7 +619,7 @@ def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int,
     candidates = [settings]  # cheapest first: the first with the largest micro-batch wins
     if offload == "auto" and settings.offloadable and not settings.offloaded:
         candidates.append(replace(settings, offload_activations=True))
-    long_enough = settings.seq_len > MLP_TILE_TOKENS
+    long_enough = settings.micro_batch * settings.seq_len > MLP_TILE_TOKENS
     if tiled == "auto" and settings.gradient_checkpointing and not settings.tiled and long_enough:
         candidates += [replace(candidate, tiled_mlp=True) for candidate in candidates]
     best, chosen = -1, settings
