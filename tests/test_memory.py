@@ -57,6 +57,9 @@ PROBE_CASES = [
     # no checkpointing: every block keeps its tensors
     {"hidden": 256, "inter": 704, "layers": 3, "heads": 4, "kv_heads": 2, "vocab": 2048, "batch": 4, "seq": 256,
      "rank": 16, "four_bit": False, "checkpointing": False, "padded": False},
+    # a wide MLP over 4,096 tokens, in tiles of 2,048 (engine/train/blocks.py): one tile's MLP tensors at a time
+    {"hidden": 256, "inter": 1408, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 2048, "batch": 2, "seq": 2048,
+     "rank": 8, "four_bit": False, "checkpointing": True, "padded": False, "tiled": True},
     # 4-bit NF4 weights and a larger vocabulary: the chunked logits dominate
     {"hidden": 256, "inter": 704, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 8192, "batch": 4, "seq": 256,
      "rank": 8, "four_bit": True, "checkpointing": True, "padded": False},
@@ -84,7 +87,7 @@ def test_estimator_matches_a_real_cpu_training_step():
         settings = TrainSettings(micro_batch=case["batch"], seq_len=case["seq"], lora_r=case["rank"],
                                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), device="cpu",
                                  quantize_4bit=case["four_bit"], gradient_checkpointing=case["checkpointing"],
-                                 padded=case["padded"])
+                                 padded=case["padded"], tiled_mlp=case.get("tiled", False))
         est = estimate(shape, settings)
         lora_params = est.lora // 2
         assert got["weights_bytes"] == pytest.approx(est.weights + lora_params, rel=0.01), case
