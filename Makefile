@@ -7,6 +7,8 @@ STAMP := $(VENV)/.lqmf-installed
 # CPU build of torch unless a GPU is present (or torch is already installed in the venv).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 DEMO := build/demo
+# make test: two pytest workers, one per CI core (pytest-xdist; each worker builds the session fixtures once)
+TEST_WORKERS ?= 2
 
 .PHONY: setup test lint format demo bench-registry clean gpu-check
 
@@ -25,7 +27,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix src tests benchmarks
 
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 demo: setup
 	LQMF=$(LQMF) bash scripts/demo.sh $(DEMO)

@@ -6,11 +6,11 @@
 set -o pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=0  # Triton kernels compiled, as served
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, transformers, peft, bitsandbytes, accelerate; print('torch', torch.__version__, \
 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', bitsandbytes.__version__, \
 'accelerate', accelerate.__version__)"
 } 2>&1 | tee "$OUT/gpu-check-versions.txt"
-python3 -m pytest -p no:cacheprovider -q -s -rA tests/gpu "$@" 2>&1 | tee "$OUT/gpu-check.log"
+python3 -m pytest -p no:cacheprovider -q -s -rA --durations=0 tests/gpu "$@" 2>&1 | tee "$OUT/gpu-check.log"

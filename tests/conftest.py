@@ -15,15 +15,18 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLES = REPO / "examples" / "datasets"
+# Helpers live in tests/helpers.py; these names stay importable from here for tests written before it.
+from tests.helpers import EXAMPLES, REPO, copy_adapter, copy_example, example_corpus, lqmf_env  # noqa: F401
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Where Triton is installed, its kernels run in its interpreter here (read when triton is imported);
-# they still run only where a test sets lora_kernels.OFF_GPU (tests/test_lora_kernels.py).
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# they still run only where a test sets lora_kernels.OFF_GPU (tests/engine/lora/test_kernels.py). Not on a GPU
+# machine: there the GPU check (tests/gpu) runs them compiled, as `lqmf serve` does.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
@@ -42,11 +45,6 @@ def tiny_model_no_template(tmp_path_factory) -> Path:
 
     return build_tiny_causal_lm(tmp_path_factory.mktemp("models") / "tiny-plain", chat_template=False,
                                 corpus=example_corpus())
-
-
-def example_corpus() -> list[str]:
-    """The sample datasets' text, so the tiny tokenizer splits it into words, not bytes."""
-    return [path.read_text(encoding="utf-8") for path in sorted(EXAMPLES.iterdir())]
 
 
 @pytest.fixture(scope="session")
@@ -79,12 +77,6 @@ def cli():
     return invoke
 
 
-def lqmf_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), **(extra or {})}
-    env.pop("LQMF_DEBUG", None)
-    return env
-
-
 @pytest.fixture
 def run_lqmf():
     """Run `python -m lqmf ARGS...` in a fresh interpreter (for signals, import checks, exit codes)."""
@@ -94,12 +86,6 @@ def run_lqmf():
                               capture_output=True, text=True, timeout=timeout)
 
     return run
-
-
-def copy_example(name: str, dest: Path) -> Path:
-    target = dest / name
-    shutil.copy(EXAMPLES / name, target)
-    return target
 
 
 TRAINED_ADAPTERS = {
@@ -141,8 +127,3 @@ def adapters_workspace(trained_workspace, tmp_path, monkeypatch) -> Path:
     return root
 
 
-def copy_adapter(source_workspace: Path, name: str, workspace: Path, as_name: str | None = None) -> Path:
-    """Copy a trained adapter folder into another workspace's registry."""
-    target = workspace / "adapters" / (as_name or name)
-    shutil.copytree(source_workspace / "adapters" / name, target)
-    return target

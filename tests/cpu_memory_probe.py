@@ -67,7 +67,7 @@ def measure(case: dict, root: Path) -> dict:
     prepared = engine.Prepared([], [], [], 1, 1, 1, 1, 0, 0, [], "model")
     model = engine.setup_model(config, resolved, prepared, "chat").model
     if case.get("tiled"):
-        from lqmf.engine.train.blocks import tile_mlps
+        from lqmf.engine.fused.blocks import tile_mlps
 
         tile_mlps(model)
     optimizer, _ = engine.make_optimizer(config, model, "cpu")

@@ -24,7 +24,7 @@ def trained_once(tmp_path_factory, tiny_model, warm_imports):
     from typer.testing import CliRunner
 
     from lqmf.cli.app import app
-    from tests.fault.train_util import train_args
+    from tests.helpers import train_args
 
     root = tmp_path_factory.mktemp("fault-trained")
     result = CliRunner().invoke(app, ["--workspace", str(root), *train_args(tiny_model, "good", "-q")])
@@ -44,7 +44,3 @@ def fault_ws(trained_once, tmp_path, monkeypatch):
     return root
 
 
-def snapshot(root) -> list[tuple[str, int]]:
-    """Every file under root with its size, except the checksum cache (a cache, rewritten freely)."""
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*")
-                  if p.is_file() and p.relative_to(root).as_posix() != ".lqmf/checksums.json")

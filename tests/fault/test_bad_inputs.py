@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EXAMPLES
-from tests.fault.conftest import snapshot
+from tests.helpers import EXAMPLES, snapshot
 
 Prepare = Callable[[Path, Path], list[str]]  # (workspace, tiny model) -> the command line
 
@@ -160,6 +159,69 @@ add("name-resume-missing", 3, ["train", "--resume", "nobody"], "no unfinished ru
 add("name-remove-missing", 3, ["adapters", "remove", "nobody", "--yes"], "not found")
 add("name-show-missing", 3, ["adapters", "show", "goood"], "did you mean 'good'")
 
+for bad in ["a\n", "good\n"]:  # a pattern's $ matches before a final newline: fullmatch refuses these
+    add(f"name-newline-config-create-{bad[:-1]}", 2, ["config", "create", bad], "not allowed")
+    add(f"name-newline-rename-{bad[:-1]}", 2, ["adapters", "rename", "good", bad], "not allowed")
+    add(f"name-newline-models-add-{bad[:-1]}", 2, lambda ws, model, bad=bad: ["models", "add", bad, str(model)],
+        "not allowed")
+
+# ----------------------------------------------------------------------------- combine and compress options
+
+
+def with_copy(*args: str) -> Callable[[Path, Path], list[str]]:
+    """args, after copying adapter 'good' to 'good2' (two adapters to combine)."""
+    def prepare(ws: Path, model: Path) -> list[str]:
+        import shutil
+
+        shutil.copytree(ws / "adapters" / "good", ws / "adapters" / "good2")
+        return list(args)
+    return prepare
+
+
+for weights in ("nan,1", "1,inf", "-inf,1", "1e39,1", "101,1"):
+    add(f"combine-weights-{weights}", 2, with_copy("adapters", "combine", "mix", "good", "good2", "--weights", weights),
+        "--weights")
+for option, value in (("--max-loss", "nan"), ("--max-loss", "inf"), ("--min-metric", "nan")):
+    add(f"combine-{option[2:]}-{value}", 2, with_copy("adapters", "combine", "mix", "good", "good2", option, value),
+        option)
+add("compress-rank-not-below", 2, ["adapters", "compress", "good", "--rank", "1000", "--name", "small"],
+    "nothing would change")
+add("compress-rank-above", 2, ["adapters", "compress", "good", "--rank", "17", "--name", "small"], "has rank 16")
+add("compress-max-loss-nan", 2, ["adapters", "compress", "good", "--rank", "4", "--name", "s", "--max-loss", "nan"],
+    "--max-loss")
+
+# ----------------------------------------------------------------------------- odd pre-quantized configs
+
+
+def quantized_model(quantization) -> Callable[[Path, Path], Path]:
+    """A copy of the tiny model whose config.json carries quantization as its quantization_config."""
+    def make(ws: Path, model: Path) -> Path:
+        import shutil
+
+        folder = ws / "odd-quant"
+        shutil.copytree(model, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config["quantization_config"] = quantization
+        (folder / "config.json").write_text(json.dumps(config))  # json writes NaN as NaN, as a broken tool might
+        return folder
+    return make
+
+
+ODD_QUANTIZATION = {
+    "string": ("nf4", "quantization_config is a str"),
+    "bnb-type-bogus": ({"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "bogus"},
+                       "bnb_4bit_quant_type"),
+    "gptq-bits-nan": ({"quant_method": "gptq", "bits": float("nan")}, "quantization_config.bits"),
+    "awq-bits-text": ({"quant_method": "awq", "w_bit": "four"}, "quantization_config.w_bit"),
+}
+for id_, (quantization, says) in ODD_QUANTIZATION.items():
+    make = quantized_model(quantization)
+    add(f"quant-{id_}-models-add", 2, lambda ws, model, make=make: ["models", "add", "oq", str(make(ws, model))], says)
+    add(f"quant-{id_}-plan", 2, lambda ws, model, make=make: ["plan", str(make(ws, model))], says)
+    add(f"quant-{id_}-dry-run", 2, lambda ws, model, make=make: ["train", str(make(ws, model)),
+                                                                  str(EXAMPLES / "chat_training.csv"), "chat",
+                                                                  "--name", "q", "--dry-run"], says)
+
 # ----------------------------------------------------------------------------- model references
 
 
@@ -217,6 +279,30 @@ def _foreign(ws: Path, model: Path) -> list[str]:
     (ws.parent / "foreign").mkdir()
     (ws.parent / "foreign" / "keep.txt").write_text("mine")
     return ["export", "good", str(ws.parent / "foreign"), "--force"]
+
+
+@case("export-force-over-another-registrys-adapter", 4, "it is an adapter folder")
+def _other_registry(ws: Path, model: Path) -> list[str]:
+    import shutil
+
+    theirs = ws.parent / "other-ws" / "adapters" / "good"
+    shutil.copytree(ws / "adapters" / "good", theirs)
+    return ["export", "good", str(theirs), "--force"]
+
+
+@case("export-runtime-refuses-a-dora-adapter", 2, "DoRA adapter")
+def _dora(ws: Path, model: Path) -> list[str]:
+    import hashlib
+    import json
+
+    folder = ws / "adapters" / "good"
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    manifest = json.loads((folder / "lqmf.json").read_text())
+    data = (folder / "adapter_config.json").read_bytes()
+    manifest["files"]["adapter_config.json"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (folder / "lqmf.json").write_text(json.dumps(manifest))
+    return ["export", "good", str(ws.parent / "gguf"), "--format", "gguf"]
 
 
 @case("export-unwritable-folder", 2, "")

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.fault.conftest import snapshot
+from tests.helpers import snapshot
 
 CHAT = "/v1/chat/completions"
 COMPLETE = "/v1/completions"
@@ -36,6 +36,26 @@ BODIES = [
     ("chat-unknown-model", CHAT, {"messages": HELLO, "model": "nobody"}, 404),
     ("chat-corrupt-model", CHAT, {"messages": HELLO, "model": "bad"}, 400),  # loaded on request: refused
     ("chat-model-path", CHAT, {"messages": HELLO, "model": "../good"}, 404),
+    # numbers are checked at the edge: finite, in range, the type the kernel takes (issue 20)
+    ("chat-seed-2**64", CHAT, {"messages": HELLO, "seed": 2**64, "temperature": 0.7}, 400),
+    ("chat-seed-2**70", CHAT, {"messages": HELLO, "seed": 1180591620717411303424, "temperature": 0.7}, 400),
+    ("chat-seed-negative", CHAT, {"messages": HELLO, "seed": -1, "temperature": 0.7}, 400),
+    ("chat-seed-fraction", CHAT, {"messages": HELLO, "seed": 1.5, "temperature": 0.7}, 400),
+    ("chat-seed-text", CHAT, {"messages": HELLO, "seed": "seven", "temperature": 0.7}, 400),
+    ("chat-temperature-infinity", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+     400),
+    ("chat-top-p-nan", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "top_p": NaN}', 400),
+    ("chat-penalty-nan", CHAT, b'{"messages": [{"role": "user", "content": "hi"}], "presence_penalty": NaN}', 400),
+    ("chat-max-tokens-huge", CHAT, {"messages": HELLO, "max_tokens": 10**30}, 400),
+    ("chat-max-tokens-float", CHAT, {"messages": HELLO, "max_tokens": 1e30}, 400),
+    ("chat-min-tokens-huge", CHAT, {"messages": HELLO, "min_tokens": 2**80}, 400),
+    ("chat-combination-nan", CHAT, {"messages": HELLO, "model": "good:nan+other:1"}, 400),
+    ("chat-combination-inf", CHAT, {"messages": HELLO, "model": "good:inf+other:1"}, 400),
+    ("chat-combination-overflow", CHAT, {"messages": HELLO, "model": "good:1e39+other:1"}, 400),
+    ("chat-combination-too-heavy", CHAT, {"messages": HELLO, "model": "good:-101+other:1"}, 400),
+    ("chat-combination-empty-name", CHAT, {"messages": HELLO, "model": "good+"}, 400),
+    ("chat-combination-twice", CHAT, {"messages": HELLO, "model": "good+good"}, 400),
+    ("complete-too-many-prompts", COMPLETE, {"prompt": ["x"] * 33}, 400),
     ("complete-no-prompt", COMPLETE, {"model": "good"}, 400),
     ("complete-empty-list", COMPLETE, {"prompt": []}, 400),
     ("complete-prompt-number", COMPLETE, {"prompt": 7}, 400),

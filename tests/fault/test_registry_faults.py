@@ -10,9 +10,7 @@ import pytest
 
 from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
-from tests.fault.conftest import snapshot
-from tests.fault.forked import run_forked, start_forked
-from tests.fault.train_util import finished_ok
+from tests.helpers import finished_ok, run_forked, snapshot, start_forked
 
 
 def listing(workspace) -> list[tuple[str, str]]:

@@ -9,8 +9,7 @@ import time
 import pytest
 
 from lqmf.core.faults import POINTS
-from tests.fault.forked import run_forked, start_forked
-from tests.fault.train_util import STEPS, finished_ok, train_args, train_steps_logged
+from tests.helpers import STEPS, finished_ok, run_forked, start_forked, train_args, train_steps_logged
 
 # (point, what a kill there must leave): "resumable" continues from a checkpoint, "restart" has none
 # yet (resume says it starts from step 0), "finished" is the adapter in place.

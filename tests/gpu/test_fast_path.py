@@ -37,16 +37,17 @@ if not torch.cuda.is_available():
 
 from lqmf.core.workspace import Workspace  # noqa: E402
 from lqmf.engine import inference  # noqa: E402
+from tests.helpers import EXAMPLES  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "datasets"
 ADAPTERS = {"chat": ("chat_training.csv", "chat", "1"), "instr": ("instructions.jsonl", "instruction_following", "3"),
             "chat2": ("chat_training.csv", "chat", "5")}
 PROMPTS = ["How do I return an item?", "Where is my order?", "Translate to French: good morning",
            "Summarize: shipping takes 3 to 5 days.", "What is AI?"]
-NEW = 24
+NEW = 16
+STARTED = time.monotonic()
 LOGIT_TOL = 0.03
 LOSS_TOL, GRAD_TOL = 0.01, 0.03
-RECORD: dict[str, list[bool]] = {}  # check -> per answer: equal to stock generate word for word
+RECORD: dict[str, list[bool]] = {}  # check -> per answer: its first NEW tokens equal stock generate's
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -70,6 +71,7 @@ def gpu_workspace(tmp_path_factory) -> Path:
                                      "--batch-size", "4", "--grad-accum", "1", "--lr", "5e-3", "-q", "--4bit",
                                      "--seed", seed])
         assert result.exit_code == 0, result.output
+        print(f"[{time.monotonic() - STARTED:6.1f}s] trained {name}")
     return root / "ws"
 
 
@@ -153,12 +155,13 @@ def assert_follows_stock(stock, slot: str | None, ids: list[int], tokens: list[i
     assert not bad, (f"{check}: token {bad[0]} ({tokens[bad[0]]}) scores {gap[bad[0]]:.4f} below the stock argmax "
                      f"(tolerance {allowed[bad[0]]:.4f})")
     expected = stock_answer(stock, slot, ids)
-    RECORD.setdefault(check, []).append(expected[:len(tokens)] == tokens)
+    common = min(len(expected), len(tokens))  # stock generate gives NEW tokens; a long request more
+    RECORD.setdefault(check, []).append(expected[:common] == tokens[:common])
 
 
 def assert_logits_close(got, expected, check: str) -> None:
     worst = ((got.float() - expected).abs().max(-1).values / expected.abs().max(-1).values).max().item()
-    print(f"{check}: max |fast - stock| / max |stock| = {worst:.5f}")
+    print(f"[{time.monotonic() - STARTED:6.1f}s] {check}: max |fast - stock| / max |stock| = {worst:.5f}")
     assert worst <= LOGIT_TOL, f"{check}: logits differ by {worst:.4f} of the largest (tolerance {LOGIT_TOL})"
 
 
@@ -173,15 +176,16 @@ def test_single_requests_follow_stock(stock, fast, graphs):
     eos = inference.eos_ids_of(fast)
     answers = set()
     for slot in [*ADAPTERS, None]:
-        for prompt in PROMPTS:
+        for prompt in PROMPTS[:3]:
             ids = inference.prompt_ids(fast, prompt)
             with inference.adapter_context(fast, slot):
                 tokens = decoder.generate(ids, NEW, eos_ids=eos).tokens
-                got = fast.model(input_ids=torch.tensor([ids], device="cuda")).logits[0]
+                with torch.inference_mode():
+                    got = fast.model(input_ids=torch.tensor([ids], device="cuda")).logits[0]
             assert_follows_stock(stock, slot, ids, tokens, f"single/{'graphs' if graphs else 'eager'}")
             assert_logits_close(got, stock_logits(stock, slot, ids), f"single prompt logits ({slot})")
             answers.add((prompt, tuple(tokens)))
-    assert len(answers) > len(PROMPTS), "the adapters changed no answer: the check would not see a wrong adapter"
+    assert len(answers) > 3, "the adapters changed no answer: the check would not see a wrong adapter"
     assert not graphs or decoder.graphs, "no CUDA graph was captured"
 
 
@@ -228,8 +232,10 @@ def _mixed_batch(host, stock, check: str) -> None:
     ids = {prompt: inference.prompt_ids(host.model, prompt) for prompt in PROMPTS}
     before = host.scheduler.steps_ahead
     requests = [(job, submit(host, job[0], ids[job[1]])) for job in jobs]  # all queued: they batch together
-    for (model_id, prompt), request in requests:
-        assert_follows_stock(stock, model_id, ids[prompt], drain(request), check)
+    answers = [(job, drain(request)) for job, request in requests]
+    # the stock model runs only now: no CUDA call may come from another thread while the scheduler captures a graph
+    for (model_id, prompt), tokens in answers:
+        assert_follows_stock(stock, model_id, ids[prompt], tokens, check)
     assert host.scheduler.steps_ahead > before, "greedy rows did not decode ahead"
 
 
@@ -270,7 +276,7 @@ def test_hot_swap_during_a_batch_changes_no_request_in_flight(gpu_workspace, sto
         while host.scheduler.load()["running"] < len(requests):
             assert time.monotonic() < deadline
             time.sleep(0.002)
-        swaps = [host.unload("instr"), host.load("chat2"), host.switch("chat2")]
+        host.unload("instr"), host.load("chat2"), host.switch("chat2")
         later = [((m, p), submit(host, m, ids[p])) for p in PROMPTS[:2] for m in ("chat2", "chat")]
         jobs = requests + later
         results: dict = {}
@@ -280,7 +286,6 @@ def test_hot_swap_during_a_batch_changes_no_request_in_flight(gpu_workspace, sto
             thread.start()
         for thread in threads:
             thread.join(180)
-        assert [s.method for s in swaps][:2] == ["unload", "load"]
         for i, ((model_id, prompt), _) in enumerate(jobs):
             assert_follows_stock(stock, model_id, ids[prompt], results[i], "swap during a batch")
     finally:
@@ -294,6 +299,7 @@ def _train_model(gpu_workspace, lean: bool):
     from peft import LoraConfig, get_peft_model
 
     from lqmf.core.models import ModelCatalogue
+    from lqmf.engine import compat
     from lqmf.engine.loading import load_model
     from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
 
@@ -308,6 +314,9 @@ def _train_model(gpu_workspace, lean: bool):
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.normal_(0, 0.05)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            compat.repoint(parameter, parameter.data.float())  # as loop.setup_model: fp32 LoRA weights
     if lean:
         assert use_lean_lora(model), "no LoRA layer of ours"
     model.train()
@@ -315,7 +324,10 @@ def _train_model(gpu_workspace, lean: bool):
 
 
 def test_training_steps_match_peft(gpu_workspace):
-    """Loss and LoRA gradients of our layers against PEFT's, over three steps of AdamW."""
+    """Loss and LoRA gradients of our layers against PEFT's, over three steps of AdamW, under the
+    bfloat16 autocast that `lqmf train` runs its steps in (fp32 LoRA weights)."""
+    from lqmf.engine.train.loop import autocast
+
     ids = torch.randint(10, 400, (4, 128), generator=torch.Generator().manual_seed(0)).cuda()
     runs = {}
     for lean in (False, True):
@@ -324,7 +336,8 @@ def test_training_steps_match_peft(gpu_workspace):
         losses, grads = [], []
         for _ in range(3):
             optimizer.zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
+            with autocast("cuda"):
+                loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             losses.append(loss.item())
             grads.append({n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None})

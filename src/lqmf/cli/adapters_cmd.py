@@ -72,7 +72,7 @@ def list_adapters(
     table = []
     for r in rows:
         state = r["state"] if r["problem"] is None else f"{r['state']}: {r['problem']}"
-        if r["state"] not in ("ok", "corrupt"):
+        if r["state"] not in ("ok", "corrupt", "suspect"):
             table.append(["", r["name"], "", "", "", "", "", "", state])
             continue
         created = (r["created"] or "")[:16].replace("T", " ")
@@ -224,6 +224,52 @@ def unload(
         typer.echo(f"unloaded {item['adapter']} from {item.get('base_model') or item['base_id']}")
     if served is not None:
         typer.echo(f"server {served['server']}: unloaded in {served['swap_ms']:.1f} ms")
+
+
+@app.command("history")
+def history(ctx: typer.Context, name: str = NameArgument, json_output: bool = JsonOption,
+            workspace_dir: str | None = WorkspaceOption) -> None:
+    """NAME's learned versions (lqmf learn): parent, feedback used, scores, and which one is active."""
+    from lqmf.core.learning import current_member, family_members, family_root
+
+    registry = _registry(ctx, workspace_dir)
+    members = family_members(registry, family_root(registry, name))
+    active = {p["adapter"] for p in registry.active_pointers(strict=False).values()}
+    current = current_member(registry, members)
+    rows = [{**m, "feedback": len(m["feedback"]), "active": m["name"] in active, "current": m["name"] == current}
+            for m in members]
+    if json_output:
+        print_json_rows(rows)
+        return
+
+    def scores(member: dict[str, Any]) -> str:
+        new = ((member.get("evaluation") or {}).get("new") or {}).get("original") or {}
+        return ", ".join(f"{k} {v:.4g}" for k, v in new.items())
+
+    print_table([[("* " if r["active"] else "  ") + r["name"], r["version"], r["parent"] or "", r["feedback"],
+                  scores(r), r["created"] or ""] for r in rows],
+                ["version", "n", "parent", "feedback used", "original held-out", "created"])
+
+
+@app.command("rollback")
+def rollback(ctx: typer.Context, name: str = NameArgument,
+             to: str | None = typer.Option(None, "--to", help="The version to go back to (default: the parent of "
+                                           "the family's current version)."),
+             server: str | None = ServerOption, json_output: bool = JsonOption,
+             workspace_dir: str | None = WorkspaceOption) -> None:
+    """Make an earlier version of NAME's family active again, hot-swapping a running server."""
+    from lqmf.core.learning import current_member, family_members, family_root
+
+    registry = _registry(ctx, workspace_dir)
+    members = family_members(registry, family_root(registry, name))
+    current = current_member(registry, members)
+    target = to or next(m["parent"] for m in members if m["name"] == current)
+    if target is None:
+        raise InputError(f"{current} is the first version of its family: there is nothing to roll back to")
+    if target not in {m["name"] for m in members}:
+        raise InputError(f"--to {target}: not a version of {members[0]['name']} "
+                         f"({', '.join(m['name'] for m in members)})")
+    _activate(ctx, "switch", target, server, json_output, workspace_dir)
 
 
 def _confirm(question: str) -> None:

@@ -23,8 +23,18 @@ GUIDE_PHRASES: dict[tuple[str, ...], tuple[str, ...]] = {
     ("switch", "adapter"): ("adapters", "switch"),
     ("switch",): ("adapters", "switch"),
     ("export", "adapter"): ("export",),
+    # continuous learning (docs/learning.md)
+    ("rate",): ("feedback", "add"),
+    ("list", "feedback"): ("feedback", "list"),
+    ("show", "feedback"): ("feedback", "show"),
+    ("export", "feedback"): ("feedback", "export"),
+    ("learn", "adapter"): ("learn",),
+    ("history", "adapter"): ("adapters", "history"),
+    ("history",): ("adapters", "history"),
+    ("rollback", "adapter"): ("adapters", "rollback"),
+    ("rollback",): ("adapters", "rollback"),
 }
-AMBIGUOUS = {"list": ("adapters list", "models list")}
+AMBIGUOUS = {"list": ("adapters list", "models list", "feedback list")}
 SHELL_ONLY = {"clear": "clears the screen", "exit": "leaves the shell", "quit": "leaves the shell"}
 
 

@@ -28,7 +28,14 @@ def qlora_estimate_gb(resolved: ResolvedModel) -> float | None:
 def model_rows(catalogue: ModelCatalogue) -> list[dict]:
     rows = []
     for alias, entry in sorted(catalogue.models.items()):
-        resolved = catalogue.resolve(alias)
+        try:
+            resolved = catalogue.resolve(alias)
+        except InputError as err:  # one alias LQMF would refuse (an odd quantization_config): listed, not fatal
+            rows.append({"alias": alias, "source": entry["source"], "kind": None, "family": entry.get("family"),
+                         "available": False, "path": None, "origin": catalogue.origin[alias],
+                         "description": entry.get("description"), "quantization": None, "qlora_estimate_gb": None,
+                         "problem": err.message})
+            continue
         rows.append({
             "alias": alias, "source": entry["source"], "kind": resolved.kind,
             "family": resolved.family, "available": resolved.available,
@@ -52,7 +59,7 @@ def list_models(
         return
     print_table(
         [[r["alias"], r["source"], r["family"] or "?", "yes" if r["available"] else "no",
-          r["quantization"]["label"] if r["quantization"] else "", r["origin"],
+          r["quantization"]["label"] if r["quantization"] else "refused" if r.get("problem") else "", r["origin"],
           f"{r['qlora_estimate_gb']:.1f} GB" if r["qlora_estimate_gb"] is not None else "?"] for r in rows],
         ["alias", "source", "family", "local", "quantized", "from", "QLoRA est."],
     )

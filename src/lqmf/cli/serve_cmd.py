@@ -79,6 +79,9 @@ def serve(
                                           help="GPU memory budget for weights, adapters and KV cache, e.g. 8GB "
                                           "(default: the free memory)."),
     log_level: str = typer.Option("info", "--log-level", help="critical | error | warning | info | debug"),
+    record_answers: bool = typer.Option(False, "--record", help="Keep every answer (id, adapter, prompt, answer, "
+                                        "time) in learning/completions.jsonl, owner-only, and take feedback on it "
+                                        "(POST /v1/feedback; lqmf feedback, lqmf learn). Off by default."),
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -135,7 +138,7 @@ def serve(
                   "base": {"reference": base.reference, "source": base.source, "alias": base.alias,
                            "path": str(base.path) if base.path else None},
                   "task": model_host.model.task, "api_key_required": bool(api_key), "workspace": str(ws.root),
-                  "started": now_iso()}
+                  "started": now_iso(), "recording": record_answers}
 
         def ready() -> None:
             path = register_server(ws, record)
@@ -154,7 +157,14 @@ def serve(
                  "one request at a time (LQMF_FAST=0, a classification model, or a model the batched decoder "
                  "does not run)")
 
-        app = server_mod.create_app(model_host, api_key=api_key, on_ready=ready, on_stop=lambda: unregister_server(ws))
+        recorder = None
+        if record_answers:
+            from lqmf.engine.serve.recording import Recorder
+
+            recorder = Recorder(ws, model_host.model.task)
+            info(f"recording every answer in {recorder.log.path} (owner-only); feedback: POST /v1/feedback")
+        app = server_mod.create_app(model_host, api_key=api_key, on_ready=ready, on_stop=lambda: unregister_server(ws),
+                                    recorder=recorder)
         try:
             server_mod.run_server(app, sock, log_level)
         finally:

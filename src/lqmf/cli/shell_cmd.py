@@ -19,7 +19,7 @@ from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import fail, info
 from lqmf.core.errors import LqmfError
 from lqmf.core.workspace import Workspace
-from lqmf.engine.kept import KEPT  # no torch: the engine loads only when a line needs a model
+from lqmf.engine.model_cache import KEPT  # no torch: the engine loads only when a line needs a model
 
 HISTORY_LENGTH = 1000
 SHELL_WORDS = ("clear", "exit", "quit")

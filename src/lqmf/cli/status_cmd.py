@@ -38,7 +38,8 @@ def running_servers(ws: Workspace) -> list[dict[str, Any]]:
 
     servers = []
     for record in running_servers(ws):
-        entry = {"url": record["url"], "pid": record["pid"], "base": record["base_id"], "task": record.get("task")}
+        entry = {"url": record["url"], "pid": record["pid"], "base": record["base_id"], "task": record.get("task"),
+                 "recording": bool(record.get("recording"))}
         try:
             state = call_server(record["url"], "GET", "/admin/adapters", api_key=os.environ.get(API_KEY_ENV),
                                 timeout=2.0)
@@ -114,7 +115,8 @@ def _print_status(report: dict[str, Any]) -> None:
     for server in report["serve"]:
         held = ", ".join(server.get("adapters") or []) or "no adapters"
         state = f"error: {server['error']}" if "error" in server else f"active {server.get('active') or 'none'}"
-        typer.echo(f"serving: {server['base']} at {server['url']} (pid {server['pid']}): {held}; {state}")
+        recording = "; recording answers (learning/completions.jsonl)" if server.get("recording") else ""
+        typer.echo(f"serving: {server['base']} at {server['url']} (pid {server['pid']}): {held}; {state}{recording}")
         for eviction in server.get("evictions") or []:
             typer.echo(f"  evicted {eviction['adapter']}: {eviction['reason']}")
 

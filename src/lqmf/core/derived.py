@@ -7,6 +7,7 @@ manifest says about where an adapter came from.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ from lqmf.core.registry import ADAPTER_WEIGHTS, AdapterEntry
 COMBINE_METHODS = ("linear", "svd", "cat", "ties", "dare_ties", "dare_linear")
 DENSITY_METHODS = ("ties", "dare_ties", "dare_linear")
 SAME_RANK_METHODS = ("linear", "ties", "dare_ties", "dare_linear")
+MAX_WEIGHT = 100.0  # a combination weight's largest magnitude (offline combine and serve's A:0.7+B:0.3)
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
@@ -31,7 +33,23 @@ def parse_weights(text: str | None, count: int) -> list[float]:
         raise InputError(f"--weights: '{text}' is not a comma-separated list of numbers") from None
     if len(weights) != count:
         raise InputError(f"--weights: {len(weights)} weight(s) for {count} adapters")
-    return weights
+    return [check_weight(weight, "--weights") for weight in weights]
+
+
+def check_weight(value: float, where: str) -> float:
+    """value if it is a usable combination weight: finite and at most MAX_WEIGHT in magnitude (so it
+    scales float32/bfloat16 weights without overflowing them); InputError naming where otherwise."""
+    if not math.isfinite(value) or abs(value) > MAX_WEIGHT:
+        raise InputError(f"{where}: weight {value:g} is not a finite number between -{MAX_WEIGHT:g} and "
+                         f"{MAX_WEIGHT:g}")
+    return value
+
+
+def check_finite_option(value: float | None, option: str) -> float | None:
+    """value (or None) if it is a finite number; InputError naming the option otherwise."""
+    if value is not None and not math.isfinite(value):
+        raise InputError(f"{option} must be a finite number, got {value}")
+    return value
 
 
 def check_combinable(entries: list[AdapterEntry], method: str, density: float | None) -> None:
@@ -91,6 +109,8 @@ class Gate:
     max_loss: float | None = None
 
     def check_task(self, task: str) -> None:
+        check_finite_option(self.min_metric, "--min-metric")
+        check_finite_option(self.max_loss, "--max-loss")
         if self.min_metric is not None and task != "classification":
             raise InputError("--min-metric applies to classification accuracy; for a "
                              f"{task} adapter gate on --max-loss")

@@ -5,6 +5,10 @@ is a folder to export into, as NAME (NAME-merged for --merge; plus .tar.gz for -
 Everything is built in a temporary folder beside the target and renamed into place when done.
 Temporaries are named after their process (owner_tag), so the next export to the same PATH can
 remove those a killed export left, and never one a running export is still writing.
+
+Every export folder holds lqmf-export.json, the record of what the export wrote (an export id and
+its files). --force replaces only a folder with that record and no file beyond it: never an adapter
+of some registry, a user's folder, or an export someone has added files to.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,6 +29,7 @@ from typing import Any
 
 from lqmf import __version__
 from lqmf.core.errors import ConflictError, InputError
+from lqmf.core.export_formats import FORMATS, GGUF_OUTTYPES
 from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import fsync_dir, owner_alive, owner_tag
 from lqmf.core.registry import (
@@ -38,6 +44,7 @@ from lqmf.core.registry import (
 )
 
 CHECKSUMS = "SHA256SUMS"
+EXPORT_RECORD = "lqmf-export.json"
 README = "README.md"
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz")
 PEFT_EXPORT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS, "config.yaml")
@@ -53,10 +60,21 @@ class ExportPlan:
     merge: bool
     archive: bool
     force: bool
+    runtime: str = "peft"  # peft | gguf | ollama | vllm (--format)
+    outtype: str = "f16"  # the GGUF tensor type
 
     @property
     def format(self) -> str:
-        return "merged" if self.merge else "peft"
+        """What the folder holds: peft, merged, gguf, ollama, ollama-merged, vllm or vllm-merged."""
+        if self.runtime == "peft":
+            return "merged" if self.merge else "peft"
+        return f"{self.runtime}-merged" if self.merge else self.runtime
+
+
+def export_folder_name(name: str, runtime: str, merge: bool) -> str:
+    """NAME, NAME-merged, NAME-gguf, NAME-ollama(-merged), NAME-vllm(-merged)."""
+    parts = [name] + ([runtime] if runtime != "peft" else []) + (["merged"] if merge else [])
+    return "-".join(parts)
 
 
 def _inside(path: Path, folder: Path) -> bool:
@@ -64,12 +82,25 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def plan_export(registry: Registry, name: str, path: str, *, merge: bool = False, archive: bool = False,
-                force: bool = False) -> ExportPlan:
+                force: bool = False, runtime: str = "peft", outtype: str | None = None) -> ExportPlan:
     """Resolve and check the export path before anything is written (raises InputError / ConflictError)."""
+    if runtime not in FORMATS:
+        raise InputError(f"unknown export format '{runtime}'; choose one of {', '.join(FORMATS)}")
+    if outtype is not None and runtime not in ("gguf", "ollama"):
+        raise InputError(f"--outtype sets the GGUF tensor type; --format {runtime} writes no GGUF")
+    outtype = outtype or "f16"
+    if outtype not in GGUF_OUTTYPES:
+        raise InputError(f"unknown GGUF --outtype '{outtype}'; choose one of {', '.join(GGUF_OUTTYPES)}")
+    if runtime != "peft" and archive:
+        raise InputError(f"--archive packs PEFT or merged exports; a --format {runtime} export is a folder to "
+                         "use where it is written")
+    if runtime == "gguf" and merge:
+        raise InputError("--format gguf writes an adapter for the base model's GGUF; for a merged GGUF, export "
+                         "--merge and convert that folder with llama.cpp's convert_hf_to_gguf.py")
     entry = registry.get_intact(name)
     if not path or not path.strip():
         raise InputError("the export path is empty")
-    folder_name = f"{name}-merged" if merge else name
+    folder_name = export_folder_name(name, runtime, merge)
     into_folder = path.endswith(("/", os.sep))
     given = Path(path).expanduser()
     given = (given if given.is_absolute() else Path.cwd() / given).resolve()
@@ -94,7 +125,7 @@ def plan_export(registry: Registry, name: str, path: str, *, merge: bool = False
         raise InputError(f"cannot export to '{target}': '{ancestor}' is not writable")
     if target.exists() or target.is_symlink():
         _check_replaceable(target, archive, force, into_folder)
-    return ExportPlan(entry, target, folder_name, merge, archive, force)
+    return ExportPlan(entry, target, folder_name, merge, archive, force, runtime, outtype)
 
 
 def _check_replaceable(target: Path, archive: bool, force: bool, into_folder: bool) -> None:
@@ -109,9 +140,41 @@ def _check_replaceable(target: Path, archive: bool, force: bool, into_folder: bo
     if not archive:
         if not target.is_dir():
             raise ConflictError(f"'{target}' is a file; refusing to replace it with a folder")
-        if any(target.iterdir()) and not (target / MANIFEST).is_file():
-            raise ConflictError(f"'{target}' is not an LQMF export (it has no {MANIFEST}); "
+        _check_written_by_export(target)
+
+
+def read_export_record(folder: Path) -> dict[str, Any] | None:
+    """The record an export left in folder, None when it has none (or not a readable one)."""
+    try:
+        record = json.loads((folder / EXPORT_RECORD).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("export_id"), str):
+        return None
+    files = record.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+        return None
+    return record
+
+
+def _check_written_by_export(target: Path) -> None:
+    """Refuse to replace a folder unless an export wrote it and nothing was added to it since."""
+    record = read_export_record(target)
+    if record is None:
+        if not any(target.iterdir()):
+            return
+        if (target / MANIFEST).is_file():
+            raise ConflictError(f"'{target}' has {MANIFEST} but no valid {EXPORT_RECORD}: it is an adapter folder (of "
+                                "a registry, maybe another workspace's) or an export lqmf did not record; "
                                 "refusing to replace it even with --force")
+        raise ConflictError(f"'{target}' is not an LQMF export (it has no {EXPORT_RECORD}); "
+                            "refusing to replace it even with --force")
+    present = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file() or p.is_symlink()}
+    added = sorted(present - set(record["files"]) - {EXPORT_RECORD})
+    if added:
+        shown = ", ".join(added[:3]) + (f" and {len(added) - 3} more" if len(added) > 3 else "")
+        raise ConflictError(f"'{target}' holds files its export did not write ({shown}); "
+                            "refusing to replace it even with --force")
 
 
 # ----------------------------------------------------------------------------- building the content
@@ -152,18 +215,31 @@ def write_checksums(folder: Path) -> None:
     (folder / CHECKSUMS).write_text("".join(f"{sums[rel]}  {rel}\n" for rel in sorted(sums)), encoding="utf-8")
 
 
-def finish_folder(entry: AdapterEntry, folder: Path, fmt: str, details: dict[str, Any]) -> None:
-    """Write README, manifest and checksums into the (temporary) folder that holds the exported weights."""
+def finish_folder(entry: AdapterEntry, folder: Path, fmt: str, details: dict[str, Any]) -> list[str]:
+    """Write README, manifest, checksums and last the export record into the (temporary) folder that holds
+    the exported weights; returns every file of the export."""
     (folder / README).write_text(readme_text(entry, fmt, details), encoding="utf-8")
     manifest = export_manifest(entry, folder, fmt, details)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n", encoding="utf-8")
     write_checksums(folder)
+    files = sorted([*file_inventory(folder), MANIFEST])
+    record = {"export_id": uuid.uuid4().hex, "adapter": entry.name, "format": fmt,
+              "written": datetime.now(timezone.utc).isoformat(timespec="seconds"), "files": files}
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return sorted([*files, EXPORT_RECORD])
+
+
+def base_reference(entry: AdapterEntry) -> str:
+    """The base model as other tools name it: its hub id, or the folder it was loaded from."""
+    base = entry.base_model
+    return str((base.get("source") if base.get("kind") == "hub" else base.get("path") or base.get("source"))
+               or base.get("reference") or "")
 
 
 def readme_text(entry: AdapterEntry, fmt: str, details: dict[str, Any]) -> str:
     manifest = entry.manifest or {}
     base = entry.base_model
-    base_ref = base.get("source") if base.get("kind") == "hub" else base.get("path") or base.get("source")
+    base_ref = base_reference(entry)
     task = manifest.get("task")
     lora = manifest.get("lora") or {}
     classification = task == "classification"
@@ -173,12 +249,18 @@ def readme_text(entry: AdapterEntry, fmt: str, details: dict[str, Any]) -> str:
              f"base model `{base.get('reference')}`, rank {lora.get('r')}, "
              f"target modules {lora.get('target_modules')}.",
              ""]
-    if fmt == "merged":
+    if details.get("command"):
+        lines += [f"Use it with {details['runtime']}:", "", "```sh", details["command"], "```", ""]
+        lines += [f"- {note}" for note in details.get("notes", [])] + ([""] if details.get("notes") else [])
+    if fmt.endswith("merged"):
         lines += ["This folder is the base model with the adapter merged into its weights: it loads without peft.",
                   "", "```python", f"from transformers import {auto}, AutoTokenizer", "",
                   f'model = {auto}.from_pretrained(".")', 'tokenizer = AutoTokenizer.from_pretrained(".")', "```"]
         if details.get("trained_quantized_4bit"):
             lines += ["", details["note"]]
+    elif fmt in ("gguf", "ollama"):
+        lines += [f"`{details.get('gguf_file')}` is the adapter alone ({details.get('outtype')}): load it on a GGUF "
+                  "of the same base model, converted from the same weights."]
     else:
         labels = manifest.get("id2label") or {}
         extra = (f", num_labels={len(labels)}, id2label={ {int(k): v for k, v in labels.items()} }"
@@ -259,6 +341,7 @@ def install(built: Path, plan: ExportPlan) -> None:
         if not plan.force:  # it appeared while we were building
             raise ConflictError(f"'{target}' already exists; use --force to replace it")
         if target.is_dir():
+            _check_written_by_export(target)  # again: it may have changed while we were building
             old = target.with_name(f".{target.name}.{owner_tag()}.lqmf-old")
             target.rename(old)
             fault_point("export.old_moved_aside")
@@ -290,33 +373,33 @@ def remove_stale_temporaries(plan: ExportPlan, kind: str) -> list[str]:
     return removed
 
 
-def write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Write the export. merge_into(folder) -> details, when given, writes the merged model instead.
+def write_export(plan: ExportPlan, build_into: Callable[[Path], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Write the export. build_into(folder) -> details, when given, writes the content (a merged model, a
+    GGUF adapter ...) instead of the PEFT files; details may name the command that uses the export.
 
     A path that cannot be written (read-only file system, no permission, no space) fails with one line.
     """
     try:
-        return _write_export(plan, merge_into)
+        return _write_export(plan, build_into)
     except OSError as err:
         where = f" ({err.filename})" if err.filename else ""
         raise InputError(f"cannot write the export to '{plan.target}': {err.strerror or err}{where}") from None
 
 
-def _write_export(plan: ExportPlan, merge_into: Callable[[Path], dict[str, Any]] | None) -> dict[str, Any]:
+def _write_export(plan: ExportPlan, build_into: Callable[[Path], dict[str, Any]] | None) -> dict[str, Any]:
     stale = remove_stale_temporaries(plan, "tmp") if plan.target.parent.is_dir() else []
     with build_folder(plan) as work:
         folder = work / plan.folder_name
         folder.mkdir()
-        if plan.merge:
-            if merge_into is None:
-                raise ValueError("a merged export needs merge_into")
-            details = merge_into(folder)
+        if build_into is not None:
+            details = build_into(folder)
+        elif plan.merge or plan.runtime in ("gguf", "ollama"):
+            raise ValueError(f"a {plan.format} export needs build_into")
         else:
             copy_adapter_files(plan.entry, folder)
             details = {}
-        finish_folder(plan.entry, folder, plan.format, details)
+        files = finish_folder(plan.entry, folder, plan.format, details)
         _shareable_modes(folder)
-        files = sorted([*file_inventory(folder), MANIFEST])
         fault_point("export.written")
         if plan.archive:
             built = make_archive(folder, plan)

@@ -27,6 +27,8 @@ POINTS = {
     "export.old_moved_aside": "with --force: the previous export renamed aside, the new one not yet in place",
     "remove.trashed": "the adapter was moved to trash, the trash not yet emptied",
     "rename.moved": "the adapter folder has its new name, its manifest still the old name",
+    "learn.trained": "a learned version is trained in staging, not yet evaluated nor registered",
+    "learn.before_finalize": "a learned version passed the gate, its staging not yet renamed into place",
 }
 
 _hits: dict[str, int] = {}

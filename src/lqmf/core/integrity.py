@@ -19,7 +19,7 @@ from typing import Any
 
 from lqmf.core.errors import InputError
 from lqmf.core.fsutil import atomic_write_json, file_sha256
-from lqmf.core.weights import LORA_KEY, TensorInfo, read_safetensors_checked
+from lqmf.core.weights import LORA_KEY, TensorInfo, read_safetensors_checked, target_pattern_problem
 
 CHECKSUM_CACHE = Path(".lqmf") / "checksums.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -148,6 +148,10 @@ def _shape_problems(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> l
     rank = config["r"]
     ranks = {rank, *(v for v in (config.get("rank_pattern") or {}).values() if isinstance(v, int))}
     targets = config.get("target_modules")
+    if isinstance(targets, str) and targets != "all-linear":
+        problem = target_pattern_problem(targets)  # never match a pattern that could backtrack for ever
+        if problem is not None:
+            return [f"{ADAPTER_CONFIG}: {problem}"]
     pairs: dict[str, dict[str, tuple[int, ...]]] = {}
     for key, (_, shape) in tensors.items():
         match = LORA_KEY.match(key)

@@ -47,9 +47,9 @@ NF4_PACKED_BYTES_PER_PARAM = 0.5  # what FSDP shards of a 4-bit weight; the cons
 # when it fits the per-GPU budget, else fsdp.
 STRATEGIES = ("auto", "ddp", "fsdp")
 FSDP_GATHERED_BLOCKS = 2
-# engine/train/loss.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
+# engine/fused/loss.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
 LOSS_CHUNK_TOKENS = 1024
-# engine/train/blocks.py runs a block's MLP over this many tokens at a time (TILE_TOKENS).
+# engine/fused/blocks.py runs a block's MLP over this many tokens at a time (TILE_TOKENS).
 MLP_TILE_TOKENS = 2048
 # packing=auto packs when the training examples' mean length is at most this share of max_seq_length.
 PACKING_MAX_MEAN_SHARE = 0.5
@@ -209,7 +209,7 @@ class TrainSettings:
     offload_activations: bool = False  # checkpointed activations wait in host memory (engine/train/offload.py)
     # Packing (engine/data.py: pack): examples end to end in sequences of up to this many tokens; 0: off.
     pack_tokens: int = 0
-    tiled_mlp: bool = False  # the MLP runs TILE_TOKENS at a time, each tile checkpointed (engine/train/blocks.py)
+    tiled_mlp: bool = False  # the MLP runs TILE_TOKENS at a time, each tile checkpointed (engine/fused/blocks.py)
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -351,11 +351,42 @@ def _packed_rows(settings: TrainSettings) -> tuple[int, int]:
     return min(b, math.ceil(b * s / width) + (1 if b > 1 else 0)), width
 
 
+def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Linear], b: int,
+                 s: int) -> tuple[int, int]:
+    """(saved for backward, one block's recompute and backward working set) for b rows of s tokens.
+
+    With gradient checkpointing each block keeps only its input, and backward recomputes one block at
+    a time; without it every block keeps what it saved. Padded (or packed) and unpadded micro-batches
+    differ (see _block_bytes_per_token); the worse one counts.
+    """
+    L, h, act, tokens = shape.layers, shape.hidden, settings.compute_bytes, b * s
+    paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
+    if settings.pack_tokens:  # position ids restart inside a row: a block-diagonal mask, as with padding
+        paddings = [True]
+    tiled = settings.tiled and tokens > MLP_TILE_TOKENS
+    tile = MLP_TILE_TOKENS if tiled else tokens  # tiles of the micro-batch's tokens, all rows flattened
+    boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
+    saved = working = 0
+    for padded in paddings:
+        per_token, mlp, backward_per_token = _block_bytes_per_token(shape, settings, lora, padded, s)
+        block = tokens * (per_token - mlp) + tile * mlp
+        if tiled:  # the tiles' input (the MLP norm's output) stays whole for their recomputation
+            block += tokens * h * act
+        backward = tile * backward_per_token
+        this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
+        if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
+            this_saved = OFFLOAD_IN_FLIGHT * boundary
+        this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
+        this_working = (block if settings.gradient_checkpointing else 0) + backward
+        if this_saved + this_working > saved + working:
+            saved, working = this_saved, this_working
+    return saved, working
+
+
 def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     """Peak memory of a LoRA/QLoRA training step of shape under settings (see the module docstring)."""
     b, s = _packed_rows(settings)
     L, h, V = shape.layers, shape.hidden, shape.vocab
-    tokens = b * s
     c = act = settings.compute_bytes
     classification = settings.task == "classification"
 
@@ -383,29 +414,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     elif settings.gpus > 1:  # DDP: the gradients flattened into one buffer for their all-reduce
         lora_bytes += lora_params * 4
 
-    # Activations. With gradient checkpointing each block keeps only its input, and backward
-    # recomputes one block at a time; without it every block keeps what it saved. Padded and
-    # unpadded micro-batches differ (see _block_bytes_per_token); the worse one counts.
-    paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
-    if settings.pack_tokens:  # position ids restart inside a row: a block-diagonal mask, as with padding
-        paddings = [True]
-    tiled = settings.tiled and tokens > MLP_TILE_TOKENS
-    tile = MLP_TILE_TOKENS if tiled else tokens  # tiles of the micro-batch's tokens, all rows flattened
-    boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
-    saved = working = 0
-    for padded in paddings:
-        per_token, mlp, backward_per_token = _block_bytes_per_token(shape, settings, lora, padded, s)
-        block = tokens * (per_token - mlp) + tile * mlp
-        if tiled:  # the tiles' input (the MLP norm's output) stays whole for their recomputation
-            block += tokens * h * act
-        backward = tile * backward_per_token
-        this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
-        if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
-            this_saved = OFFLOAD_IN_FLIGHT * boundary
-        this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
-        this_working = (block if settings.gradient_checkpointing else 0) + backward
-        if this_saved + this_working > saved + working:
-            saved, working = this_saved, this_working
+    saved, working = _activations(shape, settings, lora, b, s)
     if settings.quantize_4bit:
         # bitsandbytes dequantizes a 4-bit weight to the compute dtype for each matmul.
         working += max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c
@@ -415,7 +424,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         # The answer tokens' hidden states, gathered for the chunked loss (all tokens, at worst).
         answers = b * max(s - 1, 1)
         saved += 0 if settings.offloaded else answers * h * act
-        # engine/train/loss.py: per chunk its fp32 logits, turned into the softmax's gradient in place, and
+        # engine/fused/loss.py: per chunk its fp32 logits, turned into the softmax's gradient in place, and
         # under bf16 one bf16 copy (the head's output, then the gradient fed to the matmul); the
         # gradient for the hidden states (answers x h) waits for backward in the place of the inputs.
         chunk = min(LOSS_CHUNK_TOKENS, answers)

@@ -53,7 +53,7 @@ class ResolvedModel:
     @property
     def quantization(self) -> dict[str, Any] | None:
         """How the saved weights are quantized (config.json's quantization_config), None when they are not."""
-        return quantization_of(self.config)
+        return quantization_of(self.config, str(self.path / "config.json") if self.path else self.reference)
 
     @property
     def prequantized_4bit(self) -> bool:
@@ -69,18 +69,33 @@ QUANT_LOADERS = {
 }
 
 
-def quantization_of(config: dict[str, Any]) -> dict[str, Any] | None:
-    """{method, bits, kind, label} from a model's config.json quantization_config; None when absent."""
+BNB_4BIT_TYPES = ("nf4", "fp4")
+QUANT_BITS = (2, 3, 4, 8)
+
+
+def quantization_of(config: dict[str, Any], where: str = "config.json") -> dict[str, Any] | None:
+    """{method, bits, kind, label} from a model's config.json quantization_config; None when absent.
+    A quantization_config LQMF could not load is refused here (InputError naming where and the key), so
+    `models add`, `plan` and `train --dry-run` fail as `train` would."""
     quant = config.get("quantization_config")
-    if not isinstance(quant, dict):
+    if quant is None:
         return None
+    if not isinstance(quant, dict):
+        raise InputError(f"{where}: quantization_config is a {type(quant).__name__}, not a mapping")
     method = str(quant.get("quant_method") or "unknown").lower()
     if method == "bitsandbytes":
-        four = bool(quant.get("load_in_4bit") or quant.get("_load_in_4bit"))
+        four = quant.get("load_in_4bit") or quant.get("_load_in_4bit")
         bits = 4 if four else 8
-        kind = str(quant.get("bnb_4bit_quant_type") or "nf4") if four else "int8"
+        kind = (quant.get("bnb_4bit_quant_type") or "nf4") if four else "int8"
+        if four and kind not in BNB_4BIT_TYPES:
+            raise InputError(f"{where}: quantization_config.bnb_4bit_quant_type is {kind!r}, not one of "
+                             f"{', '.join(BNB_4BIT_TYPES)}")
     else:
-        bits = quant.get("bits") or quant.get("w_bit")
+        key = "bits" if "bits" in quant else "w_bit"
+        bits = quant.get(key)
+        if method in QUANT_LOADERS and (isinstance(bits, bool) or bits not in QUANT_BITS):
+            raise InputError(f"{where}: quantization_config.{key} is {bits!r}, not one of "
+                             f"{', '.join(map(str, QUANT_BITS))}")
         kind = str(quant.get("version") or quant.get("quant_type") or method)
     label = f"{method} {bits}-bit" + (f" {kind}" if kind and kind != method else "")
     return {"method": method, "bits": bits, "kind": kind, "label": label}
@@ -140,6 +155,7 @@ class ModelCatalogue:
             entry = self.models[reference]
             resolved = self._resolve_source(entry["source"], reference, base_dir=self.workspace.root)
             family = entry.get("family") or resolved.family
+            _ = resolved.quantization  # refuses a quantization_config no loader could take, before any work
             return self._with_family(resolved, family, alias=reference)
         local = Path(reference).expanduser()
         if local.is_dir() or (self.workspace.root / local).is_dir():
@@ -147,6 +163,7 @@ class ModelCatalogue:
             if resolved.kind == "local" and not resolved.available:
                 raise InputError(f"{resolved.path}: not a model folder (it has no config.json); give a folder "
                                  "saved by save_pretrained, a hub id or an alias from `lqmf models list`")
+            _ = resolved.quantization  # refuses a quantization_config no loader could take, before any work
             return resolved
         if reference.startswith("package:") or _looks_like_hub_id(reference):
             return self._resolve_source(reference, reference, base_dir=self.workspace.root)
@@ -204,6 +221,7 @@ class ModelCatalogue:
         local = Path(source).expanduser()
         if local.is_dir():
             source = str(local.resolve())
+            quantization_of(read_model_config(local), str(local / "config.json"))  # refuse what train would
         elif not (source.startswith("package:") or _looks_like_hub_id(source)):
             raise InputError(f"model source '{source}' is neither a folder nor a hub id like org/name")
         entry: dict[str, Any] = {"source": source}

@@ -6,7 +6,7 @@ import re
 
 from lqmf.core.errors import InputError
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # fullmatch: a trailing $ matches before a final newline
 MAX_NAME_LENGTH = 100
 
 
@@ -20,9 +20,9 @@ def validate_name(name: str, kind: str = "adapter") -> str:
         raise InputError(f"{kind} name '{name}' contains a path separator")
     if ".." in name:
         raise InputError(f"{kind} name '{name}' contains '..'")
-    if not NAME_PATTERN.match(name):
+    if not NAME_PATTERN.fullmatch(name):
         raise InputError(
-            f"{kind} name '{name}' is not allowed: use letters, digits, '.', '_' and '-', "
+            f"{kind} name {name!r} is not allowed: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit"
         )
     return name

@@ -14,6 +14,7 @@ Beside the folders the registry keeps:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import stat
@@ -38,6 +39,7 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 STAGING_PREFIX = ".staging-"
+STAGING_NOTE = ".lqmf-staging.json"  # in a staging folder not written by training: {"operation": "combine"...}
 TRASH_PREFIX = ".trash-"
 LOCK_FILE = ".registry.lock"
 ACTIVE_FILE = ".active.json"
@@ -47,6 +49,7 @@ LOCK_TIMEOUT_S = 60.0
 REMOVE_WAIT_S = 1.0  # how long remove waits on a run lock before calling the run live
 
 OK, BROKEN, TRAINING, CORRUPT = "ok", "broken", "training", "corrupt"
+SUSPECT = "suspect"  # intact files, but a recorded metric is NaN or infinite
 SUMMARY_FIELDS = ("base_model", "base_id", "task", "rank", "target_modules", "quantized_4bit", "size_bytes",
                   "created", "metric", "improved")
 # The metric that `adapters list` shows, by task: the first one the manifest has.
@@ -113,6 +116,24 @@ class VerifyReport:
                 "notes": self.notes}
 
 
+def mark_staging(staging: Path, operation: str) -> None:
+    """Create staging for a folder that `operation` (combine, compress) writes, saying so inside it."""
+    staging.mkdir(parents=True, exist_ok=True)
+    (staging / STAGING_NOTE).write_text(json.dumps({"operation": operation}), encoding="utf-8")
+
+
+def _staging_operation(folder: Path) -> str | None:
+    """The operation that marked a staging folder (mark_staging); None for a training run's."""
+    raw = _read_regular_file(os.path.join(str(folder), STAGING_NOTE))
+    if raw is None:
+        return None
+    try:
+        operation = json.loads(raw).get("operation")
+    except (UnicodeDecodeError, ValueError, AttributeError):
+        operation = None
+    return operation if operation in ("combine", "compress") else "combine/compress"
+
+
 def file_inventory(folder: Path, exclude: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
     """{relative path: {size, sha256}} for every file in folder except the manifest and the excluded folders."""
     out = {}
@@ -151,6 +172,13 @@ def _read_regular_file(path: str) -> bytes | None:
             return handle.read() if stat.S_ISREG(os.fstat(handle.fileno()).st_mode) else None
     except OSError:
         return None
+
+
+def nonfinite_metrics(manifest: dict[str, Any]) -> list[str]:
+    """The recorded metrics (manifest "metrics") that are NaN or infinite, as 'name is value' lines."""
+    metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
+    return [f"metric {key} is {value}" for key, value in sorted(metrics.items())
+            if isinstance(value, float) and not math.isfinite(value)]
 
 
 def key_metric(task: str | None, metrics: dict[str, Any]) -> dict[str, Any] | None:
@@ -244,8 +272,14 @@ class Registry:
         name = folder.name
         if name.startswith(STAGING_PREFIX):
             run = name[len(STAGING_PREFIX):]
+            operation = _staging_operation(folder)
             if self.is_training(run):
-                return AdapterEntry(run, folder, None, "training in progress", training=True)
+                doing = "training" if operation is None else f"`lqmf adapters {operation}`"
+                return AdapterEntry(run, folder, None, f"{doing} in progress", training=True)
+            if operation is not None:
+                return AdapterEntry(run, folder, None,
+                                    f"left by an interrupted `lqmf adapters {operation}` (nothing to resume: run it "
+                                    "again); lqmf adapters remove --broken removes it")
             return AdapterEntry(run, folder, None,
                                 f"unfinished training run: lqmf train --resume {run} continues it if it saved a "
                                 "checkpoint; lqmf adapters remove --broken removes it")
@@ -338,6 +372,8 @@ class Registry:
             cache.save()
         if problems:
             row.update(state=CORRUPT, problem=problems[0])
+        elif bad_metrics := nonfinite_metrics(manifest):
+            row.update(state=SUSPECT, problem=f"{bad_metrics[0]}: its weights may be broken; retrain or remove it")
         return row
 
     # ------------------------------------------------------------------ writing
@@ -350,9 +386,10 @@ class Registry:
         of the manifest, and removed only once the adapter is in place, so that a kill at any instant
         leaves either the finished adapter or the run that can still be resumed.
         """
-        manifest = {**manifest, "files": file_inventory(staging, exclude=scratch)}
+        manifest = {**manifest, "files": file_inventory(staging, exclude=(*scratch, STAGING_NOTE))}
         atomic_write_json(staging / MANIFEST, manifest)
         fault_point("finalize.manifest_written")
+        (staging / STAGING_NOTE).unlink(missing_ok=True)  # until here a kill leaves a folder that says what it is
         target = self.path(name)
         with self.lock():
             trash = None
@@ -590,12 +627,15 @@ class Registry:
 
     def verify(self, entry: AdapterEntry) -> VerifyReport:
         """Check the files against the manifest's checksums and the LoRA modules against the base model."""
-        report = VerifyReport(entry.name, entry.path)
+        leftover = entry.path.name.startswith(STAGING_PREFIX)  # named by its folder: NAME may be intact beside it
+        report = VerifyReport(entry.path.name if leftover else entry.name, entry.path)
         if not entry.complete:
             report.problems.append(entry.problem or "incomplete")
             return report
         self._verify_files(entry, report)
         self._verify_base(entry, report)
+        report.problems += [f"{line} in {MANIFEST}: its weights may be broken"
+                            for line in nonfinite_metrics(entry.manifest or {})]
         return report
 
     @staticmethod

@@ -126,6 +126,63 @@ def _examples(items: list[str]) -> str:
     return shown + (f" and {len(items) - EXAMPLES_SHOWN} more" if len(items) > EXAMPLES_SHOWN else "")
 
 
+MAX_PATTERN_CHARS = 500
+MAX_UNBOUNDED_REPEATS = 2
+_UNBOUNDED = re.compile(r"[*+]|\{\d*,\d*\}")
+
+
+def target_pattern_problem(pattern: str) -> str | None:
+    """Why a target_modules regex must not be matched against module names, or None.
+
+    Python's regex engine backtracks without a time limit, so an adapter's own config could hang
+    whoever matches its pattern (catastrophic backtracking). A pattern is matched only when it is
+    short, compiles, repeats no group (`(a+)+`, `(a|a)*`), refers to no group and has at most
+    MAX_UNBOUNDED_REPEATS unbounded repeats (`.*`): then matching a module name is polynomial in
+    its few dozen characters. PEFT's own patterns (`.*\\.(q_proj|v_proj)`) pass.
+    """
+    if len(pattern) > MAX_PATTERN_CHARS:
+        return f"target_modules pattern is longer than {MAX_PATTERN_CHARS} characters"
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        return f"target_modules pattern {pattern!r} is not a valid regular expression ({err})"
+    plain = _without_classes_and_escapes(pattern)
+    if plain is None:
+        return f"target_modules pattern {pattern!r} refers back to a group: not matched, it could take unbounded time"
+    if re.search(r"\)(?:[*+]|\{)", plain):
+        return f"target_modules pattern {pattern!r} repeats a group: not matched, it could take unbounded time"
+    if len(_UNBOUNDED.findall(plain)) > MAX_UNBOUNDED_REPEATS:
+        return (f"target_modules pattern {pattern!r} has more than {MAX_UNBOUNDED_REPEATS} unbounded repeats: "
+                "not matched, it could take unbounded time")
+    return None
+
+
+def _without_classes_and_escapes(pattern: str) -> str | None:
+    """pattern with each escape and [...] class replaced by 'x' (None where it has a backreference)."""
+    out, index = [], 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "\\":
+            following = pattern[index + 1:index + 2]
+            if following.isdigit() and following != "0" or pattern.startswith("(?P=", index + 1):
+                return None
+            out.append("x")
+            index += 2
+        elif char == "[":
+            end = index + 1 + (pattern[index + 1:index + 2] == "^")
+            end += pattern[end:end + 1] == "]"  # a leading ] is a member
+            while end < len(pattern) and pattern[end] != "]":
+                end += 2 if pattern[end] == "\\" else 1
+            out.append("x")
+            index = end + 1
+        else:
+            if pattern.startswith("(?P=", index):
+                return None
+            out.append(char)
+            index += 1
+    return "".join(out)
+
+
 def check_target_modules(targets: Any, modules: dict[str, TensorInfo]) -> list[str]:
     """Problems with adapter_config.json's target_modules against the base model's module names."""
     if targets is None:
@@ -134,6 +191,9 @@ def check_target_modules(targets: Any, modules: dict[str, TensorInfo]) -> list[s
         if targets == "all-linear":
             return [] if any(len(shape) == 2 for _, shape in modules.values()) else \
                 ["target_modules is 'all-linear' but the base model has no linear layers"]
+        problem = target_pattern_problem(targets)
+        if problem is not None:
+            return [problem]
         pattern = re.compile(targets)
         names = [".".join(name.split(".")[i:]) for name in modules for i in range(name.count(".") + 1)]
         return [] if any(pattern.fullmatch(n) for n in names) else \

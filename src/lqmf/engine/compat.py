@@ -1,4 +1,4 @@
-"""Every use of a library's private API or internals, in one place, each with a test (tests/test_compat.py)
+"""Every use of a library's private API or internals, in one place, each with a test (tests/engine/test_compat.py)
 that fails loudly when an upgrade changes it. Other modules call these functions instead."""
 
 from __future__ import annotations
@@ -88,3 +88,82 @@ def stack_4bit(modules: list) -> tuple[Any, Any] | None:
     state = QuantState(absmax=torch.cat([absmax(s) for s in states]), shape=torch.Size([rows, first.shape[1]]),
                        code=first.code, blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
     return packed, state
+
+
+def repoint(parameter, tensor) -> None:
+    """Make a library module's parameter (PEFT's LoRA weights, an nn.Linear's weight, a trainable
+    weight upcast to float32) hold `tensor` instead, in place: assigning `Parameter.data`, which
+    keeps the Parameter object (the module's attribute, `named_parameters`, an optimizer's reference)
+    and only swaps what it holds. Torch documents `.data` as discouraged, not removed."""
+    parameter.data = tensor
+
+
+def set_lora_scaling(layer, adapter: str, value: float) -> None:
+    """Set PEFT's per-adapter LoRA scale (`LoraLayer.scaling[adapter]`, alpha / r), which its forward reads
+    on every call; PEFT's own `set_scale` multiplies from alpha and leaves a hot-swapped rank's out."""
+    layer.scaling[adapter] = value
+
+
+def hotswap_lora_adapter(model, path: str, adapter: str, device) -> None:
+    """PEFT's `hotswap_adapter` of the LoRA adapter at path into adapter's tensors (another rank allowed).
+
+    PEFT refuses configs that differ in `lora_dropout`, which only acts in training: the slot's config
+    takes the new value for the swap (restored when the swap fails). Raises what PEFT raises."""
+    from peft import LoraConfig
+    from peft.utils.hotswap import hotswap_adapter
+
+    config = model.peft_config[adapter]
+    dropout, config.lora_dropout = config.lora_dropout, LoraConfig.from_pretrained(path).lora_dropout
+    try:
+        hotswap_adapter(model, path, adapter_name=adapter, torch_device=device)
+    except BaseException:
+        config.lora_dropout = dropout
+        raise
+
+
+def saved_lora_key(key: str) -> tuple[str, str] | None:
+    """(module path in the base model, "A" or "B") for a key of PEFT's saved `adapter_model.safetensors`
+    ("base_model.model.<module>.lora_A.weight"); None for any other weight."""
+    module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
+    return (module, kind[0]) if kind in ("A.weight", "B.weight") else None
+
+
+def live_lora_key(saved: str, adapter: str) -> str:
+    """The `named_parameters` name of a saved LoRA key once loaded as adapter
+    ("...lora_A.weight" -> "...lora_A.<adapter>.weight")."""
+    return saved.replace(".lora_A.weight", f".lora_A.{adapter}.weight").replace(
+        ".lora_B.weight", f".lora_B.{adapter}.weight")
+
+
+def keep_4bit_training_layout(model) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for AVX512-BF16 CPU inference (its
+    `Linear4bit.support_avx512bf16_for_cpu` flag): it does so the first time a layer runs in eval mode
+    and never unpacks them for training, whose backward then fails."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def no_split_module_names(model) -> set[str]:
+    """Class names of the blocks a transformers model says must not be split across devices
+    (`PreTrainedModel._no_split_modules`): FSDP wraps each such block as one unit."""
+    return set(getattr(model, "_no_split_modules", None) or [])
+
+
+def json_400_http_protocol(error_body: Any) -> type:
+    """The HTTP protocol class uvicorn's `http="auto"` picks (httptools, else h11), answering a request it
+    cannot parse (a Content-Length that is not a number...) with error_body(message) (bytes of JSON)
+    instead of its plain-text 400. Overrides `send_400_response`, an undocumented method of both."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class JsonErrorProtocol(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        def send_400_response(self, msg: str) -> None:
+            body = error_body(msg)
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            head += [name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers]
+            head += [b"content-type: application/json\r\n", b"content-length: %d\r\n" % len(body),
+                     b"connection: close\r\n\r\n"]
+            self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return JsonErrorProtocol

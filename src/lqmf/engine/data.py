@@ -158,7 +158,14 @@ def collate(rows: list[dict[str, Any]], pad_id: int, classification: bool):
         attention[i, :n] = 1
         if not classification:
             labels[i, :n] = torch.tensor(row["labels"])
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if "kto_label" in rows[0]:  # rated answers (engine/train/kto.py): label, reference and mismatched pair
+        pairs = collate([{"input_ids": r["kl_input_ids"], "labels": r["kl_labels"]} for r in rows], pad_id, False)
+        batch.update({f"kl_{key}": value for key, value in pairs.items()},
+                     kto_label=torch.tensor([bool(r["kto_label"]) for r in rows]),
+                     ref_logp=torch.tensor([r["ref_logp"] for r in rows], dtype=torch.float32),
+                     kl_ref_logp=torch.tensor([r["kl_ref_logp"] for r in rows], dtype=torch.float32))
+    return batch
 
 
 def pack(rows: list[dict[str, Any]], capacity: int) -> list[list[dict[str, Any]]]:

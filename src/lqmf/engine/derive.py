@@ -16,11 +16,12 @@ from typing import Any
 
 from lqmf.core.derived import Gate, check_combinable, derived_manifest
 from lqmf.core.errors import ConflictError, InputError, LqmfError
-from lqmf.core.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, AdapterEntry, Registry
+from lqmf.core.registry import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST, AdapterEntry, Registry, mark_staging
+from lqmf.core.weights import read_safetensors_header
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
 from lqmf.engine import inference
-from lqmf.engine.loading import first_line
+from lqmf.engine.loading import first_line, first_nonfinite
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "config.yaml"
@@ -99,6 +100,7 @@ def combine(model: inference.InferenceModel, sources: list[AdapterEntry], stagin
     model.adapters.append(NEW_SLOT)
     staging.mkdir(parents=True, exist_ok=True)
     model.model.save_pretrained(str(staging), selected_adapters=[NEW_SLOT])
+    _check_finite_file(staging / ADAPTER_WEIGHTS, f"the {method} combination of {', '.join(e.name for e in sources)}")
     config = model.model.peft_config[NEW_SLOT]
     return {"r": config.r, "alpha": config.lora_alpha,
             "target_modules": sorted(config.target_modules) if isinstance(config.target_modules, set)
@@ -155,6 +157,21 @@ def reduce_pair(lora_a, lora_b, scaling: float, rank: int | None, energy: float 
     return new_a.float(), new_b.float()
 
 
+def _check_reduces(source: Path, rank: int | None, progress: Callable[[str], None]) -> None:
+    """Refuse --rank above every module's rank (read from the weights' header): nothing could be reduced.
+    At the adapter's rank, say that nothing is reduced (the SVD refactors the weights exactly)."""
+    if rank is None:
+        return
+    tensors = read_safetensors_header(source / ADAPTER_WEIGHTS)
+    ranks = [tensors[key_a][1][0] for key_a, _ in _pairs(tensors).values() if tensors.get(key_a, ("", ()))[1]]
+    if ranks and rank > max(ranks):
+        raise InputError(f"--rank {rank}: adapter {source.name} has rank {max(ranks)}, so nothing would change; "
+                         f"give a rank below {max(ranks)} (or only --dtype to change its storage)")
+    if ranks and rank == max(ranks):
+        progress(f"note: --rank {rank} is the rank of {source.name}: nothing is reduced (the SVD refactors its "
+                 "weights exactly); give a lower rank to shrink it")
+
+
 def compress(source: Path, staging: Path, rank: int | None, energy: float | None, dtype: str | None) -> dict[str, Any]:
     """Write source's adapter into staging with each LoRA pair reduced (rank or energy) and stored in dtype.
 
@@ -162,13 +179,13 @@ def compress(source: Path, staging: Path, rank: int | None, energy: float | None
     Returns the new adapter's r (the largest), alpha and per-module ranks.
     """
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     config = json.loads((source / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
         raise InputError(f"{source / ADAPTER_CONFIG}: compress works on plain LoRA adapters (not DoRA or "
                          f"{config.get('peft_type')})")
-    state = load_file(str(source / ADAPTER_WEIGHTS))
+    state = _check_finite_file(source / ADAPTER_WEIGHTS, f"adapter {source.name}")
     target_dtype = getattr(torch, dtype) if dtype else None
     out: dict[str, Any] = {}
     ranks: dict[str, int] = {}
@@ -185,6 +202,10 @@ def compress(source: Path, staging: Path, rank: int | None, energy: float | None
         out = {k: v.to(target_dtype) for k, v in out.items()}
     out.update(state)  # modules_to_save (a classifier head, used as stored: its dtype must stay) and the rest
     staging.mkdir(parents=True, exist_ok=True)
+    bad = first_nonfinite(out)
+    if bad is not None:
+        raise InputError(f"compressing {source.name} gives NaN or infinite values in '{bad}' (stored as {dtype}?); "
+                         "refused")
     save_file({k: v.contiguous() for k, v in out.items()}, str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     top = max(ranks.values())
     if rank is not None or energy is not None:  # the scaling is folded into the weights: alpha = r everywhere
@@ -198,12 +219,14 @@ def compress(source: Path, staging: Path, rank: int | None, energy: float | None
 # ----------------------------------------------------------------------------- services
 
 
-def _staged(registry: Registry, name: str, build: Callable[[Path], Path]) -> Path:
-    """Run build(staging) under NAME's run lock; a failure (or a gate refusal) leaves no staging folder."""
+def _staged(registry: Registry, name: str, operation: str, build: Callable[[Path], Path]) -> Path:
+    """Run build(staging) under NAME's run lock; a failure (or a gate refusal) leaves no staging folder,
+    and a kill leaves one that says which operation left it (registry.mark_staging)."""
     with registry.training_run(name, wait=5.0):
         staging = registry.staging_path(name)
         shutil.rmtree(staging, ignore_errors=True)
         try:
+            mark_staging(staging, operation)
             return build(staging)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -211,9 +234,24 @@ def _staged(registry: Registry, name: str, build: Callable[[Path], Path]) -> Pat
 
 
 def _gated(gate: Gate, scores: dict[str, float] | None) -> None:
+    broken = [f"{key} {value}" for key, value in (scores or {}).items() if not math.isfinite(value)]
+    if broken:
+        raise LqmfError(f"not registered: the held-out {', '.join(broken)} (the result's weights are broken)")
     refusal = gate.refusal(scores)
     if refusal:
         raise LqmfError(f"not registered: {refusal}")
+
+
+def _check_finite_file(path: Path, what: str) -> dict[str, Any]:
+    """The tensors of the safetensors file at path; InputError naming what and the tensor if one holds
+    NaN or an infinity."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    bad = first_nonfinite(state)
+    if bad is not None:
+        raise InputError(f"{what}: '{bad}' in {path} holds NaN or infinite values; refused")
+    return state
 
 
 def _quality(entry: AdapterEntry, eval_file: Path | None, gate: Gate, progress: Callable[[str], None]):
@@ -252,7 +290,7 @@ def combine_adapters(workspace: Workspace, new: str, names: list[str], method: s
         _write_config(staging, manifest)
         return registry.finalize(new, staging, manifest, force=force)
 
-    target = _staged(registry, new, build)
+    target = _staged(registry, new, "combine", build)
     manifest = registry.get(new).manifest
     return {"adapter": new, "path": str(target), "lineage": manifest["lineage"], "lora": manifest["lora"],
             "quality": manifest.get("quality"), "size_bytes": (target / ADAPTER_WEIGHTS).stat().st_size}
@@ -268,6 +306,7 @@ def compress_adapter(workspace: Workspace, name: str, new: str | None, rank: int
     target_name = new or name
     if new and registry.exists(new) and not force:
         raise ConflictError(f"adapter '{new}' already exists; use --force to replace it")
+    _check_reduces(entry.path, rank, progress)
     examples, source = _quality(entry, eval_file, gate, progress)
     size_before = (entry.path / ADAPTER_WEIGHTS).stat().st_size
     scores: list[dict[str, float] | None] = [None, None]
@@ -290,7 +329,7 @@ def compress_adapter(workspace: Workspace, name: str, new: str | None, rank: int
         _write_config(staging, manifest)
         return registry.finalize(target_name, staging, manifest, force=force or new is None)
 
-    target = _staged(registry, target_name, build)
+    target = _staged(registry, target_name, "compress", build)
     return {"adapter": target_name, "source": name, "path": str(target), "in_place": new is None,
             "size_bytes": {"before": size_before, "after": (target / ADAPTER_WEIGHTS).stat().st_size},
             "rank": {"before": (entry.manifest.get("lora") or {}).get("r"), "after": registry.get(target_name)

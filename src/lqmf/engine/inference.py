@@ -22,8 +22,8 @@ from lqmf.core.progress import phase
 from lqmf.core.registry import AdapterEntry, Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import data as data_mod
-from lqmf.engine.kept import KEPT
 from lqmf.engine.loading import LoadedModel, load_model, quiet_libraries
+from lqmf.engine.model_cache import KEPT
 
 
 @dataclass
@@ -150,7 +150,8 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
     different rank: PEFT's hotswap_adapter. Incompatibility is found before any weight changes.
     """
     from peft import LoraConfig, PeftType
-    from peft.utils.hotswap import hotswap_adapter
+
+    from lqmf.engine.compat import hotswap_lora_adapter
 
     old = model.model.peft_config[slot]
     try:
@@ -167,12 +168,9 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
     if _copy_into_slot(model, path, slot, new):
         model.model.peft_config[slot] = new
         return True
-    # Dropout only acts in training, but hot-swap refuses different values: align the slot's record.
-    dropout, old.lora_dropout = old.lora_dropout, new.lora_dropout
     try:
-        hotswap_adapter(model.model, str(path), adapter_name=slot, torch_device=model.loaded.device)
+        hotswap_lora_adapter(model.model, str(path), slot, model.loaded.device)
     except (RuntimeError, ValueError):
-        old.lora_dropout = dropout
         return False
     model.model.peft_config[slot] = new
     if model.decoder is not None:  # PEFT may have given the slot new tensors (another rank)
@@ -190,7 +188,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     import torch
     from safetensors.torch import load_file
 
-    from lqmf.engine.compat import foreach_copy
+    from lqmf.engine.compat import foreach_copy, live_lora_key, set_lora_scaling
     from lqmf.engine.lora.lean import lora_layers
 
     if config.rank_pattern or config.alpha_pattern or config.lora_bias:
@@ -200,8 +198,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
         state = load_file(str(path / "adapter_model.safetensors"), device=str(model.loaded.device))
     except (OSError, RuntimeError, ValueError):
         return False
-    state = {key.replace(".lora_A.weight", f".lora_A.{slot}.weight")
-             .replace(".lora_B.weight", f".lora_B.{slot}.weight"): value for key, value in state.items()}
+    state = {live_lora_key(key, slot): value for key, value in state.items()}
     if set(state) != set(live) or any(state[name].shape != p.shape for name, p in live.items()):
         return False
     # One batched copy for plain tensors; views into fused tensors (lora.lean._fuse_group) one by one,
@@ -214,7 +211,7 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     scaling = config.lora_alpha / (math.sqrt(config.r) if config.use_rslora else config.r)
     for layer in lora_layers(model.model):
         if slot in layer.scaling:
-            layer.scaling[slot] = scaling
+            set_lora_scaling(layer, slot, scaling)
     return True
 
 

@@ -143,10 +143,28 @@ def first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
+def first_nonfinite(tensors: dict[str, Any]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or an infinity, or None (one check per
+    tensor, when weights are loaded: never per step)."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def checkpoint_dtype(resolved: ResolvedModel) -> str:
     """The dtype the model's weights are stored in (config.json), float32 when it does not say."""
     value = resolved.config.get("dtype") or resolved.config.get("torch_dtype")
     return value if value in ("float32", "float16", "bfloat16") else "float32"
+
+
+# transformers >= 5.25 replaces layers with kernels fetched from the Hugging Face hub at load time
+# (`use_kernels`, the `kernels` package) unless told otherwise. Off: a model must load offline (with
+# HF_HUB_OFFLINE it failed: "kernels-community/rotary is not available in the local cache"), and
+# its speed must not depend on what the hub serves that day; our decoders carry their own kernels.
+HUB_KERNELS = False
 
 
 def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "auto",
@@ -181,7 +199,7 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
         tokenizer = load_tokenizer(resolved)
     phase(f"loading base model {resolved.reference} on {device.type}"
           + (" (quantizing to 4-bit NF4)" if quantize_4bit else f" ({str(dtype).replace('torch.', '')})"))
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": HUB_KERNELS}
     if saved_quant is not None:
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}
     elif quantize_4bit:

@@ -8,12 +8,14 @@ plain linears); the forward pass is ours, so rows at different positions share o
   - projections that read the same input run as one (q/k/v, gate/up): their weights are stacked,
     4-bit ones too (`compat.stack_4bit`), the original layers keeping views of them, so one matmul
     serves the group (on an H200 bitsandbytes then takes its fused 4-bit kernel for q/k/v up to 16 rows);
-  - every group runs its base matmul once for the batch (`BatchedLoRALinear`), then adds each row's
+  - every group runs its base matmul once for the batch (`BatchedLoRALinear`, lora/stacked.py), then adds each row's
     LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K] tensor and
-    each projection's B matrices into one [N, its r] tensor; a row's column mask keeps its adapter's
-    rank-space columns, scaled by its scaling, and the product with B adds in place. A few small ops,
+    each projection's B matrices (scaling folded in) into one [N, its r] tensor; a row keeps its
+    adapter's rank-space columns by selection (`torch.where`, so another adapter's inf or NaN there
+    never reaches it: 0 x NaN would), and the product with B adds in place. Every adapter's weights
+    are checked finite when loaded, so the zeros meet only finite B columns. A few small ops,
     whatever the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
-    batching, done by masking instead of gathering);
+    batching);
   - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
     step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed;
   - a decode step also picks each row's greedy token on the device (end-of-text barred for rows below
@@ -21,7 +23,7 @@ plain linears); the forward pass is ours, so rows at different positions share o
     launch the next step before it has read the last one's tokens back (`decode(..., follow=)`).
 
 Adapters are read from their folders (`adapter_config.json`, `adapter_model.safetensors`) into
-these stacked tensors; PEFT is not involved in serving. Each loaded adapter is an `AdapterEntry`
+these stacked tensors; PEFT is not involved in serving. Each loaded adapter is a `StackedAdapter` (lora/stacked.py)
 with an id; rows hold the id they were admitted with, so replacing or unloading an adapter never
 changes a row in flight (its entry stays until `collect` finds it unused).
 
@@ -32,15 +34,11 @@ Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others 
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from lqmf.engine import compat
+from lqmf.engine.lora.stacked import BatchedLoRALinear, StackedAdapter
 
 log = logging.getLogger("lqmf.serve")
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -50,10 +48,6 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BARRED = 8  # end-of-text ids a row may bar on the device (below its min_new_tokens)
 MIN_LENGTH_BUCKET = 128
-
-
-class UnsupportedAdapter(ValueError):
-    """An adapter the batched decoder cannot apply (DoRA, rank patterns, embeddings...)."""
 
 
 def supports(model) -> bool:
@@ -72,145 +66,6 @@ def supports(model) -> bool:
 
 def bucket(value: int, buckets) -> int:
     return next(b for b in buckets if b >= value)
-
-
-# ----------------------------------------------------------------------------- adapters
-
-
-@dataclass
-class AdapterEntry:
-    """One loaded adapter: its LoRA weights per projection, on the model's device and dtype."""
-
-    id: int
-    name: str
-    path: Path | None  # None for a combination of other entries
-    weights: dict[str, tuple[Any, Any, float]]  # projection name -> (A [r, K], B [N, r], scaling)
-    retired: bool = False  # unloaded or replaced: freed once no row uses it
-    nbytes: int = 0
-
-
-def read_adapter(path: Path, projections: dict[str, Any], device, dtype) -> dict[str, tuple]:
-    """{projection: (A, B, scaling)} for the plain LoRA adapter folder at path."""
-    from safetensors.torch import load_file
-
-    config = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
-    for key in ("use_dora", "lora_bias"):
-        if config.get(key):
-            raise UnsupportedAdapter(f"{path}: {key} adapters are not served by the batched decoder")
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise UnsupportedAdapter(f"{path}: rank_pattern/alpha_pattern adapters are not served by the batched decoder")
-    rank = int(config["r"])
-    alpha = float(config.get("lora_alpha", rank))
-    scaling = alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
-    state = load_file(str(path / "adapter_model.safetensors"), device=str(device))
-    pairs: dict[str, dict[str, Any]] = {}
-    for key, tensor in state.items():
-        module, _, kind = key.removeprefix("base_model.model.").rpartition(".lora_")
-        if kind not in ("A.weight", "B.weight") or module not in projections:
-            raise UnsupportedAdapter(f"{path}: weight '{key}' is not a LoRA matrix of a projection this decoder runs")
-        pairs.setdefault(module, {})[kind[0]] = tensor.to(dtype)
-    weights = {}
-    for module, pair in pairs.items():
-        if set(pair) != {"A", "B"}:
-            raise UnsupportedAdapter(f"{path}: {module} lacks its lora_A or lora_B weight")
-        weights[module] = (pair["A"].contiguous(), pair["B"].contiguous(), scaling)
-    return weights
-
-
-def stacked_base(modules: list) -> Callable[[Any], Any]:
-    """One callable for the base layers of projections that read the same input, giving their outputs
-    side by side [..., sum N]: one matmul where they can be stacked (plain nn.Linear of one dtype, or
-    bitsandbytes 4-bit of one quantization; the layers keep their weights as views of the stacked
-    ones, so no copy stays), else each layer in turn."""
-    import torch
-
-    if len(modules) == 1:
-        return modules[0]
-    stacked = compat.stack_4bit(modules)
-    if stacked is not None:
-        import bitsandbytes as bnb
-
-        packed, state = stacked
-        compute = modules[0].compute_dtype
-
-        def matmul_4bit(x):
-            return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
-
-        return matmul_4bit
-    kinds = {(type(m), m.weight.dtype, m.weight.device, m.bias is None) for m in modules}
-    if len(kinds) != 1 or next(iter(kinds))[0] is not torch.nn.Linear:
-        return lambda x: torch.cat([m(x) for m in modules], dim=-1)
-    weight = torch.cat([m.weight.data for m in modules])
-    bias = None if modules[0].bias is None else torch.cat([m.bias.data for m in modules])
-    start = 0
-    for module in modules:
-        end = start + module.out_features
-        module.weight.data = weight[start:end]
-        if bias is not None:
-            module.bias.data = bias[start:end]
-        start = end
-    return lambda x: torch.nn.functional.linear(x, weight, bias)
-
-
-class BatchedLoRALinear:
-    """Projections that read one input (q/k/v, gate/up, or one alone) for a batch of rows: the base
-    matmul once for all of them (`stacked_base`), plus each row's own adapter's product.
-
-    The A matrices of every resident adapter, for every projection of the group, are stacked into one
-    [sum r, K] tensor; each projection keeps its adapters' B matrices as one [N, its r] tensor. Groups
-    whose adapters have the same ranks and scalings share one `layout`: an [adapters + 1, sum r] table
-    whose row i holds adapter i's scaling in its rank-space columns and zeros elsewhere (row 0: no
-    adapter); the decoder selects each row's once per forward pass.
-    """
-
-    def __init__(self, names: tuple[str, ...], modules: list):
-        bases = [getattr(module, "base_layer", module) for module in modules]
-        self.names = names
-        self.sizes = [base.out_features for base in bases]
-        self.base = stacked_base(bases)
-        self.stacked_a = None  # [sum r, K]
-        self.parts: list[tuple[int, int, int, int, Any]] = []  # output columns, rank columns, B [N, r]
-        self.layout: tuple | None = None
-
-    def set_adapters(self, entries: list[AdapterEntry], layouts: dict[tuple, Any]) -> None:
-        """Stack the weights that entries (index i + 1 each) hold for these projections; add the
-        layout's table to layouts when new."""
-        import torch
-
-        a_list, self.parts, layout, rank_start, out_start = [], [], [], 0, 0
-        for name, size in zip(self.names, self.sizes, strict=True):
-            mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
-            layout.append(tuple((index, a.shape[0], scaling) for index, (a, _, scaling) in mine))
-            if mine:
-                rank = sum(a.shape[0] for _, (a, _, _) in mine)
-                a_list += [a for _, (a, _, _) in mine]
-                self.parts.append((out_start, out_start + size, rank_start, rank_start + rank,
-                                   torch.cat([b for _, (_, b, _) in mine], dim=1)))
-                rank_start += rank
-            out_start += size
-        if not a_list:
-            self.stacked_a = self.layout = None
-            return
-        self.stacked_a = torch.cat(a_list)
-        self.layout = (len(entries), tuple(layout))
-        if self.layout not in layouts:
-            columns = self.stacked_a.new_zeros(len(entries) + 1, rank_start)
-            start = 0
-            for index, rank, scaling in (adapter for part in layout for adapter in part):
-                columns[index, start:start + rank] = scaling
-                start += rank
-            layouts[self.layout] = columns
-
-    def __call__(self, x, selected: dict[tuple, Any]):
-        """x: [B, T, K] -> [B, T, sum N]; selected: per layout, each row's scaled column mask [B, 1, sum r]."""
-        out = self.base(x)
-        if self.stacked_a is None:
-            return out
-        low = ((x @ self.stacked_a.t()) * selected[self.layout]).view(-1, self.stacked_a.shape[0])
-        flat = out.view(-1, out.shape[-1])
-        for out_start, out_end, rank_start, rank_end, b in self.parts:
-            flat[:, out_start:out_end].addmm_(low[:, rank_start:rank_end], b.t())
-        return out
 
 
 @dataclass
@@ -295,10 +150,18 @@ class BatchedDecoder:
         self.pool = None
         self.layouts: dict[tuple, Any] = {}  # a LoRA layout -> its scaled column table, a row per adapter index
 
+    def clear_slot(self, slot: int) -> None:
+        """Zero slot's cached values before a new sequence takes it: attention weighs the positions a row
+        may not see by exactly 0, and 0 x NaN is NaN, so what an earlier row left there (its own adapter's
+        NaN or inf) must not stay. Keys need no clearing: their scores are masked, not weighed. A few
+        memsets per admission, on the device's stream (after any step still running for the slot)."""
+        for values in self.values:
+            values[slot].zero_()
+
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def set_adapters(self, entries: list[AdapterEntry]) -> None:
+    def set_adapters(self, entries: list[StackedAdapter]) -> None:
         """Stack entries' weights into every projection (entry i gets adapter index i + 1); drops graphs."""
         import torch
 

@@ -2,8 +2,9 @@
 
 - lean.py: `LeanLinear` / `LeanLinear4bit` (PEFT's LoRA layers with a lean forward for training and
   one-request decoding), shared-input groups fused, `adapter_key` for CUDA graphs.
-- kernels.py: the Triton kernel of the batched decoder's per-row LoRA product (one adapter per row).
+- stacked.py: many adapters at once, each row by its adapter index (`BatchedLoRALinear`,
+  `StackedAdapter`, `read_adapter`); a combination `A+B` is one more index (`weighted_sum`).
+- kernels.py: Triton kernels for a LoRA product at decode sizes.
 
-Batched multi-adapter decoding applies LoRA in decode/batched.py (`BatchedLoRALinear`); the stock
-path (`LQMF_FAST=0`) keeps PEFT's own layers.
+The stock path (`LQMF_FAST=0`, and FSDP training) keeps PEFT's own layers.
 """

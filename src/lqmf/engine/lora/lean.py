@@ -19,7 +19,7 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-from lqmf.engine.compat import build_lora_layers_as, tensor_version
+from lqmf.engine.compat import build_lora_layers_as, repoint, tensor_version
 from lqmf.engine.lora.kernels import scaled_product
 
 # ----------------------------------------------------------------------------- lean LoRA layers
@@ -273,8 +273,8 @@ def _fuse_group(members: list) -> None:
         for index, (member, b) in enumerate(zip(members, b_list, strict=True)):
             columns = slice(index * rank, (index + 1) * rank)
             block_b[start:start + b.shape[0], columns] = b.detach()
-            member.lora_A[name].weight.data = stacked_a[columns]
-            member.lora_B[name].weight.data = block_b[start:start + b.shape[0], columns]
+            repoint(member.lora_A[name].weight, stacked_a[columns])
+            repoint(member.lora_B[name].weight, block_b[start:start + b.shape[0], columns])
             spans.append((member, start, start + b.shape[0]))
             start += b.shape[0]
         fused[name] = (stacked_a, block_b, spans)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from lqmf.core.derived import check_weight
 from lqmf.core.errors import InputError, NotFoundError, did_you_mean
 from lqmf.engine import inference
 
@@ -35,18 +36,16 @@ def names(model_id: str | None) -> list[str]:
     return [name for name, _ in parse(model_id)] if is_combination(model_id) else [model_id]
 
 
-def stacked_weights(parts: list[tuple[dict[str, tuple], float]]) -> dict[str, tuple]:
-    """{projection: (A, B, 1.0)} applying sum_i weight_i * scaling_i * B_i A_i, from each adapter's
-    {projection: (A, B, scaling)} and its weight."""
-    import torch
+def stacked_weights(parts: list[tuple[dict[str, tuple], float]], model_id: str = "") -> dict[str, tuple]:
+    """{projection: (A, B, 1.0)} applying sum_i weight_i * scaling_i * B_i A_i (lora.stacked.weighted_sum),
+    from each adapter's {projection: (A, B, scaling)} and its weight; refused (InputError) where the
+    weighted B overflows."""
+    from lqmf.engine.lora.stacked import NonFiniteWeights, check_finite, weighted_sum
 
-    combined: dict[str, tuple] = {}
-    for projection in sorted({name for weights, _ in parts for name in weights}):
-        pieces = [(weights[projection], weight) for weights, weight in parts if projection in weights]
-        a = torch.cat([a for (a, _, _), _ in pieces])
-        b = torch.cat([b * (weight * scaling) for (_, b, scaling), weight in pieces], dim=1)
-        combined[projection] = (a, b, 1.0)
-    return combined
+    try:
+        return check_finite(weighted_sum(parts), f"model '{model_id}'")
+    except NonFiniteWeights as err:
+        raise InputError(str(err)) from None
 
 
 def parse(model_id: str) -> list[tuple[str, float]]:
@@ -58,6 +57,7 @@ def parse(model_id: str) -> list[tuple[str, float]]:
             value = float(weight) if mark else 1.0
         except ValueError:
             raise InputError(f"model '{model_id}': '{weight}' is not a weight (write A:0.7+B:0.3)") from None
+        check_weight(value, f"model '{model_id}'")
         if not name:
             raise InputError(f"model '{model_id}': an adapter name is empty (write A+B or A:0.7+B:0.3)")
         parts.append((name, value))
@@ -72,7 +72,7 @@ class Built:
     slot: str | None  # the PEFT slot (one request at a time)
     sources: tuple  # the ResidentAdapter records it was built from
     used: float
-    entry: object = None  # the scheduler's AdapterEntry (continuous batching)
+    entry: object = None  # the scheduler's StackedAdapter (continuous batching)
 
 
 class Combinations:
@@ -115,7 +115,7 @@ class Combinations:
         if cached is not None:
             return cached.entry
         weighted = [(source.entry.weights, weight) for source, (_, weight) in zip(sources, parts, strict=True)]
-        entry = self.host.scheduler.add_adapter(model_id, None, weights=lambda: stacked_weights(weighted))
+        entry = self.host.scheduler.add_adapter(model_id, None, weights=lambda: stacked_weights(weighted, model_id))
         self.built[model_id] = Built(None, sources, time.monotonic(), entry)
         return entry
 

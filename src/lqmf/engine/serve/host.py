@@ -40,7 +40,7 @@ from lqmf.core.serving import DEFAULT_MODEL
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
 from lqmf.engine.inference import Generation, InferenceModel
-from lqmf.engine.loading import first_line
+from lqmf.engine.loading import first_line, first_nonfinite
 from lqmf.engine.serve import combinations as combined
 
 log = logging.getLogger("lqmf.serve")
@@ -61,7 +61,7 @@ class ResidentAdapter:
     labels: tuple[str, ...]
     trained_4bit: bool
     loaded: float = field(default_factory=time.time)
-    entry: Any = None  # the scheduler's AdapterEntry (batched serving)
+    entry: Any = None  # the scheduler's StackedAdapter (batched serving)
 
 
 @dataclass
@@ -330,7 +330,7 @@ class ModelHost:
             return self._result("unload", name, "unload", previous, started, [])
 
     def _load_batched(self, adapter: ResidentAdapter) -> str:
-        from lqmf.engine.decode.batched import UnsupportedAdapter
+        from lqmf.engine.lora.stacked import UnsupportedAdapter
 
         try:
             entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)
@@ -550,12 +550,15 @@ def _entry(workspace: Workspace, name: str, operator_paths: dict[str, Path]) -> 
 
 
 def _check_weights_readable(entry: AdapterEntry) -> None:
-    """Refuse an adapter whose weights file is not valid safetensors before touching the model."""
+    """Refuse an adapter whose weights file is not valid safetensors, or holds NaN or infinite values,
+    before touching the model."""
     from safetensors import safe_open
 
+    path = entry.path / "adapter_model.safetensors"
     try:
-        with safe_open(str(entry.path / "adapter_model.safetensors"), framework="pt") as weights:
-            weights.keys()
+        with safe_open(str(path), framework="pt") as weights:
+            bad = first_nonfinite({key: weights.get_tensor(key) for key in weights.keys()})  # noqa: SIM118
     except Exception as err:  # noqa: BLE001 - safetensors raises several unrelated types
-        raise InputError(f"adapter '{entry.name}': {entry.path / 'adapter_model.safetensors'} is not readable: "
-                         f"{first_line(err)}") from None
+        raise InputError(f"adapter '{entry.name}': {path} is not readable: {first_line(err)}") from None
+    if bad is not None:
+        raise InputError(f"adapter '{entry.name}': {path} holds NaN or infinite values in '{bad}'; refused")

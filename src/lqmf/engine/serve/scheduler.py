@@ -13,9 +13,13 @@ the HTTP threads') overlaps the device's; a row that ends has one token computed
 which is dropped. A step with a sampling row picks on the host from the logits, after the step in
 flight is read back (`_settle`); swaps also wait for it.
 
+A request fails alone: whatever raises while its row is set up (its sampling generator, say) or
+while its token is picked on the host ends that request with the error and frees its row; only a
+failure of a whole pass (the device) ends every row in it.
+
 Tokens go to each request's own queue; the thread that submitted it turns them into text, checks
 stop strings and cancels (`BatchRequest.cancel`) when it has what it needs. Adapters are
-`AdapterEntry`s owned here; a request holds the entry it was submitted with until it ends, so
+`StackedAdapter`s owned here; a request holds the entry it was submitted with until it ends, so
 replacing or unloading an adapter never changes a request already queued or running.
 """
 
@@ -36,7 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import LqmfError
-from lqmf.engine.decode.batched import BARRED, AdapterEntry, BatchedDecoder, Step, read_adapter
+from lqmf.engine.decode.batched import BARRED, BatchedDecoder, Step
+from lqmf.engine.lora.stacked import StackedAdapter, read_adapter
 
 log = logging.getLogger("lqmf.serve")
 PREFILL_CHUNK = 512
@@ -54,7 +59,7 @@ class Busy(LqmfError):
 class BatchRequest:
     ids: list[int]
     max_new_tokens: int
-    entry: AdapterEntry | None = None
+    entry: StackedAdapter | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -98,7 +103,7 @@ class Scheduler:
         self.decoder = decoder
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.entries: dict[int, AdapterEntry] = {}
+        self.entries: dict[int, StackedAdapter] = {}
         self._index: dict[int, int] = {}  # entry id -> adapter index in the decoder (0: none)
         self._ids = itertools.count(1)
         self._waiting: collections.deque[BatchRequest] = collections.deque()
@@ -154,11 +159,11 @@ class Scheduler:
         return future.result(timeout)
 
     def add_adapter(self, name: str, path: Path | None, timeout: float | None = None,
-                    weights: Callable[[], dict[str, tuple]] | None = None) -> AdapterEntry:
+                    weights: Callable[[], dict[str, tuple]] | None = None) -> StackedAdapter:
         """Read the adapter at path (or take weights(), e.g. a combination's) into a new entry, on the
         loop thread; it serves new requests at once."""
 
-        def add() -> AdapterEntry:
+        def add() -> StackedAdapter:
             if weights is not None:
                 return self._add_entry(name, path, weights())
             return self._add_entry(name, path, read_adapter(path, self.decoder.projections, self.decoder.device,
@@ -166,14 +171,14 @@ class Scheduler:
 
         return self.call(add, timeout)
 
-    def _add_entry(self, name: str, path: Path | None, weights: dict[str, tuple]) -> AdapterEntry:
+    def _add_entry(self, name: str, path: Path | None, weights: dict[str, tuple]) -> StackedAdapter:
         size = sum(t.numel() * t.element_size() for a, b, _ in weights.values() for t in (a, b))
-        entry = AdapterEntry(next(self._ids), name, path, weights, nbytes=size)
+        entry = StackedAdapter(next(self._ids), name, path, weights, nbytes=size)
         self.entries[entry.id] = entry
         self._restack()
         return entry
 
-    def retire(self, entry: AdapterEntry) -> None:
+    def retire(self, entry: StackedAdapter) -> None:
         """Mark entry unloaded; its weights go once no queued or running request uses it."""
 
         def mark() -> None:
@@ -264,14 +269,25 @@ class Scheduler:
         return {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
 
     def _admit(self) -> None:
+        admitted = []
         with self._wake:
             while self._waiting and self._free:
                 request = self._waiting.popleft()
                 if request.cancelled.is_set():
                     request.tokens.put(None)
                     continue
-                slot = heapq.heappop(self._free)
-                self._rows[slot] = _Row(request, slot, generator=self._generator(request))
+                admitted.append((heapq.heappop(self._free), request))
+        for slot, request in admitted:
+            try:
+                self._index_of(request)  # set up here, so a failure below ends this request alone
+                row = _Row(request, slot, generator=self._generator(request))
+                self.decoder.clear_slot(slot)
+                self._rows[slot] = row
+            except Exception as err:  # noqa: BLE001 - the request gets its error, its slot is free again
+                log.warning("a request could not start: %s: %s", type(err).__name__, err)
+                with self._wake:
+                    heapq.heappush(self._free, slot)
+                request.tokens.put(err)
 
     def _generator(self, request: BatchRequest):
         import torch
@@ -298,7 +314,7 @@ class Scheduler:
             row.prefilled += len(chunk)
             if row.prefilled == len(row.request.ids):
                 row.position = len(row.request.ids)
-                self._emit(row, self._pick(row, logits[index]))
+                self._emit_picked(row, logits[index])
 
     def _launch(self, decoding: dict[int, _Row]) -> tuple[Step, list[_Row | None]]:
         width = max(decoding) + 1
@@ -344,11 +360,27 @@ class Scheduler:
         step, rows = self._launch(decoding)
         greedy = step.greedy()
         for slot, row in enumerate(rows):
-            if row is not None:
-                self._emit(row, self._pick(row, step.logits[slot].float()) if row.needs_logits() else greedy[slot])
+            if row is not None and row.needs_logits():
+                self._emit_picked(row, step.logits[slot].float())
+            elif row is not None:
+                self._emit(row, greedy[slot])
 
     def _adapter_index(self, row: _Row) -> int:
-        return self._index[row.request.entry.id] if row.request.entry is not None else 0
+        return self._index_of(row.request)
+
+    def _index_of(self, request: BatchRequest) -> int:
+        return self._index[request.entry.id] if request.entry is not None else 0
+
+    def _emit_picked(self, row: _Row, logits) -> None:
+        """Pick row's next token on the host from its logits and hand it out; whatever fails there
+        ends this row alone, with its error."""
+        try:
+            token = self._pick(row, logits)
+        except Exception as err:  # noqa: BLE001 - handed to the request that owns the row
+            log.warning("a request failed while sampling: %s: %s", type(err).__name__, err)
+            self._finish(row.slot, err)
+            return
+        self._emit(row, token)
 
     def _pick(self, row: _Row, logits) -> int:
         from lqmf.engine.decode.sampling import pick_token

@@ -2,7 +2,9 @@
 
 Routes: GET /health, GET /v1/models[/{id}], POST /v1/completions, POST /v1/chat/completions
 (`stream: true` sends server-sent events in OpenAI's chunk format, ending with `data: [DONE]`),
-POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}.
+POST /v1/classify, GET /admin/adapters, POST /admin/adapters/{load,switch,unload}; with a
+Recorder (`lqmf serve --record`, engine/recording.py) every answer is kept under its response id
+and POST /v1/feedback takes ratings and corrections of it.
 
 Requests run at once: each generation blocks one thread of a pool on `ModelHost.complete`, which
 the host batches (continuous batching, engine/serve/scheduler.py); at most `capacity` requests are in
@@ -32,15 +34,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError
 from lqmf.engine.inference import Generation
 from lqmf.engine.serve.host import ModelHost, PromptTooLong
+from lqmf.engine.serve.recording import Recorder, feedback_router
 from lqmf.engine.serve.scheduler import Busy
 
 log = logging.getLogger("lqmf.serve")
 MAX_BODY_BYTES = 4 * 1024 * 1024
 MAX_STOP_STRINGS = 4
+MAX_PROMPTS = 32  # prompts in one /v1/completions request
+MAX_SEED = 2**63 - 1  # a torch.Generator seed is a signed 64-bit integer
+MAX_COUNT = 2**31 - 1  # token counts
+GREEDY_BELOW = 1e-5  # a temperature below this is greedy (as vLLM does): logits / 1e-300 overflow float32
 UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions",
                       "tool_choice", "response_format")
 
@@ -85,13 +93,15 @@ def api_error(err: BaseException) -> ApiError:
 
 
 class _GenerationRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # Numbers are checked here, at the edge: finite (json reads NaN and Infinity), in range, and in the
+    # type the kernel takes, so nothing the decode loop does for one request can fail on them.
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None
@@ -99,7 +109,7 @@ class _GenerationRequest(BaseModel):
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
-    min_tokens: int = Field(0, ge=0)  # vLLM's extension: no end-of-text before this many tokens
+    min_tokens: int = Field(0, ge=0, le=MAX_COUNT)  # vLLM's extension: no end-of-text before this many tokens
 
     @model_validator(mode="after")
     def _supported(self):
@@ -116,7 +126,8 @@ class _GenerationRequest(BaseModel):
 
     def options(self) -> dict[str, Any]:
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        return {"max_new_tokens": self.max_tokens, "temperature": self.temperature or 0.0,
+        temperature = self.temperature if self.temperature and self.temperature >= GREEDY_BELOW else 0.0
+        return {"max_new_tokens": self.max_tokens, "temperature": temperature,
                 "top_p": self.top_p or 1.0, "seed": self.seed, "stop": stop, "min_new_tokens": self.min_tokens}
 
     def include_usage(self) -> bool:
@@ -130,6 +141,8 @@ class CompletionRequest(_GenerationRequest):
     def _prompts(self):
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt is an empty list")
+        if isinstance(self.prompt, list) and len(self.prompt) > MAX_PROMPTS:
+            raise ValueError(f"prompt takes at most {MAX_PROMPTS} strings")
         if self.stream and isinstance(self.prompt, list) and len(self.prompt) > 1:
             raise ValueError("streaming takes one prompt per request")
         return self
@@ -154,7 +167,7 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
 
     def options(self) -> dict[str, Any]:
         options = super().options()
@@ -177,7 +190,11 @@ Body = TypeVar("Body", bound=BaseModel)
 
 async def parse_body(request: Request, model: type[Body]) -> Body:
     """The JSON body as model (whatever the Content-Type says), or a 400 that says what is wrong."""
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # nobody to answer: one line in the log, no traceback
+        log.info("%s %s: the client hung up before sending its whole body", request.method, request.url.path)
+        raise ApiError(400, "the client hung up before sending its whole body", code="client_disconnected") from None
     try:
         data = json.loads(raw) if raw.strip() else {}
     except (ValueError, UnicodeDecodeError) as err:
@@ -327,10 +344,12 @@ def _sse(data: dict[str, Any] | str) -> str:
 
 
 def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str | None, str | None], dict],
-                    include_usage: bool, opening: dict[str, Any] | None = None) -> StreamingResponse:
+                    include_usage: bool, opening: dict[str, Any] | None = None,
+                    on_done: Callable[[Generation], Any] | None = None) -> StreamingResponse:
     """Server-sent events in OpenAI's chunk format from a generation's events (ModelWorker.stream).
 
-    chunk(text, finish_reason) builds one chunk (text None: no text); opening, when given, goes first.
+    chunk(text, finish_reason) builds one chunk (text None: no text); opening, when given, goes first;
+    on_done (a coroutine function) sees the finished generation before its last chunk goes out.
     """
 
     async def sse():
@@ -342,6 +361,8 @@ def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str
             elif kind == "error":
                 yield _sse(api_error(value).body())
             else:
+                if on_done is not None:
+                    await on_done(value)
                 yield _sse(chunk(None, _finish(value)))
                 if include_usage:
                     yield _sse({**chunk(None, None), "choices": [], "usage": _usage([value])})
@@ -361,8 +382,9 @@ def default_capacity(host: ModelHost) -> int:
 
 
 def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callable[[], None] | None = None,
-               on_stop: Callable[[], None] | None = None) -> FastAPI:
-    """The server: /health, the OpenAI router and the admin router over host."""
+               on_stop: Callable[[], None] | None = None, recorder: Recorder | None = None) -> FastAPI:
+    """The server: /health, the OpenAI router and the admin router over host (recorder: answers kept,
+    and /v1/feedback)."""
     worker = ModelWorker(default_capacity(host))
     started_at = time.time()
 
@@ -400,7 +422,9 @@ def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callabl
             body.update(host.describe(), uptime_s=round(time.time() - started_at, 1))
         return body
 
-    app.include_router(openai_router(host, worker, started_at), dependencies=[Depends(require_key)])
+    app.include_router(openai_router(host, worker, started_at, recorder), dependencies=[Depends(require_key)])
+    if recorder is not None:
+        app.include_router(feedback_router(recorder), dependencies=[Depends(require_key)])
     app.include_router(admin_router(host, worker), dependencies=[Depends(require_key)])
     return app
 
@@ -431,9 +455,15 @@ def _add_error_handlers(app: FastAPI) -> None:
         return api_error(err).response()
 
 
-def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> APIRouter:
-    """/v1/models, /v1/completions, /v1/chat/completions and /v1/classify."""
+def openai_router(host: ModelHost, worker: ModelWorker, started_at: float,
+                  recorder: Recorder | None = None) -> APIRouter:
+    """/v1/models, /v1/completions, /v1/chat/completions and /v1/classify (each answer kept by recorder)."""
     api = APIRouter()
+
+    async def keep(ident: str, adapter: str | None, kind: str, prompt: Any, answer: str,
+                   labels: list[str] | None = None) -> None:
+        if recorder is not None:
+            await recorder.keep(ident, served_name(adapter), kind, prompt, answer, labels)
 
     def model_card(row: dict[str, Any]) -> dict[str, Any]:
         return {"id": row["id"], "object": "model", "created": row.get("created", int(started_at)),
@@ -464,6 +494,9 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
                 lambda cancelled, prompt=prompt: host.complete(body.model, prompt, raw=True, cancelled=cancelled,
                                                                **options)) for prompt in prompts))
             generations = [generation for _, generation in results]
+            for i, (prompt, (adapter, generation)) in enumerate(zip(prompts, results, strict=True)):
+                await keep(ident if len(prompts) == 1 else f"{ident}-{i}", adapter, "completion", prompt,
+                           generation.text)
             return {"id": ident, "object": "text_completion", "created": created, "model": served_name(results[0][0]),
                     "choices": [{"index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None}
                                 for i, g in enumerate(generations)],
@@ -480,7 +513,8 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
             return {"id": ident, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
-        return stream_response(events, chunk, body.include_usage())
+        return stream_response(events, chunk, body.include_usage(), on_done=lambda generation: keep(
+            ident, adapter, "completion", prompts[0], generation.text))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -490,6 +524,7 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
         if not body.stream:
             adapter, generation = await worker.generate(
                 lambda cancelled: host.complete(body.model, messages, cancelled=cancelled, **options))
+            await keep(ident, adapter, "chat", messages, generation.text)
             return {"id": ident, "object": "chat.completion", "created": created, "model": served_name(adapter),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                                  "finish_reason": _finish(generation), "logprobs": None}],
@@ -509,19 +544,22 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float) -> AP
 
         opening = chunk(None, None)
         opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return stream_response(events, chunk, body.include_usage(), opening)
+        return stream_response(events, chunk, body.include_usage(), opening, on_done=lambda generation: keep(
+            ident, adapter, "chat", messages, generation.text))
 
     @api.post("/v1/classify")
     async def classify(request: Request):
         body = await parse_body(request, ClassifyRequest)
         texts = [body.input] if isinstance(body.input, str) else body.input
         adapter, scores, tokens = await worker.generate(lambda cancelled: host.classify(body.model, texts))
-        data = []
+        ident, data = f"clf-{secrets.token_hex(12)}", []
         for index, probabilities in enumerate(scores):
             label = max(probabilities, key=probabilities.get)
-            data.append({"object": "classification", "index": index, "label": label,
+            row_id = ident if len(texts) == 1 else f"{ident}-{index}"
+            await keep(row_id, adapter, "classify", texts[index], label, list(probabilities))
+            data.append({"object": "classification", "index": index, "id": row_id, "label": label,
                          "score": probabilities[label], "probabilities": probabilities})
-        return {"object": "list", "model": served_name(adapter), "data": data,
+        return {"id": ident, "object": "list", "model": served_name(adapter), "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
     return api
@@ -637,7 +675,12 @@ def run_server(app: FastAPI, sock: socket.socket, log_level: str = "info") -> No
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
         log.addHandler(handler)
     log.setLevel(log_level.upper())
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10,
+    from lqmf.engine import compat
+
+    unparsable = compat.json_400_http_protocol(
+        lambda message: json.dumps(ApiError(400, f"malformed HTTP request: {message}", code="invalid_http").body())
+        .encode())
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=10, http=unparsable,
                             access_log=log_level in ("debug", "info"))
     stop_signals = (signal.SIGINT, signal.SIGTERM)
     previous = {signum: signal.signal(signum, _stop_requested) for signum in stop_signals}

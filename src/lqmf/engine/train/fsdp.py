@@ -14,6 +14,7 @@ from typing import Any
 
 from lqmf.core.distributed import check_fsdp_settings
 from lqmf.core.errors import RuntimeFailure
+from lqmf.engine.compat import no_split_module_names
 
 
 def _trainable_leaf(module) -> bool:
@@ -23,7 +24,7 @@ def _trainable_leaf(module) -> bool:
 
 
 def _block_classes(model) -> set[type]:
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    names = no_split_module_names(model)
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 

@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,8 @@ from lqmf.core.metrics import classification_scores
 from lqmf.core.models import ResolvedModel
 from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
+from lqmf.engine.compat import keep_4bit_training_layout, repoint
+from lqmf.engine.fused.loss import LOSS_CHUNK_TOKENS, linear_cross_entropy
 from lqmf.engine.loading import (
     LoadedModel,
     compute_dtype,
@@ -52,7 +55,6 @@ from lqmf.engine.loading import (
     select_device,
 )
 from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
-from lqmf.engine.train.loss import LOSS_CHUNK_TOKENS, linear_cross_entropy
 from lqmf.engine.train.memory import (
     cap_allocator,
     memory_budget,
@@ -286,12 +288,7 @@ def load_base(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepared,
                         quantize_4bit=config.use_4bit_quantization, labels=prepared.labels or None, training=True,
                         tokenizer=prepared.tokenizer, quant_storage=storage)
     if loaded.quantized and loaded.device == "cpu":
-        # bitsandbytes repacks 4-bit weights for AVX512-BF16 inference the first time a layer runs
-        # in eval mode and never unpacks them for training (its in-place bias add then fails in
-        # backward); our per-epoch evaluation would trigger it, so keep the training layout.
-        for module in loaded.model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+        keep_4bit_training_layout(loaded.model)  # our per-epoch evaluation would repack the weights
     return loaded
 
 
@@ -330,7 +327,7 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
         raise RuntimeFailure(f"LoRA setup failed for target_modules={targets}: {err}") from None
     for parameter in loaded.model.parameters():
         if parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
+            repoint(parameter, parameter.data.float())
     if not sharded:
         use_lean_lora(loaded.model)
     return loaded
@@ -360,7 +357,7 @@ def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
 def answer_loss_sum(model, batch) -> Any:
     """Summed cross-entropy over answer tokens, computing logits only where labels are set.
 
-    A frozen plain linear head takes engine/train/loss.py's linear cross-entropy (no logits kept, nothing
+    A frozen plain linear head takes engine/fused/loss.py's linear cross-entropy (no logits kept, nothing
     recomputed; under FSDP the root unit's weights are gathered for the whole step, and the head's is
     read only in forward); another head checkpointed chunks; architectures that post-process logits
     their model's own logits.
@@ -424,6 +421,15 @@ def classification_loss_sum(model, batch):
     import torch.nn.functional as F
 
     return F.cross_entropy(_classification_logits(model, batch), batch["labels"], reduction="sum")
+
+
+@dataclass
+class Loss:
+    """A training objective: sum(model, batch) is the summed loss of a micro-batch; it is averaged over
+    examples (per_example) or over answer tokens."""
+
+    sum: Callable[[Any, dict[str, Any]], Any]
+    per_example: bool = False
 
 
 def loss_units(rows: list[dict[str, Any]], classification: bool) -> int:

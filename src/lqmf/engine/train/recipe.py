@@ -23,10 +23,10 @@ from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
+from lqmf.engine.fused.blocks import TILE_TOKENS, tile_mlps
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
 from lqmf.engine.train import fsdp
 from lqmf.engine.train import loop as steps
-from lqmf.engine.train.blocks import TILE_TOKENS, tile_mlps
 from lqmf.engine.train.distributed import Collective
 from lqmf.engine.train.memory import (
     is_out_of_memory,
@@ -47,7 +47,7 @@ class Recipe:
 
     def __init__(self, config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path, *,
                  prepared: steps.Prepared, memory: steps.MemoryPlan, events: steps.Events | None = None,
-                 resume: bool = False, collective: Collective | None = None):
+                 resume: bool = False, collective: Collective | None = None, loss: steps.Loss | None = None):
         self.config, self.model_ref, self.dataset, self.staging = config, model_ref, dataset, staging
         self.prepared, self.memory, self.resume = prepared, memory, resume
         self.collective = collective or Collective()
@@ -55,6 +55,9 @@ class Recipe:
         self.events = events if events is not None and self.main else steps.Events()
         self.sharded = memory.strategy == "fsdp" and self.collective.distributed
         self.classification = dataset.task == "classification"
+        self.loss = loss or steps.Loss(steps.classification_loss_sum if self.classification else steps.answer_loss_sum,
+                                       per_example=self.classification)
+        self.pack_tokens = memory.pack_tokens if loss is None else 0  # another objective (KTO) reads whole rows
         self.log_path = staging / steps.METRICS_LOG
         self.total = prepared.total_steps
 
@@ -102,7 +105,7 @@ class Recipe:
         self.events.on_plan(self.plan)
 
     def _use_fused_kernels(self) -> None:
-        from lqmf.engine.train import blocks
+        from lqmf.engine.fused import blocks
 
         reason = blocks.unavailable(self.loaded.device)
         if reason:
@@ -125,8 +128,8 @@ class Recipe:
             without = " and no FSDP" if memory.strategy == "fsdp" else ""
             self.events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing{without}; not "
                                 f"offloading on {memory.device}")
-        if memory.pack_tokens:
-            self.events.on_note(f"packing on: examples end to end in sequences of up to {memory.pack_tokens} tokens, "
+        if self.pack_tokens:
+            self.events.on_note(f"packing on: examples end to end in sequences of up to {self.pack_tokens} tokens, "
                                 f"attention inside each (packing={config.packing})")
         if memory.tiled_mlp:
             self.events.on_note(f"tiled MLP on: each block's MLP runs {TILE_TOKENS} tokens at a time "
@@ -233,16 +236,16 @@ class Recipe:
         import torch
 
         micro, world = self.progress["micro_batch"], self.collective.world_size
-        units = steps.loss_units(rows, self.classification)  # over every rank's rows: the loss is their mean
+        units = steps.loss_units(rows, self.loss.per_example)  # over every rank's rows: the loss is their mean
         mine = self._share(rows)
         passes = math.ceil(math.ceil(len(rows) / world) / micro) if self.sharded else 0
-        loss_fn = steps.classification_loss_sum if self.classification else steps.answer_loss_sum
         oom = failure = None
         try:
-            loss = steps.forward_backward(self.runner, loss_fn, mine, units, micro, self.loaded.tokenizer.pad_token_id,
-                                           self.classification, self.loaded.device, self.offload, passes, rows[:1],
-                                           scale=world if self.sharded else 1,  # FSDP averages over ranks
-                                           pack_tokens=self.memory.pack_tokens)
+            loss = steps.forward_backward(self.runner, self.loss.sum, mine, units, micro,
+                                          self.loaded.tokenizer.pad_token_id, self.classification, self.loaded.device,
+                                          self.offload, passes, rows[:1],
+                                          scale=world if self.sharded else 1,  # FSDP averages over ranks
+                                          pack_tokens=self.pack_tokens)
         except Exception as err:
             if is_out_of_memory(err):
                 oom = first_line(err)
@@ -422,7 +425,7 @@ class Recipe:
         runtime = {**self.loaded.runtime(), "optimizer": self.optimizer_name, "micro_batch": progress["micro_batch"],
                    "gradient_accumulation": prepared.effective_batch // prepared.world_size // progress["micro_batch"],
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
-                   "offload_activations": self.offload is not None, "pack_tokens": self.memory.pack_tokens,
+                   "offload_activations": self.offload is not None, "pack_tokens": self.pack_tokens,
                    "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
@@ -432,15 +435,17 @@ class Recipe:
 
 def train(config: TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset, staging: Path,
           events: steps.Events | None = None, prepared: steps.Prepared | None = None, resume: bool = False,
-          memory: steps.MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None) -> steps.Outcome:
+          memory: steps.MemoryPlan | None = None, loaded: LoadedModel | None = None, collective=None,
+          loss: steps.Loss | None = None) -> steps.Outcome:
     """Train a LoRA adapter into staging (PEFT files + metrics log) and return its metrics.
 
     memory is plan_memory's result for prepared, when the caller has it already; loaded a model the
     caller set up already (setup_model, e.g. on a base it keeps loaded; seed torch before that);
-    collective the ranks of a multi-process run (engine/train/distributed.py).
+    collective the ranks of a multi-process run (engine/train/distributed.py); loss another objective
+    than the task's (engine/train/kto.py).
     """
     prepared = prepared or steps.prepare(config, model_ref, dataset)
     memory = memory or steps.plan_memory(config, model_ref, prepared)
     recipe = Recipe(config, model_ref, dataset, staging, prepared=prepared, memory=memory, events=events,
-                    resume=resume, collective=collective)
+                    resume=resume, collective=collective, loss=loss)
     return recipe.run(loaded)

@@ -1,0 +1,67 @@
+"""The Triton LoRA kernels (engine/lora/kernels.py), run by Triton's interpreter on the CPU.
+
+On a GPU machine conftest.py leaves the interpreter off (the GPU check runs the kernels compiled), so
+these CPU runs are skipped there; tests/gpu covers the kernels on the GPU."""
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton's interpreter is off (a GPU machine): tests/gpu runs the kernels", allow_module_level=True)
+
+
+@pytest.fixture
+def interpreted(monkeypatch):
+    """The kernels, run on the CPU by Triton's interpreter (conftest.py sets TRITON_INTERPRET)."""
+    from lqmf.engine.lora import kernels as lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "OFF_GPU", True)
+    return lora_kernels
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize(("rows", "width", "rank", "outputs"),
+                         [(1, 256, 48, 384), (3, 1000, 16, 70), (1, 4096, 8, 100)])
+def test_kernels_compute_the_scaled_product(interpreted, dtype_name, rows, width, rank, outputs):
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(rows + width)
+    x = torch.randn(rows, width, generator=generator).to(dtype)
+    a = (torch.randn(rank, width, generator=generator) * 0.05).to(dtype)
+    b = (torch.randn(outputs, rank, generator=generator) * 0.05).to(dtype)
+    assert interpreted.kernels_apply(x, a)
+    got = interpreted.scaled_product(x, a, b, 2.0)
+    # x A^T rounded to the input dtype, as PEFT's GEMM leaves it; accumulation in fp32
+    expected = (x.float() @ a.float().t()).to(dtype).float() @ b.float().t() * 2.0
+    assert got.dtype == dtype and got.shape == (rows, outputs)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2 * float(expected.abs().max())
+    assert float((got.float() - expected).abs().max()) <= tolerance
+
+
+def test_kernels_read_strided_views_and_step_aside_when_they_should(interpreted, monkeypatch):
+    import torch
+
+    block = torch.randn(300, 48)
+    b = block[100:200, 16:32]  # a member's B inside a fused block-diagonal tensor
+    a, x = torch.randn(16, 64), torch.randn(1, 64)
+    torch.testing.assert_close(interpreted.scaled_product(x, a, b, 0.5), x @ a.t() @ b.t() * 0.5)
+    assert not interpreted.kernels_apply(torch.randn(interpreted.MAX_ROWS + 1, 64), a)  # a prompt: cuBLAS
+    monkeypatch.setenv("LQMF_LORA_KERNELS", "0")
+    assert not interpreted.kernels_apply(x, a)
+
+
+def test_lean_decode_step_with_kernels_matches_peft(interpreted):
+    """One-row forwards through the lean layers (fused q/k/v, the kernels) give PEFT's logits."""
+    import torch
+
+    from lqmf.engine.lora.lean import use_lean_lora
+    from tests.helpers import lora_model
+
+    ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(2))
+    peft_model, lean_model = lora_model().eval(), lora_model(lean=True).eval()
+    use_lean_lora(lean_model, torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)

@@ -1,0 +1,271 @@
+"""Each library internal that engine/compat.py touches, checked as the code uses it: an upgrade that
+changes one fails here, by name, instead of deep inside a model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lqmf.engine import compat
+
+
+def test_tensor_version_counts_in_place_changes():
+    tensor = torch.zeros(3)
+    before = compat.tensor_version(tensor)
+    tensor.add_(1)
+    assert isinstance(before, int) and compat.tensor_version(tensor) == before + 1
+    with torch.inference_mode():
+        assert compat.tensor_version(torch.zeros(3)) is None
+
+
+def test_foreach_copy_copies_every_pair_in_place():
+    targets = [torch.zeros(2), torch.zeros(3, 2)[:, 0]]  # a strided view too
+    sources = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])]
+    addresses = [t.data_ptr() for t in targets]
+    compat.foreach_copy(targets, sources)
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources, strict=True))
+    assert [t.data_ptr() for t in targets] == addresses
+
+
+def test_build_lora_layers_as_gives_our_classes_and_plain_peft_loads_what_they_save(tmp_path):
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft.tuners.lora import Linear
+
+    class Mine(Linear):
+        pass
+
+    class Exactly(type):
+        def __instancecheck__(cls, obj):
+            return type(obj) is torch.nn.Linear
+
+    class PlainLinear(metaclass=Exactly):
+        pass
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = torch.nn.Linear(4, 4)
+            self.sub = type("LinearKind", (torch.nn.Linear,), {})(4, 4)  # a subclass: PEFT's own layer
+
+        def forward(self, x):
+            return self.sub(self.plain(x))
+
+    config = LoraConfig(r=2, target_modules=["plain", "sub"], init_lora_weights=False)
+    compat.build_lora_layers_as(config, {PlainLinear: Mine})
+    model = get_peft_model(Net(), config)
+    assert type(model.base_model.model.plain) is Mine and type(model.base_model.model.sub) is Linear
+    x = torch.randn(2, 4)
+    expected = model(x)
+    model.save_pretrained(tmp_path)
+    assert "custom" not in (tmp_path / "adapter_config.json").read_text()
+    plain = PeftModel.from_pretrained(Net(), tmp_path)
+    plain.load_state_dict(model.state_dict())
+    assert type(plain.base_model.model.plain) is Linear
+    torch.testing.assert_close(plain(x), expected)
+
+
+def test_only_named_library_notices_are_silenced():
+    import warnings
+
+    from lqmf.engine.loading import quiet_libraries
+
+    quiet_libraries()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("default")
+        quiet_libraries()  # the named filters go first again, inside this block
+        warnings.warn("`gradient_checkpointing_enable` is deprecated and will be removed in v6.", FutureWarning,
+                      stacklevel=1)
+        warnings.warn("something the user should see", UserWarning, stacklevel=1)
+        warnings.warn("a deprecation the user should see", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something the user should see", "a deprecation the user should see"]
+
+
+def test_cache_keyword_is_the_one_the_model_fills(tiny_model):
+    """The static-cache decoder passes its cache under this keyword; a keyword the model ignored would
+    leave the cache empty (transformers 5.17 takes past_key_values, 5.24 cache)."""
+    from transformers import AutoModelForCausalLM, StaticCache
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    keyword = compat.cache_keyword(model)
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 5, 9]]), use_cache=True, **{keyword: cache})
+    assert int(cache.layers[0].cumulative_length) == 3
+
+
+def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    layers = [bnb.nn.Linear4bit(128, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+              for rows in (128, 64, 64)]  # moving them quantizes them (double-quantized absmax: nested)
+    assert all(layer.weight.quant_state.nested for layer in layers)
+    dense = torch.cat([dequantize_4bit(layer.weight.data, layer.weight.quant_state) for layer in layers])
+    packed, state = compat.stack_4bit(layers)
+    x = torch.randn(3, 128)
+    torch.testing.assert_close(bnb.matmul_4bit(x, packed.t(), quant_state=state), x @ dense.t())
+    starts = [layer.weight.data_ptr() - packed.data_ptr() for layer in layers]
+    assert starts == [0, 128 * 128 // 2, 192 * 128 // 2] and packed.numel() == 256 * 128 // 2
+    torch.testing.assert_close(torch.cat([layer(x) for layer in layers], dim=-1), x @ dense.t())
+    assert compat.stack_4bit(layers[:1]) is None
+    other = bnb.nn.Linear4bit(128, 64, bias=False, quant_type="fp4").to("cpu")
+    assert compat.stack_4bit([layers[0], other]) is None
+
+
+def _peft_linear(tmp_path=None, dropout: float = 0.0, rank: int = 2):
+    """A two-layer net with LoRA (non-zero B) on both layers; saved to tmp_path when given."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(rank)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = get_peft_model(net, LoraConfig(r=rank, lora_alpha=4, lora_dropout=dropout, target_modules=["0", "1"],
+                                           init_lora_weights=False))
+    if tmp_path is not None:
+        model.save_pretrained(tmp_path)
+    return model
+
+
+def test_repoint_keeps_the_parameter_and_its_module_reads_the_new_tensor():
+    layer = torch.nn.Linear(4, 2)
+    parameter = layer.weight
+    stacked = torch.randn(6, 4)
+    compat.repoint(layer.weight, stacked[2:4])
+    assert layer.weight is parameter and dict(layer.named_parameters())["weight"] is parameter
+    assert parameter.data_ptr() == stacked[2:4].data_ptr() and isinstance(parameter, torch.nn.Parameter)
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(layer(x), x @ stacked[2:4].t() + layer.bias)
+    compat.repoint(parameter, parameter.data.double())  # training upcasts PEFT's trainable weights in place
+    assert parameter.dtype == torch.float64 and parameter.requires_grad
+
+
+def test_set_lora_scaling_is_what_peft_forward_multiplies():
+    model = _peft_linear().eval()
+    layer = model.base_model.model[0]
+    x = torch.randn(2, 4)
+    base = layer.base_layer(x)
+    delta = layer(x) - base
+    compat.set_lora_scaling(layer, "default", layer.scaling["default"] * 3)
+    torch.testing.assert_close(layer(x) - base, 3 * delta)
+
+
+def test_saved_and_live_lora_keys_follow_peft_layout(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _peft_linear(tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert sorted(compat.saved_lora_key(key) for key in saved) == [("0", "A"), ("0", "B"), ("1", "A"), ("1", "B")]
+    assert compat.saved_lora_key("base_model.model.0.bias") is None
+    live = dict(model.named_parameters())
+    for key, tensor in saved.items():
+        assert torch.equal(live[compat.live_lora_key(key, "default")].detach(), tensor)
+
+
+def test_hotswap_lora_adapter_takes_another_dropout_and_rank(tmp_path):
+    """PEFT refuses a swap between configs differing in lora_dropout; through compat it swaps, and the
+    swapped model computes what the new adapter loaded fresh computes."""
+    from peft import PeftModel
+
+    _peft_linear(tmp_path / "old", dropout=0.0, rank=2)
+    _peft_linear(tmp_path / "new", dropout=0.1, rank=2)
+    import copy
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "old"))
+    from peft.utils.hotswap import hotswap_adapter
+
+    with pytest.raises(ValueError, match="lora_dropout"):  # PEFT's refusal, which compat works around
+        hotswap_adapter(copy.deepcopy(model), str(tmp_path / "new"), adapter_name="default", torch_device="cpu")
+    compat.hotswap_lora_adapter(model, str(tmp_path / "new"), "default", "cpu")
+    fresh = PeftModel.from_pretrained(base, str(tmp_path / "new")).eval()
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(model.eval()(x), fresh(x))
+    assert model.peft_config["default"].lora_dropout == 0.1
+
+
+def test_keep_4bit_training_layout_clears_the_bitsandbytes_flag():
+    import bitsandbytes as bnb
+
+    model = torch.nn.Sequential(bnb.nn.Linear4bit(64, 64, compute_dtype=torch.float32))
+    assert hasattr(model[0], "support_avx512bf16_for_cpu"), "bitsandbytes renamed its AVX512-BF16 repacking flag"
+    model[0].support_avx512bf16_for_cpu = True
+    compat.keep_4bit_training_layout(model)
+    assert model[0].support_avx512bf16_for_cpu is False
+
+
+def test_no_split_module_names_name_the_decoder_block():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    names = compat.no_split_module_names(LlamaForCausalLM(config))
+    assert names == {"LlamaDecoderLayer"}
+
+
+def test_models_load_without_hub_kernels(tiny_model):
+    """transformers 5.25 turns hub kernels on by default (fetched online): loading.HUB_KERNELS keeps them off."""
+    from lqmf.core.models import (
+        ModelCatalogue,
+        ResolvedModel,  # noqa: F401
+    )
+    from lqmf.core.workspace import Workspace
+    from lqmf.engine.loading import HUB_KERNELS, load_model
+
+    loaded = load_model(ModelCatalogue(Workspace(tiny_model.parent)).resolve(str(tiny_model)), task="chat")
+    assert HUB_KERNELS is False and not getattr(loaded.model, "use_kernels", False)
+
+
+def test_json_400_http_protocol_answers_an_unparsable_request_with_json():
+    """uvicorn answers what its HTTP parser rejects through send_400_response (undocumented); ours writes
+    JSON. A uvicorn that renames it would answer plain text again, and this fails."""
+    import asyncio
+    import json
+    import socket
+    import threading
+    import time
+
+    import uvicorn
+
+    from lqmf.engine import compat
+
+    async def app(scope, receive, send):  # never reached: the request does not parse
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol = compat.json_400_http_protocol(lambda message: json.dumps({"error": {"message": message}}).encode())
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    server = uvicorn.Server(uvicorn.Config(app, http=protocol, log_level="critical", lifespan="off"))
+    thread = threading.Thread(target=lambda: asyncio.run(server.serve(sockets=[sock])), daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.01)
+        with socket.create_connection(sock.getsockname(), timeout=10) as client:
+            client.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+            answer = b""
+            while chunk := client.recv(4096):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower()
+        assert json.loads(body)["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_share_children_keeps_names_and_sees_replacements():
+    from lqmf.engine.compat import share_children
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    outer = torch.nn.Module()
+    share_children(outer, inner)
+    parent = torch.nn.Module()
+    parent.block = outer
+    assert list(parent.state_dict()) == ["block.0.weight", "block.0.bias"]
+    replacement = torch.nn.Linear(2, 3)
+    outer.add_module("0", replacement)  # as PEFT's injection does: setattr on the parent it finds
+    assert inner[0] is replacement
