@@ -87,7 +87,7 @@ class TrainConfig:
         "max_seq_length", choices=SWITCHES)
     tiled_mlp: str = _opt(
         "auto", "Run each block's MLP over the micro-batch's tokens 2048 at a time, each tile recomputed in backward "
-        "(with gradient checkpointing): auto | on | off; auto: when that lets a larger micro-batch fit the budget",
+        "(with gradient checkpointing): auto | on | off; auto: when the run would not fit the budget without",
         choices=SWITCHES)
     fused_kernels: str = _opt(
         "off", "liger-kernel's fused RMSNorm and SiLU-multiply in training (CUDA, pip install 'lqmf[kernels]'): "

@@ -623,21 +623,27 @@ def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int,
                context_counted: bool = True, offload: str = "auto", tiled: str = "off") -> tuple[int, TrainSettings]:
     """(micro-batch, settings) to train with under budget: the largest micro-batch, at most the one
     asked for, that fits and divides the effective batch (0 when even 1 does not); with
-    offload="auto", activations are offloaded, and with tiled="auto" the MLP runs in tiles (it costs
-    a recomputation), each only when that fits a larger micro-batch than going without."""
+    offload="auto", activations are offloaded when that fits a larger one; with tiled="auto" the MLP
+    runs in tiles (it costs a recomputation, not measured on a GPU yet) only when nothing fits without."""
     candidates = [settings]  # cheapest first: the first with the largest micro-batch wins
     if offload == "auto" and settings.offloadable and not settings.offloaded:
         candidates.append(replace(settings, offload_activations=True))
+    best, chosen = _best_fit(shape, candidates, effective_batch, budget, context_counted)
     long_enough = settings.micro_batch * settings.seq_len > MLP_TILE_TOKENS
-    if tiled == "auto" and settings.gradient_checkpointing and not settings.tiled and long_enough:
-        candidates += [replace(candidate, tiled_mlp=True) for candidate in candidates]
-    best, chosen = -1, settings
+    if best == 0 and tiled == "auto" and settings.gradient_checkpointing and not settings.tiled and long_enough:
+        best, chosen = _best_fit(shape, [replace(candidate, tiled_mlp=True) for candidate in candidates],
+                                 effective_batch, budget, context_counted)
+    return best, (chosen if best else settings)
+
+
+def _best_fit(shape: ModelShape, candidates: list[TrainSettings], effective_batch: int, budget: float,
+              context_counted: bool) -> tuple[int, TrainSettings]:
+    """The largest fitting micro-batch over candidates, and the first candidate that reaches it."""
+    best, chosen = 0, candidates[0]
     for candidate in candidates:
         micro = fitting_micro_batch(shape, candidate, effective_batch, budget, context_counted)
         if micro > best:
             best, chosen = micro, candidate
-        if best == settings.micro_batch:
-            break
     return best, chosen
 
 
