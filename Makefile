@@ -7,6 +7,8 @@ STAMP := $(VENV)/.lqmf-installed
 # CPU build of torch unless a GPU is present (or torch is already installed in the venv).
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 DEMO := build/demo
+# Flower without its pins (typer < 0.21 and others clash with lqmf's); its dependencies come from lqmf[federated].
+FLWR_SPEC ?= flwr>=1.42,<1.43
 # make test: two pytest workers, one per CI core (pytest-xdist; each worker builds the session fixtures once)
 TEST_WORKERS ?= 2
 
@@ -18,6 +20,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[serve,bench,dev]"
+	$(PY) -m pip install -q --no-deps "$(FLWR_SPEC)"
 	touch $(STAMP)
 
 lint: setup

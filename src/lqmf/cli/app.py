@@ -36,6 +36,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "report": ("lqmf.cli.report_cmd:app", "Markdown and HTML reports with plots, from saved results."),
     "adapters": ("lqmf.cli.adapters_cmd:app", "List, show, load/switch/unload, verify, rename, remove adapters."),
     "tune": ("lqmf.cli.tune_cmd:tune", "Search hyperparameters (Optuna) on one loaded base; keep the best."),
+    "federated": ("lqmf.cli.federated_cmd:app", "Federated fine-tuning (Flower): server, client, simulate."),
     "feedback": ("lqmf.cli.feedback_cmd:app", "Rate and correct recorded answers; list, show, export, purge."),
     "learn": ("lqmf.cli.learn_cmd:learn", "Train ADAPTER-vN on its users' corrections; --promote hot-swaps it."),
     "shell": ("lqmf.cli.shell_cmd:shell", "An FT> prompt for the guide's commands, in one process."),

@@ -191,8 +191,12 @@ def _missing_columns_error(path: Path, task: str, present: set[str], missing: li
     )
 
 
-def load_task_dataset(path: Path, task: str) -> TaskDataset:
-    """Read and check a dataset for a task; raise InputError naming the first problem."""
+def load_task_dataset(path: Path, task: str, known_labels: list[str] | None = None) -> TaskDataset:
+    """Read and check a dataset for a task; raise InputError naming the first problem.
+
+    known_labels: classification's label set decided elsewhere (a federated site may hold one class);
+    every row's label must be one of them.
+    """
     task = normalize_task(task)
     rows, fmt, digest = read_rows(path)
     word = "line" if fmt != "json" else "item"
@@ -214,7 +218,12 @@ def load_task_dataset(path: Path, task: str) -> TaskDataset:
         )
     examples = [_normalise(task, r.values) for r in rows]
     labels: list[str] = []
-    if task == "classification":
+    if task == "classification" and known_labels:
+        unknown = sorted({e["label"] for e in examples} - set(known_labels))
+        if unknown:
+            raise InputError(f"{path}: labels {unknown} are not among {known_labels}")
+        labels = list(known_labels)
+    elif task == "classification":
         labels = sorted({e["label"] for e in examples})
         if len(labels) < 2:
             raise InputError(
