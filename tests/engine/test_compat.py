@@ -273,3 +273,17 @@ def test_no_such_option_error_is_what_typer_raises_and_offers_its_possibilities(
     assert error.option_name == "--jsn" and "--json" in error.possibilities
     error.possibilities = []
     assert error.format_message() == "No such option: --jsn"
+
+
+def test_share_children_keeps_names_and_sees_replacements():
+    from lqmf.engine.compat import share_children
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    outer = torch.nn.Module()
+    share_children(outer, inner)
+    parent = torch.nn.Module()
+    parent.block = outer
+    assert list(parent.state_dict()) == ["block.0.weight", "block.0.bias"]
+    replacement = torch.nn.Linear(2, 3)
+    outer.add_module("0", replacement)  # as PEFT's injection does: setattr on the parent it finds
+    assert inner[0] is replacement

@@ -32,6 +32,13 @@ def cache_keyword(model) -> str:
                        "this transformers version is not supported by the static-cache decoder")
 
 
+def share_children(wrapper, module) -> None:
+    """Give wrapper module's children (torch's `Module._modules`, the same dict object): named_modules,
+    state_dict and setattr (PEFT's layer injection) then see them under the wrapper, with the names
+    they had under module, and a child replaced through either shows through both."""
+    wrapper._modules = module._modules
+
+
 def build_lora_layers_as(config, mapping: dict) -> None:
     """Have PEFT build config's LoRA layers from mapping's classes ({base layer type: LoRA layer class},
     first isinstance match wins; a base that matches none gets PEFT's own layer), through PEFT's
