@@ -21,8 +21,22 @@ runs the one-GPU baseline and each strategy on each GPU count above one, and nex
 `lqmf plan --gpus N --strategy S --json` at the micro-batch and offload the run used, for the
 planner's per-GPU estimate.
 
-Prints and writes one JSON record per run: median step time (first step excluded), tokens/s,
-peak allocated and reserved VRAM.
+Side by side, one card (issue 24): several source trees of LQMF (today's main and a branch) in
+one run, each `lqmf train` process under a per-process allocator cap (an 8 GB card: 7.3 GiB for
+PyTorch's allocator, the rest is the CUDA context), and the longest-sequence probe (micro-batch 1,
+3 optimizer steps at --long-probe tokens, the planner's figure beside the measured peak):
+
+    python3 benchmarks/gpu_train_bench.py --seq 512 2048 8192 --micro-batch 16 --steps 4 --cap-gib 7.3 \
+        --extra "--max-memory 7.8GB" --variant main=src --variant new=.carry/training/src \
+        --long-probe 16384 --out $OUT
+
+(benchmarks/train_side_by_side.sh runs that and the Hugging Face recipe at the same lengths.)
+
+Prints and writes one JSON record per run: median step time (first step excluded), tokens/s, MFU,
+peak allocated and reserved VRAM. MFU counts 6 N + 12 L h s FLOPs per token (PaLM's convention:
+forward, and backward as if the weights trained; N the parameters, L layers, h hidden size, s
+the sequence) against the card's dense bf16 peak; LoRA's backward skips the frozen weights'
+gradients and checkpointing adds a forward pass, so it is a convention, the same for every row.
 """
 
 from __future__ import annotations
@@ -39,6 +53,9 @@ from pathlib import Path
 MODEL_DIR = Path("/tmp/m7b")
 VOCAB = 32000
 EFFECTIVE_BATCH = 16
+PARAMETERS, LAYERS, HIDDEN = 7_241_732_096, 32, 4096  # the Mistral-7B shape ensure_model builds
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM parts
+CAPPED = Path(__file__).with_name("capped_lqmf.py")
 
 
 def ensure_model() -> None:
@@ -75,22 +92,50 @@ def write_tokens(seq: int, rows: int) -> Path:
     return path
 
 
-def run(seq: int, micro: int, steps: int, extra: list[str], gpus: int = 1, strategy: str = "auto") -> dict:
-    workspace = Path("/tmp/lqmf-bench-ws")
+def mfu(tokens_per_s: float, seq: int) -> float | None:
+    """Model FLOPs utilisation of the current card (see the module docstring), None for an unknown card."""
+    import torch
+
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else ""
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+    if peak is None:
+        return None
+    return round(tokens_per_s * (6 * PARAMETERS + 12 * LAYERS * HIDDEN * seq) / peak, 4)
+
+
+def lqmf_command(cap_gib: float | None) -> list[str]:
+    """`python -m lqmf`, or under an allocator cap of cap_gib on its GPU (benchmarks/capped_lqmf.py)."""
+    if cap_gib is None:
+        return [sys.executable, "-m", "lqmf"]
+    return [sys.executable, str(CAPPED), str(cap_gib)]
+
+
+def variant_env(source: str | None) -> dict[str, str]:
+    """The environment that runs LQMF from source (a src folder) ahead of anything else."""
+    env = dict(os.environ)
+    if source:
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(source).resolve()), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run(seq: int, micro: int, steps: int, extra: list[str], gpus: int = 1, strategy: str = "auto",
+        source: str | None = None, cap_gib: float | None = None, label: str = "lqmf",
+        effective: int = EFFECTIVE_BATCH) -> dict:
+    workspace = Path(f"/tmp/lqmf-bench-ws-{label}")
     name = f"bench-{seq}-{micro}-{gpus}-{strategy}"
-    data = write_tokens(seq, steps * EFFECTIVE_BATCH)
+    data = write_tokens(seq, steps * effective)
     if gpus > 1:
         extra = [*extra, "--gpus", str(gpus), "--set", f"strategy={strategy}"]
-    cmd = [sys.executable, "-m", "lqmf", "--workspace", str(workspace), "train", str(MODEL_DIR), str(data), "chat",
+    cmd = [*lqmf_command(cap_gib), "--workspace", str(workspace), "train", str(MODEL_DIR), str(data), "chat",
            "--name", name, "--force", "--max-steps", str(steps), "--batch-size", str(micro),
-           "--grad-accum", str(EFFECTIVE_BATCH // micro), "--max-seq-length", str(seq), "--rank", "16",
+           "--grad-accum", str(effective // micro), "--max-seq-length", str(seq), "--rank", "16",
            "--set", "validation_split=0", "--set", "eval_at_start=false", "--set", "lora_alpha=32",
            "--set", "target_modules=q_proj,k_proj,v_proj,o_proj", *extra]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=variant_env(source))
     wall = time.time() - started
     if proc.returncode != 0:
-        return {"seq": seq, "micro_batch": micro, "error": proc.stderr[-2000:]}
+        return {"variant": label, "seq": seq, "micro_batch": micro, "error": proc.stderr[-2000:]}
     folder = workspace / "adapters" / name
     log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in log if r["type"] == "train"]
@@ -98,30 +143,47 @@ def run(seq: int, micro: int, steps: int, extra: list[str], gpus: int = 1, strat
     step_s = statistics.median(step_times) if step_times else elapsed[-1]
     manifest = json.loads((folder / "lqmf.json").read_text())
     metrics = manifest["metrics"]
+    tokens_per_s = effective * seq / step_s
     return {
-        "seq": seq, "micro_batch": micro, "grad_accum": EFFECTIVE_BATCH // micro, "steps": steps,
-        "step_s_median": round(step_s, 3), "train_tok_s": round(EFFECTIVE_BATCH * seq / step_s, 1),
+        "variant": label, "source": source, "cap_gib": cap_gib,
+        "seq": seq, "micro_batch": micro, "grad_accum": effective // micro, "steps": steps,
+        "step_s_median": round(step_s, 3), "train_tok_s": round(tokens_per_s, 1), "mfu": mfu(tokens_per_s, seq),
         "peak_alloc_gb": round(metrics["peak_memory_gb"], 3),
         "peak_reserved_gb": round(metrics.get("peak_memory_reserved_gb", 0), 3),
         "peak_alloc_gb_per_process": metrics.get("peak_memory_gb_per_process"),
         "final_loss": metrics["train_loss"], "wall_s": round(wall, 1), "runtime": manifest["runtime"],
+        "memory_events": [r for r in log if r["type"] == "memory"],
         "extra": extra, "gpus": gpus, "strategy": manifest["runtime"].get("strategy"),
-        "plan": plan_estimate(seq, manifest["runtime"], gpus, workspace) if gpus > 1 else None,
+        "plan": plan_estimate(seq, manifest["runtime"], gpus, workspace, source) if gpus > 1 or effective == 1
+        else None,
     }
 
 
-def plan_estimate(seq: int, runtime: dict, gpus: int, workspace: Path) -> dict:
-    """`lqmf plan --gpus N --strategy S --json` at the micro-batch and offload the run used: per GPU."""
+def long_probe(seq: int, extra: list[str], source: str | None, cap_gib: float | None, label: str) -> dict:
+    """Micro-batch 1, 3 optimizer steps of one seq-token sequence each; the planner's peak beside the measured."""
+    record = run(seq, 1, 3, extra, source=source, cap_gib=cap_gib, label=f"{label}-long", effective=1)
+    record["probe"] = "longest sequence, micro-batch 1, 3 steps"
+    if "plan" in record and record["plan"]:
+        planned = record["plan"]["peak_allocated_gb"]
+        record["plan_vs_measured_pct"] = round(100 * (planned / record["peak_alloc_gb"] - 1), 1)
+    return record
+
+
+def plan_estimate(seq: int, runtime: dict, gpus: int, workspace: Path, source: str | None = None) -> dict:
+    """`lqmf plan --gpus N --strategy S --json` at the micro-batch, offload and tiling the run used: per GPU."""
     micro = runtime["micro_batch"]
     cmd = [sys.executable, "-m", "lqmf", "--workspace", str(workspace), "plan", str(MODEL_DIR), "--seq-len",
            str(seq), "--batch-size", str(micro), "--rank", "16", "--targets", "q_proj,k_proj,v_proj,o_proj",
-           "--max-memory", "80GB", "--gpus", str(gpus), "--strategy", runtime["strategy"],
-           "--offload" if runtime["offload_activations"] else "--no-offload", "--json"]
-    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout)
+           "--max-memory", "80GB", "--offload" if runtime["offload_activations"] else "--no-offload", "--json"]
+    if gpus > 1:
+        cmd += ["--gpus", str(gpus), "--strategy", runtime["strategy"]]
+    if "tiled_mlp" in runtime:
+        cmd.append("--tiled-mlp" if runtime["tiled_mlp"] else "--no-tiled-mlp")
+    report = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True, env=variant_env(source)).stdout)
     estimate = report["estimate"]
     return {"peak_allocated_gb": estimate["peak_allocated_gb"],
             "allocated_plus_slack_gb": round(estimate["peak_allocated_gb"] + estimate["allocator_slack_gb"], 3),
-            "total_gb": estimate["total_gb"], "chosen": report["strategies"]["chosen"]}
+            "total_gb": estimate["total_gb"], "chosen": report.get("strategies", {}).get("chosen")}
 
 
 def sweep(seqs: list[int], micro_batches: list[int], measure, out: str, filename: str) -> list[dict]:
@@ -137,23 +199,47 @@ def sweep(seqs: list[int], micro_batches: list[int], measure, out: str, filename
     return results
 
 
+def variant_spec(text: str) -> tuple[str, str, list[str]]:
+    """NAME=SRC[@OPTIONS] -> (name, src folder, more lqmf train options)."""
+    label, _, rest = text.partition("=")
+    source, _, options = rest.partition("@")
+    return label, source, options.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--seq", type=int, nargs="*", default=[512, 2048])
     parser.add_argument("--micro-batch", type=int, nargs="+", default=[2])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--extra", default="", help="more lqmf train options, space separated")
     parser.add_argument("--gpus", type=int, nargs="+", default=[1], help="GPU counts to run (lqmf train --gpus)")
     parser.add_argument("--strategies", nargs="+", default=["auto"], help="with --gpus above 1: ddp fsdp auto")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=SRC[@OPTIONS]",
+                        help="run LQMF from this src folder too, under this name, with these more lqmf train "
+                        "options (space separated) after @ (repeat: side by side)")
+    parser.add_argument("--cap-gib", type=float, default=None,
+                        help="cap each lqmf train process's CUDA allocator at this many GiB (7.3: an 8 GB card)")
+    parser.add_argument("--long-probe", type=int, default=0, metavar="TOKENS",
+                        help="also train 3 steps of one sequence of this many tokens (micro-batch 1), each variant")
+    parser.add_argument("--long-probe-for", nargs="*", default=None, metavar="NAME",
+                        help="the variants that run the long probe (default: all)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
     ensure_model()
+    variants = [variant_spec(v) for v in args.variant] or [("lqmf", None, [])]
     layouts = [(gpus, strategy) for gpus in args.gpus for strategy in (args.strategies if gpus > 1 else ["single"])]
-    for gpus, strategy in layouts:
-        suffix = "" if layouts == [(1, "single")] else f"_{gpus}gpu_{strategy}"
-        sweep(args.seq, args.micro_batch,
-              lambda seq, micro, g=gpus, s=strategy: run(seq, micro, args.steps, args.extra.split(), g, s),
-              args.out, f"lqmf_train{suffix}.json")
+    for label, source, options in variants:
+        extra = [*args.extra.split(), *options]
+        for gpus, strategy in layouts:
+            suffix = "" if layouts == [(1, "single")] else f"_{gpus}gpu_{strategy}"
+            prefix = "" if label == "lqmf" else f"_{label}"
+            sweep(args.seq, args.micro_batch,
+                  lambda seq, micro, g=gpus, s=strategy, lb=label, src=source, ex=extra: run(
+                      seq, micro, args.steps, ex, g, s, src, args.cap_gib, lb),
+                  args.out, f"lqmf_train{prefix}{suffix}.json")
+        if args.long_probe and (args.long_probe_for is None or label in args.long_probe_for):
+            sweep([args.long_probe], [1], lambda seq, _micro, lb=label, src=source, ex=extra: long_probe(
+                seq, ex, src, args.cap_gib, lb), args.out, f"lqmf_long{prefix}.json")
 
 
 if __name__ == "__main__":

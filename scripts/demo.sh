@@ -6,12 +6,17 @@
 #  3. the registry listing and one answer from each adapter;
 #  4. a benchmark of the sentiment adapter against its base (speed, memory, held-out quality).
 set -euo pipefail
+CALLER_DIR=$PWD
 cd "$(dirname "$0")/.."
-WORKSPACE=${1:-build/demo}
+if [ -n "${1:-}" ]; then  # a folder given by the caller: absolute, or relative to where they ran this
+    case $1 in /*) WORKSPACE=$1 ;; *) WORKSPACE=$CALLER_DIR/$1 ;; esac
+else
+    WORKSPACE=$PWD/build/demo
+fi
 LQMF=${LQMF:-.venv/bin/lqmf}
 rm -rf "$WORKSPACE"
 mkdir -p "$WORKSPACE"
-export LQMF_HOME="$PWD/$WORKSPACE"
+export LQMF_HOME="$WORKSPACE"
 
 step() { printf '\n== %s\n' "$*"; }
 

@@ -22,6 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Dry runs give the FLOP estimate, not one from timed training steps (seconds each); tests of it set "1".
+os.environ.setdefault("LQMF_DRY_RUN_PROBE", "0")
 # Where Triton is installed, its kernels run in its interpreter here (read when triton is imported);
 # they still run only where a test sets lora_kernels.OFF_GPU (tests/engine/lora/test_kernels.py). Not on a GPU
 # machine: there the GPU check (tests/gpu) runs them compiled, as `lqmf serve` does.

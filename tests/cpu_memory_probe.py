@@ -51,7 +51,7 @@ def measure(case: dict, root: Path) -> dict:
     from lqmf.engine.tiny import build_tokenizer
     from lqmf.engine.train import loop as engine
 
-    path = root / f"llama-{case['hidden']}-{case['vocab']}"
+    path = root / f"llama-{case['hidden']}-{case['inter']}-{case['layers']}-{case['vocab']}"
     if not path.exists():
         config = LlamaConfig(vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["inter"],
                              num_hidden_layers=case["layers"], num_attention_heads=case["heads"],
@@ -66,6 +66,10 @@ def measure(case: dict, root: Path) -> dict:
                          use_gradient_checkpointing=case["checkpointing"])
     prepared = engine.Prepared([], [], [], 1, 1, 1, 1, 0, 0, [], "model")
     model = engine.setup_model(config, resolved, prepared, "chat").model
+    if case.get("tiled"):
+        from lqmf.engine.fused.blocks import tile_mlps
+
+        tile_mlps(model)
     optimizer, _ = engine.make_optimizer(config, model, "cpu")
     batch_size, length = case["batch"], case["seq"]
     ids = torch.randint(10, case["vocab"], (batch_size, length), generator=torch.Generator().manual_seed(0))

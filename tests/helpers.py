@@ -380,3 +380,13 @@ def bench_json(workspace: Path, *args) -> dict:
     result = invoke(workspace, "bench", *args, "--json")
     assert result.exit_code == 0, result.output
     return json.loads(result.stdout)
+
+
+# ----------------------------------------------------------------------------------------------- lqmf shell
+
+
+def run_shell(workspace: Path, script: str, *options: str, timeout: float = 600,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lqmf", "shell", *options], input=script, cwd=workspace,
+                          env=lqmf_env({"LQMF_HOME": str(workspace), **(env or {})}), capture_output=True, text=True,
+                          timeout=timeout)

@@ -179,7 +179,8 @@ def test_the_length_check_counts_decorators_signature_and_nested_functions():
 def test_tests_mirror_src_and_import_no_other_test():
     """tests/core, tests/cli, tests/engine/<package> mirror src/lqmf; shared helpers are in tests/helpers.py."""
     tests = SRC.parent / "tests"
-    for folder in ("core", "cli", "engine", "engine/lora", "engine/decode", "engine/serve", "engine/train"):
+    for folder in ("core", "cli", "engine", "engine/lora", "engine/decode", "engine/serve", "engine/train",
+                   "engine/fused"):
         assert (PACKAGE / folder).is_dir() and list((tests / folder).glob("test_*.py")), folder
     for path in sorted(tests.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):

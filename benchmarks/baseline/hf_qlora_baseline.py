@@ -71,6 +71,16 @@ res.update(seq=SEQ, bs=BS, ga=GA, step_s_median=round(step_s, 3), train_tok_s=ro
 N = 7.24e9
 res["mfu_4N_vs_790T"] = round(4 * N * res["train_tok_s"] / 790e12, 4)
 print(res, flush=True)
+# LQMF copy: TRAIN_ONLY=1 stops after the training figures (for benchmarks/train_side_by_side.sh), with
+# MFU in gpu_train_bench.py's convention (6 N + 12 L h s FLOPs per token against the card's bf16 peak).
+if os.environ.get("TRAIN_ONLY") == "1":
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from gpu_train_bench import mfu
+    res["mfu"] = mfu(res["train_tok_s"], SEQ)
+    print("RESULT", json.dumps(res), flush=True)
+    os.makedirs(OUT, exist_ok=True)
+    json.dump(res, open(os.path.join(OUT, "hf_train.json"), "w"), indent=1)
+    sys.exit(0)
 
 # adapter save / load / switch
 model.save_pretrained("/tmp/ad1")

@@ -27,9 +27,14 @@ class BenchmarkAgent:
     def load_benchmark_results(self, *patterns: str, all_runs: bool = False) -> list[dict[str, Any]]:
         """Saved results of the adapters matching the names or globs: the newest per adapter (or all runs).
 
-        Raises NotFoundError when a pattern matches no saved result.
+        An empty list when nothing matches (`lqmf bench compare` says so as an error instead).
         """
-        return load_results(self.workspace, patterns, all_runs=all_runs)
+        from lqmf.core.errors import NotFoundError
+
+        try:
+            return load_results(self.workspace, patterns, all_runs=all_runs)
+        except NotFoundError:
+            return []
 
     def compare_models(self, results: list[dict[str, Any]], tablefmt: str = "simple") -> str:
         """The key figures of the results as one table (any tabulate format: 'github', 'html', ...)."""

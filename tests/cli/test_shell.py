@@ -6,10 +6,8 @@ import json
 import os
 import select
 import signal
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import typer
@@ -17,13 +15,7 @@ import typer
 from lqmf.cli.app import app
 from lqmf.cli.shell_cmd import LqmfShell
 from lqmf.core.workspace import Workspace
-from tests.helpers import copy_adapter, lqmf_env
-
-
-def run_shell(workspace: Path, script: str, *options: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "lqmf", "shell", *options], input=script, cwd=workspace,
-                          env=lqmf_env({"LQMF_HOME": str(workspace)}), capture_output=True, text=True,
-                          timeout=timeout)
+from tests.helpers import copy_adapter, lqmf_env, run_shell
 
 
 def json_documents(text: str) -> list:

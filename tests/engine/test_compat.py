@@ -242,3 +242,35 @@ def test_json_400_http_protocol_answers_an_unparsable_request_with_json():
         server.should_exit = True
         thread.join(10)
         sock.close()
+
+
+def test_no_such_option_error_is_what_typer_raises_and_offers_its_possibilities():
+    import typer
+    from typer.testing import CliRunner
+
+    app = typer.Typer()
+
+    @app.command()
+    def run(gpus: int = 0, json_output: bool = typer.Option(False, "--json")) -> None:
+        pass
+
+    result = CliRunner().invoke(app, ["--jsn"], standalone_mode=False)
+    error = result.exception
+    assert isinstance(error, compat.no_such_option_error())
+    assert error.option_name == "--jsn" and "--json" in error.possibilities
+    error.possibilities = []
+    assert error.format_message() == "No such option: --jsn"
+
+
+def test_share_children_keeps_names_and_sees_replacements():
+    from lqmf.engine.compat import share_children
+
+    inner = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU())
+    outer = torch.nn.Module()
+    share_children(outer, inner)
+    parent = torch.nn.Module()
+    parent.block = outer
+    assert list(parent.state_dict()) == ["block.0.weight", "block.0.bias"]
+    replacement = torch.nn.Linear(2, 3)
+    outer.add_module("0", replacement)  # as PEFT's injection does: setattr on the parent it finds
+    assert inner[0] is replacement

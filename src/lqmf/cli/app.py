@@ -73,7 +73,19 @@ class LazyVerbs(TyperGroup):
         with formatter.section("Commands"):
             formatter.write_dl([(name, line) for name, (_, line) in VERBS.items()])
 
+    def invoke(self, ctx: typer.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Exception as err:
+            from lqmf.engine.compat import no_such_option_error  # imported only on an error (no torch in it)
+
+            if isinstance(err, no_such_option_error()):  # Typer offers any option sharing a few letters
+                err.possibilities = _close_options(err.option_name, err.possibilities or [])  # (--bogus: --gpus)
+            raise
+
     def resolve_command(self, ctx: typer.Context, args: list[str]) -> Any:
+        if guide.spelled_as_guide(args):  # `lqmf export adapter NAME PATH`: a verb, then the guide's word
+            raise fail(guide.suggestion(args), 2)
         if args and not args[0].startswith("-") and self.get_command(ctx, args[0]) is None:
             message = guide.suggestion(args) or (
                 f"no command '{args[0]}'" + _closest(args[0]) + "; lqmf --help lists them")
@@ -102,6 +114,12 @@ class LazyVerbs(TyperGroup):
                 fail(err.format_message(), err.exit_code)
                 return err.exit_code
         return result if isinstance(result, int) else 0
+
+
+def _close_options(option: str, options: list[str]) -> list[str]:
+    """The options spelled much like option (compared without their dashes), closest first."""
+    bare = {name.lstrip("-"): name for name in options}
+    return [bare[name] for name in difflib.get_close_matches(option.lstrip("-"), list(bare), n=2, cutoff=0.75)]
 
 
 def _closest(word: str) -> str:

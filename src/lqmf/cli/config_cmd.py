@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 
 import typer
@@ -47,13 +48,18 @@ def show(
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Print the config as training would resolve it (defaults filled in)."""
+    """Print the config as training would resolve it: defaults filled in, the task's learning rates too;
+    the keys that wait for the data set (epochs, gradient accumulation) stay empty, and a comment says why."""
     ws = workspace(ctx, workspace_dir)
     resolved = cfg.resolve_config(cfg.read_config_file(cfg.config_path(ws.configs_dir, name)), {})
+    cfg.fill_task_defaults(resolved)
     if json_output:
         print_json(resolved.to_dict())
-    else:
-        typer.echo(cfg.dump_config(resolved), nl=False)
+        return
+    typer.echo(cfg.dump_config(resolved), nl=False)
+    note = cfg.unfilled_note(resolved)
+    if note:
+        typer.echo(note)
 
 
 @app.command("validate")
@@ -74,6 +80,14 @@ def validate(
         typer.echo(f"{path}: valid ({len(values)} keys set, the rest default)")
 
 
+USUAL_EDITORS = ("editor", "sensible-editor", "nano", "vim", "vi", "notepad")
+
+
+def usual_editor() -> str | None:
+    """Without $VISUAL and $EDITOR: the system's editor, as git and crontab pick one."""
+    return next((name for name in USUAL_EDITORS if shutil.which(name)), None)
+
+
 @app.command("edit")
 def edit(
     ctx: typer.Context,
@@ -81,16 +95,17 @@ def edit(
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Open the config in $EDITOR (creating it from the template first if needed), then validate it."""
+    """Open the config in $VISUAL or $EDITOR (else the system's: editor, nano, vi), creating it from the template
+    first if needed, then validate it."""
     ws = workspace(ctx, workspace_dir)
     path = cfg.config_path(ws.configs_dir, name)
     created = not path.exists()
     if created:
         atomic_write_text(path, cfg.template())
         info(f"created {path} from the template")
-    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR")
+    editor = os.environ.get("VISUAL") or os.environ.get("EDITOR") or usual_editor()
     if not editor:
-        raise InputError(f"set $EDITOR to edit configs (the file is {path})")
+        raise InputError(f"no editor found: set $EDITOR to edit configs (the file is {path})")
     result = subprocess.run([*shlex.split(editor), str(path)], check=False)
     if result.returncode != 0:
         raise InputError(f"editor '{editor}' exited with status {result.returncode}")

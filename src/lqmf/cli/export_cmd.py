@@ -60,7 +60,7 @@ def export(
         base = registry.resolve_base(plan.entry) if merge or fmt in ("gguf", "ollama") else None
         spec = merged_spec(fmt, plan.entry, base_reference(plan.entry)) if merge else \
             runtime_spec(fmt, plan.entry, base.config if base else None, base_reference(plan.entry))
-        if merge:
+        if merge and not json_output:
             info(f"merging '{name}' into {plan.entry.base_model.get('reference') or base.reference} on {device}...")
         show_phases(ctx, not json_output)
 

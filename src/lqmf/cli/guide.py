@@ -47,6 +47,13 @@ def translate(words: list[str]) -> list[str] | None:
     return None
 
 
+def spelled_as_guide(words: list[str]) -> bool:
+    """Whether words are an lqmf verb followed by a guide word that the verb does not take (`export adapter
+    NAME PATH`: export takes NAME PATH), so that one more positional word than the verb takes follows."""
+    positional = [word for word in words if not word.startswith("-")]
+    return len(positional) >= 4 and tuple(w.lower() for w in positional[:2]) == ("export", "adapter")
+
+
 def suggestion(words: list[str]) -> str | None:
     """One line answering a guide word typed at the top-level CLI (`lqmf finetune ...`), or None."""
     translated = translate(words)

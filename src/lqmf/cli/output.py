@@ -31,7 +31,8 @@ def print_json_rows(rows: Sequence[Any]) -> None:
     if not rows:
         typer.echo("[]")
         return
-    typer.echo("[\n" + ",\n".join(json.dumps(row, default=str) for row in rows) + "\n]")
+    encode = json.JSONEncoder(default=str).encode
+    typer.echo("[\n" + ",\n".join(encode(row) for row in rows) + "\n]")
 
 
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:

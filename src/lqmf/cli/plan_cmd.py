@@ -38,7 +38,8 @@ DEFAULT_BUDGET = "8GB"  # the guide's target GPU
 OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "batch-size", "lora_r": "rank",
                 "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
                 "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory",
-                "offload_activations": "offload", "strategy": "strategy"}
+                "offload_activations": "offload", "strategy": "strategy", "packing": "packing",
+                "tiled_mlp": "tiled-mlp"}
 
 COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
@@ -126,6 +127,10 @@ def plan(
                                     "classification (default for encoders)."),
     offload: bool | None = typer.Option(None, "--offload/--no-offload",
                                         help="Count activations as offloaded to CPU memory (offload_activations=on)."),
+    packing: bool | None = typer.Option(None, "--packing/--no-packing",
+                                        help="Count examples as packed into --seq-len sequences (packing=on)."),
+    tiled_mlp: bool | None = typer.Option(None, "--tiled-mlp/--no-tiled-mlp",
+                                          help="Count the MLP as run in tiles of 2048 tokens (tiled_mlp=on)."),
     device: str = typer.Option("cuda", "--device", help="cuda (bf16, 8-bit paged AdamW) or cpu (fp32)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
                                           "max_memory, else this machine's free GPU memory, else 8GB)."),
@@ -157,7 +162,7 @@ def plan(
                "target_modules": targets, "use_4bit_quantization": four_bit,
                "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory,
                "offload_activations": None if offload is None else ("on" if offload else "off"),
-               "strategy": strategy}
+               "strategy": strategy, "packing": _switch(packing), "tiled_mlp": _switch(tiled_mlp)}
     overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
     config = cfg.resolve_config(file_values, overrides)
     if config.task_type is None:
@@ -202,7 +207,12 @@ def _plan_report(resolved, shape: ModelShape, settings: TrainSettings, budget: i
         "fits": result.fits(budget),
         "largest_micro_batch": largest_micro_batch(shape, settings, budget),
         "longest_seq_len": largest_seq_len(shape, settings, budget),
+        "longest_seq_len_packed": largest_seq_len(shape, replace(settings, pack_tokens=settings.seq_len), budget),
     }
+    if settings.gradient_checkpointing and not settings.tiled and config.tiled_mlp != "off":
+        tiled = replace(settings, tiled_mlp=True)
+        report["longest_seq_len_tiled_mlp"] = largest_seq_len(shape, tiled, budget)
+        report["longest_seq_len_tiled_mlp_packed"] = largest_seq_len(shape, replace(tiled, pack_tokens=1), budget)
     if settings.offloadable and not settings.offloaded:
         report["largest_micro_batch_offloaded"] = largest_micro_batch(
             shape, replace(settings, offload_activations=True), budget)
@@ -245,7 +255,11 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     if report.get("largest_micro_batch_offloaded", 0) > micro:
         typer.echo(f"with activation offload (offload_activations=on): micro-batch "
                    f"{report['largest_micro_batch_offloaded']}")
-    typer.echo(f"longest sequence at micro-batch {settings.micro_batch}: {f'{longest} tokens' if longest else 'none'}")
+    typer.echo(f"longest sequence at micro-batch {settings.micro_batch}: {_tokens(longest)}; packed (several "
+               f"examples a sequence, a block-diagonal mask): {_tokens(report['longest_seq_len_packed'])}")
+    if "longest_seq_len_tiled_mlp" in report:
+        typer.echo(f"with the tiled MLP (tiled_mlp=on): {_tokens(report['longest_seq_len_tiled_mlp'])}; packed: "
+                   f"{_tokens(report['longest_seq_len_tiled_mlp_packed'])}")
     if not report["fits"] and micro:
         typer.echo(f"fits at micro-batch {micro}: raise gradient accumulation to keep the effective batch")
     if report["would_fit_with"]:
@@ -254,10 +268,21 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     elif not micro:
         typer.echo(f"no single change makes it fit in {budget_text}: use a smaller model or a larger GPU")
     serving = report["serving"]
+    fitting = (f"at most {serving['largest_batch']} sequences fit the budget (lqmf serve --max-batch)"
+               if serving["largest_batch"] else f"not even one sequence of {serving['seq_len']} tokens fits "
+               f"the budget ({budget_text})")
     typer.echo(f"serving (lqmf serve): {serving['sequences']} sequences x {serving['seq_len']} tokens ~"
                f"{serving['total']:.2f} GB (weights {serving['weights']:.2f}, adapters {serving['adapters']:.2f}, "
-               f"KV cache {serving['kv_cache']:.2f}, working {serving['working']:.2f}); "
-               f"at most {serving['largest_batch']} sequences fit the budget (lqmf serve --max-batch)")
+               f"KV cache {serving['kv_cache']:.2f}, working {serving['working']:.2f}, allocator slack "
+               f"{serving['allocator_slack']:.2f}, CUDA context {serving['cuda_context']:.2f}); {fitting}")
+
+
+def _switch(flag: bool | None) -> str | None:
+    return None if flag is None else ("on" if flag else "off")
+
+
+def _tokens(count: int) -> str:
+    return f"{count} tokens" if count else "none"
 
 
 def _print_strategies(gpus: int, strategies: dict[str, Any]) -> None:

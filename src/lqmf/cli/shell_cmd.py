@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 
 from lqmf.cli import guide
@@ -23,6 +24,35 @@ from lqmf.engine.model_cache import KEPT  # no torch: the engine loads only when
 
 HISTORY_LENGTH = 1000
 SHELL_WORDS = ("clear", "exit", "quit")
+PROMPTS = ("FT>", "API>")  # the guide's prompts, pasted with its lines
+
+
+def strip_prompt(line: str) -> str:
+    """The line without a leading `FT> ` as the guide writes its lines."""
+    for prompt in PROMPTS:
+        if line.startswith(prompt):
+            return line[len(prompt):].strip()
+    return line
+
+
+def shell_help(root: Any) -> str:
+    """`help` in the shell: the guide's words, the shell's own, and the lqmf verbs."""
+    rows = [(" ".join(words), "lqmf " + " ".join(verb)) for words, verb in guide.GUIDE_PHRASES.items()
+            if (*words[:-1], words[-1] + "s") not in guide.GUIDE_PHRASES]  # `list adapters`, not also `list adapter`
+    rows += [("test NAME \"PROMPT\"", "lqmf test NAME \"PROMPT\"")]
+    rows += [(word, what) for word, what in guide.SHELL_ONLY.items()]
+    width = max(len(words) for words, _ in rows) + 2
+    lines = ["The guide's words (FT> prompts may be pasted with the lines):"]
+    lines += [f"  {words.ljust(width)}{verb}" for words, verb in rows]
+    lines += ["", "Every lqmf verb runs as a line too (help VERB for its options):"]
+    lines += [f"  {name.ljust(width)}{line}" for name, line in _verb_lines(root)]
+    return "\n".join(lines)
+
+
+def _verb_lines(root: Any) -> list[tuple[str, str]]:
+    from lqmf.cli.app import VERBS
+
+    return [(name, VERBS[name][1]) for name in root.list_commands(None) if name in VERBS]
 # Verbs that use the kept model, or no model at all; any other verb (train, serve, export...) frees it first,
 # as it loads a model of its own.
 KEEPS_MODEL = {"test", "bench", "adapters", "status", "models", "config", "plan", "help", "report"}
@@ -47,12 +77,8 @@ class LqmfShell(cmd.Cmd):
     # ------------------------------------------------------------------------------------- running lines
 
     def onecmd(self, line: str) -> bool:
-        """Run one line; True ends the shell."""
-        line = line.strip()
-        if line == "EOF":  # Ctrl-D or the end of piped input
-            if self.interactive:
-                typer.echo("")
-            return True
+        """Run one line (a guide line pasted with its `FT> ` prompt too); True ends the shell."""
+        line = strip_prompt(line.strip())
         if not line or line.startswith("#"):
             return False
         try:
@@ -62,7 +88,10 @@ class LqmfShell(cmd.Cmd):
         if words[0].lower() in ("exit", "quit"):
             return True
         if words[0].lower() == "clear":
-            typer.clear()
+            click.clear()
+            return False
+        if words == ["help"] or words == ["?"]:
+            typer.echo(shell_help(self.root))
             return False
         return self._failed(self.run_words(guide.translate(words) or words))
 
@@ -160,15 +189,39 @@ class LqmfShell(cmd.Cmd):
 
     # ----------------------------------------------------------------------------------------- the loop
 
+    def read_line(self) -> str | None:
+        """The next line, or None at Ctrl-D or the end of piped input (a line `EOF` is a line like others)."""
+        if self.interactive:
+            try:
+                return input(self.prompt)
+            except EOFError:
+                typer.echo("")
+                return None
+        line = sys.stdin.readline()
+        return line if line else None
+
+    def read_lines(self, readline: Any) -> None:
+        """cmd.Cmd's loop, but the end of input is not the line `EOF`."""
+        previous = None
+        if readline is not None:
+            previous = readline.get_completer()
+            readline.set_completer(self.complete)
+            readline.parse_and_bind("tab: complete")
+        try:
+            while (line := self.read_line()) is not None:
+                if self.onecmd(line):
+                    break
+        finally:
+            if readline is not None:
+                readline.set_completer(previous)
+
     def loop(self) -> int:
         """Read and run lines until exit, Ctrl-D or the end of input; Ctrl-C cancels the line being typed."""
         history = _history_file(self.ws) if self.interactive else None
         readline = _readline(history) if self.interactive else None
-        if readline is None:
-            self.completekey = None
         while True:
             try:
-                self.cmdloop()
+                self.read_lines(readline)
                 break
             except KeyboardInterrupt:  # the terminal has echoed ^C: a fresh prompt
                 typer.echo("")

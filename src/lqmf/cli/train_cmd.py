@@ -15,6 +15,7 @@ from lqmf.cli.plan_cmd import memory_lines
 from lqmf.core import config as cfg
 from lqmf.core.errors import InputError
 from lqmf.core.metrics import no_improvement_warning
+from lqmf.core.models import ModelCatalogue, require_downloadable
 
 
 class ProgressPrinter:
@@ -44,6 +45,11 @@ class ProgressPrinter:
 
             self.bar = tqdm(total=plan["total_steps"], initial=plan["resumed_at_step"], unit="step",
                             file=sys.stderr, dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def on_note(self, message: str) -> None:
         if not self.quiet:
@@ -142,10 +148,14 @@ def train(
                          "only options like --max-steps or --set may change")
     config = service.resolve_config(ws, _overrides(model, dataset, task, name, options, sets), resume=resume,
                                     config_name=config_name)
+    require_downloadable(ModelCatalogue(ws).resolve(config.base_model))  # offline: one line now, not retries
     importing()
     printer = ProgressPrinter(quiet or json_output and not sys.stderr.isatty())
-    result = service.train(config, ws, resume=bool(resume), force=force, dry_run=dry_run, events=printer,
-                           rank_entry=RANK_ENTRY)
+    try:
+        result = service.train(config, ws, resume=bool(resume), force=force, dry_run=dry_run, events=printer,
+                               rank_entry=RANK_ENTRY)
+    finally:
+        printer.close()  # a bar left open (Ctrl-C in lqmf shell) would be redrawn by the next line's bars
     if result.path is None:  # a dry run, or a rank other than 0 of a run launched from outside LQMF
         if dry_run and json_output:
             print_json(result.plan)

@@ -14,7 +14,7 @@ from lqmf.core import tune as spec
 from lqmf.core.datasets import load_task_dataset
 from lqmf.core.errors import InputError, LqmfError, require
 from lqmf.core.manifest import default_adapter_name
-from lqmf.core.models import ModelCatalogue
+from lqmf.core.models import ModelCatalogue, require_downloadable
 
 
 def _param_text(params: dict[str, Any]) -> str:
@@ -22,8 +22,10 @@ def _param_text(params: dict[str, Any]) -> str:
 
 
 def _trial_line(row: dict[str, Any]) -> str:
+    if row["same_as"] is not None:
+        return f"trial {row['number']}: the parameters of trial {row['same_as']}: not run again"
     if row["state"] == "complete":
-        outcome = f"{row['metric']} {row['value']:.4f}"
+        outcome = f"{row['metric']} {row['value']:.4f}" + (" (lqmf train's values)" if row["defaults"] else "")
     elif row["state"] == "pruned":
         outcome = f"pruned at step {row['pruned_at_step']}"
     else:
@@ -45,8 +47,9 @@ def tune(
     trials: int | None = typer.Option(10, "--trials", min=1, help="Trials to run in this invocation."),
     timeout: float | None = typer.Option(None, "--timeout", min=1, help="Stop starting trials after this many "
                                          "seconds."),
-    metric: str = typer.Option("loss", "--metric", help="Validation metric to optimise: loss | perplexity "
-                               "(minimised), accuracy | macro_f1 (classification, maximised)."),
+    metric: str | None = typer.Option(None, "--metric", help="Validation metric to optimise: loss | perplexity "
+                                      "(minimised), accuracy | macro_f1 (classification, maximised); default "
+                                      "accuracy for classification, else loss."),
     resume: str | None = typer.Option(None, "--resume", help="Continue the study of this name (its stored model, "
                                       "dataset, space; several processes may share one)."),
     keep_best: bool = typer.Option(False, "--keep-best", help="Register the best trial's adapter as NAME."),
@@ -58,9 +61,11 @@ def tune(
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
-    """Tune learning rate, rank, alpha, dropout, target modules, epochs and micro-batch with Optuna (TPE, pruning
-    weak trials early on the validation metric). The study lives in tune/NAME/study.db; the best config is
-    saved as configs/NAME-best.yaml (lqmf train --config NAME-best)."""
+    """Tune learning rate, rank, alpha, dropout, target modules and epochs with Optuna (TPE, pruning weak trials
+    early on the validation metric). The first trial is what `lqmf train` would do (its defaults and small-data
+    schedule) and the default space is centred on it; a parameter set already tried is not run again;
+    --keep-best keeps the defaults' adapter unless a trial beats it on held-out data. The study lives in
+    tune/NAME/study.db; the best config is saved as configs/NAME-best.yaml (lqmf train --config NAME-best)."""
     from lqmf.core.derived import Gate
     from lqmf.engine.train.tune import TuneRequest
     from lqmf.engine.train.tune import tune as run_tune
@@ -72,20 +77,22 @@ def tune(
         raise InputError("--min-metric and --max-loss gate --keep-best; add --keep-best")
     request = None
     if resume:
-        if model or dataset or task or space_file or config_name or sets or name:
-            raise InputError("--resume continues a study with its stored model, dataset, space and config; only "
-                             "--trials, --timeout, --keep-best may change")
+        if model or dataset or task or space_file or config_name or sets or name or metric:
+            raise InputError("--resume continues a study with its stored model, dataset, space, metric and config; "
+                             "only --trials, --timeout, --keep-best may change")
         name = resume
     else:
         if not (model and dataset and task):
             raise InputError("give MODEL DATASET TASK (or --resume NAME)")
         file_values = cfg.read_config_file(cfg.config_path(ws.configs_dir, config_name)) if config_name else {}
         resolved = ModelCatalogue(ws).resolve(model)
+        require_downloadable(resolved)
         data = load_task_dataset(ws.resolve_path(dataset), task)
         name = name or default_adapter_name(resolved, data.task)
         overrides = {"base_model": model, "dataset_path": str(data.path), "task_type": data.task, "job_name": name}
         config = cfg.resolve_config(file_values, {**overrides, **cfg.parse_set_options(sets)})
         space = spec.load_space(ws.resolve_path(space_file) if space_file else None, data.task)
+        metric = metric or spec.default_metric(data.task)
         spec.check_metric(metric, data.task)
         request = TuneRequest(name, {k: v for k, v in config.to_dict().items() if v is not None}, space, metric)
     result = run_tune(ws, request, name, trials=trials, timeout=timeout, resume=bool(resume), force=force,
@@ -106,6 +113,9 @@ def _print_summary(result: dict[str, Any]) -> None:
     typer.echo(f"study {result['study']}: {len(rows)} trials, {result['direction']} {result['metric']}")
     print_table(rows, ["trial", "state", result["metric"], "time", "params"])
     typer.echo(f"\nbest: trial {best['number']}, {result['metric']} {best['value']:.4f}")
+    if result["kept_defaults"]:
+        typer.echo("no trial beat lqmf train's values on held-out data: keeping them (trial "
+                   f"{best['number']})")
     typer.echo(f"best config: {result['best_config']}")
     if result["adapter"]:
         typer.echo(f"registered: {result['adapter']}")

@@ -30,6 +30,7 @@ OVERLONG_POLICIES = ("truncate", "drop", "error")
 EVAL_STRATEGIES = ("epoch", "steps", "no")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SWITCHES = ("auto", "on", "off")
+ON_OFF = ("off", "on")
 
 
 def _opt(default: Any, help_text: str, **choices: Any) -> Any:
@@ -80,6 +81,20 @@ class TrainConfig:
     offload_activations: str = _opt(
         "auto", "Keep the checkpointed activations in pinned CPU memory during each step (CUDA, with gradient "
         "checkpointing): auto | on | off; auto: when that lets a larger micro-batch fit the budget", choices=SWITCHES)
+    packing: str = _opt(
+        "auto", "Pack several examples into each sequence of up to max_seq_length tokens, attention kept inside "
+        "each example (causal tasks): auto | on | off; auto: when the examples' mean length is at most half of "
+        "max_seq_length", choices=SWITCHES)
+    tiled_mlp: str = _opt(
+        "auto", "Run each block's MLP over the micro-batch's tokens 2048 at a time, each tile recomputed in backward "
+        "(with gradient checkpointing): auto | on | off; auto: when the run would not fit the budget without",
+        choices=SWITCHES)
+    fused_kernels: str = _opt(
+        "off", "liger-kernel's fused RMSNorm and SiLU-multiply in training (CUDA, pip install 'lqmf[kernels]'): "
+        "off | on; elsewhere PyTorch's", choices=ON_OFF)
+    gpu_memory_cap: str | None = _opt(
+        None, "Cap PyTorch's allocator at this size on each GPU (every process of a multi-GPU run), e.g. 7.3GB to "
+        "behave as an 8 GB card; also the budget when max_memory is not set")
     device: str = _opt("auto", "auto | cpu | cuda | mps", choices=DEVICES)
     gpus: str | None = _opt(None, "Train on this many GPUs, one process each, or all (default: one device)")
     strategy: str = _opt("auto", "With several GPUs: ddp (each GPU holds the 4-bit model) | fsdp (sharded) | "
@@ -176,7 +191,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         if not value:
             raise InputError(f"{source}: '{key}' must not be an empty list")
     elif kind is str:
-        if isinstance(value, bool) and f.metadata.get("choices") == SWITCHES:  # YAML reads on/off as booleans
+        if isinstance(value, bool) and f.metadata.get("choices") in (SWITCHES, ON_OFF):  # YAML: on/off are booleans
             value = "on" if value else "off"
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise InputError(f"{source}: '{key}' must be text, got {value!r}")
@@ -186,7 +201,7 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         try:
             value = normalize_task(value)
         except InputError as err:
-            raise InputError(f"{source}: '{key}': {err.message}") from None
+            raise InputError(f"{source}: {err.message}") from None
     elif choices and value not in choices:
         raise InputError(
             f"{source}: '{key}' must be one of {', '.join(choices)}, got {value!r}{did_you_mean(value, choices)}"
@@ -239,11 +254,11 @@ def _check_range(key: str, value: Any, source: str) -> None:
             else:
                 wanted = f"greater than {_number(low)} and at most {_number(high)}"
             raise InputError(f"{source}: '{key}' must be {wanted}, got {value!r}")
-    if key == "max_memory" and value is not None:
+    if key in ("max_memory", "gpu_memory_cap") and value is not None:
         try:
             parse_size(value)
         except ValueError as err:
-            raise InputError(f"{source}: 'max_memory': {err}") from None
+            raise InputError(f"{source}: '{key}': {err}") from None
     if key == "gpus" and value is not None and value.strip().lower() != "all":
         if not value.strip().isdigit() or int(value) < 1:
             raise InputError(f"{source}: 'gpus' must be a number of GPUs (at least 1) or all, got {value!r}")
@@ -330,10 +345,28 @@ def check_complete(config: TrainConfig) -> None:
     if config.eval_strategy == "steps" and config.eval_steps < 1:
         raise InputError("eval_strategy=steps needs eval_steps of at least 1 (now "
                          f"{config.eval_steps}); set eval_steps or eval_strategy=epoch")
+    fill_task_defaults(config)
+
+
+def fill_task_defaults(config: TrainConfig) -> None:
+    """The learning rates the task decides (when the config names its task)."""
+    if config.task_type is None:
+        return
     if config.learning_rate is None:
         config.learning_rate = DEFAULT_LEARNING_RATE.get(config.task_type, GENERATIVE_LEARNING_RATE)
     config.head_learning_rate = head_learning_rate(config.task_type, config.learning_rate,
                                                    config.head_learning_rate)
+
+
+def unfilled_note(config: TrainConfig) -> str | None:
+    """What the keys still empty after fill_task_defaults wait for, as one comment line (None: none are)."""
+    waiting = {"learning_rate": "the task (2e-4; 1e-3 for classification)",
+               "gradient_accumulation_steps": "the data set's size (the small-data schedule)",
+               "num_train_epochs": "the data set's size (the small-data schedule)"}
+    empty = [key for key in waiting if getattr(config, key) is None]
+    if not empty:
+        return None
+    return "# chosen when training starts: " + "; ".join(f"{key} from {waiting[key]}" for key in empty)
 
 
 def dump_config(config: TrainConfig) -> str:

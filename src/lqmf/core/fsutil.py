@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -99,6 +98,8 @@ def fsync_tree(folder: Path) -> None:
 
 
 def file_sha256(path: Path) -> str:
+    import hashlib  # only when hashing: `lqmf adapters list` starts without it (docs/cli.md)
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -47,8 +47,12 @@ NF4_PACKED_BYTES_PER_PARAM = 0.5  # what FSDP shards of a 4-bit weight; the cons
 # when it fits the per-GPU budget, else fsdp.
 STRATEGIES = ("auto", "ddp", "fsdp")
 FSDP_GATHERED_BLOCKS = 2
-# engine/train/loop.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
+# engine/fused/loss.py computes the loss over answer tokens in chunks of this many (LOSS_CHUNK_TOKENS).
 LOSS_CHUNK_TOKENS = 1024
+# engine/fused/blocks.py runs a block's MLP over this many tokens at a time (TILE_TOKENS).
+MLP_TILE_TOKENS = 2048
+# packing=auto packs when the training examples' mean length is at most this share of max_seq_length.
+PACKING_MAX_MEAN_SHARE = 0.5
 # With activation offload, block inputs on the device at once (engine/train/offload.py).
 OFFLOAD_IN_FLIGHT = 3
 # What CUDA itself holds outside PyTorch's allocator (driver context, kernels, cuBLAS handles).
@@ -203,6 +207,9 @@ class TrainSettings:
     device: str = "cuda"  # cuda: bf16 compute, paged 8-bit AdamW, CUDA context; cpu/mps: fp32, AdamW
     padded: bool | None = None  # micro-batches hold padding; None: either (the worse counts)
     offload_activations: bool = False  # checkpointed activations wait in host memory (engine/train/offload.py)
+    # Packing (engine/data.py: pack): examples end to end in sequences of up to this many tokens; 0: off.
+    pack_tokens: int = 0
+    tiled_mlp: bool = False  # the MLP runs TILE_TOKENS at a time, each tile checkpointed (engine/fused/blocks.py)
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -213,6 +220,11 @@ class TrainSettings:
     def offloadable(self) -> bool:
         """Whether activation offload can apply: only on CUDA, with gradient checkpointing, not under FSDP."""
         return self.gradient_checkpointing and self.device == "cuda" and not self.sharded
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the MLP runs in tiles: asked for, with gradient checkpointing (its recomputation keeps one tile)."""
+        return self.tiled_mlp and self.gradient_checkpointing
 
     @property
     def sharded(self) -> bool:
@@ -290,43 +302,91 @@ def _optimizer_bytes(tensor_sizes: list[int], device: str, sharded: bool = False
 
 
 def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dict[str, Linear],
-                           padded: bool) -> tuple[float, float]:
-    """(bytes per token one block keeps for backward besides its input, extra bytes during its backward).
+                           padded: bool, seq_len: int) -> tuple[float, float, float]:
+    """(bytes per token one block keeps for backward besides its input, of which its MLP's share, extra
+    bytes during its backward).
 
     Counted op by op and checked with PyTorch's saved-tensor hooks on the CPU: the residual stream
-    after attention; q and k after rotary, and v (with padding, k and v repeated to every head, as
-    transformers does when a mask rules out SDPA's grouped-query path, and SDPA's additive mask);
-    the attention output; gate, act(gate) and up of a gated MLP (fc1's output otherwise). Frozen
-    linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms keep an
-    fp32 copy of their input when activations are not fp32. Each LoRA layer keeps its dropout
-    output and mask (bool on CUDA, a full-size float on the CPU) and its r-wide intermediate;
-    without dropout, its input, once per distinct input.
+    after attention; q and k after rotary, and v (with padding or packing, k and v repeated to every
+    head, as transformers does when a mask rules out SDPA's grouped-query path, and SDPA's additive
+    mask); the attention output; gate, act(gate) and up of a gated MLP (fc1's output otherwise).
+    Frozen linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms
+    keep an fp32 copy of their input when activations are not fp32. Each LoRA layer keeps its
+    r-wide intermediate and its input, once per distinct input: LQMF's LoRA forward recomputes the
+    dropout in backward (engine/lora/lean.py: _low_rank). Under FSDP (PEFT's forward) each LoRA layer
+    keeps its dropout output and mask (bool on CUDA, a full-size float on the CPU) instead.
     """
     h, inter, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     act = settings.compute_bytes
     gqa = shape.kv_heads < shape.heads
-    attention = (3 * q if gqa else q + 2 * kv) + settings.seq_len if padded else q + 2 * kv
-    mlp = (3 if shape.gated_mlp else 1) * inter
-    per_token = (h + attention + q + mlp) * act  # residual, attention inputs, its output, MLP
+    attention = (3 * q if gqa else q + 2 * kv) + seq_len if padded else q + 2 * kv
+    mlp = (3 if shape.gated_mlp else 1) * inter * act
+    per_token = (h + attention + q) * act + mlp  # residual, attention inputs, its output, MLP
     if act != 4:
         per_token += 2 * h * 4  # the two norms' fp32 copies
     mask_bytes = 1 if settings.device == "cuda" else act
     kept_inputs: dict[str, int] = {}
     for lin in lora.values():
-        per_token += settings.lora_r * act
-        if settings.lora_dropout > 0:
-            per_token += lin.in_features * (act + mask_bytes)
+        own = settings.lora_r * act
+        if settings.lora_dropout > 0 and settings.sharded:  # PEFT's forward under FSDP keeps the dropout output
+            own += lin.in_features * (act + mask_bytes)
         elif lin.reads != ATTN_OUT:  # SDPA keeps the attention output already
             kept_inputs[lin.reads] = lin.in_features * act
+        per_token += own
+        mlp += own if lin.reads in (MLP_IN, MLP_OUT) else 0
     per_token += sum(kept_inputs.values())
+    mlp += sum(size for reads, size in kept_inputs.items() if reads in (MLP_IN, MLP_OUT))
     # Backward through the block: the gradients of the MLP's inner tensors coexist with what it kept.
-    return per_token, 2 * inter * act
+    return per_token, mlp, 2 * inter * act
+
+
+def _packed_rows(settings: TrainSettings) -> tuple[int, int]:
+    """(rows, tokens per row) of a micro-batch: micro_batch x seq_len, or packed, the micro-batch's
+    examples (each up to seq_len tokens) in full sequences of up to pack_tokens, one more for a
+    partial one."""
+    b, s = settings.micro_batch, settings.seq_len
+    if not settings.pack_tokens:
+        return b, s
+    width = min(max(settings.pack_tokens, s), b * s)  # one example alone is its own width
+    return min(b, math.ceil(b * s / width) + (1 if b > 1 else 0)), width
+
+
+def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Linear], b: int,
+                 s: int) -> tuple[int, int]:
+    """(saved for backward, one block's recompute and backward working set) for b rows of s tokens.
+
+    With gradient checkpointing each block keeps only its input, and backward recomputes one block at
+    a time; without it every block keeps what it saved. Padded (or packed) and unpadded micro-batches
+    differ (see _block_bytes_per_token); the worse one counts.
+    """
+    L, h, act, tokens = shape.layers, shape.hidden, settings.compute_bytes, b * s
+    paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
+    if settings.pack_tokens:  # position ids restart inside a row: a block-diagonal mask, as with padding
+        paddings = [True]
+    tiled = settings.tiled and tokens > MLP_TILE_TOKENS
+    tile = MLP_TILE_TOKENS if tiled else tokens  # tiles of the micro-batch's tokens, all rows flattened
+    boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
+    saved = working = 0
+    for padded in paddings:
+        per_token, mlp, backward_per_token = _block_bytes_per_token(shape, settings, lora, padded, s)
+        block = tokens * (per_token - mlp) + tile * mlp
+        if tiled:  # the tiles' input (the MLP norm's output) stays whole for their recomputation
+            block += tokens * h * act
+        backward = tile * backward_per_token
+        this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
+        if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
+            this_saved = OFFLOAD_IN_FLIGHT * boundary
+        this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
+        this_working = (block if settings.gradient_checkpointing else 0) + backward
+        if this_saved + this_working > saved + working:
+            saved, working = this_saved, this_working
+    return saved, working
 
 
 def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     """Peak memory of a LoRA/QLoRA training step of shape under settings (see the module docstring)."""
-    b, s, L, h, V = settings.micro_batch, settings.seq_len, shape.layers, shape.hidden, shape.vocab
-    tokens = b * s
+    b, s = _packed_rows(settings)
+    L, h, V = shape.layers, shape.hidden, shape.vocab
     c = act = settings.compute_bytes
     classification = settings.task == "classification"
 
@@ -354,21 +414,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
     elif settings.gpus > 1:  # DDP: the gradients flattened into one buffer for their all-reduce
         lora_bytes += lora_params * 4
 
-    # Activations. With gradient checkpointing each block keeps only its input, and backward
-    # recomputes one block at a time; without it every block keeps what it saved. Padded and
-    # unpadded micro-batches differ (see _block_bytes_per_token); the worse one counts.
-    paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
-    boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
-    saved = working = 0
-    for padded in paddings:
-        block, backward = (tokens * n for n in _block_bytes_per_token(shape, settings, lora, padded))
-        this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
-        if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
-            this_saved = OFFLOAD_IN_FLIGHT * boundary
-        this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
-        this_working = (block if settings.gradient_checkpointing else 0) + backward
-        if this_saved + this_working > saved + working:
-            saved, working = this_saved, this_working
+    saved, working = _activations(shape, settings, lora, b, s)
     if settings.quantize_4bit:
         # bitsandbytes dequantizes a 4-bit weight to the compute dtype for each matmul.
         working += max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c
@@ -378,10 +424,11 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         # The answer tokens' hidden states, gathered for the chunked loss (all tokens, at worst).
         answers = b * max(s - 1, 1)
         saved += 0 if settings.offloaded else answers * h * act
-        # Each chunk's loss is checkpointed; in its backward the fp32 log-softmax, its gradient and
-        # the logits' gradient coexist (chunk x V each); a bf16 head adds its bf16 logits.
+        # engine/fused/loss.py: per chunk its fp32 logits, turned into the softmax's gradient in place, and
+        # under bf16 one bf16 copy (the head's output, then the gradient fed to the matmul); the
+        # gradient for the hidden states (answers x h) waits for backward in the place of the inputs.
         chunk = min(LOSS_CHUNK_TOKENS, answers)
-        logits_loss = chunk * V * (3 * 4 + (c if c != 4 else 0))
+        logits_loss = chunk * V * (4 + (c if c != 4 else 0))
     peak = weights + lora_bytes + optimizer + saved + max(working, logits_loss)
     context = CUDA_CONTEXT_BYTES if settings.device == "cuda" else settings.process_baseline
     slack_share = ALLOCATOR_SLACK_OFFLOADED if settings.offloaded else ALLOCATOR_SLACK
@@ -513,6 +560,8 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         num_labels=num_labels,
         device=device,
         offload_activations=config.offload_activations == "on",
+        pack_tokens=config.max_seq_length if getattr(config, "packing", "off") == "on" else 0,
+        tiled_mlp=getattr(config, "tiled_mlp", "off") == "on",
         gpus=gpus,
         strategy=strategy,
     )
@@ -537,8 +586,13 @@ def largest_seq_len(shape: ModelShape, settings: TrainSettings, budget: float,
                     context_counted: bool = True) -> int:
     """The longest sequence (a multiple of 64, within the model's positions) that fits; 0 if none does."""
     limit = shape.max_positions or 131072
-    steps = _largest(lambda k: estimate(shape, replace(settings, seq_len=k * SEQ_STEP)).fits(budget, context_counted),
-                     1, max(1, limit // SEQ_STEP))
+
+    def fits(k: int) -> bool:  # packed: one sequence of that many tokens, whatever pack_tokens was
+        seq = k * SEQ_STEP
+        return estimate(shape, replace(settings, seq_len=seq, pack_tokens=seq if settings.pack_tokens else 0)
+                        ).fits(budget, context_counted)
+
+    steps = _largest(fits, 1, max(1, limit // SEQ_STEP))
     return steps * SEQ_STEP
 
 
@@ -566,17 +620,39 @@ def fitting_micro_batch(shape: ModelShape, settings: TrainSettings, effective_ba
 
 
 def fit_budget(shape: ModelShape, settings: TrainSettings, effective_batch: int, budget: float,
-               context_counted: bool = True, offload: str = "auto") -> tuple[int, TrainSettings]:
+               context_counted: bool = True, offload: str = "auto", tiled: str = "off") -> tuple[int, TrainSettings]:
     """(micro-batch, settings) to train with under budget: the largest micro-batch, at most the one
     asked for, that fits and divides the effective batch (0 when even 1 does not); with
-    offload="auto", activations are offloaded when that fits a larger one."""
-    micro = fitting_micro_batch(shape, settings, effective_batch, budget, context_counted)
-    if micro < settings.micro_batch and offload == "auto" and settings.offloadable and not settings.offloaded:
-        offloaded = replace(settings, offload_activations=True)
-        larger = fitting_micro_batch(shape, offloaded, effective_batch, budget, context_counted)
-        if larger > micro:
-            return larger, offloaded
-    return micro, settings
+    offload="auto", activations are offloaded when that fits a larger one; with tiled="auto" the MLP
+    runs in tiles (it costs a recomputation, not measured on a GPU yet) only when nothing fits without."""
+    candidates = [settings]  # cheapest first: the first with the largest micro-batch wins
+    if offload == "auto" and settings.offloadable and not settings.offloaded:
+        candidates.append(replace(settings, offload_activations=True))
+    best, chosen = _best_fit(shape, candidates, effective_batch, budget, context_counted)
+    long_enough = settings.micro_batch * settings.seq_len > MLP_TILE_TOKENS
+    if best == 0 and tiled == "auto" and settings.gradient_checkpointing and not settings.tiled and long_enough:
+        best, chosen = _best_fit(shape, [replace(candidate, tiled_mlp=True) for candidate in candidates],
+                                 effective_batch, budget, context_counted)
+    return best, (chosen if best else settings)
+
+
+def _best_fit(shape: ModelShape, candidates: list[TrainSettings], effective_batch: int, budget: float,
+              context_counted: bool) -> tuple[int, TrainSettings]:
+    """The largest fitting micro-batch over candidates, and the first candidate that reaches it."""
+    best, chosen = 0, candidates[0]
+    for candidate in candidates:
+        micro = fitting_micro_batch(shape, candidate, effective_batch, budget, context_counted)
+        if micro > best:
+            best, chosen = micro, candidate
+    return best, chosen
+
+
+def packing_wanted(setting: str, task: str, lengths: list[int], max_seq_length: int) -> bool:
+    """Whether to pack examples (packing: on | off | auto): auto packs a causal task's examples when
+    their mean length is at most PACKING_MAX_MEAN_SHARE of max_seq_length (two or more per sequence)."""
+    if setting == "off" or task == "classification" or not lengths:
+        return False
+    return setting == "on" or sum(lengths) / len(lengths) <= PACKING_MAX_MEAN_SHARE * max_seq_length
 
 
 class StrategyFit(NamedTuple):
@@ -597,13 +673,13 @@ class StrategyFit(NamedTuple):
 
 
 def fit_strategies(shape: ModelShape, settings: TrainSettings, effective_batch: int, budget: float,
-                   context_counted: bool = True, offload: str = "auto") -> dict[str, StrategyFit]:
+                   context_counted: bool = True, offload: str = "auto", tiled: str = "off") -> dict[str, StrategyFit]:
     """DDP and FSDP on settings.gpus GPUs, each GPU taking effective_batch / gpus examples per step."""
     share = max(1, effective_batch // settings.gpus)
     fits = {}
     for strategy in ("ddp", "fsdp"):
         wanted = replace(settings, strategy=strategy, micro_batch=min(settings.micro_batch, share))
-        micro, chosen = fit_budget(shape, wanted, share, budget, context_counted, offload)
+        micro, chosen = fit_budget(shape, wanted, share, budget, context_counted, offload, tiled)
         at = replace(chosen, micro_batch=max(micro, 1))
         fits[strategy] = StrategyFit(strategy, micro, at, estimate(shape, at))
     return fits
@@ -646,6 +722,8 @@ def what_would_fit(shape: ModelShape, settings: TrainSettings, budget: float,
         check({"use_gradient_checkpointing": True}, replace(base, gradient_checkpointing=True))
     if settings.offloadable and not settings.offloaded:
         check({"offload_activations": "on"}, replace(base, offload_activations=True))
+    if settings.gradient_checkpointing and not settings.tiled and settings.seq_len > MLP_TILE_TOKENS:
+        check({"tiled_mlp": "on"}, replace(base, tiled_mlp=True))
     longest = largest_seq_len(shape, base, budget, context_counted)
     if 0 < longest < settings.seq_len:
         check({"max_seq_length": longest}, replace(base, seq_len=longest))

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_mean
+from lqmf.core.errors import ConflictError, InputError, NotFoundError, RuntimeFailure, did_you_mean
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.names import validate_name
 from lqmf.core.workspace import Workspace
@@ -237,6 +237,53 @@ class ModelCatalogue:
 def _looks_like_hub_id(text: str) -> bool:
     parts = text.split("/")
     return len(parts) == 2 and all(parts) and not text.startswith((".", "/", "~"))
+
+
+HUB_PROBE_S = 1.5
+_hub_reason: list[str | None] = []  # the probe's answer, once per process
+
+
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached now (offline mode, or no connection within HUB_PROBE_S
+    seconds), or None when it answers: a model missing from the cache then fails at once, not after a
+    minute of the hub client's retries."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    if _hub_reason:
+        return _hub_reason[0]
+    endpoint = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlsplit(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    answer: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=HUB_PROBE_S).close()
+            answer.append(None)
+        except OSError as err:
+            answer.append(f"{host}:{port} cannot be reached ({err.strerror or type(err).__name__})")
+
+    thread = threading.Thread(target=probe, daemon=True)  # name lookups have no timeout of their own
+    thread.start()
+    thread.join(HUB_PROBE_S)
+    _hub_reason.append(answer[0] if answer else f"{host}:{port} did not answer within {HUB_PROBE_S:g} s")
+    return _hub_reason[0]
+
+
+def require_downloadable(resolved: ResolvedModel) -> None:
+    """Fail at once when a hub model is not in the cache and the hub cannot be reached."""
+    if resolved.kind != "hub" or resolved.available:
+        return
+    reason = hub_unreachable()
+    if reason:
+        raise RuntimeFailure(f"'{resolved.reference}' ({resolved.source}) is not in the Hugging Face cache and "
+                             f"cannot be downloaded: {reason}; connect and retry, or give a local folder "
+                             f"(offline, `lqmf plan {resolved.reference}` estimates memory from the catalogue's "
+                             "shape)")
 
 
 def _hub_cache_snapshot(repo_id: str) -> Path | None:

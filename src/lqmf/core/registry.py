@@ -100,6 +100,34 @@ class AdapterEntry:
         return base_id(self.base_model) if self.base_model else None
 
 
+_ENCODE = json.JSONEncoder(default=str).encode
+LISTED_APART = ("name", "state", "problem", "path", "active")  # a listed row's fields kept apart from its body
+
+
+@dataclass
+class ListedAdapter:
+    """One row of `adapters list`: the fields read every time, and the rest as cached JSON text."""
+
+    name: str
+    path: str
+    state: str
+    problem: str | None
+    base_id: str | None
+    body: str  # the row's other fields, as JSON without the braces
+    active: bool
+
+    def row(self) -> dict[str, Any]:
+        return {"name": self.name, "state": self.state, "problem": self.problem, "path": self.path,
+                **json.loads("{" + self.body + "}"), "active": self.active}
+
+    def json_line(self) -> str:
+        """The row as one line of JSON, as json.dumps(self.row()) writes it."""
+        head = (f'{{"name": {_ENCODE(self.name)}, "state": {_ENCODE(self.state)}, '
+                f'"problem": {_ENCODE(self.problem)}, "path": {_ENCODE(self.path)}')
+        return f'{head}, {self.body}, "active": {_ENCODE(self.active)}}}' if self.body else \
+            f'{head}, "active": {_ENCODE(self.active)}}}'
+
+
 @dataclass
 class VerifyReport:
     name: str
@@ -306,14 +334,22 @@ class Registry:
 
     def entries(self) -> list[AdapterEntry]:
         """Every folder under adapters/, complete, broken or training, sorted by name."""
-        if not self.root.is_dir():
-            return []
-        with os.scandir(self.root) as listing:
-            folders = [(Path(item.path), item.is_symlink()) for item in listing
-                       if (item.is_dir() or item.is_symlink())
-                       and (not item.name.startswith(".") or item.name.startswith(STAGING_PREFIX))]
-        return sorted((self.inspect(path, symlink) for path, symlink in folders),
+        return sorted((self.inspect(path, symlink) for path, symlink in self._folders()),
                       key=lambda e: (e.name, e.path.name))
+
+    def _folders(self) -> list[tuple[Path, bool]]:
+        """(folder, is a symbolic link) of every entry under adapters/ that may be an adapter or a run."""
+        return [(Path(path), symlink) for path, _, symlink in self._folder_names()]
+
+    def _folder_names(self) -> list[tuple[str, str, bool]]:
+        """(path, name, is a symbolic link) of every entry under adapters/ that may be an adapter or a run."""
+        try:
+            with os.scandir(self.root) as listing:
+                return [(item.path, item.name, item.is_symlink()) for item in listing
+                        if (item.is_dir() or item.is_symlink())
+                        and (not item.name.startswith(".") or item.name.startswith(STAGING_PREFIX))]
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def get(self, name: str) -> AdapterEntry:
         """A complete adapter by name, or NotFoundError (suggesting the closest name)."""
@@ -375,6 +411,36 @@ class Registry:
         elif bad_metrics := nonfinite_metrics(manifest):
             row.update(state=SUSPECT, problem=f"{bad_metrics[0]}: its weights may be broken; retrain or remove it")
         return row
+
+    def listing(self, active: dict[str, dict[str, Any]] | None = None,
+                checksums: ChecksumCache | None = None) -> list[ListedAdapter]:
+        """Every folder's summary row (as `adapters list --json` shows them), sorted by name: a complete
+        adapter's comes from the listing cache while its files are unchanged (core/listing.py)."""
+        from lqmf.core.listing import ListingCache
+
+        active = self.active_pointers(strict=False) if active is None else active
+        cache_checksums = checksums or ChecksumCache(self.workspace.root)
+        cache = ListingCache(self.workspace.root, cache_checksums.entries)
+        listed = []
+        for path, name, symlink in self._folder_names():  # strings: Path objects cost 1,000s of parses
+            cached = None if symlink or name.startswith(STAGING_PREFIX) else cache.row(path, name)
+            if cached is None:
+                folder = Path(path)
+                entry = self.inspect(folder, symlink)
+                row = self.summary(entry, active, cache_checksums)
+                body = _ENCODE({k: v for k, v in row.items() if k not in LISTED_APART})[1:-1]
+                cached = {"state": row["state"], "problem": row["problem"], "base_id": row["base_id"], "body": body}
+                if entry.complete:
+                    files = [MANIFEST, *PEFT_FILES, *((entry.manifest or {}).get("files") or {})]
+                    cache.put(folder, list(dict.fromkeys(f for f in files if isinstance(f, str))), cached)
+                name = row["name"]  # a run's name, without the staging prefix
+            key = cached["base_id"]
+            listed.append(ListedAdapter(name, path, cached["state"], cached["problem"], key, cached["body"],
+                                        key is not None and (active.get(key) or {}).get("adapter") == name))
+        if checksums is None:
+            cache_checksums.save()
+        cache.save()
+        return sorted(listed, key=lambda a: (a.name, os.path.basename(a.path)))
 
     # ------------------------------------------------------------------ writing
 

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from lqmf.core.datasets import prompt_messages
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure
 from lqmf.core.fsutil import atomic_write_json, process_started
 from lqmf.core.workspace import Workspace
@@ -242,6 +241,8 @@ class ServedModel:
             route, body["prompt"] = "/v1/completions", prompt
         else:
             route = "/v1/chat/completions"
+            from lqmf.core.datasets import prompt_messages  # the data-set layer only when a prompt is sent
+
             body["messages"] = prompt_messages(self.task, prompt) if isinstance(prompt, str) else prompt
         pieces: list[str] = []
         finish, usage, first = None, {}, None

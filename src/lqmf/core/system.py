@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lqmf.core.memory_plan import GiB
+GiB = 2**30  # (not from memory_plan: `lqmf status` need not import it)
 
 LIBRARIES = ("lqmf", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets")
 NVIDIA_SMI_TIMEOUT_S = 5.0

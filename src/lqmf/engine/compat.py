@@ -18,6 +18,13 @@ def foreach_copy(targets: list, sources: list) -> None:
     torch._foreach_copy_(targets, sources)
 
 
+def share_children(wrapper, module) -> None:
+    """Give wrapper module's children (torch's `Module._modules`, the same dict object): named_modules,
+    state_dict and setattr (PEFT's layer injection) then see them under the wrapper, with the names
+    they had under module, and a child replaced through either shows through both."""
+    wrapper._modules = module._modules
+
+
 def build_lora_layers_as(config, mapping: dict) -> None:
     """Have PEFT build config's LoRA layers from mapping's classes ({base layer type: LoRA layer class},
     first isinstance match wins; a base that matches none gets PEFT's own layer), through PEFT's
@@ -146,3 +153,13 @@ def json_400_http_protocol(error_body: Any) -> type:
             self.transport.close()
 
     return JsonErrorProtocol
+
+
+def no_such_option_error() -> type[Exception]:
+    """The exception Typer's parser raises for an unknown option (Typer vendors click as typer._click, whose
+    NoSuchOption it does not export); its `possibilities` are the options offered in the message."""
+    try:
+        from typer._click.exceptions import NoSuchOption
+    except ImportError:  # a Typer on the plain click package
+        from click.exceptions import NoSuchOption
+    return NoSuchOption

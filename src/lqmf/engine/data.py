@@ -166,3 +166,43 @@ def collate(rows: list[dict[str, Any]], pad_id: int, classification: bool):
                      ref_logp=torch.tensor([r["ref_logp"] for r in rows], dtype=torch.float32),
                      kl_ref_logp=torch.tensor([r["kl_ref_logp"] for r in rows], dtype=torch.float32))
     return batch
+
+
+def pack(rows: list[dict[str, Any]], capacity: int) -> list[list[dict[str, Any]]]:
+    """Rows grouped into sequences of at most capacity tokens each (first fit, longest first); a row
+    longer than capacity stays alone."""
+    bins: list[list[dict[str, Any]]] = []
+    room: list[int] = []
+    for row in sorted(rows, key=lambda r: -len(r["input_ids"])):
+        size = len(row["input_ids"])
+        place = next((i for i, left in enumerate(room) if size <= left), None)
+        if place is None:
+            bins.append([row])
+            room.append(capacity - size)
+        else:
+            bins[place].append(row)
+            room[place] -= size
+    return bins
+
+
+def collate_packed(bins: list[list[dict[str, Any]]], pad_id: int):
+    """One sequence per bin, its examples end to end, right-padded; position ids restart at each
+    example (and at the padding), which transformers reads as separate sequences: attention stays
+    inside each example. Each example's first token gets no label, as a row's first token has none
+    after the shift, so the loss is the unpacked one."""
+    import torch
+
+    width = max(sum(len(r["input_ids"]) for r in rows) for rows in bins)
+    input_ids = torch.full((len(bins), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    for i, rows in enumerate(bins):
+        start = 0
+        for row in rows:
+            n = len(row["input_ids"])
+            input_ids[i, start: start + n] = torch.tensor(row["input_ids"])
+            labels[i, start + 1: start + n] = torch.tensor(row["labels"][1:])
+            positions[i, start: start + n] = torch.arange(n)
+            start += n
+        positions[i, start:] = torch.arange(width - start)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}

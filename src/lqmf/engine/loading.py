@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lqmf.core.errors import InputError, RuntimeFailure
-from lqmf.core.models import ResolvedModel
+from lqmf.core.models import ResolvedModel, require_downloadable
 from lqmf.core.progress import phase
 
 CLASSIFIER_HEADS = ["classifier", "score"]
@@ -98,6 +98,13 @@ def four_bit_support(device) -> str | None:
     return None
 
 
+def load_description(saved_quant: dict[str, Any] | None, quantize_4bit: bool, dtype) -> str:
+    """How the weights load, for the loading phase line: as saved, quantized now, or in a dtype."""
+    if saved_quant is not None:
+        return f"saved {saved_quant['label']}, loading as saved"
+    return "quantizing to 4-bit NF4" if quantize_4bit else str(dtype).replace("torch.", "")
+
+
 def check_prequantized(resolved: ResolvedModel, device) -> None:
     """Fail in one line, naming what to install, when a model saved quantized cannot load here."""
     import importlib.util
@@ -123,6 +130,7 @@ def load_tokenizer(resolved: ResolvedModel, chat_template: str | None = None):
     from transformers import AutoTokenizer
 
     phase(f"loading tokenizer of {resolved.reference}")
+    require_downloadable(resolved)
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolved.load_id)
     except OSError as err:
@@ -197,8 +205,8 @@ def load_model(resolved: ResolvedModel, *, task: str, device_preference: str = "
             quantize_4bit = False
     if tokenizer is None:
         tokenizer = load_tokenizer(resolved)
-    phase(f"loading base model {resolved.reference} on {device.type}"
-          + (" (quantizing to 4-bit NF4)" if quantize_4bit else f" ({str(dtype).replace('torch.', '')})"))
+    how = load_description(saved_quant, quantize_4bit, dtype)
+    phase(f"loading base model {resolved.reference} on {device.type} ({how})")
     kwargs: dict[str, Any] = {"dtype": dtype, "use_kernels": HUB_KERNELS}
     if saved_quant is not None:
         kwargs["device_map"] = {"": str(device) if device.type != "cuda" else torch.cuda.current_device()}

@@ -54,6 +54,9 @@ PROBE_CASES = [
     # no checkpointing: every block keeps its tensors
     {"hidden": 256, "inter": 704, "layers": 3, "heads": 4, "kv_heads": 2, "vocab": 2048, "batch": 4, "seq": 256,
      "rank": 16, "four_bit": False, "checkpointing": False, "padded": False},
+    # a wide MLP over 4,096 tokens, in tiles of 2,048 (engine/fused/blocks.py): one tile's MLP tensors at a time
+    {"hidden": 256, "inter": 1408, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 2048, "batch": 2, "seq": 2048,
+     "rank": 8, "four_bit": False, "checkpointing": True, "padded": False, "tiled": True},
     # 4-bit NF4 weights and a larger vocabulary: the chunked logits dominate
     {"hidden": 256, "inter": 704, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": 8192, "batch": 4, "seq": 256,
      "rank": 8, "four_bit": True, "checkpointing": True, "padded": False},
@@ -81,7 +84,7 @@ def test_estimator_matches_a_real_cpu_training_step():
         settings = TrainSettings(micro_batch=case["batch"], seq_len=case["seq"], lora_r=case["rank"],
                                  target_modules=("q_proj", "k_proj", "v_proj", "o_proj"), device="cpu",
                                  quantize_4bit=case["four_bit"], gradient_checkpointing=case["checkpointing"],
-                                 padded=case["padded"])
+                                 padded=case["padded"], tiled_mlp=case.get("tiled", False))
         est = estimate(shape, settings)
         lora_params = est.lora // 2
         assert got["weights_bytes"] == pytest.approx(est.weights + lora_params, rel=0.01), case
@@ -107,6 +110,10 @@ def test_estimates_grow_with_batch_and_sequence_and_fit_search_is_tight():
 
 
 # ----------------------------------------------------------------------------- training
+
+# These tests count micro-batches of examples as the unpacked planner does (packing: tests/test_long_context.py).
+UNPACKED = ["--set", "packing=off"]
+
 
 def _run_out_of_memory(engine, monkeypatch, when) -> None:
     """Make the real loop's loss raise CUDA's out-of-memory error on the calls where when(n, batch) holds."""
@@ -135,7 +142,7 @@ def test_oom_in_the_loop_halves_the_micro_batch_and_redoes_the_step(cli, workspa
     from lqmf.engine.train import loop as engine
 
     args = ["train", tiny_model, CHAT, "chat", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3",
-            *FAST, "--set", "lora_dropout=0"]
+            *FAST, "--set", "lora_dropout=0", *UNPACKED]
     assert cli(*args, "--name", "steady").exit_code == 0
     _run_out_of_memory(engine, monkeypatch, lambda n, size: n == 4 and size > 1)  # step 1: calls 1-2
     result = cli(*[a for a in args if a != "-q"], "--name", "squeezed")
@@ -163,7 +170,7 @@ def test_oom_at_micro_batch_one_stops_with_a_checkpoint(cli, workspace, tiny_mod
 
     _run_out_of_memory(engine, monkeypatch, lambda n, size: n > 2)  # step 1 (calls 1-2) fits, then nothing
     result = cli("train", tiny_model, CHAT, "chat", "--name", "starved", "--batch-size", "4", "--grad-accum", "2",
-                 "--max-steps", "3", *FAST)
+                 "--max-steps", "3", *FAST, *UNPACKED)
     assert result.exit_code == 5, result.output
     assert "out of memory in step 2 even at micro-batch 1" in result.output
     assert "lqmf train --resume starved" in result.output
@@ -177,7 +184,7 @@ def _tiny_estimates(cli, tiny_model: Path, workspace: Path, **changes) -> dict[i
     """Estimated totals of the tiny model at micro-batches 1..4 for the sample chat set on the CPU."""
     from lqmf.engine.train.memory import process_baseline_bytes
 
-    plan = json.loads(cli("train", tiny_model, CHAT, "chat", "--dry-run", "--json", *FAST).stdout)
+    plan = json.loads(cli("train", tiny_model, CHAT, "chat", "--dry-run", "--json", *FAST, *UNPACKED).stdout)
     resolved = ModelCatalogue(Workspace(workspace)).resolve(str(tiny_model))
     shape = ModelShape.from_config(resolved.config)
     settings = TrainSettings(device="cpu", quantize_4bit=False, seq_len=plan["longest_example_tokens"],
@@ -190,7 +197,7 @@ def _tiny_estimates(cli, tiny_model: Path, workspace: Path, **changes) -> dict[i
 def test_micro_batch_is_picked_to_fit_max_memory(cli, workspace, tiny_model):
     totals = _tiny_estimates(cli, tiny_model, workspace)
     budget = (totals[2] + totals[3]) // 2  # 2 fits, 3 and 4 do not
-    args = ["train", tiny_model, CHAT, "chat", "--batch-size", "4", "--grad-accum", "2", *FAST,
+    args = ["train", tiny_model, CHAT, "chat", "--batch-size", "4", "--grad-accum", "2", *FAST, *UNPACKED,
             "--max-memory", f"{budget / 2**20:.3f}MB"]
     dry = cli(*args, "--dry-run", "--json")
     assert dry.exit_code == 0, dry.output
@@ -216,7 +223,7 @@ def test_nothing_fits_fails_before_loading_weights(cli, workspace, tiny_model, t
     totals = _tiny_estimates(cli, tiny_model, workspace)
     shorter = _tiny_estimates(cli, tiny_model, workspace, seq_len=64)
     budget = (shorter[1] + totals[1]) // 2  # only a shorter sequence fits
-    result = cli("train", no_weights, CHAT, "chat", "--name", "nofit", *FAST, "--max-memory",
+    result = cli("train", no_weights, CHAT, "chat", "--name", "nofit", *FAST, *UNPACKED, "--max-memory",
                  f"{budget / 2**20:.3f}MB")
     assert result.exit_code == 5, result.output
     assert "even at micro-batch 1" in result.output and "max_seq_length=64" in result.output

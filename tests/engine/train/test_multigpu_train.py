@@ -106,3 +106,49 @@ def test_fsdp_two_processes_train_what_one_process_trains(cli, run_lqmf, workspa
     assert weights_one and weights_one.keys() == weights_two.keys()
     for key, tensor in weights_one.items():
         assert weights_two[key].allclose(tensor, rtol=1e-3, atol=1e-5), key
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_node_rehearsal_matches_one_process(cli, workspace, tiny_model):
+    """Two machines, rehearsed on one: two torchrun launches (--nnodes 2, node ranks 0 and 1, one
+    process each, one rendezvous endpoint) of the ordinary `lqmf train` give one process's loss curve
+    and adapter; node 0 alone writes."""
+    import subprocess
+    import sys
+
+    from tests.helpers import lqmf_env
+
+    data = EXAMPLES / "chat_training.csv"
+    run = ["--max-seq-length", "128", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3", "--lr", "5e-3",
+           "--device", "cpu", "--no-4bit", "--set", "lora_dropout=0", "--set", "validation_split=0", "-q"]
+    single = cli("train", tiny_model, data, "chat", "--name", "one", *run)
+    assert single.exit_code == 0, single.output
+    endpoint = f"localhost:{_free_port()}"
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+         "--nproc-per-node", "1", "--rdzv-endpoint", endpoint, "-m", "lqmf", "train", str(tiny_model), str(data),
+         "chat", "--name", "nodes", *run],
+        cwd=workspace, env=lqmf_env({"OMP_NUM_THREADS": "1"}), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for node in (0, 1)]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs
+    one, two = workspace / "adapters" / "one", workspace / "adapters" / "nodes"
+    assert [r["loss"] for r in records(two, "train")] == pytest.approx([r["loss"] for r in records(one, "train")],
+                                                                       rel=1e-4)
+    manifest = json.loads((two / "lqmf.json").read_text())
+    assert manifest["runtime"]["processes"] == 2
+
+    from safetensors.torch import load_file
+
+    weights_one = load_file(one / "adapter_model.safetensors")
+    weights_two = load_file(two / "adapter_model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for key, tensor in weights_one.items():
+        assert weights_two[key].allclose(tensor, rtol=1e-3, atol=1e-5), key

@@ -130,7 +130,7 @@ def lean_lora_forward(layer, x, *args, **kwargs):
     if torch.is_grad_enabled():
         result = layer.base_layer(x)
         for name in active:
-            low = layer.lora_A[name](layer.lora_dropout[name](x))
+            low = _low_rank(layer, name, x)
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),
                                layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
             result = flat.view(result.shape)
@@ -144,6 +144,20 @@ def lean_lora_forward(layer, x, *args, **kwargs):
     for follower, (names, theirs) in products.items():
         follower.lean.pending = (x, tensor_version(x), names, _base_plus(follower, x, rows, theirs))
     return result
+
+
+def _low_rank(layer, name: str, x):
+    """dropout(x) A^T for training. With dropout, under checkpoint: backward recomputes the dropout
+    (the same mask: checkpoint restores the random state) and the rank-r product from x, which the
+    sibling layers of a shared input keep once, instead of each layer keeping its own dropout output
+    and mask (3 x 4096 x 3 bytes a token for q/k/v on a 7B model)."""
+    import torch
+    from torch.utils.checkpoint import checkpoint
+
+    dropout, down = layer.lora_dropout[name], layer.lora_A[name]
+    if not isinstance(dropout, torch.nn.Dropout) or not dropout.training or dropout.p == 0:
+        return down(dropout(x))
+    return checkpoint(lambda inputs: down(dropout(inputs)), x, use_reentrant=False)
 
 
 def _base_plus(layer, x, rows, deltas: list):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lqmf.core.derived import check_weight
-from lqmf.core.errors import InputError, NotFoundError, did_you_mean
+from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_mean
 from lqmf.engine import inference
 
 SEPARATOR = "+"
@@ -90,6 +90,12 @@ class Combinations:
                              "only text-generation adapters combine")
         for name, _ in parse(model_id):
             if name not in self.host.resident:
+                try:  # an adapter this server could never load: say why, not "load it first"
+                    self.host.check_loadable(name)
+                except (ConflictError, InputError) as err:
+                    raise type(err)(f"model '{model_id}': {err.message}", exit_code=err.exit_code) from None
+                except NotFoundError:
+                    pass  # not registered at all: say what is resident
                 raise NotFoundError(f"model '{model_id}': adapter '{name}' is not resident here"
                                     f"{did_you_mean(name, self.host.resident)}; load it first")
         return model_id

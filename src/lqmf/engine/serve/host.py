@@ -325,6 +325,10 @@ class ModelHost:
         log.warning("adapter '%s' is no longer resident: %s", name, reason)
         self.evictions.append({"adapter": name, "reason": reason, "time": round(time.time(), 3)})
 
+    def check_loadable(self, name: str) -> None:
+        """Raise what loading adapter name here would be refused with (reads nothing heavy)."""
+        self._prepare(name)
+
     def _prepare(self, name: str) -> tuple[ResidentAdapter, list[str]]:
         """Check that an adapter may be served here; read nothing heavy."""
         if name in (DEFAULT_MODEL, self.base_id):

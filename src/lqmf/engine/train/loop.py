@@ -34,6 +34,7 @@ from lqmf.core.memory_plan import (
     fit_strategies,
     gb,
     model_shape,
+    packing_wanted,
     settings_for,
     what_would_fit,
 )
@@ -42,6 +43,7 @@ from lqmf.core.models import ResolvedModel
 from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
 from lqmf.engine.compat import keep_4bit_training_layout, repoint
+from lqmf.engine.fused.loss import LOSS_CHUNK_TOKENS, linear_cross_entropy
 from lqmf.engine.loading import (
     LoadedModel,
     compute_dtype,
@@ -54,6 +56,7 @@ from lqmf.engine.loading import (
 )
 from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
 from lqmf.engine.train.memory import (
+    cap_allocator,
     memory_budget,
     process_baseline_bytes,
 )
@@ -64,7 +67,6 @@ TRAINING_STATE = "training_state.pt"
 # What a run keeps in staging besides the adapter: removed once the finished adapter is in place.
 CHECKPOINT_FOLDERS = (CHECKPOINT_DIR, f"{CHECKPOINT_DIR}.tmp", f"{CHECKPOINT_DIR}.old")
 METRICS_LOG = "metrics.jsonl"
-LOSS_CHUNK_TOKENS = 1024
 
 
 class Events:
@@ -115,6 +117,7 @@ def split_examples(dataset: TaskDataset, fraction: float, seed: int):
     """Seeded train/validation split through `datasets` (stratified for classification)."""
     from datasets import ClassLabel, Dataset
 
+    quiet_libraries()  # no progress bars from `datasets` (compress and bench split here too)
     table = Dataset.from_list(dataset.examples)
     n = len(table)
     n_val = 0 if fraction <= 0 or n < 4 else max(1, round(n * fraction))
@@ -175,12 +178,15 @@ class MemoryPlan:
     gpus: int = 1
     strategy: str = "single"  # single | ddp | fsdp
     strategies: dict[str, Any] | None = None  # with several GPUs: how each strategy fits
+    pack_tokens: int = 0  # examples packed into sequences of up to this many tokens (0: no packing)
+    tiled_mlp: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device, "gpus": self.gpus, "strategy": self.strategy, "strategies": self.strategies,
             "requested_micro_batch": self.requested_micro_batch,
             "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
+            "pack_tokens": self.pack_tokens, "tiled_mlp": self.tiled_mlp,
             "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
             "estimate": self.estimate.to_dict() if self.estimate else None,
@@ -190,13 +196,15 @@ class MemoryPlan:
 def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, gpus: int = 1) -> MemoryPlan:
     """Estimate the run's peak memory (per GPU on several) and pick the largest micro-batch, at most
     the one asked for, that fits the budget (max_memory, or the GPU's free memory) while keeping the
-    effective batch. With offload_activations=auto, activations are offloaded when that fits a larger
-    micro-batch. On several GPUs config.strategy (auto: DDP when it fits, else FSDP) decides.
+    effective batch. With offload_activations=auto, activations are offloaded, with tiled_mlp=auto the
+    MLP runs in tiles, when that fits a larger micro-batch; packing=auto packs short examples unless
+    that fits a smaller one. On several GPUs config.strategy (auto: DDP when it fits, else FSDP) decides.
 
     Sets prepared's world size, micro-batch and accumulation (per process); raises RuntimeFailure,
     saying what would fit, when even micro-batch 1 does not. Loads no weights.
     """
     device = select_device(config.device)
+    cap_allocator(config.gpu_memory_cap, device.type)
     quantize = config.use_4bit_quantization and four_bit_support(device) is None
     shape, source = model_shape(model)
     effective = prepared.effective_batch
@@ -207,44 +215,63 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
         prepared.accumulation = effective // gpus // prepared.micro_batch
     requested = prepared.micro_batch
     strategy = "single" if gpus == 1 else (config.strategy if config.strategy != "auto" else "ddp")
+    packed = packing_wanted(config.packing, config.task_type or "", [len(r["input_ids"]) for r in prepared.train],
+                            config.max_seq_length)
+    pack_tokens = config.max_seq_length if packed else 0
     settings = None
     if shape is not None:
         settings = settings_for(config, model, device=device.type,
                                 seq_len=min(config.max_seq_length, prepared.max_tokens), micro_batch=requested,
                                 num_labels=max(len(prepared.labels), 2), quantize_4bit=quantize, gpus=gpus,
                                 strategy=strategy if gpus > 1 else "ddp")
+        settings = replace(settings, pack_tokens=pack_tokens)
     if settings is None:
         offloadable = TrainSettings(device=device.type, gradient_checkpointing=config.use_gradient_checkpointing,
                                     gpus=gpus, strategy=strategy).offloadable
         return MemoryPlan(device.type, requested, requested, None, source,
                           offload_activations=config.offload_activations == "on" and offloadable,
-                          gpus=gpus, strategy=strategy)
+                          gpus=gpus, strategy=strategy, pack_tokens=pack_tokens,
+                          tiled_mlp=config.tiled_mlp == "on" and config.use_gradient_checkpointing)
     settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
-    budget, budget_source, context_counted = memory_budget(config.max_memory, device.type)
+    budget, budget_source, context_counted = memory_budget(config.max_memory, device.type, config.gpu_memory_cap)
     strategies = None
     if gpus > 1 and budget is not None:
-        fits = fit_strategies(shape, settings, effective, budget, context_counted, config.offload_activations)
+        fits = fit_strategies(shape, settings, effective, budget, context_counted, config.offload_activations,
+                              config.tiled_mlp)
         strategies = {name: fit.to_dict() for name, fit in fits.items()}
         strategy = choose_strategy(fits, config.strategy) or "fsdp"
         settings = replace(settings, strategy=strategy)
     micro = requested
     share = effective // gpus
     if budget is not None:
-        micro, settings = fit_budget(shape, settings, share, budget, context_counted, config.offload_activations)
+        micro, settings = fit_budget(shape, settings, share, budget, context_counted, config.offload_activations,
+                                     config.tiled_mlp)
+        if pack_tokens and config.packing == "auto":  # the packed estimate is an upper bound: never fit less
+            unpacked = fit_budget(shape, replace(settings, pack_tokens=0), share, budget, context_counted,
+                                  config.offload_activations, config.tiled_mlp)
+            if unpacked[0] > micro:
+                (micro, settings), pack_tokens = unpacked, 0
         if micro == 0:
-            needed = estimate(shape, replace(settings, micro_batch=1))
-            options = what_would_fit(shape, settings, budget, context_counted)
-            fix = (f"it would fit with {' or '.join(str(option) for option in options)}" if options
-                   else "no single change makes it fit; use a smaller model")
-            per_gpu = f" per GPU ({strategy} on {gpus})" if gpus > 1 else ""
-            raise RuntimeFailure(
-                f"training needs about {gb(needed.total)}{per_gpu} even at micro-batch 1 ({settings.seq_len} tokens, "
-                f"r={settings.lora_r}, {'4-bit' if quantize else 'not quantized'}), more than the "
-                f"{gb(budget)} of {budget_source}: {fix}"
-            )
+            _does_not_fit(shape, settings, budget, budget_source, context_counted, quantize, strategy, gpus)
         prepared.micro_batch, prepared.accumulation = micro, share // micro
     return MemoryPlan(device.type, requested, micro, estimate(shape, replace(settings, micro_batch=micro)), source,
-                      budget, budget_source, settings.offloaded, gpus, strategy, strategies)
+                      budget, budget_source, settings.offloaded, gpus, strategy, strategies, pack_tokens,
+                      settings.tiled)
+
+
+def _does_not_fit(shape, settings: TrainSettings, budget: int, budget_source: str, context_counted: bool,
+                  quantize: bool, strategy: str, gpus: int) -> None:
+    """Raise RuntimeFailure: even micro-batch 1 does not fit; say what would."""
+    needed = estimate(shape, replace(settings, micro_batch=1))
+    options = what_would_fit(shape, settings, budget, context_counted)
+    fix = (f"it would fit with {' or '.join(str(option) for option in options)}" if options
+           else "no single change makes it fit; use a smaller model")
+    per_gpu = f" per GPU ({strategy} on {gpus})" if gpus > 1 else ""
+    raise RuntimeFailure(
+        f"training needs about {gb(needed.total)}{per_gpu} even at micro-batch 1 ({settings.seq_len} tokens, "
+        f"r={settings.lora_r}, {'4-bit' if quantize else 'not quantized'}), more than the "
+        f"{gb(budget)} of {budget_source}: {fix}"
+    )
 
 
 # ----------------------------------------------------------------------------- model
@@ -319,10 +346,22 @@ def autocast(device_type: str):
     return torch.autocast(device_type="cuda", dtype=dtype)
 
 
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """What the model reads from a collated batch: ids with their padding mask, or packed ids with the
+    position ids that restart at each example (data.collate_packed); transformers then keeps each
+    example's attention inside it."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
 def answer_loss_sum(model, batch) -> Any:
     """Summed cross-entropy over answer tokens, computing logits only where labels are set.
 
-    Falls back to the model's own logits for architectures that post-process them.
+    A frozen plain linear head takes engine/fused/loss.py's linear cross-entropy (no logits kept, nothing
+    recomputed; under FSDP the root unit's weights are gathered for the whole step, and the head's is
+    read only in forward); another head checkpointed chunks; architectures that post-process logits
+    their model's own logits.
     """
     import torch
     import torch.nn.functional as F
@@ -336,20 +375,24 @@ def answer_loss_sum(model, batch) -> Any:
                   and not getattr(base.config, "final_logit_softcapping", None)
                   and getattr(base.config, "logit_scale", None) in (None, 1, 1.0))
     device_type = batch["input_ids"].device.type
+    inputs = model_inputs(batch)
+    sharded = is_sharded(model)
     with autocast(device_type):
         if not plain_head:
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model(**inputs).logits
             return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
                                    ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
-        if is_sharded(model):  # through the root unit (it gathers the embeddings), no logits
-            hidden = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           output_hidden_states=True, logits_to_keep=batch["input_ids"].new_zeros(0)).hidden_states[-1]
+        if sharded:  # through the root unit (it gathers the embeddings), no logits
+            hidden = model(**inputs, output_hidden_states=True,
+                           logits_to_keep=batch["input_ids"].new_zeros(0)).hidden_states[-1]
         else:
-            hidden = decoder(input_ids=batch["input_ids"],
-                             attention_mask=batch["attention_mask"]).last_hidden_state
+            hidden = decoder(**inputs).last_hidden_state
     mask = labels != data_mod.IGNORE_INDEX
     picked = hidden[:, :-1][mask]
     targets = labels[mask]
+    if type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad:
+        with autocast(device_type):
+            return linear_cross_entropy(picked, head.weight, targets)
 
     def chunk_loss(h, y):
         with autocast(device_type):
@@ -372,7 +415,7 @@ def is_sharded(model) -> bool:
 
 def _classification_logits(model, batch):
     with autocast(batch["input_ids"].device.type):
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        return model(**model_inputs(batch)).logits.float()
 
 
 def classification_loss_sum(model, batch):
@@ -540,6 +583,23 @@ def read_checkpoint(staging: Path) -> dict[str, Any] | None:
     return {"weights": weights, "state": state}
 
 
+def check_resumable(staging: Path, total_steps: int, max_steps: int) -> None:
+    """Refuse to resume a checkpoint already past this run's last step (it would finish with more steps
+    than asked for); the training state is memory-mapped, not read whole."""
+    import torch
+
+    folder = checkpoint_folder(staging)
+    if folder is None:
+        return
+    try:
+        step = torch.load(folder / TRAINING_STATE, weights_only=True, mmap=True)["progress"]["step"]
+    except Exception:  # noqa: BLE001 - read_checkpoint names what is wrong with it when the run loads it
+        return
+    if step > total_steps:
+        raise InputError(f"the checkpoint in {staging} is at step {step}, past this run's {total_steps} steps "
+                         f"(max_steps {max_steps}): resume with a larger --max-steps, or without it")
+
+
 def apply_weights(model, checkpoint: dict[str, Any]) -> None:
     from peft import set_peft_model_state_dict
 
@@ -572,22 +632,30 @@ def truncate_log(log_path: Path, step: int | None) -> int:
 
 
 def forward_backward(model, loss_fn, rows, units, micro, pad, classification, device,
-                      offload: ActivationOffload | None = None, passes: int = 0, filler=None, scale: float = 1.0):
+                      offload: ActivationOffload | None = None, passes: int = 0, filler=None, scale: float = 1.0,
+                      pack_tokens: int = 0):
     """Forward and backward over one optimizer step's examples in micro-batches; the summed loss.
 
     The gradients are of the loss summed over rows divided by units, times scale. With passes, at least that many
     micro-batches run: the ones past rows run filler (one example) at weight 0, so that every FSDP
-    rank joins the same number of gathers.
+    rank joins the same number of gathers. With pack_tokens, each micro-batch's rows are packed into
+    sequences of at most that many tokens (data.pack) instead of padded rows.
     """
     import contextlib
 
     import torch
 
     total = torch.zeros((), device=device)
-    batches = [(rows[start: start + micro], 1.0) for start in range(0, len(rows), micro)]
-    batches += [(filler, 0.0)] * (passes - len(batches))
-    for chunk, weight in batches:
-        batch = _to_device(data_mod.collate(chunk, pad, classification), device)
+    if pack_tokens:  # each micro-batch's examples in as few sequences as fit, without padding between them
+        batches = [(data_mod.collate_packed(data_mod.pack(rows[start: start + micro], pack_tokens), pad), 1.0)
+                   for start in range(0, len(rows), micro)]
+    else:
+        batches = [(data_mod.collate(rows[start: start + micro], pad, classification), 1.0)
+                   for start in range(0, len(rows), micro)]
+    if passes > len(batches):
+        batches += [(data_mod.collate(filler, pad, classification), 0.0)] * (passes - len(batches))
+    for collated, weight in batches:
+        batch = _to_device(collated, device)
         try:
             with offload or contextlib.nullcontext():
                 loss = loss_fn(model, batch) * weight

@@ -28,22 +28,41 @@ def _first_rss_bytes() -> int:
     return int(_rss_gb() * 2**30)
 
 
-def memory_budget(max_memory: str | None, device: str) -> tuple[int | None, str | None, bool]:
+def memory_budget(max_memory: str | None, device: str, cap: str | None = None) -> tuple[int | None, str | None, bool]:
     """(bytes, where the number came from, whether it must also hold this process's CUDA context).
 
-    max_memory wins; on a CUDA GPU the default is its free memory, read after this process has
-    created its own context (so the context is already spent); elsewhere there is no budget.
+    max_memory wins; then on a CUDA GPU gpu_memory_cap (what the allocator may hand out, the context
+    is outside it), else the GPU's free memory, read after this process has created its own context
+    (so the context is already spent); elsewhere there is no budget.
     """
     from lqmf.core.memory_plan import parse_size
 
     if max_memory is not None:
         return parse_size(max_memory), "max_memory", True
+    if device == "cuda" and cap is not None:
+        return parse_size(cap), "gpu_memory_cap", False
     if device == "cuda":
         import torch
 
         free, _total = torch.cuda.mem_get_info()
         return free, "free GPU memory", False
     return None, None, True
+
+
+def cap_allocator(cap: str | None, device: str) -> float | None:
+    """Emulate a smaller GPU: PyTorch's allocator on this process's current GPU hands out at most cap
+    (gpu_memory_cap), and raises CUDA's out-of-memory error beyond it; the fraction set, or None
+    (no cap asked, or not on CUDA). Each process of a multi-GPU run calls it for its own GPU."""
+    if cap is None or device != "cuda":
+        return None
+    import torch
+
+    from lqmf.core.memory_plan import parse_size
+
+    index = torch.cuda.current_device()
+    fraction = min(1.0, parse_size(cap) / torch.cuda.get_device_properties(index).total_memory)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
+    return fraction
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -23,6 +23,7 @@ from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
+from lqmf.engine.fused.blocks import TILE_TOKENS, tile_mlps
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
 from lqmf.engine.train import fsdp
 from lqmf.engine.train import loop as steps
@@ -56,6 +57,7 @@ class Recipe:
         self.classification = dataset.task == "classification"
         self.loss = loss or steps.Loss(steps.classification_loss_sum if self.classification else steps.answer_loss_sum,
                                        per_example=self.classification)
+        self.pack_tokens = memory.pack_tokens if loss is None else 0  # another objective (KTO) reads whole rows
         self.log_path = staging / steps.METRICS_LOG
         self.total = prepared.total_steps
 
@@ -74,6 +76,11 @@ class Recipe:
         for note in self.loaded.notes:
             self.events.on_note(note)
         self.model = self.loaded.model  # the PEFT model: what is saved
+        self.fused_kernels: dict[str, int] | None = None
+        if self.config.fused_kernels == "on":
+            self._use_fused_kernels()
+        if self.memory.tiled_mlp:
+            tile_mlps(self.model)
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
                       "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
@@ -97,6 +104,17 @@ class Recipe:
                      "resumed_at_step": self.progress["step"], "memory": self.memory.to_dict()}
         self.events.on_plan(self.plan)
 
+    def _use_fused_kernels(self) -> None:
+        from lqmf.engine.fused import blocks
+
+        reason = blocks.unavailable(self.loaded.device)
+        if reason:
+            self.events.on_note(f"fused_kernels=on: PyTorch's kernels kept: {reason}")
+            return
+        self.fused_kernels = blocks.use_fused_kernels(self.model)
+        self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
+                            f"{self.fused_kernels['swiglu']} SwiGLU")
+
     def _note_plan(self) -> None:
         memory, config = self.memory, self.config
         for note in self.prepared.notes:
@@ -110,6 +128,12 @@ class Recipe:
             without = " and no FSDP" if memory.strategy == "fsdp" else ""
             self.events.on_note(f"offload_activations=on needs CUDA and gradient checkpointing{without}; not "
                                 f"offloading on {memory.device}")
+        if self.pack_tokens:
+            self.events.on_note(f"packing on: examples end to end in sequences of up to {self.pack_tokens} tokens, "
+                                f"attention inside each (packing={config.packing})")
+        if memory.tiled_mlp:
+            self.events.on_note(f"tiled MLP on: each block's MLP runs {TILE_TOKENS} tokens at a time "
+                                f"(tiled_mlp={config.tiled_mlp})")
         if memory.gpus > 1:
             self.events.on_note(f"{memory.strategy} on {memory.gpus} processes: {self.prepared.micro_batch} x "
                                 f"{self.prepared.accumulation} examples each per step")
@@ -170,6 +194,7 @@ class Recipe:
                     f"training {'terminated' if signum == signal.SIGTERM else 'interrupted'} after step "
                     f"{self.progress['step']}/{self.total}; checkpoint saved: lqmf train --resume "
                     f"{self.config.job_name} continues it", exit_code=128 + signum))
+        self.evaluate_final_weights()
         return self.finish()
 
     def run_epoch(self) -> None:
@@ -220,7 +245,8 @@ class Recipe:
             loss = steps.forward_backward(self.runner, self.loss.sum, mine, units, micro,
                                           self.loaded.tokenizer.pad_token_id, self.classification, self.loaded.device,
                                           self.offload, passes, rows[:1],
-                                          scale=world if self.sharded else 1)  # FSDP averages over ranks
+                                          scale=world if self.sharded else 1,  # FSDP averages over ranks
+                                          pack_tokens=self.pack_tokens)
         except Exception as err:
             if is_out_of_memory(err):
                 oom = first_line(err)
@@ -328,9 +354,18 @@ class Recipe:
         if self.prepared.validation and (
             (config.eval_strategy == "steps" and config.eval_steps and step % config.eval_steps == 0)
             or (config.eval_strategy == "epoch" and epoch_done)
-            or (config.eval_strategy != "no" and step == self.total and self.progress["last_eval"] is None)
         ):
             self.progress["last_eval"] = self.evaluate(step, epoch)
+
+    def evaluate_final_weights(self) -> None:
+        """Evaluate the weights about to be saved unless the last evaluation was of exactly these (the
+        manifest's metrics and its improved mark then describe the shipped adapter)."""
+        progress = self.progress
+        last = progress["last_eval"]
+        if self.prepared.validation and self.config.eval_strategy != "no" and (
+                last is None or last["step"] != progress["step"]):
+            epoch = progress["step"] / self.prepared.steps_per_epoch
+            progress["last_eval"] = self.evaluate(progress["step"], epoch)
 
     def evaluate(self, step: int, epoch: float) -> dict[str, Any]:
         """Every rank evaluates the whole held-out split (no exchange needed); on out of memory the
@@ -400,7 +435,8 @@ class Recipe:
         runtime = {**self.loaded.runtime(), "optimizer": self.optimizer_name, "micro_batch": progress["micro_batch"],
                    "gradient_accumulation": prepared.effective_batch // prepared.world_size // progress["micro_batch"],
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
-                   "offload_activations": self.offload is not None,
+                   "offload_activations": self.offload is not None, "pack_tokens": self.pack_tokens,
+                   "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}

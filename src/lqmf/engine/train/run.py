@@ -10,10 +10,15 @@ writes; the others wait for its word.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
+import os
 import shutil
 import signal
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -24,9 +29,11 @@ from lqmf.core import config as cfg
 from lqmf.core.datasets import TaskDataset, load_task_dataset
 from lqmf.core.distributed import Topology, requested_gpus
 from lqmf.core.errors import ConflictError, InputError, Interrupted, LqmfError, NotFoundError, RankFailure
-from lqmf.core.fsutil import atomic_write_text
+from lqmf.core.fsutil import atomic_write_text, process_started
 from lqmf.core.manifest import build_manifest, default_adapter_name
+from lqmf.core.memory_plan import approx_parameters
 from lqmf.core.models import ModelCatalogue, ResolvedModel
+from lqmf.core.progress import phase
 from lqmf.core.registry import Registry
 from lqmf.core.timing import estimate_train_seconds
 from lqmf.core.workspace import Workspace
@@ -63,7 +70,8 @@ def resolve_config(workspace: Workspace, values: dict[str, Any], *, resume: str 
         file_values = cfg.read_config_file(staging / STAGED_CONFIG)
     else:
         file_values = cfg.read_config_file(cfg.config_path(workspace.configs_dir, config_name)) if config_name else {}
-    checked = {k: cfg.coerce_value(k, v, f"option for {k}") for k, v in values.items() if v is not None}
+    checked = {k: cfg.coerce_value(k, v, "the TASK argument" if k == "task_type" else f"option for {k}")
+               for k, v in values.items() if v is not None}
     config = cfg.resolve_config(file_values, checked)
     cfg.check_complete(config)
     return config
@@ -143,11 +151,16 @@ class TrainingRun:
 
     def plan_only(self, prepared, memory) -> TrainResult:
         """The dry run's answer: what the run would do, nothing trained."""
-        estimate = estimate_train_seconds(self.model.config, prepared.train_tokens * prepared.total_steps
-                                          / prepared.steps_per_epoch, self.config.use_gradient_checkpointing)
+        measured = measured_seconds(self.config, self.model, self.data, prepared) if prepared.world_size == 1 \
+            else None
+        estimate = {"this machine": measured["seconds"]} if measured else estimate_train_seconds(
+            self.model.config, prepared.train_tokens * prepared.total_steps / prepared.steps_per_epoch,
+            self.config.use_gradient_checkpointing)
         plan = {"adapter": self.adapter, "dry_run": True, "task": self.data.task, "base_model": self.model.reference,
                 "model_source": self.model.source, "dataset": str(self.data.path), **prepared.plan(),
                 "label_counts": self.data.label_counts or None, "estimated_seconds": estimate,
+                "estimate": measured or {"source": "FLOP count at assumed throughputs (model not local, or too "
+                                                   "large to time steps of in a dry run)"},
                 "memory": memory.to_dict(), "config": self.config.to_dict()}
         return TrainResult(self.adapter, self.data.task, plan=plan)
 
@@ -189,6 +202,8 @@ class TrainingRun:
                     stack.enter_context(self.registry.training_run(self.adapter, wait=5.0))
                     stack.enter_context(terminate_as_interrupt())
                     self.check_conflicts(dry_run=False)  # again, now under the lock (and for ranks launched by others)
+                    if self.resume:  # before the staged config takes this run's settings
+                        engine.check_resumable(self.staging, prepared.total_steps, self.config.max_steps)
                     self.open_staging()
                 except LqmfError as err:
                     refusal = err
@@ -266,3 +281,77 @@ def run_launch_request(path: str | Path, events: Any) -> None:
         answer = {"error": f"{type(err).__name__}: {first_line(err)}", "exit_code": 1}
     if topology.is_main:
         atomic_write_text(Path(request["result_path"]), json.dumps(answer))
+
+
+# ----------------------------------------------------------------------------- the dry run's time estimate
+# Measured on this machine: a FLOP count at an assumed throughput misses what dominates small models on a
+# CPU (per-layer overhead, the optimizer, evaluation), so where the model is local and small enough to load
+# in seconds, the dry run trains PROBE_STEPS steps into a temporary folder and scales their time to the
+# whole run: starting (imports), loading, every step, every evaluation and checkpoint the run will make.
+
+PROBE_ENV = "LQMF_DRY_RUN_PROBE"  # "0": no timed steps, the FLOP estimate (the test suite's default)
+PROBE_STEPS = 6  # the first step warms up; the others are timed
+PROBE_MAX_PARAMETERS = 400_000_000  # larger models take too long to load for a dry run: FLOP estimate
+FORWARD_SHARE = 0.5  # an evaluation pass costs about half a training pass (no backward)
+
+
+def evaluations(config: cfg.TrainConfig, prepared: Any) -> int:
+    """How many held-out evaluations the run makes (before training, by its strategy, and at the end)."""
+    if not prepared.validation or config.eval_strategy == "no":
+        return 0
+    total = prepared.total_steps
+    periodic = (total // config.eval_steps if config.eval_strategy == "steps" and config.eval_steps
+                else total // prepared.steps_per_epoch)
+    final = 0 if periodic and (total % (config.eval_steps or prepared.steps_per_epoch) == 0) else 1
+    return int(config.eval_at_start) + periodic + final
+
+
+def measured_seconds(config: cfg.TrainConfig, model_ref: ResolvedModel, dataset: TaskDataset,
+                     prepared: Any) -> dict[str, Any] | None:
+    """{"seconds", "seconds_per_step", "setup_seconds", "source"} from timing PROBE_STEPS real steps, or
+    None when the model is not local, too large to load for a dry run, or $LQMF_DRY_RUN_PROBE is 0."""
+    parameters = approx_parameters(model_ref.config) if model_ref.available else None
+    too_large = parameters is None or parameters > PROBE_MAX_PARAMETERS
+    if os.environ.get(PROBE_ENV, "1") == "0" or too_large or prepared.total_steps < 1:
+        return None
+    started_process = process_started(os.getpid())
+    startup = time.time() - started_process if started_process else 0.0  # imports, as the real run makes
+    from lqmf.engine.train import loop as trainer
+    from lqmf.engine.train import recipe
+
+    class StepTimes(trainer.Events):
+        def __init__(self) -> None:
+            self.elapsed: list[float] = []
+            self.planned = 0.0  # when the loop was about to start
+
+        def on_plan(self, plan: dict[str, Any]) -> None:
+            self.planned = time.perf_counter()
+
+        def on_step(self, record: dict[str, Any]) -> None:
+            self.elapsed.append(record["elapsed_s"])
+
+    phase(f"timing {PROBE_STEPS} training steps on this machine for the time estimate")
+    probe = dataclasses.replace(config, max_steps=PROBE_STEPS, eval_strategy="no", eval_at_start=False,
+                                save_steps=0, logging_steps=1)
+    started = time.perf_counter()
+    probe_prepared = trainer.prepare(probe, model_ref, dataset)
+    memory = trainer.plan_memory(probe, model_ref, probe_prepared)
+    times = StepTimes()
+    with tempfile.TemporaryDirectory(prefix="lqmf-estimate-") as staging:
+        recipe.train(probe, model_ref, dataset, Path(staging), prepared=probe_prepared, memory=memory,
+                      events=times)
+    # what the last step's checkpoint and the adapter's save took: the run checkpoints at each epoch's end
+    checkpoint = max(0.0, time.perf_counter() - times.planned - times.elapsed[-1])
+    if len(times.elapsed) < 2:
+        return None
+    per_step = (times.elapsed[-1] - times.elapsed[0]) / (len(times.elapsed) - 1)
+    setup = times.planned - started  # tokenizing and loading, as the run will
+    per_example = per_step / prepared.effective_batch
+    evaluation = FORWARD_SHARE * per_example * len(prepared.validation)
+    checkpoints = math.ceil(prepared.total_steps / prepared.steps_per_epoch) + (
+        prepared.total_steps // config.save_steps if config.save_steps else 0)
+    seconds = (startup + setup + prepared.total_steps * per_step + evaluations(config, prepared) * evaluation
+               + checkpoints * checkpoint)
+    return {"seconds": round(seconds, 1), "seconds_per_step": round(per_step, 4),
+            "setup_seconds": round(startup + setup, 2),
+            "source": f"{len(times.elapsed)} training steps timed on this machine"}

@@ -1,0 +1,127 @@
+"""What takes the place of parts of a decoder block in training, keeping module names and adapter keys.
+
+Tiled MLP: a block's MLP over the micro-batch's tokens TILE_TOKENS at a time, each tile checkpointed.
+
+At long sequences the MLP dominates what a checkpointed block holds while it is recomputed in
+backward: gate, act(gate) and up (3 x 14,336 values per token on a 7B model, 1.4 GB at 16k
+tokens in bf16) and, in its backward, two more of that width. The MLP acts on each token alone,
+so it can run over slices of the tokens (the rows flattened): with each slice checkpointed, the
+block's recomputation keeps only the slices' common input, and one slice's inner tensors exist at
+a time. The price is one more forward pass of the MLP in backward.
+
+`TiledMLP` takes the place of the decoder layer's `mlp` and shares the original's submodules (the
+same `_modules` dict), so module names, PEFT's LoRA layers and the saved adapter's keys do not
+change; the original module's own forward computes each slice.
+
+Fused kernels (liger-kernel, Triton): RMSNorm, and SiLU(gate) x up. `fused_kernels: on` puts
+liger-kernel's `LigerRMSNorm` in place of Llama-style RMSNorm modules (the same weight, so the same
+names) and runs gated MLPs' activation through its fused SiLU-multiply (`FusedSwiGLU` shares the
+MLP's submodules as `TiledMLP` does). Off by default: not measured on a GPU in LQMF yet. Where
+liger-kernel is missing or the device is not CUDA (Triton kernels), the model keeps PyTorch's
+modules and the run says so.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any
+
+from lqmf.core.memory_plan import MLP_TILE_TOKENS
+from lqmf.engine.compat import share_children
+
+TILE_TOKENS = MLP_TILE_TOKENS
+# Norm classes whose forward is liger's "llama" casting mode: x * rsqrt(mean(x^2) + eps) in fp32, times weight.
+LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
+
+
+@functools.cache
+def _tiled_class():
+    import torch
+
+    class TiledMLP(torch.nn.Module):
+        """mlp(x) over x's tokens (every row's, flattened) in tiles of `tile`, each under checkpoint."""
+
+        def __init__(self, mlp: torch.nn.Module, tile: int):
+            super().__init__()
+            share_children(self, mlp)  # the same children: names and adapter keys unchanged
+            object.__setattr__(self, "inner", mlp)  # not a child: it would name every layer twice
+            self.tile = tile
+
+        def forward(self, hidden):
+            from torch.utils.checkpoint import checkpoint
+
+            tokens = hidden.reshape(-1, hidden.shape[-1])
+            if tokens.shape[0] <= self.tile or not torch.is_grad_enabled():
+                return self.inner(hidden)  # without gradients nothing is kept for backward anyway
+            parts = [checkpoint(self.inner, part, use_reentrant=False) for part in tokens.split(self.tile)]
+            return torch.cat(parts).view(*hidden.shape[:-1], -1)
+
+    return TiledMLP
+
+
+def tile_mlps(model: Any, tile: int = TILE_TOKENS) -> int:
+    """Put a TiledMLP in place of every decoder layer's `mlp`; returns how many were replaced."""
+    cls = _tiled_class()
+    count = 0
+    for module in list(model.modules()):
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, cls) or mlp is None or not hasattr(module, "self_attn"):
+            continue
+        module.mlp = cls(mlp, tile)
+        count += 1
+    return count
+
+
+def unavailable(device: str) -> str | None:
+    """Why the fused kernels cannot run here, or None."""
+    if device != "cuda":
+        return f"they are Triton kernels for CUDA, not {device}"
+    if importlib.util.find_spec("liger_kernel") is None:
+        return "liger-kernel is not installed (pip install 'lqmf[kernels]')"
+    return None
+
+
+@functools.cache
+def _swiglu_class():
+    import torch
+
+    class FusedSwiGLU(torch.nn.Module):
+        """down_proj(silu(gate_proj(x)) * up_proj(x)) with liger-kernel's fused SiLU-multiply."""
+
+        def __init__(self, mlp: torch.nn.Module):
+            super().__init__()
+            share_children(self, mlp)  # the same children: names and adapter keys unchanged
+
+        def forward(self, hidden):
+            from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+
+            return self.down_proj(LigerSiLUMulFunction.apply(self.gate_proj(hidden), self.up_proj(hidden)))
+
+    return FusedSwiGLU
+
+
+def _is_silu_gated_mlp(module) -> bool:
+    """A Llama-style MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)) with SiLU (torch's or transformers')."""
+    act = type(getattr(module, "act_fn", None)).__name__
+    return all(hasattr(module, name) for name in ("gate_proj", "up_proj", "down_proj")) and act in ("SiLU",
+                                                                                                    "SiLUActivation")
+
+
+def use_fused_kernels(model: Any) -> dict[str, int]:
+    """Swap in liger-kernel's modules (see the module docstring); how many norms and MLPs changed."""
+    from liger_kernel.transformers import LigerRMSNorm
+
+    swiglu = _swiglu_class()
+    counts = {"rms_norm": 0, "swiglu": 0}
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in LLAMA_STYLE_NORMS:
+                fused = LigerRMSNorm(child.weight.shape[0], eps=child.variance_epsilon, casting_mode="llama")
+                fused.weight = child.weight  # the same parameter, frozen, in its dtype and device
+                setattr(parent, name, fused)
+                counts["rms_norm"] += 1
+            elif name == "mlp" and _is_silu_gated_mlp(child):
+                setattr(parent, name, swiglu(child))
+                counts["swiglu"] += 1
+    return counts

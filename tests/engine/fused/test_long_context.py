@@ -1,0 +1,192 @@
+"""Long sequences on small GPUs, checked on the CPU: the loss without the logits (engine/fused/loss.py),
+packing without cross-contamination (data.pack / collate_packed), the tiled MLP (engine/fused/blocks.py),
+the LoRA dropout recomputed in backward, and what `lqmf plan` makes of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lqmf.engine import data as data_mod
+from lqmf.engine.fused.loss import linear_cross_entropy
+from lqmf.engine.train import loop as engine
+from tests.helpers import EXAMPLES, lora_model
+
+IGNORE = data_mod.IGNORE_INDEX
+
+
+def _no_dropout(model):
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    return model
+
+
+def _loss_and_grads(model, batch, loss_fn=engine.answer_loss_sum):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(first, second, rtol=1e-4, atol=1e-6):
+    import torch
+
+    (loss_a, grads_a), (loss_b, grads_b) = first, second
+    torch.testing.assert_close(loss_b, loss_a, rtol=rtol, atol=atol)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 24
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name], grad, rtol=rtol, atol=atol, msg=name)
+
+
+def _rows(lengths: list[int], seed: int = 0) -> list[dict]:
+    """Examples of these lengths whose first third is prompt (no label), the rest answer."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(3, 128, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [IGNORE] * (n // 3) + ids[n // 3:]})
+    return rows
+
+
+def test_linear_cross_entropy_equals_the_logits_path():
+    import torch
+    import torch.nn.functional as F
+
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(37, 16, generator=generator, requires_grad=True)
+    weight = torch.randn(50, 16, generator=generator)
+    targets = torch.randint(0, 50, (37,), generator=generator)
+    expected = F.cross_entropy(hidden @ weight.T, targets, reduction="sum")
+    (expected_grad,) = torch.autograd.grad(expected * 0.5, hidden)
+    got = linear_cross_entropy(hidden, weight, targets, chunk=8)  # five chunks, the last one short
+    (got_grad,) = torch.autograd.grad(got * 0.5, hidden)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_grad, expected_grad)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(hidden, weight, targets, chunk=8), expected)
+
+
+def test_answer_loss_takes_the_fused_loss_and_equals_the_plain_one(monkeypatch):
+    """engine.answer_loss_sum (no logits kept) against cross-entropy over the model's own logits."""
+    import torch.nn.functional as F
+
+    model = _no_dropout(lora_model(lean=True))
+    batch = data_mod.collate(_rows([30, 21, 12]), pad_id=0, classification=False)
+
+    def plain(model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE, reduction="sum")
+
+    calls = []
+    real = engine.linear_cross_entropy
+    monkeypatch.setattr(engine, "linear_cross_entropy", lambda *args: calls.append(1) or real(*args))
+    _assert_same(_loss_and_grads(model, batch, plain), _loss_and_grads(model, batch))
+    assert calls, "the fused loss was not used"
+
+
+def test_packed_examples_give_the_unpacked_loss_and_gradients():
+    import torch
+
+    model = _no_dropout(lora_model(lean=True))
+    rows = _rows([30, 9, 21, 12, 17, 5, 26])
+    bins = data_mod.pack(rows, capacity=40)
+    assert len(bins) < len(rows) and all(sum(len(r["input_ids"]) for r in b) <= 40 for b in bins)
+    assert sorted(len(r["input_ids"]) for b in bins for r in b) == sorted(len(r["input_ids"]) for r in rows)
+    packed = data_mod.collate_packed(bins, pad_id=0)
+    assert packed["input_ids"].shape[0] == len(bins) and "attention_mask" not in packed
+    unpacked = _loss_and_grads(model, data_mod.collate(rows, pad_id=0, classification=False))
+    _assert_same(unpacked, _loss_and_grads(model, packed))
+    # without positions restarting, examples would see each other: the loss moves by over 5x the tolerance above
+    leaking = {**packed, "position_ids": torch.arange(packed["input_ids"].shape[1]).expand_as(packed["input_ids"])}
+    with torch.no_grad():
+        assert abs(float(engine.answer_loss_sum(model, leaking)) - float(unpacked[0])) > 5e-4 * float(unpacked[0])
+
+
+def test_tiled_mlp_keeps_names_loss_and_gradients():
+    import torch
+
+    from lqmf.engine.fused.blocks import tile_mlps
+
+    model = lora_model(lean=True)  # dropout on: the checkpointed tiles replay the same masks
+    batch = data_mod.collate(_rows([30, 23]), pad_id=0, classification=False)
+    keys = list(model.state_dict())
+    torch.manual_seed(3)
+    plain = _loss_and_grads(model, batch)
+    assert tile_mlps(model, tile=7) == 3 and tile_mlps(model, tile=7) == 0
+    assert list(model.state_dict()) == keys  # PEFT saves the same adapter keys
+    torch.manual_seed(3)
+    _assert_same(plain, _loss_and_grads(model, batch))
+
+
+def plan_json(cli, *args: str) -> tuple[int, dict]:
+    result = cli("plan", *args, "--json")
+    return result.exit_code, json.loads(result.stdout)
+
+
+def test_plan_reports_the_longest_sequence_with_and_without_packing(cli, workspace):
+    options = ["--max-memory", "8GB", "--batch-size", "1", "--offload", "--targets", "q_proj,k_proj,v_proj,o_proj"]
+    code, report = plan_json(cli, "mistral-7b", *options)
+    assert code == 0
+    # packing's block-diagonal mask (s x s) and k/v repeated per head cost memory; tiles of the MLP save it
+    assert 0 < report["longest_seq_len_packed"] < report["longest_seq_len"] < report["longest_seq_len_tiled_mlp"]
+    assert report["longest_seq_len_tiled_mlp_packed"] > report["longest_seq_len_packed"]
+    code, long = plan_json(cli, "mistral-7b", *options, "--seq-len", "16384", "--tiled-mlp")
+    assert code == 0 and long["fits"] and long["settings"]["tiled_mlp"]
+    code, untiled = plan_json(cli, "mistral-7b", *options, "--seq-len", "16384", "--no-tiled-mlp")
+    assert untiled["estimate"]["activations_gb"] > long["estimate"]["activations_gb"] + 0.5
+    assert {"changes": {"tiled_mlp": "on"}, "total_gb": pytest.approx(long["estimate"]["total_gb"], abs=0.01)} \
+        in untiled["would_fit_with"]
+
+
+def test_a_13b_model_needs_two_8gb_gpus_with_fsdp(cli, workspace):
+    options = ["--max-memory", "8GB", "--batch-size", "1", "--seq-len", "512"]
+    code, one = plan_json(cli, "llama-13b", *options)
+    assert code == 5 and not one["fits"] and one["largest_micro_batch"] == 0
+    assert one["parameters"] > 13e9
+    code, two = plan_json(cli, "llama-13b", *options, "--gpus", "2")
+    strategies = two["strategies"]
+    assert code == 0 and strategies["chosen"] == "fsdp"
+    assert not strategies["ddp"]["fits"] and strategies["fsdp"]["fits"]
+    assert strategies["fsdp"]["per_gpu_gb"] <= 8
+
+
+def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
+    """`lqmf train` with packing on and off (auto packs these short chats): the same losses. The
+    switches that change nothing here (sequences under a tile; fused kernels off the GPU) train the
+    stock curve too, and the run says which ran."""
+    run = ["--max-seq-length", "256", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--lr", "5e-3",
+           "--set", "lora_dropout=0", "--set", "validation_split=0", "--set", "eval_at_start=false"]
+    variants = {"auto": ["--set", "packing=auto"], "off": ["--set", "packing=off"],
+                "switches": ["--set", "packing=off", "--set", "tiled_mlp=on", "--set", "fused_kernels=on"]}
+    curves, runtimes = {}, {}
+    for name, options in variants.items():
+        result = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", f"pack-{name}",
+                     *run, *options)
+        assert result.exit_code == 0, result.output
+        folder = workspace / "adapters" / f"pack-{name}"
+        runtimes[name] = json.loads((folder / "lqmf.json").read_text())["runtime"]
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+        curves[name] = [r["loss"] for r in map(json.loads, lines) if r["type"] == "train"]
+    assert [runtimes[name]["pack_tokens"] for name in variants] == [256, 0, 0]
+    assert runtimes["switches"]["tiled_mlp"] and runtimes["switches"]["fused_kernels"] is None
+    assert "fused_kernels=on: PyTorch's kernels kept" in result.stderr
+    assert len(curves["off"]) == 3 and curves["auto"] == pytest.approx(curves["off"], rel=1e-4)
+    assert curves["switches"] == pytest.approx(curves["off"], rel=1e-5)
+
+
+def test_gpu_memory_cap_is_a_checked_budget(cli, workspace, tiny_model):
+    from lqmf.core.memory_plan import GiB
+    from lqmf.engine.train.memory import cap_allocator, memory_budget
+
+    assert memory_budget(None, "cuda", "7.3GB") == (int(7.3 * GiB), "gpu_memory_cap", False)
+    assert memory_budget("6GB", "cuda", "7.3GB")[1] == "max_memory"
+    assert cap_allocator("7.3GB", "cpu") is None and cap_allocator(None, "cuda") is None
+    bad = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--set", "gpu_memory_cap=lots", "--dry-run")
+    assert bad.exit_code == 2 and "'gpu_memory_cap'" in bad.output
