@@ -315,6 +315,17 @@ def test_killed_training_run_is_never_listed_as_usable(cli, workspace, tiny_mode
     assert [r["name"] for r in out_json(cli("adapters", "list", "--json"))] == ["done"]
 
 
+def test_an_adapter_renamed_while_its_integrity_is_checked_is_not_found_rather_than_corrupt(workspace):
+    from lqmf.core.errors import NotFoundError
+
+    make_adapter(workspace, "moving")
+    reg = registry(workspace)
+    entry = reg.get("moving")
+    entry.path.rename(entry.path.with_name("moved"))  # another process's rename, between lookup and check
+    with pytest.raises(NotFoundError, match="renamed or removed while being checked"):
+        reg.check_intact(entry)
+
+
 def test_concurrent_switches_and_renames_leave_the_registry_consistent(workspace):
     switchers = [f"s{i}" for i in range(8)]
     renamed = [f"r{i}" for i in range(6)]

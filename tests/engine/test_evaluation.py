@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from lqmf.core.errors import NotFoundError
 from tests.helpers import EXAMPLES, bench_json, invoke
 
 # Enough training for MiniLM to learn the sample sentiment set (one epoch, ~25 s on 2 cores).
@@ -169,8 +168,7 @@ def test_the_guides_python_api(benched, bench_ws, monkeypatch):
     assert isinstance(comparison_table, str)
     assert "chat-a" in comparison_table and "chat-q" in comparison_table and "perplexity" in comparison_table
     assert "<table>" in agent.compare_models(results, tablefmt="html")
-    with pytest.raises(NotFoundError, match="no benchmark results match 'finance\\*'"):
-        agent.load_benchmark_results("finance*")
+    assert agent.load_benchmark_results("finance*") == []  # no match: an empty result, as the guide's loop expects
 
 
 def test_python_api_benchmarks_too(adapters_workspace):

@@ -370,8 +370,17 @@ class Registry:
         return entry
 
     def check_intact(self, entry: AdapterEntry) -> None:
-        """get_intact's check, for an entry already in hand (a folder the server's operator named)."""
-        ensure_intact(entry.name, entry.path, entry.manifest or {}, ChecksumCache(self.workspace.root))
+        """get_intact's check, for an entry already in hand (a folder the server's operator named).
+
+        A folder renamed or removed by another process while it was being checked is not found (exit 3),
+        not corrupt."""
+        try:
+            ensure_intact(entry.name, entry.path, entry.manifest or {}, ChecksumCache(self.workspace.root))
+        except InputError:
+            if not entry.path.is_dir():
+                raise NotFoundError(f"adapter '{entry.name}' not found in {self.root}: it was renamed or "
+                                    "removed while being checked") from None
+            raise
 
     def summary(self, entry: AdapterEntry, active: dict[str, dict[str, Any]] | None = None,
                 checksums: ChecksumCache | None = None) -> dict[str, Any]:

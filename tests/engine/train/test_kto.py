@@ -1,67 +1,90 @@
-"""Our KTO loss against TRL's formula, and what one thumbs-down batch does to a real (tiny) model."""
+"""Our KTO loss against TRL's own KTOTrainer on one real batch (TRL has no standalone KTO loss: it lives in
+KTOTrainer.compute_loss), and what one thumbs-down batch does to a real (tiny) model."""
 
 from __future__ import annotations
 
 import pytest
 
 torch = pytest.importorskip("torch")
-F = torch.nn.functional
+
+ROWS = [("Where is my order?", "It ships tomorrow."), ("Can I return socks?", "No returns ever."),
+        ("What sizes do you have?", "Small, medium and large."), ("Is shipping free?", "Only on Mondays, maybe.")]
+# float32 on the CPU: TRL sums log-probabilities from its fused LM head (tiled), we from full logits,
+# so the two differ by rounding only (measured: at most 8.4e-7 on the loss, 2.4e-6 on a gradient).
+TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
+GRADIENT_TOLERANCE = {"rtol": 1e-4, "atol": 1e-5}  # the largest gradient is about 0.4
 
 
-def trl_kto_loss(policy_chosen_logps, policy_rejected_logps, policy_kl_logps, reference_chosen_logps,
-                 reference_rejected_logps, reference_kl_logps, beta, desirable_weight, undesirable_weight):
-    """TRL 1.16's KTO loss, transcribed from trl/trainer/kto_trainer.py (KTOTrainer.compute_loss,
-    loss_type "kto", calculate_KL on, one process: gather_for_metrics is the identity), then losses.nanmean().
-    TRL keeps it inside compute_loss (no function to call without a whole trainer), so it is copied here."""
-    kl = (policy_kl_logps - reference_kl_logps).mean().detach()
-    kl = kl.mean().clamp(min=0)
-    if policy_chosen_logps.shape[0] != 0 or reference_chosen_logps.shape[0] != 0:
-        chosen_logratios = policy_chosen_logps - reference_chosen_logps
-        chosen_losses = 1 - F.sigmoid(beta * (chosen_logratios - kl))
-    else:
-        chosen_losses = torch.Tensor([])
-    if policy_rejected_logps.shape[0] != 0 or reference_rejected_logps.shape[0] != 0:
-        rejected_logratios = policy_rejected_logps - reference_rejected_logps
-        rejected_losses = 1 - F.sigmoid(beta * (kl - rejected_logratios))
-    else:
-        rejected_losses = torch.Tensor([])
-    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+def trl_kto_trainer(tiny_model, output_dir, labels, beta, weights):
+    """TRL's KTOTrainer, loss_type "kto", on a policy that differs from its reference (the tiny model),
+    with one batch of len(labels) rows: CPU, float32, nothing reported or pushed."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a reference away from the policy, so the log-ratios and z0 are not 0
+        for parameter in reference.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    rows = [{"prompt": [{"role": "user", "content": prompt}], "completion": [{"role": "assistant", "content": answer}],
+             "label": label} for (prompt, answer), label in zip(ROWS[: len(labels)], labels, strict=True)]
+    config = KTOConfig(output_dir=str(output_dir), loss_type="kto", beta=beta, desirable_weight=weights[0],
+                       undesirable_weight=weights[1], per_device_train_batch_size=len(rows), max_length=None,
+                       use_cpu=True, bf16=False, report_to="none", save_strategy="no", disable_tqdm=True,
+                       push_to_hub=False)
+    trainer = KTOTrainer(model=policy, ref_model=reference, args=config, train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    return trainer, reference, tokenizer
+
+
+def our_kto_loss(policy, reference, batch, beta, weights):
+    """Our loss from our log-probabilities of TRL's batch: (loss, z0). The policy's KL log-probabilities keep
+    their graph, so a z0 that is not detached would show in the gradients."""
+    from lqmf.engine.data import IGNORE_INDEX
+    from lqmf.engine.train.kto import kto_losses, sequence_logps
+
+    def logps(model, prefix):
+        labels = batch[f"{prefix}input_ids"].masked_fill(batch[f"{prefix}completion_mask"] == 0, IGNORE_INDEX)
+        return sequence_logps(model, batch[f"{prefix}input_ids"], batch[f"{prefix}attention_mask"], labels)
+
+    with torch.no_grad():
+        reference_logps, reference_kl = logps(reference, ""), logps(reference, "KL_")
+    losses, kl = kto_losses(logps(policy, ""), reference_logps, batch["label"], logps(policy, "KL_"), reference_kl,
+                            beta=beta, desirable_weight=weights[0], undesirable_weight=weights[1])
     return losses.nanmean(), kl
 
 
-@pytest.mark.parametrize("labels", [[True, False, True, False, False], [False, False, False], [True, True]])
-@pytest.mark.parametrize(("beta", "weights"), [(0.1, (1.0, 1.0)), (0.5, (1.0, 1.33)), (2.0, (0.7, 1.0))])
-def test_kto_loss_equals_trl(labels, beta, weights):
-    from lqmf.engine.train.kto import kto_losses
+@pytest.mark.parametrize(("labels", "beta", "weights"), [
+    ([True, False, True, False], 0.1, (1.0, 1.0)),  # what `lqmf learn` uses
+    ([False, False, False], 0.5, (1.0, 1.33)),
+    ([True, True], 2.0, (0.7, 1.0)),
+])
+def test_kto_loss_equals_trl_kto_trainer(tiny_model, tmp_path, labels, beta, weights):
+    from lqmf.engine import data as data_mod
 
-    generator = torch.Generator().manual_seed(len(labels) + int(beta * 10))
-    n = len(labels)
-    policy, reference = (torch.randn(n, generator=generator, dtype=torch.float64) * 5 - 20 for _ in range(2))
-    policy_kl, reference_kl = (torch.randn(n, generator=generator, dtype=torch.float64) * 5 - 30 for _ in range(2))
-    policy_kl = policy_kl + 3  # a positive KL estimate, so z0 is not clamped to 0 everywhere
-    desirable = torch.tensor(labels)
-    ours, kl = kto_losses(policy, reference, desirable, policy_kl, reference_kl, beta=beta,
-                          desirable_weight=weights[0], undesirable_weight=weights[1])
-    expected, expected_kl = trl_kto_loss(policy[desirable], policy[~desirable], policy_kl, reference[desirable],
-                                         reference[~desirable], reference_kl, beta, *weights)
-    torch.testing.assert_close(ours.nanmean(), expected, rtol=0, atol=1e-12)
-    torch.testing.assert_close(kl, expected_kl)
-
-
-def test_gradients_match_trl():
-    from lqmf.engine.train.kto import kto_loss
-
-    policy = torch.tensor([-12.0, -7.5, -20.0], dtype=torch.float64, requires_grad=True)
-    reference = torch.tensor([-11.0, -8.0, -19.0], dtype=torch.float64)
-    policy_kl = torch.tensor([-25.0, -22.0, -30.0], dtype=torch.float64, requires_grad=True)
-    reference_kl = torch.tensor([-26.0, -22.5, -31.0], dtype=torch.float64)
-    desirable = torch.tensor([True, False, False])
-    (ours,) = torch.autograd.grad(kto_loss(policy, reference, desirable, policy_kl, reference_kl, beta=0.3), policy)
-    theirs_policy = policy.detach().clone().requires_grad_(True)
-    expected, _ = trl_kto_loss(theirs_policy[desirable], theirs_policy[~desirable], policy_kl, reference[desirable],
-                               reference[~desirable], reference_kl, 0.3, 1.0, 1.0)
-    (theirs,) = torch.autograd.grad(expected, theirs_policy)
-    torch.testing.assert_close(ours, theirs)
+    trainer, reference, tokenizer = trl_kto_trainer(tiny_model, tmp_path, labels, beta, weights)
+    batch = next(iter(trainer.get_train_dataloader()))
+    # our encoding of each conversation is TRL's: same tokens, same answer tokens
+    for i, (prompt, answer) in enumerate(ROWS[: len(labels)]):
+        ids, answer_labels = data_mod.encode_generative(tokenizer, [{"role": "user", "content": prompt},
+                                                                    {"role": "assistant", "content": answer}])
+        assert batch["input_ids"][i, : len(ids)].tolist() == ids
+        assert batch["completion_mask"][i].tolist() == [int(label != data_mod.IGNORE_INDEX) for label in answer_labels
+                                                        ] + [0] * (batch["input_ids"].shape[1] - len(ids))
+    policy = trainer.model
+    with pytest.warns(FutureWarning, match="return_outputs"):
+        theirs, _ = trainer.compute_loss(policy, batch, return_outputs=True)
+    ours, kl = our_kto_loss(policy, reference, batch, beta, weights)
+    assert kl > 0.05, f"z0 = {kl}: the batch must not clamp the reference point to 0, or it checks no KL term"
+    torch.testing.assert_close(ours, theirs, **TOLERANCE)
+    # and the same gradients for the policy's weights
+    their_grads = torch.autograd.grad(theirs, list(policy.parameters()))
+    our_grads = torch.autograd.grad(ours, list(policy.parameters()))
+    for theirs_grad, ours_grad in zip(their_grads, our_grads, strict=True):
+        torch.testing.assert_close(ours_grad, theirs_grad, **GRADIENT_TOLERANCE)
 
 
 def test_a_thumbs_down_batch_lowers_the_rejected_answer(tiny_model):

@@ -72,14 +72,15 @@ def kto_objective(beta: float = 0.1, desirable_weight: float = 1.0, undesirable_
 def with_references(model, rows: list[dict[str, Any]], desirable: list[bool], pad_id: int, device: str,
                     batch_size: int = 8) -> None:
     """Give each encoded row (input_ids, labels) its KTO fields, in place: its label, its mismatched pair
-    (the next row's answer after its prompt, as TRL pairs them) and both log-probabilities under model,
+    (the previous row's answer after its prompt, (x_i, y_{i-1}) as TRL 1.16 pairs them, over the whole row
+    list where TRL rotates within each batch) and both log-probabilities under model,
     the reference (the parent version, before the first step)."""
     import torch
 
     n = len(rows)
     for i, row in enumerate(rows):
         row["kto_label"] = desirable[i]
-        row["kl_input_ids"], row["kl_labels"] = mismatched_pair(row, rows[(i + 1) % n])
+        row["kl_input_ids"], row["kl_labels"] = mismatched_pair(row, rows[(i - 1) % n])
     was_training = model.training
     model.eval()
     with torch.no_grad():
