@@ -172,7 +172,7 @@ def plan(
     strategies = None
     if gpus > 1:
         settings, strategies = _split_over_gpus(shape, settings, config, gpus, budget)
-    report = _plan_report(resolved, shape, settings, budget, budget_source)
+    report = _plan_report(resolved, shape, settings, config, budget, budget_source)
     if strategies:
         report["gpus"], report["strategies"] = gpus, strategies
     report["serving"] = _serving(shape, settings, budget, serve_batch, serve_seq_len)
@@ -196,7 +196,8 @@ def _split_over_gpus(shape: ModelShape, settings: TrainSettings, config, gpus: i
                       **{name: fit.to_dict() for name, fit in fits.items()}}
 
 
-def _plan_report(resolved, shape: ModelShape, settings: TrainSettings, budget: int, budget_source: str) -> dict:
+def _plan_report(resolved, shape: ModelShape, settings: TrainSettings, config, budget: int,
+                 budget_source: str) -> dict:
     """The training estimate and what fits the budget (the largest micro-batch, sequence, alternatives)."""
     result = estimate(shape, settings)
     report = {
