@@ -162,7 +162,7 @@ class Bench:
                         for _ in range(repeats)]
             rows[label] = {"tokens_per_s": round(statistics.median(r.tokens_per_second for r in runs), 2),
                            "first_token_ms": round(statistics.median(r.first_token_seconds for r in runs) * 1000, 2)}
-        if model.decoder is not None:  # how the static-cache decoder ran: CUDA graphs, or eagerly
+        if model.decoder is not None:  # how the decoder (a batch of one) ran: CUDA graphs, or eagerly
             rows["cuda_graphs"], rows["capture_failures"] = len(model.decoder.graphs), len(model.decoder.failed)
         rows["adapter_slowdown_pct"] = round(100 * (1 - rows["adapter"]["tokens_per_s"] / rows["base"]["tokens_per_s"]),
                                              1)

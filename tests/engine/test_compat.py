@@ -80,19 +80,6 @@ def test_only_named_library_notices_are_silenced():
     assert [str(w.message) for w in seen] == ["something the user should see", "a deprecation the user should see"]
 
 
-def test_cache_keyword_is_the_one_the_model_fills(tiny_model):
-    """The static-cache decoder passes its cache under this keyword; a keyword the model ignored would
-    leave the cache empty (transformers 5.17 takes past_key_values, 5.24 cache)."""
-    from transformers import AutoModelForCausalLM, StaticCache
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    keyword = compat.cache_keyword(model)
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    with torch.inference_mode():
-        model(input_ids=torch.tensor([[1, 5, 9]]), use_cache=True, **{keyword: cache})
-    assert int(cache.layers[0].cumulative_length) == 3
-
-
 def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():
     import bitsandbytes as bnb
     from bitsandbytes.functional import dequantize_4bit

@@ -170,27 +170,37 @@ def assert_logits_close(got, expected, check: str) -> None:
 
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_single_requests_follow_stock(stock, fast, graphs):
-    from lqmf.engine.decode.static import StaticDecoder
+    """`lqmf test`'s path: inference.generate on the batched decoder, a batch of one."""
+    from lqmf.engine.decode.batched import BatchedDecoder
 
-    decoder = StaticDecoder(fast.model, 256, use_graphs=graphs)
+    fast.decoder = None  # a fresh decoder, graphs on or off
+    inference.generate(fast, inference.prompt_ids(fast, PROMPTS[0]), max_new_tokens=1)
+    decoder = fast.decoder
+    assert isinstance(decoder, BatchedDecoder) and decoder.slots == 1
+    decoder.use_graphs = graphs
+    decoder.drop_graphs()
     eos = inference.eos_ids_of(fast)
     answers = set()
     for slot in [*ADAPTERS, None]:
         for prompt in PROMPTS[:3]:
             ids = inference.prompt_ids(fast, prompt)
             with inference.adapter_context(fast, slot):
-                tokens = decoder.generate(ids, NEW, eos_ids=eos).tokens
+                streamed = inference.generate(fast, ids, max_new_tokens=NEW, on_text=lambda _: None)
+                index = fast.stacked.index(slot) + 1 if slot else 0
+                tokens = decoder.generate(ids, NEW, adapter=index, eos_ids=eos).tokens
                 with torch.inference_mode():
-                    got = fast.model(input_ids=torch.tensor([ids], device="cuda")).logits[0]
+                    got = decoder.prefill([0], [ids], [0], [index])  # the decoder's own, not PEFT's forward
+            assert fast.decoder is decoder and streamed.text == fast.tokenizer.decode(tokens, skip_special_tokens=True)
             assert_follows_stock(stock, slot, ids, tokens, f"single/{'graphs' if graphs else 'eager'}")
-            assert_logits_close(got, stock_logits(stock, slot, ids), f"single prompt logits ({slot})")
+            assert_logits_close(got, stock_logits(stock, slot, ids)[-1:], f"single prompt logits ({slot})")
             answers.add((prompt, tuple(tokens)))
     assert len(answers) > 3, "the adapters changed no answer: the check would not see a wrong adapter"
     assert not graphs or decoder.graphs, "no CUDA graph was captured"
+    assert graphs or not decoder.graphs
 
 
-def test_hot_swap_in_place_keeps_graphs_and_follows_stock(gpu_workspace, stock):
-    """replace_adapter copies chat2 into chat's tensors: the same graph now answers as chat2."""
+def test_hot_swap_in_place_follows_stock(gpu_workspace, stock):
+    """replace_adapter copies chat2 into chat's tensors: the same decoder (its cache kept) now answers as chat2."""
     from lqmf.core.registry import Registry
 
     model = _load(gpu_workspace, fast=True)
@@ -198,11 +208,13 @@ def test_hot_swap_in_place_keeps_graphs_and_follows_stock(gpu_workspace, stock):
     ids = inference.prompt_ids(model, PROMPTS[0])
     with inference.adapter_context(model, "chat"):
         inference.generate(model, ids, max_new_tokens=NEW)
-        graphs = dict(model.decoder.graphs)
+        decoder = model.decoder
+        assert decoder.graphs
         assert inference.replace_adapter(model, Registry(Workspace(gpu_workspace)).get("chat2").path, "chat")
-        tokens: list[int] = []
-        model.decoder.generate(ids, NEW, eos_ids=inference.eos_ids_of(model), on_token=tokens.append)
-    assert graphs and model.decoder.graphs == graphs
+        inference.generate(model, ids, max_new_tokens=1)  # reads chat2's weights into the decoder
+        tokens = decoder.generate(ids, NEW, adapter=model.stacked.index("chat") + 1,
+                                  eos_ids=inference.eos_ids_of(model)).tokens
+    assert model.decoder is decoder and decoder.graphs
     assert_follows_stock(stock, "chat2", ids, tokens, "hot-swap in place")
 
 

@@ -171,14 +171,34 @@ def plan(
     budget, budget_source, budget_text = _budget(max_memory, file_values.get("max_memory"), device)
     strategies = None
     if gpus > 1:
-        effective = config.per_device_train_batch_size * (config.gradient_accumulation_steps or DEFAULT_ACCUMULATION)
-        check_batch_split(effective, gpus)
-        fits = fit_strategies(shape, settings, effective, budget, offload=config.offload_activations)
-        chosen = choose_strategy(fits, config.strategy)
-        settings = replace(settings, strategy=chosen or "fsdp",
-                           micro_batch=min(settings.micro_batch, effective // gpus))
-        strategies = {"chosen": chosen, "effective_batch": effective, "per_gpu_batch": effective // gpus,
+        settings, strategies = _split_over_gpus(shape, settings, config, gpus, budget)
+    report = _plan_report(resolved, shape, settings, config, budget, budget_source)
+    if strategies:
+        report["gpus"], report["strategies"] = gpus, strategies
+    report["serving"] = _serving(shape, settings, budget, serve_batch, serve_seq_len)
+    if json_output:
+        print_json(report)
+    else:
+        _print_report(report, shape, settings, budget_text)
+    if not report["largest_micro_batch"]:
+        raise typer.Exit(RuntimeFailure.exit_code)
+
+
+def _split_over_gpus(shape: ModelShape, settings: TrainSettings, config, gpus: int,
+                     budget: int) -> tuple[TrainSettings, dict]:
+    """The settings per GPU for a run on gpus, and how each strategy fits (--gpus > 1)."""
+    effective = config.per_device_train_batch_size * (config.gradient_accumulation_steps or DEFAULT_ACCUMULATION)
+    check_batch_split(effective, gpus)
+    fits = fit_strategies(shape, settings, effective, budget, offload=config.offload_activations)
+    chosen = choose_strategy(fits, config.strategy)
+    settings = replace(settings, strategy=chosen or "fsdp", micro_batch=min(settings.micro_batch, effective // gpus))
+    return settings, {"chosen": chosen, "effective_batch": effective, "per_gpu_batch": effective // gpus,
                       **{name: fit.to_dict() for name, fit in fits.items()}}
+
+
+def _plan_report(resolved, shape: ModelShape, settings: TrainSettings, config, budget: int,
+                 budget_source: str) -> dict:
+    """The training estimate and what fits the budget (the largest micro-batch, sequence, alternatives)."""
     result = estimate(shape, settings)
     report = {
         "model": resolved.reference, "source": resolved.source,
@@ -200,15 +220,7 @@ def plan(
     report["would_fit_with"] = ([{"changes": alt.changes, "total_gb": round(alt.total / GiB, 3)}
                                  for alt in what_would_fit(shape, settings, budget)]
                                 if not report["largest_micro_batch"] else [])
-    if strategies:
-        report["gpus"], report["strategies"] = gpus, strategies
-    report["serving"] = _serving(shape, settings, budget, serve_batch, serve_seq_len)
-    if json_output:
-        print_json(report)
-    else:
-        _print_report(report, shape, settings, budget_text)
-    if not report["largest_micro_batch"]:
-        raise typer.Exit(RuntimeFailure.exit_code)
+    return report
 
 
 def _serving(shape: ModelShape, settings: TrainSettings, budget: int, sequences: int | None,

@@ -95,13 +95,45 @@ def serve(
     """
     ws = workspace(ctx, workspace_dir)
     registry = Registry(ws)
-    if not model and not adapters:
-        active = latest_active_adapter(registry.active_pointers(strict=False))
-        if active is None:
-            raise InputError("no adapter is active: give a base model (--model) or an adapter (--adapter), "
-                             "or make one active with `lqmf adapters load NAME`")
-        info(f"serving the active adapter '{active}' on its base model (give --model or --adapter to choose)")
-        adapters = [active]
+    adapters = _adapters_to_serve(registry, model, adapters)
+    _check_serve_options(max_memory, log_level, host, api_key)
+    show_phases(ctx, not json_output)
+    importing()
+    server_mod = _server_module()
+    sock = server_mod.bind_socket(host, port)
+    try:
+        bound_port = sock.getsockname()[1]
+        url = server_url(host, bound_port)
+        batching = (max_batch, max_seq_len, max_queue, max_adapters, parse_size(max_memory) if max_memory else None)
+        model_host = _start_host(ws, registry, model, adapters, batching, device=device, quantize_4bit=four_bit,
+                                 max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens)
+        record = _server_record(ws, model_host, url, host, bound_port, bool(api_key), record_answers)
+        app = server_mod.create_app(model_host, api_key=api_key,
+                                    on_ready=lambda: _announce_ready(ws, record, model_host, json_output),
+                                    on_stop=lambda: unregister_server(ws),
+                                    recorder=_recorder(ws, model_host.model.task) if record_answers else None)
+        try:
+            server_mod.run_server(app, sock, log_level)
+        finally:
+            model_host.close()
+    finally:
+        unregister_server(ws)
+        sock.close()
+
+
+def _adapters_to_serve(registry: Registry, model: str | None, adapters: list[str]) -> list[str]:
+    """The adapters given, or with neither a model nor an adapter given, the active adapter."""
+    if model or adapters:
+        return adapters
+    active = latest_active_adapter(registry.active_pointers(strict=False))
+    if active is None:
+        raise InputError("no adapter is active: give a base model (--model) or an adapter (--adapter), "
+                         "or make one active with `lqmf adapters load NAME`")
+    info(f"serving the active adapter '{active}' on its base model (give --model or --adapter to choose)")
+    return [active]
+
+
+def _check_serve_options(max_memory: str | None, log_level: str, host: str, api_key: str | None) -> None:
     if max_memory:
         try:
             parse_size(max_memory)
@@ -112,63 +144,64 @@ def serve(
     if not _is_loopback(host) and not api_key:
         info(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model "
              "and swap its adapters")
-    show_phases(ctx, not json_output)
-    importing()
+
+
+def _server_module():
+    """engine/serve/server.py, or a clear error when FastAPI or uvicorn is missing."""
     try:
         from lqmf.engine.serve import server as server_mod
     except ImportError as err:
         raise InputError(f"lqmf serve needs FastAPI and uvicorn ({err.name} is missing): "
                          "pip install 'lqmf[serve]'") from None
+    return server_mod
+
+
+def _start_host(ws, registry: Registry, model: str | None, adapters: list[str], batching: tuple, **options):
+    """Load the model host (engine/serve/host.py; batching: BatchSettings' fields) and warn about adapters
+    trained on another quantization."""
     from lqmf.engine.serve.host import BatchSettings, ModelHost
 
-    sock = server_mod.bind_socket(host, port)
-    try:
-        bound_port = sock.getsockname()[1]
-        url = server_url(host, bound_port)
-        info(f"loading {model or adapters[0]} ...")
-        batching = BatchSettings(max_batch, max_seq_len, max_queue, max_adapters,
-                                 parse_size(max_memory) if max_memory else None)
-        model_host = ModelHost.start(ws, base=model, adapters=adapters, device=device, quantize_4bit=four_bit,
-                                     max_new_tokens=max_new_tokens, max_prompt_tokens=max_prompt_tokens,
-                                     batching=batching)
-        base = model_host.model.base
-        for line in quantization_warnings(_manifests(registry, model_host.resident), model_host.model.loaded.quantized):
-            info(line)
-        record = {"url": url, "host": host, "port": bound_port, "base_id": model_host.base_id,
-                  "base": {"reference": base.reference, "source": base.source, "alias": base.alias,
-                           "path": str(base.path) if base.path else None},
-                  "task": model_host.model.task, "api_key_required": bool(api_key), "workspace": str(ws.root),
-                  "started": now_iso(), "recording": record_answers}
+    info(f"loading {model or adapters[0]} ...")
+    model_host = ModelHost.start(ws, base=model, adapters=adapters, batching=BatchSettings(*batching), **options)
+    for line in quantization_warnings(_manifests(registry, model_host.resident), model_host.model.loaded.quantized):
+        info(line)
+    return model_host
 
-        def ready() -> None:
-            path = register_server(ws, record)
-            if json_output:
-                print_json({**record, "pid": os.getpid(), "record": str(path), "active": model_host.active,
-                            "adapters": list(model_host.resident)})
-            else:
-                typer.echo(url)
-            resident = ", ".join(f"{n} (active)" if n == model_host.active else n for n in model_host.resident)
-            info(f"serving {model_host.base_id} on {model_host.model.loaded.device}"
-                 f"{' with ' + resident if resident else ''} at {url}; model ids: {DEFAULT_MODEL}, "
-                 f"{model_host.base_id}{', ' + ', '.join(model_host.resident) if resident else ''}. Ctrl-C stops it.")
-            batching = model_host.describe()["batching"]
-            info(f"continuous batching: up to {batching['max_batch']} sequences of {batching['max_seq_len']} tokens, "
-                 f"{batching['max_queue']} more waiting" if batching else
-                 "one request at a time (LQMF_FAST=0, a classification model, or a model the batched decoder "
-                 "does not run)")
 
-        recorder = None
-        if record_answers:
-            from lqmf.engine.serve.recording import Recorder
+def _server_record(ws, model_host, url: str, host: str, port: int, api_key_required: bool,
+                   recording: bool) -> dict:
+    """What the workspace records about the running server (core/serving.py finds it there)."""
+    base = model_host.model.base
+    return {"url": url, "host": host, "port": port, "base_id": model_host.base_id,
+            "base": {"reference": base.reference, "source": base.source, "alias": base.alias,
+                     "path": str(base.path) if base.path else None},
+            "task": model_host.model.task, "api_key_required": api_key_required, "workspace": str(ws.root),
+            "started": now_iso(), "recording": recording}
 
-            recorder = Recorder(ws, model_host.model.task)
-            info(f"recording every answer in {recorder.log.path} (owner-only); feedback: POST /v1/feedback")
-        app = server_mod.create_app(model_host, api_key=api_key, on_ready=ready, on_stop=lambda: unregister_server(ws),
-                                    recorder=recorder)
-        try:
-            server_mod.run_server(app, sock, log_level)
-        finally:
-            model_host.close()
-    finally:
-        unregister_server(ws)
-        sock.close()
+
+def _announce_ready(ws, record: dict, model_host, json_output: bool) -> None:
+    """Once the server listens: record it in the workspace, print its URL (or JSON), say what it serves."""
+    path = register_server(ws, record)
+    if json_output:
+        print_json({**record, "pid": os.getpid(), "record": str(path), "active": model_host.active,
+                    "adapters": list(model_host.resident)})
+    else:
+        typer.echo(record["url"])
+    url = record["url"]
+    resident = ", ".join(f"{n} (active)" if n == model_host.active else n for n in model_host.resident)
+    info(f"serving {model_host.base_id} on {model_host.model.loaded.device}"
+         f"{' with ' + resident if resident else ''} at {url}; model ids: {DEFAULT_MODEL}, "
+         f"{model_host.base_id}{', ' + ', '.join(model_host.resident) if resident else ''}. Ctrl-C stops it.")
+    batching = model_host.describe()["batching"]
+    info(f"continuous batching: up to {batching['max_batch']} sequences of {batching['max_seq_len']} tokens, "
+         f"{batching['max_queue']} more waiting" if batching else
+         "one request at a time (LQMF_FAST=0, a classification model, or a model the batched decoder "
+         "does not run)")
+
+
+def _recorder(ws, task: str):
+    from lqmf.engine.serve.recording import Recorder
+
+    recorder = Recorder(ws, task)
+    info(f"recording every answer in {recorder.log.path} (owner-only); feedback: POST /v1/feedback")
+    return recorder

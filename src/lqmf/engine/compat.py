@@ -18,20 +18,6 @@ def foreach_copy(targets: list, sources: list) -> None:
     torch._foreach_copy_(targets, sources)
 
 
-def cache_keyword(model) -> str:
-    """The forward keyword that takes a KV cache object: `past_key_values` up to transformers 5.2x, then
-    `cache`. For a PEFT model, the keyword of the model it wraps (PEFT passes keywords through)."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameters = inspect.signature(base.forward).parameters
-    for keyword in ("cache", "past_key_values"):
-        if keyword in parameters:
-            return keyword
-    raise RuntimeError(f"{type(base).__name__}.forward takes no KV cache keyword (cache or past_key_values); "
-                       "this transformers version is not supported by the static-cache decoder")
-
-
 def share_children(wrapper, module) -> None:
     """Give wrapper module's children (torch's `Module._modules`, the same dict object): named_modules,
     state_dict and setattr (PEFT's layer injection) then see them under the wrapper, with the names

@@ -25,6 +25,8 @@ from lqmf.engine import data as data_mod
 from lqmf.engine.loading import LoadedModel, load_model, quiet_libraries
 from lqmf.engine.model_cache import KEPT
 
+ACTIVE = "\0active"  # InferenceModel.selected outside `adapter_context`: PEFT's active adapter
+
 
 @dataclass
 class InferenceModel:
@@ -35,8 +37,11 @@ class InferenceModel:
     base: ResolvedModel
     labels: list[str] = field(default_factory=list)
     adapters: list[str] = field(default_factory=list)
-    fast_decode: bool | None = None  # static cache + CUDA graphs (decode/static.py); None: on CUDA
-    decoder: Any = None  # the StaticDecoder, made on first use
+    adapter_paths: dict[str, Path] = field(default_factory=dict)  # PEFT adapter name -> the folder it came from
+    fast_decode: bool | None = None  # the batched decoder, a batch of one (decode/batched.py); None: on CUDA
+    decoder: Any = None  # that BatchedDecoder, made on first use
+    stacked: list[str] | None = None  # the adapters the decoder holds, in index order (None: to be read)
+    selected: str | None = ACTIVE  # the adapter `adapter_context` chose (None: the bare base)
 
     @property
     def model(self):
@@ -114,22 +119,18 @@ def attach_adapter(model: InferenceModel, path: Path, slot: str) -> None:
     The first adapter wraps the base in a PeftModel; later ones are added beside it, so several
     stay resident and `adapter_context` picks one per call.
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     phase(f"loading adapter {slot}")
     if isinstance(model.model, PeftModel):  # on modules the first adapter targets: its layers, of its class
         model.model.load_adapter(str(path), adapter_name=slot, low_cpu_mem_usage=True)
     else:
-        config = PeftConfig.from_pretrained(str(path))
-        if fast_enabled() and config.peft_type == "LORA":
-            from lqmf.engine.lora.lean import build_lean_layers
-
-            build_lean_layers(config)  # our LoRA layer classes (PEFT's until a fast decoder turns them lean)
         model.loaded.model = PeftModel.from_pretrained(model.model, str(path), adapter_name=slot,
-                                                       low_cpu_mem_usage=True, config=config)
+                                                       low_cpu_mem_usage=True)
     model.model.eval()
     model.adapters.append(slot)
-    model.decoder = None  # its graphs hold the old module set
+    model.adapter_paths[slot] = path
+    model.stacked = None  # the decoder reads its adapters again before its next request
 
 
 def detach_adapter(model: InferenceModel, slot: str) -> None:
@@ -138,7 +139,8 @@ def detach_adapter(model: InferenceModel, slot: str) -> None:
         raise InputError("the last resident adapter cannot be deleted; replace it in place instead")
     model.model.delete_adapter(slot)
     model.adapters.remove(slot)
-    model.decoder = None
+    model.adapter_paths.pop(slot, None)
+    model.stacked = None
 
 
 def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
@@ -165,19 +167,14 @@ def replace_adapter(model: InferenceModel, path: Path, slot: str) -> bool:
     if set(_as_list(old.target_modules)) != set(_as_list(new.target_modules)):
         return False
     model.model.set_adapter(slot, inference_mode=True)
-    if _copy_into_slot(model, path, slot, new):
-        model.model.peft_config[slot] = new
-        return True
-    try:
-        hotswap_lora_adapter(model.model, str(path), slot, model.loaded.device)
-    except (RuntimeError, ValueError):
-        return False
+    if not _copy_into_slot(model, path, slot, new):
+        try:
+            hotswap_lora_adapter(model.model, str(path), slot, model.loaded.device)
+        except (RuntimeError, ValueError):
+            return False
     model.model.peft_config[slot] = new
-    if model.decoder is not None:  # PEFT may have given the slot new tensors (another rank)
-        from lqmf.engine.lora.lean import forget_fused
-
-        forget_fused(model.model, slot)
-        model.decoder = None
+    model.adapter_paths[slot] = path
+    model.stacked = None  # the decoder reads the new weights before its next request
     return True
 
 
@@ -201,8 +198,8 @@ def _copy_into_slot(model: InferenceModel, path: Path, slot: str, config) -> boo
     state = {live_lora_key(key, slot): value for key, value in state.items()}
     if set(state) != set(live) or any(state[name].shape != p.shape for name, p in live.items()):
         return False
-    # One batched copy for plain tensors; views into fused tensors (lora.lean._fuse_group) one by one,
-    # as a strided tensor would send the whole batch down the slow path.
+    # One batched copy for plain tensors; any strided view one by one, as a strided tensor would send
+    # the whole batch down the slow path.
     dense = sorted(name for name, p in live.items() if p.is_contiguous())
     with torch.no_grad():
         foreach_copy([live[name] for name in dense], [state[name] for name in dense])
@@ -223,13 +220,17 @@ def _as_list(value) -> list[str]:
 def adapter_context(model: InferenceModel, slot: str | None) -> Iterator[None]:
     """Run the block with one resident adapter active, or with none (slot=None: the bare base)."""
     peft_model = model.model
-    if slot is None:
-        with peft_model.disable_adapter() if model.adapters else nullcontext():
-            yield
-        return
-    if peft_model.active_adapter != slot:
-        peft_model.set_adapter(slot, inference_mode=True)
-    yield
+    previous, model.selected = model.selected, slot
+    try:
+        if slot is None:
+            with peft_model.disable_adapter() if model.adapters else nullcontext():
+                yield
+            return
+        if peft_model.active_adapter != slot:
+            peft_model.set_adapter(slot, inference_mode=True)
+        yield
+    finally:
+        model.selected = previous
 
 
 @dataclass
@@ -329,13 +330,14 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
 
     Generation ends at the end-of-text token, at max_new_tokens, at the first of the stop strings
     (which the text leaves out), or as soon as cancelled() turns true. On CUDA (or with
-    model.fast_decode) the static-cache decoder of decode/static.py runs it; elsewhere transformers' generate.
+    model.fast_decode) the batched decoder of decode/batched.py runs it, a batch of one; transformers'
+    generate elsewhere, with LQMF_FAST=0, and for what that decoder cannot run (`_fast_decoder`).
     """
     if model.task == "classification":
         raise InputError("a classification adapter labels text; it does not generate")
     eos_ids = eos_ids_of(model)
     started = time.perf_counter()
-    decoder = _decoder_for(model, len(ids) + max_new_tokens)
+    decoder, index = _fast_decoder(model, len(ids) + max_new_tokens)
     streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [], skip_prompt=decoder is None)
 
     def done() -> bool:
@@ -347,15 +349,9 @@ def generate(model: InferenceModel, ids: list[int], *, max_new_tokens: int = 128
             streamer.put([token])
             return done()
 
-        try:
-            new = decoder.generate(ids, max_new_tokens, eos_ids=eos_ids, temperature=temperature, top_p=top_p,
-                                   seed=seed, on_token=on_token, min_new_tokens=min_new_tokens).tokens
-        except (TypeError, NotImplementedError):  # a model whose forward takes no static cache
-            if streamer.tokens:
-                raise
-            model.fast_decode, model.decoder, streamer.skip_prompt = False, None, True
-        else:
-            streamer.end()
+        new = decoder.generate(ids, max_new_tokens, adapter=index, eos_ids=eos_ids, temperature=temperature,
+                               top_p=top_p, seed=seed, on_token=on_token, min_new_tokens=min_new_tokens).tokens
+        streamer.end()
     if new is None:
         new = _hf_generate(model, ids, max_new_tokens, temperature, top_p, seed, min_new_tokens, streamer, done)
     return _generation(streamer, ids, new, eos_ids, max_new_tokens, started, cancelled)
@@ -461,21 +457,51 @@ def fast_enabled() -> bool:
     return os.environ.get("LQMF_FAST", "1") != "0"
 
 
-def _decoder_for(model: InferenceModel, tokens: int):
-    """The model's StaticDecoder with room for tokens (rebuilt larger when needed); None for HF generate."""
+def _fast_decoder(model: InferenceModel, tokens: int) -> tuple[Any, int]:
+    """(the model's BatchedDecoder with room for tokens, the selected adapter's index in it), made or
+    rebuilt larger when needed; (None, 0) where transformers' generate answers: off CUDA unless
+    model.fast_decode, LQMF_FAST=0, a model not Llama-shaped, a sequence beyond the model's context,
+    or an adapter the decoder cannot apply (DoRA, rank patterns...) or read from a folder (a PEFT
+    combination)."""
     fast = model.fast_decode if model.fast_decode is not None else model.loaded.device == "cuda"
     if not fast or not fast_enabled():
-        return None
-    from lqmf.engine.decode.static import StaticDecoder, cache_size_for
+        return None, 0
+    from lqmf.engine.decode.batched import BatchedDecoder, cache_size_for, supports
 
-    if model.decoder is None or model.decoder.max_cache_len < tokens:
+    base = model.model.get_base_model() if model.adapters else model.model
+    size = cache_size_for(tokens, context_length(model))
+    if not supports(base) or size < tokens:
+        return None, 0
+    if model.decoder is None or model.decoder.max_len < tokens:
         model.decoder = None  # free the old cache and graphs first
+        model.decoder, model.stacked = BatchedDecoder(base, 1, size), None
+    slot = model.selected if model.selected != ACTIVE else (model.model.active_adapter if model.adapters else None)
+    if slot is None:
+        return model.decoder, 0
+    if model.stacked is None:
+        model.stacked = _stack_adapters(model, model.decoder)
+    if slot not in model.stacked:
+        return None, 0
+    return model.decoder, model.stacked.index(slot) + 1
+
+
+def _stack_adapters(model: InferenceModel, decoder) -> list[str]:
+    """Read every resident adapter the decoder can apply from its folder into the decoder (adapter i of
+    the list returned gets index i + 1)."""
+    from lqmf.engine.lora.stacked import StackedAdapter, UnsupportedAdapter, read_adapter
+
+    entries = []
+    for slot in model.adapters:
+        path = model.adapter_paths.get(slot)
+        if path is None:
+            continue
         try:
-            model.decoder = StaticDecoder(model.model, cache_size_for(tokens, context_length(model)))
-        except (TypeError, ValueError, NotImplementedError, AttributeError):  # a model without static-cache support
-            model.fast_decode = False
-            return None
-    return model.decoder
+            weights = read_adapter(path, decoder.projections, decoder.device, decoder.dtype)
+        except (UnsupportedAdapter, OSError, KeyError, ValueError):
+            continue  # this adapter is answered by transformers' generate
+        entries.append(StackedAdapter(len(entries) + 1, slot, path, weights))
+    decoder.set_adapters(entries)
+    return [entry.name for entry in entries]
 
 
 def classify(model: InferenceModel, texts: list[str], max_length: int = 512,

@@ -54,7 +54,7 @@ def test_kernels_read_strided_views_and_step_aside_when_they_should(interpreted,
 
 
 def test_lean_decode_step_with_kernels_matches_peft(interpreted):
-    """One-row forwards through the lean layers (fused q/k/v, the kernels) give PEFT's logits."""
+    """One-row forwards through the lean layers (q/k/v as one group, the kernels) give PEFT's logits."""
     import torch
 
     from lqmf.engine.lora.lean import use_lean_lora
@@ -62,6 +62,6 @@ def test_lean_decode_step_with_kernels_matches_peft(interpreted):
 
     ids = torch.randint(0, 128, (1, 1), generator=torch.Generator().manual_seed(2))
     peft_model, lean_model = lora_model().eval(), lora_model(lean=True).eval()
-    use_lean_lora(lean_model, torch.float32)
+    use_lean_lora(lean_model)
     with torch.no_grad():
         torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)

@@ -27,6 +27,9 @@ these stacked tensors; PEFT is not involved in serving. Each loaded adapter is a
 with an id; rows hold the id they were admitted with, so replacing or unloading an adapter never
 changes a row in flight (its entry stays until `collect` finds it unused).
 
+A batch of one is the single-stream case (`generate`): `lqmf test`, `lqmf bench`, the shell and a
+server without batching decode one request through slot 0, greedy on the device or sampled on the host.
+
 Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others with
 `model.layers[i].self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and a rotary embedding).
 `supports(model)` says whether a model is; the host falls back to PEFT + generate otherwise.
@@ -35,9 +38,12 @@ Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others 
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lqmf.engine.decode.sampling import pick_token
 from lqmf.engine.lora.stacked import BatchedLoRALinear, StackedAdapter
 
 log = logging.getLogger("lqmf.serve")
@@ -48,6 +54,24 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj"
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BARRED = 8  # end-of-text ids a row may bar on the device (below its min_new_tokens)
 MIN_LENGTH_BUCKET = 128
+MIN_CACHE = 256  # the shortest sequence a single-stream decoder is made for (`cache_size_for`)
+PREFILL_CHUNK = 512  # prompt tokens per prefill pass
+
+
+@dataclass
+class DecodeResult:
+    tokens: list[int]
+    seconds: float
+    first_token_seconds: float
+
+
+def cache_size_for(tokens: int, limit: int | None) -> int:
+    """The sequence length to make a single-stream decoder for `tokens`: a power of two (at least
+    MIN_CACHE) within limit, so a few sizes serve every request."""
+    size = MIN_CACHE
+    while size < tokens:
+        size *= 2
+    return min(size, limit) if limit else size
 
 
 def supports(model) -> bool:
@@ -301,6 +325,50 @@ class BatchedDecoder:
             ready = self.copied[turn] = torch.cuda.Event()
             ready.record()
         return Step(logits[:count], results[:count], ready)
+
+    def generate(self, prompt: list[int], max_new_tokens: int, *, adapter: int = 0, eos_ids: set[int] | None = None,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None,
+                 on_token: Callable[[int], bool | None] | None = None, min_new_tokens: int = 0) -> DecodeResult:
+        """Decode one sequence in slot 0 with adapter index `adapter` (0: the bare base): up to
+        max_new_tokens after prompt, ending at an id of eos_ids (barred below min_new_tokens) or when
+        on_token(token) returns True. Greedy tokens are picked on the device, sampled ones on the host."""
+        import torch
+
+        if not prompt or len(prompt) + max_new_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) must be within "
+                             f"the {self.max_len} tokens this decoder holds, the prompt not empty")
+        generator = None
+        if temperature > 0:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed if seed is not None else int(torch.seed()))
+        eos = tuple(sorted(eos_ids or ()))
+        on_host = generator is not None or len(eos) > BARRED
+        started = time.perf_counter()
+        tokens: list[int] = []
+        first = 0.0
+        with torch.inference_mode():
+            self.clear_slot(0)
+            for start in range(0, len(prompt), PREFILL_CHUNK):
+                logits = self.prefill([0], [prompt[start:start + PREFILL_CHUNK]], [start], [adapter])[0]
+            step = None
+            for index in range(max_new_tokens):
+                if step is not None and not on_host:
+                    value = step.greedy()[0]  # end of text already barred on the device
+                else:
+                    if step is not None:
+                        logits = step.logits[0].float()
+                    if index < min_new_tokens and eos:
+                        logits = logits.index_fill(-1, torch.tensor(eos, device=self.device), float("-inf"))
+                    value = int(pick_token(logits, temperature, top_p, generator))
+                if index == 0:
+                    first = time.perf_counter() - started
+                tokens.append(value)
+                stop = on_token(value) if on_token is not None else False
+                if stop or value in eos or index == max_new_tokens - 1:
+                    break
+                barring = eos if index + 1 < min_new_tokens and not on_host else ()
+                step = self.decode([value], [len(prompt) + index], [adapter], barred=[barring])
+        return DecodeResult(tokens, time.perf_counter() - started, first)
 
     def _graph(self, batch: int, length: int):
         """The captured step for (batch, length), capturing it when new; None where capture failed."""

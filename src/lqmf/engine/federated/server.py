@@ -145,18 +145,6 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
                 config.update(nonce=nonce, server_proof=fed.proof(request.secret, "server", nonce, config["lqmf"]))
             return config
 
-        def proven(self, server_round: int, res) -> bool:
-            """Without a secret every result counts; with one, only a site's that proves it."""
-            if not request.secret:
-                return True
-            arrays = parameters_to_ndarrays(res.parameters)
-            ok = fed.proven(request.secret, "site", self.nonces.get(server_round, ""), [a.tobytes() for a in arrays],
-                            res.metrics.get("proof"))
-            if not ok:
-                progress(f"round {server_round}: dropped the result of a site without the shared secret "
-                         f"({res.metrics.get('site', '?')})")
-            return ok
-
         def configure_fit(self, server_round, parameters, client_manager):
             instructions = super().configure_fit(server_round, parameters, client_manager)
             self.current = {"round": server_round, "started": time.perf_counter(),
@@ -165,7 +153,8 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
 
         def aggregate_fit(self, server_round, results, failures):
             received = sum(payload_bytes(res.parameters) for _, res in results)
-            proven = [self.proven(server_round, res) for _, res in results]
+            proven = [_site_proven(request, self.nonces.get(server_round, ""), server_round, res, progress)
+                      for _, res in results]
             failures = [*failures, *(res for (_, res), ok in zip(results, proven, strict=True) if not ok)]
             results = [pair for pair, ok in zip(results, proven, strict=True) if ok]
             inputs = [(decode(parameters_to_ndarrays(res.parameters), run.transport), res.num_examples)
@@ -202,6 +191,20 @@ def lora_strategy(request: ServerRequest, run: fed.RunDescription, model: Global
             return [r for r in self.history if r["round"] > 0]
 
     return LoraStrategy()
+
+
+def _site_proven(request: ServerRequest, nonce: str, server_round: int, res, progress: Progress) -> bool:
+    """Without a secret every result counts; with one, only a site's that proves it."""
+    if not request.secret:
+        return True
+    from flwr.common import parameters_to_ndarrays
+
+    arrays = parameters_to_ndarrays(res.parameters)
+    ok = fed.proven(request.secret, "site", nonce, [a.tobytes() for a in arrays], res.metrics.get("proof"))
+    if not ok:
+        progress(f"round {server_round}: dropped the result of a site without the shared secret "
+                 f"({res.metrics.get('site', '?')})")
+    return ok
 
 
 def _accuracy(scores: dict[str, Any]) -> str:

@@ -1,10 +1,12 @@
-"""Where LoRA is applied, our way: our LoRA layer classes and their kernels.
+"""Where LoRA is applied, our way: two layer families, one per job.
 
-- lean.py: `LeanLinear` / `LeanLinear4bit` (PEFT's LoRA layers with a lean forward for training and
-  one-request decoding), shared-input groups fused, `adapter_key` for CUDA graphs.
-- stacked.py: many adapters at once, each row by its adapter index (`BatchedLoRALinear`,
-  `StackedAdapter`, `read_adapter`); a combination `A+B` is one more index (`weighted_sum`).
-- kernels.py: Triton kernels for a LoRA product at decode sizes.
+- stacked.py: decoding. Many adapters at once, each row by its adapter index (`BatchedLoRALinear`
+  over the base layers, `StackedAdapter`, `read_adapter`); one adapter is the single-row case and a
+  combination `A+B` one more index (`weighted_sum`). decode/batched.py runs them for every request.
+- lean.py: training. `LeanLinear` / `LeanLinear4bit`, PEFT's LoRA layers with a lean forward (fewer
+  kernels, the same loss and gradients), also used without gradients for validation.
+- kernels.py: Triton kernels for a LoRA product of a few rows (lean.py's forward without gradients).
 
-The stock path (`LQMF_FAST=0`, and FSDP training) keeps PEFT's own layers.
+The stock path (`LQMF_FAST=0`, classification models, adapters the decoder cannot apply, and FSDP
+training) keeps PEFT's own layers.
 """

@@ -2,7 +2,7 @@
 
 At batch 1 the product is a few hundred KB of reads, and its cost is kernel count and latency.
 cuBLAS runs x A^T as a split-K GEMM over few SMs plus a reduction kernel, then the B GEMM; on the
-H200 the chain outlasts the 4-bit GEMV it runs beside (benchmarks/decode_profile.py). Here:
+H200 the chain outlasted the 4-bit GEMV it ran beside (docs/performance.md). Here:
 
   - `shrink`: each program reduces one slice of the input dimension for every rank, into fp32
     partial sums (one wave of small programs over the whole GPU);

@@ -1,25 +1,21 @@
-"""Our LoRA layer classes (`LeanLinear`, `LeanLinear4bit`): PEFT's `lora.Linear` and
+"""Our LoRA layer classes for training (`LeanLinear`, `LeanLinear4bit`): PEFT's `lora.Linear` and
 `lora.bnb.Linear4bit` with `LeanForward` mixed in, which PEFT builds when a LoraConfig went through
 `build_lean_layers` (PEFT's custom-module API, compat.py). They behave as PEFT's own until
-`use_lean_lora` turns the lean forward on; then they train (same loss and gradients as PEFT's,
-tests/gpu) and decode one request at a time (decode/static.py).
+`use_lean_lora` turns the lean forward on; then they train with the same loss and gradients as
+PEFT's (tests/gpu), in fewer kernels: one GEMM into the rank space and one that adds the scaled
+product to the base output, instead of PEFT's clone, casts, two GEMMs, scale and add.
 
-`lean_lora_forward`'s small GEMMs overlap the 4-bit base layer on a side stream and its adds mostly
-ride in the base GEMV's bias, instead of PEFT's clone, casts, two GEMMs, scale and add in line: at
-batch 1 each kernel costs microseconds whatever its arithmetic (benchmarks/lora_decode_bench.py).
-Layers sharing an input (q/k/v, gate/up) run one product for the group: for inference their
-adapters' A's are stacked and B's made block-diagonal (`_fuse_group`). A captured CUDA graph bakes
-in the active adapters and their scaling: `adapter_key` says which.
+Without gradients (validation, KTO's reference pass) layers sharing an input (q/k/v, gate/up) run
+one product call for the group and a plain linear's product rides in its GEMM as the bias. Decoding
+does not use these layers: it applies LoRA with stacked.py's `BatchedLoRALinear` over the base layers.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass, field
-from typing import Any
 
-from lqmf.engine.compat import build_lora_layers_as, repoint, tensor_version
+from lqmf.engine.compat import build_lora_layers_as, tensor_version
 from lqmf.engine.lora.kernels import scaled_product
 
 # ----------------------------------------------------------------------------- lean LoRA layers
@@ -37,11 +33,8 @@ class LeanState:
     """What the lean forward keeps for one LoRA layer."""
 
     enabled: bool = False  # off: the layer is PEFT's
-    side_stream: Any = None  # CUDA stream for the LoRA products while a graph is captured
     followers: list = field(default_factory=list)  # shared-input siblings this layer computes for
-    fused: dict = field(default_factory=dict)  # adapter -> (stacked A, block-diagonal B, spans)
     pending: tuple | None = None  # (input, its version, adapters, output) left by the group's leader
-    forked: bool = False  # this step used the side stream
 
 
 class LeanForward:
@@ -120,12 +113,9 @@ def lean_lora_forward(layer, x, *args, **kwargs):
 
     Training: one GEMM into the rank-r space and one GEMM that adds the scaled product to the base
     output (PEFT also clones the output and scales and adds in separate passes over it).
-    Inference: the first layer of a shared-input group (q_proj of q/k/v) computes the whole group,
-    and its siblings return those outputs when called with the same tensor, unchanged, as
-    transformers does. Captured into a CUDA graph, the LoRA products run on a side stream while the
-    layer's own 4-bit base product runs; then the siblings' base products take theirs as the GEMV's
-    bias (`_base_plus`) and one add finishes the layer's own. Eagerly (a prompt, where the host sets
-    the pace) the products come first and every layer takes its as bias where it can.
+    Without gradients: the first layer of a shared-input group (q_proj of q/k/v) computes the whole
+    group, and its siblings return those outputs when called with the same tensor, unchanged, as
+    transformers does; every layer takes its product as its base product's bias where it can.
     """
     import torch
 
@@ -149,29 +139,10 @@ def lean_lora_forward(layer, x, *args, **kwargs):
     if pending is not None and pending[0] is x and pending[1] == tensor_version(x) and pending[2] == active:
         return pending[3]
     rows = x.reshape(-1, x.shape[-1])
-    side = state.side_stream if x.is_cuda and torch.cuda.is_current_stream_capturing() else None
-    if side is not None:
-        side.wait_stream(torch.cuda.current_stream(x.device))
-        x.record_stream(side)
-        state.forked = True
-    with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-        products = _group_products(layer, rows, active)
-        ready = side.record_event() if side is not None else None
-    deltas = products.pop(layer)[1]
-    if ready is None:
-        result = _base_plus(layer, x, rows, deltas)
-    else:  # the base product runs while the side stream computes the LoRA products
-        result = layer.base_layer(x)
-        main = torch.cuda.current_stream(x.device)
-        main.wait_event(ready)
-        for delta in [delta for _, theirs in products.values() for delta in theirs] + deltas:
-            delta.record_stream(main)
+    products = _group_products(layer, rows, active)
+    result = _base_plus(layer, x, rows, products.pop(layer)[1])
     for follower, (names, theirs) in products.items():
         follower.lean.pending = (x, tensor_version(x), names, _base_plus(follower, x, rows, theirs))
-    if ready is not None:
-        flat = result.view(-1, result.shape[-1])
-        for delta in deltas:
-            flat.add_(delta)
     return result
 
 
@@ -221,120 +192,28 @@ def _lean_active(layer, x, training: bool = False) -> list[str] | None:
 
 
 def _group_products(leader, rows, active: list[str]) -> dict:
-    """{layer: (its active adapters, their scaled LoRA products)} for leader and the followers it can serve.
-
-    Where the group's adapters are fused (`_fuse_group`) and scaled alike, one product through the
-    stacked A and block-diagonal B gives every member's at once.
-    """
+    """{layer: (its active adapters, their scaled LoRA products)} for leader and the followers it can serve."""
     members = {leader: active}
     for follower in leader.lean.followers:
         names = None if follower.disable_adapters or follower.merged else _lean_active(follower, rows)
         if names is not None:
             members[follower] = names
-    fused = leader.lean.fused
-    if (active and all(names == active for names in members.values()) and all(name in fused for name in active)
-            and all(len({member.scaling[name] for member in members}) == 1 for name in active)):
-        products: dict = {member: [] for member in members}
-        for name in active:
-            stacked_a, block_b, spans = fused[name]
-            whole = scaled_product(rows, stacked_a, block_b, leader.scaling[name])
-            for member, start, stop in spans:
-                if member in products:
-                    products[member].append(whole[:, start:stop])
-        return {member: (members[member], products[member]) for member in members}
     return {member: (names, [scaled_product(rows, member.lora_A[name].weight, member.lora_B[name].weight,
                                              member.scaling[name]) for name in names])
             for member, names in members.items()}
 
 
-def _fuse_group(members: list) -> None:
-    """Keep each adapter's A matrices of a shared-input group stacked in one tensor and its B matrices
-    as the blocks of one block-diagonal tensor; the layers' weights become views into them, so an
-    in-place copy into a layer's weights updates the fused tensors too."""
-    import torch
-
-    leader = members[0]
-    fused = leader.lean.fused
-    for name in list(fused):
-        if any(name not in member.lora_A for member in members):
-            del fused[name]
-    for name in leader.lora_A:
-        if name in fused or any(name not in member.lora_A for member in members):
-            continue
-        a_list = [member.lora_A[name].weight for member in members]
-        b_list = [member.lora_B[name].weight for member in members]
-        if len({a.shape for a in a_list}) != 1 or len({t.dtype for t in a_list + b_list}) != 1:
-            continue
-        rank = a_list[0].shape[0]
-        stacked_a = torch.cat([a.detach() for a in a_list])
-        block_b = torch.zeros(sum(b.shape[0] for b in b_list), rank * len(members), dtype=b_list[0].dtype,
-                              device=b_list[0].device)
-        spans, start = [], 0
-        for index, (member, b) in enumerate(zip(members, b_list, strict=True)):
-            columns = slice(index * rank, (index + 1) * rank)
-            block_b[start:start + b.shape[0], columns] = b.detach()
-            repoint(member.lora_A[name].weight, stacked_a[columns])
-            repoint(member.lora_B[name].weight, block_b[start:start + b.shape[0], columns])
-            spans.append((member, start, start + b.shape[0]))
-            start += b.shape[0]
-        fused[name] = (stacked_a, block_b, spans)
-
-
-def forget_fused(model, name: str) -> None:
-    """Drop adapter name's fused tensors (its weights were replaced other than in place)."""
-    for layer in lora_layers(model):
-        if isinstance(layer, LeanForward):
-            layer.lean.fused.pop(name, None)
-
-
-def join_side_streams(layers: list) -> None:
-    """Make the current stream wait for lean LoRA layers' side streams; drop products no sibling used."""
-    import torch
-
-    sides = set()
-    for layer in layers:
-        state = layer.lean
-        state.pending = None
-        if state.forked:  # only streams this step used: others are not in a graph capture
-            state.forked = False
-            sides.add(state.side_stream)
-    for side in sides:
-        torch.cuda.current_stream(side.device).wait_stream(side)
-
-
-def use_lean_lora(model, dtype=None) -> list:
+def use_lean_lora(model) -> list:
     """Turn on the lean forward of model's LoRA layers of our classes (idempotent; PEFT's own layers,
-    built without `build_lean_layers`, stay as they are); for inference (dtype given) also put their
-    adapters' weights in dtype, fused per shared-input group. Returns those layers."""
-    import torch
-
-    side = None
+    built without `build_lean_layers`, stay as they are) and link each shared-input group's members
+    to its first. Returns those layers."""
     layers = [layer for layer in lora_layers(model) if isinstance(layer, LeanForward)]
     for layer in layers:
-        if not layer.lean.enabled:
-            layer.lean.enabled = True
-            weight = next(layer.base_layer.parameters(), None)
-            if weight is not None and weight.is_cuda:
-                side = side or torch.cuda.Stream(weight.device)
-                layer.lean.side_stream = side
-        for modules in (layer.lora_A, layer.lora_B) if dtype is not None else ():
-            for module in modules.values():
-                if module.weight.dtype != dtype:
-                    module.to(dtype)
+        layer.lean.enabled = True
     for parent in model.modules():
         for group in SHARED_INPUT_GROUPS:
             members = [getattr(parent, name, None) for name in group]
             members = [m for m in members if uses_lean_forward(m)]
             if len(members) > 1:
                 members[0].lean.followers = members[1:]
-                if dtype is not None:  # inference only: training keeps PEFT's own tensors
-                    _fuse_group(members)
     return layers
-
-
-def adapter_key(layers: list) -> tuple:
-    """What a captured graph bakes in of a model's LoRA layers: the active adapters and every scaling."""
-    if not layers or layers[0].disable_adapters:
-        return ()
-    active = tuple(layers[0].active_adapters)
-    return active, tuple(layer.scaling.get(name) for layer in layers for name in active)

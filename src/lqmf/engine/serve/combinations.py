@@ -136,7 +136,6 @@ class Combinations:
                                          combination_type="cat")
         model.model.eval()  # the new slot's dropout modules start in training mode
         model.adapters.append(slot)
-        model.decoder = None  # its graphs hold the old module set
         self.built[model_id] = Built(slot, sources, time.monotonic())
         return slot
 

@@ -9,15 +9,21 @@ or `default` (the active adapter, or the bare base when none is active). `load`,
   (PEFT hot-swap into its weights when both fit, the fastest swap), so memory stays flat;
 - unload [NAME]: drop NAME (default: the active one); with none active, `default` is the base.
 
-Generation runs through the continuous-batching scheduler (engine/serve/scheduler.py) when the model
-has the layout of engine/decode/batched.py and LQMF_FAST is not 0: `complete` may be called from many
-threads at once, each blocking until its own answer is done, and adapters live in the scheduler,
-up to `max_adapters` of them (the least recently used is evicted beyond that, and reported).
-Swaps are serialized with the decode loop and never change a request already queued or running:
-it keeps the adapter it was submitted with. Otherwise (a classification model, an architecture the
-batched decoder does not run, LQMF_FAST=0) adapters are PEFT slots and every call that touches
-the model takes one lock, so requests run one at a time. `resident` and `active` are replaced,
-never mutated, so any thread may read them.
+The host has one code path; how requests reach the model is its `serving`, chosen once at start:
+
+- `BatchedServing`: the continuous-batching scheduler (engine/serve/scheduler.py) over the batched
+  decoder, when the model has the layout of engine/decode/batched.py and LQMF_FAST is not 0.
+  `complete` may be called from many threads at once, each blocking until its own answer is done;
+  adapters live in the scheduler, up to `max_adapters` of them (the least recently used is evicted
+  beyond that, and reported). Swaps are serialized with the decode loop and never change a request
+  already queued or running: it keeps the adapter it was submitted with.
+- `SerialServing`: adapters are PEFT slots and every call that touches the model takes one lock, so
+  requests run one at a time (`inference.generate`: the batched decoder as a batch of one where it
+  runs, else transformers' generate): a classification model, an architecture the batched decoder
+  does not run, LQMF_FAST=0, or batching turned off. A switch to a non-resident adapter replaces
+  the active one in place, so memory stays flat.
+
+`resident` and `active` are replaced, never mutated, so any thread may read them.
 """
 
 from __future__ import annotations
@@ -162,33 +168,20 @@ class ModelHost:
         self.max_new_tokens = max_new_tokens
         self.resident: dict[str, ResidentAdapter] = {}
         self.active: str | None = None
-        self.free_slot: str | None = None  # weights of an unloaded adapter, kept for the next to swap into
-        self._slots = itertools.count()
-        self._lock = threading.RLock()  # swaps (and, without the scheduler, every model call) one at a time
+        self.swap_lock = threading.RLock()  # swaps (and, serving serially, every model call) one at a time
         self._used: dict[str, float] = {}  # adapter -> when a request or swap last named it
         self.evictions: list[dict[str, Any]] = []
         self.batching = batching or BatchSettings()
-        self.scheduler = self._start_scheduler()
+        self.serving: BatchedServing | SerialServing = BatchedServing.start(self) or SerialServing(self)
         self.combinations = combined.Combinations(self)  # model ids like A+B (engine/serve/combinations.py)
 
-    def _start_scheduler(self):
-        """The continuous-batching scheduler, or None where the model cannot run in it."""
-        from lqmf.engine.decode import batched
-
-        if (not self.batching.enabled or not is_generative(self.model.task) or not inference.fast_enabled()
-                or not batched.supports(self.model.model)):
-            return None
-        from lqmf.engine.serve.scheduler import Scheduler
-
-        settings = self.batching
-        limits = [n for n in (self.context_length, settings.max_seq_len or DEFAULT_MAX_SEQ_LEN) if n]
-        slots = settings.max_batch or default_max_batch(self.model, settings, min(limits))
-        decoder = batched.BatchedDecoder(self.model.model, slots, min(limits))
-        return Scheduler(decoder, max_queue=settings.max_queue or 4 * slots)
+    @property
+    def scheduler(self):
+        """The continuous-batching scheduler; None when serving one request at a time."""
+        return self.serving.scheduler
 
     def close(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.stop()
+        self.serving.close()
 
     @classmethod
     def start(cls, workspace: Workspace, *, base: str | None = None, adapters: list[str] = (), device: str = "auto",
@@ -232,11 +225,8 @@ class ModelHost:
                  "quantized_4bit": self.model.loaded.quantized, "active": self.active,
                  "resident": list(self.resident), "context_length": self.context_length,
                  "max_prompt_tokens": self.max_prompt_tokens, "max_new_tokens": self.max_new_tokens,
-                 "max_adapters": self.batching.max_adapters if self.scheduler else None,
-                 "evictions": self.evictions[-20:], "batching": None}
-        if self.scheduler is not None:
-            state["batching"] = {**self.scheduler.load(), **self.scheduler.memory(),
-                                 "max_seq_len": self.scheduler.decoder.max_len}
+                 "max_adapters": self.serving.max_adapters, "evictions": self.evictions[-20:],
+                 "batching": self.serving.describe()}
         if self.model.loaded.device == "cuda":
             import torch
 
@@ -249,7 +239,8 @@ class ModelHost:
     def resolve(self, model_id: str | None, load: bool = False) -> str | None:
         """The adapter a request's model id selects (None: the bare base).
 
-        load=True (batched serving): a registered adapter that is not resident is loaded first.
+        load=True: a registered adapter that is not resident is loaded first, where the serving loads
+        adapters on request (batched).
         """
         if model_id in (None, "", DEFAULT_MODEL):
             return self.active
@@ -259,7 +250,7 @@ class ModelHost:
             return model_id
         if combined.is_combination(model_id):  # several resident adapters at once (engine/serve/combinations.py)
             return self.combinations.check(model_id)
-        if load and self.scheduler is not None:
+        if load and self.serving.loads_on_request:
             try:
                 _entry(self.workspace, model_id, self.operator_paths)
             except (NotFoundError, InputError):
@@ -274,49 +265,33 @@ class ModelHost:
     # -- swaps ----------------------------------------------------------------------------------
 
     def load(self, name: str, activate: bool = True) -> SwapResult:
-        with self._lock:
+        with self.swap_lock:
             started = time.perf_counter()
             previous = self.active
             method, notes, evicted = "resident", [], []
             if name not in self.resident:
                 adapter, notes = self._prepare(name)
-                if self.scheduler is not None:
-                    method = self._load_batched(adapter)
-                else:
-                    method = self._occupy_free_slot(adapter) or self._add_slot(adapter)
+                method = self.serving.add(adapter)
             if activate:
                 self.active = name
             self._used[name] = time.monotonic()
-            if self.scheduler is not None:
-                evicted = self._evict_over_budget()
+            evicted = self._evict_over_budget()
             return self._result("load", name, method, previous, started, notes, evicted)
 
     def switch(self, name: str) -> SwapResult:
         """Make name active. Batched serving keeps the previous adapter resident (up to max_adapters);
-        otherwise a non-resident adapter replaces the active one in place, as its result says."""
-        with self._lock:
+        serving serially, a non-resident adapter replaces the active one in place, as its result says."""
+        with self.swap_lock:
             started = time.perf_counter()
             previous = self.active
-            if name in self.resident or previous is None or self.scheduler is not None:
+            if name in self.resident or previous is None or not self.serving.swaps_in_place:
                 result = self.load(name)
                 result.action, result.previous = "switch", previous
                 return result
-            adapter, notes = self._prepare(name)
-            old = self.resident[previous]
-            adapter = _with_slot(adapter, old.slot)
-            if inference.replace_adapter(self.model, adapter.path, old.slot):
-                method = "hotswap"
-                self._set_resident(previous, None)
-                self._set_resident(name, adapter)
-            else:  # not the same shape: a new slot, then free the old one
-                method = self._add_slot(adapter)
-                self._remove(previous)
-            self.active = name
-            self._record_eviction(previous, f"replaced by '{name}' (switch)")
-            return self._result("switch", name, method, previous, started, notes, [previous])
+            return self.serving.replace_active(name, previous, started)
 
     def unload(self, name: str | None = None) -> SwapResult:
-        with self._lock:
+        with self.swap_lock:
             started = time.perf_counter()
             previous = self.active
             name = name or previous
@@ -329,24 +304,14 @@ class ModelHost:
                 self.active = None
             return self._result("unload", name, "unload", previous, started, [])
 
-    def _load_batched(self, adapter: ResidentAdapter) -> str:
-        from lqmf.engine.lora.stacked import UnsupportedAdapter
-
-        try:
-            entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)
-        except UnsupportedAdapter as err:
-            raise ConflictError(f"adapter '{adapter.name}': {first_line(err)}") from None
-        except (OSError, KeyError, ValueError, RuntimeError) as err:
-            raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
-                             f"{type(err).__name__}: {first_line(err)}") from err
-        self._set_resident(adapter.name, ResidentAdapter(adapter.name, "", adapter.path, adapter.task,
-                                                         adapter.labels, adapter.trained_4bit, entry=entry))
-        return "load"
+    def _mark_used(self, names) -> None:
+        for name in names:
+            self._used[name] = time.monotonic()
 
     def _evict_over_budget(self) -> list[str]:
         """Unload the least recently used adapters beyond max_adapters (never the active one)."""
         evicted = []
-        while len(self.resident) > self.batching.max_adapters:
+        while self.serving.max_adapters is not None and len(self.resident) > self.serving.max_adapters:
             candidates = [name for name in self.resident if name != self.active]
             if not candidates:
                 break
@@ -391,40 +356,11 @@ class ModelHost:
                          f"base; the served base is {'4-bit' if self.model.loaded.quantized else 'not 4-bit'}")
         return ResidentAdapter(name, "", entry.path, task, labels, trained_4bit), notes
 
-    def _occupy_free_slot(self, adapter: ResidentAdapter) -> str | None:
-        slot = self.free_slot
-        if slot is None or not inference.replace_adapter(self.model, adapter.path, slot):
-            return None
-        self.free_slot = None
-        self._set_resident(adapter.name, _with_slot(adapter, slot))
-        return "hotswap"
-
-    def _add_slot(self, adapter: ResidentAdapter) -> str:
-        slot = f"slot{next(self._slots)}_"  # never a substring of another slot's name
-        try:
-            inference.attach_adapter(self.model, adapter.path, slot)
-        except Exception as err:
-            if self.model.adapters and slot in self.model.model.peft_config:
-                with contextlib.suppress(Exception):  # best effort: the slot is unused either way
-                    self.model.model.delete_adapter(slot)
-            raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
-                             f"{type(err).__name__}: {first_line(err)}") from err
-        self._set_resident(adapter.name, _with_slot(adapter, slot))
-        if self.free_slot is not None:
-            inference.detach_adapter(self.model, self.free_slot)
-            self.free_slot = None
-        return "load"
-
     def _remove(self, name: str) -> None:
         adapter = self.resident[name]
         self._set_resident(name, None)
         self._used.pop(name, None)
-        if adapter.entry is not None:
-            self.scheduler.retire(adapter.entry)  # its weights stay until its last request ends
-        elif len(self.model.adapters) > 1:
-            inference.detach_adapter(self.model, adapter.slot)
-        else:
-            self.free_slot = adapter.slot
+        self.serving.remove(adapter)
 
     def _set_resident(self, name: str, adapter: ResidentAdapter | None) -> None:
         resident = {k: v for k, v in self.resident.items() if k != name}
@@ -468,35 +404,7 @@ class ModelHost:
         ids = inference.prompt_ids(self.model, prompt, raw=raw)
         options = {"temperature": temperature, "top_p": top_p, "seed": seed, "stop": stop, "on_text": on_text,
                    "cancelled": cancelled, "min_new_tokens": min(min_new_tokens, max_new_tokens or min_new_tokens)}
-        if self.scheduler is None:
-            with self._lock:
-                adapter = self.resolve(model_id)
-                options["max_new_tokens"] = self._check_lengths(len(ids), max_new_tokens)
-                if on_start is not None:
-                    on_start(adapter)
-                with inference.adapter_context(self.model, self._slot(adapter)):
-                    return adapter, inference.generate(self.model, ids, **options)
-        self._lock.acquire()  # held until the request is queued, so no swap retires its adapter before
-        held = True
-
-        def queued() -> None:
-            nonlocal held
-            self._lock.release()
-            held = False
-            if on_start is not None:
-                on_start(adapter)
-
-        try:
-            adapter = self.resolve(model_id, load=True)
-            options["max_new_tokens"] = self._check_lengths(len(ids), max_new_tokens)
-            for name in combined.names(adapter):
-                self._used[name] = time.monotonic()
-            entry = self._entry_of(adapter)
-            return adapter, inference.generate_batched(self.model, self.scheduler, ids, entry=entry,
-                                                       on_queued=queued, **options)
-        finally:
-            if held:
-                self._lock.release()
+        return self.serving.complete(model_id, ids, max_new_tokens, options, on_start)
 
     def _check_lengths(self, prompt_tokens: int, max_new_tokens: int | None) -> int:
         """The number of tokens to generate, or an error when the prompt or the request is too long."""
@@ -505,7 +413,7 @@ class ModelHost:
                                 f"{self.max_prompt_tokens}")
         if max_new_tokens is not None and max_new_tokens > self.max_new_tokens:
             raise InputError(f"max_tokens is {max_new_tokens}; this server allows at most {self.max_new_tokens}")
-        limits = [n for n in (self.context_length, self.scheduler and self.scheduler.decoder.max_len) if n]
+        limits = [n for n in (self.context_length, self.serving.max_len) if n]
         limit = min(limits) if limits else None
         where = (f"the model's context of {limit} tokens" if limit == self.context_length
                  else f"the {limit} tokens a sequence may hold in this server (--max-seq-len)")
@@ -529,12 +437,175 @@ class ModelHost:
         if self.max_prompt_tokens is not None and longest > self.max_prompt_tokens:
             raise PromptTooLong(f"input {counts.index(longest)} has {longest} tokens; this server takes at most "
                                 f"{self.max_prompt_tokens}")
-        with self._lock:
+        with self.swap_lock:
             adapter = self.resolve(model_id)
             labels = list(self.resident[adapter].labels) if adapter is not None else None
             with inference.adapter_context(self.model, self._slot(adapter)):
                 scores = inference.classify(self.model, texts, max_length=max(longest, 1), labels=labels)
         return adapter, scores, sum(counts)
+
+
+class BatchedServing:
+    """Requests through the continuous-batching scheduler; adapters as its stacked entries."""
+
+    loads_on_request = True  # a request naming a registered adapter loads it
+    swaps_in_place = False  # a switch keeps the previous adapter resident
+
+    def __init__(self, host: ModelHost, scheduler):
+        self.host = host
+        self.scheduler = scheduler
+        self.max_len = scheduler.decoder.max_len
+        self.max_adapters = host.batching.max_adapters
+
+    @classmethod
+    def start(cls, host: ModelHost) -> BatchedServing | None:
+        """The scheduler over a batched decoder, or None where the model cannot run in it."""
+        from lqmf.engine.decode import batched
+
+        model, settings = host.model, host.batching
+        if (not settings.enabled or not is_generative(model.task) or not inference.fast_enabled()
+                or not batched.supports(model.model)):
+            return None
+        from lqmf.engine.serve.scheduler import Scheduler
+
+        limits = [n for n in (host.context_length, settings.max_seq_len or DEFAULT_MAX_SEQ_LEN) if n]
+        slots = settings.max_batch or default_max_batch(model, settings, min(limits))
+        decoder = batched.BatchedDecoder(model.model, slots, min(limits))
+        return cls(host, Scheduler(decoder, max_queue=settings.max_queue or 4 * slots))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.scheduler.load(), **self.scheduler.memory(), "max_seq_len": self.max_len}
+
+    def close(self) -> None:
+        self.scheduler.stop()
+
+    def add(self, adapter: ResidentAdapter) -> str:
+        """Read adapter into the scheduler and make it resident; how ("load")."""
+        from lqmf.engine.lora.stacked import UnsupportedAdapter
+
+        try:
+            entry = self.scheduler.add_adapter(adapter.name, adapter.path, timeout=LOAD_WAIT_S)
+        except UnsupportedAdapter as err:
+            raise ConflictError(f"adapter '{adapter.name}': {first_line(err)}") from None
+        except (OSError, KeyError, ValueError, RuntimeError) as err:
+            raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
+                             f"{type(err).__name__}: {first_line(err)}") from err
+        self.host._set_resident(adapter.name, ResidentAdapter(adapter.name, "", adapter.path, adapter.task,
+                                                              adapter.labels, adapter.trained_4bit, entry=entry))
+        return "load"
+
+    def remove(self, adapter: ResidentAdapter) -> None:
+        self.scheduler.retire(adapter.entry)  # its weights stay until its last request ends
+
+    def complete(self, model_id: str | None, ids: list[int], max_new_tokens: int | None, options: dict[str, Any],
+                 on_start: Callable[[str | None], None] | None) -> tuple[str | None, Generation]:
+        """Queue the request and wait for its answer; the swap lock is held until it is queued, so no
+        swap retires its adapter before."""
+        host = self.host
+        host.swap_lock.acquire()
+        held = True
+
+        def queued() -> None:
+            nonlocal held
+            host.swap_lock.release()
+            held = False
+            if on_start is not None:
+                on_start(adapter)
+
+        try:
+            adapter = host.resolve(model_id, load=True)
+            options["max_new_tokens"] = host._check_lengths(len(ids), max_new_tokens)
+            host._mark_used(combined.names(adapter))
+            entry = host._entry_of(adapter)
+            return adapter, inference.generate_batched(host.model, self.scheduler, ids, entry=entry,
+                                                       on_queued=queued, **options)
+        finally:
+            if held:
+                host.swap_lock.release()
+
+
+class SerialServing:
+    """One request at a time under the host's lock; adapters as PEFT slots of the host's model."""
+
+    scheduler = None
+    max_len = None  # the model's context is the only limit
+    max_adapters = None  # no eviction: switching replaces in place
+    loads_on_request = False  # a request names resident adapters only
+    swaps_in_place = True
+
+    def __init__(self, host: ModelHost):
+        self.host = host
+        self.free_slot: str | None = None  # weights of an unloaded adapter, kept for the next to swap into
+        self._slots = itertools.count()
+
+    def describe(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def add(self, adapter: ResidentAdapter) -> str:
+        """Make adapter resident in the free slot (in place) or a new one; how ("hotswap" or "load")."""
+        return self._occupy_free_slot(adapter) or self._add_slot(adapter)
+
+    def remove(self, adapter: ResidentAdapter) -> None:
+        if len(self.host.model.adapters) > 1:
+            inference.detach_adapter(self.host.model, adapter.slot)
+        else:
+            self.free_slot = adapter.slot
+
+    def replace_active(self, name: str, previous: str, started: float) -> SwapResult:
+        """Put name in the active adapter's place: into its weights where they fit, else a new slot."""
+        host = self.host
+        adapter, notes = host._prepare(name)
+        old = host.resident[previous]
+        adapter = _with_slot(adapter, old.slot)
+        if inference.replace_adapter(host.model, adapter.path, old.slot):
+            method = "hotswap"
+            host._set_resident(previous, None)
+            host._set_resident(name, adapter)
+        else:  # not the same shape: a new slot, then free the old one
+            method = self._add_slot(adapter)
+            host._remove(previous)
+        host.active = name
+        host._record_eviction(previous, f"replaced by '{name}' (switch)")
+        return host._result("switch", name, method, previous, started, notes, [previous])
+
+    def complete(self, model_id: str | None, ids: list[int], max_new_tokens: int | None, options: dict[str, Any],
+                 on_start: Callable[[str | None], None] | None) -> tuple[str | None, Generation]:
+        host = self.host
+        with host.swap_lock:
+            adapter = host.resolve(model_id)
+            options["max_new_tokens"] = host._check_lengths(len(ids), max_new_tokens)
+            if on_start is not None:
+                on_start(adapter)
+            with inference.adapter_context(host.model, host._slot(adapter)):
+                return adapter, inference.generate(host.model, ids, **options)
+
+    def _occupy_free_slot(self, adapter: ResidentAdapter) -> str | None:
+        slot = self.free_slot
+        if slot is None or not inference.replace_adapter(self.host.model, adapter.path, slot):
+            return None
+        self.free_slot = None
+        self.host._set_resident(adapter.name, _with_slot(adapter, slot))
+        return "hotswap"
+
+    def _add_slot(self, adapter: ResidentAdapter) -> str:
+        model = self.host.model
+        slot = f"slot{next(self._slots)}_"  # never a substring of another slot's name
+        try:
+            inference.attach_adapter(model, adapter.path, slot)
+        except Exception as err:
+            if model.adapters and slot in model.model.peft_config:
+                with contextlib.suppress(Exception):  # best effort: the slot is unused either way
+                    model.model.delete_adapter(slot)
+            raise InputError(f"adapter '{adapter.name}' could not be loaded from {adapter.path}: "
+                             f"{type(err).__name__}: {first_line(err)}") from err
+        self.host._set_resident(adapter.name, _with_slot(adapter, slot))
+        if self.free_slot is not None:
+            inference.detach_adapter(model, self.free_slot)
+            self.free_slot = None
+        return "load"
 
 
 def _with_slot(adapter: ResidentAdapter, slot: str) -> ResidentAdapter:

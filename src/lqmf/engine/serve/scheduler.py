@@ -40,11 +40,10 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import LqmfError
-from lqmf.engine.decode.batched import BARRED, BatchedDecoder, Step
+from lqmf.engine.decode.batched import BARRED, PREFILL_CHUNK, BatchedDecoder, Step
 from lqmf.engine.lora.stacked import StackedAdapter, read_adapter
 
 log = logging.getLogger("lqmf.serve")
-PREFILL_CHUNK = 512
 
 
 class Busy(LqmfError):

@@ -376,9 +376,8 @@ def stream_response(events: AsyncIterator[tuple[str, Any]], chunk: Callable[[str
 
 def default_capacity(host: ModelHost) -> int:
     """Requests in flight at most: the scheduler's batch and queue, or a queue of 64 for one-at-a-time serving."""
-    if host.scheduler is None:
-        return 64
-    return host.scheduler.max_batch + host.scheduler.max_queue
+    scheduler = host.serving.scheduler
+    return 64 if scheduler is None else scheduler.max_batch + scheduler.max_queue
 
 
 def create_app(host: ModelHost, *, api_key: str | None = None, on_ready: Callable[[], None] | None = None,
@@ -458,46 +457,58 @@ def _add_error_handlers(app: FastAPI) -> None:
 def openai_router(host: ModelHost, worker: ModelWorker, started_at: float,
                   recorder: Recorder | None = None) -> APIRouter:
     """/v1/models, /v1/completions, /v1/chat/completions and /v1/classify (each answer kept by recorder)."""
+    routes = OpenAIRoutes(host, worker, started_at, recorder)
     api = APIRouter()
+    api.get("/v1/models")(routes.list_models)
+    api.get("/v1/models/{model_id:path}")(routes.get_model)
+    api.post("/v1/completions")(routes.completions)
+    api.post("/v1/chat/completions")(routes.chat_completions)
+    api.post("/v1/classify")(routes.classify)
+    return api
 
-    async def keep(ident: str, adapter: str | None, kind: str, prompt: Any, answer: str,
+
+class OpenAIRoutes:
+    """The handlers of `openai_router` over one host, worker and recorder."""
+
+    def __init__(self, host: ModelHost, worker: ModelWorker, started_at: float, recorder: Recorder | None):
+        self.host, self.worker, self.started_at, self.recorder = host, worker, started_at, recorder
+
+    async def keep(self, ident: str, adapter: str | None, kind: str, prompt: Any, answer: str,
                    labels: list[str] | None = None) -> None:
-        if recorder is not None:
-            await recorder.keep(ident, served_name(adapter), kind, prompt, answer, labels)
+        if self.recorder is not None:
+            await self.recorder.keep(ident, self.served_name(adapter), kind, prompt, answer, labels)
 
-    def model_card(row: dict[str, Any]) -> dict[str, Any]:
-        return {"id": row["id"], "object": "model", "created": row.get("created", int(started_at)),
+    def model_card(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {"id": row["id"], "object": "model", "created": row.get("created", int(self.started_at)),
                 "owned_by": "lqmf", "lqmf": {k: row[k] for k in ("kind", "adapter", "task")}}
 
-    def served_name(adapter: str | None) -> str:
-        return adapter if adapter is not None else host.base_id
+    def served_name(self, adapter: str | None) -> str:
+        return adapter if adapter is not None else self.host.base_id
 
-    @api.get("/v1/models")
-    async def list_models():
-        return {"object": "list", "data": [model_card(row) for row in host.model_ids()]}
+    async def list_models(self):
+        return {"object": "list", "data": [self.model_card(row) for row in self.host.model_ids()]}
 
-    @api.get("/v1/models/{model_id:path}")
-    async def get_model(model_id: str):
-        for row in host.model_ids():
+    async def get_model(self, model_id: str):
+        for row in self.host.model_ids():
             if row["id"] == model_id:
-                return model_card(row)
-        host.resolve(model_id)  # raises NotFoundError naming what is served
+                return self.model_card(row)
+        self.host.resolve(model_id)  # raises NotFoundError naming what is served
         raise ApiError(404, f"model '{model_id}' is not served here", code="not_found")
 
-    @api.post("/v1/completions")
-    async def completions(request: Request):
-        body = await parse_body(request, CompletionRequest)
+    async def completions(self, request: Request):
+        host, body = self.host, await parse_body(request, CompletionRequest)
         options, prompts = body.options(), body.prompts()
         ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
         if not body.stream:
-            results = await asyncio.gather(*(worker.generate(
+            results = await asyncio.gather(*(self.worker.generate(
                 lambda cancelled, prompt=prompt: host.complete(body.model, prompt, raw=True, cancelled=cancelled,
                                                                **options)) for prompt in prompts))
             generations = [generation for _, generation in results]
             for i, (prompt, (adapter, generation)) in enumerate(zip(prompts, results, strict=True)):
-                await keep(ident if len(prompts) == 1 else f"{ident}-{i}", adapter, "completion", prompt,
-                           generation.text)
-            return {"id": ident, "object": "text_completion", "created": created, "model": served_name(results[0][0]),
+                await self.keep(ident if len(prompts) == 1 else f"{ident}-{i}", adapter, "completion", prompt,
+                                generation.text)
+            return {"id": ident, "object": "text_completion", "created": created,
+                    "model": self.served_name(results[0][0]),
                     "choices": [{"index": i, "text": g.text, "finish_reason": _finish(g), "logprobs": None}
                                 for i, g in enumerate(generations)],
                     "usage": _usage(generations)}
@@ -506,26 +517,25 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float,
             return host.complete(body.model, prompts[0], raw=True, on_start=on_start, on_text=on_text,
                                  cancelled=cancelled, **options)[1]
 
-        adapter, events = await worker.stream(stream_job)
-        name = served_name(adapter)
+        adapter, events = await self.worker.stream(stream_job)
+        name = self.served_name(adapter)
 
         def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": created, "model": name,
                     "choices": [{"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}]}
 
-        return stream_response(events, chunk, body.include_usage(), on_done=lambda generation: keep(
+        return stream_response(events, chunk, body.include_usage(), on_done=lambda generation: self.keep(
             ident, adapter, "completion", prompts[0], generation.text))
 
-    @api.post("/v1/chat/completions")
-    async def chat_completions(request: Request):
-        body = await parse_body(request, ChatRequest)
+    async def chat_completions(self, request: Request):
+        host, body = self.host, await parse_body(request, ChatRequest)
         options, messages = body.options(), [m.plain() for m in body.messages]
         ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
         if not body.stream:
-            adapter, generation = await worker.generate(
+            adapter, generation = await self.worker.generate(
                 lambda cancelled: host.complete(body.model, messages, cancelled=cancelled, **options))
-            await keep(ident, adapter, "chat", messages, generation.text)
-            return {"id": ident, "object": "chat.completion", "created": created, "model": served_name(adapter),
+            await self.keep(ident, adapter, "chat", messages, generation.text)
+            return {"id": ident, "object": "chat.completion", "created": created, "model": self.served_name(adapter),
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": generation.text},
                                  "finish_reason": _finish(generation), "logprobs": None}],
                     "usage": _usage([generation])}
@@ -534,8 +544,8 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float,
             return host.complete(body.model, messages, on_start=on_start, on_text=on_text, cancelled=cancelled,
                                  **options)[1]
 
-        adapter, events = await worker.stream(stream_job)
-        name = served_name(adapter)
+        adapter, events = await self.worker.stream(stream_job)
+        name = self.served_name(adapter)
 
         def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
             return {"id": ident, "object": "chat.completion.chunk", "created": created, "model": name,
@@ -544,25 +554,22 @@ def openai_router(host: ModelHost, worker: ModelWorker, started_at: float,
 
         opening = chunk(None, None)
         opening["choices"][0]["delta"] = {"role": "assistant", "content": ""}
-        return stream_response(events, chunk, body.include_usage(), opening, on_done=lambda generation: keep(
+        return stream_response(events, chunk, body.include_usage(), opening, on_done=lambda generation: self.keep(
             ident, adapter, "chat", messages, generation.text))
 
-    @api.post("/v1/classify")
-    async def classify(request: Request):
+    async def classify(self, request: Request):
         body = await parse_body(request, ClassifyRequest)
         texts = [body.input] if isinstance(body.input, str) else body.input
-        adapter, scores, tokens = await worker.generate(lambda cancelled: host.classify(body.model, texts))
+        adapter, scores, tokens = await self.worker.generate(lambda cancelled: self.host.classify(body.model, texts))
         ident, data = f"clf-{secrets.token_hex(12)}", []
         for index, probabilities in enumerate(scores):
             label = max(probabilities, key=probabilities.get)
             row_id = ident if len(texts) == 1 else f"{ident}-{index}"
-            await keep(row_id, adapter, "classify", texts[index], label, list(probabilities))
+            await self.keep(row_id, adapter, "classify", texts[index], label, list(probabilities))
             data.append({"object": "classification", "index": index, "id": row_id, "label": label,
                          "score": probabilities[label], "probabilities": probabilities})
-        return {"id": ident, "object": "list", "model": served_name(adapter), "data": data,
+        return {"id": ident, "object": "list", "model": self.served_name(adapter), "data": data,
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-
-    return api
 
 
 def admin_router(host: ModelHost, worker: ModelWorker) -> APIRouter:
