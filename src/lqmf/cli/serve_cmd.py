@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import os
 
 import typer
@@ -17,6 +16,7 @@ from lqmf.core.registry import Registry
 from lqmf.core.serving import (
     API_KEY_ENV,
     DEFAULT_MODEL,
+    is_loopback,
     latest_active_adapter,
     quantization_warnings,
     register_server,
@@ -25,15 +25,6 @@ from lqmf.core.serving import (
 )
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def _manifests(registry: Registry, names) -> dict[str, dict]:
@@ -141,7 +132,7 @@ def _check_serve_options(max_memory: str | None, log_level: str, host: str, api_
             raise InputError(f"--max-memory: {err}") from None
     if log_level not in LOG_LEVELS:
         raise InputError(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         info(f"warning: listening on {host} without --api-key: anyone who reaches this port can use the model "
              "and swap its adapters")
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import hmac
-import ipaddress
 import json
 import random
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lqmf.core.errors import InputError, LqmfError
+from lqmf.core.serving import is_loopback
 
 STRATEGIES = ("fedavg", "fedprox")
 TRANSPORTS = ("fp32", "bf16")
@@ -46,15 +46,6 @@ def split_address(address: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise InputError(f"address '{address}': expected HOST:PORT, e.g. {DEFAULT_ADDRESS}")
     return host, int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_transport_security(address: str, certificates: Path | None) -> None:

@@ -28,6 +28,19 @@ PROBE_TIMEOUT_S = 3.0  # asking a server what it holds
 ANSWER_TIMEOUT_S = 600.0  # one answer, queued behind others
 
 
+def is_loopback(host: str) -> bool:
+    """Whether host names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    import ipaddress  # not at start-up: status and adapters list import this module
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+
 def servers_dir(workspace: Workspace) -> Path:
     return workspace.root / ".lqmf" / "servers"
 

@@ -12,6 +12,7 @@ from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
 from lqmf.engine.serve.host import BatchSettings, ModelHost
+from tests.helpers import answer_concurrently
 
 PROMPTS = ["How do I return an item?", "Where is my order?", "Translate to French: good morning",
            "Summarize: shipping takes 3 to 5 days.", "What is AI?", "hello"]
@@ -43,34 +44,10 @@ def test_concurrent_mixed_adapters_match_each_alone(host, trained_workspace):
     assert host.scheduler is not None
     jobs = [(model_id, prompt) for prompt in PROMPTS for model_id in ("chat-a", "instr-b", host.base_id)]
     alone = {job: ask(host, *job).text for job in jobs}
-    results: dict = {}
-
-    def run(job):
-        results[job] = ask(host, *job).text
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    assert results == alone
+    assert answer_concurrently(host, jobs, NEW, NEW) == alone
     assert len({alone[(m, PROMPTS[0])] for m in ("chat-a", "instr-b", host.base_id)}) == 3  # adapters matter
     for model_id, name in (("chat-a", "chat-a"), ("instr-b", "instr-b"), (host.base_id, None)):
         assert alone[(model_id, PROMPTS[0])] == reference(trained_workspace, name, PROMPTS[0])
-
-
-def concurrently(host, jobs, new: int, minimum: int) -> dict:
-    results: dict = {}
-
-    def run(job):
-        results[job] = host.complete(job[0], job[1], max_new_tokens=new, min_new_tokens=minimum)[1].text
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
 
 
 def test_greedy_rows_decode_ahead_and_match_each_alone(host, trained_workspace):
@@ -79,7 +56,7 @@ def test_greedy_rows_decode_ahead_and_match_each_alone(host, trained_workspace):
     jobs = [(model_id, prompt) for prompt in PROMPTS for model_id in ("chat-a", "instr-b", host.base_id)]
     alone = {job: host.complete(*job, max_new_tokens=40)[1].text for job in jobs}
     before = host.scheduler.steps_ahead
-    assert concurrently(host, jobs, 40, 0) == alone
+    assert answer_concurrently(host, jobs, 40, 0) == alone
     assert host.scheduler.steps_ahead - before >= 30
     for model_id, name in (("chat-a", "chat-a"), ("instr-b", "instr-b"), (host.base_id, None)):
         assert alone[(model_id, PROMPTS[0])] == reference(trained_workspace, name, PROMPTS[0], 40, 0)
@@ -96,7 +73,7 @@ def test_a_4bit_base_runs_stacked_projections_and_matches_each_alone(trained_wor
         assert group.base.__name__ == "matmul_4bit"
         jobs = [(model_id, prompt) for prompt in PROMPTS for model_id in ("chat-q", host.base_id)]
         alone = {job: host.complete(*job, max_new_tokens=20)[1].text for job in jobs}
-        assert concurrently(host, jobs, 20, 0) == alone
+        assert answer_concurrently(host, jobs, 20, 0) == alone
         assert len({alone[(m, PROMPTS[0])] for m in ("chat-q", host.base_id)}) == 2
     finally:
         host.close()

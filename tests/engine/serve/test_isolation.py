@@ -11,6 +11,7 @@ import pytest
 from lqmf.core.errors import InputError
 from lqmf.core.workspace import Workspace
 from lqmf.engine.serve.host import BatchSettings, ModelHost
+from tests.helpers import answer_concurrently
 
 PROMPTS = ["How do I return an item?", "Where is my order?", "hello"]
 NEW = 8
@@ -26,17 +27,7 @@ def host(trained_workspace):
 
 def answers(host, jobs) -> dict:
     """Each (model id, prompt) answered greedily, all at once from threads."""
-    results: dict = {}
-
-    def run(job):
-        results[job] = host.complete(job[0], job[1], max_new_tokens=NEW, min_new_tokens=NEW)[1].text
-
-    threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
-    return results
+    return answer_concurrently(host, jobs, NEW, NEW)
 
 
 def idle(host) -> bool:

@@ -12,6 +12,7 @@ from typing import Any
 from lqmf.core import federated as fed
 from lqmf.core.errors import InputError, LqmfError, RuntimeFailure
 from lqmf.core.names import slug
+from lqmf.core.serving import is_loopback
 from lqmf.core.workspace import Workspace
 from lqmf.engine.federated.server import ServerRequest, run_server
 from lqmf.engine.federated.site import SharedBase, Site, run_site
@@ -30,7 +31,7 @@ def simulate(workspace: Workspace, request: ServerRequest, dataset: Path, client
              column: str | None = None, progress: Progress = lambda line: None, on_aggregate=None,
              spill: float = 0.05) -> dict[str, Any]:
     """Split dataset into `clients` sites and run server and sites in this process on loopback."""
-    if not request.address or not fed.is_loopback(fed.split_address(request.address)[0]):
+    if not request.address or not is_loopback(fed.split_address(request.address)[0]):
         raise InputError("simulate runs on loopback only")
     request.check()
     folder = workspace.root / "federated" / "simulate" / slug(request.name or "run")
