@@ -326,6 +326,23 @@ def test_an_adapter_renamed_while_its_integrity_is_checked_is_not_found_rather_t
         reg.check_intact(entry)
 
 
+def test_a_file_gone_while_it_is_read_for_the_integrity_check_is_not_found(workspace, monkeypatch):
+    import lqmf.core.registry as registry_module
+    from lqmf.core.errors import NotFoundError
+
+    make_adapter(workspace, "moving")
+    reg = registry(workspace)
+    entry = reg.get("moving")
+
+    def renamed_mid_read(name, folder, manifest, cache):  # the rename lands between listing and reading a file
+        folder.rename(folder.with_name("moved"))
+        raise FileNotFoundError(2, "No such file or directory", str(folder / "adapter_config.json"))
+
+    monkeypatch.setattr(registry_module, "ensure_intact", renamed_mid_read)
+    with pytest.raises(NotFoundError, match="renamed or removed while being checked"):
+        reg.check_intact(entry)
+
+
 def test_concurrent_switches_and_renames_leave_the_registry_consistent(workspace):
     switchers = [f"s{i}" for i in range(8)]
     renamed = [f"r{i}" for i in range(6)]

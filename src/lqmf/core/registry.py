@@ -376,7 +376,7 @@ class Registry:
         not corrupt."""
         try:
             ensure_intact(entry.name, entry.path, entry.manifest or {}, ChecksumCache(self.workspace.root))
-        except InputError:
+        except (InputError, FileNotFoundError):  # a file listed, then gone when read
             if not entry.path.is_dir():
                 raise NotFoundError(f"adapter '{entry.name}' not found in {self.root}: it was renamed or "
                                     "removed while being checked") from None
