@@ -343,6 +343,20 @@ def test_a_file_gone_while_it_is_read_for_the_integrity_check_is_not_found(works
         reg.check_intact(entry)
 
 
+def test_a_file_gone_between_its_stat_and_its_checksum_is_missing_not_an_error(workspace, monkeypatch):
+    from lqmf.core import integrity
+
+    folder = make_adapter(workspace, "racing")
+    manifest = json.loads((folder / MANIFEST).read_text())
+
+    def vanished(self, path, compute):  # a concurrent rename lands between the lstat and the hashing
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(integrity.ChecksumCache, "digest", vanished)
+    problems = integrity.adapter_problems(folder, manifest, full=True)
+    assert problems and all(problem.endswith(" is missing") for problem in problems)
+
+
 def test_concurrent_switches_and_renames_leave_the_registry_consistent(workspace):
     switchers = [f"s{i}" for i in range(8)]
     renamed = [f"r{i}" for i in range(6)]

@@ -122,7 +122,11 @@ def _file_problems(folder: Path, manifest: dict[str, Any], full: bool,
         if record.get("size") is not None and size != record["size"]:
             problems.append(f"{rel} has {size} bytes, the manifest recorded {record['size']}")
             continue
-        digest = cache.digest(path, compute=full) if record.get("sha256") else None
+        try:
+            digest = cache.digest(path, compute=full) if record.get("sha256") else None
+        except FileNotFoundError:  # gone since its lstat: a concurrent rename or remove
+            problems.append(f"{rel} is missing")
+            continue
         if digest is not None and digest != record["sha256"]:
             problems.append(f"{rel}: sha256 differs from the manifest's")
     return problems, signature
