@@ -4,8 +4,10 @@ from here only, never from another test module."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -405,3 +407,18 @@ def run_shell(workspace: Path, script: str, *options: str, timeout: float = 600,
     return subprocess.run([sys.executable, "-m", "lqmf", "shell", *options], input=script, cwd=workspace,
                           env=lqmf_env({"LQMF_HOME": str(workspace), **(env or {})}), capture_output=True, text=True,
                           timeout=timeout)
+
+
+def sentences_csv(path: Path, topics: dict[str, tuple[list[str], list[str]]], n: int, seed: int) -> Path:
+    """A classification CSV of n made-up sentences, labels taking turns over topics' keys; each topic
+    is (subjects, predicates) and a row's text one random subject plus one random predicate."""
+    rng = random.Random(seed)
+    labels = list(topics)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["text", "label"])
+        for i in range(n):
+            label = labels[i % len(labels)]
+            subjects, predicates = topics[label]
+            writer.writerow([f"{rng.choice(subjects)} {rng.choice(predicates)}.", label])
+    return path

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 
 import pytest
 
 from lqmf.core.metrics import learning_check, no_improvement_warning
 from lqmf.core.schedule import MAX_AUTO_EPOCHS, MIN_STEPS, MIN_STEPS_PER_EPOCH, plan_schedule
+from tests.helpers import sentences_csv
 
 WORDS = {
     "sports": (["The striker", "Our goalkeeper", "The home team", "The coach"],
@@ -20,15 +19,7 @@ WORDS = {
 
 
 def topic_csv(path, n: int, seed: int = 0):
-    rng = random.Random(seed)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            label = list(WORDS)[i % 2]
-            subjects, predicates = WORDS[label]
-            writer.writerow([f"{rng.choice(subjects)} {rng.choice(predicates)}.", label])
-    return path
+    return sentences_csv(path, WORDS, n, seed)
 
 
 @pytest.mark.parametrize("n_train", [45, 108, 180, 450, 900])

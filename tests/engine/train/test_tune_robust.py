@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 import sqlite3
 import subprocess
 import sys
@@ -14,7 +12,7 @@ import pytest
 
 from lqmf.core import tune as spec
 from lqmf.core.errors import InputError
-from tests.helpers import EXAMPLES, lqmf_env, out_json
+from tests.helpers import EXAMPLES, lqmf_env, out_json, sentences_csv
 
 FIXED = """
 fixed:
@@ -215,15 +213,7 @@ TOPICS = {
 
 
 def three_class_csv(path, n: int = 36, seed: int = 3):
-    rng = random.Random(seed)
-    with path.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["text", "label"])
-        for i in range(n):
-            label = list(TOPICS)[i % 3]
-            subjects, predicates = TOPICS[label]
-            writer.writerow([f"{rng.choice(subjects)} {rng.choice(predicates)}.", label])
-    return path
+    return sentences_csv(path, TOPICS, n, seed)
 
 
 @pytest.mark.slow
