@@ -308,7 +308,7 @@ class Scheduler:
             group.append((row, chunk))
         rows = [row for row, _ in group]
         logits = self.decoder.prefill([row.slot for row in rows], [chunk for _, chunk in group],
-                                      [row.prefilled for row in rows], [self._adapter_index(row) for row in rows])
+                                      [row.prefilled for row in rows], [self._index_of(row.request) for row in rows])
         for index, (row, chunk) in enumerate(group):
             row.prefilled += len(chunk)
             if row.prefilled == len(row.request.ids):
@@ -320,7 +320,7 @@ class Scheduler:
         rows = [decoding.get(slot) for slot in range(width)]
         step = self.decoder.decode([row.last if row else 0 for row in rows],
                                    [row.position if row else None for row in rows],
-                                   [self._adapter_index(row) if row else 0 for row in rows],
+                                   [self._index_of(row.request) if row else 0 for row in rows],
                                    follow=[row is not None and row.ahead for row in rows],
                                    barred=[row.barred() if row else () for row in rows])
         self.steps += 1
@@ -363,9 +363,6 @@ class Scheduler:
                 self._emit_picked(row, step.logits[slot].float())
             elif row is not None:
                 self._emit(row, greedy[slot])
-
-    def _adapter_index(self, row: _Row) -> int:
-        return self._index_of(row.request)
 
     def _index_of(self, request: BatchRequest) -> int:
         return self._index[request.entry.id] if request.entry is not None else 0
