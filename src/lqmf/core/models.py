@@ -13,8 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lqmf.core.errors import ConflictError, InputError, NotFoundError, RuntimeFailure, did_you_mean
 from lqmf.core.fsutil import atomic_write_text
 from lqmf.core.names import validate_name
@@ -102,11 +100,18 @@ def quantization_of(config: dict[str, Any], where: str = "config.json") -> dict[
 
 
 def load_yaml(text: str) -> Any:
-    """yaml.safe_load, through libyaml where PyYAML has it (several times faster: `lqmf models list` reads 3 files)."""
+    """yaml.safe_load, through libyaml where PyYAML has it (several times faster: `lqmf models list` reads 3 files).
+
+    PyYAML is imported here, not at the top: `adapters list` and `status` import this module without
+    reading any YAML, and importing PyYAML costs about a tenth of their start (docs/cli.md)."""
+    import yaml
+
     return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
     try:
         data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
@@ -209,6 +214,8 @@ class ModelCatalogue:
     def add(self, alias: str, source: str, family: str | None = None, description: str | None = None,
             force: bool = False) -> None:
         """Add an alias to the workspace's configs/models.yaml (atomically)."""
+        import yaml
+
         validate_name(alias, "model alias")
         path = self.workspace.models_file
         data = _read_yaml(path) if path.is_file() else {}
