@@ -35,6 +35,14 @@ def test_a_typo_is_one_line_with_the_closest_verb(cli, workspace):
     assert result.exit_code == 2 and "did you mean 'train'" in result.stderr and result.stderr.count("\n") == 1
 
 
+def test_a_verb_group_builds_only_the_subcommand_named(cli, workspace):
+    group = load_verb("adapters")
+    assert not group.commands and group.list_commands(None)[:3] == ["list", "show", "load"]
+    assert group.get_command(None, "list").name == "list" and list(group.commands) == ["list"]
+    typo = cli("adapters", "lst")  # Typer's suggestion still sees every subcommand
+    assert typo.exit_code == 2 and "No such command 'lst'. Did you mean 'list'?" in typo.stderr
+
+
 def test_help_verb(cli, workspace):
     assert cli("help").stdout == cli("--help").stdout
     shown = cli("help", "adapters", "list")
@@ -50,7 +58,9 @@ def test_every_verb_takes_json():
     missing = []
     for name in VERBS:
         command = load_verb(name)
-        for sub_name, sub in (getattr(command, "commands", None) or {name: command}).items():
+        groups = hasattr(command, "list_commands")  # a group builds each subcommand when asked for it
+        for sub_name in command.list_commands(None) if groups else [name]:
+            sub = command.get_command(None, sub_name) if groups else command
             if not any("--json" in param.opts for param in sub.params):
                 missing.append(f"{name} {sub_name}")
     assert not missing, f"no --json on: {missing}"

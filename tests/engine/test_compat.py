@@ -262,6 +262,47 @@ def test_no_such_option_error_is_what_typer_raises_and_offers_its_possibilities(
     assert error.format_message() == "No such option: --jsn"
 
 
+def test_typer_group_and_builders_builds_what_typer_builds_one_command_at_a_time():
+    import typer
+    from typer.core import TyperGroup
+
+    class Group(TyperGroup):
+        pass
+
+    app = typer.Typer(cls=Group, help="Things.", no_args_is_help=True, rich_markup_mode=None,
+                      context_settings={"help_option_names": ["-h", "--help"]})
+
+    calls = []
+
+    @app.command("list")
+    def list_things(json_output: bool = typer.Option(False, "--json")) -> None:
+        """List things."""
+        calls.append(("list", json_output))
+
+    @app.command()
+    def show_one(name: str = typer.Argument(...), limit: int = 3) -> None:
+        """Show a thing."""
+        calls.append((name, limit))
+
+    group, builders = compat.typer_group_and_builders(app)
+    eager = typer.main.get_command(app)
+    assert type(group) is Group and not group.commands
+    assert list(builders) == list(eager.commands) == ["list", "show-one"]
+    assert (group.help, group.no_args_is_help, group.context_settings) == (
+        eager.help, eager.no_args_is_help, eager.context_settings)
+    for name, build in builders.items():
+        built, expected = build(), eager.commands[name]
+        assert (built.name, built.help) == (name, expected.help)
+        assert [(p.name, p.opts, p.default) for p in built.params] == [(p.name, p.opts, p.default)
+                                                                       for p in expected.params]
+    builders["list"]().main(["--json"], standalone_mode=False)
+    builders["show-one"]().main(["x", "--limit", "5"], standalone_mode=False)
+    assert calls == [("list", True), ("x", 5)]
+    single = typer.Typer()
+    single.command()(list_things)
+    assert compat.typer_group_and_builders(single) is None
+
+
 def test_share_children_keeps_names_and_sees_replacements():
     from lqmf.engine.compat import share_children
 

@@ -45,10 +45,20 @@ VERBS: dict[str, tuple[str, str]] = {
 
 
 def load_verb(name: str) -> Any:
-    """Import a verb's module and build its click command (a group for a Typer app)."""
+    """Import a verb's module and build its click command (a group for a Typer app, whose subcommands
+    are built when named)."""
     module_name, attribute = VERBS[name][0].split(":")
     target = getattr(importlib.import_module(module_name), attribute)
-    if not isinstance(target, typer.Typer):
+    if isinstance(target, typer.Typer):
+        from lqmf.engine.compat import typer_group_and_builders  # no torch in it
+
+        lazy = typer_group_and_builders(target)
+        if lazy is not None:  # a group (an App's: LazySubcommands) that builds a subcommand when named
+            group, builders = lazy
+            group.builders = builders
+            group.name = name
+            return group
+    else:
         single = App()
         single.command(name)(target)
         target = single

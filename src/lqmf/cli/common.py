@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from typer.core import TyperGroup
 
-from lqmf.cli.output import info
+from lqmf.cli.output import LazySubcommands, info
 from lqmf.core.workspace import WORKSPACE_ENV, Workspace
 
 WorkspaceOption = typer.Option(
@@ -46,7 +45,7 @@ def running_server_for(ws: Workspace, adapter: str, local: bool, doing: str) -> 
     return served
 
 
-class DefaultCommandGroup(TyperGroup):
+class DefaultCommandGroup(LazySubcommands):
     """A command group that runs its first command when the first argument names no subcommand.
 
     So `lqmf bench ADAPTER` is `lqmf bench run ADAPTER`, while `lqmf bench compare ...` still works.
@@ -54,6 +53,7 @@ class DefaultCommandGroup(TyperGroup):
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         help_options = set(ctx.help_option_names)
-        if args and args[0] not in self.commands and args[0] not in help_options and self.commands:
-            args = [next(iter(self.commands)), *args]
+        names = self.list_commands(ctx)
+        if args and args[0] not in names and args[0] not in help_options and names:
+            args = [names[0], *args]
         return super().parse_args(ctx, args)

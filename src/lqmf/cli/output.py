@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from lqmf.core.errors import LqmfError
 
@@ -113,10 +114,35 @@ def _run_reporting_errors(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> 
         raise fail(f"{type(err).__name__}: {detail} (run with --debug for the traceback)", 1) from None
 
 
-class App(typer.Typer):
-    """A Typer app whose commands all report errors the same way."""
+class LazySubcommands(TyperGroup):
+    """A verb's group whose subcommands are built (Typer reading their parameters) only when named:
+    `lqmf adapters list` builds `list` alone, not all 13 (a few ms of every start; docs/cli.md).
+    `lqmf.cli.app.load_verb` hands it the builders; without them it is a plain TyperGroup."""
 
     def __init__(self, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.builders: dict[str, Callable[[], Any]] = {}
+
+    def list_commands(self, ctx: Any) -> list[str]:
+        return [*self.builders, *(name for name in self.commands if name not in self.builders)]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        if cmd_name not in self.commands and cmd_name in self.builders:
+            self.commands[cmd_name] = self.builders[cmd_name]()
+        return self.commands.get(cmd_name)
+
+    def resolve_command(self, ctx: Any, args: list[str]) -> Any:
+        if args and args[0] not in self.builders:  # a typo: Typer suggests names from the built commands
+            for name in self.builders:
+                self.get_command(ctx, name)
+        return super().resolve_command(ctx, args)
+
+
+class App(typer.Typer):
+    """A Typer app whose commands all report errors the same way (and a group of them, LazySubcommands)."""
+
+    def __init__(self, **kwargs: Any):
+        kwargs.setdefault("cls", LazySubcommands)
         kwargs.setdefault("no_args_is_help", True)
         kwargs.setdefault("add_completion", False)  # only the root offers --install-completion
         kwargs.setdefault("pretty_exceptions_enable", False)

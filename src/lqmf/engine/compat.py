@@ -163,3 +163,27 @@ def no_such_option_error() -> type[Exception]:
     except ImportError:  # a Typer on the plain click package
         from click.exceptions import NoSuchOption
     return NoSuchOption
+
+
+def typer_group_and_builders(app) -> tuple[Any, dict[str, Any]] | None:
+    """app's click group, built as `typer.main.get_command` builds it (app's `cls`, help and settings) but
+    holding none of app's own commands yet, and {name: a function that builds that command} for each;
+    None for an app of fewer than two commands (Typer makes it a plain command). Lets a group of many
+    subcommands build only the one invoked. Uses Typer's undocumented `Typer.registered_commands`,
+    `typer.main.get_group`, `get_command_from_info` and `get_command_name`."""
+    import copy
+    import functools
+
+    from typer import main
+
+    if len(app.registered_commands) < 2:
+        return None
+    bare = copy.copy(app)  # the same settings; its own (empty) list of commands
+    bare.registered_commands = []
+    group = main.get_group(bare)
+    builders = {
+        info.name or main.get_command_name(info.callback.__name__): functools.partial(
+            main.get_command_from_info, info, pretty_exceptions_short=app.pretty_exceptions_short,
+            rich_markup_mode=app.rich_markup_mode)
+        for info in app.registered_commands}
+    return group, builders
