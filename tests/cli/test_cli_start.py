@@ -33,6 +33,22 @@ def test_light_verbs_import_only_their_own_module():
         assert args not in NO_YAML or "yaml" not in loaded, f"lqmf {' '.join(args)} imported PyYAML"
 
 
+def test_status_starts_no_process_without_nvidia_smi(tmp_path):
+    """platform.platform() would run `uname -p` (about 4 ms); core/system.py's platform_name does not."""
+    code = ("import sys\n"
+            "spawned = []\n"
+            "sys.addaudithook(lambda event, args: event in ('subprocess.Popen', 'os.posix_spawn', 'os.fork')"
+            " and spawned.append(args[0]))\n"
+            "from typer.testing import CliRunner\n"
+            "from lqmf.cli.app import app\n"
+            f"result = CliRunner().invoke(app, ['--workspace', {str(tmp_path)!r}, 'status', '--json'])\n"
+            "assert result.exit_code == 0, result.output\n"
+            "print(spawned)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=lqmf_env({"PATH": str(tmp_path)}), capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 def test_light_verbs_start_within_one_and_a_half_times_importing_typer():
     """benchmarks/cold_start.py in one run: medians of fresh interpreters, CPU time (user + system), which
     neighbours on a shared machine disturb far less than wall time; SLACK_S absorbs what they still do."""

@@ -12,7 +12,7 @@ from lqmf import __version__
 from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import print_json, print_table
 from lqmf.core.registry import CORRUPT, OK, Registry
-from lqmf.core.system import cpu_and_ram, disk, gpus, library_versions
+from lqmf.core.system import cpu_and_ram, disk, gpus, library_versions, platform_name
 from lqmf.core.workspace import Workspace
 
 
@@ -61,7 +61,7 @@ def status(
     """Show GPUs, CPU, RAM, disk, library versions and the adapter registry (fast: no torch unless --gpu)."""
     ws = workspace(ctx, workspace_dir)
     report: dict[str, Any] = {
-        "lqmf": __version__, "python": platform.python_version(), "platform": platform.platform(),
+        "lqmf": __version__, "python": platform.python_version(), "platform": platform_name(),
         "workspace": str(ws.root),
         **gpus(),
         **cpu_and_ram(),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -308,6 +309,8 @@ def test_status_json_fields(cli, workspace):
     assert report["adapters"]["broken"] == [{"name": "half", "problem": "missing adapter_config.json, "
                                              "adapter_model.safetensors, lqmf.json"}]
     assert "torch" not in report
+    if platform.processor() in ("", platform.machine()):  # what status leaves out of platform.platform()
+        assert report["platform"] == platform.platform()
     if not shutil.which("nvidia-smi"):
         assert report["gpus"] == [] and "nvidia-smi not found" in report["gpu_problem"]
 
