@@ -24,15 +24,17 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lqmf.core.errors import ConflictError, InputError, LqmfError, NotFoundError, RuntimeFailure, did_you_mean
 from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import atomic_write_json, file_sha256, fsync_dir
 from lqmf.core.integrity import ChecksumCache, adapter_problems, ensure_intact
-from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.names import slug, validate_name
 from lqmf.core.workspace import Workspace
+
+if TYPE_CHECKING:  # imported where used: `adapters list` and `status` resolve no model
+    from lqmf.core.models import ResolvedModel
 
 MANIFEST = "lqmf.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -429,23 +431,23 @@ class Registry:
 
         active = self.active_pointers(strict=False) if active is None else active
         cache_checksums = checksums or ChecksumCache(self.workspace.root)
-        cache = ListingCache(self.workspace.root, cache_checksums.entries)
         listed = []
-        for path, name, symlink in self._folder_names():  # strings: Path objects cost 1,000s of parses
-            cached = None if symlink or name.startswith(STAGING_PREFIX) else cache.row(path, name)
-            if cached is None:
-                folder = Path(path)
-                entry = self.inspect(folder, symlink)
-                row = self.summary(entry, active, cache_checksums)
-                body = _ENCODE({k: v for k, v in row.items() if k not in LISTED_APART})[1:-1]
-                cached = {"state": row["state"], "problem": row["problem"], "base_id": row["base_id"], "body": body}
-                if entry.complete:
-                    files = [MANIFEST, *PEFT_FILES, *((entry.manifest or {}).get("files") or {})]
-                    cache.put(folder, list(dict.fromkeys(f for f in files if isinstance(f, str))), cached)
-                name = row["name"]  # a run's name, without the staging prefix
-            key = cached["base_id"]
-            listed.append(ListedAdapter(name, path, cached["state"], cached["problem"], key, cached["body"],
-                                        key is not None and (active.get(key) or {}).get("adapter") == name))
+        with ListingCache(self.workspace.root, self.root, cache_checksums.entries) as cache:
+            for path, name, symlink in self._folder_names():  # strings: Path objects cost 1,000s of parses
+                cached = None if symlink or name.startswith(STAGING_PREFIX) else cache.row(path, name)
+                if cached is None:
+                    folder = Path(path)
+                    entry = self.inspect(folder, symlink)
+                    row = self.summary(entry, active, cache_checksums)
+                    body = _ENCODE({k: v for k, v in row.items() if k not in LISTED_APART})[1:-1]
+                    cached = (row["state"], row["problem"], row["base_id"], body)
+                    if entry.complete:
+                        files = [MANIFEST, *PEFT_FILES, *((entry.manifest or {}).get("files") or {})]
+                        cache.put(folder, list(dict.fromkeys(f for f in files if isinstance(f, str))), cached)
+                    name = row["name"]  # a run's name, without the staging prefix
+                state, problem, key, body = cached
+                listed.append(ListedAdapter(name, path, state, problem, key, body,
+                                            key is not None and (active.get(key) or {}).get("adapter") == name))
         if checksums is None:
             cache_checksums.save()
         cache.save()
@@ -675,6 +677,8 @@ class Registry:
         return matches
 
     def resolve_base_id(self, reference: str) -> str | None:
+        from lqmf.core.models import ModelCatalogue
+
         try:
             resolved = ModelCatalogue(self.workspace).resolve(reference)
         except LqmfError:
@@ -686,6 +690,8 @@ class Registry:
 
     def resolve_base(self, entry: AdapterEntry) -> ResolvedModel:
         """The adapter's base model: the folder it was trained on if it is still there, else its reference."""
+        from lqmf.core.models import ModelCatalogue
+
         catalogue = ModelCatalogue(self.workspace)
         recorded = entry.base_model.get("path")
         if recorded and (Path(recorded) / "config.json").is_file():
