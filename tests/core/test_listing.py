@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from lqmf.core.listing import LISTING_CACHE, VERSION, ListingCache
-from lqmf.core.registry import Registry
+from lqmf.core.registry import ListedAdapter, Registry
 from lqmf.core.workspace import Workspace
 from tests.helpers import REPO
 
@@ -58,3 +58,10 @@ def test_rows_are_reused_by_relative_or_full_path_until_a_file_changes(registry)
     assert cache.folders_fd is None
     changed = ListingCache(root, registry.root, {str(folder / "lqmf.json"): [0, 0, "digest"]})
     assert changed.row(str(folder), "demo-1") is None  # the checksum cache says something new of a file
+
+
+@pytest.mark.parametrize(("problem", "body", "active"), [
+    (None, '"task": "chat", "rank": 8', True), ('missing "lqmf.json"', "", False), ("café", '"metric": null', False)])
+def test_a_listed_row_is_written_as_json_dumps_writes_it(problem, body, active):
+    listed = ListedAdapter("näme", "/w/adapters/näme", "ok", problem, "tiny", body, active)
+    assert listed.json_line() == json.dumps(listed.row())
