@@ -24,7 +24,7 @@ LISTING_CACHE = Path(".lqmf") / "listing.json"
 VERSION = 3
 
 # What a row holds besides its files: (state, problem, base id, body: the rest of the row as JSON text).
-Row = tuple[str, "str | None", "str | None", str]
+Row = tuple[str, str | None, str | None, str]
 
 
 class ListingCache:

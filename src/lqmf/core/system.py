@@ -87,7 +87,7 @@ def free_gpu_memory() -> tuple[int | None, str | None]:
 def platform_name() -> str:
     """What platform.platform() says ("Linux-6.1.0-x86_64-with-glibc2.36"), without the `uname -p` it runs
     on Linux for a processor name that is nearly always "unknown" or the machine again, both left out
-    (a child process: about 4 ms of every `lqmf status`)."""
+    (a child process: about 5 ms of CPU, its own included, on every `lqmf status`)."""
     if platform.system() != "Linux":
         return platform.platform()
     parts = (platform.system(), platform.release(), platform.machine(), "with", "".join(platform.libc_ver()))

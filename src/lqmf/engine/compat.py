@@ -168,7 +168,7 @@ def no_such_option_error() -> type[Exception]:
 def typer_group_and_builders(app) -> tuple[Any, dict[str, Any]] | None:
     """app's click group, built as `typer.main.get_command` builds it (app's `cls`, help and settings) but
     holding none of app's own commands yet, and {name: a function that builds that command} for each;
-    None for an app of fewer than two commands (Typer makes it a plain command). Lets a group of many
+    None for an app of fewer than two commands (left to `typer.main.get_command`). Lets a group of many
     subcommands build only the one invoked. Uses Typer's undocumented `Typer.registered_commands`,
     `typer.main.get_group`, `get_command_from_info` and `get_command_name`."""
     import copy
