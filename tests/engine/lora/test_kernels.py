@@ -120,3 +120,27 @@ def test_each_row_gets_its_own_adapters_product(interpreted, monkeypatch, dtype_
         interpreted.rows_product_into(out, x, rows, tables)
         assert float((out.float() - expected).abs().max()) <= tolerance, f"kernels {kernels}"
     assert calls == [1]  # the kernels ran once, the GEMMs the other time
+
+
+def test_adapter_tables_hold_the_one_copy_and_rebuild_from_it():
+    """Entries' weights become views of the tables; tables built again (an adapter added) give the same products."""
+    import torch
+
+    from lqmf.engine.lora.kernels import rows_product_into
+    from lqmf.engine.lora.stacked import adapter_tables
+
+    names, sizes, width = ("gate_proj", "up_proj"), [64, 64], 32
+    entries = _adapter_entries([4, 8], names, sizes, width, torch.float32)
+    first = adapter_tables(names, sizes, entries)
+    held = [tensor for entry in entries for a, b, _ in entry.weights.values() for tensor in (a, b)]
+    storages = {first.a.untyped_storage().data_ptr(), first.b.untyped_storage().data_ptr()}
+    assert {t.untyped_storage().data_ptr() for t in held} == storages
+    x, rows = torch.randn(3, width), torch.tensor([1, 2, 0])
+    before = torch.zeros(3, 128)
+    rows_product_into(before, x, rows, first)
+    again = adapter_tables(names, sizes, [*entries, *_adapter_entries([2], names, sizes, width, torch.float32)])
+    assert again.a.shape[0] == 4 and again.a.data_ptr() != first.a.data_ptr()
+    after = torch.zeros(3, 128)
+    rows_product_into(after, x, rows, again)
+    torch.testing.assert_close(after, before)
+    assert torch.count_nonzero(before[2]) == 0 and torch.count_nonzero(before[:2]) > 0

@@ -132,21 +132,27 @@ class AdapterTables:
 
 
 def adapter_tables(names: tuple[str, ...], sizes: list[int], entries: list[StackedAdapter]) -> AdapterTables | None:
-    """The tables of entries' weights for these projections (entry i at index i + 1); None if none has any."""
+    """The tables of entries' weights for these projections (entry i at index i + 1); None if none has any.
+
+    Each entry's weights for these projections then become views of the tables (B with its scaling
+    in, scaling 1), so one copy of an adapter stays on the device, not one in the entry and one here."""
     import torch
 
-    held = [(index + 1, entry.weights[name], number) for index, entry in enumerate(entries)
+    held = [(index + 1, entry, number, entry.weights[name]) for index, entry in enumerate(entries)
             for number, name in enumerate(names) if name in entry.weights]
     if not held:
         return None
-    rank = max(a.shape[0] for _, (a, _, _), _ in held)
-    first = held[0][1][0]
+    rank = max(a.shape[0] for _, _, _, (a, _, _) in held)
+    first = held[0][3][0]
     spans = [(sum(sizes[:number]), sum(sizes[:number + 1])) for number in range(len(names))]
     a_table = torch.zeros(len(entries) + 1, len(names) * rank, first.shape[1], dtype=first.dtype, device=first.device)
     b_table = torch.zeros(spans[-1][1], len(entries) + 1, rank, dtype=first.dtype, device=first.device)
-    for index, (a, b, scaling), number in held:
-        a_table[index, number * rank:number * rank + a.shape[0]] = a
-        b_table[spans[number][0]:spans[number][1], index, :b.shape[1]] = b * scaling if scaling != 1 else b
+    for index, entry, number, (a, b, scaling) in held:
+        a_view = a_table[index, number * rank:number * rank + a.shape[0]]
+        b_view = b_table[spans[number][0]:spans[number][1], index, :b.shape[1]]
+        a_view.copy_(a)
+        b_view.copy_(b * scaling if scaling != 1 else b)
+        entry.weights[names[number]] = (a_view, b_view, 1.0)
     return AdapterTables(a_table, b_table, rank, spans)
 
 
