@@ -87,15 +87,7 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
         return modules[0]
     stacked = compat.stack_4bit(modules)
     if stacked is not None:
-        import bitsandbytes as bnb
-
-        packed, state = stacked
-        compute = modules[0].compute_dtype
-
-        def matmul_4bit(x):
-            return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
-
-        return matmul_4bit
+        return stacked_matmul_4bit(*stacked, modules[0].compute_dtype)
     kinds = {(type(m), m.weight.dtype, m.weight.device, m.bias is None) for m in modules}
     if len(kinds) != 1 or next(iter(kinds))[0] is not torch.nn.Linear:
         return lambda x: torch.cat([m(x) for m in modules], dim=-1)
@@ -109,6 +101,15 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
             compat.repoint(module.bias, bias[start:end])
         start = end
     return lambda x: torch.nn.functional.linear(x, weight, bias)
+
+def stacked_matmul_4bit(packed, state, compute) -> Callable[[Any], Any]:
+    """bitsandbytes' matmul of x with compat.stack_4bit's (packed, state), in the layers' compute dtype."""
+    import bitsandbytes as bnb
+
+    def matmul_4bit(x):
+        return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
+
+    return matmul_4bit
 
 class BatchedLoRALinear:
     """Projections that read one input (q/k/v, gate/up, or one alone) for a batch of rows: the base

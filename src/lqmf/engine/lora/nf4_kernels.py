@@ -1,0 +1,112 @@
+"""Triton kernels of engine/lora/nf4.py: a bitsandbytes NF4 weight times a few rows, read once.
+
+Imported only by nf4.py, and only when a kernel runs (importing triton takes time). The layout they
+read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own dequantize_4bit): a
+[N, K] weight row-major, two codes a byte, the even k in the high nibble; one float32 absmax per
+BLOCKSIZE consecutive values of a row (pre-dequantized once where bitsandbytes nests it).
+
+One kernel, two ways to multiply (constexpr USE_DOT): `tl.dot` on tensor cores for a tile of up to
+BLOCK_M rows, or multiply-adds on CUDA cores (a GEMV; for one to a few rows). Each program owns
+BLOCK_N output columns, one of SPLIT slices of K and one block of rows. Per step it loads a
+[BLOCK_N, BLOCK_K // 2] byte tile (contiguous along K), splits each byte into its two codes, maps
+them to NF4 values (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1:
+one 64-bit load per byte from a 256-entry byte -> (value, value) table), scales them by their
+block's absmax (a [BLOCK_N, BLOCK_K // BLOCKSIZE] tile broadcast over the block) and rounds them to
+x's dtype as dequantize_4bit does; x's even and odd columns multiply the high and low codes, so
+nothing is interleaved. With SPLIT > 1 the slices write float32 partials that `reduce_splits`
+sums in a fixed order (no atomics, no host sync: both kernels can be captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes(packed, code_ptr, pair_ptr, LUT: tl.constexpr):
+    """The NF4 values (float32) of each byte's high (even k) and low (odd k) code."""
+    if LUT == 1:
+        pair = tl.load(pair_ptr + packed)
+        high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        high = tl.load(code_ptr + (packed >> 4))
+        low = tl.load(code_ptr + (packed & 15))
+    return high, low
+
+
+@triton.jit
+def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """value (float32) in dtype, rounded to nearest even. Triton's CPU interpreter truncates float32 to
+    bfloat16, so there the rounding is done on the bits first (then the cast is exact)."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = value.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+@triton.jit
+def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCKSIZE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, LUT: tl.constexpr,
+                      INTERPRETED: tl.constexpr):
+    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    byte_at = q_ptr + cols.to(tl.int64)[:, None] * (K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
+    scale_at = absmax_ptr + cols.to(tl.int64)[:, None] * (K // BLOCKSIZE) + tl.arange(0, BLOCK_K // BLOCKSIZE)[None, :]
+    x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
+    begin = pid_s * K_PER_SPLIT
+    byte_at += begin // 2
+    scale_at += begin // BLOCKSIZE
+    x_at += begin
+    if USE_DOT or BLOCK_M > 1:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    else:  # one row: sum along K once, at the end
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for _ in range(0, K_PER_SPLIT, BLOCK_K):
+        packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
+        scale = tl.load(scale_at, mask=col_ok[:, None], other=0.0)
+        high, low = _codes(packed, code_ptr, pair_ptr, LUT)
+        blocks = (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2)
+        high = _rounded(tl.reshape(high, blocks) * scale[:, :, None], x_ptr.dtype.element_ty, INTERPRETED)
+        low = _rounded(tl.reshape(low, blocks) * scale[:, :, None], x_ptr.dtype.element_ty, INTERPRETED)
+        high = tl.reshape(high, (BLOCK_N, BLOCK_K // 2))
+        low = tl.reshape(low, (BLOCK_N, BLOCK_K // 2))
+        x = tl.load(x_at, mask=row_ok[:, None], other=0.0)
+        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
+        if USE_DOT:
+            if INTERPRETED:  # Triton's CPU interpreter multiplies bf16 operands wrongly
+                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
+                high, low = high.to(tl.float32), low.to(tl.float32)
+            acc = tl.dot(x_even, tl.trans(high), acc)
+            acc = tl.dot(x_odd, tl.trans(low), acc)
+        else:
+            product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
+                       + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
+            if BLOCK_M > 1:
+                acc += tl.sum(product, axis=2)
+            else:
+                acc += product
+        byte_at += BLOCK_K // 2
+        scale_at += BLOCK_K // BLOCKSIZE
+        x_at += BLOCK_K
+    if not USE_DOT and BLOCK_M == 1:
+        acc = tl.sum(acc, axis=2)
+    ok = row_ok[:, None] & col_ok[None, :]
+    at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
+    tl.store(out_ptr + at, _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+@triton.jit
+def reduce_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """out[i] = sum over s of part[s, i] (float32 partials, summed in slice order), in out's dtype."""
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = at < MN
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        total += tl.load(part_ptr + s * MN + at, mask=ok, other=0.0)
+    tl.store(out_ptr + at, _rounded(total, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
