@@ -140,7 +140,8 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     kernels.nf4_matmul_kernel[grid](
         x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
         x.stride(0), in_features // split, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCKSIZE=blocksize, SPLIT=split, USE_DOT=config.dot, LUT=config.lut, INTERPRETED=not x.is_cuda,
+        BLOCKSIZE=blocksize, USE_DOT=config.dot, LUT=config.lut, IEEE=x.dtype == torch.float32,
+        INTERPRETED=not x.is_cuda,
         num_warps=config.warps, num_stages=config.stages)
     if split > 1:
         block = 1024

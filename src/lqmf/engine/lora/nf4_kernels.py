@@ -6,15 +6,16 @@ read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own 
 BLOCKSIZE consecutive values of a row (pre-dequantized once where bitsandbytes nests it).
 
 One kernel, two ways to multiply (constexpr USE_DOT): `tl.dot` on tensor cores for a tile of up to
-BLOCK_M rows, or multiply-adds on CUDA cores (a GEMV; for one to a few rows). Each program owns
-BLOCK_N output columns, one of SPLIT slices of K and one block of rows. Per step it loads a
-[BLOCK_N, BLOCK_K // 2] byte tile (contiguous along K), splits each byte into its two codes, maps
-them to NF4 values (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1:
-one 64-bit load per byte from a 256-entry byte -> (value, value) table), scales them by their
-block's absmax (a [BLOCK_N, BLOCK_K // BLOCKSIZE] tile broadcast over the block) and rounds them to
-x's dtype as dequantize_4bit does; x's even and odd columns multiply the high and low codes, so
-nothing is interleaved. With SPLIT > 1 the slices write float32 partials that `reduce_splits`
-sums in a fixed order (no atomics, no host sync: both kernels can be captured in a CUDA graph).
+BLOCK_M rows (full float32 precision for float32 inputs, not TF32), or multiply-adds on CUDA cores
+(a GEMV; for one to a few rows). Each program owns BLOCK_N output columns, one of the slices of K
+and one block of rows. Per step it loads a [BLOCK_N, BLOCK_K // 2] byte tile (contiguous along K),
+splits each byte into its two codes, maps them to NF4 values (LUT 0: two loads from the 16-entry
+code, which sits in one cache line; LUT 1: one 64-bit load per byte from a 256-entry byte -> (value,
+value) table), scales them by their block's absmax (a [BLOCK_N, BLOCK_K // BLOCKSIZE] tile broadcast
+over the block) and rounds them to x's dtype as dequantize_4bit does; x's even and odd columns
+multiply the high and low codes, so nothing is interleaved. With more than one slice they write
+float32 partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels
+can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCKSIZE: tl.constexpr, SPLIT: tl.constexpr, USE_DOT: tl.constexpr, LUT: tl.constexpr,
+                      BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, LUT: tl.constexpr, IEEE: tl.constexpr,
                       INTERPRETED: tl.constexpr):
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -82,8 +83,12 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
             if INTERPRETED:  # Triton's CPU interpreter multiplies bf16 operands wrongly
                 x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
                 high, low = high.to(tl.float32), low.to(tl.float32)
-            acc = tl.dot(x_even, tl.trans(high), acc)
-            acc = tl.dot(x_odd, tl.trans(low), acc)
+            if IEEE:  # float32 inputs: full precision, not TF32
+                acc = tl.dot(x_even, tl.trans(high), acc, input_precision="ieee")
+                acc = tl.dot(x_odd, tl.trans(low), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x_even, tl.trans(high), acc)
+                acc = tl.dot(x_odd, tl.trans(low), acc)
         else:
             product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
                        + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
