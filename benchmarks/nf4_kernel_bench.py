@@ -42,18 +42,20 @@ def candidates(smoke: bool) -> list:
 
     if smoke:
         return [Config(block_m=1, block_n=32, block_k=128, dot=False), Config(block_m=16, block_n=32, block_k=128),
-                Config(block_m=16, block_n=32, block_k=64, lut=1)]
-    found = []
-    gemv_tiles = ((32, 256), (64, 128), (16, 512), (64, 256))
-    dot_tiles = ((64, 128, 4), (32, 256, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8))
-    for block_m, dot, stages_list in ((1, False, (2,)), (16, True, (2, 3)), (2, False, (2,)), (4, False, (2,)),
-                                      (32, True, (2,)), (64, True, (2,))):
-        for block_n, block_k, *warps in (dot_tiles if dot else gemv_tiles):
-            for stages in stages_list:
-                for lut in (0, 1):
-                    found.append(Config(block_m=block_m, block_n=block_n, block_k=block_k, dot=dot, lut=lut,
-                                        warps=warps[0] if warps else 4, stages=stages))
-    return found
+                Config(block_m=16, block_n=32, block_k=64, lut=1, swap=True)]
+    gemv_tiles = ((32, 256), (64, 128), (16, 512), (64, 256))  # block_n, block_k
+    dot_tiles = ((64, 128, 4), (32, 256, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8))  # and warps
+
+    def gemvs(block_m, tiles):
+        return [Config(block_m=block_m, block_n=n, block_k=k, dot=False, lut=lut) for n, k in tiles for lut in (0, 1)]
+
+    def dots(block_m, tiles, luts, stages=2):
+        return [Config(block_m=block_m, block_n=n, block_k=k, warps=warps, stages=stages, lut=lut, swap=swap)
+                for n, k, warps in tiles for swap in (False, True) for lut in luts]
+
+    return (gemvs(1, gemv_tiles) + dots(16, dot_tiles, (0, 1)) + dots(16, dot_tiles[2:3], (0,), stages=3)
+            + gemvs(2, gemv_tiles[:2]) + gemvs(4, gemv_tiles[:2])
+            + dots(32, dot_tiles[:3], (0,)) + dots(64, dot_tiles[:3], (0,)))
 
 
 def config_fits(config, rows: int) -> bool:
@@ -234,7 +236,7 @@ def report(summary: dict, weights: dict) -> None:
         brief = ("-" if config is None else
                  f"{'dot' if config['dot'] else 'gemv'} m{config['block_m']} n{config['block_n']} "
                  f"k{config['block_k']} s{config['split'] or 'auto'} w{config['warps']} st{config['stages']} "
-                 f"lut{config['lut']}")
+                 f"lut{config['lut']}{' swap' if config['swap'] else ''}")
         print(f"{name:>8} {rows:>4} {entry.get('us', float('nan')):>10.1f} {entry['bitsandbytes_us']:>8.1f} "
               f"{entry.get('speedup', float('nan')):>6.2f} {entry.get('gb_per_s', float('nan')):>7.0f} "
               f"{entry.get('bf16_max_abs_error', float('nan')):>9.2e}  {brief}")

@@ -51,9 +51,9 @@ def _assert_matches(got, x, dense):
 @pytest.mark.parametrize(("rows", "out_features", "in_features", "nested", "dtype_name", "config"), [
     (1, 64, 256, True, "bfloat16", dict(block_m=1, block_n=32, block_k=128, split=2, dot=False)),
     (3, 48, 384, False, "float32", dict(block_m=2, block_n=16, block_k=128, split=1, dot=False, lut=1)),
-    (16, 256, 128, True, "bfloat16", dict(block_m=16, block_n=64, block_k=64, split=2, lut=1)),
+    (16, 256, 128, True, "bfloat16", dict(block_m=16, block_n=64, block_k=64, split=2, lut=1, swap=True)),
     (17, 32, 512, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, split=4)),
-    (40, 96, 256, True, "float32", dict(block_m=64, block_n=32, block_k=256, split=1)),
+    (40, 96, 256, True, "float32", dict(block_m=64, block_n=32, block_k=256, split=1, swap=True)),
     (40, 200, 128, False, "float16", None),  # the default config for 40 rows
 ])
 def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_features, nested, dtype_name,

@@ -32,8 +32,9 @@ OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
 @dataclass(frozen=True)
 class Config:
     """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (multiply-adds, a GEMV);
-    split: slices of K (0: enough for TARGET_PROGRAMS programs); lut: 0 two loads from the 16-entry
-    code per byte, 1 one load from a 256-entry byte -> pair table."""
+    split: slices of K (0: enough for TARGET_PROGRAMS programs); block_k: K a loop step (whole
+    quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
+    a 256-entry byte -> pair table."""
 
     block_m: int = 16
     block_n: int = 64
@@ -43,6 +44,7 @@ class Config:
     stages: int = 2
     lut: int = 0
     dot: bool = True
+    swap: bool = False  # dot: the weight as tl.dot's first operand (out^T = W x^T)
 
 
 GEMV = Config(block_m=1, block_n=32, block_k=256, dot=False)
@@ -140,7 +142,7 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     kernels.nf4_matmul_kernel[grid](
         x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
         x.stride(0), in_features // split, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCKSIZE=blocksize, USE_DOT=config.dot, LUT=config.lut, IEEE=x.dtype == torch.float32,
+        BLOCKSIZE=blocksize, USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut, IEEE=x.dtype == torch.float32,
         INTERPRETED=not x.is_cuda,
         num_warps=config.warps, num_stages=config.stages)
     if split > 1:

@@ -6,16 +6,17 @@ read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own 
 BLOCKSIZE consecutive values of a row (pre-dequantized once where bitsandbytes nests it).
 
 One kernel, two ways to multiply (constexpr USE_DOT): `tl.dot` on tensor cores for a tile of up to
-BLOCK_M rows (full float32 precision for float32 inputs, not TF32), or multiply-adds on CUDA cores
-(a GEMV; for one to a few rows). Each program owns BLOCK_N output columns, one of the slices of K
-and one block of rows. Per step it loads a [BLOCK_N, BLOCK_K // 2] byte tile (contiguous along K),
-splits each byte into its two codes, maps them to NF4 values (LUT 0: two loads from the 16-entry
-code, which sits in one cache line; LUT 1: one 64-bit load per byte from a 256-entry byte -> (value,
-value) table), scales them by their block's absmax (a [BLOCK_N, BLOCK_K // BLOCKSIZE] tile broadcast
-over the block) and rounds them to x's dtype as dequantize_4bit does; x's even and odd columns
-multiply the high and low codes, so nothing is interleaved. With more than one slice they write
-float32 partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels
-can be captured in a CUDA graph).
+BLOCK_M rows (SWAP: the weight as the first operand; float32 inputs in full precision, not TF32), or
+multiply-adds on CUDA cores (a GEMV; for one to a few rows). Each program owns BLOCK_N output
+columns, one of the slices of K and one block of rows. A loop step covers BLOCK_K // BLOCKSIZE
+quantization blocks, unrolled; per block it loads a [BLOCK_N, BLOCKSIZE // 2] byte tile (contiguous
+along K) and the BLOCK_N absmax values, splits each byte into its two codes, maps them to NF4 values
+(LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
+byte from a 256-entry byte -> (value, value) table), scales them by the absmax and rounds them to
+x's dtype as dequantize_4bit does; x's even and odd columns multiply the high and low codes, so
+nothing is interleaved and no weight tile is reshaped. With more than one slice they write float32
+partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels can be
+captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -49,58 +50,71 @@ def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 
 @triton.jit
+def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr,
+                  INTERPRETED: tl.constexpr):
+    """One quantization block of BLOCK_N weight rows, dequantized: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2]
+    in dtype, each value code * absmax rounded once, as bitsandbytes' dequantize_4bit rounds it."""
+    packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
+    scale = tl.load(scale_at, mask=col_ok, other=0.0)[:, None]
+    high, low = _codes(packed, code_ptr, pair_ptr, LUT)
+    return _rounded(high * scale, dtype, INTERPRETED), _rounded(low * scale, dtype, INTERPRETED)
+
+
+@triton.jit
+def _dot(acc, x, weight, SWAP: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + x weight^T ([BLOCK_M, BLOCK_N]), or with SWAP acc + weight x^T ([BLOCK_N, BLOCK_M]: the
+    weight is the first operand, which a GPU can read from registers)."""
+    if INTERPRETED:  # Triton's CPU interpreter multiplies bf16 operands wrongly
+        x, weight = x.to(tl.float32), weight.to(tl.float32)
+    if SWAP:
+        first, second = weight, tl.trans(x)
+    else:
+        first, second = x, tl.trans(weight)
+    if IEEE:  # float32 inputs: full precision, not TF32
+        return tl.dot(first, second, acc, input_precision="ieee")
+    return tl.dot(first, second, acc)
+
+
+@triton.jit
 def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, LUT: tl.constexpr, IEEE: tl.constexpr,
-                      INTERPRETED: tl.constexpr):
+                      BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
+                      IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step."""
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
-    byte_at = q_ptr + cols.to(tl.int64)[:, None] * (K // 2) + tl.arange(0, BLOCK_K // 2)[None, :]
-    scale_at = absmax_ptr + cols.to(tl.int64)[:, None] * (K // BLOCKSIZE) + tl.arange(0, BLOCK_K // BLOCKSIZE)[None, :]
-    x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + tl.arange(0, BLOCK_K)[None, :]
     begin = pid_s * K_PER_SPLIT
-    byte_at += begin // 2
-    scale_at += begin // BLOCKSIZE
-    x_at += begin
-    if USE_DOT or BLOCK_M > 1:
+    byte_at = q_ptr + cols.to(tl.int64)[:, None] * (K // 2) + (begin // 2 + tl.arange(0, BLOCKSIZE // 2))[None, :]
+    scale_at = absmax_ptr + cols.to(tl.int64) * (K // BLOCKSIZE) + begin // BLOCKSIZE
+    x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (begin + tl.arange(0, BLOCKSIZE))[None, :]
+    dtype = x_ptr.dtype.element_ty
+    if not USE_DOT:  # multiply-adds, summed along K once, at the end
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
+    elif SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:  # one row: sum along K once, at the end
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
     for _ in range(0, K_PER_SPLIT, BLOCK_K):
-        packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
-        scale = tl.load(scale_at, mask=col_ok[:, None], other=0.0)
-        high, low = _codes(packed, code_ptr, pair_ptr, LUT)
-        blocks = (BLOCK_N, BLOCK_K // BLOCKSIZE, BLOCKSIZE // 2)
-        high = _rounded(tl.reshape(high, blocks) * scale[:, :, None], x_ptr.dtype.element_ty, INTERPRETED)
-        low = _rounded(tl.reshape(low, blocks) * scale[:, :, None], x_ptr.dtype.element_ty, INTERPRETED)
-        high = tl.reshape(high, (BLOCK_N, BLOCK_K // 2))
-        low = tl.reshape(low, (BLOCK_N, BLOCK_K // 2))
-        x = tl.load(x_at, mask=row_ok[:, None], other=0.0)
-        x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 2, 2)))
-        if USE_DOT:
-            if INTERPRETED:  # Triton's CPU interpreter multiplies bf16 operands wrongly
-                x_even, x_odd = x_even.to(tl.float32), x_odd.to(tl.float32)
-                high, low = high.to(tl.float32), low.to(tl.float32)
-            if IEEE:  # float32 inputs: full precision, not TF32
-                acc = tl.dot(x_even, tl.trans(high), acc, input_precision="ieee")
-                acc = tl.dot(x_odd, tl.trans(low), acc, input_precision="ieee")
+        for block in tl.static_range(BLOCK_K // BLOCKSIZE):
+            high, low = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok, code_ptr,
+                                      pair_ptr, dtype, LUT, INTERPRETED)
+            x = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCKSIZE // 2, 2)))
+            if USE_DOT:
+                acc = _dot(acc, x_even, high, SWAP, IEEE, INTERPRETED)
+                acc = _dot(acc, x_odd, low, SWAP, IEEE, INTERPRETED)
             else:
-                acc = tl.dot(x_even, tl.trans(high), acc)
-                acc = tl.dot(x_odd, tl.trans(low), acc)
-        else:
-            product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
-                       + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
-            if BLOCK_M > 1:
-                acc += tl.sum(product, axis=2)
-            else:
-                acc += product
+                acc += (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
+                        + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
         byte_at += BLOCK_K // 2
         scale_at += BLOCK_K // BLOCKSIZE
         x_at += BLOCK_K
-    if not USE_DOT and BLOCK_M == 1:
+    if not USE_DOT:
         acc = tl.sum(acc, axis=2)
+    elif SWAP:
+        acc = tl.trans(acc)
     ok = row_ok[:, None] & col_ok[None, :]
     at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
     tl.store(out_ptr + at, _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
