@@ -29,6 +29,11 @@ def _group():
     return layers
 
 
+@pytest.fixture(autouse=True)
+def switched_on(monkeypatch):
+    monkeypatch.setenv("LQMF_NF4_KERNEL", "1")
+
+
 @pytest.mark.parametrize("rows", [1, 2, 5, 16, 40, 64])
 def test_nf4_kernel_matches_bitsandbytes_on_the_gpu(rows):
     from bitsandbytes.functional import dequantize_4bit

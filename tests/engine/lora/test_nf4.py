@@ -22,6 +22,7 @@ def nf4(monkeypatch):
     from lqmf.engine.lora import nf4 as module
 
     monkeypatch.setattr(module, "OFF_GPU", True)
+    monkeypatch.setenv("LQMF_NF4_KERNEL", "1")
     return module
 
 
@@ -111,3 +112,20 @@ def test_nf4_base_runs_groups_and_single_layers_like_bitsandbytes(nf4, monkeypat
     with_bias = bnb.nn.Linear4bit(128, 32, bias=True, quant_type="nf4").to("cpu")
     fp4 = bnb.nn.Linear4bit(128, 32, bias=False, quant_type="fp4").to("cpu")
     assert nf4.nf4_base([with_bias]) is None and nf4.nf4_base([fp4]) is None
+
+
+def test_the_batched_decoder_layer_runs_the_kernel_when_switched_on(nf4):
+    """BatchedLoRALinear (lora/stacked.py) over a 4-bit group takes the kernel with LQMF_NF4_KERNEL=1."""
+    import bitsandbytes as bnb
+    import torch
+
+    from lqmf.engine.lora.stacked import BatchedLoRALinear
+
+    torch.manual_seed(1)
+    group = [bnb.nn.Linear4bit(128, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+             for rows in (64, 32)]
+    x = torch.randn(3, 1, 128)
+    expected = torch.cat([layer(x) for layer in group], dim=-1)
+    layer = BatchedLoRALinear(("gate_proj", "up_proj"), group)
+    assert isinstance(layer.base, nf4.NF4Linear)
+    torch.testing.assert_close(layer(x, {}), expected, rtol=1e-5, atol=1e-5)

@@ -7,10 +7,12 @@ launch configuration comes from a fixed table (`config_for`: row bucket, N, K), 
 autotuning, because decode steps are captured in CUDA graphs; benchmarks/nf4_kernel_bench.py sweeps
 the candidates on a GPU and prints the table.
 
-`NF4Linear` is what a decoder would call: built from bitsandbytes Linear4bit modules that read one
-input (`nf4_base`: a group stacked by compat.stack_4bit, or one layer), it runs the kernel where
-`kernel_applies` and bitsandbytes' own path otherwise. Off the GPU, or with LQMF_NF4_KERNEL=0, the
-kernel does not apply (the tests set OFF_GPU and run it in Triton's interpreter).
+`NF4Linear` is what the batched decoder calls (lora/stacked.py's BatchedLoRALinear, where
+`switched_on`): built from bitsandbytes Linear4bit modules that read one input (`nf4_base`: a group
+stacked by compat.stack_4bit, or one layer), it runs the kernel where `kernel_applies` and
+bitsandbytes' own path otherwise. Off the GPU the kernel does not apply (the tests set OFF_GPU and run
+it in Triton's interpreter). LQMF_NF4_KERNEL=1 turns it on, 0 off; until a GPU sweep has shown it
+faster than bitsandbytes it is off by default (DEFAULT_SWITCH).
 """
 
 from __future__ import annotations
@@ -22,11 +24,11 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lqmf.engine import compat
-from lqmf.engine.lora.stacked import stacked_matmul_4bit
 
 MAX_ROWS = 64
 TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: split K until a launch has this many
 OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
+DEFAULT_SWITCH = "0"  # LQMF_NF4_KERNEL when unset: off until the GPU sweep has filled CONFIGS
 
 
 @dataclass(frozen=True)
@@ -90,15 +92,20 @@ def shape_applies(shape: tuple[int, int], blocksize: int) -> bool:
     return blocksize >= 32 and blocksize & (blocksize - 1) == 0 and shape[1] % blocksize == 0
 
 
+def switched_on() -> bool:
+    """Whether the decoder uses the kernel: LQMF_NF4_KERNEL (1 on, 0 off; unset: DEFAULT_SWITCH)."""
+    return os.environ.get("LQMF_NF4_KERNEL", DEFAULT_SWITCH) != "0"
+
+
 def kernel_applies(x, shape: tuple[int, int], blocksize: int) -> bool:
     """Whether nf4_matmul runs x ([..., K]): 1..MAX_ROWS rows of a float dtype on a GPU (or OFF_GPU),
-    a shape it reads, Triton installed, and LQMF_NF4_KERNEL not 0."""
+    a shape it reads, Triton installed, and switched on."""
     import torch
 
     rows = x.numel() // max(1, x.shape[-1])
     return ((x.is_cuda or OFF_GPU) and 1 <= rows <= MAX_ROWS and x.shape[-1] == shape[1]
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and shape_applies(shape, blocksize)
-            and os.environ.get("LQMF_NF4_KERNEL", "1") != "0" and _kernels() is not None)
+            and switched_on() and _kernels() is not None)
 
 
 @functools.cache
@@ -190,14 +197,27 @@ class NF4Linear:
         return out.view(*x.shape[:-1], self.shape[0])
 
 
-def nf4_base(modules: list) -> NF4Linear | None:
-    """NF4Linear for bitsandbytes 4-bit linears that read one input (as lora/stacked.py's stacked_base
-    takes them): one alone, or a group stacked by compat.stack_4bit (the modules' weights become views
-    of the stacked bytes); None where the kernel cannot read them (then use stacked_base)."""
+def stacked_matmul_4bit(packed, state, compute) -> Callable[[Any], Any]:
+    """bitsandbytes' matmul of x with compat.stack_4bit's (packed, state), in the layers' compute dtype:
+    what stacked_base runs for a 4-bit group, and NF4Linear for inputs the kernel does not take."""
+    import bitsandbytes as bnb
+
+    def matmul_4bit(x):
+        return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
+
+    return matmul_4bit
+
+
+def nf4_base(modules: list) -> Callable[[Any], Any] | None:
+    """For bitsandbytes 4-bit linears that read one input (as lora/stacked.py's stacked_base takes them):
+    NF4Linear for one alone or a group stacked by compat.stack_4bit (the modules' weights become views
+    of the stacked bytes); bitsandbytes' matmul of a stacked group the kernel cannot read; None for
+    anything else (then stacked_base)."""
     if len(modules) == 1:
         return NF4Linear.of_module(modules[0])
     stacked = compat.stack_4bit(modules)
     if stacked is None:
         return None
     packed, state = stacked
-    return NF4Linear.of_stacked(packed, state, stacked_matmul_4bit(packed, state, modules[0].compute_dtype))
+    matmul_4bit = stacked_matmul_4bit(packed, state, modules[0].compute_dtype)
+    return NF4Linear.of_stacked(packed, state, matmul_4bit) or matmul_4bit
