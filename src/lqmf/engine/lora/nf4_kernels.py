@@ -54,7 +54,7 @@ def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.const
                   INTERPRETED: tl.constexpr):
     """One quantization block of BLOCK_N weight rows, dequantized: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2]
     in dtype, each value code * absmax rounded once, as bitsandbytes' dequantize_4bit rounds it."""
-    packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
+    packed = tl.load(byte_at, mask=col_ok[:, None], other=0).to(tl.int32)  # an unsigned index from here on
     scale = tl.load(scale_at, mask=col_ok, other=0.0)[:, None]
     high, low = _codes(packed, code_ptr, pair_ptr, LUT)
     return _rounded(high * scale, dtype, INTERPRETED), _rounded(low * scale, dtype, INTERPRETED)
