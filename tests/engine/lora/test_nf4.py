@@ -74,6 +74,8 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_
 
 
 def test_configs_fit_the_shape_and_fill_the_machine(nf4):
+    import torch
+
     config, split = nf4.fitted(nf4.Config(block_m=16, block_n=64, block_k=512), 5, (4096, 14336), 64)
     assert (config.block_k, config.block_m) == (512, 16) and 14336 // 512 % split == 0
     assert -(-4096 // 64) * split >= nf4.TARGET_PROGRAMS // 2  # 64 column blocks: split K 4 or 7 ways
@@ -83,6 +85,8 @@ def test_configs_fit_the_shape_and_fill_the_machine(nf4):
     assert [nf4.row_bucket(m) for m in (1, 2, 3, 16, 17, 64)] == [1, 2, 4, 16, 32, 64]
     assert nf4.config_for(1, 4096, 4096).dot is False and nf4.config_for(8, 4096, 4096).block_m == 16
     assert not nf4.shape_applies((64, 96), 64) and not nf4.shape_applies((64, 96), 48)
+    with pytest.raises(ValueError, match="not 64 of"):
+        nf4.nf4_matmul(torch.ones(1, 96), None, None, None, (64, 96), 64)
 
 
 def test_nf4_base_runs_groups_and_single_layers_like_bitsandbytes(nf4, monkeypatch):

@@ -136,6 +136,8 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     made here when a lut-1 config needs it and none is given."""
     import torch
 
+    if not shape_applies(shape, blocksize):
+        raise ValueError(f"nf4_matmul reads blocks of a power of two >= 32 dividing K, not {blocksize} of {shape}")
     kernels = _kernels()
     rows, (out_features, in_features) = x.shape[0], shape
     if x.stride(-1) != 1:
