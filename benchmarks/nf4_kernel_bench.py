@@ -43,19 +43,23 @@ def candidates(smoke: bool) -> list:
 
     if smoke:
         return [Config(block_m=1, block_n=32, block_k=128, dot=False), Config(block_m=16, block_n=32, block_k=128),
-                Config(block_m=16, block_n=32, block_k=64, lut=1, swap=True)]
+                Config(block_m=16, block_n=32, block_k=64, lut=1, swap=True),
+                Config(block_m=16, block_n=32, block_k=128, late_scale=True)]
     gemv_tiles = ((32, 256), (64, 128), (16, 512), (64, 256))  # block_n, block_k
     dot_tiles = ((64, 128, 4), (32, 256, 4), (64, 256, 4), (128, 128, 8), (128, 256, 8))  # and warps
 
-    def gemvs(block_m, tiles, lut=0):
-        return [Config(block_m=block_m, block_n=n, block_k=k, dot=False, lut=lut) for n, k in tiles]
+    def gemvs(block_m, tiles, lut=0, late_scale=False):
+        return [Config(block_m=block_m, block_n=n, block_k=k, dot=False, lut=lut, late_scale=late_scale)
+                for n, k in tiles]
 
-    def dots(block_m, tiles, lut=0, stages=2):
-        return [Config(block_m=block_m, block_n=n, block_k=k, warps=warps, stages=stages, lut=lut, swap=swap)
-                for n, k, warps in tiles for swap in (False, True)]
+    def dots(block_m, tiles, lut=0, stages=2, late_scale=False):
+        return [Config(block_m=block_m, block_n=n, block_k=k, warps=warps, stages=stages, lut=lut, swap=swap,
+                       late_scale=late_scale) for n, k, warps in tiles for swap in (False, True)]
 
-    return (gemvs(1, gemv_tiles) + dots(16, dot_tiles) + gemvs(2, gemv_tiles[:2]) + gemvs(4, gemv_tiles[:2])
-            + dots(32, dot_tiles[:3]) + dots(64, dot_tiles[:3])
+    return (gemvs(1, gemv_tiles) + gemvs(1, gemv_tiles[:2], late_scale=True)
+            + dots(16, dot_tiles) + dots(16, dot_tiles[:3], late_scale=True)
+            + gemvs(2, gemv_tiles[:2]) + gemvs(4, gemv_tiles[:2]) + gemvs(4, gemv_tiles[:1], late_scale=True)
+            + dots(32, dot_tiles[:3]) + dots(64, dot_tiles[:3]) + dots(64, dot_tiles[2:3], late_scale=True)
             + gemvs(1, gemv_tiles[:2], lut=1) + dots(16, dot_tiles[:3], lut=1) + dots(16, dot_tiles[2:3], stages=3))
 
 
@@ -242,7 +246,7 @@ def report(summary: dict, weights: dict) -> None:
         brief = ("-" if config is None else
                  f"{'dot' if config['dot'] else 'gemv'} m{config['block_m']} n{config['block_n']} "
                  f"k{config['block_k']} s{config['split'] or 'auto'} w{config['warps']} st{config['stages']} "
-                 f"lut{config['lut']}{' swap' if config['swap'] else ''}")
+                 f"lut{config['lut']}{' swap' if config['swap'] else ''}{' late' if config['late_scale'] else ''}")
         print(f"{name:>8} {rows:>4} {entry.get('us', float('nan')):>10.1f} {entry['bitsandbytes_us']:>8.1f} "
               f"{entry.get('speedup', float('nan')):>6.2f} {entry.get('gb_per_s', float('nan')):>7.0f} "
               f"{entry.get('bf16_max_abs_error', float('nan')):>9.2e}  {brief}")

@@ -4,7 +4,9 @@ bitsandbytes' own dequantize_4bit and a matmul in float32.
 Tolerances: with float32 inputs only the order of the sums differs (1e-5 of the largest output);
 with bf16 inputs the kernel rounds each dequantized value to bf16 as dequantize_4bit does, so the
 outputs differ from the float32 product of those bf16 values by the final rounding: at most one bf16
-unit in the last place (2**-7 relative). On a GPU machine conftest.py leaves the interpreter off and
+unit in the last place (2**-7 relative). A late_scale config rounds the code instead of code * absmax
+(the tl.dot) or nothing (the GEMV), so its reference weight is the code rounded so, times the absmax
+in float32; the same bound then holds. On a GPU machine conftest.py leaves the interpreter off and
 these CPU runs are skipped; benchmarks/nf4_kernel_bench.py checks the kernel there."""
 
 import os
@@ -36,17 +38,35 @@ def _weight(out_features: int, in_features: int, nested: bool, seed: int):
     return quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
 
 
-def _assert_matches(got, x, dense):
-    """got == x @ dense^T within the tolerances of the module docstring (dense: float32, dequantized)."""
+def _assert_matches(got, x, weight):
+    """got == x @ weight^T within the tolerances of the module docstring (weight: float32, [N, K])."""
     import torch
 
-    expected = x.float() @ dense.to(x.dtype).float().t()
+    expected = x.float() @ weight.t()
     assert got.dtype == x.dtype and got.shape == expected.shape
     error = (got.float() - expected).abs()
     if x.dtype == torch.float32:
         assert float(error.max()) <= 1e-5 * float(expected.abs().max())
     else:
-        assert bool((error <= expected.abs() * 2**-7 + 1e-6).all()), float(error.max())
+        assert bool((error <= expected.abs() * 2**-7 + 1e-5 * expected.abs().max()).all()), float(error.max())
+
+
+def _weight_used(packed, state, dtype, config: dict | None):
+    """The float32 weight the kernel multiplies x by: bitsandbytes' dequantized one rounded to dtype; for
+    late_scale the code rounded to dtype (a tl.dot) or not at all (a GEMV), times the absmax."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lqmf.engine import compat
+
+    dense = dequantize_4bit(packed, state).float()
+    if not (config and config.get("late_scale")):
+        return dense.to(dtype).float()
+    if not config.get("dot", True):
+        return dense
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=-1).view(dense.shape).long()
+    absmax = compat.absmax_fp32(state).view(dense.shape[0], -1).repeat_interleave(64, dim=1)
+    return state.code[codes].to(dtype).float() * absmax
 
 
 @pytest.mark.parametrize(("rows", "out_features", "in_features", "nested", "dtype_name", "config"), [
@@ -56,11 +76,13 @@ def _assert_matches(got, x, dense):
     (17, 32, 512, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, split=4)),
     (40, 96, 256, True, "float32", dict(block_m=64, block_n=32, block_k=256, split=1, swap=True)),
     (40, 200, 128, False, "float16", None),  # the default config for 40 rows
+    (3, 64, 256, True, "bfloat16", dict(block_m=2, block_n=32, block_k=128, dot=False, late_scale=True)),
+    (17, 128, 256, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, swap=True, late_scale=True)),
+    (16, 64, 128, True, "float32", dict(block_m=16, block_n=32, block_k=64, split=2, late_scale=True)),
 ])
 def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_features, nested, dtype_name,
                                                     config):
     import torch
-    from bitsandbytes.functional import dequantize_4bit
 
     from lqmf.engine import compat
 
@@ -70,7 +92,7 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(7)).to(dtype)
     got = nf4.nf4_matmul(x, packed, compat.absmax_fp32(state), state.code, (out_features, in_features), 64,
                          None if config is None else nf4.Config(**config))
-    _assert_matches(got, x, dequantize_4bit(packed, state))
+    _assert_matches(got, x, _weight_used(packed, state, dtype, config))
 
 
 def test_configs_fit_the_shape_and_fill_the_machine(nf4):

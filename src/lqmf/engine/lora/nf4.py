@@ -47,6 +47,8 @@ class Config:
     lut: int = 0
     dot: bool = True
     swap: bool = False  # dot: the weight as tl.dot's first operand (out^T = W x^T)
+    late_scale: bool = False  # scale each block's sums by its absmax, not each value (fewer operations;
+    # the dot rounds the codes, not code * absmax, to x's dtype: not bitsandbytes' rounding, as close)
 
 
 GEMV = Config(block_m=1, block_n=32, block_k=256, dot=False)
@@ -151,7 +153,8 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     kernels.nf4_matmul_kernel[grid](
         x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
         x.stride(0), in_features // split, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCKSIZE=blocksize, USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut, IEEE=x.dtype == torch.float32,
+        BLOCKSIZE=blocksize, USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut,
+        LATE_SCALE=config.late_scale, IEEE=x.dtype == torch.float32,
         INTERPRETED=not x.is_cuda,
         num_warps=config.warps, num_stages=config.stages)
     if split > 1:

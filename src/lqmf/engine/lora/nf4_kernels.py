@@ -51,13 +51,17 @@ def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 
 @triton.jit
 def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr,
-                  INTERPRETED: tl.constexpr):
-    """One quantization block of BLOCK_N weight rows, dequantized: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2]
-    in dtype, each value code * absmax rounded once, as bitsandbytes' dequantize_4bit rounds it."""
+                  LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One quantization block of BLOCK_N weight rows: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2] and the
+    rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
+    dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32), the caller scales the sums."""
     packed = tl.load(byte_at, mask=col_ok[:, None], other=0).to(tl.int32)  # an unsigned index from here on
-    scale = tl.load(scale_at, mask=col_ok, other=0.0)[:, None]
+    scale = tl.load(scale_at, mask=col_ok, other=0.0)
     high, low = _codes(packed, code_ptr, pair_ptr, LUT)
-    return _rounded(high * scale, dtype, INTERPRETED), _rounded(low * scale, dtype, INTERPRETED)
+    if LATE_SCALE:
+        return high, low, scale
+    return (_rounded(high * scale[:, None], dtype, INTERPRETED), _rounded(low * scale[:, None], dtype, INTERPRETED),
+            scale)
 
 
 @triton.jit
@@ -76,10 +80,30 @@ def _dot(acc, x, weight, SWAP: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl
 
 
 @triton.jit
+def _accumulate(acc, x_even, x_odd, high, low, scale, dtype: tl.constexpr, USE_DOT: tl.constexpr,
+                SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc plus one block's products (see nf4_matmul_kernel for acc's shape)."""
+    if USE_DOT:
+        if LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
+            high, low = _rounded(high, dtype, INTERPRETED), _rounded(low, dtype, INTERPRETED)
+            part = _dot(_dot(tl.zeros_like(acc), x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE,
+                        INTERPRETED)
+            if SWAP:
+                return acc + part * scale[:, None]
+            return acc + part * scale[None, :]
+        return _dot(_dot(acc, x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE, INTERPRETED)
+    product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
+               + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
+    if LATE_SCALE:
+        return acc + tl.sum(product, axis=2) * scale[None, :]
+    return acc + product
+
+
+@triton.jit
 def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
-                      IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+                      LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
     """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step."""
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -90,30 +114,26 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     scale_at = absmax_ptr + cols.to(tl.int64) * (K // BLOCKSIZE) + begin // BLOCKSIZE
     x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (begin + tl.arange(0, BLOCKSIZE))[None, :]
     dtype = x_ptr.dtype.element_ty
-    if not USE_DOT:  # multiply-adds, summed along K once, at the end
+    if not USE_DOT and not LATE_SCALE:  # multiply-adds, summed along K once, at the end
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
-    elif SWAP:
+    elif USE_DOT and SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K_PER_SPLIT, BLOCK_K):
         for block in tl.static_range(BLOCK_K // BLOCKSIZE):
-            high, low = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok, code_ptr,
-                                      pair_ptr, dtype, LUT, INTERPRETED)
+            high, low, scale = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok,
+                                             code_ptr, pair_ptr, dtype, LUT, LATE_SCALE, INTERPRETED)
             x = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
             x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCKSIZE // 2, 2)))
-            if USE_DOT:
-                acc = _dot(acc, x_even, high, SWAP, IEEE, INTERPRETED)
-                acc = _dot(acc, x_odd, low, SWAP, IEEE, INTERPRETED)
-            else:
-                acc += (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
-                        + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
+            acc = _accumulate(acc, x_even, x_odd, high, low, scale, dtype, USE_DOT, SWAP, LATE_SCALE, IEEE,
+                              INTERPRETED)
         byte_at += BLOCK_K // 2
         scale_at += BLOCK_K // BLOCKSIZE
         x_at += BLOCK_K
-    if not USE_DOT:
+    if not USE_DOT and not LATE_SCALE:
         acc = tl.sum(acc, axis=2)
-    elif SWAP:
+    elif USE_DOT and SWAP:
         acc = tl.trans(acc)
     ok = row_ok[:, None] & col_ok[None, :]
     at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
