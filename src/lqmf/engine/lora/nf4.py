@@ -51,7 +51,6 @@ class Config:
     # the dot rounds the codes, not code * absmax, to x's dtype: not bitsandbytes' rounding, as close)
 
 
-GEMV = Config(block_m=1, block_n=32, block_k=256, dot=False)
 # (row bucket, N, K) -> Config, from a GPU sweep (benchmarks/nf4_kernel_bench.py prints this table).
 # Empty until the sweep has run: every shape takes `default_config`.
 CONFIGS: dict[tuple[int, int, int], Config] = {}
@@ -63,11 +62,12 @@ def row_bucket(rows: int) -> int:
 
 
 def default_config(rows: int) -> Config:
-    """A config for a shape the table lacks: a GEMV for one or two rows, else a tl.dot tile of >= 16 rows."""
+    """A config for a shape the table lacks: a tl.dot tile of max(16, the row bucket) rows, 64 columns,
+    four blocks a step, the byte -> pair table. Not timed yet: chosen for the fewest instructions a
+    weight value in the loop as compiled for sm_90 (benchmarks/nf4_sass_count.py), where a 1-row GEMV
+    takes about 1.5x as many as this 16-row tile."""
     bucket = row_bucket(rows)
-    if bucket <= 2:
-        return replace(GEMV, block_m=bucket)
-    return Config(block_m=max(16, bucket))
+    return Config(block_m=max(16, bucket), block_n=64, block_k=256, lut=1, swap=bucket >= 32)
 
 
 def config_for(rows: int, out_features: int, in_features: int) -> Config:

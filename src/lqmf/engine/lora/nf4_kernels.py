@@ -58,10 +58,10 @@ def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.const
     packed = tl.load(byte_at, mask=col_ok[:, None], other=0).to(tl.int32)  # an unsigned index from here on
     scale = tl.load(scale_at, mask=col_ok, other=0.0)
     high, low = _codes(packed, code_ptr, pair_ptr, LUT)
-    if LATE_SCALE:
-        return high, low, scale
-    return (_rounded(high * scale[:, None], dtype, INTERPRETED), _rounded(low * scale[:, None], dtype, INTERPRETED),
-            scale)
+    if not LATE_SCALE:
+        high = _rounded(high * scale[:, None], dtype, INTERPRETED)
+        low = _rounded(low * scale[:, None], dtype, INTERPRETED)
+    return high, low, scale
 
 
 @triton.jit
@@ -75,28 +75,35 @@ def _dot(acc, x, weight, SWAP: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl
     else:
         first, second = x, tl.trans(weight)
     if IEEE:  # float32 inputs: full precision, not TF32
-        return tl.dot(first, second, acc, input_precision="ieee")
-    return tl.dot(first, second, acc)
+        acc = tl.dot(first, second, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(first, second, acc)
+    return acc
 
 
 @triton.jit
 def _accumulate(acc, x_even, x_odd, high, low, scale, dtype: tl.constexpr, USE_DOT: tl.constexpr,
                 SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc plus one block's products (see nf4_matmul_kernel for acc's shape)."""
-    if USE_DOT:
-        if LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
-            high, low = _rounded(high, dtype, INTERPRETED), _rounded(low, dtype, INTERPRETED)
-            part = _dot(_dot(tl.zeros_like(acc), x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE,
-                        INTERPRETED)
-            if SWAP:
-                return acc + part * scale[:, None]
-            return acc + part * scale[None, :]
-        return _dot(_dot(acc, x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE, INTERPRETED)
-    product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
-               + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
-    if LATE_SCALE:
-        return acc + tl.sum(product, axis=2) * scale[None, :]
-    return acc + product
+    """acc plus one block's products (see nf4_matmul_kernel for acc's shape). Every branch is static,
+    and the one return is at the end (compiled Triton visits statements after a return in a static if)."""
+    if USE_DOT and LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
+        high, low = _rounded(high, dtype, INTERPRETED), _rounded(low, dtype, INTERPRETED)
+        part = _dot(_dot(tl.zeros_like(acc), x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE,
+                    INTERPRETED)
+        if SWAP:
+            acc += part * scale[:, None]
+        else:
+            acc += part * scale[None, :]
+    elif USE_DOT:
+        acc = _dot(_dot(acc, x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE, INTERPRETED)
+    else:
+        product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
+                   + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
+        if LATE_SCALE:  # one multiply a byte, not one a value (summed along K at the end all the same)
+            acc += product * scale[None, :, None]
+        else:
+            acc += product
+    return acc
 
 
 @triton.jit
@@ -110,11 +117,12 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok, col_ok = rows < M, cols < N
     begin = pid_s * K_PER_SPLIT
-    byte_at = q_ptr + cols.to(tl.int64)[:, None] * (K // 2) + (begin // 2 + tl.arange(0, BLOCKSIZE // 2))[None, :]
+    row_bytes = tl.multiple_of(cols.to(tl.int64) * (K // 2) + begin // 2, 16)  # K, begin: multiples of blocksize
+    byte_at = q_ptr + row_bytes[:, None] + tl.arange(0, BLOCKSIZE // 2)[None, :]  # so 16-byte vector loads
     scale_at = absmax_ptr + cols.to(tl.int64) * (K // BLOCKSIZE) + begin // BLOCKSIZE
     x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (begin + tl.arange(0, BLOCKSIZE))[None, :]
     dtype = x_ptr.dtype.element_ty
-    if not USE_DOT and not LATE_SCALE:  # multiply-adds, summed along K once, at the end
+    if not USE_DOT:  # multiply-adds, summed along K once, at the end
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
     elif USE_DOT and SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -131,7 +139,7 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
         byte_at += BLOCK_K // 2
         scale_at += BLOCK_K // BLOCKSIZE
         x_at += BLOCK_K
-    if not USE_DOT and not LATE_SCALE:
+    if not USE_DOT:
         acc = tl.sum(acc, axis=2)
     elif USE_DOT and SWAP:
         acc = tl.trans(acc)
