@@ -3,11 +3,11 @@
 An adapter is read from its folder (`read_adapter`) into {projection: (A, B, scaling)} and held as a
 `StackedAdapter`; `BatchedLoRALinear` runs one group of projections that read the same input (q/k/v,
 o, gate/up, down): the base matmul once for the batch (`stacked_base`: the group's weights stacked,
-4-bit ones too), then each row's LoRA product from tables of every resident adapter's weights by
-adapter index (`AdapterTables`; the kernels in lora/kernels.py read only a row's own adapter). A
-combination `A+B` is one more adapter index whose A's are the parts' A's stacked and whose B's carry
-each part's weight and scaling (`weighted_sum`).
-The decoder that runs these layers is decode/batched.py.
+4-bit ones too; or, with LQMF_NF4_KERNEL=1, nf4.py's Triton kernel over the stacked 4-bit weight),
+then each row's LoRA product from tables of every resident adapter's weights by adapter index
+(`AdapterTables`; the kernels in lora/kernels.py read only a row's own adapter). A combination `A+B`
+is one more adapter index whose A's are the parts' A's stacked and whose B's carry each part's
+weight and scaling (`weighted_sum`). The decoder that runs these layers is decode/batched.py.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Any
 
 from lqmf.engine import compat
 from lqmf.engine.loading import first_nonfinite
+from lqmf.engine.lora import nf4
 
 
 class UnsupportedAdapter(ValueError):
@@ -88,15 +89,7 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
         return modules[0]
     stacked = compat.stack_4bit(modules)
     if stacked is not None:
-        import bitsandbytes as bnb
-
-        packed, state = stacked
-        compute = modules[0].compute_dtype
-
-        def matmul_4bit(x):
-            return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
-
-        return matmul_4bit
+        return nf4.stacked_matmul_4bit(*stacked, modules[0].compute_dtype)
     kinds = {(type(m), m.weight.dtype, m.weight.device, m.bias is None) for m in modules}
     if len(kinds) != 1 or next(iter(kinds))[0] is not torch.nn.Linear:
         return lambda x: torch.cat([m(x) for m in modules], dim=-1)
@@ -165,7 +158,7 @@ class BatchedLoRALinear:
         bases = [getattr(module, "base_layer", module) for module in modules]
         self.names = names
         self.sizes = [base.out_features for base in bases]
-        self.base = stacked_base(bases)
+        self.base = (nf4.nf4_base(bases) if nf4.switched_on() else None) or stacked_base(bases)
         self.tables: AdapterTables | None = None
 
     def set_adapters(self, entries: list[StackedAdapter]) -> None:
