@@ -6,7 +6,7 @@
 #   OUT=/tmp/out bash benchmarks/serve_side_by_side.sh BASE_TREE NEW_TREE [more serve_load options for NEW]
 #
 # BASE_TREE and NEW_TREE are repository roots (src/ and benchmarks/ in each). Writes
-# $OUT/serve-base.json and $OUT/serve-new.json (serve_load.py's reports).
+# $OUT/serve-base.json and $OUT/serve-new.json (serve_load.py's reports), the servers' logs to $LOGS (/tmp).
 set -u
 BASE=${1:?usage: serve_side_by_side.sh BASE_TREE NEW_TREE [options]}
 NEW=${2:?usage: serve_side_by_side.sh BASE_TREE NEW_TREE [options]}
@@ -22,5 +22,5 @@ for side in base new; do
     if [ "$side" = new ]; then tree=$NEW; more=("$@"); fi
     echo "== $side: $tree"
     PYTHONPATH=$tree/src:${PYTHONPATH:-} python3 "$tree/benchmarks/serve_load.py" "${COMMON[@]}" "${more[@]}" \
-        --out "$OUT/serve-$side.json" --server-log "$OUT/serve-$side.log" 2>&1 | cut -c1-400
+        --out "$OUT/serve-$side.json" --server-log "${LOGS:-/tmp}/serve-$side.log" 2>&1 | cut -c1-400
 done
