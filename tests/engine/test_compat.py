@@ -3,14 +3,10 @@ changes one fails here, by name, instead of deep inside a model."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from lqmf.engine import compat
-from tests.helpers import lqmf_env
 
 
 def test_tensor_version_counts_in_place_changes():
@@ -82,15 +78,6 @@ def test_only_named_library_notices_are_silenced():
         warnings.warn("something the user should see", UserWarning, stacklevel=1)
         warnings.warn("a deprecation the user should see", FutureWarning, stacklevel=1)
     assert [str(w.message) for w in seen] == ["something the user should see", "a deprecation the user should see"]
-
-
-def test_bitsandbytes_logger_is_quiet_once_imported_after_the_engine():
-    """engine/__init__.py quiets it just before its first import (it warns at import), without `logging`."""
-    code = ("import sys, lqmf.engine.compat\n"
-            "assert 'logging' not in sys.modules and 'bitsandbytes' not in sys.modules\n"
-            "import bitsandbytes, logging\n"
-            "assert logging.getLogger('bitsandbytes').level == logging.ERROR\n")
-    subprocess.run([sys.executable, "-c", code], env=lqmf_env(), check=True, capture_output=True)
 
 
 def test_stack_4bit_runs_layers_as_one_and_keeps_their_weights_as_views():

@@ -11,28 +11,8 @@ models for tests and demos).
 docs/architecture.md has the map.
 """
 
-import sys
+import logging
 
-
-class _QuietBitsandbytes:
-    """bitsandbytes logs advisory warnings at import (e.g. an optional CPU kernel package missing), and
-    every engine path imports it lazily (so do PEFT and transformers): this import finder, which finds
-    nothing, quiets its logger just before its first import. Importing `logging` here instead would cost
-    every light command that imports engine/compat.py (each verb group: about 1.7 ms of its start)."""
-
-    @staticmethod
-    def find_spec(name: str, path: object = None, target: object = None) -> None:
-        if name == "bitsandbytes":
-            _quiet()
-        return None
-
-
-def _quiet() -> None:
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-
-
-if "bitsandbytes" in sys.modules:  # imported before lqmf.engine: quiet what it logs from now on
-    _quiet()
-sys.meta_path.insert(0, _QuietBitsandbytes)
+# bitsandbytes logs advisory warnings at import (e.g. an optional CPU kernel package missing);
+# every engine path imports it lazily, so quiet it before any of them can.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
