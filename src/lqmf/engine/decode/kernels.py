@@ -67,7 +67,7 @@ def _kernels() -> Any:
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_sin,
                             stride_ob, stride_oh, stride_slot, stride_head, stride_pos,
                             HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
-        row, head = tl.program_id(0), tl.program_id(1)
+        row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: cache offsets pass 2**31
         dims = tl.arange(0, BLOCK_D)
         ok = dims < D
         cos = tl.load(cos_ptr + row * stride_cos + dims, mask=ok, other=0.0).to(tl.float32)
@@ -98,7 +98,7 @@ def _kernels() -> Any:
                                stride_qb, stride_qh, stride_slot, stride_head, stride_pos,
                                GROUPS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-        row, kv, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        row, kv, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         group, dims = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         g_ok, d_ok = group < GROUPS, dims < D
         heads = kv * GROUPS + group
@@ -221,7 +221,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     block_g, block_d = kern.triton.next_power_of_2(groups), kern.triton.next_power_of_2(dim)
-    block_n = max(16, 8192 // (block_g * block_d))  # [G, N, D] products of at most 8K elements a tile
+    block_n = min(64, max(16, 8192 // (block_g * block_d)))  # [G, N, D] products of at most 8K elements a tile
     splits, tiles = attention_splits(batch, kv_heads, length, block_n)
     best = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
     total = torch.empty_like(best)
