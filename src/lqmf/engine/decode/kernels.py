@@ -48,7 +48,7 @@ def _kernels() -> Any:
     @triton.jit
     def rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_d, stride_o, stride_s,
                         N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
-        row = tl.program_id(0)
+        row = tl.program_id(0).to(tl.int64)  # int64 offsets: a long prefill's rows x width may pass 2**31
         cols = tl.arange(0, BLOCK)
         ok = cols < N
         x = tl.load(x_ptr + row * stride_x + cols, mask=ok, other=0.0)
@@ -146,7 +146,7 @@ def _kernels() -> Any:
 
     @triton.jit
     def silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_g, stride_o, BLOCK: tl.constexpr):
-        row, block = tl.program_id(0), tl.program_id(1)
+        row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width
         gate = tl.load(gate_up_ptr + row * stride_g + cols, mask=ok, other=0.0)
@@ -220,7 +220,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
-    block_g, block_d = kern.triton.next_power_of_2(groups), kern.triton.next_power_of_2(dim)
+    block_g, block_d = max(2, kern.triton.next_power_of_2(groups)), kern.triton.next_power_of_2(dim)  # no 1-wide blocks
     block_n = min(64, max(16, 8192 // (block_g * block_d)))  # [G, N, D] products of at most 8K elements a tile
     splits, tiles = attention_splits(batch, kv_heads, length, block_n)
     best = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
@@ -233,7 +233,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     kern.attention_combine_kernel[(batch, heads)](
         best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=splits,
-        SPLITS_P2=kern.triton.next_power_of_2(splits), BLOCK_D=block_d, num_warps=1 if block_d <= 128 else 2)
+        SPLITS_P2=max(2, kern.triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=1 if block_d <= 128 else 2)
     return out
 
 
