@@ -160,6 +160,11 @@ def _kernels() -> Any:
                            attention_combine_kernel=attention_combine_kernel, silu_mul_kernel=silu_mul_kernel)
 
 
+def _unit_last_stride(tensor):
+    """tensor, or a copy of it where its last dimension is strided (the kernels step through it by one)."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
 def _warps(block: int) -> int:
     return 4 if block <= 1024 else 8 if block <= 4096 else 16
 
@@ -171,9 +176,9 @@ def rms_norm(hidden, weight, eps: float, delta=None):
 
     k = _kernels()
     width = hidden.shape[-1]
-    flat = hidden.reshape(-1, width)
+    flat = _unit_last_stride(hidden.reshape(-1, width))
     residual = delta is not None
-    deltas = delta.reshape(-1, width) if residual else flat
+    deltas = _unit_last_stride(delta.reshape(-1, width)) if residual else flat
     summed = torch.empty_like(flat) if residual else flat
     out = torch.empty_like(flat)
     block = k.triton.next_power_of_2(width)
@@ -190,6 +195,7 @@ def rotary_write(q, k, v, cos, sin, positions, keys, values):
     import torch
 
     kern = _kernels()
+    q, k, v, cos, sin = (_unit_last_stride(t) for t in (q, k, v, cos, sin))
     batch, heads, dim = q.shape
     kv_heads = k.shape[1]
     rotated = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
@@ -217,6 +223,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     import torch
 
     kern = _kernels()
+    q = _unit_last_stride(q)
     batch, heads, dim = q.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
@@ -231,9 +238,10 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         GROUPS=groups, D=dim, SPLITS=splits, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
+    splits_p2 = max(2, kern.triton.next_power_of_2(splits))  # no 1-wide blocks
     kern.attention_combine_kernel[(batch, heads)](
-        best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=splits,
-        SPLITS_P2=max(2, kern.triton.next_power_of_2(splits)), BLOCK_D=block_d, num_warps=1 if block_d <= 128 else 2)
+        best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=splits, SPLITS_P2=splits_p2,
+        BLOCK_D=block_d, num_warps=max(1, min(8, splits_p2 * block_d // 1024)))  # up to 32 partials a thread
     return out
 
 
@@ -243,7 +251,7 @@ def silu_mul(gate_up):
 
     kern = _kernels()
     width = gate_up.shape[-1] // 2
-    flat = gate_up.reshape(-1, 2 * width)
+    flat = _unit_last_stride(gate_up.reshape(-1, 2 * width))
     out = torch.empty((flat.shape[0], width), dtype=gate_up.dtype, device=gate_up.device)
     kern.silu_mul_kernel[(flat.shape[0], kern.triton.cdiv(width, SILU_BLOCK))](
         flat, out, width, flat.stride(0), out.stride(0), BLOCK=SILU_BLOCK, num_warps=4)
