@@ -9,6 +9,8 @@ resident, and drives it with the official `openai` client:
   tokens/s (all completion tokens / wall time) and the median request time;
 - the same C requests one after another (--sequential), for the batching gain;
 - mixed vs one adapter: C concurrent requests all to one adapter, then spread over the three;
+- with --distinct C: the server holds C adapters resident (more are written), and C concurrent
+  requests go each to its own adapter, all to one adapter, and all to the base model;
 - loading a fourth adapter into the running server (`POST /admin/adapters/load`, then unload), p50;
 - with --memory-run N L: a second server with --max-batch N --max-seq-len L, N concurrent requests
   filling L tokens each, and the server's peak GPU memory (torch.cuda.max_memory_allocated).
@@ -157,6 +159,19 @@ def long_prompt(model: Path, tokens: int) -> str:
     return text
 
 
+def distinct_adapters(client, served: list[str], base_id: str, args) -> dict[str, Any]:
+    """args.distinct clients each on its own adapter, against all of them on one adapter and on the base."""
+    clients = args.distinct
+    runs = {"distinct": drive(client, served[:clients], clients, args.rounds, args.new_tokens),
+            "one_adapter": drive(client, served[:1], clients, args.rounds, args.new_tokens),
+            "base": drive(client, [base_id], clients, args.rounds, args.new_tokens)}
+    speed = {name: run["aggregate_tokens_per_s"] for name, run in runs.items()}
+    return {"clients": clients, "resident": len(served), "tokens_per_s": speed,
+            "distinct_over_one": round(speed["distinct"] / speed["one_adapter"], 3),
+            "one_adapter_over_base": round(speed["one_adapter"] / speed["base"], 3),
+            "failed": sum(run["failed"] for run in runs.values())}
+
+
 def health(url: str) -> dict[str, Any]:
     return http_json(url + "/health")
 
@@ -175,6 +190,8 @@ def main() -> None:
     parser.add_argument("--sequential", type=int, default=0, help="also send this many requests one after another")
     parser.add_argument("--mixed-clients", type=int, default=16)
     parser.add_argument("--load-repeats", type=int, default=5)
+    parser.add_argument("--distinct", type=int, default=0, metavar="CLIENTS",
+                        help="also CLIENTS requests each on its own resident adapter, vs one adapter, vs the base")
     parser.add_argument("--memory-run", type=int, nargs=2, metavar=("SEQUENCES", "TOKENS"))
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (CPU)")
     parser.add_argument("--out", type=Path)
@@ -187,17 +204,17 @@ def main() -> None:
     workspace = scratch / "ws"
     (workspace / "adapters").mkdir(parents=True)
     model = args.model or build_model(args.shape, scratch / "model", args.device)
-    names = write_adapters(workspace, model, str(model), 4, 16, TARGETS, args.four_bit)
-    served, spare = names[:3], names[3]
+    names = write_adapters(workspace, model, str(model), max(3, args.distinct) + 1, 16, TARGETS, args.four_bit)
+    served, spare = names[:-1], names[-1]
     extra = ["--device", args.device, "--4bit" if args.four_bit else "--no-4bit", "--max-new-tokens",
-             str(max(args.new_tokens, 512)), "--max-queue", "256"]
+             str(max(args.new_tokens, 512)), "--max-queue", "256", "--max-adapters", str(len(names))]
     report: dict[str, Any] = {"command": " ".join(sys.argv), "python": platform.python_version(),
                               "model": str(model), "shape": None if args.model else args.shape,
                               "four_bit": args.four_bit, "device": args.device, "new_tokens": args.new_tokens}
     with lqmf_serve(workspace, model, served, [*extra, "--max-batch", str(args.max_batch), "--max-seq-len",
                                                str(args.max_seq_len)], args.threads, args.server_log) as (url, record):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
-        models = [*served, record["base_id"]]
+        models = [*served[:3], record["base_id"]]
         report["server"] = {k: v for k, v in health(url).items() if k in ("batching", "device", "dtype")}
         drive(client, models, max(args.clients), 1, args.new_tokens)  # warm-up: graphs of the batch sizes
         drive(client, models, 1, 1, args.new_tokens)
@@ -220,11 +237,14 @@ def main() -> None:
                 "ratio": round(concurrent["wall_s"] / sequential["wall_s"], 3)}
             print(json.dumps(report["sequential_vs_concurrent"]), flush=True)
         one = drive(client, served[:1], args.mixed_clients, args.rounds, args.new_tokens)
-        mixed = drive(client, served, args.mixed_clients, args.rounds, args.new_tokens)
+        mixed = drive(client, served[:3], args.mixed_clients, args.rounds, args.new_tokens)
         report["mixed_vs_one_adapter"] = {"clients": args.mixed_clients, "one_adapter": one, "three_adapters": mixed,
                                           "mixed_over_one": round(mixed["aggregate_tokens_per_s"]
                                                                   / one["aggregate_tokens_per_s"], 3)}
         print(json.dumps(report["mixed_vs_one_adapter"]), flush=True)
+        if args.distinct:
+            report["distinct_adapters"] = distinct_adapters(client, served, record["base_id"], args)
+            print(json.dumps(report["distinct_adapters"]), flush=True)
         report["adapter_load"] = adapter_loads(url, spare, args.load_repeats)
         print(json.dumps(report["adapter_load"]), flush=True)
         report["server_after"] = health(url).get("gpu_memory_gb")

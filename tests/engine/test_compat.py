@@ -294,3 +294,21 @@ def test_rms_norm_parameters_are_what_the_llama_style_norms_compute_with():
         assert torch.equal(norm(x), weight * normed.to(x.dtype))
     assert rms_norm_parameters(torch.nn.LayerNorm(32)) is None
     assert rms_norm_parameters(torch.nn.RMSNorm(32, eps=1e-3)) is None  # another formula: stays torch
+
+
+def test_nf4_parts_is_the_layout_the_nf4_kernel_reads():
+    """bitsandbytes' NF4 layout as engine/lora/nf4.py reads it: [N, K] row-major, the even k in a byte's
+    high nibble, one absmax per blocksize values of a row (nested ones dequantized by absmax_fp32)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 48, bias=False, quant_type="nf4").to("cpu")  # nested absmax
+    packed, absmax, code, shape, blocksize = compat.nf4_parts(layer)
+    assert layer.weight.quant_state.nested and shape == (48, 128) and blocksize == 64
+    assert packed.dtype == torch.uint8 and packed.shape == (48 * 64,) and absmax.dtype == torch.float32
+    codes = torch.stack([packed >> 4, packed & 15], dim=-1).view(48, 128).long()
+    dense = code[codes] * absmax.view(48, 2).repeat_interleave(64, dim=1)
+    torch.testing.assert_close(dense, dequantize_4bit(layer.weight.data, layer.weight.quant_state), rtol=0, atol=0)
+    assert compat.nf4_parts(bnb.nn.Linear4bit(128, 32, quant_type="fp4").to("cpu")) is None
+    assert compat.nf4_parts(torch.nn.Linear(4, 4)) is None

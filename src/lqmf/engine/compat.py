@@ -57,7 +57,7 @@ def stack_4bit(modules: list) -> tuple[Any, Any] | None:
     """
     import bitsandbytes as bnb
     import torch
-    from bitsandbytes.functional import QuantState, dequantize_blockwise
+    from bitsandbytes.functional import QuantState
 
     if len(modules) < 2 or not all(isinstance(m, bnb.nn.Linear4bit) for m in modules):
         return None
@@ -73,20 +73,44 @@ def stack_4bit(modules: list) -> tuple[Any, Any] | None:
             or not all(w.is_contiguous() for w in weights)):
         return None
 
-    def absmax(state):
-        if not state.nested:
-            return state.absmax.float()
-        return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
-
     packed = torch.cat([w.data for w in weights])
     start = 0
     for weight in weights:
         weight.data = packed[start:start + weight.shape[0]]
         start += weight.shape[0]
     rows = sum(s.shape[0] for s in states)
-    state = QuantState(absmax=torch.cat([absmax(s) for s in states]), shape=torch.Size([rows, first.shape[1]]),
+    state = QuantState(absmax=torch.cat([absmax_fp32(s) for s in states]), shape=torch.Size([rows, first.shape[1]]),
                        code=first.code, blocksize=first.blocksize, quant_type=first.quant_type, dtype=first.dtype)
     return packed, state
+
+
+def absmax_fp32(state):
+    """A bitsandbytes QuantState's per-block absmax as float32, its second quantization level (`nested`:
+    uint8 codes, `state2`, `offset`) undone as bitsandbytes' dequantize_4bit undoes it."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if not state.nested:
+        return state.absmax.float()
+    return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def nf4_parts(module) -> tuple[Any, Any, Any, tuple[int, int], int] | None:
+    """A bitsandbytes Linear4bit's NF4 weight as engine/lora/nf4.py reads it: (packed bytes [N*K/2] uint8,
+    absmax float32 [N*K/blocksize] (dequantized once where nested), code float32 [16], (N, K), blocksize);
+    None for any other layer, or one bitsandbytes repacked for its CPU path. Relies on the packed layout:
+    [N, K] row-major, two codes a byte (even k in the high nibble), blocks of blocksize consecutive values."""
+    import bitsandbytes as bnb
+    import torch
+
+    weight = getattr(module, "weight", None)
+    state = getattr(weight, "quant_state", None)
+    if (not isinstance(module, bnb.nn.Linear4bit) or state is None or state.quant_type != "nf4"
+            or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2
+            or not weight.is_contiguous()):
+        return None
+    shape = (int(state.shape[0]), int(state.shape[1]))
+    return (weight.data.reshape(-1).view(torch.uint8), absmax_fp32(state).contiguous(),
+            state.code.to(weight.device, torch.float32).contiguous(), shape, int(state.blocksize))
 
 
 def repoint(parameter, tensor) -> None:

@@ -65,3 +65,82 @@ def test_lean_decode_step_with_kernels_matches_peft(interpreted):
     use_lean_lora(lean_model)
     with torch.no_grad():
         torch.testing.assert_close(lean_model(input_ids=ids).logits, peft_model(input_ids=ids).logits)
+
+
+def _adapter_entries(ranks: list[int], names: tuple[str, ...], sizes: list[int], width: int, dtype):
+    import torch
+
+    from lqmf.engine.lora.stacked import StackedAdapter
+
+    generator = torch.Generator().manual_seed(sum(ranks))
+    entries = []
+    for number, rank in enumerate(ranks):  # each adapter lacks one projection
+        weights = {name: ((torch.randn(rank, width, generator=generator) * 0.1).to(dtype),
+                          (torch.randn(size, rank, generator=generator) * 0.1).to(dtype), 0.5 + number)
+                   for i, (name, size) in enumerate(zip(names, sizes, strict=True)) if (number + i) % 3 != 2}
+        entries.append(StackedAdapter(number, f"a{number}", None, weights))
+    return entries
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+@pytest.mark.parametrize("count", [1, 5])
+def test_each_row_gets_its_own_adapters_product(interpreted, monkeypatch, dtype_name, count):
+    """rows_product_into through the per-row kernels, and through the GEMMs over every adapter, against
+    each row's product computed alone; adapters of different ranks, some lacking a projection, index 0 none."""
+    import torch
+
+    from lqmf.engine.lora.stacked import adapter_tables
+
+    dtype = getattr(torch, dtype_name)
+    names, sizes, width = ("q_proj", "k_proj", "v_proj"), [128, 64, 64], 96
+    entries = _adapter_entries([8, 4, 16], names, sizes, width, dtype)
+    tables = adapter_tables(names, sizes, entries)
+    assert tables.a.shape == (4, 3 * 16, width) and tables.b.shape == (256, 4, 16) and tables.fits_kernels
+    generator = torch.Generator().manual_seed(count)
+    x = torch.randn(count, width, generator=generator).to(dtype)
+    rows = torch.tensor([3, 0, 1, 2, 3][:count])
+    base = torch.randn(count, sum(sizes), generator=generator).to(dtype)
+    expected = base.float().clone()
+    for i, index in enumerate(rows.tolist()):
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            if index and name in entries[index - 1].weights:
+                a, b, scaling = entries[index - 1].weights[name]
+                low = (x[i].float() @ a.float().t()).to(dtype).float()
+                expected[i, start:start + size] += low @ b.float().t() * scaling
+            start += size
+    tolerance = 1e-4 if dtype == torch.float32 else 3e-2 * float(expected.abs().max())
+    assert interpreted.kernels_apply(x, tables.a, interpreted.MAX_TABLE_ROWS)
+    calls = []
+    real = interpreted._rows_kernels_into
+    monkeypatch.setattr(interpreted, "_rows_kernels_into", lambda *args: calls.append(1) or real(*args))
+    for kernels in ("1", "0"):
+        monkeypatch.setenv("LQMF_LORA_KERNELS", kernels)
+        out = base.clone()
+        interpreted.rows_product_into(out, x, rows, tables)
+        assert float((out.float() - expected).abs().max()) <= tolerance, f"kernels {kernels}"
+    assert calls == [1]  # the kernels ran once, the GEMMs the other time
+
+
+def test_adapter_tables_hold_the_one_copy_and_rebuild_from_it():
+    """Entries' weights become views of the tables; tables built again (an adapter added) give the same products."""
+    import torch
+
+    from lqmf.engine.lora.kernels import rows_product_into
+    from lqmf.engine.lora.stacked import adapter_tables
+
+    names, sizes, width = ("gate_proj", "up_proj"), [64, 64], 32
+    entries = _adapter_entries([4, 8], names, sizes, width, torch.float32)
+    first = adapter_tables(names, sizes, entries)
+    held = [tensor for entry in entries for a, b, _ in entry.weights.values() for tensor in (a, b)]
+    storages = {first.a.untyped_storage().data_ptr(), first.b.untyped_storage().data_ptr()}
+    assert {t.untyped_storage().data_ptr() for t in held} == storages
+    x, rows = torch.randn(3, width), torch.tensor([1, 2, 0])
+    before = torch.zeros(3, 128)
+    rows_product_into(before, x, rows, first)
+    again = adapter_tables(names, sizes, [*entries, *_adapter_entries([2], names, sizes, width, torch.float32)])
+    assert again.a.shape[0] == 4 and again.a.data_ptr() != first.a.data_ptr()
+    after = torch.zeros(3, 128)
+    rows_product_into(after, x, rows, again)
+    torch.testing.assert_close(after, before)
+    assert torch.count_nonzero(before[2]) == 0 and torch.count_nonzero(before[:2]) > 0

@@ -9,13 +9,13 @@ plain linears); the forward pass is ours, so rows at different positions share o
     4-bit ones too (`compat.stack_4bit`), the original layers keeping views of them, so one matmul
     serves the group (on an H200 bitsandbytes then takes its fused 4-bit kernel for q/k/v up to 16 rows);
   - every group runs its base matmul once for the batch (`BatchedLoRALinear`, lora/stacked.py), then adds each row's
-    LoRA product: the A matrices of all resident adapters are stacked into one [sum r, K] tensor and
-    each projection's B matrices (scaling folded in) into one [N, its r] tensor; a row keeps its
-    adapter's rank-space columns by selection (`torch.where`, so another adapter's inf or NaN there
-    never reaches it: 0 x NaN would), and the product with B adds in place. Every adapter's weights
-    are checked finite when loaded, so the zeros meet only finite B columns. A few small ops,
-    whatever the mix of adapters, so a CUDA graph of the step serves every mix (Punica/S-LoRA style
-    batching);
+    LoRA product from tables of every resident adapter's weights by adapter index (`AdapterTables`):
+    in a decode step on CUDA two per-row Triton kernels (BGMV, Punica/S-LoRA style) read only each
+    row's own adapter's A and B, so the cost follows the rows, not how many adapters are resident;
+    elsewhere (prompts, the CPU) GEMMs over every adapter, each row keeping its own adapter's
+    columns by selection (`torch.where`, so another adapter's inf or NaN never reaches it: 0 x NaN
+    would). Either way a few launches whatever the mix of adapters, so a CUDA graph of the step
+    serves every mix;
   - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
     step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed;
   - a decode step also picks each row's greedy token on the device (end-of-text barred for rows below
@@ -174,7 +174,6 @@ class BatchedDecoder:
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
         self.pool = None
-        self.layouts: dict[tuple, Any] = {}  # a LoRA layout -> its scaled column table, a row per adapter index
         # Fused kernels (decode/kernels.py) on CUDA: norms and SiLU * up in prefill and step, rotary, cache
         # writes and attention in the step; each only where the model computes what the kernel does.
         self.kernels = decode_kernels.enabled(self.device)
@@ -200,9 +199,8 @@ class BatchedDecoder:
 
         if self.device.type == "cuda":  # a step may still run (decoding ahead): its graph and tensors go
             torch.cuda.current_stream(self.device).synchronize()
-        self.layouts = {}
         for group in self.groups:
-            group.set_adapters(entries, self.layouts)
+            group.set_adapters(entries)
         self.drop_graphs()
 
     def drop_graphs(self) -> None:
@@ -221,7 +219,6 @@ class BatchedDecoder:
         hidden = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(hidden, positions)
         batch, length = ids.shape
-        rows = {layout: columns.index_select(0, rows).unsqueeze(1) for layout, columns in self.layouts.items()}
         delta = None  # what the last layer adds to hidden: added with the next norm
         for index, layer in enumerate(self.layers):
             p = layer.groups

@@ -3,10 +3,11 @@
 An adapter is read from its folder (`read_adapter`) into {projection: (A, B, scaling)} and held as a
 `StackedAdapter`; `BatchedLoRALinear` runs one group of projections that read the same input (q/k/v,
 o, gate/up, down): the base matmul once for the batch (`stacked_base`: the group's weights stacked,
-4-bit ones too), then each row's LoRA product, the A matrices of every adapter stacked and each
-row keeping its adapter's rank-space columns. A combination `A+B` is one more adapter index whose
-A's are the parts' A's stacked and whose B's carry each part's weight and scaling (`weighted_sum`).
-The decoder that runs these layers is decode/batched.py.
+4-bit ones too; or, with LQMF_NF4_KERNEL=1, nf4.py's Triton kernel over the stacked 4-bit weight),
+then each row's LoRA product from tables of every resident adapter's weights by adapter index
+(`AdapterTables`; the kernels in lora/kernels.py read only a row's own adapter). A combination `A+B`
+is one more adapter index whose A's are the parts' A's stacked and whose B's carry each part's
+weight and scaling (`weighted_sum`). The decoder that runs these layers is decode/batched.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 
 from lqmf.engine import compat
 from lqmf.engine.loading import first_nonfinite
+from lqmf.engine.lora import nf4
 
 
 class UnsupportedAdapter(ValueError):
@@ -87,15 +89,7 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
         return modules[0]
     stacked = compat.stack_4bit(modules)
     if stacked is not None:
-        import bitsandbytes as bnb
-
-        packed, state = stacked
-        compute = modules[0].compute_dtype
-
-        def matmul_4bit(x):
-            return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
-
-        return matmul_4bit
+        return nf4.stacked_matmul_4bit(*stacked, modules[0].compute_dtype)
     kinds = {(type(m), m.weight.dtype, m.weight.device, m.bias is None) for m in modules}
     if len(kinds) != 1 or next(iter(kinds))[0] is not torch.nn.Linear:
         return lambda x: torch.cat([m(x) for m in modules], dim=-1)
@@ -110,69 +104,78 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
         start = end
     return lambda x: torch.nn.functional.linear(x, weight, bias)
 
+@dataclass
+class AdapterTables:
+    """Every resident adapter's LoRA weights for one group of projections, by adapter index (0: none,
+    all zeros): a [adapters + 1, projections x rank, K] table of A's and a [sum N, adapters + 1, rank]
+    table of B's times their scalings, every adapter padded with zeros to the group's largest rank.
+    A row's product reads its adapter's slices (`kernels.rows_product_into`)."""
+
+    a: Any
+    b: Any
+    rank: int
+    spans: list[tuple[int, int]]  # each projection's output columns
+
+    @property
+    def fits_kernels(self) -> bool:
+        from lqmf.engine.lora.kernels import TABLE_BLOCK_N
+
+        return len(self.spans) <= 3 and all(start % TABLE_BLOCK_N == 0 for start, _ in self.spans) and (
+            self.spans[-1][1] % TABLE_BLOCK_N == 0)
+
+
+def adapter_tables(names: tuple[str, ...], sizes: list[int], entries: list[StackedAdapter]) -> AdapterTables | None:
+    """The tables of entries' weights for these projections (entry i at index i + 1); None if none has any.
+
+    Each entry's weights for these projections then become views of the tables (B with its scaling
+    in, scaling 1), so one copy of an adapter stays on the device, not one in the entry and one here."""
+    import torch
+
+    held = [(index + 1, entry, number, entry.weights[name]) for index, entry in enumerate(entries)
+            for number, name in enumerate(names) if name in entry.weights]
+    if not held:
+        return None
+    rank = max(a.shape[0] for _, _, _, (a, _, _) in held)
+    first = held[0][3][0]
+    spans = [(sum(sizes[:number]), sum(sizes[:number + 1])) for number in range(len(names))]
+    a_table = torch.zeros(len(entries) + 1, len(names) * rank, first.shape[1], dtype=first.dtype, device=first.device)
+    b_table = torch.zeros(spans[-1][1], len(entries) + 1, rank, dtype=first.dtype, device=first.device)
+    for index, entry, number, (a, b, scaling) in held:
+        a_view = a_table[index, number * rank:number * rank + a.shape[0]]
+        b_view = b_table[spans[number][0]:spans[number][1], index, :b.shape[1]]
+        a_view.copy_(a)
+        b_view.copy_(b * scaling if scaling != 1 else b)
+        entry.weights[names[number]] = (a_view, b_view, 1.0)
+    return AdapterTables(a_table, b_table, rank, spans)
+
+
 class BatchedLoRALinear:
     """Projections that read one input (q/k/v, gate/up, or one alone) for a batch of rows: the base
-    matmul once for all of them (`stacked_base`), plus each row's own adapter's product.
-
-    The A matrices of every resident adapter, for every projection of the group, are stacked into one
-    [sum r, K] tensor; each projection keeps its adapters' B matrices, times their scalings, as one
-    [N, its r] tensor. Groups whose adapters have the same ranks share one `layout`: an
-    [adapters + 1, sum r] boolean table whose row i is true in adapter i's rank-space columns (row 0:
-    no adapter); the decoder selects each row's once per forward pass.
-    """
+    matmul once for all of them (`stacked_base`), plus each row's own adapter's product from the
+    group's `AdapterTables` (per-row kernels in a decode step, GEMMs over every adapter otherwise)."""
 
     def __init__(self, names: tuple[str, ...], modules: list):
         bases = [getattr(module, "base_layer", module) for module in modules]
         self.names = names
         self.sizes = [base.out_features for base in bases]
-        self.base = stacked_base(bases)
-        self.stacked_a = None  # [sum r, K]
-        self.parts: list[tuple[int, int, int, int, Any]] = []  # output columns, rank columns, B [N, r]
-        self.layout: tuple | None = None
+        self.base = (nf4.nf4_base(bases) if nf4.switched_on() else None) or stacked_base(bases)
+        self.tables: AdapterTables | None = None
 
-    def set_adapters(self, entries: list[StackedAdapter], layouts: dict[tuple, Any]) -> None:
-        """Stack the weights that entries (index i + 1 each) hold for these projections; add the
-        layout's table to layouts when new."""
-        import torch
+    def set_adapters(self, entries: list[StackedAdapter]) -> None:
+        """Hold entries' weights for these projections (entry i at adapter index i + 1)."""
+        self.tables = adapter_tables(self.names, self.sizes, entries)
 
-        a_list, self.parts, layout, rank_start, out_start = [], [], [], 0, 0
-        for name, size in zip(self.names, self.sizes, strict=True):
-            mine = [(index + 1, entry.weights[name]) for index, entry in enumerate(entries) if name in entry.weights]
-            layout.append(tuple((index, a.shape[0]) for index, (a, _, _) in mine))
-            if mine:
-                rank = sum(a.shape[0] for _, (a, _, _) in mine)
-                a_list += [a for _, (a, _, _) in mine]
-                self.parts.append((out_start, out_start + size, rank_start, rank_start + rank,
-                                   torch.cat([b * scaling if scaling != 1 else b for _, (_, b, scaling) in mine],
-                                             dim=1)))
-                rank_start += rank
-            out_start += size
-        if not a_list:
-            self.stacked_a = self.layout = None
-            return
-        self.stacked_a = torch.cat(a_list)
-        self.layout = (len(entries), tuple(layout))
-        if self.layout not in layouts:
-            columns = torch.zeros(len(entries) + 1, rank_start, dtype=torch.bool, device=self.stacked_a.device)
-            start = 0
-            for index, rank in (adapter for part in layout for adapter in part):
-                columns[index, start:start + rank] = True
-                start += rank
-            layouts[self.layout] = columns
-
-    def __call__(self, x, selected: dict[tuple, Any]):
-        """x: [B, T, K] -> [B, T, sum N]; selected: per layout, each row's rank-space columns [B, 1, sum r]."""
-        import torch
+    def __call__(self, x, rows):
+        """x: [B, T, K] -> [B, T, sum N]; rows: each row's adapter index [B] (int64, 0: none)."""
+        from lqmf.engine.lora.kernels import rows_product_into
 
         out = self.base(x)
-        if self.stacked_a is None:
+        if self.tables is None:
             return out
-        low = torch.where(selected[self.layout], x @ self.stacked_a.t(), 0).view(-1, self.stacked_a.shape[0])
-        flat = out.view(-1, out.shape[-1])
-        for out_start, out_end, rank_start, rank_end, b in self.parts:
-            flat[:, out_start:out_end].addmm_(low[:, rank_start:rank_end], b.t())
+        batch, length, width = x.shape
+        per_token = rows if length == 1 else rows.repeat_interleave(length)
+        rows_product_into(out.view(batch * length, -1), x.reshape(batch * length, width), per_token, self.tables)
         return out
-
 
 
 def weighted_sum(parts: list[tuple[dict[str, tuple], float]]) -> dict[str, tuple]:

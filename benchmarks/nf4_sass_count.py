@@ -1,0 +1,101 @@
+"""The NF4 kernel's loop as a GPU would run it, counted on a CPU machine: compile for sm_90, read the SASS.
+
+No GPU needed: Triton compiles for a named target with the ptxas it ships. For each config of
+benchmarks/nf4_kernel_bench.py (bf16 inputs; integer arguments specialized as Triton's JIT does for
+multiples of 16) this prints registers, spilled bytes, shared memory, and the instructions of the
+kernel's main loop per weight value a thread handles in one trip. A GPU streams about 29 weight
+values a clock per SM on an H100 (3.35 TB/s, 132 SMs at 1.75 GHz, half a byte each) and issues 128
+thread-instructions a clock per SM, so a loop above about 4.4 instructions a value cannot keep up
+with memory however it is scheduled. A static count, not a timing: memory stalls and tensor-core
+work are not in it.
+
+    PYTHONPATH=src python3 benchmarks/nf4_sass_count.py [config indices...]
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+sys.path.insert(0, str(Path(__file__).parent))
+
+ARGS = ("x_ptr", "q_ptr", "absmax_ptr", "code_ptr", "pair_ptr", "out_ptr", "M", "N", "K", "stride_xm", "K_PER_SPLIT")
+TYPES = ("*bf16", "*u8", "*fp32", "*fp32", "*i64", "*bf16", "i32", "i32", "i32", "i32", "i32")
+MULTIPLES_OF_16 = set(ARGS) - {"M"}  # pointers, N, K, strides: what the JIT sees at the 7B shapes
+
+
+def compile_config(config):
+    """The compiled kernel (triton's CompiledKernel) for config, bf16 inputs, target sm_90."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from lqmf.engine.lora import nf4_kernels
+
+    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=64,
+                     USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut, LATE_SCALE=config.late_scale, IEEE=False,
+                     INTERPRETED=False)
+    signature = dict(zip(ARGS, TYPES, strict=True)) | dict.fromkeys(constants, "constexpr")
+    names = list(signature)
+    source = ASTSource(fn=nf4_kernels.nf4_matmul_kernel, signature=signature,
+                       constexprs={(names.index(name),): value for name, value in constants.items()},
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in MULTIPLES_OF_16})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": config.warps, "num_stages": config.stages})
+
+
+def loop_instructions(sass: str) -> list[str]:
+    """The instructions of the longest backward branch's body (the main loop)."""
+    labels, instructions = {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.L_x_(\d+):", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        instruction = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*?);", line)
+        if instruction:
+            instructions.append(instruction.group(1).strip())
+    loops = [(labels[target.group(1)], end) for end, text in enumerate(instructions)
+             if (target := re.search(r"BRA.*\.L_x_(\d+)", text)) and labels.get(target.group(1), end) < end]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0], default=(0, -1))
+    return instructions[start:end + 1]
+
+
+def main() -> None:
+    import triton
+    from nf4_kernel_bench import candidates
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    configs = candidates(smoke=False)
+    chosen = [int(arg) for arg in sys.argv[1:]] or range(len(configs))
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "nf4_sass_count.cubin"
+    for index in chosen:
+        config = configs[index]
+        brief = (f"{index:>2} {'dot' if config.dot else 'gemv'} m{config.block_m} n{config.block_n} k{config.block_k} "
+                 f"w{config.warps} st{config.stages} lut{config.lut}{' swap' if config.swap else ''}"
+                 f"{' late' if config.late_scale else ''}")
+        try:
+            kernel = compile_config(config)
+        except Exception as failure:  # a config that does not compile: say so, go on
+            print(f"{brief}: does not compile: {str(failure).splitlines()[0][:200]}")
+            continue
+        cubin.write_bytes(kernel.asm["cubin"])
+        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
+                               text=True).stdout
+        sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+        loop = loop_instructions(sass)
+        values = config.block_n * config.block_k / (32 * config.warps)  # weight values a thread handles a trip
+        kinds = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
+        registers, spilled = (re.search(pattern, usage).group(1) for pattern in (r"REG:(\d+)", r"LOCAL:(\d+)"))
+        print(f"{brief}: registers {registers}, spilled {spilled} B, shared {kernel.metadata.shared} B, "
+              f"loop {len(loop)} instructions = {len(loop) / values:.2f} a weight value; "
+              f"{', '.join(f'{kind} {count}' for kind, count in kinds.most_common(6))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""A bitsandbytes NF4 weight times the 1..64 rows of a decode step, in one Triton kernel (nf4_kernels.py).
+
+bitsandbytes 0.50 multiplies more than one row by dequantizing the whole weight to bf16 and then
+running a GEMM, so a step writes and reads back four times the packed bytes. `nf4_matmul` reads the
+packed bytes and a float32 absmax once, dequantizes in registers and accumulates in float32. Its
+launch configuration comes from a fixed table (`config_for`: row bucket, N, K), never from run-time
+autotuning, because decode steps are captured in CUDA graphs; benchmarks/nf4_kernel_bench.py sweeps
+the candidates on a GPU and prints the table.
+
+`NF4Linear` is what the batched decoder calls (lora/stacked.py's BatchedLoRALinear, where
+`switched_on`): built from bitsandbytes Linear4bit modules that read one input (`nf4_base`: a group
+stacked by compat.stack_4bit, or one layer), it runs the kernel where `kernel_applies` and
+bitsandbytes' own path otherwise. Off the GPU the kernel does not apply (the tests set OFF_GPU and run
+it in Triton's interpreter). LQMF_NF4_KERNEL=1 turns it on, 0 off; until a GPU sweep has shown it
+faster than bitsandbytes it is off by default (DEFAULT_SWITCH).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+from lqmf.engine import compat
+
+MAX_ROWS = 64
+TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: split K until a launch has this many
+OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
+DEFAULT_SWITCH = "0"  # LQMF_NF4_KERNEL when unset: off until the GPU sweep has filled CONFIGS
+
+
+@dataclass(frozen=True)
+class Config:
+    """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (multiply-adds, a GEMV);
+    split: slices of K (0: enough for TARGET_PROGRAMS programs); block_k: K a loop step (whole
+    quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
+    a 256-entry byte -> pair table."""
+
+    block_m: int = 16
+    block_n: int = 64
+    block_k: int = 128
+    split: int = 0
+    warps: int = 4
+    stages: int = 2
+    lut: int = 0
+    dot: bool = True
+    swap: bool = False  # dot: the weight as tl.dot's first operand (out^T = W x^T)
+    late_scale: bool = False  # scale each block's sums by its absmax, not each value (fewer operations;
+    # the dot rounds the codes, not code * absmax, to x's dtype: not bitsandbytes' rounding, as close)
+
+
+# (row bucket, N, K) -> Config, from a GPU sweep (benchmarks/nf4_kernel_bench.py prints this table).
+# Empty until the sweep has run: every shape takes `default_config`.
+CONFIGS: dict[tuple[int, int, int], Config] = {}
+
+
+def row_bucket(rows: int) -> int:
+    """The power of two at or above rows (1, 2, 4 ... 64): the table's first key."""
+    return 1 << max(0, rows - 1).bit_length()
+
+
+def default_config(rows: int) -> Config:
+    """A config for a shape the table lacks: a tl.dot tile of max(16, the row bucket) rows, 64 columns,
+    four blocks a step, the byte -> pair table. Not timed yet: chosen for the fewest instructions a
+    weight value in the loop as compiled for sm_90 (benchmarks/nf4_sass_count.py), where a 1-row GEMV
+    takes about 1.5x as many as this 16-row tile."""
+    bucket = row_bucket(rows)
+    return Config(block_m=max(16, bucket), block_n=64, block_k=256, lut=1, swap=bucket >= 32)
+
+
+def config_for(rows: int, out_features: int, in_features: int) -> Config:
+    return CONFIGS.get((row_bucket(rows), out_features, in_features)) or default_config(rows)
+
+
+def fitted(config: Config, rows: int, shape: tuple[int, int], blocksize: int) -> tuple[Config, int]:
+    """config with block_k dividing K (a multiple of blocksize) and block_m covering at most the rows it
+    must, and the number of K slices: config.split, or enough for TARGET_PROGRAMS, dividing K's steps."""
+    out_features, in_features = shape
+    block_k = max(config.block_k, blocksize, 32)
+    while in_features % block_k:
+        block_k //= 2
+    block_m = min(config.block_m, max(16 if config.dot else 1, row_bucket(rows)))
+    steps = in_features // block_k
+    programs = -(-out_features // config.block_n) * -(-rows // block_m)
+    wanted = config.split or max(1, -(-TARGET_PROGRAMS // programs))
+    split = max(s for s in range(1, min(wanted, steps) + 1) if steps % s == 0)
+    return replace(config, block_k=block_k, block_m=block_m, split=split), split
+
+
+def shape_applies(shape: tuple[int, int], blocksize: int) -> bool:
+    """Whether the kernel reads this weight: blocks of a power of two >= 32 that do not cross rows."""
+    return blocksize >= 32 and blocksize & (blocksize - 1) == 0 and shape[1] % blocksize == 0
+
+
+def switched_on() -> bool:
+    """Whether the decoder uses the kernel: LQMF_NF4_KERNEL (1 on, 0 off; unset: DEFAULT_SWITCH)."""
+    return os.environ.get("LQMF_NF4_KERNEL", DEFAULT_SWITCH) != "0"
+
+
+def kernel_applies(x, shape: tuple[int, int], blocksize: int) -> bool:
+    """Whether nf4_matmul runs x ([..., K]): 1..MAX_ROWS rows of a float dtype on a GPU (or OFF_GPU),
+    a shape it reads, Triton installed, and switched on."""
+    import torch
+
+    rows = x.numel() // max(1, x.shape[-1])
+    return ((x.is_cuda or OFF_GPU) and 1 <= rows <= MAX_ROWS and x.shape[-1] == shape[1]
+            and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and shape_applies(shape, blocksize)
+            and switched_on() and _kernels() is not None)
+
+
+@functools.cache
+def _kernels() -> Any:
+    """The module of kernels, or None where Triton is missing."""
+    try:
+        from lqmf.engine.lora import nf4_kernels
+    except ImportError:
+        return None
+    return nf4_kernels
+
+
+def byte_pairs(code):
+    """The 256-entry table of lut 1: byte b -> (code[b >> 4] bits << 32) | code[b & 15] bits (int64)."""
+    import torch
+
+    bits = code.to(torch.float32).contiguous().view(torch.int32).to(torch.int64)
+    every = torch.arange(256, device=code.device)
+    return (bits[every >> 4] << 32) | (bits[every & 15] & 0xFFFFFFFF)
+
+
+def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, config: Config | None = None,
+               pairs=None):
+    """x [M, K] times the NF4 weight's transpose: [M, N] in x's dtype, M <= MAX_ROWS.
+
+    packed: bitsandbytes' bytes of the [N, K] weight (any shape, N*K/2 uint8); absmax: float32, one per
+    blocksize values (nested absmax dequantized beforehand); code: the 16 NF4 values; pairs: byte_pairs(code),
+    made here when a lut-1 config needs it and none is given."""
+    import torch
+
+    if not shape_applies(shape, blocksize):
+        raise ValueError(f"nf4_matmul reads blocks of a power of two >= 32 dividing K, not {blocksize} of {shape}")
+    kernels = _kernels()
+    rows, (out_features, in_features) = x.shape[0], shape
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    config, split = fitted(config or config_for(rows, out_features, in_features), rows, shape, blocksize)
+    if config.lut == 1 and pairs is None:
+        pairs = byte_pairs(code)
+    out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
+    target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
+    grid = (-(-out_features // config.block_n), split, -(-rows // config.block_m))
+    kernels.nf4_matmul_kernel[grid](
+        x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
+        x.stride(0), in_features // split, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        BLOCKSIZE=blocksize, USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut,
+        LATE_SCALE=config.late_scale, IEEE=x.dtype == torch.float32,
+        INTERPRETED=not x.is_cuda,
+        num_warps=config.warps, num_stages=config.stages)
+    if split > 1:
+        block = 1024
+        kernels.reduce_splits[(-(-out.numel() // block),)](target, out, out.numel(), SPLIT=split, BLOCK=block,
+                                                           INTERPRETED=not x.is_cuda,
+                                                           num_warps=4)
+    return out
+
+
+class NF4Linear:
+    """A 4-bit weight (one layer's, or a group's stacked) as the kernel reads it, with bitsandbytes'
+    path for inputs the kernel does not take: called with x [..., K], gives [..., N] in x's dtype."""
+
+    def __init__(self, packed, absmax, code, shape: tuple[int, int], blocksize: int, fallback: Callable[[Any], Any]):
+        self.packed, self.absmax, self.code = packed, absmax, code
+        self.shape, self.blocksize, self.fallback = shape, blocksize, fallback
+        self.pairs = byte_pairs(code)
+
+    @classmethod
+    def of_stacked(cls, packed, state, fallback: Callable[[Any], Any]) -> NF4Linear | None:
+        """From compat.stack_4bit's (packed, QuantState; its absmax already float32), or None for a
+        weight the kernel does not read."""
+        import torch
+
+        shape = (int(state.shape[0]), int(state.shape[1]))
+        if state.quant_type != "nf4" or state.nested or not shape_applies(shape, state.blocksize):
+            return None
+        return cls(packed.reshape(-1).view(torch.uint8), state.absmax.float().contiguous(),
+                   state.code.to(packed.device, torch.float32).contiguous(), shape, int(state.blocksize), fallback)
+
+    @classmethod
+    def of_module(cls, module) -> NF4Linear | None:
+        """From one bitsandbytes Linear4bit without bias (its nested absmax dequantized once), or None."""
+        parts = compat.nf4_parts(module)
+        if parts is None or module.bias is not None or not shape_applies(parts[3], parts[4]):
+            return None
+        return cls(*parts, fallback=module)
+
+    def __call__(self, x):
+        if not kernel_applies(x, self.shape, self.blocksize):
+            return self.fallback(x)
+        out = nf4_matmul(x.reshape(-1, self.shape[1]), self.packed, self.absmax, self.code, self.shape,
+                         self.blocksize, pairs=self.pairs)
+        return out.view(*x.shape[:-1], self.shape[0])
+
+
+def stacked_matmul_4bit(packed, state, compute) -> Callable[[Any], Any]:
+    """bitsandbytes' matmul of x with compat.stack_4bit's (packed, state), in the layers' compute dtype:
+    what stacked_base runs for a 4-bit group, and NF4Linear for inputs the kernel does not take."""
+    import bitsandbytes as bnb
+
+    def matmul_4bit(x):
+        return bnb.matmul_4bit(x.to(compute or x.dtype), packed.t(), quant_state=state).to(x.dtype)
+
+    return matmul_4bit
+
+
+def nf4_base(modules: list) -> Callable[[Any], Any] | None:
+    """For bitsandbytes 4-bit linears that read one input (as lora/stacked.py's stacked_base takes them):
+    NF4Linear for one alone or a group stacked by compat.stack_4bit (the modules' weights become views
+    of the stacked bytes); bitsandbytes' matmul of a stacked group the kernel cannot read; None for
+    anything else (then stacked_base)."""
+    if len(modules) == 1:
+        return NF4Linear.of_module(modules[0])
+    stacked = compat.stack_4bit(modules)
+    if stacked is None:
+        return None
+    packed, state = stacked
+    matmul_4bit = stacked_matmul_4bit(packed, state, modules[0].compute_dtype)
+    return NF4Linear.of_stacked(packed, state, matmul_4bit) or matmul_4bit

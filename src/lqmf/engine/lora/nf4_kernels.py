@@ -1,0 +1,159 @@
+"""Triton kernels of engine/lora/nf4.py: a bitsandbytes NF4 weight times a few rows, read once.
+
+Imported only by nf4.py, and only when a kernel runs (importing triton takes time). The layout they
+read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own dequantize_4bit): a
+[N, K] weight row-major, two codes a byte, the even k in the high nibble; one float32 absmax per
+BLOCKSIZE consecutive values of a row (pre-dequantized once where bitsandbytes nests it).
+
+One kernel, two ways to multiply (constexpr USE_DOT): `tl.dot` on tensor cores for a tile of up to
+BLOCK_M rows (SWAP: the weight as the first operand; float32 inputs in full precision, not TF32), or
+multiply-adds on CUDA cores (a GEMV; for one to a few rows). Each program owns BLOCK_N output
+columns, one of the slices of K and one block of rows. A loop step covers BLOCK_K // BLOCKSIZE
+quantization blocks, unrolled; per block it loads a [BLOCK_N, BLOCKSIZE // 2] byte tile (contiguous
+along K) and the BLOCK_N absmax values, splits each byte into its two codes, maps them to NF4 values
+(LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
+byte from a 256-entry byte -> (value, value) table), scales them by the absmax and rounds them to
+x's dtype as dequantize_4bit does; x's even and odd columns multiply the high and low codes, so
+nothing is interleaved and no weight tile is reshaped. With more than one slice they write float32
+partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels can be
+captured in a CUDA graph).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _codes(packed, code_ptr, pair_ptr, LUT: tl.constexpr):
+    """The NF4 values (float32) of each byte's high (even k) and low (odd k) code."""
+    if LUT == 1:
+        pair = tl.load(pair_ptr + packed)
+        high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+    else:
+        high = tl.load(code_ptr + (packed >> 4))
+        low = tl.load(code_ptr + (packed & 15))
+    return high, low
+
+
+@triton.jit
+def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """value (float32) in dtype, rounded to nearest even. Triton's CPU interpreter truncates float32 to
+    bfloat16, so there the rounding is done on the bits first (then the cast is exact)."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = value.to(tl.int32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+        value = bits.to(tl.float32, bitcast=True)
+    return value.to(dtype)
+
+
+@triton.jit
+def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr,
+                  LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """One quantization block of BLOCK_N weight rows: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2] and the
+    rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
+    dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32), the caller scales the sums."""
+    packed = tl.load(byte_at, mask=col_ok[:, None], other=0).to(tl.int32)  # an unsigned index from here on
+    scale = tl.load(scale_at, mask=col_ok, other=0.0)
+    high, low = _codes(packed, code_ptr, pair_ptr, LUT)
+    if not LATE_SCALE:
+        high = _rounded(high * scale[:, None], dtype, INTERPRETED)
+        low = _rounded(low * scale[:, None], dtype, INTERPRETED)
+    return high, low, scale
+
+
+@triton.jit
+def _dot(acc, x, weight, SWAP: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + x weight^T ([BLOCK_M, BLOCK_N]), or with SWAP acc + weight x^T ([BLOCK_N, BLOCK_M]: the
+    weight is the first operand, which a GPU can read from registers)."""
+    if INTERPRETED:  # Triton's CPU interpreter multiplies bf16 operands wrongly
+        x, weight = x.to(tl.float32), weight.to(tl.float32)
+    if SWAP:
+        first, second = weight, tl.trans(x)
+    else:
+        first, second = x, tl.trans(weight)
+    if IEEE:  # float32 inputs: full precision, not TF32
+        acc = tl.dot(first, second, acc, input_precision="ieee")
+    else:
+        acc = tl.dot(first, second, acc)
+    return acc
+
+
+@triton.jit
+def _accumulate(acc, x_even, x_odd, high, low, scale, dtype: tl.constexpr, USE_DOT: tl.constexpr,
+                SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc plus one block's products (see nf4_matmul_kernel for acc's shape). Every branch is static,
+    and the one return is at the end (compiled Triton visits statements after a return in a static if)."""
+    if USE_DOT and LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
+        high, low = _rounded(high, dtype, INTERPRETED), _rounded(low, dtype, INTERPRETED)
+        part = _dot(_dot(tl.zeros_like(acc), x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE,
+                    INTERPRETED)
+        if SWAP:
+            acc += part * scale[:, None]
+        else:
+            acc += part * scale[None, :]
+    elif USE_DOT:
+        acc = _dot(_dot(acc, x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE, INTERPRETED)
+    else:
+        product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
+                   + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
+        if LATE_SCALE:  # one multiply a byte, not one a value (summed along K at the end all the same)
+            acc += product * scale[None, :, None]
+        else:
+            acc += product
+    return acc
+
+
+@triton.jit
+def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
+                      LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step."""
+    pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok, col_ok = rows < M, cols < N
+    begin = pid_s * K_PER_SPLIT
+    row_bytes = tl.multiple_of(cols.to(tl.int64) * (K // 2) + begin // 2, 16)  # K, begin: multiples of blocksize
+    byte_at = q_ptr + row_bytes[:, None] + tl.arange(0, BLOCKSIZE // 2)[None, :]  # so 16-byte vector loads
+    scale_at = absmax_ptr + cols.to(tl.int64) * (K // BLOCKSIZE) + begin // BLOCKSIZE
+    x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (begin + tl.arange(0, BLOCKSIZE))[None, :]
+    dtype = x_ptr.dtype.element_ty
+    if not USE_DOT:  # multiply-adds, summed along K once, at the end
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
+    elif USE_DOT and SWAP:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for _ in range(0, K_PER_SPLIT, BLOCK_K):
+        for block in tl.static_range(BLOCK_K // BLOCKSIZE):
+            high, low, scale = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok,
+                                             code_ptr, pair_ptr, dtype, LUT, LATE_SCALE, INTERPRETED)
+            x = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCKSIZE // 2, 2)))
+            acc = _accumulate(acc, x_even, x_odd, high, low, scale, dtype, USE_DOT, SWAP, LATE_SCALE, IEEE,
+                              INTERPRETED)
+        byte_at += BLOCK_K // 2
+        scale_at += BLOCK_K // BLOCKSIZE
+        x_at += BLOCK_K
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
+    elif USE_DOT and SWAP:
+        acc = tl.trans(acc)
+    ok = row_ok[:, None] & col_ok[None, :]
+    at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
+    tl.store(out_ptr + at, _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+@triton.jit
+def reduce_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """out[i] = sum over s of part[s, i] (float32 partials, summed in slice order), in out's dtype."""
+    at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = at < MN
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        total += tl.load(part_ptr + s * MN + at, mask=ok, other=0.0)
+    tl.store(out_ptr + at, _rounded(total, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)

@@ -1,0 +1,157 @@
+"""The NF4 matmul kernel (engine/lora/nf4.py), run by Triton's interpreter on the CPU, against
+bitsandbytes' own dequantize_4bit and a matmul in float32.
+
+Tolerances: with float32 inputs only the order of the sums differs (1e-5 of the largest output);
+with bf16 inputs the kernel rounds each dequantized value to bf16 as dequantize_4bit does, so the
+outputs differ from the float32 product of those bf16 values by the final rounding: at most one bf16
+unit in the last place (2**-7 relative). A late_scale config rounds the code instead of code * absmax
+(the tl.dot) or nothing (the GEMV), so its reference weight is the code rounded so, times the absmax
+in float32; the same bound then holds. On a GPU machine conftest.py leaves the interpreter off and
+these CPU runs are skipped; benchmarks/nf4_kernel_bench.py checks the kernel there."""
+
+import os
+
+import pytest
+
+pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton's interpreter is off (a GPU machine): the GPU bench checks the kernel",
+                allow_module_level=True)
+
+
+@pytest.fixture
+def nf4(monkeypatch):
+    from lqmf.engine.lora import nf4 as module
+
+    monkeypatch.setattr(module, "OFF_GPU", True)
+    monkeypatch.setenv("LQMF_NF4_KERNEL", "1")
+    return module
+
+
+def _weight(out_features: int, in_features: int, nested: bool, seed: int):
+    """(packed, QuantState) of a random [N, K] weight quantized by bitsandbytes (NF4, blocks of 64)."""
+    import torch
+    from bitsandbytes.functional import quantize_4bit
+
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    return quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=nested)
+
+
+def _assert_matches(got, x, weight):
+    """got == x @ weight^T within the tolerances of the module docstring (weight: float32, [N, K])."""
+    import torch
+
+    expected = x.float() @ weight.t()
+    assert got.dtype == x.dtype and got.shape == expected.shape
+    error = (got.float() - expected).abs()
+    if x.dtype == torch.float32:
+        assert float(error.max()) <= 1e-5 * float(expected.abs().max())
+    else:
+        assert bool((error <= expected.abs() * 2**-7 + 1e-5 * expected.abs().max()).all()), float(error.max())
+
+
+def _weight_used(packed, state, dtype, config: dict | None):
+    """The float32 weight the kernel multiplies x by: bitsandbytes' dequantized one rounded to dtype; for
+    late_scale the code rounded to dtype (a tl.dot) or not at all (a GEMV), times the absmax."""
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lqmf.engine import compat
+
+    dense = dequantize_4bit(packed, state).float()
+    if not (config and config.get("late_scale")):
+        return dense.to(dtype).float()
+    if not config.get("dot", True):
+        return dense
+    codes = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 15], dim=-1).view(dense.shape).long()
+    absmax = compat.absmax_fp32(state).view(dense.shape[0], -1).repeat_interleave(64, dim=1)
+    return state.code[codes].to(dtype).float() * absmax
+
+
+@pytest.mark.parametrize(("rows", "out_features", "in_features", "nested", "dtype_name", "config"), [
+    (1, 64, 256, True, "bfloat16", dict(block_m=1, block_n=32, block_k=128, split=2, dot=False)),
+    (3, 48, 384, False, "float32", dict(block_m=2, block_n=16, block_k=128, split=1, dot=False, lut=1)),
+    (16, 256, 128, True, "bfloat16", dict(block_m=16, block_n=64, block_k=64, split=2, lut=1, swap=True)),
+    (17, 32, 512, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, split=4)),
+    (40, 96, 256, True, "float32", dict(block_m=64, block_n=32, block_k=256, split=1, swap=True)),
+    (40, 200, 128, False, "float16", None),  # the default config for 40 rows
+    (3, 64, 256, True, "bfloat16", dict(block_m=2, block_n=32, block_k=128, dot=False, late_scale=True)),
+    (17, 128, 256, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, swap=True, late_scale=True)),
+    (16, 64, 128, True, "float32", dict(block_m=16, block_n=32, block_k=64, split=2, late_scale=True)),
+])
+def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_features, nested, dtype_name,
+                                                    config):
+    import torch
+
+    from lqmf.engine import compat
+
+    packed, state = _weight(out_features, in_features, nested, seed=rows)
+    assert state.nested == nested
+    dtype = getattr(torch, dtype_name)
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(7)).to(dtype)
+    got = nf4.nf4_matmul(x, packed, compat.absmax_fp32(state), state.code, (out_features, in_features), 64,
+                         None if config is None else nf4.Config(**config))
+    _assert_matches(got, x, _weight_used(packed, state, dtype, config))
+
+
+def test_configs_fit_the_shape_and_fill_the_machine(nf4):
+    import torch
+
+    config, split = nf4.fitted(nf4.Config(block_m=16, block_n=64, block_k=512), 5, (4096, 14336), 64)
+    assert (config.block_k, config.block_m) == (512, 16) and 14336 // 512 % split == 0
+    assert -(-4096 // 64) * split >= nf4.TARGET_PROGRAMS // 2  # 64 column blocks: split K 4 or 7 ways
+    config, split = nf4.fitted(nf4.Config(block_k=256, split=3), 40, (4096, 4096), 64)
+    assert split == 2  # 3 does not divide 16 steps of 256
+    assert nf4.fitted(nf4.Config(block_k=256), 1, (64, 192), 64)[0].block_k == 64  # 192 = 3 x 64
+    assert [nf4.row_bucket(m) for m in (1, 2, 3, 16, 17, 64)] == [1, 2, 4, 16, 32, 64]
+    assert nf4.config_for(1, 4096, 4096).block_m == 16 and nf4.config_for(40, 4096, 4096).block_m == 64
+    assert not nf4.shape_applies((64, 96), 64) and not nf4.shape_applies((64, 96), 48)
+    with pytest.raises(ValueError, match="not 64 of"):
+        nf4.nf4_matmul(torch.ones(1, 96), None, None, None, (64, 96), 64)
+
+
+def test_nf4_base_runs_groups_and_single_layers_like_bitsandbytes(nf4, monkeypatch):
+    """A q/k/v-like group (stacked) and one layer alone, from bitsandbytes Linear4bit modules (nested
+    absmax, as the loader quantizes): the kernel's outputs are the layers' own; inputs it does not
+    take (more than MAX_ROWS rows, LQMF_NF4_KERNEL=0) go to bitsandbytes."""
+    import bitsandbytes as bnb
+    import torch
+
+    torch.manual_seed(0)
+    group = [bnb.nn.Linear4bit(128, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+             for rows in (64, 32, 32)]
+    alone = bnb.nn.Linear4bit(128, 96, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+    x = torch.randn(2, 3, 128)
+    expected = torch.cat([layer(x) for layer in group], dim=-1)
+    expected_alone = alone(x)
+    stacked, single = nf4.nf4_base(group), nf4.nf4_base([alone])
+    assert stacked.shape == (128, 128) and single.shape == (96, 128)
+    assert nf4.kernel_applies(x, stacked.shape, stacked.blocksize)
+    torch.testing.assert_close(stacked(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(single(x), expected_alone, rtol=1e-5, atol=1e-5)
+    many = torch.randn(nf4.MAX_ROWS + 1, 128)
+    assert not nf4.kernel_applies(many, stacked.shape, stacked.blocksize)
+    torch.testing.assert_close(stacked(many), torch.cat([layer(many) for layer in group], dim=-1))
+    monkeypatch.setenv("LQMF_NF4_KERNEL", "0")
+    assert not nf4.kernel_applies(x, stacked.shape, stacked.blocksize)
+    with_bias = bnb.nn.Linear4bit(128, 32, bias=True, quant_type="nf4").to("cpu")
+    fp4 = bnb.nn.Linear4bit(128, 32, bias=False, quant_type="fp4").to("cpu")
+    assert nf4.nf4_base([with_bias]) is None and nf4.nf4_base([fp4]) is None
+
+
+def test_the_batched_decoder_layer_runs_the_kernel_when_switched_on(nf4):
+    """BatchedLoRALinear (lora/stacked.py) over a 4-bit group takes the kernel with LQMF_NF4_KERNEL=1."""
+    import bitsandbytes as bnb
+    import torch
+
+    from lqmf.engine.lora.stacked import BatchedLoRALinear
+
+    torch.manual_seed(1)
+    group = [bnb.nn.Linear4bit(128, rows, bias=False, compute_dtype=torch.float32, quant_type="nf4").to("cpu")
+             for rows in (64, 32)]
+    x = torch.randn(3, 1, 128)
+    expected = torch.cat([layer(x) for layer in group], dim=-1)
+    layer = BatchedLoRALinear(("gate_proj", "up_proj"), group)
+    assert isinstance(layer.base, nf4.NF4Linear)
+    torch.testing.assert_close(layer(x, {}), expected, rtol=1e-5, atol=1e-5)

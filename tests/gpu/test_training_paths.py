@@ -1,0 +1,146 @@
+"""The GPU check of issue 24's training paths: on a 4-bit NF4 model under the bfloat16 autocast that
+`lqmf train` runs in, each path gives the loss and LoRA gradients of the plain one.
+
+- the loss without the logits (engine/fused/loss.py, through `loop.answer_loss_sum`) against
+  cross-entropy over the model's whole logits;
+- packed examples (data.pack / collate_packed, position ids restarting) against the same examples
+  padded one per row;
+- the tiled MLP (engine/fused/blocks.py: tile_mlps) against the plain MLP;
+- liger-kernel's RMSNorm and SiLU-multiply (`fused_kernels: on`, blocks.use_fused_kernels) against
+  transformers' modules; skipped where liger-kernel is not installed.
+
+Tolerances as tests/gpu/test_fast_path.py's training check, and for the same reason (bfloat16 compute,
+sums in another order): the loss within 1%, each LoRA gradient within 3% (relative L2 norm). The
+CPU tests (tests/engine/fused/test_long_context.py) check the same equalities in float32 to 1e-4.
+Skipped without CUDA; `make gpu-check` runs it.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+if not torch.cuda.is_available():
+    pytest.skip("the GPU check needs CUDA", allow_module_level=True)
+
+from lqmf.engine import data as data_mod  # noqa: E402
+from lqmf.engine.train import loop  # noqa: E402
+from tests.helpers import EXAMPLES  # noqa: E402
+
+LOSS_TOL, GRAD_TOL = 0.01, 0.03
+LENGTHS = [200, 37, 120, 64, 23, 90]  # examples: the first third prompt, the rest answer
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    from lqmf.engine.tiny import build_tiny_causal_lm
+
+    corpus = [path.read_text(encoding="utf-8") for path in sorted(EXAMPLES.iterdir())]
+    return build_tiny_causal_lm(tmp_path_factory.mktemp("gpu-train") / "tiny-llama-256", corpus=corpus,
+                                hidden_size=256, layers=4)
+
+
+def _model(base_dir):
+    """The 4-bit base with our r=8 LoRA layers on q/k/v/o (fp32 weights, B drawn so gradients reach A),
+    checkpointed as `lqmf train` runs it, dropout 0 (no random masks)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lqmf.core.models import ModelCatalogue
+    from lqmf.core.workspace import Workspace
+    from lqmf.engine import compat
+    from lqmf.engine.loading import load_model
+    from lqmf.engine.lora.lean import build_lean_layers
+
+    resolved = ModelCatalogue(Workspace(base_dir.parent / "ws")).resolve(str(base_dir))
+    model = load_model(resolved, task="chat", quantize_4bit=True, training=True).model
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    build_lean_layers(config)
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            compat.repoint(parameter, parameter.data.float())
+    model.train()
+    return model
+
+
+def _rows() -> list[dict]:
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for n in LENGTHS:
+        ids = torch.randint(10, 400, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [data_mod.IGNORE_INDEX] * (n // 3) + ids[n // 3:]})
+    return rows
+
+
+def _on_gpu(batch: dict) -> dict:
+    return {key: value.cuda() for key, value in batch.items()}
+
+
+def _plain_loss(model, batch):
+    """Cross-entropy over the model's whole logits (what the fused loss replaces)."""
+    import torch.nn.functional as F
+
+    with loop.autocast("cuda"):
+        logits = model(**loop.model_inputs(batch)).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=data_mod.IGNORE_INDEX, reduction="sum")
+
+
+def _loss_and_grads(model, batch, loss_fn=loop.answer_loss_sum):
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn(model, batch)
+    loss.backward()
+    grads = {name: p.grad.float().clone() for name, p in model.named_parameters() if p.grad is not None}
+    return float(loss.detach()), grads
+
+
+def _assert_close(what: str, expected, got) -> None:
+    (loss_a, grads_a), (loss_b, grads_b) = expected, got
+    assert abs(loss_b - loss_a) <= LOSS_TOL * abs(loss_a), f"{what}: loss {loss_b} vs {loss_a}"
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) == 4 * 4 * 2
+    worst = max(((grads_b[n] - g).norm() / g.norm().clamp_min(1e-12)).item() for n, g in grads_a.items())
+    print(f"{what}: loss {loss_b:.5f} vs {loss_a:.5f}, worst relative gradient difference {worst:.5f}")
+    assert worst <= GRAD_TOL, f"{what}: a LoRA gradient differs by {worst:.4f} (relative L2)"
+
+
+def test_the_loss_without_logits_matches_the_logits_path(base_dir):
+    model = _model(base_dir)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    _assert_close("fused loss", _loss_and_grads(model, batch, _plain_loss), _loss_and_grads(model, batch))
+
+
+def test_packed_examples_match_the_unpacked_ones(base_dir):
+    model = _model(base_dir)
+    rows = _rows()
+    bins = data_mod.pack(rows, capacity=256)
+    assert len(bins) < len(rows)
+    unpacked = _loss_and_grads(model, _on_gpu(data_mod.collate(rows, pad_id=0, classification=False)))
+    _assert_close("packed", unpacked, _loss_and_grads(model, _on_gpu(data_mod.collate_packed(bins, pad_id=0))))
+
+
+def test_tiled_mlp_matches_the_plain_mlp(base_dir):
+    from lqmf.engine.fused.blocks import tile_mlps
+
+    model = _model(base_dir)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    plain = _loss_and_grads(model, batch)
+    assert tile_mlps(model, tile=64) == 4
+    _assert_close("tiled MLP", plain, _loss_and_grads(model, batch))
+
+
+def test_liger_kernels_match_the_plain_modules(base_dir):
+    pytest.importorskip("liger_kernel")
+    from lqmf.engine.fused.blocks import use_fused_kernels
+
+    model = _model(base_dir)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    plain = _loss_and_grads(model, batch)
+    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4}
+    _assert_close("liger kernels", plain, _loss_and_grads(model, batch))
