@@ -125,14 +125,17 @@ def test_decode_attention_is_the_masked_grouped_attention_of_the_step(interprete
     assert float((got.float() - expected.float()).abs().max()) <= tolerance
 
 
-def test_attention_splits_cover_the_keys_without_an_empty_split():
-    from lqmf.engine.decode.kernels import TARGET_PROGRAMS, attention_splits
+def test_attention_plans_cover_the_keys_without_an_empty_split():
+    from lqmf.engine.decode.kernels import TARGET_PROGRAMS, attention_plan
 
-    for batch, kv_heads, length, block_n in [(1, 8, 128, 16), (16, 8, 4096, 16), (1, 32, 4096, 64), (256, 8, 128, 16),
-                                            (3, 2, 100, 64)]:
-        splits, tiles = attention_splits(batch, kv_heads, length, block_n)
-        assert (splits - 1) * tiles * block_n < length <= splits * tiles * block_n  # the last split has keys
-        assert splits == 1 or batch * kv_heads * (splits - 1) < TARGET_PROGRAMS * 2
+    for batch, heads, kv_heads, dim, length in [(1, 32, 8, 128, 128), (16, 32, 8, 128, 4096), (1, 32, 32, 128, 4096),
+                                                (256, 32, 8, 128, 128), (3, 4, 2, 16, 100), (1, 32, 8, 128, 32768)]:
+        plan = attention_plan(batch, heads, kv_heads, dim, length)
+        keys_a_split = plan.tiles * plan.block_n
+        assert (plan.splits - 1) * keys_a_split < length <= plan.splits * keys_a_split  # the last split has keys
+        assert plan.splits == 1 or batch * kv_heads * (plan.splits - 1) < TARGET_PROGRAMS * 2
+        assert plan.block_g * plan.block_n * plan.block_d <= 16384 and plan.splits <= plan.splits_p2
+        assert plan.splits_p2 * plan.block_d // (32 * plan.combine_warps) <= 32  # partials a thread in the combine
 
 
 def test_kernels_are_off_on_the_cpu_and_by_switch(interpreted, monkeypatch):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -208,12 +209,39 @@ def rotary_write(q, k, v, cos, sin, positions, keys, values):
     return rotated
 
 
-def attention_splits(batch: int, kv_heads: int, length: int, block_n: int) -> tuple[int, int]:
-    """(splits, key tiles per split) for a step: enough programs to fill the GPU, no empty split."""
+def _power_of_2(value: int) -> int:
+    """The smallest power of two >= value, at least 2 (no 1-wide blocks)."""
+    return max(2, 1 << (value - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Block sizes, grid and warps of `decode_attention` for one (batch, length) step: fixed per step."""
+
+    groups: int  # query heads per kv head
+    block_g: int
+    block_n: int  # keys a tile
+    block_d: int
+    splits: int  # programs along the keys, per row and kv head
+    tiles: int  # key tiles per split
+    splits_p2: int
+    split_warps: int = 4
+    combine_warps: int = 1
+
+
+def attention_plan(batch: int, heads: int, kv_heads: int, dim: int, length: int) -> AttentionPlan:
+    """Enough programs (rows x kv heads x splits) to fill the GPU, no empty split, [G, N, D] products
+    of at most 8K elements a tile, up to 32 partial outputs a thread in the combine."""
+    groups = heads // kv_heads
+    block_g, block_d = _power_of_2(groups), _power_of_2(dim)
+    block_n = min(64, max(16, 8192 // (block_g * block_d)))
     tiles = -(-length // block_n)
     splits = max(1, min(tiles, -(-TARGET_PROGRAMS // (batch * kv_heads))))
     per_split = -(-tiles // splits)
-    return -(-tiles // per_split), per_split
+    splits = -(-tiles // per_split)
+    splits_p2 = _power_of_2(splits)
+    return AttentionPlan(groups, block_g, block_n, block_d, splits, per_split, splits_p2,
+                         combine_warps=max(1, min(8, splits_p2 * block_d // 1024)))
 
 
 def decode_attention(q, keys, values, positions, length: int, window: int | None, scaling: float):
@@ -225,23 +253,19 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     kern = _kernels()
     q = _unit_last_stride(q)
     batch, heads, dim = q.shape
-    kv_heads = keys.shape[1]
-    groups = heads // kv_heads
-    block_g, block_d = max(2, kern.triton.next_power_of_2(groups)), kern.triton.next_power_of_2(dim)  # no 1-wide blocks
-    block_n = min(64, max(16, 8192 // (block_g * block_d)))  # [G, N, D] products of at most 8K elements a tile
-    splits, tiles = attention_splits(batch, kv_heads, length, block_n)
-    best = torch.empty((batch, heads, splits), dtype=torch.float32, device=q.device)
+    plan = attention_plan(batch, heads, keys.shape[1], dim, length)
+    best = torch.empty((batch, heads, plan.splits), dtype=torch.float32, device=q.device)
     total = torch.empty_like(best)
-    acc = torch.empty((batch, heads, splits, dim), dtype=torch.float32, device=q.device)
-    kern.attention_split_kernel[(batch, kv_heads, splits)](
-        q, keys, values, positions, best, total, acc, length, window or NO_WINDOW, float(scaling), tiles,
+    acc = torch.empty((batch, heads, plan.splits, dim), dtype=torch.float32, device=q.device)
+    kern.attention_split_kernel[(batch, keys.shape[1], plan.splits)](
+        q, keys, values, positions, best, total, acc, length, window or NO_WINDOW, float(scaling), plan.tiles,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        GROUPS=groups, D=dim, SPLITS=splits, BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, num_warps=4)
+        GROUPS=plan.groups, D=dim, SPLITS=plan.splits, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n,
+        BLOCK_D=plan.block_d, num_warps=plan.split_warps)
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
-    splits_p2 = max(2, kern.triton.next_power_of_2(splits))  # no 1-wide blocks
     kern.attention_combine_kernel[(batch, heads)](
-        best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=splits, SPLITS_P2=splits_p2,
-        BLOCK_D=block_d, num_warps=max(1, min(8, splits_p2 * block_d // 1024)))  # up to 32 partials a thread
+        best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=plan.splits,
+        SPLITS_P2=plan.splits_p2, BLOCK_D=plan.block_d, num_warps=plan.combine_warps)
     return out
 
 
