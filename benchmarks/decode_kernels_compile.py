@@ -46,11 +46,12 @@ def cases() -> list[tuple[str, str, dict, dict, set, int]]:
            ("rotary + cache write", "rotary_write_kernel", rotary, dict(HEADS=HEADS, KV_HEADS=KV_HEADS, D=DIM,
                                                                        BLOCK_D=DIM), set(rotary), 1),
            ("silu * up", "silu_mul_kernel", silu, dict(BLOCK=kernels.SILU_BLOCK), set(silu), 4)]
-    for batch, length in ((1, 128), (1, 4096), (16, 4096)):
-        plan = kernels.attention_plan(batch, HEADS, KV_HEADS, DIM, length)
-        out.append((f"attention split ({batch} x {length}: {plan.splits} splits)", "attention_split_kernel",
-                    attention, dict(GROUPS=plan.groups, D=DIM, SPLITS=plan.splits, BLOCK_G=plan.block_g,
-                                    BLOCK_N=plan.block_n, BLOCK_D=plan.block_d),
+    for batch, length, dot in ((1, 128, True), (1, 4096, True), (16, 4096, True), (16, 4096, False)):
+        plan = kernels.attention_plan(batch, HEADS, KV_HEADS, DIM, length, dot)
+        out.append((f"attention split ({batch} x {length}: {plan.splits} splits, {'dot' if dot else 'fma'})",
+                    "attention_split_kernel", attention,
+                    dict(GROUPS=plan.groups, D=DIM, SPLITS=plan.splits, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n,
+                         BLOCK_D=plan.block_d, USE_DOT=plan.dot, INTERPRETED=False),
                     pointers(attention) | {"length", "stride_qb", "stride_qh", "stride_slot", "stride_head",
                                            "stride_pos"}, plan.split_warps))
         out.append((f"attention combine ({plan.splits} splits)", "attention_combine_kernel", combine,

@@ -97,18 +97,20 @@ def test_rotary_write_rotates_q_and_k_and_writes_k_and_v_at_each_rows_position(i
     assert torch.equal(values, expected_values)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("dtype", "dot"), [("float32", False), ("bfloat16", True), ("bfloat16", False)])
 @pytest.mark.parametrize(("heads", "kv_heads", "window", "programs"), [(4, 2, None, 512), (4, 4, 9, 512),
                                                                       (8, 2, None, 2), (8, 2, 20, 2)])
-def test_decode_attention_is_the_masked_grouped_attention_of_the_step(interpreted, monkeypatch, dtype, heads,
+def test_decode_attention_is_the_masked_grouped_attention_of_the_step(interpreted, monkeypatch, dtype, dot, heads,
                                                                       kv_heads, window, programs):
     """64-key tiles over 96 positions: programs 2 gives one split of both tiles (the online softmax
-    across tiles), 512 two splits of one tile (the combine across splits)."""
+    across tiles), 512 two splits of one tile (the combine across splits); 16-bit caches through
+    tl.dot or multiply-adds."""
     import torch
 
     from lqmf.engine.decode.batched import _attention
 
     monkeypatch.setattr(interpreted, "TARGET_PROGRAMS", programs)
+    monkeypatch.setattr(interpreted, "ATTENTION_DOT", dot)
     generator = torch.Generator().manual_seed(heads + kv_heads)
     batch, dim, length, positions = 3, 32, 96, torch.tensor([0, 37, 95])
     q = random(batch, heads, dim, dtype=dtype, generator=generator)
@@ -130,12 +132,15 @@ def test_attention_plans_cover_the_keys_without_an_empty_split():
 
     for batch, heads, kv_heads, dim, length in [(1, 32, 8, 128, 128), (16, 32, 8, 128, 4096), (1, 32, 32, 128, 4096),
                                                 (256, 32, 8, 128, 128), (3, 4, 2, 16, 100), (1, 32, 8, 128, 32768)]:
-        plan = attention_plan(batch, heads, kv_heads, dim, length)
-        keys_a_split = plan.tiles * plan.block_n
-        assert (plan.splits - 1) * keys_a_split < length <= plan.splits * keys_a_split  # the last split has keys
-        assert plan.splits == 1 or batch * kv_heads * (plan.splits - 1) < TARGET_PROGRAMS * 2
-        assert plan.block_g * plan.block_n * plan.block_d <= 16384 and plan.splits <= plan.splits_p2
-        assert plan.splits_p2 * plan.block_d // (32 * plan.combine_warps) <= 32  # partials a thread in the combine
+        for sixteen_bit in (False, True):
+            plan = attention_plan(batch, heads, kv_heads, dim, length, sixteen_bit)
+            keys_a_split = plan.tiles * plan.block_n
+            assert (plan.splits - 1) * keys_a_split < length <= plan.splits * keys_a_split  # no empty split
+            assert plan.splits == 1 or batch * kv_heads * (plan.splits - 1) < TARGET_PROGRAMS * 2
+            assert plan.splits <= plan.splits_p2 and plan.dot == sixteen_bit
+            assert plan.block_g * plan.block_n * plan.block_d <= 16384 or plan.dot  # multiply-adds' [G, N, D]
+            assert not plan.dot or min(plan.block_g, plan.block_n, plan.block_d) >= 16  # tl.dot's smallest
+            assert plan.splits_p2 * plan.block_d // (32 * plan.combine_warps) <= 32  # partials a thread, combine
 
 
 def test_kernels_are_off_on_the_cpu_and_by_switch(interpreted, monkeypatch):

@@ -29,6 +29,7 @@ OFF_GPU = False  # run them on the CPU too (the tests do, under TRITON_INTERPRET
 TARGET_PROGRAMS = 512  # attention programs a step aims for (rows x kv heads x splits), ~4 per SM of an H100
 SILU_BLOCK = 1024
 NO_WINDOW = 1 << 40
+ATTENTION_DOT = True  # 16-bit caches: attention's products on tensor cores (False: multiply-adds, as float32)
 
 
 def enabled(device) -> bool:
@@ -98,13 +99,16 @@ def _kernels() -> Any:
                                length, window, scaling, tiles,
                                stride_qb, stride_qh, stride_slot, stride_head, stride_pos,
                                GROUPS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                               BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                               BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                               USE_DOT: tl.constexpr, INTERPRETED: tl.constexpr):
         row, kv, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         group, dims = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         g_ok, d_ok = group < GROUPS, dims < D
         heads = kv * GROUPS + group
         q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :],
-                    mask=g_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        if (not USE_DOT) or INTERPRETED:  # the interpreter multiplies 16-bit dot operands wrongly
+            q = q.to(tl.float32)
         position = tl.load(pos_ptr + row)
         cache = row * stride_slot + kv * stride_head
         best = tl.full([BLOCK_G], -1.0e30, tl.float32)  # finite: a split with every key masked stays 0, not NaN
@@ -115,14 +119,23 @@ def _kernels() -> Any:
             seen = (keys_at < length) & (keys_at <= position) & (keys_at > position - window)
             at = cache + keys_at[:, None] * stride_pos + dims[None, :]
             both = seen[:, None] & d_ok[None, :]
-            k = tl.load(keys_ptr + at, mask=both, other=0.0).to(tl.float32)
-            scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2) * scaling  # [BLOCK_G, BLOCK_N]
-            scores = tl.where(seen[None, :], scores, float("-inf"))
+            k = tl.load(keys_ptr + at, mask=both, other=0.0)
+            v = tl.load(values_ptr + at, mask=both, other=0.0)
+            if (not USE_DOT) or INTERPRETED:
+                k, v = k.to(tl.float32), v.to(tl.float32)
+            if USE_DOT:  # tensor cores: 16-bit operands, float32 sums; BLOCK_G >= 16 (padded query rows)
+                scores = tl.dot(q, tl.trans(k))
+            else:  # multiply-adds: float32 throughout
+                scores = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+            scores = tl.where(seen[None, :], scores * scaling, float("-inf"))  # [BLOCK_G, BLOCK_N]
             new_best = tl.maximum(best, tl.max(scores, axis=1))
             weights = tl.exp(scores - new_best[:, None])
             rescale = tl.exp(best - new_best)
-            v = tl.load(values_ptr + at, mask=both, other=0.0).to(tl.float32)
-            acc = acc * rescale[:, None] + tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+            if USE_DOT:  # the weights rounded to the values' dtype, as torch rounds the probabilities
+                update = tl.dot(weights.to(values_ptr.dtype.element_ty).to(v.dtype), v)
+            else:
+                update = tl.sum(weights[:, :, None] * v[None, :, :], axis=1)
+            acc = acc * rescale[:, None] + update
             total = total * rescale + tl.sum(weights, axis=1)
             best = new_best
         part = (row * GROUPS * tl.num_programs(1) + heads) * SPLITS + split  # [rows, heads, SPLITS]
@@ -225,22 +238,28 @@ class AttentionPlan:
     splits: int  # programs along the keys, per row and kv head
     tiles: int  # key tiles per split
     splits_p2: int
+    dot: bool  # tl.dot on tensor cores (16-bit caches) or multiply-adds (float32)
     split_warps: int = 4
     combine_warps: int = 1
 
 
-def attention_plan(batch: int, heads: int, kv_heads: int, dim: int, length: int) -> AttentionPlan:
-    """Enough programs (rows x kv heads x splits) to fill the GPU, no empty split, [G, N, D] products
-    of at most 8K elements a tile, up to 32 partial outputs a thread in the combine."""
+def attention_plan(batch: int, heads: int, kv_heads: int, dim: int, length: int, sixteen_bit: bool) -> AttentionPlan:
+    """Enough programs (rows x kv heads x splits) to fill the GPU, no empty split, up to 32 partial
+    outputs a thread in the combine. With 16-bit caches (and ATTENTION_DOT) a tile is 64 keys through
+    tl.dot, at least 16 query rows; otherwise [G, N, D] products of at most 8K elements."""
     groups = heads // kv_heads
+    dot = ATTENTION_DOT and sixteen_bit and dim >= 16
     block_g, block_d = _power_of_2(groups), _power_of_2(dim)
-    block_n = min(64, max(16, 8192 // (block_g * block_d)))
+    if dot:
+        block_g, block_n = max(16, block_g), 64
+    else:
+        block_n = min(64, max(16, 8192 // (block_g * block_d)))
     tiles = -(-length // block_n)
     splits = max(1, min(tiles, -(-TARGET_PROGRAMS // (batch * kv_heads))))
     per_split = -(-tiles // splits)
     splits = -(-tiles // per_split)
     splits_p2 = _power_of_2(splits)
-    return AttentionPlan(groups, block_g, block_n, block_d, splits, per_split, splits_p2,
+    return AttentionPlan(groups, block_g, block_n, block_d, splits, per_split, splits_p2, dot,
                          combine_warps=max(1, min(8, splits_p2 * block_d // 1024)))
 
 
@@ -253,7 +272,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     kern = _kernels()
     q = _unit_last_stride(q)
     batch, heads, dim = q.shape
-    plan = attention_plan(batch, heads, keys.shape[1], dim, length)
+    plan = attention_plan(batch, heads, keys.shape[1], dim, length, keys.element_size() == 2)
     best = torch.empty((batch, heads, plan.splits), dtype=torch.float32, device=q.device)
     total = torch.empty_like(best)
     acc = torch.empty((batch, heads, plan.splits, dim), dtype=torch.float32, device=q.device)
@@ -261,7 +280,8 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
         q, keys, values, positions, best, total, acc, length, window or NO_WINDOW, float(scaling), plan.tiles,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         GROUPS=plan.groups, D=dim, SPLITS=plan.splits, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n,
-        BLOCK_D=plan.block_d, num_warps=plan.split_warps)
+        BLOCK_D=plan.block_d, USE_DOT=plan.dot, INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1",
+        num_warps=plan.split_warps)
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     kern.attention_combine_kernel[(batch, heads)](
         best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=plan.splits,
