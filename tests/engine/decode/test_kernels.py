@@ -169,17 +169,11 @@ def _tiny(kind: str, tiny_model):
     return Qwen3ForCausalLM(Qwen3Config(**shape, head_dim=16))
 
 
-@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
-def test_a_step_with_the_kernels_gives_the_torch_steps_logits(interpreted, tiny_model, kind):
-    """Rows at different positions (one idle, a batch bucket of 4): prefill and step logits and greedy
-    tokens with the kernels on equal those with them off; the caches they leave too."""
+def _runs(decoder) -> list[tuple]:
+    """(prompt logits, step logits, greedy tokens, caches) with the kernels off, then on, from empty caches:
+    three rows at different positions (one idle slot: a batch bucket of 4)."""
     import torch
 
-    from lqmf.engine.decode.batched import BatchedDecoder
-
-    model = _tiny(kind, tiny_model).eval()
-    decoder = BatchedDecoder(model, slots=4, max_len=40)
-    assert decoder.kernels and decoder.fused_norms and decoder.fused_mlp
     prompts = [[3, 14, 15, 92, 65], [35, 89, 79, 32, 38, 46, 26, 43, 38, 32, 79, 50], [2, 7, 18]]
     runs = []
     with torch.inference_mode():
@@ -189,11 +183,43 @@ def test_a_step_with_the_kernels_gives_the_torch_steps_logits(interpreted, tiny_
                 cache.zero_()
             prompt_logits = torch.cat([decoder.prefill([slot], [ids], [0], [0]) for slot, ids in enumerate(prompts)])
             step = decoder.decode([11, 12, 13], [len(ids) for ids in prompts], [0, 0, 0])
-            runs.append((prompt_logits, step.logits.clone(), step.greedy(),
+            runs.append((prompt_logits, step.logits.float(), step.greedy(),
                          [cache[:3, :, :13].clone() for cache in decoder.keys + decoder.values]))
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen3"])
+def test_a_step_with_the_kernels_gives_the_torch_steps_logits(interpreted, tiny_model, kind):
+    """Prefill and step logits and greedy tokens with the kernels on equal those with them off (float32);
+    the caches they leave too."""
+    import torch
+
+    from lqmf.engine.decode.batched import BatchedDecoder
+
+    model = _tiny(kind, tiny_model).eval()
+    decoder = BatchedDecoder(model, slots=4, max_len=40)
+    assert decoder.kernels and decoder.fused_norms and decoder.fused_mlp
+    runs = _runs(decoder)
     (torch_prompts, torch_step, torch_tokens, torch_caches), (prompts_got, step_got, tokens, caches) = runs
     torch.testing.assert_close(prompts_got, torch_prompts, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(step_got, torch_step, rtol=1e-5, atol=1e-5)
     assert tokens == torch_tokens
     for got, expected in zip(caches, torch_caches, strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bfloat16_step_with_the_kernels_stays_within_rounding_of_the_torch_step(interpreted, tiny_model):
+    """The tiny Llama in bfloat16 (attention through tl.dot): logits within 3% of the largest, as
+    tests/gpu allows for bfloat16 rounding; the interpreter's truncating casts make it no closer."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lqmf.engine.decode.batched import BatchedDecoder
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.bfloat16).eval()
+    decoder = BatchedDecoder(model, slots=4, max_len=40)
+    assert decoder.kernels and decoder.fused_norms and decoder.dtype == torch.bfloat16
+    (torch_prompts, torch_step, _, _), (prompts_got, step_got, _, _) = _runs(decoder)
+    for got, expected in ((prompts_got, torch_prompts), (step_got, torch_step)):
+        worst = ((got.float() - expected.float()).abs().amax(-1) / expected.float().abs().amax(-1)).max()
+        assert float(worst) <= 0.03
