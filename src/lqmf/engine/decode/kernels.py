@@ -8,11 +8,12 @@
   - `decode_attention`: one new token per row over the cache up to `length` (grouped-query, keys past
     the row's position or outside its sliding window masked, fp32 softmax), split over the keys
     ("flash decoding": partial maxima, sums and outputs per split, then one combine kernel), so a
-    few rows still fill the GPU;
+    few rows still fill the GPU; its products through tl.dot for 16-bit caches, multiply-adds for float32;
   - `silu_mul`: SiLU(gate) * up, read in place from the stacked gate/up matmul's output.
 
 Each rounds where the torch code it replaces rounds, so bfloat16 results stay within a rounding
-of it. Every launch has fixed block sizes and no host sync: a CUDA graph captures it. Where Triton
+of it. Every launch has fixed block sizes and no host sync: a CUDA graph captures it (each kernel
+compiles on its first use per shape, in the eager warm-up before a capture). Where Triton
 is missing, off the GPU (unless OFF_GPU: the tests, under TRITON_INTERPRET=1), or with
 LQMF_DECODE_KERNELS=0, the decoder runs its torch code.
 """
