@@ -51,7 +51,7 @@ def cases() -> list[tuple[str, str, dict, dict, set, int]]:
         out.append((f"attention split ({batch} x {length}: {plan.splits} splits, {'dot' if dot else 'fma'})",
                     "attention_split_kernel", attention,
                     dict(GROUPS=plan.groups, D=DIM, SPLITS=plan.splits, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n,
-                         BLOCK_D=plan.block_d, USE_DOT=plan.dot, INTERPRETED=False),
+                         BLOCK_D=plan.block_d, USE_DOT=plan.dot, UPCAST=not plan.dot),
                     pointers(attention) | {"length", "stride_qb", "stride_qh", "stride_slot", "stride_head",
                                            "stride_pos"}, plan.split_warps))
         out.append((f"attention combine ({plan.splits} splits)", "attention_combine_kernel", combine,

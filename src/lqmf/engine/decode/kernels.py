@@ -101,14 +101,14 @@ def _kernels() -> Any:
                                stride_qb, stride_qh, stride_slot, stride_head, stride_pos,
                                GROUPS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               USE_DOT: tl.constexpr, INTERPRETED: tl.constexpr):
+                               USE_DOT: tl.constexpr, UPCAST: tl.constexpr):
         row, kv, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         group, dims = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         g_ok, d_ok = group < GROUPS, dims < D
         heads = kv * GROUPS + group
         q = tl.load(q_ptr + row * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                     mask=g_ok[:, None] & d_ok[None, :], other=0.0)
-        if (not USE_DOT) or INTERPRETED:  # the interpreter multiplies 16-bit dot operands wrongly
+        if UPCAST:  # float32 operands: multiply-adds, or tl.dot in the interpreter (it multiplies 16-bit ones wrongly)
             q = q.to(tl.float32)
         position = tl.load(pos_ptr + row)
         cache = row * stride_slot + kv * stride_head
@@ -122,7 +122,7 @@ def _kernels() -> Any:
             both = seen[:, None] & d_ok[None, :]
             k = tl.load(keys_ptr + at, mask=both, other=0.0)
             v = tl.load(values_ptr + at, mask=both, other=0.0)
-            if (not USE_DOT) or INTERPRETED:
+            if UPCAST:
                 k, v = k.to(tl.float32), v.to(tl.float32)
             if USE_DOT:  # tensor cores: 16-bit operands, float32 sums; BLOCK_G >= 16 (padded query rows)
                 scores = tl.dot(q, tl.trans(k))
@@ -281,7 +281,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
         q, keys, values, positions, best, total, acc, length, window or NO_WINDOW, float(scaling), plan.tiles,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         GROUPS=plan.groups, D=dim, SPLITS=plan.splits, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n,
-        BLOCK_D=plan.block_d, USE_DOT=plan.dot, INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1",
+        BLOCK_D=plan.block_d, USE_DOT=plan.dot, UPCAST=not plan.dot or os.environ.get("TRITON_INTERPRET") == "1",
         num_warps=plan.split_warps)
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     kern.attention_combine_kernel[(batch, heads)](
