@@ -47,6 +47,12 @@ def _kernels() -> Any:
         import triton.language as tl
     except ImportError:
         return None
+    return SimpleNamespace(triton=triton, **_norm_kernels(triton, tl), **_rotary_kernels(triton, tl),
+                           **_attention_kernels(triton, tl), **_silu_kernels(triton, tl))
+
+
+def _norm_kernels(triton, tl) -> dict[str, Any]:
+    """RMSNorm, after the residual add or not."""
 
     @triton.jit
     def rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_d, stride_o, stride_s,
@@ -64,6 +70,12 @@ def _kernels() -> Any:
         normed = (xf * tl.rsqrt(variance + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
         weight = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_o + cols, (normed * weight).to(out_ptr.dtype.element_ty), mask=ok)
+
+    return {"rms_norm_kernel": rms_norm_kernel}
+
+
+def _rotary_kernels(triton, tl) -> dict[str, Any]:
+    """Rotary for q and k, k and v into the cache."""
 
     @triton.jit
     def rotary_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
@@ -94,6 +106,12 @@ def _kernels() -> Any:
             kv = head - HEADS - KV_HEADS
             value = tl.load(v_ptr + row * stride_vb + kv * stride_vh + dims, mask=ok, other=0.0)
             tl.store(values_ptr + cached + kv * stride_head + dims, value, mask=ok)
+
+    return {"rotary_write_kernel": rotary_write_kernel}
+
+
+def _attention_kernels(triton, tl) -> dict[str, Any]:
+    """Decode attention's two kernels: per split, then the combine."""
 
     @triton.jit
     def attention_split_kernel(q_ptr, keys_ptr, values_ptr, pos_ptr, max_ptr, sum_ptr, acc_ptr,
@@ -159,6 +177,12 @@ def _kernels() -> Any:
         out = tl.sum(acc * scale[:, None], axis=0) / total
         tl.store(out_ptr + row * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=d_ok)
 
+    return {"attention_split_kernel": attention_split_kernel, "attention_combine_kernel": attention_combine_kernel}
+
+
+def _silu_kernels(triton, tl) -> dict[str, Any]:
+    """SiLU(gate) * up."""
+
     @triton.jit
     def silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_g, stride_o, BLOCK: tl.constexpr):
         row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
@@ -170,9 +194,7 @@ def _kernels() -> Any:
         act = (g / (1.0 + tl.exp(-g))).to(gate.dtype).to(tl.float32)  # torch's silu, rounded
         tl.store(out_ptr + row * stride_o + cols, (act * up).to(out_ptr.dtype.element_ty), mask=ok)
 
-    return SimpleNamespace(triton=triton, rms_norm_kernel=rms_norm_kernel, rotary_write_kernel=rotary_write_kernel,
-                           attention_split_kernel=attention_split_kernel,
-                           attention_combine_kernel=attention_combine_kernel, silu_mul_kernel=silu_mul_kernel)
+    return {"silu_mul_kernel": silu_mul_kernel}
 
 
 def _unit_last_stride(tensor):
