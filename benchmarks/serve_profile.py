@@ -66,7 +66,10 @@ def graphed_us(fn, repeats: int = 20) -> float:
 
 def category(name: str) -> str:
     lowered = name.lower()
-    for key, label in (("dequant", "bnb_dequantize"), ("gemv_4bit", "bnb_gemv"), ("kgemm_4bit", "bnb_gemv"),
+    for key, label in (("rms_norm_kernel", "fused_norm"), ("rotary_write", "fused_rotary_kv"),
+                       ("attention_split", "fused_attention"), ("attention_combine", "fused_attention"),
+                       ("silu_mul", "fused_silu_mul"), ("dequant", "bnb_dequantize"), ("gemv_4bit", "bnb_gemv"),
+                       ("kgemm_4bit", "bnb_gemv"),
                        ("softmax", "attention_softmax"), ("gemm", "gemm"),
                        ("cutlass", "gemm"), ("xmma", "gemm"), ("nvjet", "gemm"), ("index", "index_kv"),
                        ("elementwise", "elementwise"), ("reduce", "reduce")):

@@ -317,6 +317,26 @@ def test_share_children_keeps_names_and_sees_replacements():
     assert inner[0] is replacement
 
 
+def test_rms_norm_parameters_are_what_the_llama_style_norms_compute_with():
+    """The decoder's fused RMSNorm computes weight * (x * rsqrt(mean(x^2) + eps)).to(dtype) from these."""
+    import torch
+    from transformers.models.mistral.modeling_mistral import MistralRMSNorm
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    from lqmf.engine.compat import rms_norm_parameters
+
+    x = torch.randn(3, 32).bfloat16()
+    for kind in (MistralRMSNorm, Qwen3RMSNorm):
+        norm = kind(32, eps=1e-3).bfloat16()
+        norm.weight.data = torch.randn(32).bfloat16()
+        weight, eps = rms_norm_parameters(norm)
+        assert weight is norm.weight and eps == 1e-3
+        normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+        assert torch.equal(norm(x), weight * normed.to(x.dtype))
+    assert rms_norm_parameters(torch.nn.LayerNorm(32)) is None
+    assert rms_norm_parameters(torch.nn.RMSNorm(32, eps=1e-3)) is None  # another formula: stays torch
+
+
 def test_nf4_parts_is_the_layout_the_nf4_kernel_reads():
     """bitsandbytes' NF4 layout as engine/lora/nf4.py reads it: [N, K] row-major, the even k in a byte's
     high nibble, one absmax per blocksize values of a row (nested ones dequantized by absmax_fp32)."""

@@ -11,6 +11,19 @@ def tensor_version(tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
+LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+
+
+def rms_norm_parameters(norm) -> tuple[Any, float] | None:
+    """(weight, eps) of one of transformers' Llama-style RMSNorms, which compute
+    `weight * (x.float() * rsqrt(mean(x.float() ** 2) + eps)).to(x.dtype)` with eps in the undocumented
+    `variance_epsilon`; None for any other norm (the decoder's fused kernel then stays off)."""
+    eps, weight = getattr(norm, "variance_epsilon", None), getattr(norm, "weight", None)
+    if type(norm).__name__ not in LLAMA_RMS_NORMS or not isinstance(eps, float) or weight is None:
+        return None
+    return weight, eps
+
+
 def foreach_copy(targets: list, sources: list) -> None:
     """Copy each source into its target in one batched call (torch's `_foreach_copy_`)."""
     import torch

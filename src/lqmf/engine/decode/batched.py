@@ -43,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lqmf.engine import compat
+from lqmf.engine.decode import kernels as decode_kernels
 from lqmf.engine.decode.sampling import pick_token
 from lqmf.engine.lora.stacked import BatchedLoRALinear, StackedAdapter
 
@@ -172,6 +174,13 @@ class BatchedDecoder:
         self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
         self.pool = None
+        # Fused kernels (decode/kernels.py) on CUDA: norms and SiLU * up in prefill and step, rotary, cache
+        # writes and attention in the step; each only where the model computes what the kernel does.
+        self.kernels = decode_kernels.enabled(self.device)
+        norms = [m for layer in self.layers for m in (layer.input_norm, layer.post_norm)] + [model.model.norm]
+        self.fused_norms = all(_fusable_norm(norm, self.dtype) for norm in norms)
+        self.fused_mlp = (getattr(config, "hidden_act", None) in ("silu", "swish")
+                          and len(set(self.layers[0].groups["gate_proj"].sizes)) == 1)
 
     def clear_slot(self, slot: int) -> None:
         """Zero slot's cached values before a new sequence takes it: attention weighs the positions a row
@@ -203,27 +212,40 @@ class BatchedDecoder:
     # -- the forward pass ---------------------------------------------------------------------
 
     def _forward(self, ids, positions, rows, attend) -> Any:
-        """Hidden states after the final norm; attend(layer_index, q, k, v) writes the cache and attends."""
+        """Hidden states after the final norm; attend(layer_index, q, k, v, cos, sin) takes one layer's
+        heads [batch, length, heads, head_dim], rotates q and k, writes the cache and returns the
+        attention output [batch, length, heads * head_dim]."""
         model = self.model.model
         hidden = model.embed_tokens(ids)
         cos, sin = model.rotary_emb(hidden, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         batch, length = ids.shape
+        delta = None  # what the last layer adds to hidden: added with the next norm
         for index, layer in enumerate(self.layers):
             p = layer.groups
-            q, k, v = p["q_proj"](layer.input_norm(hidden), rows).split(p["q_proj"].sizes, dim=-1)
-            q = q.view(batch, length, -1, self.head_dim)
-            k = k.view(batch, length, -1, self.head_dim)
-            v = v.view(batch, length, -1, self.head_dim).transpose(1, 2)
+            hidden, normed = self._norm(layer.input_norm, hidden, delta)
+            q, k, v = (t.view(batch, length, -1, self.head_dim)
+                       for t in p["q_proj"](normed, rows).split(p["q_proj"].sizes, dim=-1))
             if layer.q_norm is not None:
                 q, k = layer.q_norm(q), layer.k_norm(k)
-            q = _rotate(q.transpose(1, 2), cos, sin)
-            k = _rotate(k.transpose(1, 2), cos, sin)
-            out = attend(index, q, k, v).transpose(1, 2).reshape(batch, length, -1)
-            hidden = hidden + p["o_proj"](out, rows)
-            gate, up = p["gate_proj"](layer.post_norm(hidden), rows).split(p["gate_proj"].sizes, dim=-1)
-            hidden = hidden + p["down_proj"](layer.mlp.act_fn(gate) * up, rows)
-        return model.norm(hidden)
+            hidden, normed = self._norm(layer.post_norm, hidden, p["o_proj"](attend(index, q, k, v, cos, sin), rows))
+            delta = p["down_proj"](self._gated(layer, p["gate_proj"](normed, rows)), rows)
+        return self._norm(model.norm, hidden, delta)[1]
+
+    def _norm(self, norm, hidden, delta):
+        """(hidden + delta, norm(hidden + delta)); delta None: nothing to add. One kernel where fused."""
+        if self.kernels and self.fused_norms:
+            weight, eps = compat.rms_norm_parameters(norm)
+            return decode_kernels.rms_norm(hidden, weight, eps, delta)
+        if delta is not None:
+            hidden = hidden + delta
+        return hidden, norm(hidden)
+
+    def _gated(self, layer, gate_up):
+        """act_fn(gate) * up from the gate/up group's output, gate and up side by side."""
+        if self.kernels and self.fused_mlp:
+            return decode_kernels.silu_mul(gate_up)
+        gate, up = gate_up.split(layer.groups["gate_proj"].sizes, dim=-1)
+        return layer.mlp.act_fn(gate) * up
 
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int], adapters: list[int]):
         """Run chunks[i] at positions starts[i].. for slot slots[i]'s row, all rows in one pass (shorter
@@ -243,12 +265,13 @@ class BatchedDecoder:
             allowed &= keys_at > positions.unsqueeze(-1) - self.window
         allowed = allowed.unsqueeze(1)  # [rows, 1, count, length]
 
-        def attend(index, q, k, v):
+        def attend(index, q, k, v, cos, sin):
+            q, k = _rotate_heads(q, k, cos, sin)
             self.keys[index][slots_t.view(-1, 1), :, positions] = k.transpose(1, 2)
-            self.values[index][slots_t.view(-1, 1), :, positions] = v.transpose(1, 2)
+            self.values[index][slots_t.view(-1, 1), :, positions] = v
             keys = self.keys[index].index_select(0, slots_t)[:, :, :length]
             values = self.values[index].index_select(0, slots_t)[:, :, :length]
-            return _attention(q, keys, values, allowed, self.scaling)
+            return _attention(q, keys, values, allowed, self.scaling).transpose(1, 2).reshape(len(chunks), count, -1)
 
         hidden = self._forward(ids, positions, rows, attend)
         last = hidden[torch.arange(len(chunks), device=self.device), torch.tensor(lengths, device=self.device) - 1]
@@ -260,18 +283,7 @@ class BatchedDecoder:
         import torch
 
         positions = self.positions[:batch]
-        slots = torch.arange(batch, device=self.device)
-        keys_at = self.key_positions[:length].view(1, -1)
-        allowed = keys_at <= positions.view(-1, 1)
-        if self.window:
-            allowed &= keys_at > positions.view(-1, 1) - self.window
-
-        def attend(index, q, k, v):
-            self.keys[index][slots, :, positions] = k[:, :, 0]
-            self.values[index][slots, :, positions] = v[:, :, 0]
-            return _attention(q, self.keys[index][:batch, :, :length], self.values[index][:batch, :, :length],
-                              allowed.view(batch, 1, 1, length), self.scaling)
-
+        attend = self._fused_attention(batch, length) if self.kernels else self._attention(batch, length)
         tokens = torch.where(self.follow[:batch].bool(), self.next_tokens[:batch], self.tokens[:batch])
         hidden = self._forward(tokens.view(batch, 1), positions.view(batch, 1), self.rows[:batch], attend)
         logits = self.model.lm_head(hidden[:, -1])
@@ -280,6 +292,40 @@ class BatchedDecoder:
         allowed = logits.scatter(1, barred, torch.where(self.barring[:batch, None].bool(), float("-inf"), kept))
         self.next_tokens[:batch].copy_(allowed.argmax(-1))
         return logits
+
+    def _attention(self, batch: int, length: int):
+        """A step's attend (see `_forward`) in torch: rotary, cache writes, masked attention."""
+        import torch
+
+        positions = self.positions[:batch]
+        slots = torch.arange(batch, device=self.device)
+        keys_at = self.key_positions[:length].view(1, -1)
+        allowed = keys_at <= positions.view(-1, 1)
+        if self.window:
+            allowed &= keys_at > positions.view(-1, 1) - self.window
+        allowed = allowed.view(batch, 1, 1, length)
+
+        def attend(index, q, k, v, cos, sin):
+            q, k = _rotate_heads(q, k, cos, sin)
+            self.keys[index][slots, :, positions] = k[:, :, 0]
+            self.values[index][slots, :, positions] = v[:, 0]
+            out = _attention(q, self.keys[index][:batch, :, :length], self.values[index][:batch, :, :length],
+                             allowed, self.scaling)
+            return out.transpose(1, 2).reshape(batch, 1, -1)
+
+        return attend
+
+    def _fused_attention(self, batch: int, length: int):
+        """A step's attend (see `_forward`) in two kernels: rotary + cache writes, then split-K attention."""
+        positions = self.positions[:batch]
+
+        def attend(index, q, k, v, cos, sin):
+            keys, values = self.keys[index], self.values[index]
+            q = decode_kernels.rotary_write(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], positions, keys, values)
+            out = decode_kernels.decode_attention(q, keys, values, positions, length, self.window, self.scaling)
+            return out.view(batch, 1, -1)
+
+        return attend
 
     def decode(self, tokens: list[int], positions: list[int | None], rows: list[int],
                follow: list[bool] | None = None, barred: list[tuple[int, ...]] | None = None) -> Step:
@@ -403,12 +449,24 @@ class BatchedDecoder:
         return graph, logits
 
 
+def _fusable_norm(norm, dtype) -> bool:
+    """Whether norm is a Llama-style RMSNorm the fused kernel reproduces, its weight in the model's dtype."""
+    parameters = compat.rms_norm_parameters(norm)
+    return parameters is not None and parameters[0].dtype == dtype and parameters[0].is_contiguous()
+
+
 def _length_buckets(max_len: int) -> list[int]:
     sizes, size = [], MIN_LENGTH_BUCKET
     while size < max_len:
         sizes.append(size)
         size *= 2
     return [*sizes, max_len]
+
+
+def _rotate_heads(q, k, cos, sin):
+    """q, k [B, T, heads, D] rotated by cos, sin [B, T, D], as [B, heads, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate(q.transpose(1, 2), cos, sin), _rotate(k.transpose(1, 2), cos, sin)
 
 
 def _rotate(x, cos, sin):
