@@ -54,8 +54,9 @@ def test_norm_rotary_and_silu_kernels_at_7b_shapes(rows):
         rotated = kernels.rotary_write(q[:, 0], k[:, 0], v[:, 0], cos[:, 0], sin[:, 0], positions, keys, values)
         expected_q, expected_k = _rotate_heads(q, k, cos, sin)
         slots = torch.arange(rows, device=cuda)
-        close(rotated, expected_q[:, :, 0], 2 ** -8)
-        close(keys[slots, :, positions], expected_k[:, :, 0], 2 ** -8)
+        # torch rounds x cos, rotate_half(x) sin and their sum to bfloat16: three roundings, one here
+        close(rotated, expected_q[:, :, 0], 3 * 2 ** -8)
+        close(keys[slots, :, positions], expected_k[:, :, 0], 3 * 2 ** -8)
         assert torch.equal(values[slots, :, positions], v[:, 0])
 
 
