@@ -10,7 +10,8 @@ resident, and drives it with the official `openai` client:
 - the same C requests one after another (--sequential), for the batching gain;
 - mixed vs one adapter: C concurrent requests all to one adapter, then spread over the three;
 - with --distinct C: the server holds C adapters resident (more are written), and C concurrent
-  requests go each to its own adapter, all to one adapter, and all to the base model;
+  requests go each to its own adapter, all to one adapter, and all to the base model (in turn,
+  twice, the median of each);
 - loading a fourth adapter into the running server (`POST /admin/adapters/load`, then unload), p50;
 - with --memory-run N L: a second server with --max-batch N --max-seq-len L, N concurrent requests
   filling L tokens each, and the server's peak GPU memory (torch.cuda.max_memory_allocated).
@@ -159,17 +160,21 @@ def long_prompt(model: Path, tokens: int) -> str:
     return text
 
 
-def distinct_adapters(client, served: list[str], base_id: str, args) -> dict[str, Any]:
-    """args.distinct clients each on its own adapter, against all of them on one adapter and on the base."""
+def distinct_adapters(client, served: list[str], base_id: str, args, repeats: int = 2) -> dict[str, Any]:
+    """args.distinct clients each on its own adapter, against all of them on one adapter and on the base:
+    the three in turn, `repeats` times, the median tokens/s of each (one round varies by several percent)."""
     clients = args.distinct
-    runs = {"distinct": drive(client, served[:clients], clients, args.rounds, args.new_tokens),
-            "one_adapter": drive(client, served[:1], clients, args.rounds, args.new_tokens),
-            "base": drive(client, [base_id], clients, args.rounds, args.new_tokens)}
-    speed = {name: run["aggregate_tokens_per_s"] for name, run in runs.items()}
-    return {"clients": clients, "resident": len(served), "tokens_per_s": speed,
+    models = {"distinct": served[:clients], "one_adapter": served[:1], "base": [base_id]}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, chosen in models.items():
+            runs[name].append(drive(client, chosen, clients, args.rounds, args.new_tokens))
+    speed = {name: statistics.median(run["aggregate_tokens_per_s"] for run in done) for name, done in runs.items()}
+    return {"clients": clients, "resident": len(served), "repeats": repeats, "tokens_per_s": speed,
+            "each_run": {name: [run["aggregate_tokens_per_s"] for run in done] for name, done in runs.items()},
             "distinct_over_one": round(speed["distinct"] / speed["one_adapter"], 3),
             "one_adapter_over_base": round(speed["one_adapter"] / speed["base"], 3),
-            "failed": sum(run["failed"] for run in runs.values())}
+            "failed": sum(run["failed"] for done in runs.values() for run in done)}
 
 
 def health(url: str) -> dict[str, Any]:
