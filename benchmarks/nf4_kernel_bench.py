@@ -240,7 +240,7 @@ def fp32_error(x, weight, config) -> float | str:
 
 
 def report(summary: dict, weights: dict) -> None:
-    from lqmf.engine.lora.nf4 import row_bucket
+    from lqmf.engine.lora.nf4 import Config, row_bucket
 
     print(f"{'shape':>8} {'rows':>4} {'kernel us':>10} {'bnb us':>8} {'x':>6} {'GB/s':>7} {'bf16 err':>9}  config")
     for key, entry in summary["per_shape"].items():
@@ -262,7 +262,9 @@ def report(summary: dict, weights: dict) -> None:
             name, rows = key.split("/")
             n, k = weights[name]["dense"].shape
             rows = row_bucket(int(rows))
-            fields = ", ".join(f"{field}={value}" for field, value in entry["config"].items())
+            defaults = asdict(Config())
+            fields = ", ".join(f"{field}={value}" for field, value in entry["config"].items()
+                               if value != defaults[field])  # what differs from Config's defaults
             print(f"    ({rows}, {n}, {k}): Config({fields}),")
     print("}")
 

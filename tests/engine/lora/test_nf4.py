@@ -105,7 +105,8 @@ def test_configs_fit_the_shape_and_fill_the_machine(nf4):
     assert split == 2  # 3 does not divide 16 steps of 256
     assert nf4.fitted(nf4.Config(block_k=256), 1, (64, 192), 64)[0].block_k == 64  # 192 = 3 x 64
     assert [nf4.row_bucket(m) for m in (1, 2, 3, 16, 17, 64)] == [1, 2, 4, 16, 32, 64]
-    assert nf4.config_for(1, 4096, 4096).block_m == 16 and nf4.config_for(40, 4096, 4096).block_m == 64
+    assert nf4.config_for(1, 4096, 4096) == nf4.CONFIGS[(1, 4096, 4096)]  # the GPU sweep's table first
+    assert nf4.config_for(2, 4096, 4096).block_m == 16 and nf4.config_for(40, 4096, 4096).block_m == 64  # defaults
     assert not nf4.shape_applies((64, 96), 64) and not nf4.shape_applies((64, 96), 48)
     with pytest.raises(ValueError, match="not 64 of"):
         nf4.nf4_matmul(torch.ones(1, 96), None, None, None, (64, 96), 64)

@@ -51,9 +51,24 @@ class Config:
     # the dot rounds the codes, not code * absmax, to x's dtype: not bitsandbytes' rounding, as close)
 
 
-# (row bucket, N, K) -> Config, from a GPU sweep (benchmarks/nf4_kernel_bench.py prints this table).
-# Empty until the sweep has run: every shape takes `default_config`.
-CONFIGS: dict[tuple[int, int, int], Config] = {}
+# (row bucket, N, K) -> Config, from a GPU sweep (benchmarks/nf4_kernel_bench.py prints this table): the
+# best of the configs it reached within 55 s per shape at 1, 16 and 32 rows of the Mistral-7B shapes, one
+# H100, 2026-12-06 (docs/serving.md; each still slower than bitsandbytes but down_proj at 16 rows).
+# Other shapes and row buckets take `default_config`.
+CONFIGS: dict[tuple[int, int, int], Config] = {
+    (1, 6144, 4096): Config(block_m=1, block_n=32, block_k=256, dot=False),
+    (16, 6144, 4096): Config(block_k=256, lut=1, swap=True, late_scale=True),
+    (32, 6144, 4096): Config(block_m=32, block_k=256, lut=1, swap=True),
+    (1, 4096, 4096): Config(block_m=1, dot=False),
+    (16, 4096, 4096): Config(block_k=256, lut=1, swap=True, late_scale=True),
+    (32, 4096, 4096): Config(block_m=32, block_k=256, lut=1, swap=True),
+    (1, 28672, 4096): Config(block_m=1, block_n=32, block_k=256, split=1, dot=False),
+    (16, 28672, 4096): Config(split=1, lut=1, swap=True, late_scale=True),
+    (32, 28672, 4096): Config(block_m=32, split=1, lut=1, swap=True),
+    (1, 4096, 14336): Config(block_m=1, dot=False),
+    (16, 4096, 14336): Config(lut=1, swap=True, late_scale=True),
+    (32, 4096, 14336): Config(block_m=32, block_k=256, lut=1, swap=True),
+}
 
 
 def row_bucket(rows: int) -> int:
