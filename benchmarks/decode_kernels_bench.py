@@ -57,8 +57,8 @@ def measure(decoder, path: str, batch: int, length: int, repeats: int) -> dict[s
     positions = [length - 1 - 3 * row for row in range(batch)]
     step = decoder.decode(list(range(100, 100 + batch)), positions, [0] * batch)
     logits = step.logits.float().clone()
-    assert (batch, length) in decoder.graphs, f"{path}: the step was not captured (see the warning logged)"
-    graph = decoder.graphs[(batch, length)][0]
+    assert (batch, length, False) in decoder.graphs, f"{path}: the step was not captured (see the warning logged)"
+    graph = decoder.graphs[(batch, length, False)][0]
     return {"path": path, "batch": batch, "length": length, "replay_ms": events_ms(graph.replay, repeats),
             "profile": kernel_profile(graph.replay), "logits": logits}
 

@@ -108,7 +108,7 @@ def step_figures(decoder, batch: int, length: int) -> dict[str, Any]:
     decoder.decode(tokens, positions, rows)
     torch.cuda.synchronize()
     capture_s = time.perf_counter() - started
-    key = (batch, length)
+    key = (batch, length, False)  # a greedy step
     record: dict[str, Any] = {"batch": batch, "length": length, "graph": key in decoder.graphs,
                               "capture_failed": key in decoder.failed, "first_call_s": round(capture_s, 3)}
     if key in decoder.graphs:

@@ -127,12 +127,13 @@ def wait_for_answers(results: list, errors: list, count: int, pause: threading.E
         pause.wait(0.05)
 
 
-def answer_concurrently(host, jobs, new: int, minimum: int = 0) -> dict:
-    """Each (model id, prompt) in jobs answered greedily by a ModelHost, all at once from threads."""
+def answer_concurrently(host, jobs, new: int, minimum: int = 0, **options) -> dict:
+    """Each (model id, prompt) in jobs answered by a ModelHost (greedily, or as options say), all at once
+    from threads."""
     results: dict = {}
 
     def run(job):
-        results[job] = host.complete(job[0], job[1], max_new_tokens=new, min_new_tokens=minimum)[1].text
+        results[job] = host.complete(job[0], job[1], max_new_tokens=new, min_new_tokens=minimum, **options)[1].text
 
     threads = [threading.Thread(target=run, args=(job,)) for job in jobs]
     for thread in threads:

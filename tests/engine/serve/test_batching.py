@@ -62,6 +62,19 @@ def test_greedy_rows_decode_ahead_and_match_each_alone(host, trained_workspace):
         assert alone[(model_id, PROMPTS[0])] == reference(trained_workspace, name, PROMPTS[0], 40, 0)
 
 
+def test_sampled_rows_decode_ahead_and_draw_what_each_draws_alone(host):
+    """Seeded sampling rows draw on the device (after a first token drawn on the host), decoding ahead as
+    greedy rows do, and each draws the same answer alone and beside the others; another seed, another answer."""
+    jobs = [(model_id, prompt) for prompt in PROMPTS[:4] for model_id in ("chat-a", "instr-b", host.base_id)]
+    options = {"temperature": 0.9, "top_p": 0.95, "seed": 11}
+    alone = {job: host.complete(*job, max_new_tokens=30, **options)[1].text for job in jobs}
+    before = host.scheduler.steps_ahead
+    assert answer_concurrently(host, jobs, 30, 0, **options) == alone
+    assert host.scheduler.steps_ahead - before >= 20
+    other = host.complete(*jobs[0], max_new_tokens=30, **{**options, "seed": 12})[1].text
+    assert other != alone[jobs[0]]
+
+
 def test_a_4bit_base_runs_stacked_projections_and_matches_each_alone(trained_workspace):
     """On a 4-bit base, q/k/v and gate/up run as one 4-bit matmul each (bitsandbytes, on the CPU here);
     batched answers are what each gives alone."""

@@ -45,7 +45,7 @@ from typing import Any
 
 from lqmf.engine import compat
 from lqmf.engine.decode import kernels as decode_kernels
-from lqmf.engine.decode.sampling import pick_token
+from lqmf.engine.decode.sampling import pick_token, sample_rows
 from lqmf.engine.lora.stacked import BatchedLoRALinear, StackedAdapter
 
 log = logging.getLogger("lqmf.serve")
@@ -55,6 +55,7 @@ GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("self_attn", ("o_proj"
           ("mlp", ("gate_proj", "up_proj")), ("mlp", ("down_proj",)))  # projections that read one input
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 BARRED = 8  # end-of-text ids a row may bar on the device (below its min_new_tokens)
+INPUTS = 5 + BARRED + 3  # a step's input rows: tokens ... barred ids, then seed, temperature, top_p (see __init__)
 MIN_LENGTH_BUCKET = 128
 MIN_CACHE = 256  # the shortest sequence a single-stream decoder is made for (`cache_size_for`)
 PREFILL_CHUNK = 512  # prompt tokens per prefill pass
@@ -158,21 +159,24 @@ class BatchedDecoder:
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         # A step's input, one copy: tokens, positions, adapter rows, whether a row follows on from the last
-        # step (its token is that step's argmax, still on the device: `next_tokens`), whether it bars
-        # end of text, and the BARRED ids it bars.
-        self.inputs = torch.zeros(5 + BARRED, slots, dtype=torch.long, device=self.device)
+        # step (its token is that step's choice, still on the device: `next_tokens`), whether it bars
+        # end of text, the BARRED ids it bars, and for rows that sample: seed, temperature and top_p
+        # (the last two float64, their bits in the int64 rows). Temperature 0: greedy.
+        self.inputs = torch.zeros(INPUTS, slots, dtype=torch.long, device=self.device)
         self.tokens, self.positions, self.rows, self.follow, self.barring = self.inputs[:5]
-        self.barred = self.inputs[5:]
+        self.barred = self.inputs[5:5 + BARRED]
+        self.seeds = self.inputs[5 + BARRED]
+        self.temperatures, self.top_ps = (row.view(torch.float64) for row in self.inputs[6 + BARRED:])
         self.next_tokens = torch.zeros(slots, dtype=torch.long, device=self.device)
         pinned = self.device.type == "cuda"
-        self.staging = [torch.zeros(5 + BARRED, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self.staging = [torch.zeros(INPUTS, slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.results = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self.copied: list[Any] = [None, None]  # per staging/results pair: the event after its last use
         self.launched = 0
         self.key_positions = torch.arange(max_len + 1, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
-        self.graphs: dict[tuple[int, int], tuple[Any, Any]] = {}
-        self.failed: set[tuple[int, int]] = set()  # (batch, length) whose capture failed: run eagerly
+        self.graphs: dict[tuple[int, int, bool], tuple[Any, Any]] = {}
+        self.failed: set[tuple[int, int, bool]] = set()  # (batch, length, sampling) whose capture failed: eager
         self.pool = None
         # Fused kernels (decode/kernels.py) on CUDA: norms and SiLU * up in prefill and step, rotary, cache
         # writes and attention in the step; each only where the model computes what the kernel does.
@@ -277,9 +281,10 @@ class BatchedDecoder:
         last = hidden[torch.arange(len(chunks), device=self.device), torch.tensor(lengths, device=self.device) - 1]
         return self.model.lm_head(last).float()
 
-    def _step(self, batch: int, length: int):
+    def _step(self, batch: int, length: int, sampling: bool = False):
         """One token for slots 0..batch-1 from self.inputs; attention over length positions. Writes
-        each row's argmax to next_tokens."""
+        each row's choice to next_tokens: its argmax, or where sampling and its temperature is above 0,
+        a token drawn on the device (`sample_rows`)."""
         import torch
 
         positions = self.positions[:batch]
@@ -290,7 +295,12 @@ class BatchedDecoder:
         barred = self.barred[:, :batch].t()  # [batch, BARRED]: a barring row's ids, repeated to fill
         kept = logits.gather(1, barred)
         allowed = logits.scatter(1, barred, torch.where(self.barring[:batch, None].bool(), float("-inf"), kept))
-        self.next_tokens[:batch].copy_(allowed.argmax(-1))
+        choice = allowed.argmax(-1)
+        if sampling:
+            temperatures = self.temperatures[:batch]
+            drawn = sample_rows(allowed, temperatures, self.top_ps[:batch], self.seeds[:batch], positions)
+            choice = torch.where(temperatures > 0, drawn, choice)
+        self.next_tokens[:batch].copy_(choice)
         return logits
 
     def _attention(self, batch: int, length: int):
@@ -328,13 +338,16 @@ class BatchedDecoder:
         return attend
 
     def decode(self, tokens: list[int], positions: list[int | None], rows: list[int],
-               follow: list[bool] | None = None, barred: list[tuple[int, ...]] | None = None) -> Step:
+               follow: list[bool] | None = None, barred: list[tuple[int, ...]] | None = None,
+               sampling: list[tuple[float, float, int] | None] | None = None) -> Step:
         """Launch one decode step: row i (slot i) feeds tokens[i] (or, where follow[i], the token the
         last step chose for it, without a trip through the host) at positions[i] (None: an idle slot).
-        The greedy token of row i is never one of barred[i] (up to BARRED ids; empty: none).
+        Row i's next token is its argmax, or where sampling[i] is (temperature > 0, top_p, seed), drawn
+        on the device from its nucleus (`sample_rows`: the same seed and position draw the same token in
+        any batch); never one of barred[i] (up to BARRED ids; empty: none).
 
-        Returns at once on CUDA; the Step's greedy() waits for the tokens, its logits ([len(tokens), vocab],
-        nothing barred) stay valid until the next step.
+        Returns at once on CUDA; the Step's greedy() waits for the chosen tokens, its logits
+        ([len(tokens), vocab], nothing barred) stay valid until the next step.
         """
         import torch
 
@@ -349,16 +362,22 @@ class BatchedDecoder:
             self.copied[turn].synchronize()
         staging, results = self.staging[turn], self.results[turn]
         bars = [tuple(ids) for ids in barred or [()] * count] + [()] * pad
-        staging[:, :batch] = torch.tensor([tokens + [0] * pad, [self.max_len if p is None else p for p in positions]
-                                           + [self.max_len] * pad, rows + [0] * pad,
-                                           [int(f) for f in follow or [False] * count] + [0] * pad,
-                                           [int(bool(ids)) for ids in bars],
-                                           *zip(*[(ids * BARRED)[:BARRED] if ids else (0,) * BARRED
-                                                  for ids in bars], strict=True)])
+        staging[:5 + BARRED, :batch] = torch.tensor(
+            [tokens + [0] * pad, [self.max_len if p is None else p for p in positions] + [self.max_len] * pad,
+             rows + [0] * pad, [int(f) for f in follow or [False] * count] + [0] * pad,
+             [int(bool(ids)) for ids in bars],
+             *zip(*[(ids * BARRED)[:BARRED] if ids else (0,) * BARRED for ids in bars], strict=True)])
+        draws = [draw or (0.0, 1.0, 0) for draw in sampling or [None] * count] + [(0.0, 1.0, 0)] * pad
+        sampled = any(temperature > 0 for temperature, _, _ in draws)
+        if sampled:
+            temperatures, top_ps, seeds = zip(*draws, strict=True)
+            staging[5 + BARRED, :batch] = torch.tensor(seeds)
+            staging[6 + BARRED, :batch].view(torch.float64).copy_(torch.tensor(temperatures, dtype=torch.float64))
+            staging[7 + BARRED, :batch].view(torch.float64).copy_(torch.tensor(top_ps, dtype=torch.float64))
         self.inputs.copy_(staging, non_blocking=True)  # whole: a strided copy would stage through pageable memory
-        graph = self._graph(batch, length) if self.use_graphs else None
+        graph = self._graph(batch, length, sampled) if self.use_graphs else None
         if graph is None:
-            logits = self._step(batch, length)
+            logits = self._step(batch, length, sampled)
         else:
             graph[0].replay()
             logits = graph[1]
@@ -413,15 +432,15 @@ class BatchedDecoder:
                 step = self.decode([value], [len(prompt) + index], [adapter], barred=[barring])
         return DecodeResult(tokens, time.perf_counter() - started, first)
 
-    def _graph(self, batch: int, length: int):
-        """The captured step for (batch, length), capturing it when new; None where capture failed."""
+    def _graph(self, batch: int, length: int, sampling: bool):
+        """The captured step for (batch, length, sampling), capturing it when new; None where capture failed."""
         import torch
 
-        key = (batch, length)
+        key = (batch, length, sampling)
         if key in self.graphs or key in self.failed:
             return self.graphs.get(key)
         try:
-            return self._capture(batch, length)
+            return self._capture(key)
         except RuntimeError:
             torch.cuda.synchronize(self.device)
             self.failed.add(key)
@@ -429,8 +448,9 @@ class BatchedDecoder:
                         batch, length, exc_info=True)
             return None
 
-    def _capture(self, batch: int, length: int):
-        """Capture the step for (batch, length) after two warm-up steps (they write what the step writes)."""
+    def _capture(self, key: tuple[int, int, bool]):
+        """Capture the step for key (batch, length, sampling) after two warm-up steps (they write what the
+        step writes)."""
         import torch
 
         chosen = self.next_tokens.clone()  # the warm-up steps overwrite what rows that follow on read
@@ -438,14 +458,14 @@ class BatchedDecoder:
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._step(batch, length)
+                self._step(*key)
                 self.next_tokens.copy_(chosen)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._step(batch, length)
+            logits = self._step(*key)
         self.pool = graph.pool()
-        self.graphs[(batch, length)] = (graph, logits)
+        self.graphs[key] = (graph, logits)
         return graph, logits
 
 

@@ -7,10 +7,13 @@ pass over the next chunks of the rows still reading their prompts (oldest first,
 So a long prompt is read a chunk at a time while the others keep decoding, and a finished or
 cancelled row leaves at the next token boundary and frees its slot for the next request.
 
-Greedy rows decode ahead: a step is launched with the tokens of the step before still on the
-device, and only then are that step's tokens read back and handed out, so the host's work (and
-the HTTP threads') overlaps the device's; a row that ends has one token computed past its end,
-which is dropped. A step with a sampling row picks on the host from the logits, after the step in
+Rows decode ahead: a step is launched with the tokens of the step before still on the device, and
+only then are that step's tokens read back and handed out, so the host's work (and the HTTP
+threads') overlaps the device's; a row that ends has one token computed past its end, which is
+dropped. Sampling rows draw their tokens on the device too (`BatchedDecoder.decode(sampling=)`: the
+Gumbel-max trick with noise hashed from the request's seed and the position), except a request's
+first token, picked on the host from the prompt's logits with its generator. A row that bars more
+end-of-text ids than the device step takes picks on the host from the logits, after the step in
 flight is read back (`_settle`); swaps also wait for it.
 
 A request fails alone: whatever raises while its row is set up (its sampling generator, say) or
@@ -82,12 +85,17 @@ class _Row:
     last: int = 0
     ahead: bool = False  # its last token is still on the device: a step in flight chose it
     generated: int = 0
-    generator: Any = None
+    generator: Any = None  # sampling: the first token's, on the host
+    seed: int = 0  # sampling: the device's draws (the request's seed, or its generator's, as int64)
 
     def needs_logits(self) -> bool:
-        """Whether its next token is picked on the host: sampling, or more end-of-text ids to bar than
-        the device step takes."""
-        return self.generator is not None or len(self.request.eos_ids) > BARRED
+        """Whether its next token is picked on the host: more end-of-text ids to bar than the device step takes."""
+        return len(self.request.eos_ids) > BARRED
+
+    def sampling(self) -> tuple[float, float, int] | None:
+        """(temperature, top_p, seed) of a sampling row's device draws; None for a greedy row."""
+        request = self.request
+        return (request.temperature, request.top_p, self.seed) if self.generator is not None else None
 
     def barred(self) -> tuple[int, ...]:
         """The ids its next token must not be: the end-of-text ones while below min_new_tokens."""
@@ -279,7 +287,9 @@ class Scheduler:
         for slot, request in admitted:
             try:
                 self._index_of(request)  # set up here, so a failure below ends this request alone
-                row = _Row(request, slot, generator=self._generator(request))
+                generator = self._generator(request)
+                seed = 0 if generator is None else generator.initial_seed()
+                row = _Row(request, slot, generator=generator, seed=seed - 2**64 if seed >= 2**63 else seed)
                 self.decoder.clear_slot(slot)
                 self._rows[slot] = row
             except Exception as err:  # noqa: BLE001 - the request gets its error, its slot is free again
@@ -322,16 +332,17 @@ class Scheduler:
                                    [row.position if row else None for row in rows],
                                    [self._index_of(row.request) if row else 0 for row in rows],
                                    follow=[row is not None and row.ahead for row in rows],
-                                   barred=[row.barred() if row else () for row in rows])
+                                   barred=[row.barred() if row else () for row in rows],
+                                   sampling=[row.sampling() if row else None for row in rows])
         self.steps += 1
         for row in decoding.values():
             row.position += 1
         return step, rows
 
     def _decode_ahead(self, decoding: dict[int, _Row]) -> None:
-        """Greedy rows only: launch the next step (its inputs, the tokens of the step in flight, stay on
-        the device), then hand out the tokens of the step before while the device runs this one. A row
-        that ends there has one token computed past its end, which is dropped."""
+        """Rows whose tokens the device picks: launch the next step (its inputs, the tokens of the step
+        in flight, stay on the device), then hand out the tokens of the step before while the device
+        runs this one. A row that ends there has one token computed past its end, which is dropped."""
         launched = self._launch(decoding)
         for row in decoding.values():
             row.ahead = True
@@ -355,7 +366,7 @@ class Scheduler:
                 self._emit(row, token)
 
     def _decode_on_host(self, decoding: dict[int, _Row]) -> None:
-        """One step whose sampling rows pick their tokens on the host from its logits."""
+        """One step whose rows that bar many end-of-text ids pick their tokens on the host from its logits."""
         step, rows = self._launch(decoding)
         greedy = step.greedy()
         for slot, row in enumerate(rows):
