@@ -102,3 +102,25 @@ def test_a_captured_step_with_the_kernels_gives_the_eager_torch_steps_logits(kin
         expected = decoder.decode([1, 2, 3, 4, 5], positions, [0] * 5).logits.float()
     worst = float(((got - expected).abs().amax(-1) / expected.abs().amax(-1)).max())
     assert worst <= LOGIT_TOL, f"logits differ by {worst:.4f} of the largest"
+
+
+def test_a_captured_sampling_step_draws_what_the_eager_step_draws():
+    """Sampling on the device (sample_rows) inside a CUDA graph: the captured step with sampling rows
+    draws, from the same logits, seeds and positions, the tokens the eager step draws; greedy rows keep
+    their argmax."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    decoder = BatchedDecoder(model.to("cuda", torch.float32).eval(), slots=4, max_len=128)
+    draws = [None, (0.8, 0.9, 5), (1.5, 1.0, -7), None]
+    with torch.inference_mode():
+        decoder.prefill(list(range(4)), [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]], [0] * 4, [0] * 4)
+        positions = [3, 2, 4, 1]
+        captured = decoder.decode([1, 2, 3, 4], positions, [0] * 4, sampling=draws)
+        tokens, logits = captured.greedy(), captured.logits.float().clone()
+        assert any(key[2] for key in decoder.graphs), "the sampling step was not captured"
+        decoder.use_graphs = False
+        assert decoder.decode([1, 2, 3, 4], positions, [0] * 4, sampling=draws).greedy() == tokens
+    assert tokens[0] == int(logits[0].argmax()) and tokens[3] == int(logits[3].argmax())
