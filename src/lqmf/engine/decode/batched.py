@@ -393,18 +393,22 @@ class BatchedDecoder:
                  on_token: Callable[[int], bool | None] | None = None, min_new_tokens: int = 0) -> DecodeResult:
         """Decode one sequence in slot 0 with adapter index `adapter` (0: the bare base): up to
         max_new_tokens after prompt, ending at an id of eos_ids (barred below min_new_tokens) or when
-        on_token(token) returns True. Greedy tokens are picked on the device, sampled ones on the host."""
+        on_token(token) returns True. Tokens are picked on the device, greedy or drawn (`sample_rows`),
+        except the first one, and every one where more end-of-text ids are barred than the step takes:
+        those on the host (`pick_token`, sampled with a generator seeded like the device's draws)."""
         import torch
 
         if not prompt or len(prompt) + max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(prompt)}) + max_new_tokens ({max_new_tokens}) must be within "
                              f"the {self.max_len} tokens this decoder holds, the prompt not empty")
-        generator = None
+        generator, draw = None, None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed if seed is not None else int(torch.seed()))
+            chosen = generator.initial_seed()
+            draw = (temperature, top_p, chosen - 2**64 if chosen >= 2**63 else chosen)
         eos = tuple(sorted(eos_ids or ()))
-        on_host = generator is not None or len(eos) > BARRED
+        on_host = len(eos) > BARRED
         started = time.perf_counter()
         tokens: list[int] = []
         first = 0.0
@@ -429,7 +433,7 @@ class BatchedDecoder:
                 if stop or value in eos or index == max_new_tokens - 1:
                     break
                 barring = eos if index + 1 < min_new_tokens and not on_host else ()
-                step = self.decode([value], [len(prompt) + index], [adapter], barred=[barring])
+                step = self.decode([value], [len(prompt) + index], [adapter], barred=[barring], sampling=[draw])
         return DecodeResult(tokens, time.perf_counter() - started, first)
 
     def _graph(self, batch: int, length: int, sampling: bool):
