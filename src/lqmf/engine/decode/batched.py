@@ -18,9 +18,10 @@ plain linears); the forward pass is ours, so rows at different positions share o
     serves every mix;
   - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
     step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed;
-  - a decode step also picks each row's greedy token on the device (end-of-text barred for rows below
-    their min_new_tokens) and can take its input tokens from the step before, so the scheduler can
-    launch the next step before it has read the last one's tokens back (`decode(..., follow=)`).
+  - a decode step also picks each row's token on the device, greedy or drawn for a row that samples
+    (`sampling.sample_rows`; end-of-text barred for rows below their min_new_tokens) and can take its
+    input tokens from the step before, so the scheduler can launch the next step before it has read
+    the last one's tokens back (`decode(..., follow=)`).
 
 Adapters are read from their folders (`adapter_config.json`, `adapter_model.safetensors`) into
 these stacked tensors; PEFT is not involved in serving. Each loaded adapter is a `StackedAdapter` (lora/stacked.py)
@@ -28,7 +29,8 @@ with an id; rows hold the id they were admitted with, so replacing or unloading 
 changes a row in flight (its entry stays until `collect` finds it unused).
 
 A batch of one is the single-stream case (`generate`): `lqmf test`, `lqmf bench`, the shell and a
-server without batching decode one request through slot 0, greedy on the device or sampled on the host.
+server without batching decode one request through slot 0, its tokens picked on the device (the first
+one after the prompt, sampled, on the host).
 
 Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others with
 `model.layers[i].self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj` and a rotary embedding).
@@ -98,7 +100,7 @@ def bucket(value: int, buckets) -> int:
 @dataclass
 class Step:
     """A decode step on its way through the device: its logits (device buffers, valid until the next
-    step) and the greedy token of each row, read when `greedy()` is called."""
+    step) and the token each row chose (argmax or drawn), read when `greedy()` is called."""
 
     logits: Any
     tokens: Any  # host tensor the step's argmax is copied into
