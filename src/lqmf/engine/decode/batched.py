@@ -47,7 +47,7 @@ from typing import Any
 
 from lqmf.engine import compat
 from lqmf.engine.decode import kernels as decode_kernels
-from lqmf.engine.decode.sampling import pick_token, sample_rows
+from lqmf.engine.decode.sampling import pick_token, sample_rows, seeded_generator
 from lqmf.engine.lora.stacked import BatchedLoRALinear, StackedAdapter
 
 log = logging.getLogger("lqmf.serve")
@@ -405,10 +405,8 @@ class BatchedDecoder:
                              f"the {self.max_len} tokens this decoder holds, the prompt not empty")
         generator, draw = None, None
         if temperature > 0:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(seed if seed is not None else int(torch.seed()))
-            chosen = generator.initial_seed()
-            draw = (temperature, top_p, chosen - 2**64 if chosen >= 2**63 else chosen)
+            generator, device_seed = seeded_generator(self.device, seed)
+            draw = (temperature, top_p, device_seed)
         eos = tuple(sorted(eos_ids or ()))
         on_host = len(eos) > BARRED
         started = time.perf_counter()

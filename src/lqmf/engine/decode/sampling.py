@@ -20,6 +20,17 @@ def pick_token(logits, temperature: float, top_p: float, generator) -> Any:
     return torch.multinomial(probs, 1, generator=generator).view(-1)
 
 
+def seeded_generator(device, seed: int | None):
+    """(a torch.Generator on device seeded with seed, or a fresh random seed when None; that seed as int64):
+    the generator draws on the host (`pick_token`), the int64 seed on the device (`sample_rows`)."""
+    import torch
+
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.seed()))
+    chosen = generator.initial_seed()  # unsigned 64-bit: a negative seed comes back wrapped
+    return generator, chosen - 2**64 if chosen >= 2**63 else chosen
+
+
 MASK31 = 0x7FFFFFFF
 
 

@@ -44,6 +44,7 @@ from typing import Any
 
 from lqmf.core.errors import LqmfError
 from lqmf.engine.decode.batched import BARRED, PREFILL_CHUNK, BatchedDecoder, Step
+from lqmf.engine.decode.sampling import seeded_generator
 from lqmf.engine.lora.stacked import StackedAdapter, read_adapter
 
 log = logging.getLogger("lqmf.serve")
@@ -287,9 +288,9 @@ class Scheduler:
         for slot, request in admitted:
             try:
                 self._index_of(request)  # set up here, so a failure below ends this request alone
-                generator = self._generator(request)
-                seed = 0 if generator is None else generator.initial_seed()
-                row = _Row(request, slot, generator=generator, seed=seed - 2**64 if seed >= 2**63 else seed)
+                generator, seed = (None, 0) if request.temperature <= 0 else seeded_generator(
+                    self.decoder.device, request.seed)
+                row = _Row(request, slot, generator=generator, seed=seed)
                 self.decoder.clear_slot(slot)
                 self._rows[slot] = row
             except Exception as err:  # noqa: BLE001 - the request gets its error, its slot is free again
@@ -297,15 +298,6 @@ class Scheduler:
                 with self._wake:
                     heapq.heappush(self._free, slot)
                 request.tokens.put(err)
-
-    def _generator(self, request: BatchRequest):
-        import torch
-
-        if request.temperature <= 0:
-            return None
-        generator = torch.Generator(device=self.decoder.device)
-        generator.manual_seed(request.seed if request.seed is not None else int(torch.seed()))
-        return generator
 
     def _prefill(self, prefilling: list[_Row]) -> None:
         """The next chunk of the oldest rows still reading their prompts, in one pass of at most
