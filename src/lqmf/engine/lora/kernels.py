@@ -78,6 +78,13 @@ def kernels_apply(rows, a, max_rows: int = MAX_ROWS) -> bool:
             and os.environ.get("LQMF_LORA_KERNELS", "1") != "0" and _kernels() is not None)
 
 
+def _shrink_plan(triton, width: int, rank: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_K, splits) of a shrink kernel: every rank in one block, K cut into about
+    TARGET_SPLITS slices of a power of two."""
+    block_k = max(32, triton.next_power_of_2(triton.cdiv(width, TARGET_SPLITS)))
+    return max(16, triton.next_power_of_2(rank)), block_k, triton.cdiv(width, block_k)
+
+
 def scaled_product(rows, a, b, scale: float):
     """scale * (rows A^T) B^T as a new [M, N] tensor in rows' dtype; rows is [M, K], a [R, K], b [N, R]."""
     if not kernels_apply(rows, a):
@@ -86,9 +93,7 @@ def scaled_product(rows, a, b, scale: float):
 
     triton, shrink, expand = _kernels()
     (count, width), rank, outputs = rows.shape, a.shape[0], b.shape[0]
-    block_r = max(16, triton.next_power_of_2(rank))
-    block_k = max(32, triton.next_power_of_2(triton.cdiv(width, TARGET_SPLITS)))
-    splits = triton.cdiv(width, block_k)
+    block_r, block_k, splits = _shrink_plan(triton, width, rank)
     block_n = 64
     partials = torch.empty((count, splits, block_r), dtype=torch.float32, device=rows.device)
     out = torch.empty((count, outputs), dtype=rows.dtype, device=rows.device)
@@ -169,9 +174,7 @@ def _rows_kernels_into(out, x, rows, tables) -> None:
 
     shrink_rows, expand_rows = _row_kernels()
     (count, width), ranks = x.shape, tables.a.shape[1]
-    block_r = max(16, triton.next_power_of_2(ranks))
-    block_k = max(32, triton.next_power_of_2(triton.cdiv(width, TARGET_SPLITS)))
-    splits = triton.cdiv(width, block_k)
+    block_r, block_k, splits = _shrink_plan(triton, width, ranks)
     partials = torch.empty((count, splits, block_r), dtype=torch.float32, device=x.device)
     shrink_rows[(splits, count)](x, rows, tables.a, partials, ranks, x.stride(0), tables.a.stride(0),
                                  tables.a.stride(1), K=width, SPLITS=splits, BLOCK_K=block_k, BLOCK_R=block_r,
