@@ -295,6 +295,31 @@ def snapshot(root) -> list[tuple[str, int]]:
 # ---------------------------------------------------------------------------------- A tiny LoRA model and its gradients
 
 
+def lora_for_training(model, target_modules, lean: bool):
+    """model (a loaded base) with r=8 LoRA on target_modules as `lqmf train` holds it: fp32 LoRA weights,
+    B drawn (so gradients reach A), dropout 0 (no random masks); lean: of our layer classes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from lqmf.engine import compat
+    from lqmf.engine.lora.lean import build_lean_layers
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=target_modules)
+    if lean:
+        build_lean_layers(config)
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0, 0.05)
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            compat.repoint(parameter, parameter.data.float())  # as loop.setup_model: fp32 LoRA weights
+    model.train()
+    return model
+
+
 def lora_model(lean: bool = False):
     """A tiny Llama with r=4 LoRA on q/k/v/o; lean: of our LoRA layer classes (lora.lean.build_lean_layers)."""
     import torch

@@ -37,7 +37,7 @@ if not torch.cuda.is_available():
 
 from lqmf.core.workspace import Workspace  # noqa: E402
 from lqmf.engine import inference  # noqa: E402
-from tests.helpers import EXAMPLES  # noqa: E402
+from tests.helpers import EXAMPLES, lora_for_training  # noqa: E402
 
 ADAPTERS = {"chat": ("chat_training.csv", "chat", "1"), "instr": ("instructions.jsonl", "instruction_following", "3"),
             "chat2": ("chat_training.csv", "chat", "5")}
@@ -308,30 +308,15 @@ def test_hot_swap_during_a_batch_changes_no_request_in_flight(gpu_workspace, sto
 
 
 def _train_model(gpu_workspace, lean: bool):
-    from peft import LoraConfig, get_peft_model
-
     from lqmf.core.models import ModelCatalogue
-    from lqmf.engine import compat
     from lqmf.engine.loading import load_model
-    from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
+    from lqmf.engine.lora.lean import use_lean_lora
 
     resolved = ModelCatalogue(Workspace(gpu_workspace)).resolve(str(gpu_workspace.parent / "tiny-llama-256"))
     loaded = load_model(resolved, task="chat", quantize_4bit=True, training=True)
-    torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
-    if lean:
-        build_lean_layers(config)
-    model = get_peft_model(loaded.model, config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            compat.repoint(parameter, parameter.data.float())  # as loop.setup_model: fp32 LoRA weights
+    model = lora_for_training(loaded.model, "all-linear", lean)
     if lean:
         assert use_lean_lora(model), "no LoRA layer of ours"
-    model.train()
     return model
 
 

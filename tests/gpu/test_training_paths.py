@@ -25,7 +25,7 @@ if not torch.cuda.is_available():
 
 from lqmf.engine import data as data_mod  # noqa: E402
 from lqmf.engine.train import loop  # noqa: E402
-from tests.helpers import EXAMPLES  # noqa: E402
+from tests.helpers import EXAMPLES, lora_for_training  # noqa: E402
 
 LOSS_TOL, GRAD_TOL = 0.01, 0.03
 LENGTHS = [200, 37, 120, 64, 23, 90]  # examples: the first third prompt, the rest answer
@@ -41,33 +41,17 @@ def base_dir(tmp_path_factory):
 
 
 def _model(base_dir):
-    """The 4-bit base with our r=8 LoRA layers on q/k/v/o (fp32 weights, B drawn so gradients reach A),
-    checkpointed as `lqmf train` runs it, dropout 0 (no random masks)."""
-    from peft import LoraConfig, get_peft_model
-
+    """The 4-bit base with our r=8 LoRA layers on q/k/v/o (tests.helpers.lora_for_training), checkpointed
+    as `lqmf train` runs it."""
     from lqmf.core.models import ModelCatalogue
     from lqmf.core.workspace import Workspace
-    from lqmf.engine import compat
     from lqmf.engine.loading import load_model
-    from lqmf.engine.lora.lean import build_lean_layers
 
     resolved = ModelCatalogue(Workspace(base_dir.parent / "ws")).resolve(str(base_dir))
     model = load_model(resolved, task="chat", quantize_4bit=True, training=True).model
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    torch.manual_seed(0)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    build_lean_layers(config)
-    model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.normal_(0, 0.05)
-    for parameter in model.parameters():
-        if parameter.requires_grad:
-            compat.repoint(parameter, parameter.data.float())
-    model.train()
-    return model
+    return lora_for_training(model, ["q_proj", "k_proj", "v_proj", "o_proj"], lean=True)
 
 
 def _rows() -> list[dict]:
