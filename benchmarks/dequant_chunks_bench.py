@@ -25,7 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from nf4_kernel_bench import graph_us  # noqa: E402
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 SMOKE_SHAPES = {"qkv": (192, 128), "o": (128, 128), "gate_up": (256, 128), "down": (128, 256)}
@@ -80,25 +84,6 @@ def chunked_matmul(x, plan, scratch, out_t) -> None:
         torch.mm(chunk, x.t(), out=out_t[first:end])
 
 
-def graph_us(step, repeats: int = 3) -> float:
-    """us per call of step, captured in a CUDA graph and replayed."""
-    import torch
-
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / repeats
-
-
 def check(weights, device) -> float:
     """Largest difference of the chunked product from bitsandbytes', over its largest value (one weight each)."""
     import bitsandbytes as bnb
@@ -145,7 +130,7 @@ def main() -> None:
             for _, packed, state in weights:
                 bnb.matmul_4bit(inputs[state.shape[1]], packed.t(), quant_state=state)
 
-        timings = {"bnb": None if args.smoke else graph_us(bnb_step)}
+        timings = {"bnb": None if args.smoke else graph_us(bnb_step, calls=1, repeats=3)}
         for megabytes in args.chunk_mb:
             scratch = torch.empty(megabytes * 2**20 // 2, device=device, dtype=torch.bfloat16)
             plans = [chunk_plan(packed, state, scratch.numel()) for _, packed, state in weights]
@@ -155,7 +140,7 @@ def main() -> None:
                     chunked_matmul(inputs[state.shape[1]], plan, scratch, out_t)
 
             chunked_step()
-            timings[f"chunks-{megabytes}"] = None if args.smoke else graph_us(chunked_step)
+            timings[f"chunks-{megabytes}"] = None if args.smoke else graph_us(chunked_step, calls=1, repeats=3)
         report["step_us"][rows] = timings
         print(json.dumps({"rows": rows, **timings}), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)

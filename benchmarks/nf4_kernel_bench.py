@@ -77,25 +77,28 @@ def config_fits(config, rows: int) -> bool:
     return config.block_m <= max(16, bucket)
 
 
-def timer(smoke: bool):
-    """us per call of fn: CUDA-graph replays of CALLS calls (GPU), or wall-clock calls (smoke)."""
+def graph_us(fn, calls: int = CALLS, repeats: int = 5) -> float:
+    """us per call of fn: `calls` calls captured in one CUDA graph, replayed `repeats` times (CUDA events)."""
     import torch
 
-    def cuda_us(fn, repeats: int = 5) -> float:
-        fn()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(CALLS):
-                fn()
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(repeats):
         graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(repeats):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) * 1000 / (repeats * CALLS)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (repeats * calls)
+
+
+def timer(smoke: bool):
+    """us per call of fn: CUDA-graph replays of CALLS calls (GPU, `graph_us`), or wall-clock calls (smoke)."""
 
     def cpu_us(fn, repeats: int = 2) -> float:
         fn()
@@ -104,7 +107,7 @@ def timer(smoke: bool):
             fn()
         return (time.perf_counter() - begin) * 1e6 / repeats
 
-    return cpu_us if smoke else cuda_us
+    return cpu_us if smoke else graph_us
 
 
 def build(shapes: dict, device: str) -> dict:
