@@ -56,9 +56,14 @@ def candidates(smoke: bool) -> list:
         return [Config(block_m=block_m, block_n=n, block_k=k, warps=warps, stages=stages, lut=lut, swap=swap,
                        late_scale=late_scale) for n, k, warps in tiles for swap in (False, True)]
 
-    # lut 1 first: compiled for sm_90 its loops take about 5-8 instructions a weight value against 9-14
-    # for lut 0 (SASS counts from a CPU-only compile; no timing yet)
-    return (gemvs(1, gemv_tiles, lut=1) + gemvs(1, gemv_tiles[:2], lut=1, late_scale=True)
+    # lut 2 first (no memory reads for the lookup; about 6.4-7.5 instructions a weight value compiled for
+    # sm_90, benchmarks/nf4_sass_count.py), then lut 1 (5-8 a value, but one gather a byte: it lost to
+    # bitsandbytes on an H100, 2026-12-06) for comparison
+    wide = ((128, 256, 4), (64, 512, 4), (128, 512, 8))
+    return (dots(16, dot_tiles + wide, lut=2, late_scale=True) + dots(32, dot_tiles[:3], lut=2, late_scale=True)
+            + dots(64, dot_tiles[:3], lut=2, late_scale=True) + gemvs(1, gemv_tiles[:2], lut=2, late_scale=True)
+            + dots(16, dot_tiles[:3], lut=2) + dots(16, dot_tiles[:3], lut=2, stages=3, late_scale=True)
+            + gemvs(1, gemv_tiles, lut=1) + gemvs(1, gemv_tiles[:2], lut=1, late_scale=True)
             + dots(16, dot_tiles, lut=1) + dots(16, dot_tiles[:3], lut=1, late_scale=True)
             + gemvs(2, gemv_tiles[:2], lut=1) + gemvs(4, gemv_tiles[:2], lut=1, late_scale=True)
             + dots(32, dot_tiles[:3], lut=1) + dots(64, dot_tiles[:3], lut=1)

@@ -156,3 +156,59 @@ def test_the_batched_decoder_layer_runs_the_kernel_when_switched_on(nf4):
     layer = BatchedLoRALinear(("gate_proj", "up_proj"), group)
     assert isinstance(layer.base, nf4.NF4Linear)
     torch.testing.assert_close(layer(x, {}), expected, rtol=1e-5, atol=1e-5)
+
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """The four output registers of register_lookup_asm's PTX for input word $4, executed here: the
+    instructions it uses (shr, and, or, prmt in its default mode, sign fill included) on 32-bit values."""
+    registers = {"$4": word}
+
+    def value(operand: str) -> int:
+        return registers[operand] if operand in registers else int(operand, 0)
+
+    def prmt(a: int, b: int, selector: int) -> int:
+        pool = [(a >> 8 * i) & 0xFF for i in range(4)] + [(b >> 8 * i) & 0xFF for i in range(4)]
+        out = 0
+        for j in range(4):
+            nibble = (selector >> 4 * j) & 0xF
+            byte = pool[nibble & 7]
+            if nibble & 8:  # sign fill: the byte's top bit, eight times
+                byte = 0xFF if byte & 0x80 else 0
+            out |= byte << 8 * j
+        return out
+
+    operations = {"shr.b32": lambda a, b: a >> b, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
+                  "prmt.b32": prmt}
+    for instruction in asm.strip("{} ").split(";"):
+        instruction = instruction.strip()
+        if not instruction or instruction.startswith(".reg"):
+            continue
+        name, operands = instruction.split(None, 1)
+        target, *sources = (operand.strip() for operand in operands.split(","))
+        registers[target] = operations[name](*(value(source) for source in sources)) & 0xFFFFFFFF
+    return [registers[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
+    """lut 2's PTX (compiled only on a GPU; tests/gpu checks it there) run instruction by instruction:
+    every byte value, in every position of the word, gives its high and low code's 16-bit value, and
+    the table it carries is bitsandbytes' NF4 code."""
+    import torch
+    from bitsandbytes.functional import get_4bit_type
+
+    from lqmf.engine.lora import nf4, nf4_kernels
+
+    dtype = getattr(torch, dtype_name)
+    assert nf4.is_nf4_code(get_4bit_type("nf4", device="cpu"))
+    assert not nf4.is_nf4_code(get_4bit_type("fp4", device="cpu"))
+    halves = [half & 0xFFFF for half in torch.tensor(nf4_kernels.NF4_CODE).to(dtype).view(torch.int16).tolist()]
+    asm = nf4_kernels.register_lookup_asm("bf16" if dtype == torch.bfloat16 else "fp16")
+    for byte in range(256):
+        for position in range(4):
+            filler = (0x5A, 0xC3, 0x0F, 0xF0)
+            word_bytes = [filler[i] if i != position else byte for i in range(4)]
+            out = _run_ptx(asm, sum(b << 8 * i for i, b in enumerate(word_bytes)))
+            high = [out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16]
+            low = [out[2] & 0xFFFF, out[2] >> 16, out[3] & 0xFFFF, out[3] >> 16]
+            assert high == [halves[b >> 4] for b in word_bytes] and low == [halves[b & 15] for b in word_bytes]

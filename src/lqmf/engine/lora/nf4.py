@@ -36,7 +36,8 @@ class Config:
     """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (multiply-adds, a GEMV);
     split: slices of K (0: enough for TARGET_PROGRAMS programs); block_k: K a loop step (whole
     quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
-    a 256-entry byte -> pair table."""
+    a 256-entry byte -> pair table, 2 no load: byte-permute lookups in registers (bf16/fp16 inputs on a
+    GPU and bitsandbytes' NF4 code; lut 1 otherwise)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -144,13 +145,33 @@ def byte_pairs(code):
     return (bits[every >> 4] << 32) | (bits[every & 15] & 0xFFFFFFFF)
 
 
+def is_nf4_code(code) -> bool:
+    """Whether code (16 values) is nf4_kernels.NF4_CODE, the table lut 2 carries in its instructions
+    (False where Triton is missing)."""
+    import torch
+
+    kernels = _kernels()
+    return (kernels is not None and code.numel() == len(kernels.NF4_CODE)
+            and torch.equal(code.detach().float().cpu(), torch.tensor(kernels.NF4_CODE)))
+
+
+def lookup_for(config: Config, x, standard_code: bool) -> int:
+    """config's lut where it applies to x, else 1: lut 2 is compiled PTX for 16-bit inputs and NF4_CODE."""
+    import torch
+
+    if config.lut == 2 and not (standard_code and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+        return 1
+    return config.lut
+
+
 def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, config: Config | None = None,
-               pairs=None):
+               pairs=None, standard_code: bool | None = None):
     """x [M, K] times the NF4 weight's transpose: [M, N] in x's dtype, M <= MAX_ROWS.
 
     packed: bitsandbytes' bytes of the [N, K] weight (any shape, N*K/2 uint8); absmax: float32, one per
     blocksize values (nested absmax dequantized beforehand); code: the 16 NF4 values; pairs: byte_pairs(code),
-    made here when a lut-1 config needs it and none is given."""
+    made here when a lut-1 config needs it and none is given; standard_code: is_nf4_code(code), checked
+    here when not given (a host sync: callers inside a CUDA graph pass it)."""
     import torch
 
     if not shape_applies(shape, blocksize):
@@ -160,6 +181,9 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     if x.stride(-1) != 1:
         x = x.contiguous()
     config, split = fitted(config or config_for(rows, out_features, in_features), rows, shape, blocksize)
+    if config.lut == 2:
+        config = replace(config, lut=lookup_for(config, x, is_nf4_code(code) if standard_code is None
+                                                else standard_code))
     if config.lut == 1 and pairs is None:
         pairs = byte_pairs(code)
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
@@ -188,6 +212,7 @@ class NF4Linear:
         self.packed, self.absmax, self.code = packed, absmax, code
         self.shape, self.blocksize, self.fallback = shape, blocksize, fallback
         self.pairs = byte_pairs(code)
+        self.standard_code = is_nf4_code(code)
 
     @classmethod
     def of_stacked(cls, packed, state, fallback: Callable[[Any], Any]) -> NF4Linear | None:
@@ -213,7 +238,7 @@ class NF4Linear:
         if not kernel_applies(x, self.shape, self.blocksize):
             return self.fallback(x)
         out = nf4_matmul(x.reshape(-1, self.shape[1]), self.packed, self.absmax, self.code, self.shape,
-                         self.blocksize, pairs=self.pairs)
+                         self.blocksize, pairs=self.pairs, standard_code=self.standard_code)
         return out.view(*x.shape[:-1], self.shape[0])
 
 

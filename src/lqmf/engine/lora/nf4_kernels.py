@@ -21,20 +21,79 @@ captured in a CUDA graph).
 
 from __future__ import annotations
 
+import struct
+
 import triton
 import triton.language as tl
 
+# bitsandbytes' NF4 code (bitsandbytes.functional.get_4bit_type("nf4")), which lut 2 builds into its PTX
+NF4_CODE = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+            -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+            0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+            0.7229568362236023, 1.0)
+
+
+def _half_bits(value: float, dtype: str) -> int:
+    """value's 16 bits in bfloat16 (float32 bits rounded to nearest even) or float16."""
+    if dtype == "bf16":
+        bits = struct.unpack("<I", struct.pack("<f", value))[0]
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    return struct.unpack("<H", struct.pack("<e", value))[0]
+
+
+def register_lookup_asm(dtype: str) -> str:
+    """PTX for tl.inline_asm_elementwise (pack 4): four bytes ($4) -> the 16-bit NF4 values of their high
+    codes ($0, $1) and low codes ($2, $3), element i of a register pair from byte i. No memory is read:
+    the 16 values' low and high bytes sit in four immediates each, and `prmt` (byte permute) looks up
+    eight at a time. A code's bit 3 picks the half of the table: `prmt` reads a selector nibble's bit 3
+    as a sign-fill flag, so the nibbles are masked to 3 bits and a second `prmt` picks between halves."""
+    bits = [_half_bits(value, dtype) for value in NF4_CODE]
+
+    def words(part):  # four 32-bit words: the table's bytes of entries 4w .. 4w + 3
+        return [sum(((bits[4 * w + i] >> (8 * part)) & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
+
+    low, high = words(0), words(1)
+
+    def lookup(out0: str, out1: str) -> str:  # codes: one a byte of i -> 16-bit values in out0, out1
+        return (
+            "shr.b32 t, i, 12; or.b32 s, i, t;"  # selector nibbles 0..3 = codes of bytes 0, 2, 1, 3
+            "shr.b32 t, s, 1; and.b32 g, t, 0x4444; or.b32 g, g, 0x3210;"  # bit 3 -> take the upper half
+            "and.b32 s, s, 0x7777;"
+            f"prmt.b32 a, {low[0]:#x}, {low[1]:#x}, s; prmt.b32 b, {low[2]:#x}, {low[3]:#x}, s;"
+            "prmt.b32 lo, a, b, g;"
+            f"prmt.b32 a, {high[0]:#x}, {high[1]:#x}, s; prmt.b32 b, {high[2]:#x}, {high[3]:#x}, s;"
+            "prmt.b32 hi, a, b, g;"
+            f"prmt.b32 {out0}, lo, hi, 0x6240; prmt.b32 {out1}, lo, hi, 0x7351;"  # back in byte order
+        )
+
+    return ("{ .reg .b32 i, s, t, g, a, b, lo, hi;"
+            "shr.b32 i, $4, 4; and.b32 i, i, 0x0F0F0F0F;" + lookup("$0", "$1")
+            + "and.b32 i, $4, 0x0F0F0F0F;" + lookup("$2", "$3") + "}")
+
+
+BF16_LOOKUP = tl.constexpr(register_lookup_asm("bf16"))
+FP16_LOOKUP = tl.constexpr(register_lookup_asm("fp16"))
+
 
 @triton.jit
-def _codes(packed, code_ptr, pair_ptr, LUT: tl.constexpr):
-    """The NF4 values (float32) of each byte's high (even k) and low (odd k) code."""
-    if LUT == 1:
-        pair = tl.load(pair_ptr + packed)
+def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr):
+    """The NF4 values of each byte's high (even k) and low (odd k) code: float32, or with LUT 2 (16-bit
+    dtypes, compiled only) in dtype, looked up in registers."""
+    if LUT == 2:
+        if dtype == tl.bfloat16:
+            high, low = tl.inline_asm_elementwise(BF16_LOOKUP, "=r,=r,=r,=r,r", [packed],
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+        else:
+            high, low = tl.inline_asm_elementwise(FP16_LOOKUP, "=r,=r,=r,=r,r", [packed],
+                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+    elif LUT == 1:
+        pair = tl.load(pair_ptr + packed.to(tl.int32))
         high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
         low = pair.to(tl.int32).to(tl.float32, bitcast=True)
     else:
-        high = tl.load(code_ptr + (packed >> 4))
-        low = tl.load(code_ptr + (packed & 15))
+        index = packed.to(tl.int32)
+        high = tl.load(code_ptr + (index >> 4))
+        low = tl.load(code_ptr + (index & 15))
     return high, low
 
 
@@ -55,9 +114,9 @@ def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.const
     """One quantization block of BLOCK_N weight rows: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2] and the
     rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
     dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32), the caller scales the sums."""
-    packed = tl.load(byte_at, mask=col_ok[:, None], other=0).to(tl.int32)  # an unsigned index from here on
+    packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
     scale = tl.load(scale_at, mask=col_ok, other=0.0)
-    high, low = _codes(packed, code_ptr, pair_ptr, LUT)
+    high, low = _codes(packed, code_ptr, pair_ptr, dtype, LUT)
     if not LATE_SCALE:
         high = _rounded(high * scale[:, None], dtype, INTERPRETED)
         low = _rounded(low * scale[:, None], dtype, INTERPRETED)
