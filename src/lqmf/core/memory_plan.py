@@ -311,7 +311,8 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     head, as transformers does when a mask rules out SDPA's grouped-query path, and SDPA's additive
     mask); the attention output; gate, act(gate) and up of a gated MLP (fc1's output otherwise).
     Frozen linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms
-    keep an fp32 copy of their input when activations are not fp32. Each LoRA layer keeps its
+    (LayerNorm, under autocast) keep an fp32 copy of their input when activations are not fp32;
+    RMSNorms in training are engine/fused/norm.py's, which keep none. Each LoRA layer keeps its
     r-wide intermediate and its input, once per distinct input: LQMF's LoRA forward recomputes the
     dropout in backward (engine/lora/lean.py: _low_rank). Under FSDP (PEFT's forward) each LoRA layer
     keeps its dropout output and mask (bool on CUDA, a full-size float on the CPU) instead.
@@ -322,8 +323,8 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     attention = (3 * q if gqa else q + 2 * kv) + seq_len if padded else q + 2 * kv
     mlp = (3 if shape.gated_mlp else 1) * inter * act
     per_token = (h + attention + q) * act + mlp  # residual, attention inputs, its output, MLP
-    if act != 4:
-        per_token += 2 * h * 4  # the two norms' fp32 copies
+    if act != 4 and shape.model_type in LAYER_NORM_TYPES:
+        per_token += 2 * h * 4  # the two norms' fp32 copies (engine/fused/norm.py keeps none of RMSNorms)
     mask_bytes = 1 if settings.device == "cuda" else act
     kept_inputs: dict[str, int] = {}
     for lin in lora.values():

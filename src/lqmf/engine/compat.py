@@ -11,7 +11,8 @@ def tensor_version(tensor) -> int | None:
     return None if tensor.is_inference() else tensor._version
 
 
-LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm")
+LLAMA_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+                   "LeanRMSNorm")  # the last: engine/fused/norm.py's, computing the same
 
 
 def rms_norm_parameters(norm) -> tuple[Any, float] | None:

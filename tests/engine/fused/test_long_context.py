@@ -125,6 +125,55 @@ def test_tiled_mlp_keeps_names_loss_and_gradients():
     _assert_same(plain, _loss_and_grads(model, batch))
 
 
+def test_lean_rms_norm_computes_the_same_and_keeps_no_float32_copy():
+    """In bf16 (as on a GPU): the same forward bits as transformers' RMSNorm, gradients for x and the
+    weight within bf16 rounding, and for backward only x, the weight and one float32 value a token."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lqmf.engine.fused.norm import lean_rms_norms
+
+    torch.manual_seed(0)
+    holder = torch.nn.Sequential(LlamaRMSNorm(64, eps=1e-5)).to(torch.bfloat16)
+    holder[0].weight.data.normal_(1.0, 0.2)
+    x = torch.randn(2, 9, 64, dtype=torch.bfloat16) * 3
+    grad = torch.randn(2, 9, 64, dtype=torch.bfloat16)
+
+    def run():
+        saved = []
+        leaf = x.clone().requires_grad_()
+        holder.zero_grad(set_to_none=True)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = holder(leaf)
+        out.backward(grad)
+        new_bytes = sum(t.numel() * t.element_size() for t in saved if t.data_ptr() not in
+                        (leaf.data_ptr(), holder[0].weight.data_ptr()))
+        return out.detach(), leaf.grad, holder[0].weight.grad, new_bytes
+
+    out, grad_x, grad_weight, stock_bytes = run()
+    assert lean_rms_norms(holder) == 1 and type(holder[0]).__name__ == "LeanRMSNorm"
+    assert list(holder.state_dict()) == ["0.weight"]
+    lean_out, lean_grad_x, lean_grad_weight, lean_bytes = run()
+    assert torch.equal(lean_out, out)
+    torch.testing.assert_close(lean_grad_x, grad_x, rtol=2**-7, atol=1e-3)
+    torch.testing.assert_close(lean_grad_weight, grad_weight, rtol=2**-7, atol=1e-2)
+    assert lean_bytes == 2 * 9 * 4 and stock_bytes >= 2 * 9 * 64 * 4  # rstd alone, against a float32 x
+
+
+def test_lean_rms_norms_train_the_plain_loss_and_gradients():
+    import torch
+
+    from lqmf.engine.fused.norm import lean_rms_norms
+
+    model = lora_model(lean=True)
+    batch = data_mod.collate(_rows([30, 23]), pad_id=0, classification=False)
+    torch.manual_seed(3)
+    plain = _loss_and_grads(model, batch)
+    assert lean_rms_norms(model) == 7  # two a block, three blocks, and the final norm
+    torch.manual_seed(3)
+    _assert_same(plain, _loss_and_grads(model, batch))
+
+
 def plan_json(cli, *args: str) -> tuple[int, dict]:
     result = cli("plan", *args, "--json")
     return result.exit_code, json.loads(result.stdout)

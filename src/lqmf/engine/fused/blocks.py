@@ -28,11 +28,9 @@ import importlib.util
 from typing import Any
 
 from lqmf.core.memory_plan import MLP_TILE_TOKENS
-from lqmf.engine.compat import share_children
+from lqmf.engine.compat import rms_norm_parameters, share_children
 
 TILE_TOKENS = MLP_TILE_TOKENS
-# Norm classes whose forward is liger's "llama" casting mode: x * rsqrt(mean(x^2) + eps) in fp32, times weight.
-LLAMA_STYLE_NORMS = {"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"}
 
 
 @functools.cache
@@ -116,9 +114,11 @@ def use_fused_kernels(model: Any) -> dict[str, int]:
     counts = {"rms_norm": 0, "swiglu": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child).__name__ in LLAMA_STYLE_NORMS:
-                fused = LigerRMSNorm(child.weight.shape[0], eps=child.variance_epsilon, casting_mode="llama")
-                fused.weight = child.weight  # the same parameter, frozen, in its dtype and device
+            parameters = rms_norm_parameters(child)  # liger's "llama" casting mode computes the same
+            if parameters is not None:
+                weight, eps = parameters
+                fused = LigerRMSNorm(weight.shape[0], eps=eps, casting_mode="llama")
+                fused.weight = weight  # the same parameter, frozen, in its dtype and device
                 setattr(parent, name, fused)
                 counts["rms_norm"] += 1
             elif name == "mlp" and _is_silu_gated_mlp(child):

@@ -24,6 +24,7 @@ from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
 from lqmf.engine.fused.blocks import TILE_TOKENS, tile_mlps
+from lqmf.engine.fused.norm import lean_rms_norms
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
 from lqmf.engine.train import fsdp
 from lqmf.engine.train import loop as steps
@@ -79,6 +80,7 @@ class Recipe:
         self.fused_kernels: dict[str, int] | None = None
         if self.config.fused_kernels == "on":
             self._use_fused_kernels()
+        self.lean_norms = 0 if self.fused_kernels else lean_rms_norms(self.model)
         if self.memory.tiled_mlp:
             tile_mlps(self.model)
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
@@ -437,6 +439,7 @@ class Recipe:
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
                    "offload_activations": self.offload is not None, "pack_tokens": self.pack_tokens,
                    "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
+                   "lean_norms": self.lean_norms,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}
