@@ -50,7 +50,8 @@ import sys
 import time
 from pathlib import Path
 
-MODEL_DIR = Path("/tmp/m7b")
+MODEL_DIR = Path("/tmp/m7b")  # Mistral-7B-v0.1's attention: a 4,096-token sliding window (MistralConfig's default)
+FULL_ATTENTION_DIR = Path("/tmp/m7b-full")  # --full-attention: v0.2/v0.3's, causal over the whole sequence
 VOCAB = 32000
 EFFECTIVE_BATCH = 16
 PARAMETERS, LAYERS, HIDDEN = 7_241_732_096, 32, 4096  # the Mistral-7B shape ensure_model builds
@@ -58,15 +59,21 @@ PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense, SXM
 CAPPED = Path(__file__).with_name("capped_lqmf.py")
 
 
-def ensure_model() -> None:
+def ensure_model(full_attention: bool = False) -> None:
+    """Build the random-weight Mistral-7B-shaped model at MODEL_DIR once; full_attention: without the
+    sliding window, at FULL_ATTENTION_DIR (MODEL_DIR then points there)."""
     import torch
     from transformers import MistralConfig, MistralForCausalLM
 
     from lqmf.engine.tiny import build_tokenizer
 
+    global MODEL_DIR
+    if full_attention:
+        MODEL_DIR = FULL_ATTENTION_DIR
     if not (MODEL_DIR / "config.json").exists():
+        window = {"sliding_window": None} if full_attention else {}
         cfg = MistralConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096)
+                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096, **window)
         torch.set_default_dtype(torch.bfloat16)
         with torch.device("cuda"):
             model = MistralForCausalLM(cfg)
@@ -223,9 +230,11 @@ def main() -> None:
                         help="also train 3 steps of one sequence of this many tokens (micro-batch 1), each variant")
     parser.add_argument("--long-probe-for", nargs="*", default=None, metavar="NAME",
                         help="the variants that run the long probe (default: all)")
+    parser.add_argument("--full-attention", action="store_true",
+                        help="the model without Mistral-7B-v0.1's 4,096-token sliding window (as v0.2 and v0.3)")
     parser.add_argument("--out", default=os.environ.get("OUT", "/tmp/out"))
     args = parser.parse_args()
-    ensure_model()
+    ensure_model(args.full_attention)
     variants = [variant_spec(v) for v in args.variant] or [("lqmf", None, [])]
     layouts = [(gpus, strategy) for gpus in args.gpus for strategy in (args.strategies if gpus > 1 else ["single"])]
     for label, source, options in variants:

@@ -62,7 +62,7 @@ def candidates(smoke: bool) -> list:
     wide = ((128, 256, 4), (64, 512, 4), (128, 512, 8))
     return (dots(16, dot_tiles + wide, lut=2, late_scale=True) + dots(32, dot_tiles[:3], lut=2, late_scale=True)
             + dots(64, dot_tiles[:3], lut=2, late_scale=True) + gemvs(1, gemv_tiles[:2], lut=2, late_scale=True)
-            + dots(16, dot_tiles[:3], lut=2) + dots(16, dot_tiles[:3], lut=2, stages=3, late_scale=True)
+            + dots(16, dot_tiles[:3], lut=2, stages=3, late_scale=True)
             + gemvs(1, gemv_tiles, lut=1) + gemvs(1, gemv_tiles[:2], lut=1, late_scale=True)
             + dots(16, dot_tiles, lut=1) + dots(16, dot_tiles[:3], lut=1, late_scale=True)
             + gemvs(2, gemv_tiles[:2], lut=1) + gemvs(4, gemv_tiles[:2], lut=1, late_scale=True)
@@ -121,6 +121,7 @@ def build(shapes: dict, device: str) -> dict:
     from bitsandbytes.functional import QuantState, dequantize_4bit, quantize_4bit
 
     from lqmf.engine import compat
+    from lqmf.engine.lora.nf4 import is_nf4_code
 
     weights = {}
     for name, (n, k) in shapes.items():
@@ -130,6 +131,7 @@ def build(shapes: dict, device: str) -> dict:
         flat = QuantState(absmax=absmax, shape=nested.shape, code=nested.code, blocksize=BLOCKSIZE,
                           quant_type="nf4", dtype=nested.dtype)
         weights[name] = {"packed": packed, "state": flat if name in GROUPS else nested, "absmax": absmax,
+                         "standard_code": is_nf4_code(nested.code),
                          "code": nested.code.float().contiguous(), "dense": dequantize_4bit(packed, nested).float(),
                          "bytes": packed.numel() + absmax.numel() * 4}
         del dense
@@ -160,7 +162,8 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
                 continue
             for split in (0, 1):
                 def call(config=replace(config, split=split), x=x, weight=weight, shape=shape):
-                    return nf4_matmul(x, weight["packed"], weight["absmax"], weight["code"], shape, BLOCKSIZE, config)
+                    return nf4_matmul(x, weight["packed"], weight["absmax"], weight["code"], shape, BLOCKSIZE, config,
+                                      standard_code=weight["standard_code"])
 
                 try:
                     error = float((call().float() - references[(name, rows)]).abs().max())

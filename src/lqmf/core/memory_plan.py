@@ -103,6 +103,7 @@ class ModelShape:
     encoder: bool
     positions: int  # learned position embeddings (0 for rotary models)
     max_positions: int | None
+    sliding_window: int | None = None  # attention window (Mistral-7B-v0.1: 4,096); None: the whole sequence
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape | None:
@@ -120,6 +121,7 @@ class ModelShape:
         gated = model_type in GATED_MLP_TYPES
         learned_positions = model_type in ENCODER_TYPES or model_type in {"gpt2", "opt"}
         max_positions = config.get("max_position_embeddings") or config.get("n_positions")
+        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
         return cls(
             model_type=model_type, hidden=int(hidden), layers=int(layers), vocab=int(vocab),
             intermediate=int(intermediate), heads=int(heads), kv_heads=int(kv_heads),
@@ -128,6 +130,7 @@ class ModelShape:
             encoder=model_type in ENCODER_TYPES,
             positions=int(max_positions or 0) if learned_positions else 0,
             max_positions=int(max_positions) if max_positions else None,
+            sliding_window=int(window) if isinstance(window, int) and window > 0 else None,
         )
 
     @property
@@ -362,8 +365,9 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
     """
     L, h, act, tokens = shape.layers, shape.hidden, settings.compute_bytes, b * s
     paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
-    if settings.pack_tokens:  # position ids restart inside a row: a block-diagonal mask, as with padding
-        paddings = [True]
+    windowed = shape.sliding_window is not None and s > shape.sliding_window
+    if settings.pack_tokens or windowed:  # position ids restart inside a row (a block-diagonal mask), or a
+        paddings = [True]  # sliding window shorter than the row (a banded one): masked as with padding
     tiled = settings.tiled and tokens > MLP_TILE_TOKENS
     tile = MLP_TILE_TOKENS if tiled else tokens  # tiles of the micro-batch's tokens, all rows flattened
     boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input

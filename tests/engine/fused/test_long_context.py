@@ -181,14 +181,18 @@ def plan_json(cli, *args: str) -> tuple[int, dict]:
 
 def test_plan_reports_the_longest_sequence_with_and_without_packing(cli, workspace):
     options = ["--max-memory", "8GB", "--batch-size", "1", "--offload", "--targets", "q_proj,k_proj,v_proj,o_proj"]
-    code, report = plan_json(cli, "mistral-7b", *options)
+    code, report = plan_json(cli, "mistral-7b-instruct", *options)  # v0.3: no sliding window
     assert code == 0
     # packing's block-diagonal mask (s x s) and k/v repeated per head cost memory; tiles of the MLP save it
     assert 0 < report["longest_seq_len_packed"] < report["longest_seq_len"] < report["longest_seq_len_tiled_mlp"]
     assert report["longest_seq_len_tiled_mlp_packed"] > report["longest_seq_len_packed"]
-    code, long = plan_json(cli, "mistral-7b", *options, "--seq-len", "16384", "--tiled-mlp")
+    # v0.1's 4,096-token sliding window needs such a mask past 4,096 tokens, packed or not
+    code, windowed = plan_json(cli, "mistral-7b", *options)
+    assert code == 0 and windowed["longest_seq_len"] == windowed["longest_seq_len_packed"] > 4096
+    assert windowed["longest_seq_len_tiled_mlp"] < report["longest_seq_len_tiled_mlp"]
+    code, long = plan_json(cli, "mistral-7b-instruct", *options, "--seq-len", "16384", "--tiled-mlp")
     assert code == 0 and long["fits"] and long["settings"]["tiled_mlp"]
-    code, untiled = plan_json(cli, "mistral-7b", *options, "--seq-len", "16384", "--no-tiled-mlp")
+    code, untiled = plan_json(cli, "mistral-7b-instruct", *options, "--seq-len", "16384", "--no-tiled-mlp")
     assert untiled["estimate"]["activations_gb"] > long["estimate"]["activations_gb"] + 0.5
     assert {"changes": {"tiled_mlp": "on"}, "total_gb": pytest.approx(long["estimate"]["total_gb"], abs=0.01)} \
         in untiled["would_fit_with"]

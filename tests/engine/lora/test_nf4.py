@@ -202,6 +202,10 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
     dtype = getattr(torch, dtype_name)
     assert nf4.is_nf4_code(get_4bit_type("nf4", device="cpu"))
     assert not nf4.is_nf4_code(get_4bit_type("fp4", device="cpu"))
+    late = nf4.Config(lut=2, late_scale=True)
+    x = torch.ones(1, 64, dtype=dtype)
+    assert nf4.lookup_for(late, x, True) == 1  # on the CPU: compiled PTX only, so lut 1
+    assert nf4.lookup_for(nf4.Config(lut=0), x, True) == 0
     halves = [half & 0xFFFF for half in torch.tensor(nf4_kernels.NF4_CODE).to(dtype).view(torch.int16).tolist()]
     asm = nf4_kernels.register_lookup_asm("bf16" if dtype == torch.bfloat16 else "fp16")
     for byte in range(256):

@@ -36,8 +36,8 @@ class Config:
     """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (multiply-adds, a GEMV);
     split: slices of K (0: enough for TARGET_PROGRAMS programs); block_k: K a loop step (whole
     quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
-    a 256-entry byte -> pair table, 2 no load: byte-permute lookups in registers (bf16/fp16 inputs on a
-    GPU and bitsandbytes' NF4 code; lut 1 otherwise)."""
+    a 256-entry byte -> pair table, 2 no load: byte-permute lookups in registers (with late_scale, bf16/fp16
+    inputs on a GPU and bitsandbytes' NF4 code; lut 1 otherwise)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -156,10 +156,13 @@ def is_nf4_code(code) -> bool:
 
 
 def lookup_for(config: Config, x, standard_code: bool) -> int:
-    """config's lut where it applies to x, else 1: lut 2 is compiled PTX for 16-bit inputs and NF4_CODE."""
+    """config's lut where it applies to x, else 1: lut 2 is compiled PTX for 16-bit inputs and NF4_CODE,
+    with late_scale (its codes are rounded to x's dtype: scaled afterwards, each value would be rounded
+    twice, further from bitsandbytes' dequantize than the tolerance of tests/gpu allows in bf16)."""
     import torch
 
-    if config.lut == 2 and not (standard_code and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)):
+    if config.lut == 2 and not (config.late_scale and standard_code and x.is_cuda
+                                and x.dtype in (torch.bfloat16, torch.float16)):
         return 1
     return config.lut
 
