@@ -48,11 +48,12 @@ def test_nf4_kernel_matches_bitsandbytes_on_the_gpu(rows):
     for dtype in (torch.bfloat16, torch.float32):
         x = torch.randn(rows, 1024, device="cuda").to(dtype)
         assert kernel_applies(x, base.shape, base.blocksize)
-        expected = x.float() @ dense.to(dtype).float().t()
-        error = (base(x).float() - expected).abs()
-        largest = float(expected.abs().max())
-        if dtype == torch.bfloat16:
-            assert bool((error <= expected.abs() * 2 * 2**-7 + 1e-3 * largest).all()), float(error.max())
+        exact = x.float() @ dense.t()
+        error = (base(x).float() - exact).abs()
+        largest = float(exact.abs().max())
+        if dtype == torch.bfloat16:  # late_scale rounds the codes, not code * absmax: as far off as bitsandbytes
+            own = (torch.cat([layer(x) for layer in layers], dim=-1).float() - exact).abs()
+            assert float(error.max()) <= 2 * float(own.max()) and float(error.mean()) <= 2 * float(own.mean())
         else:
             assert float(error.max()) <= 1e-4 * largest
 
@@ -76,12 +77,12 @@ def test_nf4_kernel_runs_in_a_cuda_graph():
 def test_register_lookup_gives_what_the_memory_lookup_gives(rows, dtype_name):
     """lut 2 (PTX byte-permute lookups) against lut 0 (loads from the code) in the same late_scale
     config: both round the same codes to the same 16-bit values, so the outputs are equal bit for bit."""
-    from lqmf.engine.lora.nf4 import Config, NF4Linear, lookup_for, nf4_matmul
+    from lqmf.engine.lora.nf4 import Config, NF4Linear, launched, nf4_matmul
 
     base = NF4Linear.of_module(_group()[0])
     x = torch.randn(rows, 1024, device="cuda").to(getattr(torch, dtype_name))
     config = Config(block_m=16 if rows <= 16 else 64, block_k=256, lut=2, swap=True, late_scale=True)
-    assert base.standard_code and lookup_for(config, x, base.standard_code) == 2
+    assert base.standard_code and launched(config, x, base.standard_code) == config
     runs = [nf4_matmul(x, base.packed, base.absmax, base.code, base.shape, base.blocksize, replace(config, lut=lut))
             for lut in (0, 2)]
     assert torch.equal(runs[0], runs[1])

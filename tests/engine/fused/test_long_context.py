@@ -125,14 +125,18 @@ def test_tiled_mlp_keeps_names_loss_and_gradients():
     _assert_same(plain, _loss_and_grads(model, batch))
 
 
-def test_lean_rms_norm_computes_the_same_and_keeps_no_float32_copy():
+@pytest.mark.parametrize("chunk", [2048, 4])
+def test_lean_rms_norm_computes_the_same_and_keeps_no_float32_copy(chunk, monkeypatch):
     """In bf16 (as on a GPU): the same forward bits as transformers' RMSNorm, gradients for x and the
-    weight within bf16 rounding, and for backward only x, the weight and one float32 value a token."""
+    weight within bf16 rounding, and for backward only x, the weight and one float32 value a token;
+    the same in chunks of 4 of the 18 tokens as whole."""
     import torch
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    from lqmf.engine.fused import norm
     from lqmf.engine.fused.norm import lean_rms_norms
 
+    monkeypatch.setattr(norm, "CHUNK_TOKENS", chunk)
     torch.manual_seed(0)
     holder = torch.nn.Sequential(LlamaRMSNorm(64, eps=1e-5)).to(torch.bfloat16)
     holder[0].weight.data.normal_(1.0, 0.2)

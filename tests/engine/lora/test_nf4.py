@@ -10,6 +10,7 @@ in float32; the same bound then holds. On a GPU machine conftest.py leaves the i
 these CPU runs are skipped; benchmarks/nf4_kernel_bench.py checks the kernel there."""
 
 import os
+from dataclasses import asdict
 
 import pytest
 
@@ -92,7 +93,8 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(7)).to(dtype)
     got = nf4.nf4_matmul(x, packed, compat.absmax_fp32(state), state.code, (out_features, in_features), 64,
                          None if config is None else nf4.Config(**config))
-    _assert_matches(got, x, _weight_used(packed, state, dtype, config))
+    used = asdict(nf4.default_config(rows)) if config is None else config
+    _assert_matches(got, x, _weight_used(packed, state, dtype, used))
 
 
 def test_configs_fit_the_shape_and_fill_the_machine(nf4):
@@ -204,8 +206,8 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
     assert not nf4.is_nf4_code(get_4bit_type("fp4", device="cpu"))
     late = nf4.Config(lut=2, late_scale=True)
     x = torch.ones(1, 64, dtype=dtype)
-    assert nf4.lookup_for(late, x, True) == 1  # on the CPU: compiled PTX only, so lut 1
-    assert nf4.lookup_for(nf4.Config(lut=0), x, True) == 0
+    assert nf4.launched(late, x, True).lut == 1  # on the CPU: compiled PTX only, so lut 1
+    assert nf4.launched(nf4.Config(lut=0, late_scale=True), x, True) == nf4.Config(lut=0, late_scale=True)
     halves = [half & 0xFFFF for half in torch.tensor(nf4_kernels.NF4_CODE).to(dtype).view(torch.int16).tolist()]
     asm = nf4_kernels.register_lookup_asm("bf16" if dtype == torch.bfloat16 else "fp16")
     for byte in range(256):

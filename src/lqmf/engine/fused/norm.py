@@ -6,7 +6,9 @@ of x (twice the bytes of a bf16 x) and the bf16 normalized values besides. At 16
 that is 384 MiB a norm, two norms a block, while a checkpointed block is recomputed in backward.
 `LeanRMSNorm` computes the same forward (the same operations in the same order, so the same bits)
 and keeps x itself (the block's input or residual, held anyway) and one float32 rstd a token;
-backward recomputes the normalized values from them. Plain PyTorch: it runs wherever the model runs.
+backward recomputes the normalized values from them. Both run CHUNK_TOKENS tokens at a time: whole,
+their float32 temporaries were three of 256 MiB at 16k tokens (seen in the 16k probe's live blocks on
+an H100, docs/performance.md). Plain PyTorch: it runs wherever the model runs.
 """
 
 from __future__ import annotations
@@ -16,29 +18,46 @@ from typing import Any
 
 from lqmf.engine.compat import rms_norm_parameters
 
+CHUNK_TOKENS = 2048  # tokens a float32 temporary covers: 32 MiB at a hidden size of 4,096
+
 
 @functools.cache
 def _function():
     import torch
 
     class LeanRMSNormFunction(torch.autograd.Function):
+        """Forward and backward CHUNK_TOKENS tokens at a time (each token is normalized alone), so that
+        their float32 temporaries stay small at any sequence length."""
+
         @staticmethod
         def forward(ctx, x, weight, eps):
-            rstd = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+            rows = x.reshape(-1, x.shape[-1])
+            rstd = rows.new_empty((rows.shape[0], 1), dtype=torch.float32)
+            out = rows.new_empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype))  # as weight * y
+            for begin in range(0, rows.shape[0], CHUNK_TOKENS):
+                end = begin + CHUNK_TOKENS
+                rstd[begin:end] = torch.rsqrt(rows[begin:end].float().pow(2).mean(-1, keepdim=True) + eps)
+                out[begin:end] = weight * (rows[begin:end].float() * rstd[begin:end]).to(x.dtype)
             ctx.save_for_backward(x, weight, rstd)
-            return weight * (x.float() * rstd).to(x.dtype)
+            return out.view(*x.shape[:-1], -1)
 
         @staticmethod
         def backward(ctx, grad):
             x, weight, rstd = ctx.saved_tensors
-            normed = x.float() * rstd
+            rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, x.shape[-1])
+            grad_x = torch.empty_like(rows)
             grad_weight = None
             if ctx.needs_input_grad[1]:
-                lead = tuple(range(grad.dim() - 1))
-                grad_weight = (grad * normed.to(x.dtype)).sum(lead).to(weight.dtype)
-            grad_normed = (grad * weight).float()
-            grad_x = rstd * (grad_normed - normed * (grad_normed * normed).mean(-1, keepdim=True))
-            return grad_x.to(x.dtype), grad_weight, None
+                grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            for begin in range(0, rows.shape[0], CHUNK_TOKENS):
+                end = begin + CHUNK_TOKENS
+                normed = rows[begin:end].float() * rstd[begin:end]
+                if grad_weight is not None:
+                    grad_weight += (grads[begin:end] * normed.to(x.dtype)).float().sum(0)
+                grad_normed = (grads[begin:end] * weight).float()
+                projected = normed * (grad_normed * normed).mean(-1, keepdim=True)
+                grad_x[begin:end] = rstd[begin:end] * (grad_normed - projected)
+            return grad_x.view(x.shape), None if grad_weight is None else grad_weight.to(weight.dtype), None
 
     return LeanRMSNormFunction
 

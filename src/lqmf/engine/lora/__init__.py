@@ -8,8 +8,8 @@
 - kernels.py: Triton kernels for a LoRA product of a few rows (lean.py's forward without gradients).
 - nf4.py (+ nf4_kernels.py): one Triton kernel for a 4-bit (NF4) base weight times a decode step's
   1..64 rows, reading bitsandbytes' packed bytes once; `nf4_base` builds it from Linear4bit layers.
-  stacked.py's BatchedLoRALinear uses it with LQMF_NF4_KERNEL=1 (off by default until the GPU sweep,
-  benchmarks/nf4_kernel_bench.py, has filled its config table).
+  stacked.py's BatchedLoRALinear uses it on a GPU (LQMF_NF4_KERNEL=0 turns it off), with the config
+  table the GPU sweep (benchmarks/nf4_kernel_bench.py) filled.
 
 The stock path (`LQMF_FAST=0`, classification models, adapters the decoder cannot apply, and FSDP
 training) keeps PEFT's own layers.

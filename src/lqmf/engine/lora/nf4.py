@@ -11,8 +11,10 @@ the candidates on a GPU and prints the table.
 `switched_on`): built from bitsandbytes Linear4bit modules that read one input (`nf4_base`: a group
 stacked by compat.stack_4bit, or one layer), it runs the kernel where `kernel_applies` and
 bitsandbytes' own path otherwise. Off the GPU the kernel does not apply (the tests set OFF_GPU and run
-it in Triton's interpreter). LQMF_NF4_KERNEL=1 turns it on, 0 off; until a GPU sweep has shown it
-faster than bitsandbytes it is off by default (DEFAULT_SWITCH).
+it in Triton's interpreter). On by default (DEFAULT_SWITCH): with the NF4 lookup in registers (lut 2)
+the 32 layers' base matmuls of a 7B decode step take 3.59 ms at 16 rows and 4.80 ms at 32 against
+bitsandbytes' 12.54 and 12.68 ms, and 3.55 against 3.41 ms at one row (H100, docs/serving.md).
+LQMF_NF4_KERNEL=0 turns it off, 1 on.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from lqmf.engine import compat
 MAX_ROWS = 64
 TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: split K until a launch has this many
 OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
-DEFAULT_SWITCH = "0"  # LQMF_NF4_KERNEL when unset: off until the GPU sweep has filled CONFIGS
+DEFAULT_SWITCH = "1"  # LQMF_NF4_KERNEL when unset
 
 
 @dataclass(frozen=True)
@@ -53,22 +55,21 @@ class Config:
 
 
 # (row bucket, N, K) -> Config, from a GPU sweep (benchmarks/nf4_kernel_bench.py prints this table): the
-# best of the configs it reached within 55 s per shape at 1, 16 and 32 rows of the Mistral-7B shapes, one
-# H100, 2026-12-06 (docs/serving.md; each still slower than bitsandbytes but down_proj at 16 rows).
-# Other shapes and row buckets take `default_config`.
+# best of the configs it reached within 70 s at 1, 16 and 32 rows of the Mistral-7B shapes, one H100,
+# 2026-12-06 (docs/serving.md): lut 2 everywhere. Other shapes and row buckets take `default_config`.
 CONFIGS: dict[tuple[int, int, int], Config] = {
-    (1, 6144, 4096): Config(block_m=1, block_n=32, block_k=256, dot=False),
-    (16, 6144, 4096): Config(block_k=256, lut=1, swap=True, late_scale=True),
-    (32, 6144, 4096): Config(block_m=32, block_k=256, lut=1, swap=True),
-    (1, 4096, 4096): Config(block_m=1, dot=False),
-    (16, 4096, 4096): Config(block_k=256, lut=1, swap=True, late_scale=True),
-    (32, 4096, 4096): Config(block_m=32, block_k=256, lut=1, swap=True),
-    (1, 28672, 4096): Config(block_m=1, block_n=32, block_k=256, split=1, dot=False),
-    (16, 28672, 4096): Config(split=1, lut=1, swap=True, late_scale=True),
-    (32, 28672, 4096): Config(block_m=32, split=1, lut=1, swap=True),
-    (1, 4096, 14336): Config(block_m=1, dot=False),
-    (16, 4096, 14336): Config(lut=1, swap=True, late_scale=True),
-    (32, 4096, 14336): Config(block_m=32, block_k=256, lut=1, swap=True),
+    (1, 6144, 4096): Config(block_n=32, block_k=256, stages=3, lut=2, late_scale=True),
+    (16, 6144, 4096): Config(block_n=32, block_k=256, stages=3, lut=2, late_scale=True),
+    (32, 6144, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
+    (1, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
+    (16, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
+    (32, 4096, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
+    (1, 28672, 4096): Config(block_n=32, block_k=256, split=1, stages=3, lut=2, late_scale=True),
+    (16, 28672, 4096): Config(block_n=32, block_k=256, split=1, stages=3, lut=2, late_scale=True),
+    (32, 28672, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
+    (1, 4096, 14336): Config(block_k=256, stages=3, lut=2, late_scale=True),
+    (16, 4096, 14336): Config(block_k=256, stages=3, lut=2, late_scale=True),
+    (32, 4096, 14336): Config(block_m=32, block_k=256, lut=2, late_scale=True),
 }
 
 
@@ -78,12 +79,12 @@ def row_bucket(rows: int) -> int:
 
 
 def default_config(rows: int) -> Config:
-    """A config for a shape the table lacks: a tl.dot tile of max(16, the row bucket) rows, 64 columns,
-    four blocks a step, the byte -> pair table. Not timed yet: chosen for the fewest instructions a
-    weight value in the loop as compiled for sm_90 (benchmarks/nf4_sass_count.py), where a 1-row GEMV
-    takes about 1.5x as many as this 16-row tile."""
+    """A config for a shape the table lacks, shaped as the sweep's winners at the 7B shapes: a tl.dot
+    tile of max(16, the row bucket) rows, 64 columns, four blocks a step, the lookup in registers with
+    the absmax applied to each block's sums (3 pipeline stages up to 16 rows). 64 rows: not timed."""
     bucket = row_bucket(rows)
-    return Config(block_m=max(16, bucket), block_n=64, block_k=256, lut=1, swap=bucket >= 32)
+    return Config(block_m=max(16, bucket), block_n=64, block_k=256, stages=3 if bucket <= 16 else 2, lut=2,
+                  late_scale=True)
 
 
 def config_for(rows: int, out_features: int, in_features: int) -> Config:
@@ -155,16 +156,18 @@ def is_nf4_code(code) -> bool:
             and torch.equal(code.detach().float().cpu(), torch.tensor(kernels.NF4_CODE)))
 
 
-def lookup_for(config: Config, x, standard_code: bool) -> int:
-    """config's lut where it applies to x, else 1: lut 2 is compiled PTX for 16-bit inputs and NF4_CODE,
-    with late_scale (its codes are rounded to x's dtype: scaled afterwards, each value would be rounded
-    twice, further from bitsandbytes' dequantize than the tolerance of tests/gpu allows in bf16)."""
+def launched(config: Config, x, standard_code: bool) -> Config:
+    """config as it can run on x: lut 2 (compiled PTX for 16-bit inputs and NF4_CODE, with late_scale: its
+    codes are rounded to x's dtype, so scaling each value afterwards would round it twice) else lut 1;
+    float32 inputs on a GPU without late_scale (as tests/gpu checks them; the decoder's are 16-bit)."""
     import torch
 
+    if x.is_cuda and x.dtype == torch.float32:
+        config = replace(config, late_scale=False)
     if config.lut == 2 and not (config.late_scale and standard_code and x.is_cuda
                                 and x.dtype in (torch.bfloat16, torch.float16)):
-        return 1
-    return config.lut
+        config = replace(config, lut=1)
+    return config
 
 
 def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, config: Config | None = None,
@@ -184,9 +187,8 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     if x.stride(-1) != 1:
         x = x.contiguous()
     config, split = fitted(config or config_for(rows, out_features, in_features), rows, shape, blocksize)
-    if config.lut == 2:
-        config = replace(config, lut=lookup_for(config, x, is_nf4_code(code) if standard_code is None
-                                                else standard_code))
+    if config.lut == 2 or config.late_scale:
+        config = launched(config, x, is_nf4_code(code) if standard_code is None else standard_code)
     if config.lut == 1 and pairs is None:
         pairs = byte_pairs(code)
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
@@ -260,7 +262,9 @@ def nf4_base(modules: list) -> Callable[[Any], Any] | None:
     """For bitsandbytes 4-bit linears that read one input (as lora/stacked.py's stacked_base takes them):
     NF4Linear for one alone or a group stacked by compat.stack_4bit (the modules' weights become views
     of the stacked bytes); bitsandbytes' matmul of a stacked group the kernel cannot read; None for
-    anything else (then stacked_base)."""
+    anything else (then stacked_base), and off the GPU (unless OFF_GPU), where the kernel never runs."""
+    if not (OFF_GPU or all(module.weight.device.type == "cuda" for module in modules)):
+        return None
     if len(modules) == 1:
         return NF4Linear.of_module(modules[0])
     stacked = compat.stack_4bit(modules)

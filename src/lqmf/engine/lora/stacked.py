@@ -3,7 +3,7 @@
 An adapter is read from its folder (`read_adapter`) into {projection: (A, B, scaling)} and held as a
 `StackedAdapter`; `BatchedLoRALinear` runs one group of projections that read the same input (q/k/v,
 o, gate/up, down): the base matmul once for the batch (`stacked_base`: the group's weights stacked,
-4-bit ones too; or, with LQMF_NF4_KERNEL=1, nf4.py's Triton kernel over the stacked 4-bit weight),
+4-bit ones too; or, on a GPU unless LQMF_NF4_KERNEL=0, nf4.py's Triton kernel over the stacked 4-bit weight),
 then each row's LoRA product from tables of every resident adapter's weights by adapter index
 (`AdapterTables`; the kernels in lora/kernels.py read only a row's own adapter). A combination `A+B`
 is one more adapter index whose A's are the parts' A's stacked and whose B's carry each part's
