@@ -1,9 +1,9 @@
 """RMSNorm for training that keeps only its input for backward, not float32 copies of it.
 
 transformers' Llama-style RMSNorm computes in float32 (x.float() * rsqrt(mean(x^2) + eps), rounded to
-x's dtype, times the weight), and autograd keeps what each of those operations needs: a float32 copy
-of x (twice the bytes of a bf16 x) and the bf16 normalized values besides. At 16k tokens of a 7B model
-that is 384 MiB a norm, two norms a block, while a checkpointed block is recomputed in backward.
+x's dtype, times the weight), and autograd keeps what those operations need: a float32 copy of x
+(twice the bytes of a bf16 x). At 16k tokens of a 7B model that is 256 MiB a norm, two norms a block,
+while a checkpointed block is recomputed in backward.
 `LeanRMSNorm` computes the same forward (the same operations in the same order, so the same bits)
 and keeps x itself (the block's input or residual, held anyway) and one float32 rstd a token;
 backward recomputes the normalized values from them. Both run CHUNK_TOKENS tokens at a time: whole,

@@ -12,9 +12,11 @@ columns, one of the slices of K and one block of rows. A loop step covers BLOCK_
 quantization blocks, unrolled; per block it loads a [BLOCK_N, BLOCKSIZE // 2] byte tile (contiguous
 along K) and the BLOCK_N absmax values, splits each byte into its two codes, maps them to NF4 values
 (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
-byte from a 256-entry byte -> (value, value) table), scales them by the absmax and rounds them to
-x's dtype as dequantize_4bit does; x's even and odd columns multiply the high and low codes, so
-nothing is interleaved and no weight tile is reshaped. With more than one slice they write float32
+byte from a 256-entry byte -> (value, value) table; LUT 2: no load, PTX byte permutes on the table
+held as immediates, `register_lookup_asm`), scales them by the absmax and rounds them to x's dtype
+as dequantize_4bit does (LATE_SCALE: rounds the codes and scales each block's sums); x's even and
+odd columns multiply the high and low codes, so nothing is interleaved and no weight tile is
+reshaped. With more than one slice they write float32
 partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels can be
 captured in a CUDA graph).
 """
@@ -113,7 +115,8 @@ def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.const
                   LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
     """One quantization block of BLOCK_N weight rows: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2] and the
     rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
-    dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32), the caller scales the sums."""
+    dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32; LUT 2: in dtype), the caller
+    scales the sums."""
     packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
     scale = tl.load(scale_at, mask=col_ok, other=0.0)
     high, low = _codes(packed, code_ptr, pair_ptr, dtype, LUT)
