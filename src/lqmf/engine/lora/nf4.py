@@ -127,6 +127,14 @@ def kernel_applies(x, shape: tuple[int, int], blocksize: int) -> bool:
             and switched_on() and _kernels() is not None)
 
 
+def _runs_kernel(device) -> bool:
+    """Whether the kernel runs on device: a CUDA GPU of compute capability 8.0 (Ampere) or newer, where
+    tl.dot takes bf16 (the configs were timed on an H100; older GPUs keep bitsandbytes)."""
+    import torch
+
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 @functools.cache
 def _kernels() -> Any:
     """The module of kernels, or None where Triton is missing."""
@@ -263,7 +271,7 @@ def nf4_base(modules: list) -> Callable[[Any], Any] | None:
     NF4Linear for one alone or a group stacked by compat.stack_4bit (the modules' weights become views
     of the stacked bytes); bitsandbytes' matmul of a stacked group the kernel cannot read; None for
     anything else (then stacked_base), and off the GPU (unless OFF_GPU), where the kernel never runs."""
-    if not (OFF_GPU or all(module.weight.device.type == "cuda" for module in modules)):
+    if not (OFF_GPU or all(_runs_kernel(module.weight.device) for module in modules)):
         return None
     if len(modules) == 1:
         return NF4Linear.of_module(modules[0])
