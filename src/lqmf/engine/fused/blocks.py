@@ -28,7 +28,8 @@ import importlib.util
 from typing import Any
 
 from lqmf.core.memory_plan import MLP_TILE_TOKENS
-from lqmf.engine.compat import rms_norm_parameters, share_children
+from lqmf.engine.compat import share_children
+from lqmf.engine.fused.norm import replace_rms_norms
 
 TILE_TOKENS = MLP_TILE_TOKENS
 
@@ -110,18 +111,16 @@ def use_fused_kernels(model: Any) -> dict[str, int]:
     """Swap in liger-kernel's modules (see the module docstring); how many norms and MLPs changed."""
     from liger_kernel.transformers import LigerRMSNorm
 
+    def liger_norm(weight, eps: float):  # liger's "llama" casting mode computes what these norms compute
+        fused = LigerRMSNorm(weight.shape[0], eps=eps, casting_mode="llama")
+        fused.weight = weight  # the same parameter, frozen, in its dtype and device
+        return fused
+
     swiglu = _swiglu_class()
-    counts = {"rms_norm": 0, "swiglu": 0}
+    counts = {"rms_norm": replace_rms_norms(model, liger_norm, LigerRMSNorm), "swiglu": 0}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            parameters = rms_norm_parameters(child)  # liger's "llama" casting mode computes the same
-            if parameters is not None:
-                weight, eps = parameters
-                fused = LigerRMSNorm(weight.shape[0], eps=eps, casting_mode="llama")
-                fused.weight = weight  # the same parameter, frozen, in its dtype and device
-                setattr(parent, name, fused)
-                counts["rms_norm"] += 1
-            elif name == "mlp" and _is_silu_gated_mlp(child):
+            if name == "mlp" and _is_silu_gated_mlp(child):
                 setattr(parent, name, swiglu(child))
                 counts["swiglu"] += 1
     return counts

@@ -14,6 +14,7 @@ an H100, docs/performance.md). Plain PyTorch: it runs wherever the model runs.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 from lqmf.engine.compat import rms_norm_parameters
@@ -81,14 +82,20 @@ def _module_class():
     return LeanRMSNorm
 
 
-def lean_rms_norms(model: Any) -> int:
-    """Put a LeanRMSNorm in place of every Llama-style RMSNorm of model; returns how many changed."""
-    cls = _module_class()
+def replace_rms_norms(model: Any, make: Callable[[Any, float], Any], kind: type) -> int:
+    """Put make(weight, eps) in place of every Llama-style RMSNorm of model (as compat.rms_norm_parameters
+    reads them) that is not already of kind, the class make builds; returns how many changed."""
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             parameters = rms_norm_parameters(child)
-            if parameters is not None and not isinstance(child, cls):
-                setattr(parent, name, cls(*parameters))
+            if parameters is not None and not isinstance(child, kind):
+                setattr(parent, name, make(*parameters))
                 count += 1
     return count
+
+
+def lean_rms_norms(model: Any) -> int:
+    """Put a LeanRMSNorm in place of every Llama-style RMSNorm of model; returns how many changed."""
+    cls = _module_class()
+    return replace_rms_norms(model, cls, cls)
