@@ -52,15 +52,23 @@ def candidates(smoke: bool) -> list:
         return [Config(block_m=block_m, block_n=n, block_k=k, dot=False, lut=lut, late_scale=late_scale)
                 for n, k in tiles]
 
-    def dots(block_m, tiles, lut=0, stages=2, late_scale=False):
+    def dots(block_m, tiles, lut=0, stages=2, late_scale=False, swaps=(False, True)):
         return [Config(block_m=block_m, block_n=n, block_k=k, warps=warps, stages=stages, lut=lut, swap=swap,
-                       late_scale=late_scale) for n, k, warps in tiles for swap in (False, True)]
+                       late_scale=late_scale) for n, k, warps in tiles for swap in swaps]
 
     # lut 2 first (no memory reads for the lookup; about 6.4-7.5 instructions a weight value compiled for
     # sm_90, benchmarks/nf4_sass_count.py), then lut 1 (5-8 a value, but one gather a byte: it lost to
     # bitsandbytes on an H100, 2026-12-06) for comparison
     wide = ((128, 256, 4), (64, 512, 4), (128, 512, 8))
-    return (dots(16, dot_tiles + wide, lut=2, late_scale=True) + dots(32, dot_tiles[:3], lut=2, late_scale=True)
+    # fewer warps a tile: each warp splits x into even and odd columns for its own tl.dot, so fewer warps
+    # over as many weight columns leave fewer of those permutes a weight value (5.8-6.6 instructions a
+    # value against 7.7 for the 4-warp winners of 2026-12-06, nf4_sass_count.py); tried first
+    few_warps = ((32, 256, 1), (64, 128, 1), (32, 256, 2), (64, 256, 2), (128, 128, 2))
+    return (dots(16, few_warps, lut=2, stages=3, late_scale=True, swaps=(False,))
+            + dots(32, few_warps[:4], lut=2, late_scale=True, swaps=(False,))
+            + dots(16, dot_tiles[:2], lut=2, stages=3, late_scale=True, swaps=(False,))
+            + dots(32, dot_tiles[:3], lut=2, late_scale=True, swaps=(False,))
+            + dots(16, dot_tiles + wide, lut=2, late_scale=True) + dots(32, dot_tiles[:3], lut=2, late_scale=True)
             + dots(64, dot_tiles[:3], lut=2, late_scale=True) + gemvs(1, gemv_tiles[:2], lut=2, late_scale=True)
             + dots(16, dot_tiles[:3], lut=2, stages=3, late_scale=True)
             + gemvs(1, gemv_tiles, lut=1) + gemvs(1, gemv_tiles[:2], lut=1, late_scale=True)

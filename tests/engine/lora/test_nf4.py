@@ -102,7 +102,9 @@ def test_configs_fit_the_shape_and_fill_the_machine(nf4):
 
     config, split = nf4.fitted(nf4.Config(block_m=16, block_n=64, block_k=512), 5, (4096, 14336), 64)
     assert (config.block_k, config.block_m) == (512, 16) and 14336 // 512 % split == 0
-    assert -(-4096 // 64) * split >= nf4.TARGET_PROGRAMS // 2  # 64 column blocks: split K 4 or 7 ways
+    assert -(-4096 // 64) * split * 4 >= nf4.TARGET_WARPS // 2  # 64 column blocks of 4 warps: split K 4 or 7 ways
+    _, one_warp_split = nf4.fitted(nf4.Config(block_n=64, block_k=512, warps=1), 5, (4096, 14336), 64)
+    assert one_warp_split == 14 > split  # a tile of one warp: more slices (of 28 steps) for as many warps
     config, split = nf4.fitted(nf4.Config(block_k=256, split=3), 40, (4096, 4096), 64)
     assert split == 2  # 3 does not divide 16 steps of 256
     assert nf4.fitted(nf4.Config(block_k=256), 1, (64, 192), 64)[0].block_k == 64  # 192 = 3 x 64
@@ -162,7 +164,7 @@ def test_the_batched_decoder_layer_runs_the_kernel_when_switched_on(nf4):
 
 def _run_ptx(asm: str, word: int) -> list[int]:
     """The four output registers of register_lookup_asm's PTX for input word $4, executed here: the
-    instructions it uses (shr, and, or, prmt in its default mode, sign fill included) on 32-bit values."""
+    instructions it uses (shr, shl, and, or, lop3, prmt in its default mode, sign fill included) on 32-bit values."""
     registers = {"$4": word}
 
     def value(operand: str) -> int:
@@ -179,8 +181,11 @@ def _run_ptx(asm: str, word: int) -> list[int]:
             out |= byte << 8 * j
         return out
 
-    operations = {"shr.b32": lambda a, b: a >> b, "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b,
-                  "prmt.b32": prmt}
+    def lop3(a: int, b: int, c: int, table: int) -> int:  # each bit: table's bit 4a + 2b + c
+        return sum(((table >> (4 * (a >> k & 1) + 2 * (b >> k & 1) + (c >> k & 1))) & 1) << k for k in range(32))
+
+    operations = {"shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "and.b32": lambda a, b: a & b,
+                  "or.b32": lambda a, b: a | b, "prmt.b32": prmt, "lop3.b32": lop3}
     for instruction in asm.strip("{} ").split(";"):
         instruction = instruction.strip()
         if not instruction or instruction.startswith(".reg"):

@@ -28,7 +28,7 @@ from typing import Any
 from lqmf.engine import compat
 
 MAX_ROWS = 64
-TARGET_PROGRAMS = 264  # two per multiprocessor of an H100/H200: split K until a launch has this many
+TARGET_WARPS = 1056  # eight per multiprocessor of an H100/H200: split K until a launch has this many
 OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
 DEFAULT_SWITCH = "1"  # LQMF_NF4_KERNEL when unset
 
@@ -36,7 +36,7 @@ DEFAULT_SWITCH = "1"  # LQMF_NF4_KERNEL when unset
 @dataclass(frozen=True)
 class Config:
     """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (multiply-adds, a GEMV);
-    split: slices of K (0: enough for TARGET_PROGRAMS programs); block_k: K a loop step (whole
+    split: slices of K (0: enough for TARGET_WARPS warps); block_k: K a loop step (whole
     quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
     a 256-entry byte -> pair table, 2 no load: byte-permute lookups in registers (with late_scale, bf16/fp16
     inputs on a GPU and bitsandbytes' NF4 code; lut 1 otherwise)."""
@@ -93,7 +93,7 @@ def config_for(rows: int, out_features: int, in_features: int) -> Config:
 
 def fitted(config: Config, rows: int, shape: tuple[int, int], blocksize: int) -> tuple[Config, int]:
     """config with block_k dividing K (a multiple of blocksize) and block_m covering at most the rows it
-    must, and the number of K slices: config.split, or enough for TARGET_PROGRAMS, dividing K's steps."""
+    must, and the number of K slices: config.split, or enough for TARGET_WARPS warps, dividing K's steps."""
     out_features, in_features = shape
     block_k = max(config.block_k, blocksize, 32)
     while in_features % block_k:
@@ -101,7 +101,7 @@ def fitted(config: Config, rows: int, shape: tuple[int, int], blocksize: int) ->
     block_m = min(config.block_m, max(16 if config.dot else 1, row_bucket(rows)))
     steps = in_features // block_k
     programs = -(-out_features // config.block_n) * -(-rows // block_m)
-    wanted = config.split or max(1, -(-TARGET_PROGRAMS // programs))
+    wanted = config.split or max(1, -(-TARGET_WARPS // (programs * config.warps)))
     split = max(s for s in range(1, min(wanted, steps) + 1) if steps % s == 0)
     return replace(config, block_k=block_k, block_m=block_m, split=split), split
 

@@ -47,8 +47,9 @@ def register_lookup_asm(dtype: str) -> str:
     """PTX for tl.inline_asm_elementwise (pack 4): four bytes ($4) -> the 16-bit NF4 values of their high
     codes ($0, $1) and low codes ($2, $3), element i of a register pair from byte i. No memory is read:
     the 16 values' low and high bytes sit in four immediates each, and `prmt` (byte permute) looks up
-    eight at a time. A code's bit 3 picks the half of the table: `prmt` reads a selector nibble's bit 3
-    as a sign-fill flag, so the nibbles are masked to 3 bits and a second `prmt` picks between halves."""
+    four at a time in each half of the table. `prmt` reads a selector nibble's bit 3 as a sign-fill flag,
+    so the selectors carry a code's low 3 bits, and its bit 3 picks the half through a byte mask: the
+    sign fill of the byte holding it at the top (`lop3` 0xD8: mask ? second : first)."""
     bits = [_half_bits(value, dtype) for value in NF4_CODE]
 
     def words(part):  # four 32-bit words: the table's bytes of entries 4w .. 4w + 3
@@ -56,21 +57,19 @@ def register_lookup_asm(dtype: str) -> str:
 
     low, high = words(0), words(1)
 
-    def lookup(out0: str, out1: str) -> str:  # codes: one a byte of i -> 16-bit values in out0, out1
+    def lookup(out0: str, out1: str) -> str:  # i: a code's low 3 bits a byte, m: its bit 3 -> 0xFF -> values
         return (
-            "shr.b32 t, i, 12; or.b32 s, i, t;"  # selector nibbles 0..3 = codes of bytes 0, 2, 1, 3
-            "shr.b32 t, s, 1; and.b32 g, t, 0x4444; or.b32 g, g, 0x3210;"  # bit 3 -> take the upper half
-            "and.b32 s, s, 0x7777;"
+            "shr.b32 t, i, 12; or.b32 s, i, t;"  # selector nibbles 0..3 = bytes 0, 2, 1, 3
             f"prmt.b32 a, {low[0]:#x}, {low[1]:#x}, s; prmt.b32 b, {low[2]:#x}, {low[3]:#x}, s;"
-            "prmt.b32 lo, a, b, g;"
+            "lop3.b32 lo, a, b, m, 0xD8;"
             f"prmt.b32 a, {high[0]:#x}, {high[1]:#x}, s; prmt.b32 b, {high[2]:#x}, {high[3]:#x}, s;"
-            "prmt.b32 hi, a, b, g;"
+            "lop3.b32 hi, a, b, m, 0xD8;"
             f"prmt.b32 {out0}, lo, hi, 0x6240; prmt.b32 {out1}, lo, hi, 0x7351;"  # back in byte order
         )
 
-    return ("{ .reg .b32 i, s, t, g, a, b, lo, hi;"
-            "shr.b32 i, $4, 4; and.b32 i, i, 0x0F0F0F0F;" + lookup("$0", "$1")
-            + "and.b32 i, $4, 0x0F0F0F0F;" + lookup("$2", "$3") + "}")
+    return ("{ .reg .b32 i, s, t, m, a, b, lo, hi;"
+            "shr.b32 t, $4, 4; and.b32 i, t, 0x07070707; prmt.b32 m, $4, 0, 0xB9A8;" + lookup("$0", "$1")
+            + "and.b32 i, $4, 0x07070707; shl.b32 t, $4, 4; prmt.b32 m, t, 0, 0xB9A8;" + lookup("$2", "$3") + "}")
 
 
 BF16_LOOKUP = tl.constexpr(register_lookup_asm("bf16"))
