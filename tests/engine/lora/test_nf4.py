@@ -80,6 +80,11 @@ def _weight_used(packed, state, dtype, config: dict | None):
     (3, 64, 256, True, "bfloat16", dict(block_m=2, block_n=32, block_k=128, dot=False, late_scale=True)),
     (17, 128, 256, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, swap=True, late_scale=True)),
     (16, 64, 128, True, "float32", dict(block_m=16, block_n=32, block_k=64, split=2, late_scale=True)),
+    # lut 2 (the interpreter's stand-in for its PTX: the same values in the same runs of k) and x in those runs
+    (1, 64, 256, True, "bfloat16", dict(block_m=1, block_n=32, block_k=128, dot=False, lut=2, late_scale=True)),
+    (17, 128, 256, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, lut=2, late_scale=True)),
+    (16, 96, 512, True, "float16", dict(block_m=16, block_n=32, block_k=256, split=2, lut=2, late_scale=True,
+                                        swap=True)),
 ])
 def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_features, nested, dtype_name,
                                                     config):
@@ -164,7 +169,8 @@ def test_the_batched_decoder_layer_runs_the_kernel_when_switched_on(nf4):
 
 def _run_ptx(asm: str, word: int) -> list[int]:
     """The four output registers of register_lookup_asm's PTX for input word $4, executed here: the
-    instructions it uses (shr, shl, and, or, lop3, prmt in its default mode, sign fill included) on 32-bit values."""
+    instructions it uses (mov, shr, shl, and, or, lop3, prmt in its default mode, sign fill included) on
+    32-bit values."""
     registers = {"$4": word}
 
     def value(operand: str) -> int:
@@ -184,8 +190,8 @@ def _run_ptx(asm: str, word: int) -> list[int]:
     def lop3(a: int, b: int, c: int, table: int) -> int:  # each bit: table's bit 4a + 2b + c
         return sum(((table >> (4 * (a >> k & 1) + 2 * (b >> k & 1) + (c >> k & 1))) & 1) << k for k in range(32))
 
-    operations = {"shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b, "and.b32": lambda a, b: a & b,
-                  "or.b32": lambda a, b: a | b, "prmt.b32": prmt, "lop3.b32": lop3}
+    operations = {"mov.b32": lambda a: a, "shr.b32": lambda a, b: a >> b, "shl.b32": lambda a, b: a << b,
+                  "and.b32": lambda a, b: a & b, "or.b32": lambda a, b: a | b, "prmt.b32": prmt, "lop3.b32": lop3}
     for instruction in asm.strip("{} ").split(";"):
         instruction = instruction.strip()
         if not instruction or instruction.startswith(".reg"):
@@ -220,6 +226,6 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
             filler = (0x5A, 0xC3, 0x0F, 0xF0)
             word_bytes = [filler[i] if i != position else byte for i in range(4)]
             out = _run_ptx(asm, sum(b << 8 * i for i, b in enumerate(word_bytes)))
-            high = [out[0] & 0xFFFF, out[0] >> 16, out[1] & 0xFFFF, out[1] >> 16]
-            low = [out[2] & 0xFFFF, out[2] >> 16, out[3] & 0xFFFF, out[3] >> 16]
-            assert high == [halves[b >> 4] for b in word_bytes] and low == [halves[b & 15] for b in word_bytes]
+            values = [half for register in out for half in (register & 0xFFFF, register >> 16)]
+            codes = [code for b in word_bytes for code in (b >> 4, b & 15)]  # k = 0 .. 7: high nibble first
+            assert values == [halves[code] for code in codes]  # k in order: 0-3 the first output's, 4-7 the second's

@@ -166,13 +166,14 @@ def is_nf4_code(code) -> bool:
 
 def launched(config: Config, x, standard_code: bool) -> Config:
     """config as it can run on x: lut 2 (compiled PTX for 16-bit inputs and NF4_CODE, with late_scale: its
-    codes are rounded to x's dtype, so scaling each value afterwards would round it twice) else lut 1;
-    float32 inputs on a GPU without late_scale (as tests/gpu checks them; the decoder's are 16-bit)."""
+    codes are rounded to x's dtype, so scaling each value afterwards would round it twice; on the CPU only
+    for the tests, OFF_GPU, in the interpreter's stand-in) else lut 1; float32 inputs on a GPU without
+    late_scale (as tests/gpu checks them; the decoder's are 16-bit)."""
     import torch
 
     if x.is_cuda and x.dtype == torch.float32:
         config = replace(config, late_scale=False)
-    if config.lut == 2 and not (config.late_scale and standard_code and x.is_cuda
+    if config.lut == 2 and not (config.late_scale and standard_code and (x.is_cuda or OFF_GPU)
                                 and x.dtype in (torch.bfloat16, torch.float16)):
         config = replace(config, lut=1)
     return config

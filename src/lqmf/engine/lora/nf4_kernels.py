@@ -14,9 +14,10 @@ along K) and the BLOCK_N absmax values, splits each byte into its two codes, map
 (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
 byte from a 256-entry byte -> (value, value) table; LUT 2: no load, PTX byte permutes on the table
 held as immediates, `register_lookup_asm`), scales them by the absmax and rounds them to x's dtype
-as dequantize_4bit does (LATE_SCALE: rounds the codes and scales each block's sums); x's even and
-odd columns multiply the high and low codes, so nothing is interleaved and no weight tile is
-reshaped. With more than one slice they write float32
+as dequantize_4bit does (LATE_SCALE: rounds the codes and scales each block's sums). LUT 0 and 1
+give the high and low codes, which x's even and odd columns multiply; LUT 2 gives runs of CHUNK
+values of k in order, and x is loaded in the same runs, so no register of x is permuted (each warp
+would permute its own copy). With more than one slice they write float32
 partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels can be
 captured in a CUDA graph).
 """
@@ -44,12 +45,14 @@ def _half_bits(value: float, dtype: str) -> int:
 
 
 def register_lookup_asm(dtype: str) -> str:
-    """PTX for tl.inline_asm_elementwise (pack 4): four bytes ($4) -> the 16-bit NF4 values of their high
-    codes ($0, $1) and low codes ($2, $3), element i of a register pair from byte i. No memory is read:
-    the 16 values' low and high bytes sit in four immediates each, and `prmt` (byte permute) looks up
-    four at a time in each half of the table. `prmt` reads a selector nibble's bit 3 as a sign-fill flag,
-    so the selectors carry a code's low 3 bits, and its bit 3 picks the half through a byte mask: the
-    sign fill of the byte holding it at the top (`lop3` 0xD8: mask ? second : first)."""
+    """PTX for tl.inline_asm_elementwise (pack 4): four bytes ($4), the codes of k = 0 .. 7 (byte j: k = 2j
+    in its high nibble, 2j + 1 in its low) -> their 16-bit NF4 values in k order, k 0-3 in $0, $1 (the
+    first output's four elements) and k 4-7 in $2, $3 (the second's): `CHUNK` values to each in turn,
+    not split into even and odd k, so x's columns need no permute either (`chunk_columns`). No memory is
+    read: the 16 values' low and high bytes sit in four immediates each, and `prmt` (byte permute) looks
+    up four nibbles at a time in each half of the table. `prmt` reads a selector nibble's bit 3 as a
+    sign-fill flag, so the selectors carry a code's low 3 bits, and its bit 3 picks the half through a
+    byte mask: the sign fill of a byte holding that bit at its top (`lop3` 0xD8: mask ? second : first)."""
     bits = [_half_bits(value, dtype) for value in NF4_CODE]
 
     def words(part):  # four 32-bit words: the table's bytes of entries 4w .. 4w + 3
@@ -57,45 +60,56 @@ def register_lookup_asm(dtype: str) -> str:
 
     low, high = words(0), words(1)
 
-    def lookup(out0: str, out1: str) -> str:  # i: a code's low 3 bits a byte, m: its bit 3 -> 0xFF -> values
+    def lookup(mask_selector: int, out0: str, out1: str) -> str:
+        # s: the 3-bit parts of nibbles k+1, k, k+3, k+2 (a byte's low nibble comes first); t = $4 << 4
         return (
-            "shr.b32 t, i, 12; or.b32 s, i, t;"  # selector nibbles 0..3 = bytes 0, 2, 1, 3
+            f"and.b32 s, s, 0x7777; prmt.b32 m, t, $4, {mask_selector:#x};"  # m: 0xFF where bit 3 is set
             f"prmt.b32 a, {low[0]:#x}, {low[1]:#x}, s; prmt.b32 b, {low[2]:#x}, {low[3]:#x}, s;"
             "lop3.b32 lo, a, b, m, 0xD8;"
             f"prmt.b32 a, {high[0]:#x}, {high[1]:#x}, s; prmt.b32 b, {high[2]:#x}, {high[3]:#x}, s;"
             "lop3.b32 hi, a, b, m, 0xD8;"
-            f"prmt.b32 {out0}, lo, hi, 0x6240; prmt.b32 {out1}, lo, hi, 0x7351;"  # back in byte order
+            f"prmt.b32 {out0}, lo, hi, 0x4051; prmt.b32 {out1}, lo, hi, 0x6273;"  # swap back into k order
         )
 
-    return ("{ .reg .b32 i, s, t, m, a, b, lo, hi;"
-            "shr.b32 t, $4, 4; and.b32 i, t, 0x07070707; prmt.b32 m, $4, 0, 0xB9A8;" + lookup("$0", "$1")
-            + "and.b32 i, $4, 0x07070707; shl.b32 t, $4, 4; prmt.b32 m, t, 0, 0xB9A8;" + lookup("$2", "$3") + "}")
+    # bit 3 of nibble 2j is bit 7 of t's byte j (sign fill 8 + j), of nibble 2j + 1 bit 7 of $4's (12 + j)
+    return ("{ .reg .b32 s, t, m, a, b, lo, hi; shl.b32 t, $4, 4; mov.b32 s, $4;" + lookup(0xD9C8, "$0", "$1")
+            + "shr.b32 s, $4, 16;" + lookup(0xFBEA, "$2", "$3") + "}")
 
 
 BF16_LOOKUP = tl.constexpr(register_lookup_asm("bf16"))
 FP16_LOOKUP = tl.constexpr(register_lookup_asm("fp16"))
+CHUNK = tl.constexpr(4)  # lut 2 hands out k in runs of CHUNK: the first output k 0-3 of each 8, the second k 4-7
 
 
 @triton.jit
-def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr):
-    """The NF4 values of each byte's high (even k) and low (odd k) code: float32, or with LUT 2 (16-bit
-    dtypes, compiled only) in dtype, looked up in registers."""
-    if LUT == 2:
+def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """The NF4 values of a [BLOCK_N, BLOCKSIZE // 2] byte tile as two tiles of its shape: LUT 0 and 1 the
+    high (even k) and low (odd k) codes, float32; LUT 2 (16-bit dtypes) in dtype, CHUNK values of k to
+    each in turn (`register_lookup_asm`; Triton's interpreter cannot run PTX, so there the same values
+    are looked up in code_ptr, float32, and put in that order)."""
+    if LUT == 2 and INTERPRETED:
+        index = packed.to(tl.int32)
+        pairs = tl.join(tl.load(code_ptr + (index >> 4)), tl.load(code_ptr + (index & 15)))  # float32
+        runs = tl.reshape(pairs, (packed.shape[0], packed.shape[1] // CHUNK, 2, CHUNK))  # k in order, 8 a run
+        first, second = tl.split(tl.permute(runs, (0, 1, 3, 2)))
+        first = tl.reshape(first, packed.shape)
+        second = tl.reshape(second, packed.shape)
+    elif LUT == 2:
         if dtype == tl.bfloat16:
-            high, low = tl.inline_asm_elementwise(BF16_LOOKUP, "=r,=r,=r,=r,r", [packed],
-                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            first, second = tl.inline_asm_elementwise(BF16_LOOKUP, "=r,=r,=r,=r,r", [packed],
+                                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
         else:
-            high, low = tl.inline_asm_elementwise(FP16_LOOKUP, "=r,=r,=r,=r,r", [packed],
-                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            first, second = tl.inline_asm_elementwise(FP16_LOOKUP, "=r,=r,=r,=r,r", [packed],
+                                                      dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     elif LUT == 1:
         pair = tl.load(pair_ptr + packed.to(tl.int32))
-        high = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-        low = pair.to(tl.int32).to(tl.float32, bitcast=True)
+        first = (pair >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        second = pair.to(tl.int32).to(tl.float32, bitcast=True)
     else:
         index = packed.to(tl.int32)
-        high = tl.load(code_ptr + (index >> 4))
-        low = tl.load(code_ptr + (index & 15))
-    return high, low
+        first = tl.load(code_ptr + (index >> 4))
+        second = tl.load(code_ptr + (index & 15))
+    return first, second
 
 
 @triton.jit
@@ -112,17 +126,17 @@ def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 @triton.jit
 def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr,
                   LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """One quantization block of BLOCK_N weight rows: (even k, odd k) [BLOCK_N, BLOCKSIZE // 2] and the
-    rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
+    """One quantization block of BLOCK_N weight rows: its values as `_codes` splits them (two tiles of
+    [BLOCK_N, BLOCKSIZE // 2]) and the rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
     dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32; LUT 2: in dtype), the caller
     scales the sums."""
     packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
     scale = tl.load(scale_at, mask=col_ok, other=0.0)
-    high, low = _codes(packed, code_ptr, pair_ptr, dtype, LUT)
+    first, second = _codes(packed, code_ptr, pair_ptr, dtype, LUT, INTERPRETED)
     if not LATE_SCALE:
-        high = _rounded(high * scale[:, None], dtype, INTERPRETED)
-        low = _rounded(low * scale[:, None], dtype, INTERPRETED)
-    return high, low, scale
+        first = _rounded(first * scale[:, None], dtype, INTERPRETED)
+        second = _rounded(second * scale[:, None], dtype, INTERPRETED)
+    return first, second, scale
 
 
 @triton.jit
@@ -143,23 +157,24 @@ def _dot(acc, x, weight, SWAP: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl
 
 
 @triton.jit
-def _accumulate(acc, x_even, x_odd, high, low, scale, dtype: tl.constexpr, USE_DOT: tl.constexpr,
+def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexpr, USE_DOT: tl.constexpr,
                 SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc plus one block's products (see nf4_matmul_kernel for acc's shape). Every branch is static,
-    and the one return is at the end (compiled Triton visits statements after a return in a static if)."""
+    """acc plus one block's products, x_first times the first tile of weight values and x_second the
+    second (see nf4_matmul_kernel for acc's shape). Every branch is static, and the one return is at
+    the end (compiled Triton visits statements after a return in a static if)."""
     if USE_DOT and LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
-        high, low = _rounded(high, dtype, INTERPRETED), _rounded(low, dtype, INTERPRETED)
-        part = _dot(_dot(tl.zeros_like(acc), x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE,
-                    INTERPRETED)
+        first, second = _rounded(first, dtype, INTERPRETED), _rounded(second, dtype, INTERPRETED)
+        part = _dot(_dot(tl.zeros_like(acc), x_first, first, SWAP, IEEE, INTERPRETED), x_second, second, SWAP,
+                    IEEE, INTERPRETED)
         if SWAP:
             acc += part * scale[:, None]
         else:
             acc += part * scale[None, :]
     elif USE_DOT:
-        acc = _dot(_dot(acc, x_even, high, SWAP, IEEE, INTERPRETED), x_odd, low, SWAP, IEEE, INTERPRETED)
+        acc = _dot(_dot(acc, x_first, first, SWAP, IEEE, INTERPRETED), x_second, second, SWAP, IEEE, INTERPRETED)
     else:
-        product = (x_even.to(tl.float32)[:, None, :] * high.to(tl.float32)[None, :, :]
-                   + x_odd.to(tl.float32)[:, None, :] * low.to(tl.float32)[None, :, :])
+        product = (x_first.to(tl.float32)[:, None, :] * first.to(tl.float32)[None, :, :]
+                   + x_second.to(tl.float32)[:, None, :] * second.to(tl.float32)[None, :, :])
         if LATE_SCALE:  # one multiply a byte, not one a value (summed along K at the end all the same)
             acc += product * scale[None, :, None]
         else:
@@ -181,7 +196,12 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     row_bytes = tl.multiple_of(cols.to(tl.int64) * (K // 2) + begin // 2, 16)  # K, begin: multiples of blocksize
     byte_at = q_ptr + row_bytes[:, None] + tl.arange(0, BLOCKSIZE // 2)[None, :]  # so 16-byte vector loads
     scale_at = absmax_ptr + cols.to(tl.int64) * (K // BLOCKSIZE) + begin // BLOCKSIZE
-    x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + (begin + tl.arange(0, BLOCKSIZE))[None, :]
+    x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + begin
+    half = tl.arange(0, BLOCKSIZE // 2)
+    if LUT == 2:  # x's columns as lut 2 hands out the weight's: runs of CHUNK, alternately
+        x_at += ((half // CHUNK) * (2 * CHUNK) + half % CHUNK)[None, :]
+    else:  # loaded whole, split into even and odd columns below
+        x_at += tl.arange(0, BLOCKSIZE)[None, :]
     dtype = x_ptr.dtype.element_ty
     if not USE_DOT:  # multiply-adds, summed along K once, at the end
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
@@ -191,12 +211,16 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for _ in range(0, K_PER_SPLIT, BLOCK_K):
         for block in tl.static_range(BLOCK_K // BLOCKSIZE):
-            high, low, scale = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok,
-                                             code_ptr, pair_ptr, dtype, LUT, LATE_SCALE, INTERPRETED)
-            x = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
-            x_even, x_odd = tl.split(tl.reshape(x, (BLOCK_M, BLOCKSIZE // 2, 2)))
-            acc = _accumulate(acc, x_even, x_odd, high, low, scale, dtype, USE_DOT, SWAP, LATE_SCALE, IEEE,
-                              INTERPRETED)
+            first, second, scale = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok,
+                                                 code_ptr, pair_ptr, dtype, LUT, LATE_SCALE, INTERPRETED)
+            if LUT == 2:
+                x_first = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
+                x_second = tl.load(x_at + block * BLOCKSIZE + CHUNK, mask=row_ok[:, None], other=0.0)
+            else:
+                x = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
+                x_first, x_second = tl.split(tl.reshape(x, (BLOCK_M, BLOCKSIZE // 2, 2)))
+            acc = _accumulate(acc, x_first, x_second, first, second, scale, dtype, USE_DOT, SWAP, LATE_SCALE,
+                              IEEE, INTERPRETED)
         byte_at += BLOCK_K // 2
         scale_at += BLOCK_K // BLOCKSIZE
         x_at += BLOCK_K
