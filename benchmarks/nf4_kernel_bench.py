@@ -60,9 +60,9 @@ def candidates(smoke: bool) -> list:
     # sm_90, benchmarks/nf4_sass_count.py), then lut 1 (5-8 a value, but one gather a byte: it lost to
     # bitsandbytes on an H100, 2026-12-06) for comparison
     wide = ((128, 256, 4), (64, 512, 4), (128, 512, 8))
-    # fewer warps a tile: each warp splits x into even and odd columns for its own tl.dot, so fewer warps
-    # over as many weight columns leave fewer of those permutes a weight value (5.8-6.6 instructions a
-    # value against 7.7 for the 4-warp winners of 2026-12-06, nf4_sass_count.py); tried first
+    # fewer warps a tile: each warp prepares x for its own tl.dot, so fewer warps over as many weight
+    # columns leave fewer instructions a weight value (5.4-5.7 against 7.1 for the 4-warp winners of
+    # 2026-12-06, nf4_sass_count.py); tried first
     few_warps = ((32, 256, 1), (64, 128, 1), (32, 256, 2), (64, 256, 2), (128, 128, 2))
     return (dots(16, few_warps, lut=2, stages=3, late_scale=True, swaps=(False,))
             + dots(32, few_warps[:4], lut=2, late_scale=True, swaps=(False,))
