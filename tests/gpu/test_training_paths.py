@@ -7,7 +7,9 @@
   padded one per row;
 - the tiled MLP (engine/fused/blocks.py: tile_mlps) against the plain MLP;
 - liger-kernel's RMSNorm and SiLU-multiply (`fused_kernels: on`, blocks.use_fused_kernels) against
-  transformers' modules; skipped where liger-kernel is not installed.
+  transformers' modules; skipped where liger-kernel is not installed;
+- LeanRMSNorm (engine/fused/norm.py, on in `lqmf train` unless liger's norms are) against transformers'
+  norms, whole and a few tokens a chunk.
 
 Tolerances as tests/gpu/test_fast_path.py's training check, and for the same reason (bfloat16 compute,
 sums in another order): the loss within 1%, each LoRA gradient within 3% (relative L2 norm). The
@@ -128,3 +130,15 @@ def test_liger_kernels_match_the_plain_modules(base_dir):
     plain = _loss_and_grads(model, batch)
     assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4}
     _assert_close("liger kernels", plain, _loss_and_grads(model, batch))
+
+
+@pytest.mark.parametrize("chunk_tokens", [2048, 100])
+def test_lean_norms_match_the_stock_norms(base_dir, monkeypatch, chunk_tokens):
+    from lqmf.engine.fused import norm
+
+    monkeypatch.setattr(norm, "CHUNK_TOKENS", chunk_tokens)
+    model = _model(base_dir)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    plain = _loss_and_grads(model, batch)
+    assert norm.lean_rms_norms(model) == 4 * 2 + 1
+    _assert_close(f"lean norms, {chunk_tokens} tokens a chunk", plain, _loss_and_grads(model, batch))
