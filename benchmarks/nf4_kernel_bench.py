@@ -64,10 +64,11 @@ def candidates(smoke: bool) -> list:
     # columns leave fewer instructions a weight value (5.1-5.7 against 7.1 for the 4-warp winners of
     # 2026-12-06, nf4_sass_count.py; swapped a little fewer); tried first
     few_warps = ((128, 128, 2), (64, 128, 1), (64, 256, 2), (32, 256, 1), (32, 256, 2))
-    return (dots(16, few_warps, lut=2, stages=3, late_scale=True)
+    return (dots(16, dot_tiles[:2], lut=2, stages=3, late_scale=True, swaps=(False,))  # the first sweep's winners
+            + dots(32, dot_tiles[2:3], lut=2, late_scale=True, swaps=(False,))
+            + dots(16, few_warps, lut=2, stages=3, late_scale=True)
             + dots(32, few_warps[:4], lut=2, late_scale=True, swaps=(True,))
-            + dots(16, dot_tiles[:2], lut=2, stages=3, late_scale=True, swaps=(False,))
-            + dots(32, dot_tiles[:3], lut=2, late_scale=True, swaps=(False,))
+            + dots(32, dot_tiles[:2], lut=2, late_scale=True, swaps=(False,))
             + dots(16, dot_tiles + wide, lut=2, late_scale=True) + dots(32, dot_tiles[:3], lut=2, late_scale=True)
             + dots(64, dot_tiles[:3], lut=2, late_scale=True) + gemvs(1, gemv_tiles[:2], lut=2, late_scale=True)
             + dots(16, dot_tiles[:3], lut=2, stages=3, late_scale=True)
