@@ -127,9 +127,9 @@ def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
 def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr,
                   LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr):
     """One quantization block of BLOCK_N weight rows: its values as `_codes` splits them (two tiles of
-    [BLOCK_N, BLOCKSIZE // 2]) and the rows' absmax [BLOCK_N]. The values are code * absmax in dtype, rounded once as bitsandbytes'
-    dequantize_4bit rounds them; with LATE_SCALE the codes alone (float32; LUT 2: in dtype), the caller
-    scales the sums."""
+    [BLOCK_N, BLOCKSIZE // 2]) and the rows' absmax [BLOCK_N]. The values are code * absmax in dtype,
+    rounded once as bitsandbytes' dequantize_4bit rounds them; with LATE_SCALE the codes alone
+    (float32; LUT 2: in dtype), the caller scales the sums."""
     packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
     scale = tl.load(scale_at, mask=col_ok, other=0.0)
     first, second = _codes(packed, code_ptr, pair_ptr, dtype, LUT, INTERPRETED)
