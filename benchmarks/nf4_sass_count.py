@@ -6,8 +6,9 @@ multiples of 16) this prints registers, spilled bytes, shared memory, and the in
 kernel's main loop per weight value a thread handles in one trip. A GPU streams about 29 weight
 values a clock per SM on an H100 (3.35 TB/s, 132 SMs at 1.75 GHz, half a byte each) and issues 128
 thread-instructions a clock per SM, so a loop above about 4.4 instructions a value cannot keep up
-with memory however it is scheduled. A static count, not a timing: memory stalls and tensor-core
-work are not in it.
+with memory however it is scheduled; byte permutes, logic ops and shifts go to an integer pipe of
+half those lanes, so above about 2.2 of those a value cannot either. A static count, not a timing:
+memory stalls and tensor-core work are not in it.
 
     PYTHONPATH=src python3 benchmarks/nf4_sass_count.py [config indices...]
 """
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 ARGS = ("x_ptr", "q_ptr", "absmax_ptr", "code_ptr", "pair_ptr", "out_ptr", "M", "N", "K", "stride_xm", "K_PER_SPLIT")
 TYPES = ("*bf16", "*u8", "*fp32", "*fp32", "*i64", "*bf16", "i32", "i32", "i32", "i32", "i32")
+INTEGER_PIPE = ("PRMT", "LOP3", "SHF", "LEA")  # half the lanes a clock of the issue slots on sm_90
 MULTIPLES_OF_16 = set(ARGS) - {"M"}  # pointers, N, K, strides: what the JIT sees at the 7B shapes
 
 
@@ -92,8 +94,10 @@ def main() -> None:
         values = config.block_n * config.block_k / (32 * config.warps)  # weight values a thread handles a trip
         kinds = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
         registers, spilled = (re.search(pattern, usage).group(1) for pattern in (r"REG:(\d+)", r"LOCAL:(\d+)"))
+        integer = sum(kinds[kind] for kind in INTEGER_PIPE)
         print(f"{brief}: registers {registers}, spilled {spilled} B, shared {kernel.metadata.shared} B, "
-              f"loop {len(loop)} instructions = {len(loop) / values:.2f} a weight value; "
+              f"loop {len(loop)} instructions = {len(loop) / values:.2f} a weight value "
+              f"({integer / values:.2f} on the integer pipe); "
               f"{', '.join(f'{kind} {count}' for kind, count in kinds.most_common(6))}", flush=True)
 
 
