@@ -76,8 +76,12 @@ def test_nf4_kernel_runs_in_a_cuda_graph():
 @pytest.mark.parametrize("rows", [1, 16, 33])
 def test_register_lookup_gives_what_the_memory_lookup_gives(rows, dtype_name):
     """lut 2 (PTX byte-permute lookups) against lut 0 (loads from the code) in the same late_scale
-    config: both round the same codes to the same 16-bit values, so the outputs are equal bit for bit."""
-    from lqmf.engine.lora.nf4 import Config, NF4Linear, launched, nf4_matmul
+    config: both round the same codes to the same 16-bit values and hand them to tl.dot in the same
+    runs of k, so the outputs are equal bit for bit; and the check NF4Linear makes before it takes lut 2
+    passes."""
+    from lqmf.engine.lora.nf4 import Config, NF4Linear, launched, nf4_matmul, register_lookup_works
+
+    assert register_lookup_works("cuda:0")
 
     base = NF4Linear.of_module(_group()[0])
     x = torch.randn(rows, 1024, device="cuda").to(getattr(torch, dtype_name))

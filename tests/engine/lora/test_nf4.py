@@ -229,3 +229,21 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
             values = [half for register in out for half in (register & 0xFFFF, register >> 16)]
             codes = [code for b in word_bytes for code in (b >> 4, b & 15)]  # k = 0 .. 7: high nibble first
             assert values == [halves[code] for code in codes]  # k in order: 0-3 the first output's, 4-7 the second's
+
+
+def test_the_register_lookup_is_checked_against_the_table_lookup(nf4, monkeypatch, caplog):
+    """register_lookup_works compares lut 2 with lut 0 (here both in the interpreter, so they agree); a
+    lut 2 that gives other values is caught, with a warning, and NF4Linear then does not take lut 2."""
+    import logging
+
+    assert nf4.register_lookup_works.__wrapped__("cpu")
+    matmul = nf4.nf4_matmul
+
+    def broken(x, packed, absmax, code, shape, blocksize, config=None, **kwargs):
+        out = matmul(x, packed, absmax, code, shape, blocksize, config, **kwargs)
+        return out * 1.5 if config is not None and config.lut == 2 else out  # a wrong table, say
+
+    monkeypatch.setattr(nf4, "nf4_matmul", broken)
+    with caplog.at_level(logging.WARNING, logger="lqmf.serve"):
+        assert not nf4.register_lookup_works.__wrapped__("cpu")
+    assert "register lookup (lut 2) gives wrong values on cpu" in caplog.text

@@ -14,18 +14,22 @@ bitsandbytes' own path otherwise. Off the GPU the kernel does not apply (the tes
 it in Triton's interpreter). On by default (DEFAULT_SWITCH): with the NF4 lookup in registers (lut 2)
 the 32 layers' base matmuls of a 7B decode step take 3.59 ms at 16 rows and 4.80 ms at 32 against
 bitsandbytes' 12.54 and 12.68 ms, and 3.55 against 3.41 ms at one row (H100, docs/serving.md).
-LQMF_NF4_KERNEL=0 turns it off, 1 on.
+LQMF_NF4_KERNEL=0 turns it off, 1 on. Before a GPU first runs lut 2 (PTX written here, so a change of
+Triton or ptxas could break it), `register_lookup_works` checks it against the table lookup once.
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 from lqmf.engine import compat
+
+log = logging.getLogger("lqmf.serve")
 
 MAX_ROWS = 64
 TARGET_WARPS = 1056  # eight per multiprocessor of an H100/H200: split K until a launch has this many
@@ -218,6 +222,35 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     return out
 
 
+@functools.cache
+def register_lookup_works(device: str) -> bool:
+    """Whether lut 2 (the compiled PTX lookup) gives what lut 0 (loads from the code) gives on device, in
+    bf16 and fp16, for every byte value at many positions: checked once a device, outside any CUDA
+    graph (NF4Linear asks when it is built). Where it does not, the kernel takes lut 1, and a warning
+    says so; the two lookups multiply the same values in the same order, so a working one differs at
+    most by the rounding of its float32 sums."""
+    import torch
+
+    from lqmf.engine.lora.nf4_kernels import NF4_CODE
+
+    generator = torch.Generator().manual_seed(0)
+    shape = (64, 256)
+    every_byte = torch.arange(256, dtype=torch.uint8).repeat(shape[0] * shape[1] // 512)
+    packed = every_byte[torch.randperm(every_byte.numel(), generator=generator)].to(device)
+    absmax = (torch.rand(shape[0] * shape[1] // 64, generator=generator) + 0.5).to(device)
+    code = torch.tensor(NF4_CODE, device=device)
+    config = Config(block_m=16, block_n=32, block_k=128, lut=2, late_scale=True)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = torch.randn(16, shape[1], generator=generator).to(device, dtype)
+        got, want = (nf4_matmul(x, packed, absmax, code, shape, 64, replace(config, lut=lut), standard_code=True)
+                     for lut in (2, 0))
+        if not bool(((got.float() - want.float()).abs() <= 1e-2 * want.float().abs().max()).all()):
+            log.warning("the NF4 kernel's register lookup (lut 2) gives wrong values on %s in %s with this "
+                        "Triton; using the table lookup (lut 1), which is slower", device, dtype)
+            return False
+    return True
+
+
 class NF4Linear:
     """A 4-bit weight (one layer's, or a group's stacked) as the kernel reads it, with bitsandbytes'
     path for inputs the kernel does not take: called with x [..., K], gives [..., N] in x's dtype."""
@@ -226,7 +259,8 @@ class NF4Linear:
         self.packed, self.absmax, self.code = packed, absmax, code
         self.shape, self.blocksize, self.fallback = shape, blocksize, fallback
         self.pairs = byte_pairs(code)
-        self.standard_code = is_nf4_code(code)
+        # lut 2 applies: the NF4 code, and off the GPU (the tests) or where its PTX checked out here
+        self.standard_code = is_nf4_code(code) and (not packed.is_cuda or register_lookup_works(str(packed.device)))
 
     @classmethod
     def of_stacked(cls, packed, state, fallback: Callable[[Any], Any]) -> NF4Linear | None:

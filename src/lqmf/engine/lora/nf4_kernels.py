@@ -14,12 +14,12 @@ along K) and the BLOCK_N absmax values, splits each byte into its two codes, map
 (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
 byte from a 256-entry byte -> (value, value) table; LUT 2: no load, PTX byte permutes on the table
 held as immediates, `register_lookup_asm`), scales them by the absmax and rounds them to x's dtype
-as dequantize_4bit does (LATE_SCALE: rounds the codes and scales each block's sums). LUT 0 and 1
-give the high and low codes, which x's even and odd columns multiply; LUT 2 gives runs of CHUNK
+as dequantize_4bit does (LATE_SCALE: rounds the codes and scales each block's sums). LUT 1 gives
+the high and low codes, which x's even and odd columns multiply; LUT 0 and 2 give runs of CHUNK
 values of k in order, and x is loaded in the same runs, so no register of x is permuted (each warp
-would permute its own copy). With more than one slice they write float32
-partials that `reduce_splits` sums in a fixed order (no atomics, no host sync: both kernels can be
-captured in a CUDA graph).
+would permute its own copy), and the two multiply the same values in the same order. With more than
+one slice they write float32 partials that `reduce_splits` sums in a fixed order (no atomics, no
+host sync: both kernels can be captured in a CUDA graph).
 """
 
 from __future__ import annotations
@@ -83,18 +83,11 @@ CHUNK = tl.constexpr(4)  # lut 2 hands out k in runs of CHUNK: the first output 
 
 @triton.jit
 def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr, INTERPRETED: tl.constexpr):
-    """The NF4 values of a [BLOCK_N, BLOCKSIZE // 2] byte tile as two tiles of its shape: LUT 0 and 1 the
-    high (even k) and low (odd k) codes, float32; LUT 2 (16-bit dtypes) in dtype, CHUNK values of k to
-    each in turn (`register_lookup_asm`; Triton's interpreter cannot run PTX, so there the same values
-    are looked up in code_ptr, float32, and put in that order)."""
-    if LUT == 2 and INTERPRETED:
-        index = packed.to(tl.int32)
-        pairs = tl.join(tl.load(code_ptr + (index >> 4)), tl.load(code_ptr + (index & 15)))  # float32
-        runs = tl.reshape(pairs, (packed.shape[0], packed.shape[1] // CHUNK, 2, CHUNK))  # k in order, 8 a run
-        first, second = tl.split(tl.permute(runs, (0, 1, 3, 2)))
-        first = tl.reshape(first, packed.shape)
-        second = tl.reshape(second, packed.shape)
-    elif LUT == 2:
+    """The NF4 values of a [BLOCK_N, BLOCKSIZE // 2] byte tile as two tiles of its shape: LUT 1 the high
+    (even k) and low (odd k) codes, float32; LUT 0 and 2 in runs of CHUNK values of k, to each tile in
+    turn: LUT 2 (16-bit dtypes) in dtype, looked up in registers (`register_lookup_asm`), LUT 0 float32,
+    loaded from code_ptr (also Triton's interpreter's stand-in for LUT 2, which it cannot run as PTX)."""
+    if LUT == 2 and not INTERPRETED:
         if dtype == tl.bfloat16:
             first, second = tl.inline_asm_elementwise(BF16_LOOKUP, "=r,=r,=r,=r,r", [packed],
                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -107,8 +100,11 @@ def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr, I
         second = pair.to(tl.int32).to(tl.float32, bitcast=True)
     else:
         index = packed.to(tl.int32)
-        first = tl.load(code_ptr + (index >> 4))
-        second = tl.load(code_ptr + (index & 15))
+        pairs = tl.join(tl.load(code_ptr + (index >> 4)), tl.load(code_ptr + (index & 15)))  # k in order
+        runs = tl.reshape(pairs, (packed.shape[0], packed.shape[1] // CHUNK, 2, CHUNK))
+        first, second = tl.split(tl.permute(runs, (0, 1, 3, 2)))
+        first = tl.reshape(first, packed.shape)
+        second = tl.reshape(second, packed.shape)
     return first, second
 
 
@@ -198,7 +194,7 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     scale_at = absmax_ptr + cols.to(tl.int64) * (K // BLOCKSIZE) + begin // BLOCKSIZE
     x_at = x_ptr + rows.to(tl.int64)[:, None] * stride_xm + begin
     half = tl.arange(0, BLOCKSIZE // 2)
-    if LUT == 2:  # x's columns as lut 2 hands out the weight's: runs of CHUNK, alternately
+    if LUT != 1:  # x's columns as lut 0 and 2 hand out the weight's: runs of CHUNK, alternately
         x_at += ((half // CHUNK) * (2 * CHUNK) + half % CHUNK)[None, :]
     else:  # loaded whole, split into even and odd columns below
         x_at += tl.arange(0, BLOCKSIZE)[None, :]
@@ -213,7 +209,7 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
         for block in tl.static_range(BLOCK_K // BLOCKSIZE):
             first, second, scale = _block_values(byte_at + block * (BLOCKSIZE // 2), scale_at + block, col_ok,
                                                  code_ptr, pair_ptr, dtype, LUT, LATE_SCALE, INTERPRETED)
-            if LUT == 2:
+            if LUT != 1:
                 x_first = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
                 x_second = tl.load(x_at + block * BLOCKSIZE + CHUNK, mask=row_ok[:, None], other=0.0)
             else:
