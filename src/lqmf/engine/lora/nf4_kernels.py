@@ -48,11 +48,12 @@ def register_lookup_asm(dtype: str) -> str:
     """PTX for tl.inline_asm_elementwise (pack 4): four bytes ($4), the codes of k = 0 .. 7 (byte j: k = 2j
     in its high nibble, 2j + 1 in its low) -> their 16-bit NF4 values in k order, k 0-3 in $0, $1 (the
     first output's four elements) and k 4-7 in $2, $3 (the second's): `CHUNK` values to each in turn,
-    not split into even and odd k, so x's columns need no permute either (`chunk_columns`). No memory is
-    read: the 16 values' low and high bytes sit in four immediates each, and `prmt` (byte permute) looks
-    up four nibbles at a time in each half of the table. `prmt` reads a selector nibble's bit 3 as a
-    sign-fill flag, so the selectors carry a code's low 3 bits, and its bit 3 picks the half through a
-    byte mask: the sign fill of a byte holding that bit at its top (`lop3` 0xD8: mask ? second : first)."""
+    not split into even and odd k, so x's columns need no permute either (the kernel loads them in the
+    same runs). No memory is read: the 16 values' low and high bytes sit in four immediates each, and
+    `prmt` (byte permute) looks up four nibbles at a time in each half of the table. `prmt` reads a
+    selector nibble's bit 3 as a sign-fill flag, so the selectors carry a code's low 3 bits, and its
+    bit 3 picks the half through a byte mask: the sign fill of a byte holding that bit at its top
+    (`lop3` 0xD8: mask ? second : first)."""
     bits = [_half_bits(value, dtype) for value in NF4_CODE]
 
     def words(part):  # four 32-bit words: the table's bytes of entries 4w .. 4w + 3
@@ -78,7 +79,7 @@ def register_lookup_asm(dtype: str) -> str:
 
 BF16_LOOKUP = tl.constexpr(register_lookup_asm("bf16"))
 FP16_LOOKUP = tl.constexpr(register_lookup_asm("fp16"))
-CHUNK = tl.constexpr(4)  # lut 2 hands out k in runs of CHUNK: the first output k 0-3 of each 8, the second k 4-7
+CHUNK = tl.constexpr(4)  # lut 0 and 2 hand out k in runs of CHUNK: the first tile k 0-3 of each 8, the second 4-7
 
 
 @triton.jit
