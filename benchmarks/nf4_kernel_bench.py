@@ -56,15 +56,16 @@ def candidates(smoke: bool) -> list:
         return [Config(block_m=block_m, block_n=n, block_k=k, warps=warps, stages=stages, lut=lut, swap=swap,
                        late_scale=late_scale) for n, k, warps in tiles for swap in swaps]
 
-    # lut 2 first (no memory reads for the lookup; about 6.4-7.5 instructions a weight value compiled for
-    # sm_90, benchmarks/nf4_sass_count.py), then lut 1 (5-8 a value, but one gather a byte: it lost to
-    # bitsandbytes on an H100, 2026-12-06) for comparison
+    # lut 2 first (no memory reads for the lookup; about 5.1-7.1 instructions a weight value compiled for
+    # sm_90, benchmarks/nf4_sass_count.py), then lut 1 (one gather a byte: it lost to bitsandbytes on an
+    # H100, 2026-12-06) for comparison; each config once, in the order of its first mention
     wide = ((128, 256, 4), (64, 512, 4), (128, 512, 8))
     # fewer warps a tile: each warp prepares x for its own tl.dot, so fewer warps over as many weight
     # columns leave fewer instructions a weight value (5.1-5.7 against 7.1 for the 4-warp winners of
     # 2026-12-06, nf4_sass_count.py; swapped a little fewer); tried first
     few_warps = ((128, 128, 2), (64, 128, 1), (64, 256, 2), (32, 256, 1), (32, 256, 2))
-    return (dots(16, dot_tiles[:2], lut=2, stages=3, late_scale=True, swaps=(False,))  # the first sweep's winners
+    return list(dict.fromkeys(
+            dots(16, dot_tiles[:2], lut=2, stages=3, late_scale=True, swaps=(False,))  # the first sweep's winners
             + dots(32, dot_tiles[2:3], lut=2, late_scale=True, swaps=(False,))
             + dots(16, few_warps, lut=2, stages=3, late_scale=True)
             + dots(32, few_warps[:4], lut=2, late_scale=True, swaps=(True,))
@@ -77,7 +78,7 @@ def candidates(smoke: bool) -> list:
             + gemvs(2, gemv_tiles[:2], lut=1) + gemvs(4, gemv_tiles[:2], lut=1, late_scale=True)
             + dots(32, dot_tiles[:3], lut=1) + dots(64, dot_tiles[:3], lut=1)
             + dots(64, dot_tiles[2:3], lut=1, late_scale=True)
-            + gemvs(1, gemv_tiles[:2]) + dots(16, dot_tiles[:3]) + dots(16, dot_tiles[2:3], lut=1, stages=3))
+            + gemvs(1, gemv_tiles[:2]) + dots(16, dot_tiles[:3]) + dots(16, dot_tiles[2:3], lut=1, stages=3)))
 
 
 def config_fits(config, rows: int) -> bool:

@@ -205,8 +205,8 @@ def _run_ptx(asm: str, word: int) -> list[int]:
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
     """lut 2's PTX (compiled only on a GPU; tests/gpu checks it there) run instruction by instruction:
-    every byte value, in every position of the word, gives its high and low code's 16-bit value, and
-    the table it carries is bitsandbytes' NF4 code."""
+    every byte value, in every position of the word, gives its two codes' 16-bit values at their k
+    (runs of four to each output), and the table it carries is bitsandbytes' NF4 code."""
     import torch
     from bitsandbytes.functional import get_4bit_type
 
