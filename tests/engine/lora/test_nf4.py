@@ -233,7 +233,8 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
 
 def test_the_register_lookup_is_checked_against_the_table_lookup(nf4, monkeypatch, caplog):
     """register_lookup_works compares lut 2 with lut 0 (here both in the interpreter, so they agree); a
-    lut 2 that gives other values is caught, with a warning, and NF4Linear then does not take lut 2."""
+    lut 2 that gives other values, or does not compile, is caught with a warning (NF4Linear then does
+    not take lut 2)."""
     import logging
 
     assert nf4.register_lookup_works.__wrapped__("cpu")
@@ -247,3 +248,13 @@ def test_the_register_lookup_is_checked_against_the_table_lookup(nf4, monkeypatc
     with caplog.at_level(logging.WARNING, logger="lqmf.serve"):
         assert not nf4.register_lookup_works.__wrapped__("cpu")
     assert "register lookup (lut 2) gives wrong values on cpu" in caplog.text
+
+    def failing(x, packed, absmax, code, shape, blocksize, config=None, **kwargs):
+        if config is not None and config.lut == 2:
+            raise RuntimeError("PTX does not assemble")
+        return matmul(x, packed, absmax, code, shape, blocksize, config, **kwargs)
+
+    monkeypatch.setattr(nf4, "nf4_matmul", failing)
+    with caplog.at_level(logging.WARNING, logger="lqmf.serve"):
+        assert not nf4.register_lookup_works.__wrapped__("cpu")
+    assert "fails (RuntimeError: PTX does not assemble)" in caplog.text
