@@ -37,8 +37,9 @@ def _function():
             out = rows.new_empty(rows.shape, dtype=torch.promote_types(weight.dtype, x.dtype))  # as weight * y
             for begin in range(0, rows.shape[0], CHUNK_TOKENS):
                 end = begin + CHUNK_TOKENS
-                rstd[begin:end] = torch.rsqrt(rows[begin:end].float().pow(2).mean(-1, keepdim=True) + eps)
-                out[begin:end] = weight * (rows[begin:end].float() * rstd[begin:end]).to(x.dtype)
+                chunk = rows[begin:end].float()
+                rstd[begin:end] = torch.rsqrt(chunk.pow(2).mean(-1, keepdim=True) + eps)
+                out[begin:end] = weight * (chunk * rstd[begin:end]).to(x.dtype)
             ctx.save_for_backward(x, weight, rstd)
             return out.view(*x.shape[:-1], -1)
 
