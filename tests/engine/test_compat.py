@@ -353,3 +353,13 @@ def test_nf4_parts_is_the_layout_the_nf4_kernel_reads():
     torch.testing.assert_close(dense, dequantize_4bit(layer.weight.data, layer.weight.quant_state), rtol=0, atol=0)
     assert compat.nf4_parts(bnb.nn.Linear4bit(128, 32, quant_type="fp4").to("cpu")) is None
     assert compat.nf4_parts(torch.nn.Linear(4, 4)) is None
+
+
+def test_attention_implementation_is_what_the_model_runs_and_follows_a_switch():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16))
+    assert compat.attention_implementation(model) == "sdpa"
+    model.set_attn_implementation("eager")
+    assert compat.attention_implementation(model) == "eager"

@@ -142,3 +142,52 @@ def test_lean_norms_match_the_stock_norms(base_dir, monkeypatch, chunk_tokens):
     plain = _loss_and_grads(model, batch)
     assert norm.lean_rms_norms(model) == 4 * 2 + 1
     _assert_close(f"lean norms, {chunk_tokens} tokens a chunk", plain, _loss_and_grads(model, batch))
+
+
+def test_packed_examples_under_chunked_attention_match_the_unpacked_ones(base_dir, monkeypatch):
+    """engine/fused/attention.py on packed rows, 100 queries a chunk (several chunks, checkpointed)."""
+    from lqmf.engine.fused import attention
+
+    monkeypatch.setattr(attention, "QUERY_CHUNK", 100)
+    model = _model(base_dir)
+    rows = _rows()
+    unpacked = _loss_and_grads(model, _on_gpu(data_mod.collate(rows, pad_id=0, classification=False)))
+    assert attention.use_chunked_attention(model)
+    packed = _on_gpu(data_mod.collate_packed(data_mod.pack(rows, capacity=256), pad_id=0))
+    _assert_close("packed, chunked attention", unpacked, _loss_and_grads(model, packed))
+
+
+@pytest.mark.parametrize("window", [None, 1536])
+def test_chunked_attention_matches_sdpa_with_the_whole_mask(window):
+    """At Mistral-7B's attention shape (32 query heads, 8 key heads, 128 wide), 4,000 bfloat16 tokens of
+    two packed examples and, with a window, Mistral-v0.1's banded mask: chunked_attention's output and
+    q/k/v gradients against SDPA given the whole s x s mask, within 1% (relative L2)."""
+    from lqmf.engine.fused import attention
+
+    s, split = 4000, 1700
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, s, 128, device="cuda", dtype=torch.bfloat16, generator=generator)
+    k, v = (torch.randn(1, 8, s, 128, device="cuda", dtype=torch.bfloat16, generator=generator) for _ in range(2))
+    positions = torch.cat([torch.arange(split), torch.arange(s - split)]).cuda()[None]
+    index = torch.arange(s, device="cuda")
+    segment = (index >= split).long()
+    allowed = (index[None] <= index[:, None]) & (segment[None] == segment[:, None])
+    if window:
+        allowed &= index[:, None] - index[None] < window
+    module = torch.nn.Module()
+    module.is_causal, module.num_key_value_groups = True, 4
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        out.float().square().sum().backward()
+        return [out.float()] + [t.grad.float() for t in leaves]
+
+    expected = run(lambda q_, k_, v_: torch.nn.functional.scaled_dot_product_attention(
+        q_, k_.repeat_interleave(4, 1), v_.repeat_interleave(4, 1), attn_mask=allowed).transpose(1, 2))
+    got = run(lambda q_, k_, v_: attention.chunked_attention(module, q_, k_, v_, None, sliding_window=window,
+                                                             position_ids=positions)[0])
+    for name, a, b in zip(("output", "dq", "dk", "dv"), expected, got, strict=True):
+        difference = ((b - a).norm() / a.norm()).item()
+        print(f"chunked attention, window {window}: {name} relative difference {difference:.5f}")
+        assert difference <= 0.01, f"{name}: {difference}"

@@ -257,7 +257,7 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
         typer.echo(f"with activation offload (offload_activations=on): micro-batch "
                    f"{report['largest_micro_batch_offloaded']}")
     typer.echo(f"longest sequence at micro-batch {settings.micro_batch}: {_tokens(longest)}; packed (several "
-               f"examples a sequence, a block-diagonal mask): {_tokens(report['longest_seq_len_packed'])}")
+               f"examples a sequence, attention inside each): {_tokens(report['longest_seq_len_packed'])}")
     if "longest_seq_len_tiled_mlp" in report:
         typer.echo(f"with the tiled MLP (tiled_mlp=on): {_tokens(report['longest_seq_len_tiled_mlp'])}; packed: "
                    f"{_tokens(report['longest_seq_len_tiled_mlp_packed'])}")

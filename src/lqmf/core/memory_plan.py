@@ -51,6 +51,7 @@ FSDP_GATHERED_BLOCKS = 2
 LOSS_CHUNK_TOKENS = 1024
 # engine/fused/blocks.py runs a block's MLP over this many tokens at a time (TILE_TOKENS).
 MLP_TILE_TOKENS = 2048
+ATTENTION_QUERY_CHUNK = 1024  # engine/fused/attention.py: queries a chunk where rows need a mask
 # packing=auto packs when the training examples' mean length is at most this share of max_seq_length.
 PACKING_MAX_MEAN_SHARE = 0.5
 # With activation offload, block inputs on the device at once (engine/train/offload.py).
@@ -355,6 +356,24 @@ def _packed_rows(settings: TrainSettings) -> tuple[int, int]:
     return min(b, math.ceil(b * s / width) + (1 if b > 1 else 0)), width
 
 
+def takes_chunked_attention(shape: ModelShape, row_tokens: int, packed: bool) -> bool:
+    """Whether training rows of row_tokens take engine/fused/attention.py's chunked attention: a causal
+    model's rows holding packed examples, or longer than its sliding window."""
+    windowed = shape.sliding_window is not None and row_tokens > shape.sliding_window
+    return not shape.encoder and (packed or windowed)
+
+
+def _attention_chunk_bytes(shape: ModelShape, act: int, rows: int, s: int) -> int:
+    """Chunked attention's working set while one chunk of queries is recomputed and differentiated: its
+    mask for every query head of a group (with its unrepeated and boolean forms), the folded queries,
+    output and their gradients, and the whole row's key and value gradients its slices add into."""
+    chunk = min(ATTENTION_QUERY_CHUNK, s)
+    keys = min(s, chunk + shape.sliding_window) if shape.sliding_window else s
+    group = shape.heads // shape.kv_heads
+    mask = rows * chunk * keys * (group * act + act + 2)
+    return mask + rows * chunk * shape.q_width * act * 4 + rows * s * shape.kv_width * act * 4
+
+
 def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Linear], b: int,
                  s: int) -> tuple[int, int]:
     """(saved for backward, one block's recompute and backward working set) for b rows of s tokens.
@@ -365,9 +384,9 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
     """
     L, h, act, tokens = shape.layers, shape.hidden, settings.compute_bytes, b * s
     paddings = [settings.padded] if settings.padded is not None else ([False, True] if b > 1 else [False])
-    windowed = shape.sliding_window is not None and s > shape.sliding_window
-    if settings.pack_tokens or windowed:  # position ids restart inside a row (a block-diagonal mask), or a
-        paddings = [True]  # sliding window shorter than the row (a banded one): masked as with padding
+    chunked = takes_chunked_attention(shape, s, bool(settings.pack_tokens))
+    if chunked:  # engine/fused/attention.py: no s x s mask, k and v not repeated; a chunk's mask while it runs
+        paddings = [False]
     tiled = settings.tiled and tokens > MLP_TILE_TOKENS
     tile = MLP_TILE_TOKENS if tiled else tokens  # tiles of the micro-batch's tokens, all rows flattened
     boundary = tokens * h * act  # a block's input; the last block's output is the final norm's input
@@ -383,6 +402,7 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
             this_saved = OFFLOAD_IN_FLIGHT * boundary
         this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
         this_working = (block if settings.gradient_checkpointing else 0) + backward
+        this_working += _attention_chunk_bytes(shape, act, b, s) if chunked else 0
         if this_saved + this_working > saved + working:
             saved, working = this_saved, this_working
     return saved, working

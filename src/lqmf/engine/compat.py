@@ -225,3 +225,9 @@ def typer_group_and_builders(app) -> tuple[Any, dict[str, Any]] | None:
             rich_markup_mode=app.rich_markup_mode)
         for info in app.registered_commands}
     return group, builders
+
+
+def attention_implementation(model) -> str | None:
+    """The attention implementation a transformers model runs (its config's `_attn_implementation`, which
+    `set_attn_implementation` leaves unchanged, with a logged warning, where the class cannot switch)."""
+    return getattr(model.config, "_attn_implementation", None)

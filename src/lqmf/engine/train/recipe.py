@@ -83,6 +83,7 @@ class Recipe:
         self.lean_norms = 0 if self.fused_kernels else lean_rms_norms(self.model)
         if self.memory.tiled_mlp:
             tile_mlps(self.model)
+        self._use_chunked_attention()
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
                       "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
@@ -116,6 +117,19 @@ class Recipe:
         self.fused_kernels = blocks.use_fused_kernels(self.model)
         self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
                             f"{self.fused_kernels['swiglu']} SwiGLU")
+
+    def _use_chunked_attention(self) -> None:
+        from lqmf.engine.fused import attention
+
+        rows = self.pack_tokens or self.config.max_seq_length
+        if not attention.wanted(self.model.config, rows, bool(self.pack_tokens)):
+            return
+        if attention.use_chunked_attention(self.model):
+            self.events.on_note(f"chunked attention on: {attention.QUERY_CHUNK} queries at a time against the keys "
+                                f"they see, no {rows} x {rows} mask")
+        else:
+            self.events.on_note(f"{type(self.model.get_base_model()).__name__} cannot switch its attention: "
+                                f"transformers builds a {rows} x {rows} mask for each micro-batch")
 
     def _note_plan(self) -> None:
         memory, config = self.memory, self.config
