@@ -154,7 +154,7 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
     split): (us, error)}}; configs that fail, or give a wrong answer, into skipped {index: why}."""
     import torch
 
-    from lqmf.engine.lora.nf4 import fitted, nf4_matmul
+    from lqmf.engine.lora.nf4 import fitted, lookup_verified, nf4_matmul
 
     inputs = {(name, rows): torch.randn(rows, weights[name]["dense"].shape[1], device=device, dtype=torch.bfloat16)
               for name in weights for rows in rows_list}
@@ -176,6 +176,11 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
                                       standard_code=weight["standard_code"])
 
                 try:
+                    chosen, slices = fitted(replace(config, split=split), rows, shape, BLOCKSIZE)
+                    if chosen.lut == 2 and not lookup_verified(chosen, slices, x, weight["packed"], weight["absmax"],
+                                                               weight["code"], shape, BLOCKSIZE):
+                        skipped[index] = f"lut 2 fails its check at {name}, {rows} rows, split {split}"
+                        break
                     error = float((call().float() - references[(name, rows)]).abs().max())
                     if not error <= WRONG * float(references[(name, rows)].abs().max()):
                         skipped[index] = f"wrong: max abs error {error:.3g} at {name}, {rows} rows, split {split}"

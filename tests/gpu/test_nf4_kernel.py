@@ -74,19 +74,47 @@ def test_nf4_kernel_runs_in_a_cuda_graph():
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
 @pytest.mark.parametrize("rows", [1, 16, 33])
-def test_register_lookup_gives_what_the_memory_lookup_gives(rows, dtype_name):
-    """lut 2 (PTX byte-permute lookups) against lut 0 (loads from the code) in the same late_scale
-    config: both round the same codes to the same 16-bit values and hand them to tl.dot in the same
-    runs of k, so the outputs are equal bit for bit; and the check NF4Linear makes before it takes lut 2
-    passes."""
-    from lqmf.engine.lora.nf4 import Config, NF4Linear, launched, nf4_matmul, register_lookup_works
+@pytest.mark.parametrize(("block_n", "warps", "stages"), [(64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 3)])
+def test_register_lookup_is_taken_only_where_its_variant_checks_out(rows, dtype_name, block_n, warps, stages):
+    """lut 2 (PTX byte-permute lookups) against lut 0 (loads from the code) in the same late_scale config,
+    tiles on which an H100 saw lut 2 group the wrong bytes (4 warps) and one where it did not: where
+    lookup_verified passes the variant, the two are equal bit for bit (the same 16-bit values in the
+    same runs of k); where it does not, nf4_matmul gives lut 1's output."""
+    from lqmf.engine.lora import nf4
 
-    assert register_lookup_works("cuda:0")
-
-    base = NF4Linear.of_module(_group()[0])
+    base = nf4.NF4Linear.of_module(_group()[0])
     x = torch.randn(rows, 1024, device="cuda").to(getattr(torch, dtype_name))
-    config = Config(block_m=16 if rows <= 16 else 64, block_k=256, lut=2, swap=True, late_scale=True)
-    assert base.standard_code and launched(config, x, base.standard_code) == config
-    runs = [nf4_matmul(x, base.packed, base.absmax, base.code, base.shape, base.blocksize, replace(config, lut=lut))
-            for lut in (0, 2)]
-    assert torch.equal(runs[0], runs[1])
+    config = nf4.Config(block_m=16 if rows <= 16 else 64, block_n=block_n, block_k=256, warps=warps, stages=stages,
+                        lut=2, swap=True, late_scale=True)
+    fitted, split = nf4.fitted(config, rows, base.shape, base.blocksize)
+    assert base.standard_code and nf4.launched(fitted, x, True) == fitted
+    verified = nf4.lookup_verified(fitted, split, x, base.packed, base.absmax, base.code, base.shape, base.blocksize)
+    runs = {lut: nf4.nf4_matmul(x, base.packed, base.absmax, base.code, base.shape, base.blocksize,
+                                replace(config, lut=lut)) for lut in (0, 1, 2)}
+    print(f"lut 2, {fitted}, {rows} rows, {dtype_name}: {'checked out' if verified else 'lut 1 instead'}")
+    assert torch.equal(runs[2], runs[0] if verified else runs[1])
+
+
+def test_every_tuned_config_checks_out_at_the_7b_shapes():
+    """Each nf4.CONFIGS entry, at its row bucket and Mistral-7B shape, in bfloat16: lookup_verified passes its
+    variant (else the server would run lut 1 there, slower), and the output is bitsandbytes' within the
+    module's bf16 bound."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lqmf.engine.lora import nf4
+
+    failed = []
+    for (rows, out_features, in_features), config in nf4.CONFIGS.items():
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.bfloat16,
+                                  quant_type="nf4")
+        layer.weight.data.normal_(0, 0.02)
+        base = nf4.NF4Linear.of_module(layer.cuda())
+        x = torch.randn(rows, in_features, device="cuda", dtype=torch.bfloat16)
+        fitted, split = nf4.fitted(config, rows, base.shape, base.blocksize)
+        if not nf4.lookup_verified(fitted, split, x, base.packed, base.absmax, base.code, base.shape, base.blocksize):
+            failed.append((rows, out_features, in_features))
+        exact = x.float() @ dequantize_4bit(layer.weight.data, layer.weight.quant_state).float().t()
+        error = float((base(x).float() - exact).abs().max())
+        assert error <= 2 * 2**-7 * float(exact.abs().max()), (rows, out_features, in_features, error)
+    assert not failed, f"lut 2 falls back to lut 1 at {failed}"

@@ -231,30 +231,51 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
             assert values == [halves[code] for code in codes]  # k in order: 0-3 the first output's, 4-7 the second's
 
 
-def test_the_register_lookup_is_checked_against_the_table_lookup(nf4, monkeypatch, caplog):
-    """register_lookup_works compares lut 2 with lut 0 (here both in the interpreter, so they agree); a
-    lut 2 that gives other values, or does not compile, is caught with a warning (NF4Linear then does
-    not take lut 2)."""
+def test_each_variant_of_the_register_lookup_is_checked_once(nf4, monkeypatch, caplog):
+    """lookup_verified multiplies random rows by the weight's first output features in the variant a
+    launch compiles to and compares with the float32 product: here lut 2 runs in the interpreter's
+    stand-in, so it passes, once a variant; a lut 2 that gives other values or does not compile is
+    caught with a warning, and a variant first met inside a CUDA-graph capture is not taken unchecked."""
     import logging
 
-    assert nf4.register_lookup_works.__wrapped__("cpu")
-    matmul = nf4.nf4_matmul
+    import torch
 
-    def broken(x, packed, absmax, code, shape, blocksize, config=None, **kwargs):
-        out = matmul(x, packed, absmax, code, shape, blocksize, config, **kwargs)
-        return out * 1.5 if config is not None and config.lut == 2 else out  # a wrong table, say
+    monkeypatch.setattr(nf4, "_LOOKUP_CHECKS", {})
+    packed, state = _weight(600, 256, nested=False, seed=4)  # 600 features: the check multiplies 256 + 600 % 16
+    absmax, code = state.absmax.float(), state.code.float()
+    config, x = nf4.Config(block_n=32, lut=2, late_scale=True), torch.randn(5, 256, dtype=torch.bfloat16)
+    seen = []
+    launch = nf4._launch
 
-    monkeypatch.setattr(nf4, "nf4_matmul", broken)
+    def counted(config, split, rows, packed, absmax, code, pairs, shape, blocksize):
+        seen.append((config.lut, shape))
+        return launch(config, split, rows, packed, absmax, code, pairs, shape, blocksize)
+
+    monkeypatch.setattr(nf4, "_launch", counted)
+    verified = lambda: nf4.lookup_verified(config, 2, x, packed, absmax, code, (600, 256), 64)  # noqa: E731
+    assert verified() and verified() and seen == [(2, (264, 256))]  # checked once, on 264 features
+
+    def broken(config, split, rows, packed, absmax, code, pairs, shape, blocksize):
+        out = launch(config, split, rows, packed, absmax, code, pairs, shape, blocksize)
+        return out * 1.5 if config.lut == 2 else out  # a wrong table, say
+
+    monkeypatch.setattr(nf4, "_launch", broken)
+    config = nf4.Config(block_n=64, lut=2, late_scale=True)
     with caplog.at_level(logging.WARNING, logger="lqmf.serve"):
-        assert not nf4.register_lookup_works.__wrapped__("cpu")
-    assert "register lookup (lut 2) gives wrong values on cpu" in caplog.text
+        assert not verified()
+    assert "register lookup (lut 2) gives wrong values" in caplog.text
 
-    def failing(x, packed, absmax, code, shape, blocksize, config=None, **kwargs):
-        if config is not None and config.lut == 2:
+    def failing(config, *args):
+        if config.lut == 2:
             raise RuntimeError("PTX does not assemble")
-        return matmul(x, packed, absmax, code, shape, blocksize, config, **kwargs)
+        return launch(config, *args)
 
-    monkeypatch.setattr(nf4, "nf4_matmul", failing)
+    monkeypatch.setattr(nf4, "_launch", failing)
+    config = nf4.Config(block_n=16, lut=2, late_scale=True)
     with caplog.at_level(logging.WARNING, logger="lqmf.serve"):
-        assert not nf4.register_lookup_works.__wrapped__("cpu")
+        assert not verified()
     assert "fails (RuntimeError: PTX does not assemble)" in caplog.text
+
+    monkeypatch.setattr(nf4, "_capturing", lambda: True)
+    config = nf4.Config(block_n=128, lut=2, late_scale=True)
+    assert not verified() and len(nf4._LOOKUP_CHECKS) == 3  # unchecked: lut 1 in the graph, checked later

@@ -12,10 +12,10 @@ the candidates on a GPU and prints the table.
 stacked by compat.stack_4bit, or one layer), it runs the kernel where `kernel_applies` and
 bitsandbytes' own path otherwise. Off the GPU the kernel does not apply (the tests set OFF_GPU and run
 it in Triton's interpreter). On by default (DEFAULT_SWITCH): with the NF4 lookup in registers (lut 2)
-the 32 layers' base matmuls of a 7B decode step take 3.59 ms at 16 rows and 4.80 ms at 32 against
-bitsandbytes' 12.54 and 12.68 ms, and 3.55 against 3.41 ms at one row (H100, docs/serving.md).
-LQMF_NF4_KERNEL=0 turns it off, 1 on. Before a GPU first runs lut 2 (PTX written here, so a change of
-Triton or ptxas could break it), `register_lookup_works` checks it against the table lookup once.
+the 32 layers' base matmuls of a 7B decode step take 3.19 ms at 16 rows and 4.06 ms at 32 against
+bitsandbytes' 12.57 and 12.71 ms, and 3.11 against 3.42 ms at one row (H100, docs/serving.md).
+LQMF_NF4_KERNEL=0 turns it off, 1 on. lut 2 is PTX written here whose byte groups follow the register
+layout Triton picks, so `lookup_verified` checks each compiled variant on its first launch.
 """
 
 from __future__ import annotations
@@ -59,21 +59,22 @@ class Config:
 
 
 # (row bucket, N, K) -> Config, from a GPU sweep (benchmarks/nf4_kernel_bench.py prints this table): the
-# best of the configs it reached within 70 s at 1, 16 and 32 rows of the Mistral-7B shapes, one H100,
-# 2026-12-06 (docs/serving.md): lut 2 everywhere. Other shapes and row buckets take `default_config`.
+# best of the configs it reached within 55 s at 1, 16 and 32 rows of the Mistral-7B shapes, one H100,
+# 2026-12-07 (docs/serving.md): lut 2 everywhere, 1- and 2-warp tiles at most shapes. Other shapes and
+# row buckets take `default_config`.
 CONFIGS: dict[tuple[int, int, int], Config] = {
-    (1, 6144, 4096): Config(block_n=32, block_k=256, stages=3, lut=2, late_scale=True),
-    (16, 6144, 4096): Config(block_n=32, block_k=256, stages=3, lut=2, late_scale=True),
-    (32, 6144, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
+    (1, 6144, 4096): Config(block_n=32, block_k=256, warps=1, stages=3, lut=2, late_scale=True),
+    (16, 6144, 4096): Config(block_n=32, block_k=256, warps=2, stages=3, lut=2, swap=True, late_scale=True),
+    (32, 6144, 4096): Config(block_m=32, block_k=256, warps=2, lut=2, swap=True, late_scale=True),
     (1, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
     (16, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
     (32, 4096, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
-    (1, 28672, 4096): Config(block_n=32, block_k=256, split=1, stages=3, lut=2, late_scale=True),
-    (16, 28672, 4096): Config(block_n=32, block_k=256, split=1, stages=3, lut=2, late_scale=True),
-    (32, 28672, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
-    (1, 4096, 14336): Config(block_k=256, stages=3, lut=2, late_scale=True),
-    (16, 4096, 14336): Config(block_k=256, stages=3, lut=2, late_scale=True),
-    (32, 4096, 14336): Config(block_m=32, block_k=256, lut=2, late_scale=True),
+    (1, 28672, 4096): Config(block_n=128, warps=2, stages=3, lut=2, late_scale=True),
+    (16, 28672, 4096): Config(warps=1, stages=3, lut=2, swap=True, late_scale=True),
+    (32, 28672, 4096): Config(block_m=32, split=1, lut=2, late_scale=True),
+    (1, 4096, 14336): Config(block_n=32, block_k=256, warps=2, stages=3, lut=2, late_scale=True),
+    (16, 4096, 14336): Config(block_n=32, block_k=256, warps=2, stages=3, lut=2, swap=True, late_scale=True),
+    (32, 4096, 14336): Config(block_m=32, block_k=256, warps=2, lut=2, swap=True, late_scale=True),
 }
 
 
@@ -190,20 +191,29 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     packed: bitsandbytes' bytes of the [N, K] weight (any shape, N*K/2 uint8); absmax: float32, one per
     blocksize values (nested absmax dequantized beforehand); code: the 16 NF4 values; pairs: byte_pairs(code),
     made here when a lut-1 config needs it and none is given; standard_code: is_nf4_code(code), checked
-    here when not given (a host sync: callers inside a CUDA graph pass it)."""
-    import torch
-
+    here when not given (a host sync: callers inside a CUDA graph pass it). On a GPU, lut 2 runs in a
+    compiled variant only once `lookup_verified` has checked that variant (else lut 1)."""
     if not shape_applies(shape, blocksize):
         raise ValueError(f"nf4_matmul reads blocks of a power of two >= 32 dividing K, not {blocksize} of {shape}")
-    kernels = _kernels()
-    rows, (out_features, in_features) = x.shape[0], shape
+    rows = x.shape[0]
     if x.stride(-1) != 1:
         x = x.contiguous()
-    config, split = fitted(config or config_for(rows, out_features, in_features), rows, shape, blocksize)
+    config, split = fitted(config or config_for(rows, *shape), rows, shape, blocksize)
     if config.lut == 2 or config.late_scale:
         config = launched(config, x, is_nf4_code(code) if standard_code is None else standard_code)
+    if config.lut == 2 and x.is_cuda and not lookup_verified(config, split, x, packed, absmax, code, shape, blocksize):
+        config = replace(config, lut=1)
     if config.lut == 1 and pairs is None:
         pairs = byte_pairs(code)
+    return _launch(config, split, x, packed, absmax, code, pairs, shape, blocksize)
+
+
+def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: tuple[int, int], blocksize: int):
+    """The kernel (and reduce_splits over split > 1 float32 partials) as config says: [M, N] in x's dtype."""
+    import torch
+
+    kernels = _kernels()
+    rows, (out_features, in_features) = x.shape[0], shape
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
     grid = (-(-out_features // config.block_n), split, -(-rows // config.block_m))
@@ -222,38 +232,73 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     return out
 
 
-@functools.cache
-def register_lookup_works(device: str) -> bool:
-    """Whether lut 2 (the compiled PTX lookup) gives what lut 0 (loads from the code) gives on device, in
-    bf16 and fp16, for every byte value at many positions: checked once a device, outside any CUDA
-    graph (NF4Linear asks when it is built). Where it does not, or fails to compile or run, the kernel
-    takes lut 1, and a warning says so; the two lookups multiply the same values in the same order, so
-    a working one differs at most by the rounding of its float32 sums."""
+def _specialized(value: int) -> int:
+    """The class Triton compiles an integer argument (or pointer address) for: 1, a multiple of 16, other."""
+    return 1 if value == 1 else 16 if value % 16 == 0 else 0
+
+
+def _capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (never without CUDA)."""
     import torch
 
-    from lqmf.engine.lora.nf4_kernels import NF4_CODE
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
-    generator = torch.Generator().manual_seed(0)
-    shape = (64, 256)
-    every_byte = torch.arange(256, dtype=torch.uint8).repeat(shape[0] * shape[1] // 512)
-    packed = every_byte[torch.randperm(every_byte.numel(), generator=generator)].to(device)
-    absmax = (torch.rand(shape[0] * shape[1] // 64, generator=generator) + 0.5).to(device)
-    code = torch.tensor(NF4_CODE, device=device)
-    config = Config(block_m=16, block_n=32, block_k=128, lut=2, late_scale=True)
-    for dtype in (torch.bfloat16, torch.float16):
-        x = torch.randn(16, shape[1], generator=generator).to(device, dtype)
-        try:
-            got, want = (nf4_matmul(x, packed, absmax, code, shape, 64, replace(config, lut=lut),
-                                    standard_code=True) for lut in (2, 0))
-            agrees = bool(((got.float() - want.float()).abs() <= 1e-2 * want.float().abs().max()).all())
-            failure = "gives wrong values"
-        except Exception as error:  # noqa: BLE001 - a compile or launch failure: the slower lookup still serves
-            agrees, failure = False, f"fails ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
-        if not agrees:
-            log.warning("the NF4 kernel's register lookup (lut 2) %s on %s in %s with this Triton; using the "
-                        "table lookup (lut 1), which is slower", failure, device, dtype)
+
+def lookup_verified(config: Config, split: int, x, packed, absmax, code, shape: tuple[int, int],
+                    blocksize: int) -> bool:
+    """Whether lut 2 (PTX written here, whose byte groups follow the register layout Triton picks for a
+    tile) gives the right values in the variant this launch compiles to. Which registers make up a
+    group depends on the tile, the warps and Triton's specialization of sizes and addresses (on an H100
+    some 4- and 8-warp tiles grouped the wrong bytes), so each variant is checked on its first launch
+    outside CUDA-graph capture: `_lookup_check` multiplies random rows by this weight's first output
+    features. A variant that fails (or fails to compile) takes lut 1, with a warning; one first met
+    inside a capture takes lut 1 there, unchecked (the decoder's warm-up steps come first)."""
+    out_features, in_features = shape
+    key = (str(x.device), config, split, x.dtype, _specialized(x.shape[0]), _specialized(out_features),
+           _specialized(in_features), _specialized(x.stride(0)), _specialized(in_features // split),
+           _specialized(x.data_ptr()), _specialized(packed.data_ptr()), _specialized(absmax.data_ptr()))
+    if key not in _LOOKUP_CHECKS:
+        if _capturing():
             return False
-    return True
+        failure = _lookup_check(config, split, x, packed, absmax, code, shape, blocksize)
+        if failure:
+            log.warning("the NF4 kernel's register lookup (lut 2) %s for %s at %d rows of %s x %s in %s; using the "
+                        "table lookup (lut 1), which is slower", failure, config, x.shape[0], out_features,
+                        in_features, x.dtype)
+        _LOOKUP_CHECKS[key] = not failure
+    return _LOOKUP_CHECKS[key]
+
+
+_LOOKUP_CHECKS: dict[tuple, bool] = {}
+CHECK_FEATURES = 256  # output features of a weight that lookup_verified multiplies
+WRONG_SHARE = 2**-6  # further from the float32 product than this share of its largest value: wrong, not rounded
+
+
+def _lookup_check(config: Config, split: int, x, packed, absmax, code, shape: tuple[int, int],
+                  blocksize: int) -> str | None:
+    """None where lut 2, launched as config on random rows like x (its strides and address class) and
+    the first output features of this weight (the same addresses; as many as 16 divides), is as near the
+    float32 product of the dequantized weight as rounding allows; else what went wrong."""
+    import torch
+
+    out_features, in_features = shape
+    features = out_features if out_features <= 2 * CHECK_FEATURES else CHECK_FEATURES + out_features % 16
+    span = (x.shape[0] - 1) * x.stride(0) + in_features
+    shift = 0 if x.data_ptr() % 16 == 0 else 1
+    generator = torch.Generator(device=x.device).manual_seed(0)
+    rows = torch.randn(span + shift, generator=generator, device=x.device).to(x.dtype)[shift:].as_strided(
+        x.shape, x.stride())
+    bytes_ = packed.reshape(-1)[: features * in_features // 2]
+    codes = torch.stack((bytes_ >> 4, bytes_ & 15), dim=-1).reshape(features, in_features).long()
+    weight = code.float()[codes] * absmax[: features * in_features // blocksize].repeat_interleave(blocksize).view(
+        features, in_features)
+    want = rows.float() @ weight.T
+    try:
+        got = _launch(config, split, rows, packed, absmax, code, None, (features, in_features), blocksize).float()
+    except Exception as error:  # noqa: BLE001 - a compile or launch failure: the slower lookup still serves
+        return f"fails ({type(error).__name__}: {str(error).splitlines()[0][:200]})"
+    error = float((got - want).abs().max())
+    return None if error <= WRONG_SHARE * float(want.abs().max()) else f"gives wrong values (max error {error:.3g})"
 
 
 class NF4Linear:
@@ -264,8 +309,7 @@ class NF4Linear:
         self.packed, self.absmax, self.code = packed, absmax, code
         self.shape, self.blocksize, self.fallback = shape, blocksize, fallback
         self.pairs = byte_pairs(code)
-        # lut 2 applies: the NF4 code, and off the GPU (the tests) or where its PTX checked out here
-        self.standard_code = is_nf4_code(code) and (not packed.is_cuda or register_lookup_works(str(packed.device)))
+        self.standard_code = is_nf4_code(code)  # lut 2 applies (each variant checked on a GPU: lookup_verified)
 
     @classmethod
     def of_stacked(cls, packed, state, fallback: Callable[[Any], Any]) -> NF4Linear | None:
