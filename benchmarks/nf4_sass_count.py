@@ -11,6 +11,11 @@ half those lanes, so above about 2.2 of those a value cannot either. A static co
 memory stalls and tensor-core work are not in it.
 
     PYTHONPATH=src python3 benchmarks/nf4_sass_count.py [config indices...]
+    PYTHONPATH=src python3 benchmarks/nf4_sass_count.py --check-tables
+
+--check-tables compiles nf4.CONFIGS' tiles and says whether lut 2's input layout groups four
+neighbouring bytes of k in a thread's registers (what its PTX assumes; on an H100 the tiles whose
+layout does not gave wrong values): exit 1 when one does not.
 """
 
 from __future__ import annotations
@@ -68,6 +73,58 @@ def loop_instructions(sass: str) -> list[str]:
     return instructions[start:end + 1]
 
 
+def lookup_input_layout(kernel) -> str | None:
+    """The layout (TTGIR) of the register lookup's input, the [BLOCK_N, BLOCKSIZE // 2] byte tile; None for
+    a kernel without it (lut 0 or 1)."""
+    for line in kernel.asm["ttgir"].splitlines():
+        if "tt.elementwise_inline_asm" in line:
+            start = line.index("tensor<", line.rindex(" : ", 0, line.index("->"))) + len("tensor<")
+            depth, end = 1, start
+            while depth:
+                depth += {"<": 1, ">": -1}.get(line[end], 0)
+                end += 1
+            layout = line[start:end - 1].split(",", 1)[1].strip()
+            aliases = dict(re.findall(r"^(#\w+) = (.*)$", kernel.asm["ttgir"], re.M))
+            return aliases.get(layout, layout)
+    return None
+
+
+def groups_neighbours(layout: str) -> bool:
+    """Whether each thread's registers of this layout come in fours of neighbouring bytes along k (dim 1),
+    which is what lut 2's PTX assumes of the four bytes Triton hands one call (pack 4): a linear layout
+    whose first two register bits step k by 1 and 2, tl.dot's operand layout with 4 or more k a
+    thread, or a blocked layout with k fastest and 4 or more of it a thread."""
+    if layout.startswith("#ttg.linear"):
+        bases = re.search(r"register = \[(.*?)\], lane", layout).group(1)
+        return bases.replace(" ", "").startswith("[0,1],[0,2]")
+    if layout.startswith("#ttg.dot_op"):
+        width = re.search(r"kWidth = (\d+)", layout)
+        return "opIdx = 0" in layout and width is not None and int(width.group(1)) >= 4
+    if layout.startswith("#ttg.blocked"):
+        size = [int(n) for n in re.search(r"sizePerThread = \[([\d, ]+)\]", layout).group(1).split(",")]
+        order = [int(n) for n in re.search(r"order = \[([\d, ]+)\]", layout).group(1).split(",")]
+        return order[0] == 1 and size[1] >= 4
+    return False
+
+
+def check_tables() -> int:
+    """Compile nf4.CONFIGS and the default configs' lut-2 tiles for sm_90 and say, per tile, whether the
+    lookup's input groups neighbouring bytes (json lines); 1 when one does not."""
+    import json
+
+    from lqmf.engine.lora import nf4
+
+    configs = {repr(config): config for config in [*nf4.CONFIGS.values(),
+                                                   *(nf4.default_config(rows) for rows in (2, 4, 8, 64))]}
+    wrong = 0
+    for name, config in configs.items():
+        layout = lookup_input_layout(compile_config(config))
+        right = layout is None or groups_neighbours(layout)
+        wrong += not right
+        print(json.dumps({"config": name, "layout": layout, "groups_neighbours": right}), flush=True)
+    return 1 if wrong else 0
+
+
 def main() -> None:
     import triton
     from nf4_kernel_bench import candidates
@@ -102,4 +159,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--check-tables"]:
+        sys.exit(check_tables())
     main()

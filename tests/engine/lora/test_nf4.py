@@ -279,3 +279,29 @@ def test_each_variant_of_the_register_lookup_is_checked_once(nf4, monkeypatch, c
     monkeypatch.setattr(nf4, "_capturing", lambda: True)
     config = nf4.Config(block_n=128, lut=2, late_scale=True)
     assert not verified() and len(nf4._LOOKUP_CHECKS) == 3  # unchecked: lut 1 in the graph, checked later
+
+
+def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
+    """lut 2's PTX takes the four bytes Triton hands one call as neighbours along k; which bytes those are
+    follows the layout Triton picks for the tile (on an H100 a 4-warp swapped tile whose layout holds two
+    bytes of k a thread gave wrong values). Compiled for sm_90 here (no GPU needed), in a process
+    without the interpreter: that tile is caught, and every tile of nf4.CONFIGS and the default configs
+    has a layout that groups neighbours."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[3]
+    env = {**os.environ, "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo / 'benchmarks'}"}
+    env.pop("TRITON_INTERPRET", None)
+    probe = ("from nf4_sass_count import compile_config, groups_neighbours, lookup_input_layout\n"
+             "from lqmf.engine.lora.nf4 import Config\n"
+             "for warps, stages in ((4, 2), (2, 3)):\n"
+             "    config = Config(block_n=64, block_k=256, warps=warps, stages=stages, lut=2, swap=True,\n"
+             "                    late_scale=True)\n"
+             "    print(groups_neighbours(lookup_input_layout(compile_config(config))))\n")
+    known = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
+    assert known.stdout.split() == ["False", "True"], known.stderr[-2000:]
+    tables = subprocess.run([sys.executable, str(repo / "benchmarks" / "nf4_sass_count.py"), "--check-tables"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert tables.returncode == 0, tables.stdout + tables.stderr[-2000:]
