@@ -73,13 +73,13 @@ def test_nf4_kernel_runs_in_a_cuda_graph():
 
 
 @pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
-@pytest.mark.parametrize("rows", [1, 16, 33])
-@pytest.mark.parametrize(("block_n", "warps", "stages"), [(64, 4, 3), (32, 4, 3), (64, 4, 2), (32, 2, 3)])
+@pytest.mark.parametrize("rows", [1, 33])
+@pytest.mark.parametrize(("block_n", "warps", "stages"), [(64, 4, 2), (32, 2, 3)])
 def test_register_lookup_is_taken_only_where_its_variant_checks_out(rows, dtype_name, block_n, warps, stages):
     """lut 2 (PTX byte-permute lookups) against lut 0 (loads from the code) in the same late_scale config,
-    tiles on which an H100 saw lut 2 group the wrong bytes (4 warps) and one where it did not: where
-    lookup_verified passes the variant, the two are equal bit for bit (the same 16-bit values in the
-    same runs of k); where it does not, nf4_matmul gives lut 1's output."""
+    a tile on which an H100 saw lut 2 group the wrong bytes (4 warps, swapped) and one where it did not:
+    where lookup_verified passes the variant, the two are equal bit for bit (the same 16-bit values in
+    the same runs of k); where it does not, nf4_matmul gives lut 1's output."""
     from lqmf.engine.lora import nf4
 
     base = nf4.NF4Linear.of_module(_group()[0])
