@@ -217,16 +217,17 @@ def test_a_13b_model_needs_two_8gb_gpus_with_fsdp(cli, workspace):
 def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
     """`lqmf train` with packing on and off (auto packs these short chats): the same losses. The
     switches that change nothing here (sequences under a tile; fused kernels off the GPU) train the
-    stock curve too, and the run says which ran."""
+    stock curve too, and the run says which ran (packed rows take chunked attention)."""
     run = ["--max-seq-length", "256", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--lr", "5e-3",
            "--set", "lora_dropout=0", "--set", "validation_split=0", "--set", "eval_at_start=false"]
     variants = {"auto": ["--set", "packing=auto"], "off": ["--set", "packing=off"],
                 "switches": ["--set", "packing=off", "--set", "tiled_mlp=on", "--set", "fused_kernels=on"]}
-    curves, runtimes = {}, {}
+    curves, runtimes, notes = {}, {}, {}
     for name, options in variants.items():
         result = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", f"pack-{name}",
                      *run, *options)
         assert result.exit_code == 0, result.output
+        notes[name] = result.stderr
         folder = workspace / "adapters" / f"pack-{name}"
         runtimes[name] = json.loads((folder / "lqmf.json").read_text())["runtime"]
         lines = (folder / "metrics.jsonl").read_text().splitlines()
@@ -234,6 +235,7 @@ def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
     assert [runtimes[name]["pack_tokens"] for name in variants] == [256, 0, 0]
     assert runtimes["switches"]["tiled_mlp"] and runtimes["switches"]["fused_kernels"] is None
     assert "fused_kernels=on: PyTorch's kernels kept" in result.stderr
+    assert "chunked attention on" in notes["auto"] and "chunked attention" not in notes["off"]
     assert len(curves["off"]) == 3 and curves["auto"] == pytest.approx(curves["off"], rel=1e-4)
     assert curves["switches"] == pytest.approx(curves["off"], rel=1e-5)
 
