@@ -241,7 +241,8 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
     typer.echo(f"settings: {settings.device}, {'4-bit NF4' if settings.quantize_4bit else 'not quantized'}, "
                f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}"
                f"{', activations offloaded' if settings.offloaded else ''}, LoRA r={settings.lora_r} "
-               f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}")
+               f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}"
+               f"{', chunked attention' if report['estimate']['details'].get('chunked_attention') else ''}")
     estimate_gb = report["estimate"]
     notes = component_notes(shape, settings, estimate_gb["details"])
     print_table([[label, f"{estimate_gb[f'{key}_gb']:.2f}", notes[key]] for key, label in COMPONENTS],

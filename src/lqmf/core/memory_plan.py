@@ -468,6 +468,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
+        "chunked_attention": takes_chunked_attention(shape, s, bool(settings.pack_tokens)),
         "process_baseline_gb": round(settings.process_baseline / GiB, 4),
     }
     return MemoryEstimate(

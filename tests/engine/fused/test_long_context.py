@@ -187,13 +187,18 @@ def test_plan_reports_the_longest_sequence_with_and_without_packing(cli, workspa
     options = ["--max-memory", "8GB", "--batch-size", "1", "--offload", "--targets", "q_proj,k_proj,v_proj,o_proj"]
     code, report = plan_json(cli, "mistral-7b-instruct", *options)  # v0.3: no sliding window
     assert code == 0
-    # packing's block-diagonal mask (s x s) and k/v repeated per head cost memory; tiles of the MLP save it
+    # packed rows take chunked attention (a chunk's mask and the row's k/v gradients in backward); tiles of
+    # the MLP save more
     assert 0 < report["longest_seq_len_packed"] < report["longest_seq_len"] < report["longest_seq_len_tiled_mlp"]
     assert report["longest_seq_len_tiled_mlp_packed"] > report["longest_seq_len_packed"]
-    # v0.1's 4,096-token sliding window needs such a mask past 4,096 tokens, packed or not
+    assert not report["estimate"]["details"]["chunked_attention"]
+    # v0.1's 4,096-token sliding window takes it past 4,096 tokens, packed or not: no s x s mask, but the
+    # window's keys in each chunk's mask
     code, windowed = plan_json(cli, "mistral-7b", *options)
     assert code == 0 and windowed["longest_seq_len"] == windowed["longest_seq_len_packed"] > 4096
-    assert windowed["longest_seq_len_tiled_mlp"] < report["longest_seq_len_tiled_mlp"]
+    assert report["longest_seq_len_packed"] < windowed["longest_seq_len"] < report["longest_seq_len"]
+    code, window_16k = plan_json(cli, "mistral-7b", *options, "--seq-len", "16384", "--tiled-mlp")
+    assert code == 0 and window_16k["fits"] and window_16k["estimate"]["details"]["chunked_attention"]
     code, long = plan_json(cli, "mistral-7b-instruct", *options, "--seq-len", "16384", "--tiled-mlp")
     assert code == 0 and long["fits"] and long["settings"]["tiled_mlp"]
     code, untiled = plan_json(cli, "mistral-7b-instruct", *options, "--seq-len", "16384", "--no-tiled-mlp")
