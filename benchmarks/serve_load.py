@@ -6,7 +6,10 @@ resident, and drives it with the official `openai` client:
 
 - for each --clients level C: C threads each send --rounds completions of exactly --new-tokens
   tokens (`min_tokens`), spread round-robin over the three adapters and the base; aggregate
-  tokens/s (all completion tokens / wall time) and the median request time;
+  tokens/s (all completion tokens / wall time) and the median request time. Each level (and the
+  --mixed-clients one) is driven once first, unmeasured, so its batch size's CUDA graphs are captured
+  before the measured rounds (a server captures a graph the first time it meets a batch size and
+  length; until session 7 only the largest level and one client were warmed);
 - the same C requests one after another (--sequential), for the batching gain;
 - mixed vs one adapter: C concurrent requests all to one adapter, then spread over the three;
 - with --distinct C: the server holds C adapters resident (more are written), and C concurrent
@@ -221,8 +224,8 @@ def main() -> None:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         models = [*served[:3], record["base_id"]]
         report["server"] = {k: v for k, v in health(url).items() if k in ("batching", "device", "dtype")}
-        drive(client, models, max(args.clients), 1, args.new_tokens)  # warm-up: graphs of the batch sizes
-        drive(client, models, 1, 1, args.new_tokens)
+        for clients in sorted({*args.clients, args.mixed_clients} - {0}, reverse=True):  # warm-up, one round a
+            drive(client, models, clients, 1, args.new_tokens)  # level: its batch size's graphs are captured
         report["levels"] = []
         for clients in args.clients:
             result = drive(client, models, clients, args.rounds, args.new_tokens)
