@@ -34,7 +34,6 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "dow
 SMOKE_SHAPES = {"qkv": (96, 128), "o": (64, 128), "gate_up": (128, 128), "down": (64, 256)}
 GROUPS = ("qkv", "gate_up")  # stacked by compat.stack_4bit: float32 absmax; o and down keep their nested state
 LAYERS, BLOCKSIZE, CALLS = 32, 64, 20
-WRONG = 2**-6  # a config whose bf16 error passes this share of the largest output is wrong, not just rounded
 
 
 def candidates(smoke: bool) -> list:
@@ -154,7 +153,7 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
     split): (us, error)}}; configs that fail, or give a wrong answer, into skipped {index: why}."""
     import torch
 
-    from lqmf.engine.lora.nf4 import fitted, lookup_verified, nf4_matmul
+    from lqmf.engine.lora.nf4 import WRONG_SHARE, fitted, lookup_verified, nf4_matmul
 
     inputs = {(name, rows): torch.randn(rows, weights[name]["dense"].shape[1], device=device, dtype=torch.bfloat16)
               for name in weights for rows in rows_list}
@@ -182,7 +181,7 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
                         skipped[index] = f"lut 2 fails its check at {name}, {rows} rows, split {split}"
                         break
                     error = float((call().float() - references[(name, rows)]).abs().max())
-                    if not error <= WRONG * float(references[(name, rows)].abs().max()):
+                    if not error <= WRONG_SHARE * float(references[(name, rows)].abs().max()):
                         skipped[index] = f"wrong: max abs error {error:.3g} at {name}, {rows} rows, split {split}"
                         break
                     results[(name, rows)][(index, split)] = (measure(call), error)

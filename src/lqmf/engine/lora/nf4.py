@@ -232,6 +232,11 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
     return out
 
 
+_LOOKUP_CHECKS: dict[tuple, bool] = {}
+CHECK_FEATURES = 256  # output features of a weight that lookup_verified multiplies
+WRONG_SHARE = 2**-6  # further from the float32 product than this share of its largest value: wrong, not rounded
+
+
 def _specialized(value: int) -> int:
     """The class Triton compiles an integer argument (or pointer address) for: 1, a multiple of 16, other."""
     return 1 if value == 1 else 16 if value % 16 == 0 else 0
@@ -267,11 +272,6 @@ def lookup_verified(config: Config, split: int, x, packed, absmax, code, shape: 
                         in_features, x.dtype)
         _LOOKUP_CHECKS[key] = not failure
     return _LOOKUP_CHECKS[key]
-
-
-_LOOKUP_CHECKS: dict[tuple, bool] = {}
-CHECK_FEATURES = 256  # output features of a weight that lookup_verified multiplies
-WRONG_SHARE = 2**-6  # further from the float32 product than this share of its largest value: wrong, not rounded
 
 
 def _lookup_check(config: Config, split: int, x, packed, absmax, code, shape: tuple[int, int],
