@@ -374,6 +374,15 @@ def _attention_chunk_bytes(shape: ModelShape, act: int, rows: int, s: int) -> in
     return mask + rows * chunk * shape.q_width * act * 4 + rows * s * shape.kv_width * act * 4
 
 
+def _flash_backward_bytes(shape: ModelShape, act: int, tokens: int) -> int:
+    """Flash attention's backward transients for unmasked rows on CUDA (SDPA with grouped-query heads,
+    the path transformers takes without a mask): the float32 accumulator of dq, with grouped-query heads
+    dk and dv at every query head before they are summed, and dq, dk and dv themselves."""
+    q, kv = shape.q_width, shape.kv_width
+    expanded = 2 * q * act if shape.kv_heads < shape.heads else 0
+    return tokens * (4 * q + expanded + (q + 2 * kv) * act)
+
+
 def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Linear], b: int,
                  s: int) -> tuple[int, int]:
     """(saved for backward, one block's recompute and backward working set) for b rows of s tokens.
@@ -401,6 +410,9 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
         if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
             this_saved = OFFLOAD_IN_FLIGHT * boundary
         this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
+        if not (chunked or padded or shape.encoder) and settings.device == "cuda":
+            # attention's backward comes after the MLP's, whose kept tensors and gradients are gone by then
+            backward = max(backward, _flash_backward_bytes(shape, act, tokens) - tile * mlp)
         this_working = (block if settings.gradient_checkpointing else 0) + backward
         this_working += _attention_chunk_bytes(shape, act, b, s) if chunked else 0
         if this_saved + this_working > saved + working:

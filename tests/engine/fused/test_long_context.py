@@ -254,3 +254,25 @@ def test_gpu_memory_cap_is_a_checked_budget(cli, workspace, tiny_model):
     assert cap_allocator("7.3GB", "cpu") is None and cap_allocator(None, "cuda") is None
     bad = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--set", "gpu_memory_cap=lots", "--dry-run")
     assert bad.exit_code == 2 and "'gpu_memory_cap'" in bad.output
+
+
+# Peaks measured on an H100 (session 8, `gpu_train_bench.py --seq --steps 3 --cap-gib 7.3 --extra
+# "--max-memory 7.8GB" --variant new=src --long-probe 16384`, with and without --full-attention):
+# 3 steps of one 16,384-token row, torch.cuda.max_memory_allocated in GB.
+MEASURED_16K_PEAK_GB = {4096: 5.676, None: 5.798}  # by the model's sliding window
+
+
+@pytest.mark.parametrize("window", [4096, None])
+def test_the_plan_for_one_16k_row_is_within_5_percent_of_the_h100_peak(cli, workspace, tmp_path, window):
+    """The benchmark's Mistral-7B shape (vocabulary 32,000) at micro-batch 1 with offload and the tiled MLP:
+    v0.1's window takes chunked attention, the whole-sequence model flash attention, whose backward holds
+    a float32 dq and dk/dv at every query head."""
+    config = {"model_type": "mistral", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+              "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "max_position_embeddings": 4096, "sliding_window": window, "tie_word_embeddings": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    code, plan = plan_json(cli, str(tmp_path), "--seq-len", "16384", "--batch-size", "1", "--rank", "16",
+                           "--targets", "q_proj,k_proj,v_proj,o_proj", "--max-memory", "80GB", "--offload",
+                           "--tiled-mlp")
+    assert code == 0 and plan["estimate"]["details"]["chunked_attention"] == (window is not None)
+    assert plan["estimate"]["peak_allocated_gb"] == pytest.approx(MEASURED_16K_PEAK_GB[window], rel=0.05)
