@@ -78,8 +78,10 @@ def test_nf4_kernel_runs_in_a_cuda_graph():
 def test_register_lookup_is_taken_only_where_its_variant_checks_out(rows, dtype_name, block_n, warps, stages):
     """lut 2 (PTX byte-permute lookups) against lut 0 (loads from the code) in the same late_scale config,
     a tile on which an H100 saw lut 2 group the wrong bytes (4 warps, swapped) and one where it did not:
-    where lookup_verified passes the variant, the two are equal bit for bit (the same 16-bit values in
-    the same runs of k); where it does not, nf4_matmul gives lut 1's output."""
+    where lookup_verified passes the variant, the two agree to two units in the last place of the output
+    (the same values; the compiled tiles may add them in another order: on an H100, bf16 outputs were
+    equal bit for bit and 5 to 16 of 8,192 to 16,896 fp16 outputs apart, by at most 0.000977, one unit
+    at 1 to 2); where it does not, nf4_matmul gives lut 1's output."""
     from lqmf.engine.lora import nf4
 
     base = nf4.NF4Linear.of_module(_group()[0])
@@ -92,7 +94,10 @@ def test_register_lookup_is_taken_only_where_its_variant_checks_out(rows, dtype_
     runs = {lut: nf4.nf4_matmul(x, base.packed, base.absmax, base.code, base.shape, base.blocksize,
                                 replace(config, lut=lut)) for lut in (0, 1, 2)}
     print(f"lut 2, {fitted}, {rows} rows, {dtype_name}: {'checked out' if verified else 'lut 1 instead'}")
-    assert torch.equal(runs[2], runs[0] if verified else runs[1])
+    if verified:
+        torch.testing.assert_close(runs[2], runs[0], rtol=2 * torch.finfo(x.dtype).eps, atol=0)
+    else:
+        assert torch.equal(runs[2], runs[1])
 
 
 def test_every_tuned_config_checks_out_at_the_7b_shapes():
