@@ -154,6 +154,28 @@ def prefill_figures(decoder) -> dict[str, Any]:
     return figures
 
 
+def host_profile(work, repeats: int = 3) -> list[str]:
+    """Where the host's time goes in repeats calls of work (cProfile, after one unprofiled call): the
+    40 functions that spend the most time themselves."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+
+    work()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(repeats):
+        work()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(40)
+    return text.getvalue().splitlines()
+
+
 def scheduler_load(scheduler, entries, clients: int, rounds: int = 2, new_tokens: int = 128) -> dict[str, Any]:
     """clients threads, each submitting rounds requests one after another; where the loop's time goes."""
     from lqmf.engine.serve.scheduler import BatchRequest
@@ -210,6 +232,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     parser.add_argument("--scheduler-only", action="store_true", help="only the in-process scheduler runs")
+    parser.add_argument("--no-scheduler", action="store_true", help="skip the in-process scheduler runs")
     args = parser.parse_args()
 
     import torch
@@ -250,8 +273,8 @@ def main() -> None:
 
     def graphs_and_kernels() -> None:
         steps(decoder, args.batches, 128, "steps", report)
-        report["replay_kernels_b1"] = kernel_profile(decoder.graphs[(1, 128)][0].replay)
-        report["replay_kernels_b16"] = kernel_profile(decoder.graphs[(16, 128)][0].replay)
+        report["replay_kernels_b1"] = kernel_profile(decoder.graphs[(1, 128, False)][0].replay)
+        report["replay_kernels_b16"] = kernel_profile(decoder.graphs[(16, 128, False)][0].replay)
         report["eager_kernels_b16"] = kernel_profile(lambda: decoder._step(16, 128))
         steps(decoder, [16], 512, "steps_len512", report)
 
@@ -264,6 +287,12 @@ def main() -> None:
         section("steps", graphs_and_kernels)
         section("no_adapters", without_adapters)
         section("prefill", lambda: report.update(prefill=prefill_figures(decoder)))
+        section("host_prefill", lambda: report.update(
+            host_prefill_17=host_profile(lambda: decoder.prefill([0], [PROMPT_IDS], [0], [1]))))
+        section("host_step", lambda: report.update(host_step_b16=host_profile(lambda: decoder._step(16, 128))))
+    if args.no_scheduler:
+        host.close()
+        return
     section("warm", lambda: scheduler_load(scheduler, entries, 32, 1, 130), inference=False)
     section("scheduler", lambda: report.update(scheduler=[scheduler_load(scheduler, entries, clients)
                                                           for clients in (1, 4, 16, 32)]), inference=False)

@@ -494,6 +494,9 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
 
 # engine/serve/scheduler.py prefills a long prompt this many tokens at a time.
 PREFILL_CHUNK_TOKENS = 512
+# engine/decode/batched.py: passes over prompts' first chunks of up to PREFILL_GRAPH_TOKENS (padded) tokens,
+# each chunk up to PREFILL_GRAPH_KEYS, run as CUDA graphs on CUDA, whose pool keeps its own working set.
+PREFILL_GRAPH_TOKENS, PREFILL_GRAPH_KEYS = 512, 256
 MAX_SERVING_BATCH = 256
 
 
@@ -525,7 +528,9 @@ def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantiz
     weights (4-bit block linears or not) + adapters (r x (in + out) per targeted linear, compute
     dtype) + KV cache (keys and values, every layer, seq_len + 1 positions per sequence) + the
     larger of a decode step (bitsandbytes' dequantized weight, the MLP's inner tensors, fp32
-    logits for every row) and a prefill chunk (its fp32 attention scores and MLP tensors).
+    logits for every row) and a prefill chunk (its fp32 attention scores and MLP tensors); on CUDA
+    also the captured prefill passes' own pool (a PREFILL_GRAPH_TOKENS pass and, 4-bit, a dequantized
+    weight), which the eager allocations cannot reuse.
     """
     c = 2 if device == "cuda" else 4
     quantized = shape.layers * shape.block_linear_params if quantize_4bit else 0
@@ -536,9 +541,14 @@ def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantiz
     kv = 2 * shape.layers * shape.kv_width * (seq_len + 1) * sequences * c
     dequantized = max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c
     decode = sequences * (3 * shape.intermediate * c + shape.vocab * (c + 4))
-    chunk = min(PREFILL_CHUNK_TOKENS, seq_len)
-    prefill = shape.heads * chunk * seq_len * 4 * 2 + chunk * 3 * shape.intermediate * c + shape.vocab * (c + 4)
-    working = max(decode, prefill) + (dequantized if quantize_4bit else 0)
+
+    def prefill(tokens: int, keys: int) -> int:  # fp32 scores and probabilities, MLP tensors, one row's logits
+        return shape.heads * tokens * keys * 4 * 2 + tokens * 3 * shape.intermediate * c + shape.vocab * (c + 4)
+
+    dequantized = dequantized if quantize_4bit else 0
+    working = max(decode, prefill(min(PREFILL_CHUNK_TOKENS, seq_len), seq_len)) + dequantized
+    if device == "cuda":
+        working += prefill(PREFILL_GRAPH_TOKENS, min(PREFILL_GRAPH_KEYS, seq_len)) + dequantized
     peak = weights + adapter_bytes + kv + working
     slack = int(ALLOCATOR_SLACK * peak) if device == "cuda" else 0
     context = CUDA_CONTEXT_BYTES if device == "cuda" else 0

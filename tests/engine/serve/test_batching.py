@@ -305,6 +305,44 @@ def test_prompts_read_together_give_what_each_gives_alone(host):
             torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
 
 
+def test_a_captured_prefill_pass_reads_padded_inputs_as_the_eager_pass_reads_the_prompts(host):
+    """The pass a CUDA graph captures for first chunks (here run eagerly on the CPU) takes its rows padded to a
+    rows bucket and a length bucket in one input tensor: it leaves each real row's logits and KV cache as the
+    eager pass does, and padding rows write only the idle position."""
+    import torch
+
+    from lqmf.engine.decode.batched import PREFILL_LENGTHS
+
+    decoder = host.scheduler.decoder
+    slots, adapters = [2, 0, 3], [1, 2, 0]
+    chunks = [[5, 9, 13, 2, 7], [11, 3], [4, 4, 8, 1, 6, 6, 2, 9, 1, 1, 3, 5, 7, 8, 2, 20, 21]]
+
+    def cache(slot: int, length: int):
+        return [t[slot, :, :length].clone() for t in (*decoder.keys, *decoder.values)]
+
+    key = decoder._prefill_key(len(chunks), max(map(len, chunks)))
+    assert key == (4, 32) and 17 > PREFILL_LENGTHS[0]  # 3 rows -> 4, 17 tokens -> 32
+    assert decoder._prefill_key(1, 17) == (1, 32) and decoder._prefill_key(1, 300) is None  # longer: eager
+    assert decoder._prefill_key(32, 17) is None  # 32 x 32 padded tokens: past PREFILL_GRAPH_TOKENS
+    with torch.inference_mode():
+        host.scheduler.call(lambda: None)  # the loop is idle between turns
+        for slot in slots:
+            decoder.clear_slot(slot)
+        eager = decoder.prefill(slots, chunks, [0, 0, 0], adapters)
+        expected = [cache(slot, len(chunk)) for slot, chunk in zip(slots, chunks, strict=True)]
+        untouched = cache(1, 32)
+        for slot in slots:
+            decoder.clear_slot(slot)
+        inputs = decoder._prefill_inputs(key, slots, chunks, adapters)
+        captured = decoder._captured_prefill(inputs.to(decoder.device), key[1])
+    assert captured.shape[0] == 4
+    torch.testing.assert_close(captured[:3].float(), eager, rtol=0, atol=1e-5)
+    for slot, chunk, cached in zip(slots, chunks, expected, strict=True):
+        for got, want in zip(cache(slot, len(chunk)), cached, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert all(torch.equal(got, want) for got, want in zip(cache(1, 32), untouched, strict=True))
+
+
 def test_rows_below_min_new_tokens_never_end_early(host):
     """A greedy row below its min_new_tokens never picks an end-of-text token, batched with other rows."""
     from lqmf.engine.serve.scheduler import BatchRequest

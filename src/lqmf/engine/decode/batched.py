@@ -16,8 +16,11 @@ plain linears); the forward pass is ours, so rows at different positions share o
     columns by selection (`torch.where`, so another adapter's inf or NaN never reaches it: 0 x NaN
     would). Either way a few launches whatever the mix of adapters, so a CUDA graph of the step
     serves every mix;
-  - prompts are prefilled eagerly, the waiting rows' next chunks in one pass; on CUDA the one-token decode
-    step of each (batch bucket, length bucket) is captured once as a CUDA graph and replayed;
+  - prompts are prefilled with the waiting rows' next chunks in one pass; on CUDA the one-token decode step of
+    each (batch bucket, length bucket), and the pass over prompts' first chunks of each (rows bucket,
+    padded length), is captured once as a CUDA graph and replayed (an eager pass of a 7B model is
+    about 450 kernel launches, tens of milliseconds of host time for a few of GPU time;
+    LQMF_PREFILL_GRAPHS=0 keeps prompts eager);
   - a decode step also picks each row's token on the device, greedy or drawn for a row that samples
     (`sampling.sample_rows`; end-of-text barred for rows below their min_new_tokens) and can take its
     input tokens from the step before, so the scheduler can launch the next step before it has read
@@ -40,11 +43,13 @@ Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from lqmf.core.memory_plan import PREFILL_GRAPH_KEYS, PREFILL_GRAPH_TOKENS
 from lqmf.engine import compat
 from lqmf.engine.decode import kernels as decode_kernels
 from lqmf.engine.decode.sampling import pick_token, sample_rows, seeded_generator
@@ -61,6 +66,11 @@ INPUTS = 5 + BARRED + 3  # a step's input rows: tokens ... barred ids, then seed
 MIN_LENGTH_BUCKET = 128
 MIN_CACHE = 256  # the shortest sequence a single-stream decoder is made for (`cache_size_for`)
 PREFILL_CHUNK = 512  # prompt tokens per prefill pass
+# A pass over prompts' first chunks runs as a CUDA graph when its rows (padded to a bucket) x its longest
+# chunk (padded up to one of PREFILL_LENGTHS) come to at most PREFILL_GRAPH_TOKENS. The graphs' memory
+# pool holds its own working set (past 64 tokens with bitsandbytes' dequantized weight), which the serving
+# plan counts from the same bounds; longer prompts stay eager.
+PREFILL_LENGTHS = tuple(2**n for n in range(4, 10) if 2**n <= PREFILL_GRAPH_KEYS)
 
 
 @dataclass
@@ -177,8 +187,13 @@ class BatchedDecoder:
         self.launched = 0
         self.key_positions = torch.arange(max_len + 1, device=self.device)
         self.use_graphs = self.device.type == "cuda" if use_graphs is None else use_graphs
+        self.graph_prefills = self.use_graphs and os.environ.get("LQMF_PREFILL_GRAPHS", "1") != "0"
         self.graphs: dict[tuple[int, int, bool], tuple[Any, Any]] = {}
         self.failed: set[tuple[int, int, bool]] = set()  # (batch, length, sampling) whose capture failed: eager
+        # Captured prefill passes by (rows, padded length): the graph, its input buffer (`_prefill_inputs`)
+        # and its logits; (rows, length) whose capture failed run eagerly.
+        self.prefill_graphs: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
+        self.prefill_failed: set[tuple[int, int]] = set()
         self.pool = None
         # Fused kernels (decode/kernels.py) on CUDA: norms and SiLU * up in prefill and step, rotary, cache
         # writes and attention in the step; each only where the model computes what the kernel does.
@@ -213,6 +228,8 @@ class BatchedDecoder:
         """Forget every captured step (and their memory pool, which goes with the last of them)."""
         self.graphs.clear()
         self.failed.clear()
+        self.prefill_graphs.clear()
+        self.prefill_failed.clear()
         self.pool = None
 
     # -- the forward pass ---------------------------------------------------------------------
@@ -255,33 +272,97 @@ class BatchedDecoder:
 
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int], adapters: list[int]):
         """Run chunks[i] at positions starts[i].. for slot slots[i]'s row, all rows in one pass (shorter
-        chunks padded; padding writes the idle position); the logits after each row's last token [rows, vocab]."""
+        chunks padded; padding writes the idle position); the logits after each row's last token [rows, vocab].
+        First chunks (every start 0) of up to PREFILL_GRAPH_TOKENS padded tokens replay a captured pass on CUDA."""
         import torch
 
-        count, lengths = max(len(chunk) for chunk in chunks), [len(chunk) for chunk in chunks]
+        lengths = [len(chunk) for chunk in chunks]
+        key = self._prefill_key(len(chunks), max(lengths)) if self.graph_prefills and not any(starts) else None
+        if key is not None and key not in self.prefill_failed:
+            inputs = self._prefill_inputs(key, slots, chunks, adapters)
+            graph = self.prefill_graphs.get(key) or self._capture_prefill(key, inputs)
+            if graph is not None:
+                graph[1].copy_(inputs, non_blocking=True)
+                graph[0].replay()
+                return graph[2][:len(chunks)].to(torch.float32, copy=True)  # the next replay overwrites graph[2]
+        count = max(lengths)
         ids = torch.tensor([chunk + [0] * (count - len(chunk)) for chunk in chunks], device=self.device)
         positions = torch.tensor([[start + j if j < len(chunk) else self.max_len for j in range(count)]
                                   for chunk, start in zip(chunks, starts, strict=True)], device=self.device)
-        rows = torch.tensor(adapters, device=self.device)
-        slots_t = torch.tensor(slots, device=self.device)
         length = max(start + len(chunk) for chunk, start in zip(chunks, starts, strict=True))
+        return self._prefill_pass(ids, positions, torch.tensor(adapters, device=self.device),
+                                  torch.tensor(slots, device=self.device),
+                                  torch.tensor(lengths, device=self.device) - 1, length).float()
+
+    def _prefill_pass(self, ids, positions, rows, slots, last, length: int):
+        """One prefill pass from device tensors: ids and positions [rows, tokens], each row's adapter index,
+        slot and last real token's index [rows]; keys over the first `length` positions. Logits [rows, vocab]."""
+        import torch
+
         keys_at = self.key_positions[:length].view(1, 1, -1)
         allowed = keys_at <= positions.unsqueeze(-1)
         if self.window:
             allowed &= keys_at > positions.unsqueeze(-1) - self.window
-        allowed = allowed.unsqueeze(1)  # [rows, 1, count, length]
+        allowed = allowed.unsqueeze(1)  # [rows, 1, tokens, length]
+        count, tokens = ids.shape
 
         def attend(index, q, k, v, cos, sin):
             q, k = _rotate_heads(q, k, cos, sin)
-            self.keys[index][slots_t.view(-1, 1), :, positions] = k.transpose(1, 2)
-            self.values[index][slots_t.view(-1, 1), :, positions] = v
-            keys = self.keys[index].index_select(0, slots_t)[:, :, :length]
-            values = self.values[index].index_select(0, slots_t)[:, :, :length]
-            return _attention(q, keys, values, allowed, self.scaling).transpose(1, 2).reshape(len(chunks), count, -1)
+            self.keys[index][slots.view(-1, 1), :, positions] = k.transpose(1, 2)
+            self.values[index][slots.view(-1, 1), :, positions] = v
+            keys = self.keys[index].index_select(0, slots)[:, :, :length]
+            values = self.values[index].index_select(0, slots)[:, :, :length]
+            return _attention(q, keys, values, allowed, self.scaling).transpose(1, 2).reshape(count, tokens, -1)
 
         hidden = self._forward(ids, positions, rows, attend)
-        last = hidden[torch.arange(len(chunks), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        return self.model.lm_head(last).float()
+        return self.model.lm_head(hidden[torch.arange(count, device=self.device), last])
+
+    def _prefill_key(self, rows: int, tokens: int) -> tuple[int, int] | None:
+        """(rows bucket, padded length) of a first-chunk pass that runs as a graph; None: eagerly."""
+        length = next((size for size in PREFILL_LENGTHS if size >= tokens), None)
+        count = bucket(rows, BATCH_BUCKETS)
+        return (count, length) if length and count <= self.slots and count * length <= PREFILL_GRAPH_TOKENS else None
+
+    def _prefill_inputs(self, key: tuple[int, int], slots: list[int], chunks: list[list[int]], adapters: list[int]):
+        """A captured pass's input as one host tensor [rows, 2 x length + 3]: ids, positions, adapter
+        index, slot, last index. Padding rows write the idle position of the first row's slot."""
+        import torch
+
+        count, length = key
+        pad = [[0] * length + [self.max_len] * length + [0, slots[0], 0]] * (count - len(chunks))
+        return torch.tensor([chunk + [0] * (length - len(chunk)) + list(range(len(chunk)))
+                             + [self.max_len] * (length - len(chunk)) + [adapter, slot, len(chunk) - 1]
+                             for chunk, adapter, slot in zip(chunks, adapters, slots, strict=True)] + pad)
+
+    def _captured_prefill(self, inputs, length: int):
+        columns = [inputs[:, :length], inputs[:, length:2 * length], *inputs[:, 2 * length:].t()]
+        return self._prefill_pass(*(column.contiguous() for column in columns), length)
+
+    def _capture_prefill(self, key: tuple[int, int], host_inputs):
+        """Capture the pass for key after two warm-up passes over these inputs (they write what the pass
+        writes); None (and eager from then on) where capture fails."""
+        import torch
+
+        inputs = host_inputs.to(self.device)
+        try:
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._captured_prefill(inputs, key[1])
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self._captured_prefill(inputs, key[1])
+        except RuntimeError:
+            torch.cuda.synchronize(self.device)
+            self.prefill_failed.add(key)
+            log.warning("CUDA graph capture failed for a prefill of %d rows x %d tokens: it runs eagerly", *key,
+                        exc_info=True)
+            return None
+        self.pool = graph.pool()
+        self.prefill_graphs[key] = (graph, inputs, logits)
+        return self.prefill_graphs[key]
 
     def _step(self, batch: int, length: int, sampling: bool = False):
         """One token for slots 0..batch-1 from self.inputs; attention over length positions. Writes
