@@ -539,13 +539,13 @@ def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantiz
     adapter_bytes = adapters * shape.layers * sum(lora_r * (lin.in_features + lin.out_features)
                                                   for lin in lora.values()) * c
     kv = 2 * shape.layers * shape.kv_width * (seq_len + 1) * sequences * c
-    dequantized = max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c
+    dequantized = max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c \
+        if quantize_4bit else 0
     decode = sequences * (3 * shape.intermediate * c + shape.vocab * (c + 4))
 
     def prefill(tokens: int, keys: int) -> int:  # fp32 scores and probabilities, MLP tensors, one row's logits
         return shape.heads * tokens * keys * 4 * 2 + tokens * 3 * shape.intermediate * c + shape.vocab * (c + 4)
 
-    dequantized = dequantized if quantize_4bit else 0
     working = max(decode, prefill(min(PREFILL_CHUNK_TOKENS, seq_len), seq_len)) + dequantized
     if device == "cuda":
         working += prefill(PREFILL_GRAPH_TOKENS, min(PREFILL_GRAPH_KEYS, seq_len)) + dequantized

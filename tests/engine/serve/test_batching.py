@@ -333,8 +333,8 @@ def test_a_captured_prefill_pass_reads_padded_inputs_as_the_eager_pass_reads_the
         untouched = cache(1, 32)
         for slot in slots:
             decoder.clear_slot(slot)
-        inputs = decoder._prefill_inputs(key, slots, chunks, adapters)
-        captured = decoder._captured_prefill(inputs.to(decoder.device), key[1])
+        inputs = decoder._prefill_inputs(*key, slots, chunks, [0, 0, 0], adapters)
+        captured = decoder._prefill_pass(inputs.to(decoder.device), key[1], key[1])
     assert captured.shape[0] == 4
     torch.testing.assert_close(captured[:3].float(), eager, rtol=0, atol=1e-5)
     for slot, chunk, cached in zip(slots, chunks, expected, strict=True):

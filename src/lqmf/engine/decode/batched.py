@@ -279,32 +279,42 @@ class BatchedDecoder:
         lengths = [len(chunk) for chunk in chunks]
         key = self._prefill_key(len(chunks), max(lengths)) if self.graph_prefills and not any(starts) else None
         if key is not None and key not in self.prefill_failed:
-            inputs = self._prefill_inputs(key, slots, chunks, adapters)
+            inputs = self._prefill_inputs(*key, slots, chunks, starts, adapters)
             graph = self.prefill_graphs.get(key) or self._capture_prefill(key, inputs)
             if graph is not None:
                 graph[1].copy_(inputs, non_blocking=True)
                 graph[0].replay()
                 return graph[2][:len(chunks)].to(torch.float32, copy=True)  # the next replay overwrites graph[2]
-        count = max(lengths)
-        ids = torch.tensor([chunk + [0] * (count - len(chunk)) for chunk in chunks], device=self.device)
-        positions = torch.tensor([[start + j if j < len(chunk) else self.max_len for j in range(count)]
-                                  for chunk, start in zip(chunks, starts, strict=True)], device=self.device)
-        length = max(start + len(chunk) for chunk, start in zip(chunks, starts, strict=True))
-        return self._prefill_pass(ids, positions, torch.tensor(adapters, device=self.device),
-                                  torch.tensor(slots, device=self.device),
-                                  torch.tensor(lengths, device=self.device) - 1, length).float()
+        inputs = self._prefill_inputs(len(chunks), max(lengths), slots, chunks, starts, adapters)
+        keys = max(start + len(chunk) for chunk, start in zip(chunks, starts, strict=True))
+        return self._prefill_pass(inputs.to(self.device), max(lengths), keys).float()
 
-    def _prefill_pass(self, ids, positions, rows, slots, last, length: int):
-        """One prefill pass from device tensors: ids and positions [rows, tokens], each row's adapter index,
-        slot and last real token's index [rows]; keys over the first `length` positions. Logits [rows, vocab]."""
+    def _prefill_inputs(self, rows: int, tokens: int, slots: list[int], chunks: list[list[int]], starts: list[int],
+                        adapters: list[int]):
+        """A pass's input as one host tensor [rows, 2 x tokens + 3]: ids and positions (padded to tokens; padding
+        at the idle position), adapter index, slot, last index. Rows past the chunks' (a graph's bucket)
+        write only the idle position of the first chunk's slot."""
         import torch
 
+        pad = [[0] * tokens + [self.max_len] * tokens + [0, slots[0], 0]] * (rows - len(chunks))
+        return torch.tensor([chunk + [0] * (tokens - len(chunk)) + list(range(start, start + len(chunk)))
+                             + [self.max_len] * (tokens - len(chunk)) + [adapter, slot, len(chunk) - 1]
+                             for chunk, start, adapter, slot in zip(chunks, starts, adapters, slots, strict=True)]
+                            + pad)
+
+    def _prefill_pass(self, inputs, tokens: int, length: int):
+        """One prefill pass from `_prefill_inputs`' tensor on the device, keys over the first `length`
+        positions: logits after each row's last token [rows, vocab]."""
+        import torch
+
+        ids, positions = inputs[:, :tokens].contiguous(), inputs[:, tokens:2 * tokens].contiguous()
+        rows, slots, last = (column.contiguous() for column in inputs[:, 2 * tokens:].t())
         keys_at = self.key_positions[:length].view(1, 1, -1)
         allowed = keys_at <= positions.unsqueeze(-1)
         if self.window:
             allowed &= keys_at > positions.unsqueeze(-1) - self.window
         allowed = allowed.unsqueeze(1)  # [rows, 1, tokens, length]
-        count, tokens = ids.shape
+        count = ids.shape[0]
 
         def attend(index, q, k, v, cos, sin):
             q, k = _rotate_heads(q, k, cos, sin)
@@ -323,21 +333,6 @@ class BatchedDecoder:
         count = bucket(rows, BATCH_BUCKETS)
         return (count, length) if length and count <= self.slots and count * length <= PREFILL_GRAPH_TOKENS else None
 
-    def _prefill_inputs(self, key: tuple[int, int], slots: list[int], chunks: list[list[int]], adapters: list[int]):
-        """A captured pass's input as one host tensor [rows, 2 x length + 3]: ids, positions, adapter
-        index, slot, last index. Padding rows write the idle position of the first row's slot."""
-        import torch
-
-        count, length = key
-        pad = [[0] * length + [self.max_len] * length + [0, slots[0], 0]] * (count - len(chunks))
-        return torch.tensor([chunk + [0] * (length - len(chunk)) + list(range(len(chunk)))
-                             + [self.max_len] * (length - len(chunk)) + [adapter, slot, len(chunk) - 1]
-                             for chunk, adapter, slot in zip(chunks, adapters, slots, strict=True)] + pad)
-
-    def _captured_prefill(self, inputs, length: int):
-        columns = [inputs[:, :length], inputs[:, length:2 * length], *inputs[:, 2 * length:].t()]
-        return self._prefill_pass(*(column.contiguous() for column in columns), length)
-
     def _capture_prefill(self, key: tuple[int, int], host_inputs):
         """Capture the pass for key after two warm-up passes over these inputs (they write what the pass
         writes); None (and eager from then on) where capture fails."""
@@ -349,11 +344,11 @@ class BatchedDecoder:
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._captured_prefill(inputs, key[1])
+                    self._prefill_pass(inputs, key[1], key[1])
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                logits = self._captured_prefill(inputs, key[1])
+                logits = self._prefill_pass(inputs, key[1], key[1])
         except RuntimeError:
             torch.cuda.synchronize(self.device)
             self.prefill_failed.add(key)
