@@ -184,6 +184,17 @@ def health(url: str) -> dict[str, Any]:
     return http_json(url + "/health")
 
 
+def loop_counts(url: str) -> dict[str, float]:
+    """The scheduler's steps, CUDA graphs captured and loop times so far (batching in /health)."""
+    batching = health(url).get("batching") or {}
+    return {key: batching.get(key, 0) for key in ("steps", "graphs", "prefill_graphs")} | batching.get("loop", {})
+
+
+def loop_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Where the scheduler's loop spent a level's time: the counters' growth between two loop_counts."""
+    return {key: round(after[key] - before.get(key, 0), 3) for key in after}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "mistral-7b"])
@@ -228,7 +239,9 @@ def main() -> None:
             drive(client, models, clients, 1, args.new_tokens)  # level: its batch size's graphs are captured
         report["levels"] = []
         for clients in args.clients:
+            before = loop_counts(url)
             result = drive(client, models, clients, args.rounds, args.new_tokens)
+            result["loop"] = loop_delta(before, loop_counts(url))
             report["levels"].append(result)
             print(json.dumps({k: v for k, v in result.items() if k != "texts"}), flush=True)
         # greedy answers per model id, whatever the batch: one distinct text each when batching is exact

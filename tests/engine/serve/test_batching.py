@@ -343,6 +343,48 @@ def test_a_captured_prefill_pass_reads_padded_inputs_as_the_eager_pass_reads_the
     assert all(torch.equal(got, want) for got, want in zip(cache(1, 32), untouched, strict=True))
 
 
+def test_a_prefill_pass_that_would_replay_a_graph_is_never_grown_into_an_eager_one(host, monkeypatch):
+    """32 fresh 17-token prompts arriving together go in two graphed passes of 16 (16 x 32 padded tokens
+    each) rather than one eager pass of 32 (a graph replays in milliseconds, an eager pass launches
+    hundreds of kernels); passes that run eagerly anyway (continuations, long prompts) only keep to the
+    token budget, and the oldest row always goes."""
+    from lqmf.core.memory_plan import PREFILL_GRAPH_TOKENS
+    from lqmf.engine.decode.batched import BATCH_BUCKETS, PREFILL_LENGTHS, bucket
+    from lqmf.engine.serve.scheduler import prefill_group
+
+    def replays(rows: int, tokens: int) -> bool:  # the decoder's rule on a CUDA device with 32 slots
+        length = next((size for size in PREFILL_LENGTHS if size >= tokens), None)
+        return bool(length) and bucket(rows, BATCH_BUCKETS) * length <= PREFILL_GRAPH_TOKENS
+
+    fresh = [(17, True)] * 32
+    assert prefill_group(fresh, 512, replays) == 16
+    assert prefill_group(fresh, 512, lambda rows, tokens: False) == 30  # eager: 30 x 17 tokens <= 512
+    assert prefill_group([(17, False)] * 32, 512, replays) == 30  # continuations never replay a graph
+    assert prefill_group([(300, True), (17, True), (17, True)], 512, replays) == 1  # 2 x 300 > 512
+    assert prefill_group([(17, True), (300, True)], 512, replays) == 1  # would leave the graph
+    assert prefill_group([(17, False), (17, True)], 512, replays) == 2  # eager either way
+    assert prefill_group([(600, True)], 512, replays) == 1
+
+    decoder = host.scheduler.decoder
+    monkeypatch.setattr(decoder, "graph_prefills", True)  # as on a CUDA device
+    assert decoder.prefill_replays(4, 17) and not decoder.prefill_replays(1, 300)
+    monkeypatch.setattr(decoder, "prefill_failed", {(4, 32)})  # a capture that failed runs eagerly from then on
+    assert not decoder.prefill_replays(3, 17) and decoder.prefill_replays(2, 17)
+
+
+def test_the_loop_reports_where_its_time_went(host):
+    """batching.loop in /health: one request adds a prefill pass of one row and NEW - 1 decode steps'
+    launches (the prompt's pass picks the first token), and the clocks only grow."""
+    before = host.scheduler.load()
+    ask(host, "chat-a", "Where is my order?")
+    after = host.scheduler.load()
+    assert after["loop"]["prefill_passes"] - before["loop"]["prefill_passes"] == 1
+    assert after["loop"]["prefill_rows"] - before["loop"]["prefill_rows"] == 1
+    assert after["steps"] - before["steps"] >= NEW - 1
+    assert all(after["loop"][key] >= before["loop"][key] for key in before["loop"])
+    assert after["loop"]["launch_s"] > before["loop"]["launch_s"] and after["loop"]["prefill_s"] > 0
+
+
 def test_rows_below_min_new_tokens_never_end_early(host):
     """A greedy row below its min_new_tokens never picks an end-of-text token, batched with other rows."""
     from lqmf.engine.serve.scheduler import BatchRequest

@@ -277,8 +277,8 @@ class BatchedDecoder:
         import torch
 
         lengths = [len(chunk) for chunk in chunks]
-        key = self._prefill_key(len(chunks), max(lengths)) if self.graph_prefills and not any(starts) else None
-        if key is not None and key not in self.prefill_failed:
+        if self.prefill_replays(len(chunks), max(lengths)) and not any(starts):
+            key = self._prefill_key(len(chunks), max(lengths))
             inputs = self._prefill_inputs(*key, slots, chunks, starts, adapters)
             graph = self.prefill_graphs.get(key) or self._capture_prefill(key, inputs)
             if graph is not None:
@@ -326,6 +326,12 @@ class BatchedDecoder:
 
         hidden = self._forward(ids, positions, rows, attend)
         return self.model.lm_head(hidden[torch.arange(count, device=self.device), last])
+
+    def prefill_replays(self, rows: int, tokens: int) -> bool:
+        """Whether a pass over rows first chunks of at most tokens tokens replays a captured graph
+        (a few milliseconds) rather than running eagerly (tens of milliseconds of kernel launches)."""
+        key = self._prefill_key(rows, tokens) if self.graph_prefills else None
+        return key is not None and key not in self.prefill_failed
 
     def _prefill_key(self, rows: int, tokens: int) -> tuple[int, int] | None:
         """(rows bucket, padded length) of a first-chunk pass that runs as a graph; None: eagerly."""

@@ -104,6 +104,40 @@ class _Row:
         return tuple(sorted(self.request.eos_ids)) if chosen < self.request.min_new_tokens else ()
 
 
+@dataclass
+class LoopTimes:
+    """Where the loop thread's time has gone since it started (the server's /health shows it as
+    batching.loop): prefill passes (their first tokens picked), building and launching decode steps,
+    waiting for a step's tokens, handing tokens out, and waiting for work."""
+
+    prefill_passes: int = 0
+    prefill_rows: int = 0
+    prefill_s: float = 0.0
+    launch_s: float = 0.0
+    wait_s: float = 0.0
+    emit_s: float = 0.0
+    idle_s: float = 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {name: round(value, 4) if isinstance(value, float) else value for name, value in vars(self).items()}
+
+
+def prefill_group(chunks: list[tuple[int, bool]], budget: int, replays: Callable[[int, int], bool]) -> int:
+    """How many of chunks ((tokens, first chunk of its prompt?), oldest first) one prefill pass takes:
+    the oldest always, then while the rows times the longest stay within budget tokens, and never one
+    that turns a pass replays(rows, longest) would replay as a graph into an eager one."""
+    count, longest = 1, chunks[0][0]
+    for tokens, first in chunks[1:]:
+        wider = max(longest, tokens)
+        if (count + 1) * wider > budget:
+            break
+        graphed = all(is_first for _, is_first in chunks[:count]) and replays(count, longest)
+        if graphed and not (first and replays(count + 1, wider)):
+            break
+        count, longest = count + 1, wider
+    return count
+
+
 class Scheduler:
     """Owns the decoder, its adapters and the loop thread."""
 
@@ -125,6 +159,7 @@ class Scheduler:
         self.steps = 0
         self.steps_ahead = 0  # launched before the tokens of the step before were read back
         self.tokens_generated = 0
+        self.times = LoopTimes()
         self._thread = threading.Thread(target=self._run, name="lqmf-batch", daemon=True)
         self._thread.start()
 
@@ -137,7 +172,9 @@ class Scheduler:
     def load(self) -> dict[str, int]:
         with self._wake:
             return {"running": len(self._rows), "waiting": len(self._waiting), "max_batch": self.decoder.slots,
-                    "max_queue": self.max_queue, "tokens_generated": self.tokens_generated}
+                    "max_queue": self.max_queue, "tokens_generated": self.tokens_generated, "steps": self.steps,
+                    "loop": self.times.as_dict(), "graphs": len(self.decoder.graphs),
+                    "prefill_graphs": len(self.decoder.prefill_graphs)}
 
     def memory(self) -> dict[str, float]:
         """GiB held by the KV cache and by the adapters' stacked weights (retired ones still in use included)."""
@@ -228,8 +265,10 @@ class Scheduler:
         with torch.inference_mode():
             while True:
                 with self._wake:
+                    idle_since = time.perf_counter()
                     while not (self._stopping or self._commands or self._waiting or self._rows or self._in_flight):
                         self._wake.wait()
+                    self.times.idle_s += time.perf_counter() - idle_since
                     if self._stopping:
                         break
                     commands = list(self._commands)
@@ -300,15 +339,14 @@ class Scheduler:
                 request.tokens.put(err)
 
     def _prefill(self, prefilling: list[_Row]) -> None:
-        """The next chunk of the oldest rows still reading their prompts, in one pass of at most
-        prefill_chunk tokens (padding counted; the oldest row always goes)."""
-        group: list[tuple[_Row, list[int]]] = []
-        for row in prefilling:
-            chunk = row.request.ids[row.prefilled:row.prefilled + self.prefill_chunk]
-            if group and (len(group) + 1) * max(len(chunk), *(len(c) for _, c in group)) > self.prefill_chunk:
-                break
-            group.append((row, chunk))
+        """The next chunk of the oldest rows still reading their prompts, in one pass (`prefill_group`:
+        at most prefill_chunk tokens, padding counted, and as a graph wherever the oldest rows' pass is one)."""
+        chunks = [row.request.ids[row.prefilled:row.prefilled + self.prefill_chunk] for row in prefilling]
+        count = prefill_group([(len(chunk), row.prefilled == 0) for row, chunk in zip(prefilling, chunks, strict=True)],
+                              self.prefill_chunk, self.decoder.prefill_replays)
+        group = list(zip(prefilling[:count], chunks[:count], strict=True))
         rows = [row for row, _ in group]
+        started = time.perf_counter()
         logits = self.decoder.prefill([row.slot for row in rows], [chunk for _, chunk in group],
                                       [row.prefilled for row in rows], [self._index_of(row.request) for row in rows])
         for index, (row, chunk) in enumerate(group):
@@ -316,8 +354,12 @@ class Scheduler:
             if row.prefilled == len(row.request.ids):
                 row.position = len(row.request.ids)
                 self._emit_picked(row, logits[index])
+        self.times.prefill_passes += 1
+        self.times.prefill_rows += len(group)
+        self.times.prefill_s += time.perf_counter() - started
 
     def _launch(self, decoding: dict[int, _Row]) -> tuple[Step, list[_Row | None]]:
+        started = time.perf_counter()
         width = max(decoding) + 1
         rows = [decoding.get(slot) for slot in range(width)]
         step = self.decoder.decode([row.last if row else 0 for row in rows],
@@ -329,6 +371,7 @@ class Scheduler:
         self.steps += 1
         for row in decoding.values():
             row.position += 1
+        self.times.launch_s += time.perf_counter() - started
         return step, rows
 
     def _decode_ahead(self, decoding: dict[int, _Row]) -> None:
@@ -352,15 +395,25 @@ class Scheduler:
             row.ahead = False
 
     def _deliver(self, step: Step, rows: list[_Row | None]) -> None:
-        for slot, token in enumerate(step.greedy()):
+        tokens = self._tokens_of(step)
+        started = time.perf_counter()
+        for slot, token in enumerate(tokens):
             row = rows[slot] if slot < len(rows) else None
             if row is not None and self._rows.get(slot) is row:  # not ended or replaced since
                 self._emit(row, token)
+        self.times.emit_s += time.perf_counter() - started
+
+    def _tokens_of(self, step: Step) -> list[int]:
+        """The tokens step chose, once the device has them (the wait counted in times.wait_s)."""
+        started = time.perf_counter()
+        tokens = step.greedy()
+        self.times.wait_s += time.perf_counter() - started
+        return tokens
 
     def _decode_on_host(self, decoding: dict[int, _Row]) -> None:
         """One step whose rows that bar many end-of-text ids pick their tokens on the host from its logits."""
         step, rows = self._launch(decoding)
-        greedy = step.greedy()
+        greedy = self._tokens_of(step)
         for slot, row in enumerate(rows):
             if row is not None and row.needs_logits():
                 self._emit_picked(row, step.logits[slot].float())
