@@ -6,17 +6,55 @@ caps the allocator at 7.3 GiB on the process's GPU (torch.cuda.set_per_process_m
 before LQMF starts, whatever LQMF version runs: benchmarks/gpu_train_bench.py uses it so that
 today's main and a branch run under the same cap. (LQMF's own gpu_memory_cap key does the same,
 on every process of a multi-GPU run.)
+
+With LQMF_KERNEL_PROFILE=FILE.json the whole command runs under PyTorch's profiler (CUDA activity
+only) and FILE.json gets the GPU time of its kernels and copies, by name, biggest first: where a
+training run's device time goes (the model's quantization at load shows as its own kernels).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import runpy
 import sys
+import time
 
 import torch
+
+
+def profiled(run, path: str) -> None:
+    """run() under the profiler; the CUDA events' time (CPU ops' where there is no GPU) by name (count,
+    total ms) into path."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU])
+    device = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
+    started = time.perf_counter()
+    try:
+        with prof:
+            run()
+    finally:
+        wall = time.perf_counter() - started
+        totals: dict[str, list[float]] = {}
+        for event in prof.events():
+            if event.device_type == device:
+                entry = totals.setdefault(event.name[:120], [0, 0.0])
+                entry[0] += 1
+                entry[1] += event.time_range.elapsed_us() / 1000
+        ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+        with open(path, "w") as handle:
+            json.dump({"wall_s": round(wall, 2), "device_ms": round(sum(ms for _, ms in totals.values()), 1),
+                       "by_name": [[name, count, round(ms, 2)] for name, (count, ms) in ranked[:60]]}, handle, indent=1)
+
 
 if __name__ == "__main__":
     cap = float(sys.argv[1]) * 2**30
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory), 0)
     sys.argv = ["lqmf", *sys.argv[2:]]
-    runpy.run_module("lqmf", run_name="__main__", alter_sys=True)
+    target = os.environ.get("LQMF_KERNEL_PROFILE")
+    if target:
+        profiled(lambda: runpy.run_module("lqmf", run_name="__main__", alter_sys=True), target)
+    else:
+        runpy.run_module("lqmf", run_name="__main__", alter_sys=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import typer
 
@@ -156,6 +157,11 @@ def _start_host(ws, registry: Registry, model: str | None, adapters: list[str], 
     model_host = ModelHost.start(ws, base=model, adapters=adapters, batching=BatchSettings(*batching), **options)
     for line in quantization_warnings(_manifests(registry, model_host.resident), model_host.model.loaded.quantized):
         info(line)
+    if model_host.captures_graphs:
+        info("capturing CUDA graphs for every batch and prompt shape ...")
+        started = time.perf_counter()
+        captured = model_host.capture_graphs()
+        info(f"captured {captured} CUDA graphs in {time.perf_counter() - started:.1f} s")
     return model_host
 
 

@@ -372,6 +372,24 @@ def test_a_prefill_pass_that_would_replay_a_graph_is_never_grown_into_an_eager_o
     assert not decoder.prefill_replays(3, 17) and decoder.prefill_replays(2, 17)
 
 
+def test_the_graphs_captured_at_start_cover_every_shape_a_request_can_meet(host, monkeypatch):
+    """graph_keys (what `lqmf serve` captures before its first request on a GPU) holds the step of every
+    row count and cached length, greedy and sampling, and every first-chunk pass that replays a graph,
+    and nothing else; on the CPU nothing is captured."""
+    from lqmf.core.memory_plan import PREFILL_GRAPH_KEYS
+
+    decoder = host.scheduler.decoder
+    monkeypatch.setattr(decoder, "graph_prefills", True)  # as on a CUDA device
+    steps, prefills = decoder.graph_keys()
+    met = {(*decoder.step_shape(rows, keys), sampling) for rows in range(1, decoder.slots + 1)
+           for keys in range(1, decoder.max_len + 1) for sampling in (False, True)}
+    assert set(steps) == met and len(steps) == len(met)
+    replayed = {decoder._prefill_key(rows, tokens) for rows in range(1, decoder.slots + 1)
+                for tokens in range(1, PREFILL_GRAPH_KEYS + 1) if decoder.prefill_replays(rows, tokens)}
+    assert set(prefills) == replayed and (4, 32) in replayed
+    assert host.capture_graphs() == 0 and not host.captures_graphs
+
+
 def test_the_loop_reports_where_its_time_went(host):
     """batching.loop in /health: one request adds a prefill pass of one row and NEW - 1 decode steps'
     launches (the prompt's pass picks the first token), and the clocks only grow."""

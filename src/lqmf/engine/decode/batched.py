@@ -42,6 +42,7 @@ Supported: Llama-shaped decoder-only models (Llama, Mistral, Qwen2/3 and others 
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import time
@@ -231,6 +232,41 @@ class BatchedDecoder:
         self.prefill_graphs.clear()
         self.prefill_failed.clear()
         self.pool = None
+
+    def step_shape(self, rows: int, keys: int) -> tuple[int, int]:
+        """(batch, length) of the decode step over rows rows reading at most keys cached positions: the
+        buckets its graph is captured for (length 1 where no row is live)."""
+        length = min(bucket(keys, _length_buckets(self.max_len)), self.max_len) if keys else 1
+        return bucket(rows, BATCH_BUCKETS), length
+
+    def graph_keys(self) -> tuple[list[tuple[int, int, bool]], list[tuple[int, int]]]:
+        """Every decode step (batch, length, sampling) and first-chunk prefill pass (rows, padded length)
+        this decoder may replay as a CUDA graph, whatever its rows and lengths."""
+        batches = sorted({bucket(count, BATCH_BUCKETS) for count in range(1, self.slots + 1)})
+        lengths = sorted({min(size, self.max_len) for size in _length_buckets(self.max_len)})
+        prefills = {self._prefill_key(rows, tokens) for rows in batches for tokens in PREFILL_LENGTHS}
+        return (list(itertools.product(batches, lengths, (False, True))),
+                sorted(key for key in prefills if key is not None) if self.graph_prefills else [])
+
+    def capture_all(self) -> int:
+        """Capture now every graph of `graph_keys` not captured yet, so that no request waits for a capture
+        later; how many were new. Only while no row is in flight: the warm-up passes write the idle cache
+        position alone."""
+        import torch
+
+        if not self.use_graphs:
+            return 0
+        before = len(self.graphs) + len(self.prefill_graphs)
+        self.inputs.zero_()
+        self.positions.fill_(self.max_len)  # every slot idle
+        steps, prefills = self.graph_keys()
+        for key in steps:
+            self._graph(*key)
+        for rows, tokens in prefills:
+            if (rows, tokens) not in self.prefill_graphs:
+                idle = [[0] * tokens + [self.max_len] * tokens + [0, 0, 0]] * rows  # `_prefill_inputs`' padding
+                self._capture_prefill((rows, tokens), torch.tensor(idle))
+        return len(self.graphs) + len(self.prefill_graphs) - before
 
     # -- the forward pass ---------------------------------------------------------------------
 
@@ -436,9 +472,8 @@ class BatchedDecoder:
         import torch
 
         count = len(tokens)
-        batch = bucket(count, BATCH_BUCKETS)
         live = [p for p in positions if p is not None]
-        length = min(bucket(max(live) + 1, _length_buckets(self.max_len)), self.max_len) if live else 1
+        batch, length = self.step_shape(count, max(live) + 1 if live else 0)
         pad = batch - count
         turn = self.launched % 2
         self.launched += 1

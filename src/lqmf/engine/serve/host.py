@@ -236,6 +236,16 @@ class ModelHost:
                                       "peak_reserved": torch.cuda.max_memory_reserved() / 2**30}
         return state
 
+    @property
+    def captures_graphs(self) -> bool:
+        """Whether the serving replays CUDA graphs (the batched decoder on a GPU)."""
+        return self.serving.captures_graphs
+
+    def capture_graphs(self) -> int:
+        """Capture the batched decoder's CUDA graphs for every shape it serves, before the first request
+        (a capture met while serving holds every row for a few hundred milliseconds); how many."""
+        return self.serving.capture_graphs()
+
     def resolve(self, model_id: str | None, load: bool = False) -> str | None:
         """The adapter a request's model id selects (None: the bare base).
 
@@ -476,6 +486,14 @@ class BatchedServing:
     def describe(self) -> dict[str, Any]:
         return {**self.scheduler.load(), **self.scheduler.memory(), "max_seq_len": self.max_len}
 
+    @property
+    def captures_graphs(self) -> bool:
+        return self.scheduler.decoder.use_graphs
+
+    def capture_graphs(self) -> int:
+        """Capture the decoder's CUDA graphs for every batch and prompt shape now (none on the CPU); how many."""
+        return self.scheduler.call(self.scheduler.decoder.capture_all)
+
     def close(self) -> None:
         self.scheduler.stop()
 
@@ -540,6 +558,11 @@ class SerialServing:
 
     def describe(self) -> None:
         return None
+
+    captures_graphs = False  # PEFT + generate
+
+    def capture_graphs(self) -> int:
+        return 0
 
     def close(self) -> None:
         pass
