@@ -196,6 +196,7 @@ class BatchedDecoder:
         self.prefill_graphs: dict[tuple[int, int], tuple[Any, Any, Any]] = {}
         self.prefill_failed: set[tuple[int, int]] = set()
         self.pool = None
+        self._warmup_stream = None  # one side stream for every capture's warm-up passes (see `_side_stream`)
         # Fused kernels (decode/kernels.py) on CUDA: norms and SiLU * up in prefill and step, rotary, cache
         # writes and attention in the step; each only where the model computes what the kernel does.
         self.kernels = decode_kernels.enabled(self.device)
@@ -382,7 +383,7 @@ class BatchedDecoder:
 
         inputs = host_inputs.to(self.device)
         try:
-            stream = torch.cuda.Stream(self.device)
+            stream = self._side_stream()
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
                 for _ in range(2):
@@ -569,13 +570,24 @@ class BatchedDecoder:
                         batch, length, exc_info=True)
             return None
 
+    def _side_stream(self):
+        """The stream every capture's warm-up passes run on, made once: cuBLAS keeps a workspace for each
+        stream it has run on for the life of the process, so a new stream a capture (up to the 32 that
+        torch's stream pool hands out) costs a workspace each (the likely cause of 0.8 GiB more held
+        after capturing 59 graphs on an H100; benchmarks/graph_memory_check.py measures it)."""
+        import torch
+
+        if self._warmup_stream is None:
+            self._warmup_stream = torch.cuda.Stream(self.device)
+        return self._warmup_stream
+
     def _capture(self, key: tuple[int, int, bool]):
         """Capture the step for key (batch, length, sampling) after two warm-up steps (they write what the
         step writes)."""
         import torch
 
         chosen = self.next_tokens.clone()  # the warm-up steps overwrite what rows that follow on read
-        stream = torch.cuda.Stream(self.device)
+        stream = self._side_stream()
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
