@@ -265,8 +265,7 @@ class BatchedDecoder:
             self._graph(*key)
         for rows, tokens in prefills:
             if (rows, tokens) not in self.prefill_graphs:
-                idle = [[0] * tokens + [self.max_len] * tokens + [0, 0, 0]] * rows  # `_prefill_inputs`' padding
-                self._capture_prefill((rows, tokens), torch.tensor(idle))
+                self._capture_prefill((rows, tokens), torch.tensor([self._idle_row(tokens, 0)] * rows))
         return len(self.graphs) + len(self.prefill_graphs) - before
 
     # -- the forward pass ---------------------------------------------------------------------
@@ -314,8 +313,8 @@ class BatchedDecoder:
         import torch
 
         lengths = [len(chunk) for chunk in chunks]
-        if self.prefill_replays(len(chunks), max(lengths)) and not any(starts):
-            key = self._prefill_key(len(chunks), max(lengths))
+        key = None if any(starts) else self._replay_key(len(chunks), max(lengths))
+        if key is not None:
             inputs = self._prefill_inputs(*key, slots, chunks, starts, adapters)
             graph = self.prefill_graphs.get(key) or self._capture_prefill(key, inputs)
             if graph is not None:
@@ -333,11 +332,16 @@ class BatchedDecoder:
         write only the idle position of the first chunk's slot."""
         import torch
 
-        pad = [[0] * tokens + [self.max_len] * tokens + [0, slots[0], 0]] * (rows - len(chunks))
+        pad = [self._idle_row(tokens, slots[0])] * (rows - len(chunks))
         return torch.tensor([chunk + [0] * (tokens - len(chunk)) + list(range(start, start + len(chunk)))
                              + [self.max_len] * (tokens - len(chunk)) + [adapter, slot, len(chunk) - 1]
                              for chunk, start, adapter, slot in zip(chunks, starts, adapters, slots, strict=True)]
                             + pad)
+
+    def _idle_row(self, tokens: int, slot: int) -> list[int]:
+        """A padding row of `_prefill_inputs`: no token, every position the idle one (it writes only
+        slot's idle cache position), adapter 0, last index 0."""
+        return [0] * tokens + [self.max_len] * tokens + [0, slot, 0]
 
     def _prefill_pass(self, inputs, tokens: int, length: int):
         """One prefill pass from `_prefill_inputs`' tensor on the device, keys over the first `length`
@@ -367,8 +371,12 @@ class BatchedDecoder:
     def prefill_replays(self, rows: int, tokens: int) -> bool:
         """Whether a pass over rows first chunks of at most tokens tokens replays a captured graph
         (a few milliseconds) rather than running eagerly (tens of milliseconds of kernel launches)."""
+        return self._replay_key(rows, tokens) is not None
+
+    def _replay_key(self, rows: int, tokens: int) -> tuple[int, int] | None:
+        """`_prefill_key` where that pass replays a graph (prefill graphs on, its capture not failed); else None."""
         key = self._prefill_key(rows, tokens) if self.graph_prefills else None
-        return key is not None and key not in self.prefill_failed
+        return key if key not in self.prefill_failed else None
 
     def _prefill_key(self, rows: int, tokens: int) -> tuple[int, int] | None:
         """(rows bucket, padded length) of a first-chunk pass that runs as a graph; None: eagerly."""
