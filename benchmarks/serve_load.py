@@ -195,6 +195,13 @@ def loop_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, f
     return {key: round(after[key] - before.get(key, 0), 3) for key in after}
 
 
+def measured_server_flags(args: argparse.Namespace, extra: list[str], adapters: int) -> list[str]:
+    """The flags of the measured server: the tuned ones, or with --default-flags what a user types."""
+    if args.default_flags:
+        return ["--max-adapters", str(adapters)] if args.distinct else []
+    return [*extra, "--max-batch", str(args.max_batch), "--max-seq-len", str(args.max_seq_len)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="tiny", choices=["tiny", "small", "mistral-7b"])
@@ -206,6 +213,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--max-seq-len", type=int, default=512)
+    parser.add_argument("--default-flags", action="store_true",
+                        help="start the measured server as a user would: only --model and --adapter (no --device, "
+                        "--4bit, --max-batch, --max-seq-len, --max-queue, --max-new-tokens; --max-adapters only "
+                        "with --distinct)")
     parser.add_argument("--sequential", type=int, default=0, help="also send this many requests one after another")
     parser.add_argument("--mixed-clients", type=int, default=16)
     parser.add_argument("--load-repeats", type=int, default=5)
@@ -227,11 +238,12 @@ def main() -> None:
     served, spare = names[:-1], names[-1]
     extra = ["--device", args.device, "--4bit" if args.four_bit else "--no-4bit", "--max-new-tokens",
              str(max(args.new_tokens, 512)), "--max-queue", "256", "--max-adapters", str(len(names))]
-    report: dict[str, Any] = {"command": " ".join(sys.argv), "python": platform.python_version(),
+    report: dict[str, Any] = {"command": " ".join(sys.argv), "default_flags": args.default_flags,
+                              "python": platform.python_version(),
                               "model": str(model), "shape": None if args.model else args.shape,
                               "four_bit": args.four_bit, "device": args.device, "new_tokens": args.new_tokens}
-    with lqmf_serve(workspace, model, served, [*extra, "--max-batch", str(args.max_batch), "--max-seq-len",
-                                               str(args.max_seq_len)], args.threads, args.server_log) as (url, record):
+    with lqmf_serve(workspace, model, served, measured_server_flags(args, extra, len(names)), args.threads,
+                    args.server_log) as (url, record):
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
         models = [*served[:3], record["base_id"]]
         report["server"] = {k: v for k, v in health(url).items() if k in ("batching", "device", "dtype")}
