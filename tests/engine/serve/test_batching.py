@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -422,99 +421,3 @@ def test_rows_below_min_new_tokens_never_end_early(host):
     for tokens in run(ending, 6):
         assert len(tokens) == 6 and free[2] not in tokens and tokens[:2] == free[:2]
     assert host.scheduler.steps_ahead - before >= 9  # barred on the device, decoded ahead
-
-
-def test_arrivals_are_held_only_while_their_burst_is_still_coming_in():
-    """hold_arrivals: hold while fewer wait than there are free slots, the newest arrived within gap and the
-    oldest has waited less than hold, for the time until one of those ends; otherwise admit now."""
-    from lqmf.engine.serve.scheduler import hold_arrivals
-
-    now, gap, hold = 100.0, 0.003, 0.02
-    assert hold_arrivals(now, now - 0.005, now - 0.001, 3, 8, gap, hold) == pytest.approx(0.002)  # the gap left
-    assert hold_arrivals(now, now - 0.019, now - 0.0005, 3, 8, gap, hold) == pytest.approx(0.001)  # the hold left
-    assert hold_arrivals(now, now - 0.005, now - 0.001, 8, 8, gap, hold) == 0.0  # the burst fills the free slots
-    assert hold_arrivals(now, now - 0.005, now - 0.001, 9, 8, gap, hold) == 0.0
-    assert hold_arrivals(now, now - 0.005, now - 0.003, 3, 8, gap, hold) == 0.0  # the newest came gap ago
-    assert hold_arrivals(now, now - 0.02, now - 0.001, 3, 8, gap, hold) == 0.0  # the oldest has waited hold
-    assert hold_arrivals(now, now - 0.005, now - 0.001, 0, 8, gap, hold) == 0.0  # nothing waits
-    assert hold_arrivals(now, now - 0.005, now - 0.001, 3, 8, 0.0, hold) == 0.0  # gap 0: holding is off
-    assert hold_arrivals(now, now, now, 1, 8, gap, hold) == pytest.approx(gap)
-
-
-@pytest.fixture(scope="module")
-def bare_decoder(tiny_model):
-    """A batched decoder with 8 slots over the bare tiny model, for schedulers built with their own holds."""
-    from transformers import AutoModelForCausalLM
-
-    from lqmf.engine.decode.batched import BatchedDecoder
-
-    return BatchedDecoder(AutoModelForCausalLM.from_pretrained(tiny_model).eval(), 8, 256)
-
-
-@contextmanager
-def scheduler_over(decoder, **holds):
-    from lqmf.engine.serve.scheduler import Scheduler
-
-    scheduler = Scheduler(decoder, max_queue=16, **holds)
-    try:
-        yield scheduler
-    finally:
-        scheduler.stop()
-
-
-def submit(scheduler, index: int, new: int = NEW):
-    from lqmf.engine.serve.scheduler import BatchRequest
-
-    return scheduler.submit(BatchRequest([5 + index, 9, 13, 2, 7], new))
-
-
-def tokens_of(request) -> list[int]:
-    """Every token request gets (each within 10 s: queue.Empty where one never comes)."""
-    return list(iter(lambda: request.tokens.get(timeout=10), None))
-
-
-@pytest.mark.parametrize("count", [6, 8], ids=["fewer-than-the-free-slots", "filling-the-free-slots"])
-def test_a_burst_of_arrivals_is_read_in_one_prefill_pass(bare_decoder, count):
-    """Requests arriving a few milliseconds apart are held until the burst ends (no arrival for admit_gap_s)
-    and read in one prefill pass; a burst that fills the free slots goes at once, without waiting out the gap."""
-    gap = 0.3 if count < bare_decoder.slots else 30.0
-    with scheduler_over(bare_decoder, admit_gap_s=gap, admit_hold_s=30.0) as scheduler:
-        started = time.perf_counter()
-        requests = []
-        for index in range(count):
-            requests.append(submit(scheduler, index))
-            time.sleep(0.002)
-        assert [len(tokens_of(request)) for request in requests] == [NEW] * count
-        assert (scheduler.times.prefill_passes, scheduler.times.prefill_rows) == (1, count)
-        assert time.perf_counter() - started < 10
-
-
-def test_a_lone_request_is_held_no_longer_than_admit_hold_s(bare_decoder):
-    with scheduler_over(bare_decoder, admit_gap_s=30.0, admit_hold_s=0.3) as scheduler:
-        started = time.perf_counter()
-        assert len(tokens_of(submit(scheduler, 0))) == NEW
-        assert 0.3 <= time.perf_counter() - started < 10
-
-
-def test_admit_gap_s_0_admits_each_arrival_at_once(bare_decoder):
-    """Holding off: a lone request starts at once, and one arriving after a pass goes in a pass of its own."""
-    with scheduler_over(bare_decoder, admit_gap_s=0.0, admit_hold_s=30.0) as scheduler:
-        started = time.perf_counter()
-        first = submit(scheduler, 0)
-        assert first.tokens.get(timeout=10) is not None
-        second = submit(scheduler, 1)
-        assert len(tokens_of(first)) == NEW - 1 and len(tokens_of(second)) == NEW
-        assert (scheduler.times.prefill_passes, scheduler.times.prefill_rows) == (2, 2)
-        assert time.perf_counter() - started < 10
-
-
-def test_rows_already_decoding_keep_decoding_while_arrivals_are_held(bare_decoder):
-    """A request held for its burst stalls none of the rows decoding: one finishes meanwhile."""
-    with scheduler_over(bare_decoder, admit_gap_s=0.0) as scheduler:
-        running = submit(scheduler, 0, new=20)
-        assert running.tokens.get(timeout=10) is not None
-        scheduler.admit_gap_s, scheduler.admit_hold_s = 30.0, 5.0
-        held = submit(scheduler, 1)
-        assert len(tokens_of(running)) == 19
-        assert scheduler.load()["waiting"] == 1  # still held, its 5 s not over
-        assert len(tokens_of(held)) == NEW

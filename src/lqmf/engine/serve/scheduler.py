@@ -1,8 +1,6 @@
 """Continuous batching: one thread runs the batched decoder for every request in flight.
 
-Requests wait in a bounded FIFO queue; whenever a slot of the decoder is free, the oldest joins,
-unless its burst of arrivals is still coming in (`hold_arrivals`): then it waits a few milliseconds for
-the rest, so the burst is read in one prefill pass instead of three.
+Requests wait in a bounded FIFO queue; whenever a slot of the decoder is free, the oldest joins.
 Each turn of the loop runs, in order: swaps asked for in between (`call`), admissions, one prefill
 pass over the next chunks of the rows still reading their prompts (oldest first, up to
 `prefill_chunk` tokens), and one decode step for every row generating.
@@ -50,12 +48,6 @@ from lqmf.engine.decode.sampling import seeded_generator
 from lqmf.engine.lora.stacked import StackedAdapter, read_adapter
 
 log = logging.getLogger("lqmf.serve")
-
-# Under load, clients send their next request as their last one ends, so requests come in bursts, ~0.5-2 ms
-# apart, while one prefill pass costs about the same for 1 row as for 16 (a CUDA graph, 17-26 ms on an H100).
-# Admitting each arrival at once reads a burst in 2-3 passes; holding it for the rest reads it in one.
-ADMIT_GAP_S = 0.003  # a request arriving within this long of the one before is part of its burst
-ADMIT_HOLD_S = 0.02  # the longest the oldest waiting request is held for the rest of its burst
 
 
 class Busy(LqmfError):
@@ -146,30 +138,17 @@ def prefill_group(chunks: list[tuple[int, bool]], budget: int, replays: Callable
     return count
 
 
-def hold_arrivals(now: float, oldest: float, newest: float, waiting: int, free: int, gap: float,
-                  hold: float) -> float:
-    """How long to hold the waiting requests for the rest of their burst (0.0: admit them now): while
-    fewer wait than there are free slots, the newest arrived (at newest) within gap and the oldest (at
-    oldest) has waited less than hold; then the time until either is no longer so. gap 0: never hold."""
-    if not waiting or waiting >= free or now - newest >= gap or now - oldest >= hold:
-        return 0.0
-    return min(newest + gap, oldest + hold) - now
-
-
 class Scheduler:
     """Owns the decoder, its adapters and the loop thread."""
 
-    def __init__(self, decoder: BatchedDecoder, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK,
-                 admit_gap_s: float = ADMIT_GAP_S, admit_hold_s: float = ADMIT_HOLD_S):
+    def __init__(self, decoder: BatchedDecoder, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK):
         self.decoder = decoder
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
-        self.admit_gap_s, self.admit_hold_s = admit_gap_s, admit_hold_s
         self.entries: dict[int, StackedAdapter] = {}
         self._index: dict[int, int] = {}  # entry id -> adapter index in the decoder (0: none)
         self._ids = itertools.count(1)
         self._waiting: collections.deque[BatchRequest] = collections.deque()
-        self._last_arrival = 0.0  # when the newest request was submitted (perf_counter)
         self._rows: dict[int, _Row] = {}  # slot -> row
         self._free = list(range(decoder.slots))
         self._in_flight: tuple[Step, list[_Row | None]] | None = None  # a greedy step not yet read back
@@ -213,7 +192,6 @@ class Scheduler:
                 raise Busy(f"the server is busy: {len(self._rows)} requests running and {len(self._waiting)} "
                            "waiting", self._retry_after())
             self._waiting.append(request)
-            self._last_arrival = time.perf_counter()
             self._wake.notify()
         return request
 
@@ -288,11 +266,8 @@ class Scheduler:
             while True:
                 with self._wake:
                     idle_since = time.perf_counter()
-                    while not (self._stopping or self._commands or self._rows or self._in_flight):
-                        held = self._hold_left()
-                        if self._waiting and not held:
-                            break
-                        self._wake.wait(held or None)  # a new arrival wakes it: the hold is weighed again
+                    while not (self._stopping or self._commands or self._waiting or self._rows or self._in_flight):
+                        self._wake.wait()
                     self.times.idle_s += time.perf_counter() - idle_since
                     if self._stopping:
                         break
@@ -340,19 +315,9 @@ class Scheduler:
     def _decoding(self) -> dict[int, _Row]:
         return {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
 
-    def _hold_left(self) -> float:
-        """Under self._wake: how long the waiting requests are still held for their burst (`hold_arrivals`)."""
-        if not self._waiting:
-            return 0.0
-        return hold_arrivals(time.perf_counter(), self._waiting[0].submitted, self._last_arrival, len(self._waiting),
-                             len(self._free), self.admit_gap_s, self.admit_hold_s)
-
     def _admit(self) -> None:
-        """Give free slots to the oldest waiting requests, unless their burst is still arriving."""
         admitted = []
         with self._wake:
-            if self._hold_left():
-                return
             while self._waiting and self._free:
                 request = self._waiting.popleft()
                 if request.cancelled.is_set():
