@@ -219,6 +219,24 @@ def test_a_13b_model_needs_two_8gb_gpus_with_fsdp(cli, workspace):
     assert strategies["fsdp"]["per_gpu_gb"] <= 8
 
 
+@pytest.mark.parametrize(("mode", "device", "processes", "tiled", "liger", "expected"), [
+    ("auto", "cuda", 1, False, True, (True, None)),  # the measured case
+    ("auto", "cuda", 2, False, True, (False, None)),  # DDP / FSDP: not checked with them
+    ("auto", "cuda", 1, True, True, (False, None)),  # with the tiled MLP: not checked
+    ("auto", "cpu", 1, False, True, (False, None)),
+    ("auto", "cuda", 1, False, False, (False, "fused_kernels=auto: PyTorch's kernels kept: no liger-kernel")),
+    ("on", "cuda", 2, True, True, (True, None)),
+    ("on", "cpu", 1, False, True, (False, "fused_kernels=on: PyTorch's kernels kept: not CUDA")),
+    ("off", "cuda", 1, False, True, (False, None)),
+])
+def test_fused_kernels_auto_takes_them_only_where_they_were_measured(mode, device, processes, tiled, liger, expected,
+                                                                     monkeypatch):
+    from lqmf.engine.fused import blocks
+
+    monkeypatch.setattr(blocks, "unavailable", {"cuda": None if liger else "no liger-kernel", "cpu": "not CUDA"}.get)
+    assert blocks.fused_kernels_wanted(mode, device, processes, tiled) == expected
+
+
 def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
     """`lqmf train` with packing on and off (auto packs these short chats): the same losses. The
     switches that change nothing here (sequences under a tile; fused kernels off the GPU) train the
@@ -240,6 +258,7 @@ def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
     assert [runtimes[name]["pack_tokens"] for name in variants] == [256, 0, 0]
     assert runtimes["switches"]["tiled_mlp"] and runtimes["switches"]["fused_kernels"] is None
     assert "fused_kernels=on: PyTorch's kernels kept" in result.stderr
+    assert runtimes["off"]["fused_kernels"] is None and "fused_kernels" not in notes["off"]  # auto, on the CPU
     assert "chunked attention on" in notes["auto"] and "chunked attention" not in notes["off"]
     assert len(curves["off"]) == 3 and curves["auto"] == pytest.approx(curves["off"], rel=1e-4)
     assert curves["switches"] == pytest.approx(curves["off"], rel=1e-5)

@@ -78,8 +78,7 @@ class Recipe:
             self.events.on_note(note)
         self.model = self.loaded.model  # the PEFT model: what is saved
         self.fused_kernels: dict[str, int] | None = None
-        if self.config.fused_kernels == "on":
-            self._use_fused_kernels()
+        self._use_fused_kernels()
         self.lean_norms = 0 if self.fused_kernels else lean_rms_norms(self.model)
         if self.memory.tiled_mlp:
             tile_mlps(self.model)
@@ -110,9 +109,11 @@ class Recipe:
     def _use_fused_kernels(self) -> None:
         from lqmf.engine.fused import blocks
 
-        reason = blocks.unavailable(self.loaded.device)
-        if reason:
-            self.events.on_note(f"fused_kernels=on: PyTorch's kernels kept: {reason}")
+        wanted, note = blocks.fused_kernels_wanted(self.config.fused_kernels, self.loaded.device,
+                                                   self.prepared.world_size, self.memory.tiled_mlp)
+        if note:
+            self.events.on_note(note)
+        if not wanted:
             return
         self.fused_kernels = blocks.use_fused_kernels(self.model)
         self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
