@@ -53,8 +53,12 @@ if __name__ == "__main__":
     cap = float(sys.argv[1]) * 2**30
     torch.cuda.set_per_process_memory_fraction(min(1.0, cap / torch.cuda.get_device_properties(0).total_memory), 0)
     sys.argv = ["lqmf", *sys.argv[2:]]
+
+    def run_lqmf() -> None:
+        runpy.run_module("lqmf", run_name="__main__", alter_sys=True)
+
     target = os.environ.get("LQMF_KERNEL_PROFILE")
     if target:
-        profiled(lambda: runpy.run_module("lqmf", run_name="__main__", alter_sys=True), target)
+        profiled(run_lqmf, target)
     else:
-        runpy.run_module("lqmf", run_name="__main__", alter_sys=True)
+        run_lqmf()
