@@ -80,6 +80,23 @@ def candidates(smoke: bool) -> list:
             + gemvs(1, gemv_tiles[:2]) + dots(16, dot_tiles[:3]) + dots(16, dot_tiles[2:3], lut=1, stages=3)))
 
 
+def one_row_candidates() -> list:
+    """A wider grid for one row (--grid one-row): tl.dot tiles of 16 x 16..64 columns, two or four
+    blocks a step, one or two warps, 3 or 4 stages, swapped or not, and lut 2 GEMVs; the first
+    sweeps' one-row winners first."""
+    from lqmf.engine.lora.nf4 import Config
+
+    winners = [Config(block_n=32, block_k=256, warps=1, stages=3, lut=2, late_scale=True),
+               Config(stages=3, lut=2, late_scale=True),
+               Config(block_n=128, warps=2, stages=3, lut=2, late_scale=True),
+               Config(block_n=32, block_k=256, warps=2, stages=3, lut=2, late_scale=True)]
+    dots = [Config(block_n=n, block_k=k, warps=w, stages=st, lut=2, swap=swap, late_scale=True)
+            for st in (4, 3) for n in (16, 32, 64) for k in (512, 256) for w in (1, 2) for swap in (True, False)]
+    gemvs = [Config(block_m=1, block_n=n, block_k=k, warps=w, dot=False, lut=2, late_scale=True)
+             for n, k, w in ((16, 512, 1), (32, 256, 1), (32, 512, 2), (64, 256, 2), (64, 512, 4))]
+    return list(dict.fromkeys(winners + dots + gemvs))
+
+
 def config_fits(config, rows: int) -> bool:
     """Whether config is one the table would use for rows: a GEMV of at most rows (<= 8) rows a tile,
     or a tl.dot tile no taller than the rows (16 at least)."""
@@ -148,7 +165,7 @@ def build(shapes: dict, device: str) -> dict:
 
 
 def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s: float, device: str,
-          results: dict, skipped: dict) -> None:
+          results: dict, skipped: dict, splits: tuple[int, ...] = (0, 1)) -> None:
     """Every config on every (shape, rows) it fits, bf16 inputs, into results {(name, rows): {(config index,
     split): (us, error)}}; configs that fail, or give a wrong answer, into skipped {index: why}."""
     import torch
@@ -169,7 +186,7 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
             shape = tuple(weight["dense"].shape)
             if not config_fits(config, rows) or fitted(config, rows, shape, BLOCKSIZE)[0].block_k != config.block_k:
                 continue
-            for split in (0, 1):
+            for split in splits:
                 def call(config=replace(config, split=split), x=x, weight=weight, shape=shape):
                     return nf4_matmul(x, weight["packed"], weight["absmax"], weight["code"], shape, BLOCKSIZE, config,
                                       standard_code=weight["standard_code"])
@@ -301,6 +318,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=85.0,
                         help="stop trying new configs after this long (the float32 checks: 20 s more)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
+    parser.add_argument("--grid", choices=("default", "one-row"), default="default",
+                        help="one-row: a wider grid of one-row configs (`one_row_candidates`)")
+    parser.add_argument("--splits", type=int, nargs="+", default=[0, 1],
+                        help="slices of K to try per config (0: enough for nf4.TARGET_WARPS warps)")
     args = parser.parse_args()
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when triton is imported
@@ -313,7 +334,7 @@ def main() -> None:
     torch.manual_seed(0)
     began = time.monotonic()
     weights = build(SMOKE_SHAPES if args.smoke else SHAPES, device)
-    configs = candidates(args.smoke)
+    configs = one_row_candidates() if args.grid == "one-row" and not args.smoke else candidates(args.smoke)
     rows_list = [1, 3, 17] if args.smoke and args.rows == parser.get_default("rows") else args.rows
     measure = timer(args.smoke)
     results: dict = {}
@@ -326,7 +347,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        sweep(weights, rows_list, configs, measure, args.budget_s, device, results, skipped)
+        sweep(weights, rows_list, configs, measure, args.budget_s, device, results, skipped, tuple(args.splits))
         summary = summarize(weights, rows_list, configs, results, measure, device, began + args.budget_s + 20)
     except Exception as failure:  # the device failed: keep what was measured
         partial = {f"{name}/{rows}": {f"{i}/split{s}": t for (i, s), (t, _) in timed.items()}
