@@ -363,3 +363,31 @@ def test_attention_implementation_is_what_the_model_runs_and_follows_a_switch():
     assert compat.attention_implementation(model) == "sdpa"
     model.set_attn_implementation("eager")
     assert compat.attention_implementation(model) == "eager"
+
+
+def test_rotary_embedding_as_swaps_what_the_attention_calls_and_puts_it_back():
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from lqmf.engine.compat import rotary_attention_layers, rotary_embedding_as
+    from tests.helpers import lora_model
+
+    model = lora_model().eval()  # no dropout: the two passes compare
+    original = modeling_llama.apply_rotary_pos_emb
+    assert rotary_attention_layers(model) == ([modeling_llama], 3)
+    calls = []
+
+    def counted(q, k, cos, sin, *args, **kwargs):
+        calls.append(q.shape)
+        return original(q, k, cos, sin, *args, **kwargs)
+
+    ids = torch.randint(0, 128, (2, 7))
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        with rotary_embedding_as(model, counted):
+            got = model(input_ids=ids).logits
+        assert len(calls) == 3 and calls[0] == (2, 4, 7, 16)  # each layer, q as [batch, heads, tokens, head]
+        torch.testing.assert_close(got, expected)
+        with pytest.raises(RuntimeError), rotary_embedding_as(model, counted):
+            raise RuntimeError
+    assert modeling_llama.apply_rotary_pos_emb is original

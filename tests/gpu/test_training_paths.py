@@ -6,8 +6,8 @@
 - packed examples (data.pack / collate_packed, position ids restarting) against the same examples
   padded one per row;
 - the tiled MLP (engine/fused/blocks.py: tile_mlps) against the plain MLP;
-- liger-kernel's RMSNorm and SiLU-multiply (`fused_kernels: on`, blocks.use_fused_kernels) against
-  transformers' modules; skipped where liger-kernel is not installed;
+- liger-kernel's RMSNorm, SiLU-multiply and RoPE (`fused_kernels`, blocks.use_fused_kernels and
+  fused_rope), padded and packed rows, against transformers' modules; skipped without liger-kernel;
 - LeanRMSNorm (engine/fused/norm.py, on in `lqmf train` unless liger's norms are) against transformers'
   norms, whole and a few tokens a chunk.
 
@@ -123,13 +123,18 @@ def test_tiled_mlp_matches_the_plain_mlp(base_dir):
 
 def test_liger_kernels_match_the_plain_modules(base_dir):
     pytest.importorskip("liger_kernel")
-    from lqmf.engine.fused.blocks import use_fused_kernels
+    from lqmf.engine.fused.blocks import fused_rope, use_fused_kernels
 
     model = _model(base_dir)
-    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
-    plain = _loss_and_grads(model, batch)
-    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4}
-    _assert_close("liger kernels", plain, _loss_and_grads(model, batch))
+    rows = _rows()
+    batch = _on_gpu(data_mod.collate(rows, pad_id=0, classification=False))
+    packed = _on_gpu(data_mod.collate_packed(data_mod.pack(rows, capacity=256), pad_id=0))
+    plain, plain_packed = _loss_and_grads(model, batch), _loss_and_grads(model, packed)
+    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4, "rope": 4}
+    _assert_close("liger norms and SwiGLU", plain, _loss_and_grads(model, batch))
+    with fused_rope(model):  # as `lqmf train` runs its loop
+        _assert_close("liger norms, SwiGLU and RoPE", plain, _loss_and_grads(model, batch))
+        _assert_close("liger kernels, packed rows", plain_packed, _loss_and_grads(model, packed))
 
 
 @pytest.mark.parametrize("chunk_tokens", [2048, 100])

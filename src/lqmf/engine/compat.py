@@ -3,6 +3,7 @@ that fails loudly when an upgrade changes it. Other modules call these functions
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 
@@ -231,3 +232,42 @@ def attention_implementation(model) -> str | None:
     """The attention implementation a transformers model runs (its config's `_attn_implementation`, which
     `set_attn_implementation` leaves unchanged, with a logged warning, where the class cannot switch)."""
     return getattr(model.config, "_attn_implementation", None)
+
+
+# transformers' model modules whose attention calls a module-level `apply_rotary_pos_emb(q, k, cos, sin,
+# unsqueeze_dim=1)` that rotates the whole head by `rotate_half` (what liger-kernel's RoPE computes)
+ROTATE_HALF_MODULES = ("transformers.models.llama.modeling_llama", "transformers.models.mistral.modeling_mistral",
+                       "transformers.models.qwen2.modeling_qwen2")
+
+
+def rotary_attention_layers(model) -> tuple[list, int]:
+    """The transformers modules (of ROTATE_HALF_MODULES) whose attention classes model's layers are, and
+    how many attention layers that covers."""
+    import sys
+
+    modules: dict[str, Any] = {}
+    layers = 0
+    for module in model.modules():
+        name = type(module).__module__
+        if name in ROTATE_HALF_MODULES and type(module).__name__.endswith("Attention"):
+            home = sys.modules[name]
+            if callable(getattr(home, "apply_rotary_pos_emb", None)):
+                modules[name] = home
+                layers += 1
+    return list(modules.values()), layers
+
+
+@contextlib.contextmanager
+def rotary_embedding_as(model, function):
+    """Within the block, model's attention layers (`rotary_attention_layers`) rotate q and k with function
+    in place of their module's `apply_rotary_pos_emb`, which their forward looks up by that global
+    name; every other model of those classes in the process does too, until the block ends."""
+    homes, _ = rotary_attention_layers(model)
+    saved = [(home, home.apply_rotary_pos_emb) for home in homes]
+    try:
+        for home, _ in saved:
+            home.apply_rotary_pos_emb = function
+        yield
+    finally:
+        for home, original in saved:
+            home.apply_rotary_pos_emb = original

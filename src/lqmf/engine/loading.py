@@ -32,7 +32,7 @@ def quiet_libraries() -> None:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    for name in ("bitsandbytes", "peft", "accelerate", "transformers", "huggingface_hub", "datasets"):
+    for name in ("bitsandbytes", "peft", "accelerate", "transformers", "huggingface_hub", "datasets", "liger_kernel"):
         logging.getLogger(name).setLevel(logging.ERROR)
     for category, message in QUIET_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

@@ -178,6 +178,29 @@ def test_lean_rms_norms_train_the_plain_loss_and_gradients():
     _assert_same(plain, _loss_and_grads(model, batch))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_liger_rope_trains_the_plain_loss_and_gradients(packed):
+    """blocks.fused_rope (liger-kernel's RoPE, run by Triton's interpreter here) against transformers'
+    rotation, padded rows and packed ones (positions restarting, so cos and sin differ by row)."""
+    pytest.importorskip("liger_kernel")
+    import torch
+    from transformers.models.llama import modeling_llama
+
+    from lqmf.engine.fused.blocks import fused_rope
+
+    model = lora_model(lean=True)
+    rows = _rows([30, 9, 21, 12])
+    batch = (data_mod.collate_packed(data_mod.pack(rows, capacity=40), pad_id=0) if packed
+             else data_mod.collate(rows, pad_id=0, classification=False))
+    torch.manual_seed(3)
+    plain = _loss_and_grads(model, batch)
+    with fused_rope(model):
+        assert modeling_llama.apply_rotary_pos_emb.__module__.startswith("liger_kernel")
+        torch.manual_seed(3)
+        fused = _loss_and_grads(model, batch)
+    _assert_same(plain, fused)
+
+
 def plan_json(cli, *args: str) -> tuple[int, dict]:
     result = cli("plan", *args, "--json")
     return result.exit_code, json.loads(result.stdout)

@@ -13,13 +13,16 @@ a time. The price is one more forward pass of the MLP in backward.
 same `_modules` dict), so module names, PEFT's LoRA layers and the saved adapter's keys do not
 change; the original module's own forward computes each slice.
 
-Fused kernels (liger-kernel, Triton): RMSNorm, and SiLU(gate) x up. `fused_kernels: on` puts
+Fused kernels (liger-kernel, Triton): RMSNorm, SiLU(gate) x up, and RoPE. `fused_kernels: on` puts
 liger-kernel's `LigerRMSNorm` in place of Llama-style RMSNorm modules (the same weight, so the same
-names) and runs gated MLPs' activation through its fused SiLU-multiply (`FusedSwiGLU` shares the
-MLP's submodules as `TiledMLP` does). `auto` (the default) turns them on for a single-process CUDA
-run without the tiled MLP, the case measured: +19% tokens/s at seq 512 and 2,048 on an H100, the
-same loss, less memory (docs/performance.md). Where liger-kernel is missing or the device is not
-CUDA (Triton kernels), the model keeps PyTorch's modules (said where the user could expect them).
+names), runs gated MLPs' activation through its fused SiLU-multiply (`FusedSwiGLU` shares the
+MLP's submodules as `TiledMLP` does), and, while `fused_rope` is entered (the training loop), rotates
+q and k of Llama, Mistral and Qwen2 attention in one kernel each way (transformers' rotation takes
+about ten elementwise kernels over q and k a layer). `auto` (the default) turns them on for a
+single-process CUDA run without the tiled MLP, the case measured: +19% tokens/s at seq 512 and 2,048
+on an H100 for the norms and SwiGLU, the same loss, less memory (docs/performance.md). Where
+liger-kernel is missing or the device is not CUDA (Triton kernels), the model keeps PyTorch's modules
+(said where the user could expect them).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import importlib.util
 from typing import Any
 
 from lqmf.core.memory_plan import MLP_TILE_TOKENS
-from lqmf.engine.compat import share_children
+from lqmf.engine.compat import rotary_attention_layers, rotary_embedding_as, share_children
 from lqmf.engine.fused.norm import replace_rms_norms
 
 TILE_TOKENS = MLP_TILE_TOKENS
@@ -119,7 +122,8 @@ def _is_silu_gated_mlp(module) -> bool:
 
 
 def use_fused_kernels(model: Any) -> dict[str, int]:
-    """Swap in liger-kernel's modules (see the module docstring); how many norms and MLPs changed."""
+    """Swap in liger-kernel's modules (see the module docstring); how many norms and MLPs changed, and
+    how many attention layers `fused_rope` covers."""
     from liger_kernel.transformers import LigerRMSNorm
 
     def liger_norm(weight, eps: float):  # liger's "llama" casting mode computes what these norms compute
@@ -128,10 +132,19 @@ def use_fused_kernels(model: Any) -> dict[str, int]:
         return fused
 
     swiglu = _swiglu_class()
-    counts = {"rms_norm": replace_rms_norms(model, liger_norm, LigerRMSNorm), "swiglu": 0}
+    counts = {"rms_norm": replace_rms_norms(model, liger_norm, LigerRMSNorm), "swiglu": 0,
+              "rope": rotary_attention_layers(model)[1]}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name == "mlp" and _is_silu_gated_mlp(child):
                 setattr(parent, name, swiglu(child))
                 counts["swiglu"] += 1
     return counts
+
+
+def fused_rope(model: Any):
+    """A context in which model's Llama, Mistral and Qwen2 attention layers rotate q and k with
+    liger-kernel's RoPE (the same values; forward and backward one kernel each)."""
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+
+    return rotary_embedding_as(model, liger_rotary_pos_emb)

@@ -12,6 +12,7 @@ import math
 import random
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -117,7 +118,8 @@ class Recipe:
             return
         self.fused_kernels = blocks.use_fused_kernels(self.model)
         self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
-                            f"{self.fused_kernels['swiglu']} SwiGLU")
+                            f"{self.fused_kernels['swiglu']} SwiGLU, RoPE in {self.fused_kernels['rope']} attention "
+                            "layers")
 
     def _use_chunked_attention(self) -> None:
         from lqmf.engine.fused import attention
@@ -191,6 +193,16 @@ class Recipe:
 
     def run(self, loaded: LoadedModel | None = None) -> steps.Outcome:
         self.setup(loaded)
+        with self._rotary_context():
+            return self._run_loop()
+
+    def _rotary_context(self):
+        """liger-kernel's RoPE for the run where the fused kernels are on (blocks.fused_rope)."""
+        from lqmf.engine.fused import blocks
+
+        return blocks.fused_rope(self.model) if self.fused_kernels and self.fused_kernels["rope"] else nullcontext()
+
+    def _run_loop(self) -> steps.Outcome:
         if (self.prepared.validation and self.config.eval_at_start and self.progress["step"] == 0
                 and self.progress["initial_eval"] is None):
             self.progress["initial_eval"] = self.evaluate(0, 0.0)
