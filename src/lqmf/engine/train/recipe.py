@@ -117,9 +117,10 @@ class Recipe:
         if not wanted:
             return
         self.fused_kernels = blocks.use_fused_kernels(self.model)
-        self.events.on_note(f"fused kernels (liger-kernel): {self.fused_kernels['rms_norm']} RMSNorm, "
-                            f"{self.fused_kernels['swiglu']} SwiGLU, RoPE in {self.fused_kernels['rope']} attention "
-                            "layers")
+        counts = self.fused_kernels
+        rope = f"RoPE in {counts['rope']} attention layers" if counts["rope"] else "transformers' RoPE (not fused here)"
+        self.events.on_note(f"fused kernels (liger-kernel): {counts['rms_norm']} RMSNorm, {counts['swiglu']} SwiGLU, "
+                            f"{rope}")
 
     def _use_chunked_attention(self) -> None:
         from lqmf.engine.fused import attention
