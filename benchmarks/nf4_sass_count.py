@@ -11,6 +11,7 @@ half those lanes, so above about 2.2 of those a value cannot either. A static co
 memory stalls and tensor-core work are not in it.
 
     PYTHONPATH=src python3 benchmarks/nf4_sass_count.py [config indices...]
+    PYTHONPATH=src python3 benchmarks/nf4_sass_count.py --table     # nf4.CONFIGS' tiles
     PYTHONPATH=src python3 benchmarks/nf4_sass_count.py --check-tables
 
 --check-tables compiles nf4.CONFIGS' tiles and says whether lut 2's input layout groups four
@@ -129,13 +130,18 @@ def main() -> None:
     import triton
     from nf4_kernel_bench import candidates
 
+    from lqmf.engine.lora import nf4
+
     tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    configs = candidates(smoke=False)
-    chosen = [int(arg) for arg in sys.argv[1:]] or range(len(configs))
+    if sys.argv[1:] == ["--table"]:  # nf4.CONFIGS, labelled by (row bucket, N, K)
+        named = [(str(key), config) for key, config in nf4.CONFIGS.items()]
+    else:
+        configs = candidates(smoke=False)
+        named = [(f"{index:>2}", configs[index]) for index in
+                 ([int(arg) for arg in sys.argv[1:]] or range(len(configs)))]
     cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "nf4_sass_count.cubin"
-    for index in chosen:
-        config = configs[index]
-        brief = (f"{index:>2} {'dot' if config.dot else 'gemv'} m{config.block_m} n{config.block_n} k{config.block_k} "
+    for label, config in named:
+        brief = (f"{label} {'dot' if config.dot else 'gemv'} m{config.block_m} n{config.block_n} k{config.block_k} "
                  f"w{config.warps} st{config.stages} lut{config.lut}{' swap' if config.swap else ''}"
                  f"{' late' if config.late_scale else ''}")
         try:
@@ -152,10 +158,12 @@ def main() -> None:
         kinds = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
         registers, spilled = (re.search(pattern, usage).group(1) for pattern in (r"REG:(\d+)", r"LOCAL:(\d+)"))
         integer = sum(kinds[kind] for kind in INTEGER_PIPE)
+        moves = collections.Counter(text.split()[0] for text in loop if text.startswith("IMAD."))
         print(f"{brief}: registers {registers}, spilled {spilled} B, shared {kernel.metadata.shared} B, "
               f"loop {len(loop)} instructions = {len(loop) / values:.2f} a weight value "
               f"({integer / values:.2f} on the integer pipe); "
-              f"{', '.join(f'{kind} {count}' for kind, count in kinds.most_common(6))}", flush=True)
+              f"{', '.join(f'{kind} {count}' for kind, count in kinds.most_common(6))}; "
+              f"IMAD forms: {', '.join(f'{kind} {count}' for kind, count in moves.most_common(4))}", flush=True)
 
 
 if __name__ == "__main__":
