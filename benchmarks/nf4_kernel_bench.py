@@ -97,6 +97,19 @@ def one_row_candidates() -> list:
     return list(dict.fromkeys(winners + dots + gemvs))
 
 
+def batch_candidates(rows: int) -> list:
+    """A wider grid for a decode batch of this many rows (--grid batch, 16 or more rows): tl.dot tiles as
+    tall as the row bucket, 32..128 columns, two or four blocks a step, 1, 2 or 4 warps, 2 or 3 stages,
+    swapped or not; the table's tiles for that bucket first."""
+    from lqmf.engine.lora.nf4 import CONFIGS, Config, row_bucket
+
+    bucket = max(16, row_bucket(rows))
+    table = [replace(config, split=0) for (rows_key, _, _), config in CONFIGS.items() if rows_key == bucket]
+    grid = [Config(block_m=bucket, block_n=n, block_k=k, warps=w, stages=st, lut=2, swap=swap, late_scale=True)
+            for st in (3, 2) for n in (64, 32, 128) for k in (256, 128) for w in (2, 1, 4) for swap in (True, False)]
+    return list(dict.fromkeys(table + grid))
+
+
 def config_fits(config, rows: int) -> bool:
     """Whether config is one the table would use for rows: a GEMV of at most rows (<= 8) rows a tile,
     or a tl.dot tile no taller than the rows (16 at least)."""
@@ -318,8 +331,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=85.0,
                         help="stop trying new configs after this long (the float32 checks: 20 s more)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
-    parser.add_argument("--grid", choices=("default", "one-row"), default="default",
-                        help="one-row: a wider grid of one-row configs (`one_row_candidates`)")
+    parser.add_argument("--grid", choices=("default", "one-row", "batch"), default="default",
+                        help="one-row: a wider grid of one-row configs (`one_row_candidates`); batch: of configs "
+                             "for the largest of --rows (`batch_candidates`)")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1],
                         help="slices of K to try per config (0: enough for nf4.TARGET_WARPS warps)")
     args = parser.parse_args()
@@ -334,7 +348,8 @@ def main() -> None:
     torch.manual_seed(0)
     began = time.monotonic()
     weights = build(SMOKE_SHAPES if args.smoke else SHAPES, device)
-    configs = one_row_candidates() if args.grid == "one-row" and not args.smoke else candidates(args.smoke)
+    grids = {"one-row": one_row_candidates, "batch": lambda: batch_candidates(max(args.rows))}
+    configs = grids[args.grid]() if args.grid in grids and not args.smoke else candidates(args.smoke)
     rows_list = [1, 3, 17] if args.smoke and args.rows == parser.get_default("rows") else args.rows
     measure = timer(args.smoke)
     results: dict = {}
