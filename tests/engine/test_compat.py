@@ -366,7 +366,6 @@ def test_attention_implementation_is_what_the_model_runs_and_follows_a_switch():
 
 
 def test_rotary_embedding_as_swaps_what_the_attention_calls_and_puts_it_back():
-    import torch
     from transformers.models.llama import modeling_llama
 
     from lqmf.engine.compat import rotary_attention_layers, rotary_embedding_as

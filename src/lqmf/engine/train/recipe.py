@@ -24,7 +24,7 @@ from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
-from lqmf.engine.fused.blocks import TILE_TOKENS, tile_mlps
+from lqmf.engine.fused.blocks import TILE_TOKENS, fused_kernels_wanted, fused_rope, tile_mlps, use_fused_kernels
 from lqmf.engine.fused.norm import lean_rms_norms
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
 from lqmf.engine.train import fsdp
@@ -108,15 +108,13 @@ class Recipe:
         self.events.on_plan(self.plan)
 
     def _use_fused_kernels(self) -> None:
-        from lqmf.engine.fused import blocks
-
-        wanted, note = blocks.fused_kernels_wanted(self.config.fused_kernels, self.loaded.device,
-                                                   self.prepared.world_size, self.memory.tiled_mlp)
+        wanted, note = fused_kernels_wanted(self.config.fused_kernels, self.loaded.device, self.prepared.world_size,
+                                            self.memory.tiled_mlp)
         if note:
             self.events.on_note(note)
         if not wanted:
             return
-        self.fused_kernels = blocks.use_fused_kernels(self.model)
+        self.fused_kernels = use_fused_kernels(self.model)
         counts = self.fused_kernels
         rope = f"RoPE in {counts['rope']} attention layers" if counts["rope"] else "transformers' RoPE (not fused here)"
         self.events.on_note(f"fused kernels (liger-kernel): {counts['rms_norm']} RMSNorm, {counts['swiglu']} SwiGLU, "
@@ -198,10 +196,8 @@ class Recipe:
             return self._run_loop()
 
     def _rotary_context(self):
-        """liger-kernel's RoPE for the run where the fused kernels are on (blocks.fused_rope)."""
-        from lqmf.engine.fused import blocks
-
-        return blocks.fused_rope(self.model) if self.fused_kernels and self.fused_kernels["rope"] else nullcontext()
+        """liger-kernel's RoPE for the run where the fused kernels are on (fused_rope)."""
+        return fused_rope(self.model) if self.fused_kernels and self.fused_kernels["rope"] else nullcontext()
 
     def _run_loop(self) -> steps.Outcome:
         if (self.prepared.validation and self.config.eval_at_start and self.progress["step"] == 0
