@@ -110,6 +110,13 @@ def batch_candidates(rows: int) -> list:
     return list(dict.fromkeys(table + grid))
 
 
+def table_candidates() -> list:
+    """nf4.CONFIGS' tiles as the table has them (--grid table: the same grid for two source trees)."""
+    from lqmf.engine.lora.nf4 import CONFIGS
+
+    return list(dict.fromkeys(CONFIGS.values()))
+
+
 def config_fits(config, rows: int) -> bool:
     """Whether config is one the table would use for rows: a GEMV of at most rows (<= 8) rows a tile,
     or a tl.dot tile no taller than the rows (16 at least)."""
@@ -331,9 +338,9 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=85.0,
                         help="stop trying new configs after this long (the float32 checks: 20 s more)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
-    parser.add_argument("--grid", choices=("default", "one-row", "batch"), default="default",
+    parser.add_argument("--grid", choices=("default", "one-row", "batch", "table"), default="default",
                         help="one-row: a wider grid of one-row configs (`one_row_candidates`); batch: of configs "
-                             "for the largest of --rows (`batch_candidates`)")
+                             "for the largest of --rows (`batch_candidates`); table: nf4.CONFIGS' own tiles")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1],
                         help="slices of K to try per config (0: enough for nf4.TARGET_WARPS warps)")
     args = parser.parse_args()
@@ -348,7 +355,8 @@ def main() -> None:
     torch.manual_seed(0)
     began = time.monotonic()
     weights = build(SMOKE_SHAPES if args.smoke else SHAPES, device)
-    grids = {"one-row": one_row_candidates, "batch": lambda: batch_candidates(max(args.rows))}
+    grids = {"one-row": one_row_candidates, "batch": lambda: batch_candidates(max(args.rows)),
+             "table": table_candidates}
     configs = grids[args.grid]() if args.grid in grids and not args.smoke else candidates(args.smoke)
     rows_list = [1, 3, 17] if args.smoke and args.rows == parser.get_default("rows") else args.rows
     measure = timer(args.smoke)

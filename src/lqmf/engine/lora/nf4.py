@@ -12,8 +12,8 @@ the candidates on a GPU and prints the table.
 stacked by compat.stack_4bit, or one layer), it runs the kernel where `kernel_applies` and
 bitsandbytes' own path otherwise. Off the GPU the kernel does not apply (the tests set OFF_GPU and run
 it in Triton's interpreter). On by default (DEFAULT_SWITCH): with the NF4 lookup in registers (lut 2)
-the 32 layers' base matmuls of a 7B decode step take 3.19 ms at 16 rows and 4.06 ms at 32 against
-bitsandbytes' 12.57 and 12.71 ms, and 2.92 against 3.46 ms at one row (H100, docs/serving.md).
+the 32 layers' base matmuls of a 7B decode step take 3.04 ms at 16 rows and 4.01 ms at 32 against
+bitsandbytes' 12.50 and 12.66 ms, and 2.92 against 3.46 ms at one row (H100, docs/serving.md).
 LQMF_NF4_KERNEL=0 turns it off, 1 on. lut 2 is PTX written here whose byte groups follow the register
 layout Triton picks, so `lookup_verified` checks each compiled variant on its first launch.
 """
@@ -58,24 +58,25 @@ class Config:
     # the dot rounds the codes, not code * absmax, to x's dtype: not bitsandbytes' rounding, as close)
 
 
-# (row bucket, N, K) -> Config, from GPU sweeps (benchmarks/nf4_kernel_bench.py prints this table): the
-# best of the configs it reached within 55 s at 16 and 32 rows of the Mistral-7B shapes, one H100,
-# 2026-12-07, and at one row the best of a wider grid with 1, 2, 8 or auto slices of K (`--grid one-row
-# --splits 0 1 2 8`, session 11: 2.92 ms a step against 3.11) (docs/serving.md): lut 2 everywhere, 1- and
-# 2-warp tiles at most shapes. Other shapes and row buckets take `default_config`.
+# (row bucket, N, K) -> Config, from GPU sweeps (benchmarks/nf4_kernel_bench.py prints this table), one
+# H100, 2026-12-07 (docs/serving.md): at one row the best of a wide grid with 1, 2, 8 or auto slices of K
+# (`--grid one-row --splits 0 1 2 8`, session 11: 2.92 ms a step against 3.11); at 16 and 32 rows the best
+# of the table's own tiles at every shape with those slices (`--grid table`, session 12: 3.04 ms a step at
+# 16 rows, 4.01 at 32): lut 2 everywhere, mostly 4-warp 16 x 64 x 128 tiles with K in 2 or 8 slices. Other
+# shapes and row buckets take `default_config`.
 CONFIGS: dict[tuple[int, int, int], Config] = {
     (1, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True),
-    (16, 6144, 4096): Config(block_n=32, block_k=256, warps=2, stages=3, lut=2, swap=True, late_scale=True),
-    (32, 6144, 4096): Config(block_m=32, block_k=256, warps=2, lut=2, swap=True, late_scale=True),
+    (16, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True),
+    (32, 6144, 4096): Config(block_m=32, split=8, lut=2, late_scale=True),
     (1, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
     (16, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
     (32, 4096, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
     (1, 28672, 4096): Config(split=2, stages=3, lut=2, late_scale=True),
-    (16, 28672, 4096): Config(warps=1, stages=3, lut=2, swap=True, late_scale=True),
-    (32, 28672, 4096): Config(block_m=32, split=1, lut=2, late_scale=True),
+    (16, 28672, 4096): Config(split=2, stages=3, lut=2, late_scale=True),
+    (32, 28672, 4096): Config(block_m=32, lut=2, late_scale=True),
     (1, 4096, 14336): Config(block_n=32, block_k=256, split=8, warps=2, stages=3, lut=2, late_scale=True),
-    (16, 4096, 14336): Config(block_n=32, block_k=256, warps=2, stages=3, lut=2, swap=True, late_scale=True),
-    (32, 4096, 14336): Config(block_m=32, block_k=256, warps=2, lut=2, swap=True, late_scale=True),
+    (16, 4096, 14336): Config(split=8, stages=3, lut=2, late_scale=True),
+    (32, 4096, 14336): Config(block_m=32, block_k=256, split=8, warps=2, lut=2, swap=True, late_scale=True),
 }
 
 
