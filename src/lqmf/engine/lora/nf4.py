@@ -62,8 +62,8 @@ class Config:
 # H100, 2026-12-07 (docs/serving.md): at one row the best of a wide grid with 1, 2, 8 or auto slices of K
 # (`--grid one-row --splits 0 1 2 8`, session 11: 2.92 ms a step against 3.11); at 16 and 32 rows the best
 # of the table's own tiles at every shape with those slices (`--grid table`, session 12: 3.04 ms a step at
-# 16 rows, 4.01 at 32): lut 2 everywhere, mostly 4-warp 16 x 64 x 128 tiles with K in 2 or 8 slices. Other
-# shapes and row buckets take `default_config`.
+# 16 rows, 4.01 at 32): lut 2 everywhere; at 16 rows the 4-warp 16 x 64 x 128 tile, K in 2 or 8 slices at
+# three shapes. Other shapes and row buckets take `default_config`.
 CONFIGS: dict[tuple[int, int, int], Config] = {
     (1, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True),
     (16, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True),
