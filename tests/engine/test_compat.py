@@ -390,3 +390,34 @@ def test_rotary_embedding_as_swaps_what_the_attention_calls_and_puts_it_back():
         with pytest.raises(RuntimeError), rotary_embedding_as(model, counted):
             raise RuntimeError
     assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_a_layer_taken_out_of_checkpointing_saves_its_tensors_and_gives_the_same_gradients(tiny_model):
+    """transformers checkpoints each decoder layer whose instance flag is on (what it saves for backward
+    is dropped and recomputed, unseen by outer saved-tensor hooks); with one layer's flag off that layer
+    hands its saved tensors to the outer hooks, as activation offload needs, and the gradients are the same."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lqmf.engine.compat import checkpointed_layers, set_layer_checkpointing
+
+    def packs_and_gradients(model) -> tuple[int, list]:
+        ids = torch.tensor([[1, 2, 3, 4]])
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids).loss
+        model.zero_grad()
+        loss.backward()
+        return len(packed), [p.grad.clone() for p in model.parameters()]
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    layers = checkpointed_layers(model)
+    assert len(layers) == model.config.num_hidden_layers == 2
+    every, grads = packs_and_gradients(model)
+    set_layer_checkpointing(layers[0], False)
+    kept, kept_grads = packs_and_gradients(model)
+    assert kept >= every + 7  # at least the inputs of its seven linears, whose weights train here
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, kept_grads, strict=True))

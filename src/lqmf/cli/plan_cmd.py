@@ -21,6 +21,7 @@ from lqmf.core.memory_plan import (
     choose_strategy,
     estimate,
     fit_strategies,
+    kept_layers_for,
     largest_micro_batch,
     largest_seq_len,
     largest_serving_batch,
@@ -39,7 +40,7 @@ OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "bat
                 "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
                 "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory",
                 "offload_activations": "offload", "strategy": "strategy", "packing": "packing",
-                "tiled_mlp": "tiled-mlp"}
+                "tiled_mlp": "tiled-mlp", "kept_layers": "kept-layers"}
 
 COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
@@ -131,6 +132,8 @@ def plan(
                                         help="Count examples as packed into --seq-len sequences (packing=on)."),
     tiled_mlp: bool | None = typer.Option(None, "--tiled-mlp/--no-tiled-mlp",
                                           help="Count the MLP as run in tiles of 2048 tokens (tiled_mlp=on)."),
+    kept_layers: str | None = typer.Option(None, "--kept-layers", help="Count decoder layers kept from "
+                                           "recomputation: off, auto or a number (kept_layers; default off)."),
     device: str = typer.Option("cuda", "--device", help="cuda (bf16, 8-bit paged AdamW) or cpu (fp32)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
                                           "max_memory, else this machine's free GPU memory, else 8GB)."),
@@ -162,7 +165,8 @@ def plan(
                "target_modules": targets, "use_4bit_quantization": four_bit,
                "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory,
                "offload_activations": None if offload is None else ("on" if offload else "off"),
-               "strategy": strategy, "packing": _switch(packing), "tiled_mlp": _switch(tiled_mlp)}
+               "strategy": strategy, "packing": _switch(packing), "tiled_mlp": _switch(tiled_mlp),
+               "kept_layers": kept_layers}
     overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
     config = cfg.resolve_config(file_values, overrides)
     if config.task_type is None:
@@ -172,6 +176,7 @@ def plan(
     strategies = None
     if gpus > 1:
         settings, strategies = _split_over_gpus(shape, settings, config, gpus, budget)
+    settings = replace(settings, kept_layers=kept_layers_for(shape, settings, budget, asked=config.kept_layers))
     report = _plan_report(resolved, shape, settings, config, budget, budget_source)
     if strategies:
         report["gpus"], report["strategies"] = gpus, strategies
@@ -240,7 +245,9 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
                f"{report['shape_from']}{per_gpu})")
     typer.echo(f"settings: {settings.device}, {'4-bit NF4' if settings.quantize_4bit else 'not quantized'}, "
                f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}"
-               f"{', activations offloaded' if settings.offloaded else ''}, LoRA r={settings.lora_r} "
+               f"{', activations offloaded' if settings.offloaded else ''}"
+               f"{f', {kept} layers kept' if (kept := report['estimate']['details']['kept_layers']) else ''}"
+               f", LoRA r={settings.lora_r} "
                f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}"
                f"{', chunked attention' if report['estimate']['details'].get('chunked_attention') else ''}")
     estimate_gb = report["estimate"]

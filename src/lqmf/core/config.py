@@ -89,6 +89,11 @@ class TrainConfig:
         "auto", "Run each block's MLP over the micro-batch's tokens 2048 at a time, each tile recomputed in backward "
         "(with gradient checkpointing): auto | on | off; auto: when the run would not fit the budget without",
         choices=SWITCHES)
+    kept_layers: str = _opt(
+        "off", "Decoder layers whose activations stay for backward (in pinned CPU memory when activations are "
+        "offloaded) instead of being recomputed, spread over the stack, with gradient checkpointing: off | auto | "
+        "a number; auto: every third layer where activations are offloaded and one more layer's fit, else as "
+        "many as fit the budget")
     fused_kernels: str = _opt(
         "auto", "liger-kernel's fused RMSNorm, SiLU-multiply and RoPE in training (CUDA): auto | on | off; auto: on "
         "for a single-GPU run without the tiled MLP (+29% tokens/s measured on an H100); elsewhere PyTorch's",
@@ -192,7 +197,8 @@ def coerce_value(key: str, value: Any, source: str) -> Any:
         if not value:
             raise InputError(f"{source}: '{key}' must not be an empty list")
     elif kind is str:
-        if isinstance(value, bool) and f.metadata.get("choices") in (SWITCHES, ON_OFF):  # YAML: on/off are booleans
+        if isinstance(value, bool) and (f.metadata.get("choices") in (SWITCHES, ON_OFF) or key == "kept_layers"):
+            # YAML: on/off are booleans
             value = "on" if value else "off"
         if not isinstance(value, str | int | float) or isinstance(value, bool):
             raise InputError(f"{source}: '{key}' must be text, got {value!r}")
@@ -263,6 +269,8 @@ def _check_range(key: str, value: Any, source: str) -> None:
     if key == "gpus" and value is not None and value.strip().lower() != "all":
         if not value.strip().isdigit() or int(value) < 1:
             raise InputError(f"{source}: 'gpus' must be a number of GPUs (at least 1) or all, got {value!r}")
+    if key == "kept_layers" and value is not None and value not in ("off", "auto") and not value.isdigit():
+        raise InputError(f"{source}: 'kept_layers' must be off, auto or a number of layers, got {value!r}")
     if key == "job_name" and value is not None:
         try:
             validate_name(value)

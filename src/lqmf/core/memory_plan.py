@@ -214,6 +214,9 @@ class TrainSettings:
     # Packing (engine/data.py: pack): examples end to end in sequences of up to this many tokens; 0: off.
     pack_tokens: int = 0
     tiled_mlp: bool = False  # the MLP runs TILE_TOKENS at a time, each tile checkpointed (engine/fused/blocks.py)
+    # Blocks that keep what they save for backward (offloaded with the rest) instead of being recomputed
+    # (with gradient checkpointing; engine/train/offload.py).
+    kept_layers: int = 0
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -409,6 +412,7 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
         this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
         if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
             this_saved = OFFLOAD_IN_FLIGHT * boundary
+        this_saved += _kept_blocks(settings, L) * block
         this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
         if not (chunked or padded or shape.encoder) and settings.device == "cuda":
             # attention's backward comes after the MLP's, whose kept tensors and gradients are gone by then
@@ -418,6 +422,39 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
         if this_saved + this_working > saved + working:
             saved, working = this_saved, this_working
     return saved, working
+
+
+def _kept_blocks(settings: TrainSettings, layers: int) -> int:
+    """How many kept blocks' saved tensors are on the device at once: every kept block, or offloaded one,
+    being copied out in forward or arriving ahead of its backward (engine/train/offload.py)."""
+    kept = min(settings.kept_layers, layers) if settings.gradient_checkpointing else 0
+    return min(kept, 1) if settings.offloaded else kept
+
+
+def kept_layers_for(shape: ModelShape, settings: TrainSettings, budget: float, context_counted: bool = True,
+                    asked: str = "off") -> int:
+    """The blocks to keep (kept_layers: off | auto | a number) at settings' micro-batch: a number as
+    asked, at most the model's layers; auto, for one process (on several GPUs only a number keeps any):
+    with activations offloaded every third block (the copies of one kept block in three ride on the
+    host link while the two between compute) where one kept block fits besides, without offload as
+    many as fit the budget; none without gradient checkpointing, which keeps everything anyway."""
+    if asked == "off" or not settings.gradient_checkpointing or (asked == "auto" and settings.gpus > 1):
+        return 0
+    if asked != "auto":
+        return min(int(asked), shape.layers)
+
+    def fits(kept: int) -> bool:
+        return estimate(shape, replace(settings, kept_layers=kept)).fits(budget, context_counted)
+
+    if settings.offloaded:
+        return shape.layers // 3 if fits(shape.layers // 3) else 0
+    return max(0, _largest(fits, 0, shape.layers))
+
+
+def kept_block_bytes(shape: ModelShape, settings: TrainSettings) -> int:
+    """What one kept block holds for backward at settings' micro-batch (the planner's count)."""
+    return (estimate(shape, replace(settings, kept_layers=1, offload_activations=False)).peak_allocated
+            - estimate(shape, replace(settings, kept_layers=0, offload_activations=False)).peak_allocated)
 
 
 def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
@@ -479,6 +516,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
+        "kept_layers": min(settings.kept_layers, L) if settings.gradient_checkpointing else 0,
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
         "chunked_attention": takes_chunked_attention(shape, s, bool(settings.pack_tokens)),
         "process_baseline_gb": round(settings.process_baseline / GiB, 4),
@@ -610,6 +648,7 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         offload_activations=config.offload_activations == "on",
         pack_tokens=config.max_seq_length if getattr(config, "packing", "off") == "on" else 0,
         tiled_mlp=getattr(config, "tiled_mlp", "off") == "on",
+        kept_layers=int(kept) if (kept := getattr(config, "kept_layers", "off")).isdigit() else 0,
         gpus=gpus,
         strategy=strategy,
     )

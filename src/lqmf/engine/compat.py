@@ -271,3 +271,17 @@ def rotary_embedding_as(model, function):
     finally:
         for home, original in saved:
             home.apply_rotary_pos_emb = original
+
+
+def checkpointed_layers(model) -> list:
+    """model's decoder layers that transformers checkpoints one by one (`GradientCheckpointingLayer`s), in
+    order: with `gradient_checkpointing_enable` each runs under a checkpoint where its instance flag
+    `gradient_checkpointing` is set, which `set_layer_checkpointing` turns off for one layer."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [module for module in model.modules() if isinstance(module, GradientCheckpointingLayer)]
+
+
+def set_layer_checkpointing(layer, on: bool) -> None:
+    """Checkpoint one of `checkpointed_layers` (recompute it in backward) or not (it keeps what it saves)."""
+    layer.gradient_checkpointing = on

@@ -15,6 +15,8 @@ from lqmf.core.memory_plan import (
     TrainSettings,
     estimate,
     fit_budget,
+    kept_block_bytes,
+    kept_layers_for,
     largest_micro_batch,
     what_would_fit,
 )
@@ -39,6 +41,41 @@ def test_offloaded_backward_gives_the_same_gradients():
     assert not offload.host
     again = gradients(model, ids, offload)  # reusable across micro-batches
     assert all(torch.equal(again[name], plain[name]) for name in plain)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_kept_layers_offloaded_give_the_same_gradients(lean):
+    """Kept layers (engine/train/offload.py: not recomputed) hand their saved tensors to the offload, which
+    brings them back ahead of use (ahead_bytes): the same gradients as every layer checkpointed, more
+    bytes offloaded, none left in flight, nothing fetched twice. With PEFT's LoRA forward and LQMF's."""
+    import torch
+
+    from lqmf.engine.train.offload import keep_layers
+
+    model = lora_model(lean=lean)
+    if lean:
+        from lqmf.engine.lora.lean import use_lean_lora
+
+        use_lean_lora(model)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    checkpointed = ActivationOffload("cpu", min_bytes=1024)
+    plain = gradients(model, ids, checkpointed)
+    assert keep_layers(model, 2) == [0, 1]
+    offload = ActivationOffload("cpu", min_bytes=1024, ahead_bytes=64 << 10)
+    fetched = []
+    fetch = offload._fetch
+
+    def counted(key):
+        fetched.append(key)
+        fetch(key)
+
+    offload._fetch = counted
+    kept = gradients(model, ids, offload)
+    assert offload.offloaded_bytes > checkpointed.offloaded_bytes + 2 * 2 * 32 * 128 * 4  # their gate and up at least
+    assert not offload.arriving and sorted(fetched) == sorted(set(fetched)) == sorted(offload.host)
+    assert set(plain) == set(kept)
+    for name, grad in plain.items():
+        assert torch.allclose(grad, kept[name], atol=1e-6), name
 
 
 def test_small_tensors_and_parameters_stay_where_they_are():
@@ -68,6 +105,34 @@ def test_planner_counts_offloaded_activations_only_where_they_apply():
     assert any(alt.changes == {"offload_activations": "on"} for alt in tight)
 
 
+def test_planner_counts_kept_layers_on_the_device_or_one_in_flight():
+    """A kept block (engine/train/offload.py) holds what the planner counts for one block's saved tensors;
+    on the device each kept block adds that much, offloaded one at a time does; auto keeps every third
+    block where activations are offloaded and one fits, else as many as fit; off and no checkpointing
+    keep none; a number is taken as asked (at most the layers)."""
+    shape = ModelShape.from_config(MISTRAL_7B)
+    base = TrainSettings(seq_len=512, micro_batch=16, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"))
+    block = kept_block_bytes(shape, base)
+    assert 0.6 * GiB < block < 1.2 * GiB  # 8,192 tokens: attention's inputs and output, gate, act(gate), up
+    for kept in (1, 3):
+        assert estimate(shape, replace(base, kept_layers=kept)).peak_allocated == (
+            estimate(shape, base).peak_allocated + kept * block)
+    offloaded = replace(base, offload_activations=True)
+    assert estimate(shape, replace(offloaded, kept_layers=10)).peak_allocated == (
+        estimate(shape, offloaded).peak_allocated + block)
+    roomy, tight = 12 * GiB, estimate(shape, offloaded).total + 0.5 * block
+    assert kept_layers_for(shape, offloaded, roomy, asked="auto") == 10
+    assert kept_layers_for(shape, offloaded, tight, asked="auto") == 0
+    on_device = kept_layers_for(shape, base, roomy, asked="auto")
+    assert 1 <= on_device < 32 and estimate(shape, replace(base, kept_layers=on_device)).fits(roomy)
+    assert not estimate(shape, replace(base, kept_layers=on_device + 1)).fits(roomy)
+    assert kept_layers_for(shape, base, roomy, asked="off") == 0
+    assert kept_layers_for(shape, replace(base, gradient_checkpointing=False), roomy, asked="auto") == 0
+    assert kept_layers_for(shape, base, 1, asked="40") == 32
+    assert kept_layers_for(shape, replace(base, gpus=2), roomy, asked="auto") == 0
+    assert kept_layers_for(shape, replace(base, gpus=2), roomy, asked="4") == 4
+
+
 def test_plan_reports_the_micro_batch_offload_allows(cli, workspace):
     import json
 
@@ -81,6 +146,18 @@ def test_plan_reports_the_micro_batch_offload_allows(cli, workspace):
     assert "largest_micro_batch_offloaded" not in offloaded
     assert json.loads(cli("plan", "mistral-7b", "--offload", "--device", "cpu", "--json").stdout)[
         "estimate"]["details"]["activations_offloaded"] is False
+
+
+def test_plan_reports_the_layers_it_keeps(cli, workspace):
+    import json
+
+    run = ["plan", "mistral-7b", "--seq-len", "512", "--batch-size", "16", "--offload", "--max-memory", "12GB"]
+    report = json.loads(cli(*run, "--kept-layers", "auto", "--json").stdout)
+    assert report["estimate"]["details"]["kept_layers"] == 10 and report["fits"]
+    assert ", 10 layers kept," in cli(*run, "--kept-layers", "auto").stdout
+    assert json.loads(cli(*run, "--json").stdout)["estimate"]["details"]["kept_layers"] == 0  # off by default
+    bad = cli(*run, "--kept-layers", "most")
+    assert bad.exit_code == 2 and "'kept_layers' must be off, auto or a number of layers, got 'most'" in bad.output
 
 
 def test_offload_on_where_it_cannot_apply_says_so(cli, workspace, tiny_model):

@@ -4,9 +4,8 @@
 - recipe.py: `Recipe`, one run's setup, step loop with out-of-memory recovery, evaluation, checkpoints.
 - loop.py: the steps a recipe is made of: data preparation, model setup, forward/backward, saving.
 - memory.py: memory readings and the budget that picks the micro-batch.
-- offload.py: activation offload to pinned host memory.
+- offload.py: activation offload to pinned host memory, and kept layers (not recomputed in backward).
 - distributed.py: the multi-GPU launcher and what the ranks exchange; fsdp.py: FSDP-QLoRA.
 - tune.py: the Optuna study over training configs.
-- learn.py: `lqmf learn`, a new adapter version from its users' feedback; kto.py: the KTO loss.
 - learn.py: `lqmf learn`, a new version of an adapter from its users' corrections; kto.py: the KTO loss.
 """

@@ -33,6 +33,8 @@ from lqmf.core.memory_plan import (
     fit_budget,
     fit_strategies,
     gb,
+    kept_block_bytes,
+    kept_layers_for,
     model_shape,
     packing_wanted,
     settings_for,
@@ -180,13 +182,15 @@ class MemoryPlan:
     strategies: dict[str, Any] | None = None  # with several GPUs: how each strategy fits
     pack_tokens: int = 0  # examples packed into sequences of up to this many tokens (0: no packing)
     tiled_mlp: bool = False
+    kept_layers: int = 0  # blocks not recomputed in backward (engine/train/offload.py)
+    kept_block_bytes: int = 0  # what one of them holds for backward (the planner's count)
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "device": self.device, "gpus": self.gpus, "strategy": self.strategy, "strategies": self.strategies,
             "requested_micro_batch": self.requested_micro_batch,
             "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
-            "pack_tokens": self.pack_tokens, "tiled_mlp": self.tiled_mlp,
+            "pack_tokens": self.pack_tokens, "tiled_mlp": self.tiled_mlp, "kept_layers": self.kept_layers,
             "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
             "estimate": self.estimate.to_dict() if self.estimate else None,
@@ -231,7 +235,8 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
         return MemoryPlan(device.type, requested, requested, None, source,
                           offload_activations=config.offload_activations == "on" and offloadable,
                           gpus=gpus, strategy=strategy, pack_tokens=pack_tokens,
-                          tiled_mlp=config.tiled_mlp == "on" and config.use_gradient_checkpointing)
+                          tiled_mlp=config.tiled_mlp == "on" and config.use_gradient_checkpointing,
+                          kept_layers=int(config.kept_layers) if config.kept_layers.isdigit() else 0)
     settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type, config.gpu_memory_cap)
     strategies = None
@@ -254,9 +259,13 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
         if micro == 0:
             _does_not_fit(shape, settings, budget, budget_source, context_counted, quantize, strategy, gpus)
         prepared.micro_batch, prepared.accumulation = micro, share // micro
-    return MemoryPlan(device.type, requested, micro, estimate(shape, replace(settings, micro_batch=micro)), source,
+    settings = replace(settings, micro_batch=micro)
+    kept = (kept_layers_for(shape, settings, budget, context_counted, config.kept_layers) if budget is not None
+            else settings.kept_layers)
+    settings = replace(settings, kept_layers=kept)
+    return MemoryPlan(device.type, requested, micro, estimate(shape, settings), source,
                       budget, budget_source, settings.offloaded, gpus, strategy, strategies, pack_tokens,
-                      settings.tiled)
+                      settings.tiled, kept, kept_block_bytes(shape, settings) if kept else 0)
 
 
 def _does_not_fit(shape, settings: TrainSettings, budget: int, budget_source: str, context_counted: bool,

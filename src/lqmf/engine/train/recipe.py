@@ -24,6 +24,7 @@ from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
+from lqmf.engine.compat import checkpointed_layers
 from lqmf.engine.fused.blocks import TILE_TOKENS, fused_kernels_wanted, fused_rope, tile_mlps, use_fused_kernels
 from lqmf.engine.fused.norm import lean_rms_norms
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
@@ -37,7 +38,7 @@ from lqmf.engine.train.memory import (
     release_memory,
     reset_peak_memory,
 )
-from lqmf.engine.train.offload import ActivationOffload
+from lqmf.engine.train.offload import ActivationOffload, keep_layers
 
 
 class _StopRequested(Exception):
@@ -84,6 +85,8 @@ class Recipe:
         if self.memory.tiled_mlp:
             tile_mlps(self.model)
         self._use_chunked_attention()
+        self.kept_layers: list[int] = []
+        self._keep_layers()
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
                       "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
@@ -119,6 +122,21 @@ class Recipe:
         rope = f"RoPE in {counts['rope']} attention layers" if counts["rope"] else "transformers' RoPE (not fused here)"
         self.events.on_note(f"fused kernels (liger-kernel): {counts['rms_norm']} RMSNorm, {counts['swiglu']} SwiGLU, "
                             f"{rope}")
+
+    def _keep_layers(self) -> None:
+        """Take the plan's kept layers out of gradient checkpointing (engine/train/offload.py), saying so."""
+        memory = self.memory
+        if not memory.kept_layers or not self.config.use_gradient_checkpointing:
+            return
+        kept = keep_layers(self.model, memory.kept_layers)
+        self.kept_layers = kept
+        where = "in pinned CPU memory" if memory.offload_activations else "on the device"
+        self.events.on_note(f"kept layers: {len(kept)} of {len(checkpointed_layers(self.model))} decoder layers "
+                            f"keep their activations {where} instead of recomputing them in backward "
+                            f"(kept_layers={self.config.kept_layers})"
+                            if kept else f"kept_layers={self.config.kept_layers}: "
+                            f"{type(self.model.get_base_model()).__name__} has no layers checkpointed one by one; "
+                            "every layer is recomputed")
 
     def _use_chunked_attention(self) -> None:
         from lqmf.engine.fused import attention
@@ -206,7 +224,8 @@ class Recipe:
         self.runner.train()
         reset_peak_memory(self.loaded.device)
         self.started = time.perf_counter() - self.progress["elapsed_s"]
-        self.offload = ActivationOffload(self.loaded.device) if self.memory.offload_activations else None
+        self.offload = (ActivationOffload(self.loaded.device, ahead_bytes=self.memory.kept_block_bytes)
+                        if self.memory.offload_activations else None)
         self._start_window()
         with steps.StopFlag() as self.stop:
             try:
@@ -463,7 +482,7 @@ class Recipe:
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
                    "offload_activations": self.offload is not None, "pack_tokens": self.pack_tokens,
                    "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
-                   "lean_norms": self.lean_norms,
+                   "lean_norms": self.lean_norms, "kept_layers": self.kept_layers,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}
