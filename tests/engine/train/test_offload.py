@@ -78,6 +78,26 @@ def test_kept_layers_offloaded_give_the_same_gradients(lean):
         assert torch.allclose(grad, kept[name], atol=1e-6), name
 
 
+def test_backward_fetches_ahead_by_bytes_past_what_it_used():
+    """The look-ahead: the next key at least, more while under ahead_bytes; keys used already are not
+    fetched again, and a key above left arriving does not hold the look-ahead back."""
+    import torch
+
+    offload = ActivationOffload("cpu", ahead_bytes=3 * 4096)
+    offload.host = {key: torch.zeros(1024) for key in range(8)}  # 4 KB each
+    offload.used = {5}
+    offload._fetch(7)  # left arriving, never unpacked
+    offload._fetch_ahead(6)
+    assert sorted(offload.arriving) == [3, 4, 6, 7]  # 6, not 5 (used), then 4 and 3: three below 7
+    offload._fetch_ahead(2)  # 3 and 4 arriving are above 2: three more
+    assert sorted(offload.arriving) == [0, 1, 2, 3, 4, 6, 7]
+    one_ahead = ActivationOffload("cpu")
+    one_ahead.host = {key: torch.zeros(1024) for key in range(4)}
+    one_ahead._fetch_ahead(2)
+    one_ahead._fetch_ahead(2)
+    assert sorted(one_ahead.arriving) == [2]
+
+
 def test_small_tensors_and_parameters_stay_where_they_are():
     import torch
 

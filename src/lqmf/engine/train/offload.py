@@ -119,8 +119,9 @@ class ActivationOffload:
         return tensor
 
     def _fetch_ahead(self, key: int) -> None:
-        """Start copying back key, and the keys before it while less than ahead_bytes are on their way."""
-        arriving = sum(tensor.numel() * tensor.element_size() for tensor, _ in self.arriving.values())
+        """Start copying back key (the next one backward needs) unless it is on its way, and the keys before
+        it while less than ahead_bytes of these keys are (a key above them left arriving does not count)."""
+        arriving = sum(tensor.numel() * tensor.element_size() for at, (tensor, _) in self.arriving.items() if at <= key)
         while key in self.host and (arriving == 0 or arriving < self.ahead_bytes):
             if key not in self.arriving and key not in self.used:
                 self._fetch(key)
