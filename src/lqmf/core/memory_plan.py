@@ -424,10 +424,21 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
     return saved, working
 
 
+def asked_kept_layers(asked: str) -> int:
+    """kept_layers (off | auto | N) as a number of layers: N; off and auto (which the planner resolves
+    with `kept_layers_for`) 0."""
+    return int(asked) if asked.isdigit() else 0
+
+
+def _kept_layers(settings: TrainSettings, layers: int) -> int:
+    """The blocks settings keep: none without gradient checkpointing, at most the model's layers."""
+    return min(settings.kept_layers, layers) if settings.gradient_checkpointing else 0
+
+
 def _kept_blocks(settings: TrainSettings, layers: int) -> int:
     """How many kept blocks' saved tensors are on the device at once: every kept block, or offloaded one,
     being copied out in forward or arriving ahead of its backward (engine/train/offload.py)."""
-    kept = min(settings.kept_layers, layers) if settings.gradient_checkpointing else 0
+    kept = _kept_layers(settings, layers)
     return min(kept, 1) if settings.offloaded else kept
 
 
@@ -441,7 +452,7 @@ def kept_layers_for(shape: ModelShape, settings: TrainSettings, budget: float, c
     if asked == "off" or not settings.gradient_checkpointing or (asked == "auto" and settings.gpus > 1):
         return 0
     if asked != "auto":
-        return min(int(asked), shape.layers)
+        return min(asked_kept_layers(asked), shape.layers)
 
     def fits(kept: int) -> bool:
         return estimate(shape, replace(settings, kept_layers=kept)).fits(budget, context_counted)
@@ -516,7 +527,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
-        "kept_layers": min(settings.kept_layers, L) if settings.gradient_checkpointing else 0,
+        "kept_layers": _kept_layers(settings, L),
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
         "chunked_attention": takes_chunked_attention(shape, s, bool(settings.pack_tokens)),
         "process_baseline_gb": round(settings.process_baseline / GiB, 4),
@@ -648,7 +659,7 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         offload_activations=config.offload_activations == "on",
         pack_tokens=config.max_seq_length if getattr(config, "packing", "off") == "on" else 0,
         tiled_mlp=getattr(config, "tiled_mlp", "off") == "on",
-        kept_layers=int(kept) if (kept := getattr(config, "kept_layers", "off")).isdigit() else 0,
+        kept_layers=asked_kept_layers(getattr(config, "kept_layers", "off")),
         gpus=gpus,
         strategy=strategy,
     )

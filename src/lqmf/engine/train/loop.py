@@ -28,6 +28,7 @@ from lqmf.core.memory_plan import (
     GiB,
     MemoryEstimate,
     TrainSettings,
+    asked_kept_layers,
     choose_strategy,
     estimate,
     fit_budget,
@@ -236,7 +237,7 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
                           offload_activations=config.offload_activations == "on" and offloadable,
                           gpus=gpus, strategy=strategy, pack_tokens=pack_tokens,
                           tiled_mlp=config.tiled_mlp == "on" and config.use_gradient_checkpointing,
-                          kept_layers=int(config.kept_layers) if config.kept_layers.isdigit() else 0)
+                          kept_layers=asked_kept_layers(config.kept_layers))
     settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type, config.gpu_memory_cap)
     strategies = None
