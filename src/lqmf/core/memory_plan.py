@@ -446,19 +446,20 @@ def kept_layers_for(shape: ModelShape, settings: TrainSettings, budget: float, c
                     asked: str = "off") -> int:
     """The blocks to keep (kept_layers: off | auto | a number) at settings' micro-batch: a number as
     asked, at most the model's layers; auto, for one process (on several GPUs only a number keeps any):
-    with activations offloaded every third block (the copies of one kept block in three ride on the
-    host link while the two between compute) where one kept block fits besides, without offload as
-    many as fit the budget; none without gradient checkpointing, which keeps everything anyway."""
+    as many as fit the budget on the device, none where activations are offloaded (one block in three
+    kept in host memory ran 8-9% slower than recomputing them, seq 512 and 2048 on an H100: the host
+    link did not keep pace, docs/performance.md); none without gradient checkpointing, which keeps
+    everything anyway."""
     if asked == "off" or not settings.gradient_checkpointing or (asked == "auto" and settings.gpus > 1):
         return 0
     if asked != "auto":
         return min(asked_kept_layers(asked), shape.layers)
+    if settings.offloaded:
+        return 0
 
     def fits(kept: int) -> bool:
         return estimate(shape, replace(settings, kept_layers=kept)).fits(budget, context_counted)
 
-    if settings.offloaded:
-        return shape.layers // 3 if fits(shape.layers // 3) else 0
     return max(0, _largest(fits, 0, shape.layers))
 
 
