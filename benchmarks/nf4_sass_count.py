@@ -37,8 +37,9 @@ INTEGER_PIPE = ("PRMT", "LOP3", "SHF", "LEA")  # half the lanes a clock of the i
 MULTIPLES_OF_16 = set(ARGS) - {"M"}  # pointers, N, K, strides: what the JIT sees at the 7B shapes
 
 
-def compile_config(config):
-    """The compiled kernel (triton's CompiledKernel) for config, bf16 inputs, target sm_90."""
+def compile_config(config, pdl: bool = False):
+    """The compiled kernel (triton's CompiledKernel) for config, bf16 inputs, target sm_90; with pdl as a
+    programmatic dependent launch (lora/nf4.py: dependent_launch)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -47,14 +48,14 @@ def compile_config(config):
 
     constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=64,
                      USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut, LATE_SCALE=config.late_scale, IEEE=False,
-                     INTERPRETED=False)
+                     INTERPRETED=False, PDL=pdl)
     signature = dict(zip(ARGS, TYPES, strict=True)) | dict.fromkeys(constants, "constexpr")
     names = list(signature)
     source = ASTSource(fn=nf4_kernels.nf4_matmul_kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in MULTIPLES_OF_16})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": config.warps, "num_stages": config.stages})
+                          options={"num_warps": config.warps, "num_stages": config.stages, "launch_pdl": pdl})
 
 
 def loop_instructions(sass: str) -> list[str]:

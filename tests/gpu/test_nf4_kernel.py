@@ -123,3 +123,42 @@ def test_every_tuned_config_checks_out_at_the_7b_shapes():
         error = float((base(x).float() - exact).abs().max())
         assert error <= 2 * 2**-7 * float(exact.abs().max()), (rows, out_features, in_features, error)
     assert not failed, f"lut 2 falls back to lut 1 at {failed}"
+
+
+@pytest.mark.parametrize("rows", [1, 16])
+def test_dependent_launches_see_the_kernel_before_them(monkeypatch, rows):
+    """On Hopper or newer (LQMF_NF4_PDL unset or 1) an NF4 matmul launches while the RMSNorm before it
+    still runs (the norm lets it, EARLY) and waits for the norm's writes before it reads x; its split-K
+    sums wait for it in turn. A captured chain norm -> matmul -> norm ... replayed
+    gives the same bits as the chain launched plainly and eagerly (PDL changes when kernels start, not
+    what they compute)."""
+    import bitsandbytes as bnb
+
+    from lqmf.engine.decode import kernels
+    from lqmf.engine.lora import nf4
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs Hopper or newer")
+    layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight.data.normal_(0, 0.02)
+    base = nf4.NF4Linear.of_module(layer.cuda())
+    weight = torch.rand(1024, device="cuda", dtype=torch.bfloat16) + 0.5
+    x = torch.randn(rows, 1024, device="cuda", dtype=torch.bfloat16)
+
+    def chain(h):
+        for _ in range(6):
+            h = base(kernels.rms_norm(h, weight, 1e-6)[1])
+        return h
+
+    monkeypatch.setenv("LQMF_NF4_PDL", "0")
+    plain = chain(x)
+    monkeypatch.delenv("LQMF_NF4_PDL")
+    assert nf4.dependent_launch(x.device) and nf4.fitted(nf4.config_for(rows, 1024, 1024), rows, base.shape, 64)[1] > 1
+    chain(x)  # compiled outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = chain(x)
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, plain)

@@ -10,7 +10,10 @@ in float32; the same bound then holds. On a GPU machine conftest.py leaves the i
 these CPU runs are skipped; benchmarks/nf4_kernel_bench.py checks the kernel there."""
 
 import os
+import subprocess
+import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -281,27 +284,52 @@ def test_each_variant_of_the_register_lookup_is_checked_once(nf4, monkeypatch, c
     assert not verified() and len(nf4._LOOKUP_CHECKS) == 3  # unchecked: lut 1 in the graph, checked later
 
 
+REPO = Path(__file__).resolve().parents[3]
+
+
+def _compiling_env() -> dict[str, str]:
+    """The environment of a process that compiles Triton kernels (no interpreter), src/ and benchmarks/ importable."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def _compiled_for_sm90(probe: str) -> list[str]:
+    """What probe (Python that compiles for sm_90 through benchmarks/nf4_sass_count.py) prints."""
+    run = subprocess.run([sys.executable, "-c", probe], env=_compiling_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.split()
+
+
+def test_a_dependent_launch_waits_before_its_first_read():
+    """As a programmatic dependent launch (on Hopper, by default) the kernel starts while the one before it
+    ends, so nothing may read memory before `griddepcontrol.wait`; it lets the next launch start after it.
+    Compiled for sm_90 (no GPU needed): the wait comes before the first global load or async copy, and a
+    plain launch has neither instruction."""
+    probe = ("import re\n"
+             "from nf4_sass_count import compile_config\n"
+             "from lqmf.engine.lora.nf4 import CONFIGS\n"
+             "for pdl in (False, True):\n"
+             "    ptx = compile_config(CONFIGS[(1, 28672, 4096)], pdl).asm['ptx']\n"
+             "    wait, read = ptx.find('griddepcontrol.wait'), re.search(r'ld\\.global|cp\\.async', ptx).start()\n"
+             "    print(wait >= 0, 0 <= wait < read, 'griddepcontrol.launch_dependents' in ptx)\n")
+    assert _compiled_for_sm90(probe) == ["False", "False", "False", "True", "True", "True"]
+
+
 def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
     """lut 2's PTX takes the four bytes Triton hands one call as neighbours along k; which bytes those are
     follows the layout Triton picks for the tile (on an H100 a 4-warp swapped tile whose layout holds two
     bytes of k a thread gave wrong values). Compiled for sm_90 here (no GPU needed), in a process
     without the interpreter: that tile is caught, and every tile of nf4.CONFIGS and the default configs
     has a layout that groups neighbours."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    repo = Path(__file__).resolve().parents[3]
-    env = {**os.environ, "PYTHONPATH": f"{repo / 'src'}{os.pathsep}{repo / 'benchmarks'}"}
-    env.pop("TRITON_INTERPRET", None)
     probe = ("from nf4_sass_count import compile_config, groups_neighbours, lookup_input_layout\n"
              "from lqmf.engine.lora.nf4 import Config\n"
              "for warps, stages in ((4, 2), (2, 3)):\n"
              "    config = Config(block_n=64, block_k=256, warps=warps, stages=stages, lut=2, swap=True,\n"
              "                    late_scale=True)\n"
              "    print(groups_neighbours(lookup_input_layout(compile_config(config))))\n")
-    known = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
-    assert known.stdout.split() == ["False", "True"], known.stderr[-2000:]
-    tables = subprocess.run([sys.executable, str(repo / "benchmarks" / "nf4_sass_count.py"), "--check-tables"],
-                            env=env, capture_output=True, text=True, timeout=600)
+    assert _compiled_for_sm90(probe) == ["False", "True"]
+    tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "nf4_sass_count.py"), "--check-tables"],
+                            env=_compiling_env(), capture_output=True, text=True, timeout=600)
     assert tables.returncode == 0, tables.stdout + tables.stderr[-2000:]

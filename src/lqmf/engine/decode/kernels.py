@@ -56,7 +56,9 @@ def _norm_kernels(triton, tl) -> dict[str, Any]:
 
     @triton.jit
     def rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_d, stride_o, stride_s,
-                        N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr):
+                        N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, EARLY: tl.constexpr = False):
+        if EARLY:  # the NF4 matmul after it may launch now (it waits for our writes before it reads)
+            tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)  # int64 offsets: a long prefill's rows x width may pass 2**31
         cols = tl.arange(0, BLOCK)
         ok = cols < N
@@ -165,7 +167,9 @@ def _attention_kernels(triton, tl) -> dict[str, Any]:
     @triton.jit
     def attention_combine_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, stride_ob, stride_oh,
                                  HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                                 SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr):
+                                 SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, EARLY: tl.constexpr = False):
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         row, head = tl.program_id(0), tl.program_id(1)
         splits, dims = tl.arange(0, SPLITS_P2), tl.arange(0, BLOCK_D)
         s_ok, d_ok = splits < SPLITS, dims < D
@@ -184,7 +188,10 @@ def _silu_kernels(triton, tl) -> dict[str, Any]:
     """SiLU(gate) * up."""
 
     @triton.jit
-    def silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_g, stride_o, BLOCK: tl.constexpr):
+    def silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_g, stride_o, BLOCK: tl.constexpr,
+                        EARLY: tl.constexpr = False):
+        if EARLY:
+            tl.extra.cuda.gdc_launch_dependents()
         row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
         ok = cols < width
@@ -200,6 +207,14 @@ def _silu_kernels(triton, tl) -> dict[str, Any]:
 def _unit_last_stride(tensor):
     """tensor, or a copy of it where its last dimension is strided (the kernels step through it by one)."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
+
+
+def _early(device) -> bool:
+    """Whether a kernel lets the launch after it start early: where the NF4 matmuls that follow it are
+    programmatic dependent launches (lora/nf4.py's dependent_launch)."""
+    from lqmf.engine.lora import nf4
+
+    return bool(nf4.dependent_launch(device))
 
 
 def _warps(block: int) -> int:
@@ -221,7 +236,8 @@ def rms_norm(hidden, weight, eps: float, delta=None):
     block = k.triton.next_power_of_2(width)
     k.rms_norm_kernel[(flat.shape[0],)](flat, deltas, weight, out, summed, float(eps), flat.stride(0),
                                         deltas.stride(0), out.stride(0), summed.stride(0),
-                                        N=width, BLOCK=block, RESIDUAL=residual, num_warps=_warps(block))
+                                        N=width, BLOCK=block, RESIDUAL=residual, EARLY=_early(hidden.device),
+                                        num_warps=_warps(block))
     return summed.view(hidden.shape), out.view(hidden.shape)
 
 
@@ -308,7 +324,7 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     kern.attention_combine_kernel[(batch, heads)](
         best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=plan.splits,
-        SPLITS_P2=plan.splits_p2, BLOCK_D=plan.block_d, num_warps=plan.combine_warps)
+        SPLITS_P2=plan.splits_p2, BLOCK_D=plan.block_d, EARLY=_early(q.device), num_warps=plan.combine_warps)
     return out
 
 
@@ -321,5 +337,5 @@ def silu_mul(gate_up):
     flat = _unit_last_stride(gate_up.reshape(-1, 2 * width))
     out = torch.empty((flat.shape[0], width), dtype=gate_up.dtype, device=gate_up.device)
     kern.silu_mul_kernel[(flat.shape[0], kern.triton.cdiv(width, SILU_BLOCK))](
-        flat, out, width, flat.stride(0), out.stride(0), BLOCK=SILU_BLOCK, num_warps=4)
+        flat, out, width, flat.stride(0), out.stride(0), BLOCK=SILU_BLOCK, EARLY=_early(gate_up.device), num_warps=4)
     return out.view(*gate_up.shape[:-1], width)

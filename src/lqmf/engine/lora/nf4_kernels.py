@@ -183,8 +183,11 @@ def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexp
 def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
-                      LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step."""
+                      LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
+                      PDL: tl.constexpr = False):
+    """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step.
+    PDL (launched as a programmatic dependent launch, so it starts while the kernel before it ends): it
+    waits for that kernel's writes before its first read, then lets the kernel after it launch."""
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -200,6 +203,9 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     else:  # loaded whole, split into even and odd columns below
         x_at += tl.arange(0, BLOCKSIZE)[None, :]
     dtype = x_ptr.dtype.element_ty
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if not USE_DOT:  # multiply-adds, summed along K once, at the end
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
     elif USE_DOT and SWAP:
@@ -231,8 +237,12 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
 
 
 @triton.jit
-def reduce_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+def reduce_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr, INTERPRETED: tl.constexpr,
+                  PDL: tl.constexpr = False):
     """out[i] = sum over s of part[s, i] (float32 partials, summed in slice order), in out's dtype."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     at = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = at < MN
     total = tl.zeros((BLOCK,), dtype=tl.float32)
