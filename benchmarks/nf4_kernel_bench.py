@@ -110,6 +110,18 @@ def batch_candidates(rows: int) -> list:
     return list(dict.fromkeys(table + grid))
 
 
+def prefill_candidates() -> list:
+    """Tall tiles for prompts longer than a decode step (--grid prefill, with --rows 128 or more and --splits
+    1), where bitsandbytes dequantizes each weight and runs a GEMM: 64 or 128 rows by 64..256 columns,
+    4 or 8 warps, 2..4 stages; GEMM-shaped 128 x 128 x 64 tiles first."""
+    from lqmf.engine.lora.nf4 import Config
+
+    tiles = ((128, 128, 64, 8), (128, 256, 64, 8), (64, 128, 128, 4), (128, 128, 128, 8), (64, 256, 64, 8),
+             (64, 64, 128, 4))
+    return [Config(block_m=m, block_n=n, block_k=k, warps=w, stages=stages, lut=2, late_scale=True)
+            for stages in (3, 4, 2) for m, n, k, w in tiles]
+
+
 def table_candidates() -> list:
     """nf4.CONFIGS' tiles as the table has them (--grid table: the same grid for two source trees)."""
     from lqmf.engine.lora.nf4 import CONFIGS
@@ -338,9 +350,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=85.0,
                         help="stop trying new configs after this long (the float32 checks: 20 s more)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
-    parser.add_argument("--grid", choices=("default", "one-row", "batch", "table"), default="default",
+    parser.add_argument("--grid", choices=("default", "one-row", "batch", "table", "prefill"), default="default",
                         help="one-row: a wider grid of one-row configs (`one_row_candidates`); batch: of configs "
-                             "for the largest of --rows (`batch_candidates`); table: nf4.CONFIGS' own tiles")
+                             "for the largest of --rows (`batch_candidates`); table: nf4.CONFIGS' own tiles; "
+                             "prefill: tall tiles for prompts (`prefill_candidates`)")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1],
                         help="slices of K to try per config (0: enough for nf4.TARGET_WARPS warps)")
     args = parser.parse_args()
@@ -356,7 +369,7 @@ def main() -> None:
     began = time.monotonic()
     weights = build(SMOKE_SHAPES if args.smoke else SHAPES, device)
     grids = {"one-row": one_row_candidates, "batch": lambda: batch_candidates(max(args.rows)),
-             "table": table_candidates}
+             "table": table_candidates, "prefill": prefill_candidates}
     configs = grids[args.grid]() if args.grid in grids and not args.smoke else candidates(args.smoke)
     rows_list = [1, 3, 17] if args.smoke and args.rows == parser.get_default("rows") else args.rows
     measure = timer(args.smoke)
