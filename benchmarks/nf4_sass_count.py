@@ -39,7 +39,7 @@ MULTIPLES_OF_16 = set(ARGS) - {"M"}  # pointers, N, K, strides: what the JIT see
 
 def compile_config(config, pdl: bool = False):
     """The compiled kernel (triton's CompiledKernel) for config, bf16 inputs, target sm_90; with pdl as a
-    programmatic dependent launch (lora/nf4.py: dependent_launch)."""
+    programmatic dependent launch (decode/pdl.py)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource

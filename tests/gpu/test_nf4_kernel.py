@@ -127,14 +127,14 @@ def test_every_tuned_config_checks_out_at_the_7b_shapes():
 
 @pytest.mark.parametrize("rows", [1, 16])
 def test_dependent_launches_see_the_kernel_before_them(monkeypatch, rows):
-    """On Hopper or newer (LQMF_NF4_PDL unset or 1) an NF4 matmul launches while the RMSNorm before it
-    still runs (the norm lets it, EARLY) and waits for the norm's writes before it reads x; its split-K
-    sums wait for it in turn. A captured chain norm -> matmul -> norm ... replayed
+    """On Hopper or newer (LQMF_PDL unset or 1, decode/pdl.py) an NF4 matmul launches while the RMSNorm
+    before it still runs and waits for the norm's writes before it reads x; its split-K sums and the
+    next norm wait for it in turn. A captured chain norm -> matmul -> norm ... replayed
     gives the same bits as the chain launched plainly and eagerly (PDL changes when kernels start, not
     what they compute)."""
     import bitsandbytes as bnb
 
-    from lqmf.engine.decode import kernels
+    from lqmf.engine.decode import kernels, pdl
     from lqmf.engine.lora import nf4
 
     if torch.cuda.get_device_capability() < (9, 0):
@@ -150,10 +150,10 @@ def test_dependent_launches_see_the_kernel_before_them(monkeypatch, rows):
             h = base(kernels.rms_norm(h, weight, 1e-6)[1])
         return h
 
-    monkeypatch.setenv("LQMF_NF4_PDL", "0")
+    monkeypatch.setenv("LQMF_PDL", "0")
     plain = chain(x)
-    monkeypatch.delenv("LQMF_NF4_PDL")
-    assert nf4.dependent_launch(x.device) and nf4.fitted(nf4.config_for(rows, 1024, 1024), rows, base.shape, 64)[1] > 1
+    monkeypatch.delenv("LQMF_PDL")
+    assert pdl.launch(x.device) and nf4.fitted(nf4.config_for(rows, 1024, 1024), rows, base.shape, 64)[1] > 1
     chain(x)  # compiled outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

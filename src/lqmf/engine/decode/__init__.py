@@ -5,4 +5,6 @@
   continuous-batching scheduler (engine/serve/scheduler.py); `lqmf test`, `bench`, the shell and a
   server without batching run it as a batch of one (`BatchedDecoder.generate`, via inference.generate).
 - sampling.py: `pick_token`, greedy or sampled.
+- pdl.py: `launch(device)`, the step's Triton kernels (here and in lora/) as programmatic dependent
+  launches on Hopper.
 """

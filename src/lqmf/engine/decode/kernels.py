@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
+from lqmf.engine.decode import pdl
+
 OFF_GPU = False  # run them on the CPU too (the tests do, under TRITON_INTERPRET=1)
 TARGET_PROGRAMS = 512  # attention programs a step aims for (rows x kv heads x splits), ~4 per SM of an H100
 SILU_BLOCK = 1024
@@ -56,8 +58,9 @@ def _norm_kernels(triton, tl) -> dict[str, Any]:
 
     @triton.jit
     def rms_norm_kernel(x_ptr, delta_ptr, w_ptr, out_ptr, sum_ptr, eps, stride_x, stride_d, stride_o, stride_s,
-                        N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, EARLY: tl.constexpr = False):
-        if EARLY:  # the NF4 matmul after it may launch now (it waits for our writes before it reads)
+                        N: tl.constexpr, BLOCK: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)  # int64 offsets: a long prefill's rows x width may pass 2**31
         cols = tl.arange(0, BLOCK)
@@ -83,7 +86,11 @@ def _rotary_kernels(triton, tl) -> dict[str, Any]:
     def rotary_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, keys_ptr, values_ptr,
                             stride_qb, stride_qh, stride_kb, stride_kh, stride_vb, stride_vh, stride_cos, stride_sin,
                             stride_ob, stride_oh, stride_slot, stride_head, stride_pos,
-                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                            HEADS: tl.constexpr, KV_HEADS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                            PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row, head = tl.program_id(0).to(tl.int64), tl.program_id(1)  # int64: cache offsets pass 2**31
         dims = tl.arange(0, BLOCK_D)
         ok = dims < D
@@ -121,7 +128,10 @@ def _attention_kernels(triton, tl) -> dict[str, Any]:
                                stride_qb, stride_qh, stride_slot, stride_head, stride_pos,
                                GROUPS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
                                BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                               USE_DOT: tl.constexpr, UPCAST: tl.constexpr):
+                               USE_DOT: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         row, kv, split = tl.program_id(0).to(tl.int64), tl.program_id(1), tl.program_id(2)
         group, dims = tl.arange(0, BLOCK_G), tl.arange(0, BLOCK_D)
         g_ok, d_ok = group < GROUPS, dims < D
@@ -167,8 +177,9 @@ def _attention_kernels(triton, tl) -> dict[str, Any]:
     @triton.jit
     def attention_combine_kernel(max_ptr, sum_ptr, acc_ptr, out_ptr, stride_ob, stride_oh,
                                  HEADS: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr,
-                                 SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, EARLY: tl.constexpr = False):
-        if EARLY:
+                                 SPLITS_P2: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row, head = tl.program_id(0), tl.program_id(1)
         splits, dims = tl.arange(0, SPLITS_P2), tl.arange(0, BLOCK_D)
@@ -189,8 +200,9 @@ def _silu_kernels(triton, tl) -> dict[str, Any]:
 
     @triton.jit
     def silu_mul_kernel(gate_up_ptr, out_ptr, width, stride_g, stride_o, BLOCK: tl.constexpr,
-                        EARLY: tl.constexpr = False):
-        if EARLY:
+                        PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         row, block = tl.program_id(0).to(tl.int64), tl.program_id(1)
         cols = block * BLOCK + tl.arange(0, BLOCK)
@@ -207,14 +219,6 @@ def _silu_kernels(triton, tl) -> dict[str, Any]:
 def _unit_last_stride(tensor):
     """tensor, or a copy of it where its last dimension is strided (the kernels step through it by one)."""
     return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
-
-
-def _early(device) -> bool:
-    """Whether a kernel lets the launch after it start early: where the NF4 matmuls that follow it are
-    programmatic dependent launches (lora/nf4.py's dependent_launch)."""
-    from lqmf.engine.lora import nf4
-
-    return bool(nf4.dependent_launch(device))
 
 
 def _warps(block: int) -> int:
@@ -236,7 +240,7 @@ def rms_norm(hidden, weight, eps: float, delta=None):
     block = k.triton.next_power_of_2(width)
     k.rms_norm_kernel[(flat.shape[0],)](flat, deltas, weight, out, summed, float(eps), flat.stride(0),
                                         deltas.stride(0), out.stride(0), summed.stride(0),
-                                        N=width, BLOCK=block, RESIDUAL=residual, EARLY=_early(hidden.device),
+                                        N=width, BLOCK=block, RESIDUAL=residual, **pdl.launch(hidden.device),
                                         num_warps=_warps(block))
     return summed.view(hidden.shape), out.view(hidden.shape)
 
@@ -257,7 +261,8 @@ def rotary_write(q, k, v, cos, sin, positions, keys, values):
         q, k, v, cos, sin, positions, rotated, keys, values,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         rotated.stride(0), rotated.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        HEADS=heads, KV_HEADS=kv_heads, D=dim, BLOCK_D=block, num_warps=1 if block <= 128 else 2)
+        HEADS=heads, KV_HEADS=kv_heads, D=dim, BLOCK_D=block, num_warps=1 if block <= 128 else 2,
+        **pdl.launch(q.device))
     return rotated
 
 
@@ -320,11 +325,11 @@ def decode_attention(q, keys, values, positions, length: int, window: int | None
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         GROUPS=plan.groups, D=dim, SPLITS=plan.splits, BLOCK_G=plan.block_g, BLOCK_N=plan.block_n,
         BLOCK_D=plan.block_d, USE_DOT=plan.dot, UPCAST=not plan.dot or os.environ.get("TRITON_INTERPRET") == "1",
-        num_warps=plan.split_warps)
+        num_warps=plan.split_warps, **pdl.launch(q.device))
     out = torch.empty((batch, heads, dim), dtype=q.dtype, device=q.device)
     kern.attention_combine_kernel[(batch, heads)](
         best, total, acc, out, out.stride(0), out.stride(1), HEADS=heads, D=dim, SPLITS=plan.splits,
-        SPLITS_P2=plan.splits_p2, BLOCK_D=plan.block_d, EARLY=_early(q.device), num_warps=plan.combine_warps)
+        SPLITS_P2=plan.splits_p2, BLOCK_D=plan.block_d, **pdl.launch(q.device), num_warps=plan.combine_warps)
     return out
 
 
@@ -337,5 +342,5 @@ def silu_mul(gate_up):
     flat = _unit_last_stride(gate_up.reshape(-1, 2 * width))
     out = torch.empty((flat.shape[0], width), dtype=gate_up.dtype, device=gate_up.device)
     kern.silu_mul_kernel[(flat.shape[0], kern.triton.cdiv(width, SILU_BLOCK))](
-        flat, out, width, flat.stride(0), out.stride(0), BLOCK=SILU_BLOCK, EARLY=_early(gate_up.device), num_warps=4)
+        flat, out, width, flat.stride(0), out.stride(0), BLOCK=SILU_BLOCK, **pdl.launch(gate_up.device), num_warps=4)
     return out.view(*gate_up.shape[:-1], width)

@@ -25,6 +25,8 @@ import functools
 import os
 from typing import Any
 
+from lqmf.engine.decode import pdl
+
 MAX_ROWS = 4  # a decode step; prompts go to cuBLAS
 MAX_TABLE_ROWS = 64  # rows_product_into: a batched decode step; prefill goes to cuBLAS
 TABLE_BLOCK_N = 64  # output columns per expand program; every projection's width is a multiple of it
@@ -44,7 +46,11 @@ def _kernels() -> Any:
 
     @triton.jit
     def shrink(x_ptr, a_ptr, part_ptr, R, stride_xm, stride_xk, stride_ar, stride_ak,
-               K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+               K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+               PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         split, row = tl.program_id(0), tl.program_id(1)
         ks = split * BLOCK_K + tl.arange(0, BLOCK_K)
         ranks = tl.arange(0, BLOCK_R)
@@ -56,7 +62,11 @@ def _kernels() -> Any:
 
     @triton.jit
     def expand(part_ptr, b_ptr, out_ptr, N, R, scale, stride_bn, stride_br, stride_om, stride_on,
-               SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+               SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+               PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         block, row = tl.program_id(0), tl.program_id(1)
         splits, ranks = tl.arange(0, SPLITS_P2), tl.arange(0, BLOCK_R)
         parts = tl.load(part_ptr + (row * SPLITS + splits[:, None]) * BLOCK_R + ranks[None, :],
@@ -99,10 +109,11 @@ def scaled_product(rows, a, b, scale: float):
     out = torch.empty((count, outputs), dtype=rows.dtype, device=rows.device)
     shrink[(splits, count)](rows, a, partials, rank, rows.stride(0), rows.stride(1), a.stride(0), a.stride(1),
                             K=width, SPLITS=splits, BLOCK_K=block_k, BLOCK_R=block_r,
-                            num_warps=4 if block_k * block_r <= 4096 else 8)
+                            num_warps=4 if block_k * block_r <= 4096 else 8, **pdl.launch(rows.device))
     expand[(triton.cdiv(outputs, block_n), count)](
         partials, b, out, outputs, rank, float(scale), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
-        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4)
+        SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), BLOCK_N=block_n, BLOCK_R=block_r, num_warps=4,
+        **pdl.launch(rows.device))
     return out
 
 
@@ -114,7 +125,11 @@ def _row_kernels() -> Any:
 
     @triton.jit
     def shrink_rows(x_ptr, index_ptr, a_ptr, part_ptr, R, stride_xm, stride_ae, stride_ar,
-                    K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                    K: tl.constexpr, SPLITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+                    PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         split, row = tl.program_id(0), tl.program_id(1)
         adapter = tl.load(index_ptr + row)
         ks = split * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -128,7 +143,10 @@ def _row_kernels() -> Any:
     @triton.jit
     def expand_rows(part_ptr, index_ptr, b_ptr, out_ptr, N, RANK, bound1, bound2, stride_bn, stride_be, stride_om,
                     SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_RANK: tl.constexpr, BLOCK_R: tl.constexpr):
+                    BLOCK_RANK: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+        if PDL:  # decode/pdl.py: wait for the kernel before, then let the next one launch
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         block, row = tl.program_id(0), tl.program_id(1)
         adapter = tl.load(index_ptr + row)
         first = block * BLOCK_N
@@ -178,9 +196,10 @@ def _rows_kernels_into(out, x, rows, tables) -> None:
     partials = torch.empty((count, splits, block_r), dtype=torch.float32, device=x.device)
     shrink_rows[(splits, count)](x, rows, tables.a, partials, ranks, x.stride(0), tables.a.stride(0),
                                  tables.a.stride(1), K=width, SPLITS=splits, BLOCK_K=block_k, BLOCK_R=block_r,
-                                 num_warps=4 if block_k * block_r <= 4096 else 8)
+                                 num_warps=4 if block_k * block_r <= 4096 else 8, **pdl.launch(x.device))
     bounds = [end for _, end in tables.spans[:-1]] + [out.shape[1]] * (3 - len(tables.spans))
     expand_rows[(triton.cdiv(out.shape[1], TABLE_BLOCK_N), count)](
         partials, rows, tables.b, out, out.shape[1], tables.rank, bounds[0], bounds[1], tables.b.stride(0),
         tables.b.stride(1), out.stride(0), SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        BLOCK_N=TABLE_BLOCK_N, BLOCK_RANK=max(16, triton.next_power_of_2(tables.rank)), BLOCK_R=block_r, num_warps=4)
+        BLOCK_N=TABLE_BLOCK_N, BLOCK_RANK=max(16, triton.next_power_of_2(tables.rank)), BLOCK_R=block_r, num_warps=4,
+        **pdl.launch(x.device))

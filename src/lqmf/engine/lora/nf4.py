@@ -16,8 +16,7 @@ the 32 layers' base matmuls of a 7B decode step take 3.04 ms at 16 rows and 4.01
 bitsandbytes' 12.50 and 12.66 ms, and 2.92 against 3.46 ms at one row (H100, docs/serving.md).
 LQMF_NF4_KERNEL=0 turns it off, 1 on. lut 2 is PTX written here whose byte groups follow the register
 layout Triton picks, so `lookup_verified` checks each compiled variant on its first launch. On Hopper
-and newer each launch is a programmatic dependent launch (`dependent_launch`; LQMF_NF4_PDL=0 turns
-that off).
+and newer the kernels are programmatic dependent launches (decode/pdl.py).
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from lqmf.engine import compat
+from lqmf.engine.decode import pdl
 
 log = logging.getLogger("lqmf.serve")
 
@@ -212,30 +212,12 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     return _launch(config, split, x, packed, absmax, code, pairs, shape, blocksize)
 
 
-def dependent_launch(device) -> dict[str, Any]:
-    """The launch option and kernel flag of a programmatic dependent launch where it applies (a CUDA GPU
-    of compute capability 9.0 or newer, LQMF_NF4_PDL not 0): the kernel's programs start while the
-    kernel before it ends (kernels.py's RMSNorm, SiLU and attention let it launch at their start), and
-    wait for its writes before they read. 3.7% more tokens/s for one stream (H100, docs/serving.md).
-    Empty elsewhere."""
-    if os.environ.get("LQMF_NF4_PDL", "1") == "0" or device.type != "cuda" or not _hopper(device.index):
-        return {}
-    return {"launch_pdl": True, "PDL": True}
-
-
-@functools.cache
-def _hopper(index: int | None) -> bool:
-    import torch
-
-    return torch.cuda.get_device_capability(index) >= (9, 0)
-
-
 def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: tuple[int, int], blocksize: int):
     """The kernel (and reduce_splits over split > 1 float32 partials) as config says: [M, N] in x's dtype."""
     import torch
 
     kernels = _kernels()
-    pdl = dependent_launch(x.device)
+    dependent = pdl.launch(x.device)
     rows, (out_features, in_features) = x.shape[0], shape
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
@@ -245,12 +227,12 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
         x.stride(0), in_features // split, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         BLOCKSIZE=blocksize, USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut,
         LATE_SCALE=config.late_scale, IEEE=x.dtype == torch.float32,
-        INTERPRETED=not x.is_cuda, **pdl,
+        INTERPRETED=not x.is_cuda, **dependent,
         num_warps=config.warps, num_stages=config.stages)
     if split > 1:
         block = 1024
         kernels.reduce_splits[(-(-out.numel() // block),)](target, out, out.numel(), SPLIT=split, BLOCK=block,
-                                                           INTERPRETED=not x.is_cuda, **pdl,
+                                                           INTERPRETED=not x.is_cuda, **dependent,
                                                            num_warps=4)
     return out
 
