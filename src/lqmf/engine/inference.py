@@ -268,15 +268,16 @@ class _CallbackStreamer:
         self.stopped = False
         self.skip_prompt = skip_prompt
 
-    def put(self, value) -> None:
-        """New tokens (a tensor from generate(), or a list of ids)."""
+    def put(self, value, at: float | None = None) -> None:
+        """New tokens (a tensor from generate(), or a list of ids); at: when the first of them was picked
+        (perf_counter(); default now)."""
         if self.skip_prompt:  # generate()'s first call carries the prompt
             self.skip_prompt = False
             return
         if self.stopped:
             return
         if self.first_token_at is None:
-            self.first_token_at = time.perf_counter() - self.started
+            self.first_token_at = (time.perf_counter() if at is None else at) - self.started
         self.tokens.extend(value if isinstance(value, list) else value.reshape(-1).tolist())
         if self.on_text is None and not self.stop:
             return  # nobody reads the text before the end: decode once, in end()
@@ -394,7 +395,7 @@ def generate_batched(model: InferenceModel, scheduler, ids: list[int], *, entry=
     eos_ids = eos_ids_of(model)
     started = time.perf_counter()
     request = scheduler.submit(BatchRequest(ids, max_new_tokens, entry, temperature, top_p, seed, min_new_tokens,
-                                            frozenset(eos_ids)))
+                                            frozenset(eos_ids), each_token=on_text is not None or bool(stop)))
     if on_queued is not None:
         on_queued()
     streamer = _CallbackStreamer(model.tokenizer, on_text, started, stop or [], skip_prompt=False)
@@ -413,8 +414,9 @@ def generate_batched(model: InferenceModel, scheduler, ids: list[int], *, entry=
                 raise item
             if streamer.stopped or request.cancelled.is_set():
                 continue  # tokens already on their way when the row was cancelled
-            new.append(item)
-            streamer.put([item])
+            tokens = item if isinstance(item, list) else [item]
+            new.extend(tokens)
+            streamer.put(tokens, at=request.first_token_at)
             if streamer.stopped or (cancelled is not None and cancelled()):
                 request.cancel()
     finally:

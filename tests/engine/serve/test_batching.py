@@ -401,6 +401,22 @@ def test_the_loop_reports_where_its_time_went(host):
     assert after["steps"] - before["steps"] >= NEW - 1
     assert all(after["loop"][key] >= before["loop"][key] for key in before["loop"])
     assert after["loop"]["launch_s"] > before["loop"]["launch_s"] and after["loop"]["prefill_s"] > 0
+    grown = {key: after["loop"][key] - before["loop"][key] for key in before["loop"]}
+    sections = sum(grown[key] for key in ("prefill_s", "launch_s", "wait_s", "emit_s", "admit_s"))
+    assert grown["admit_s"] > 0 and grown["busy_s"] >= sections - 1e-3  # busy_s holds every section
+
+
+def test_an_answer_sent_whole_gets_its_tokens_in_one_hand_over_when_its_row_ends(host):
+    """each_token False (an answer sent whole, no stop strings): the tokens a row handed out one by one
+    gets, as one list when the row ends, and the time its first token was picked."""
+    from lqmf.engine.serve.scheduler import BatchRequest
+
+    ids = inference.prompt_ids(host.model, PROMPTS[0])
+    one_by_one = host.scheduler.submit(BatchRequest(ids, 6))
+    whole = host.scheduler.submit(BatchRequest(ids, 6, each_token=False))
+    tokens = list(iter(one_by_one.tokens.get, None))
+    assert len(tokens) == 6 and list(iter(whole.tokens.get, None)) == [tokens]
+    assert whole.submitted < whole.first_token_at
 
 
 def test_rows_below_min_new_tokens_never_end_early(host):

@@ -170,7 +170,9 @@ class BatchedDecoder:
             self.layers.append(entry)
         shape = (slots, self.kv_heads, max_len + 1, self.head_dim)  # the last position: scratch for idle slots
         self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        # every layer's values in one tensor, so that clear_slot is one memset, not one call per layer
+        self._all_values = torch.zeros((len(self.layers), *shape), dtype=self.dtype, device=self.device)
+        self.values = list(self._all_values.unbind(0))
         # A step's input, one copy: tokens, positions, adapter rows, whether a row follows on from the last
         # step (its token is that step's choice, still on the device: `next_tokens`), whether it bars
         # end of text, the BARRED ids it bars, and for rows that sample: seed, temperature and top_p
@@ -208,10 +210,10 @@ class BatchedDecoder:
     def clear_slot(self, slot: int) -> None:
         """Zero slot's cached values before a new sequence takes it: attention weighs the positions a row
         may not see by exactly 0, and 0 x NaN is NaN, so what an earlier row left there (its own adapter's
-        NaN or inf) must not stay. Keys need no clearing: their scores are masked, not weighed. A few
-        memsets per admission, on the device's stream (after any step still running for the slot)."""
-        for values in self.values:
-            values[slot].zero_()
+        NaN or inf) must not stay. Keys need no clearing: their scores are masked, not weighed. One memset
+        per admission, on the device's stream (after any step still running for the slot): a call per
+        layer cost the serving loop a GIL hand-over each."""
+        self._all_values[:, slot].zero_()
 
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
