@@ -20,7 +20,8 @@ A request fails alone: whatever raises while its row is set up (its sampling gen
 while its token is picked on the host ends that request with the error and frees its row; only a
 failure of a whole pass (the device) ends every row in it.
 
-Tokens go to each request's own queue; the thread that submitted it turns them into text, checks
+Tokens go to each request's own queue, as they come or, for an answer sent whole, as one list when
+its row ends (`BatchRequest.each_token`); the thread that submitted it turns them into text, checks
 stop strings and cancels (`BatchRequest.cancel`) when it has what it needs. Adapters are
 `StackedAdapter`s owned here; a request holds the entry it was submitted with until it ends, so
 replacing or unloading an adapter never changes a request already queued or running.
