@@ -437,3 +437,12 @@ def test_rows_below_min_new_tokens_never_end_early(host):
     for tokens in run(ending, 6):
         assert len(tokens) == 6 and free[2] not in tokens and tokens[:2] == free[:2]
     assert host.scheduler.steps_ahead - before >= 9  # barred on the device, decoded ahead
+
+
+def test_no_step_runs_past_a_rows_last_token(host):
+    """A row of n new tokens takes n - 1 decode steps (its first token is the prompt pass's): decoding
+    ahead never launches a step for a row whose last token a step in flight already picks."""
+    steps = host.scheduler.steps
+    generation = ask(host, host.base_id, PROMPTS[3], new=NEW)
+    assert generation.new_tokens == NEW and host.scheduler.steps - steps == NEW - 1
+

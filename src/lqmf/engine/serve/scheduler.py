@@ -325,7 +325,10 @@ class Scheduler:
             self._settle()
 
     def _decoding(self) -> dict[int, _Row]:
-        return {slot: row for slot, row in self._rows.items() if row.prefilled == len(row.request.ids)}
+        """The rows a decode step runs: past their prompts, and not those whose last token (by
+        max_new_tokens) a step in flight is already picking."""
+        return {slot: row for slot, row in self._rows.items()
+                if row.prefilled == len(row.request.ids) and row.generated + row.ahead < row.request.max_new_tokens}
 
     def _admit(self) -> None:
         started = time.perf_counter()
