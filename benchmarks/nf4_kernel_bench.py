@@ -93,7 +93,8 @@ def one_row_candidates() -> list:
     dots = [Config(block_n=n, block_k=k, warps=w, stages=st, lut=2, swap=swap, late_scale=True)
             for st in (4, 3) for n in (16, 32, 64) for k in (512, 256) for w in (1, 2) for swap in (True, False)]
     gemvs = [Config(block_m=1, block_n=n, block_k=k, warps=w, dot=False, lut=2, late_scale=True)
-             for n, k, w in ((16, 512, 1), (32, 256, 1), (32, 512, 2), (64, 256, 2), (64, 512, 4))]
+             for n, k, w in ((16, 512, 1), (32, 256, 1), (32, 512, 2), (64, 256, 2), (64, 256, 4), (64, 512, 4),
+                             (128, 256, 4))]
     return list(dict.fromkeys(winners + dots + gemvs))
 
 

@@ -46,12 +46,15 @@ def compile_config(config, pdl: bool = False):
 
     from lqmf.engine.lora import nf4_kernels
 
-    constants = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=64,
-                     USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut, LATE_SCALE=config.late_scale, IEEE=False,
-                     INTERPRETED=False, PDL=pdl)
+    constants = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=64, LUT=config.lut,
+                     LATE_SCALE=config.late_scale, INTERPRETED=False, PDL=pdl)
+    if config.dot:
+        constants |= dict(BLOCK_M=config.block_m, SWAP=config.swap, IEEE=False)
+    kernel = nf4_kernels.nf4_matmul_kernel if config.dot else nf4_kernels.nf4_gemv_kernel
+    constants = {name: constants[name] for name in kernel.arg_names if name in constants}  # the kernel's order
     signature = dict(zip(ARGS, TYPES, strict=True)) | dict.fromkeys(constants, "constexpr")
     names = list(signature)
-    source = ASTSource(fn=nf4_kernels.nf4_matmul_kernel, signature=signature,
+    source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()},
                        attrs={(names.index(name),): [["tt.divisibility", 16]] for name in MULTIPLES_OF_16})
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),

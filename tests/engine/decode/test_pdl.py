@@ -24,12 +24,13 @@ def _decode_kernels() -> dict[str, object]:
     named = {name: value for name, value in vars(decode._kernels()).items() if name.endswith("_kernel")}
     _, shrink, expand = lora._kernels()
     return {**named, "shrink": shrink, "expand": expand, "shrink_rows": shrink_rows, "expand_rows": expand_rows,
-            "nf4_matmul_kernel": nf4_kernels.nf4_matmul_kernel, "reduce_splits": nf4_kernels.reduce_splits}
+            "nf4_matmul_kernel": nf4_kernels.nf4_matmul_kernel, "nf4_gemv_kernel": nf4_kernels.nf4_gemv_kernel,
+            "reduce_splits": nf4_kernels.reduce_splits}
 
 
 def test_every_decode_kernel_waits_before_it_touches_memory():
     kernels = _decode_kernels()
-    assert len(kernels) == 11
+    assert len(kernels) == 12
     for name, kernel in kernels.items():
         source = inspect.getsource(kernel.fn)
         signature, body = source.split("):\n", 1)

@@ -310,11 +310,14 @@ def test_a_dependent_launch_waits_before_its_first_read():
     probe = ("import re\n"
              "from nf4_sass_count import compile_config\n"
              "from lqmf.engine.lora.nf4 import CONFIGS\n"
-             "for pdl in (False, True):\n"
-             "    ptx = compile_config(CONFIGS[(1, 28672, 4096)], pdl).asm['ptx']\n"
-             "    wait, read = ptx.find('griddepcontrol.wait'), re.search(r'ld\\.global|cp\\.async', ptx).start()\n"
-             "    print(wait >= 0, 0 <= wait < read, 'griddepcontrol.launch_dependents' in ptx)\n")
-    assert _compiled_for_sm90(probe) == ["False", "False", "False", "True", "True", "True"]
+             "from lqmf.engine.lora.nf4 import Config\n"
+             "gemv = Config(block_m=1, block_n=64, block_k=256, dot=False, lut=2, late_scale=True)\n"
+             "for config in (CONFIGS[(1, 28672, 4096)], gemv):\n"
+             "    for pdl in (False, True):\n"
+             "        ptx = compile_config(config, pdl).asm['ptx']\n"
+             "        wait, read = ptx.find('griddepcontrol.wait'), re.search(r'ld\\.global|cp\\.async', ptx).start()\n"
+             "        print(wait >= 0, 0 <= wait < read, 'griddepcontrol.launch_dependents' in ptx)\n")
+    assert _compiled_for_sm90(probe) == ["False", "False", "False", "True", "True", "True"] * 2
 
 
 def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
@@ -328,8 +331,11 @@ def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
              "for warps, stages in ((4, 2), (2, 3)):\n"
              "    config = Config(block_n=64, block_k=256, warps=warps, stages=stages, lut=2, swap=True,\n"
              "                    late_scale=True)\n"
+             "    print(groups_neighbours(lookup_input_layout(compile_config(config))))\n"
+             "for warps in (1, 4):  # the GEMV: 16 bytes of a row a thread\n"
+             "    config = Config(block_m=1, block_n=64, block_k=256, warps=warps, dot=False, lut=2, late_scale=True)\n"
              "    print(groups_neighbours(lookup_input_layout(compile_config(config))))\n")
-    assert _compiled_for_sm90(probe) == ["False", "True"]
+    assert _compiled_for_sm90(probe) == ["False", "True", "True", "True"]
     tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "nf4_sass_count.py"), "--check-tables"],
                             env=_compiling_env(), capture_output=True, text=True, timeout=600)
     assert tables.returncode == 0, tables.stdout + tables.stderr[-2000:]

@@ -41,7 +41,8 @@ DEFAULT_SWITCH = "1"  # LQMF_NF4_KERNEL when unset
 
 @dataclass(frozen=True)
 class Config:
-    """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (multiply-adds, a GEMV);
+    """One launch of the kernel: dot (tensor cores, block_m >= 16) or not (float32 multiply-adds, a GEMV:
+    one row a program, block_m 1);
     split: slices of K (0: enough for TARGET_WARPS warps); block_k: K a loop step (whole
     quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
     a 256-entry byte -> pair table, 2 no load: byte-permute lookups in registers (with late_scale, bf16/fp16
@@ -107,7 +108,7 @@ def fitted(config: Config, rows: int, shape: tuple[int, int], blocksize: int) ->
     block_k = max(config.block_k, blocksize, 32)
     while in_features % block_k:
         block_k //= 2
-    block_m = min(config.block_m, max(16 if config.dot else 1, row_bucket(rows)))
+    block_m = min(config.block_m, max(16, row_bucket(rows))) if config.dot else 1
     steps = in_features // block_k
     programs = -(-out_features // config.block_n) * -(-rows // block_m)
     wanted = config.split or max(1, -(-TARGET_WARPS // (programs * config.warps)))
@@ -221,14 +222,17 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
     rows, (out_features, in_features) = x.shape[0], shape
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
-    grid = (-(-out_features // config.block_n), split, -(-rows // config.block_m))
-    kernels.nf4_matmul_kernel[grid](
-        x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
-        x.stride(0), in_features // split, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        BLOCKSIZE=blocksize, USE_DOT=config.dot, SWAP=config.swap, LUT=config.lut,
-        LATE_SCALE=config.late_scale, IEEE=x.dtype == torch.float32,
-        INTERPRETED=not x.is_cuda, **dependent,
-        num_warps=config.warps, num_stages=config.stages)
+    common = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=blocksize, LUT=config.lut,
+                  LATE_SCALE=config.late_scale, INTERPRETED=not x.is_cuda, **dependent, num_warps=config.warps,
+                  num_stages=config.stages)
+    arguments = (x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
+                 x.stride(0), in_features // split)
+    if config.dot:
+        grid = (-(-out_features // config.block_n), split, -(-rows // config.block_m))
+        kernels.nf4_matmul_kernel[grid](*arguments, BLOCK_M=config.block_m, SWAP=config.swap,
+                                        IEEE=x.dtype == torch.float32, **common)
+    else:
+        kernels.nf4_gemv_kernel[(-(-out_features // config.block_n), split, rows)](*arguments, **common)
     if split > 1:
         block = 1024
         kernels.reduce_splits[(-(-out.numel() // block),)](target, out, out.numel(), SPLIT=split, BLOCK=block,

@@ -5,10 +5,11 @@ read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own 
 [N, K] weight row-major, two codes a byte, the even k in the high nibble; one float32 absmax per
 BLOCKSIZE consecutive values of a row (pre-dequantized once where bitsandbytes nests it).
 
-One kernel, two ways to multiply (constexpr USE_DOT): `tl.dot` on tensor cores for a tile of up to
-BLOCK_M rows (SWAP: the weight as the first operand; float32 inputs in full precision, not TF32), or
-multiply-adds on CUDA cores (a GEMV; for one to a few rows). Each program owns BLOCK_N output
-columns, one of the slices of K and one block of rows. A loop step covers BLOCK_K // BLOCKSIZE
+Two kernels, two ways to multiply: `nf4_matmul_kernel`, `tl.dot` on tensor cores for a tile of up to
+BLOCK_M rows (SWAP: the weight as the first operand; float32 inputs in full precision, not TF32), and
+`nf4_gemv_kernel`, float32 multiply-adds on CUDA cores for one row a program (a GEMV, 16 bytes of a
+weight row a thread, loaded straight into registers). Each program owns BLOCK_N output columns, one of
+the slices of K and one block of rows. A loop step of the tl.dot kernel covers BLOCK_K // BLOCKSIZE
 quantization blocks, unrolled; per block it loads a [BLOCK_N, BLOCKSIZE // 2] byte tile (contiguous
 along K) and the BLOCK_N absmax values, splits each byte into its two codes, maps them to NF4 values
 (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
@@ -154,12 +155,12 @@ def _dot(acc, x, weight, SWAP: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl
 
 
 @triton.jit
-def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexpr, USE_DOT: tl.constexpr,
-                SWAP: tl.constexpr, LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc plus one block's products, x_first times the first tile of weight values and x_second the
-    second (see nf4_matmul_kernel for acc's shape). Every branch is static, and the one return is at
-    the end (compiled Triton visits statements after a return in a static if)."""
-    if USE_DOT and LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
+def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexpr, SWAP: tl.constexpr,
+                LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc plus one block's products on tensor cores, x_first times the first tile of weight values and
+    x_second the second (see nf4_matmul_kernel for acc's shape). Every branch is static, and the one
+    return is at the end (compiled Triton visits statements after a return in a static if)."""
+    if LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
         first, second = _rounded(first, dtype, INTERPRETED), _rounded(second, dtype, INTERPRETED)
         part = _dot(_dot(tl.zeros_like(acc), x_first, first, SWAP, IEEE, INTERPRETED), x_second, second, SWAP,
                     IEEE, INTERPRETED)
@@ -167,22 +168,15 @@ def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexp
             acc += part * scale[:, None]
         else:
             acc += part * scale[None, :]
-    elif USE_DOT:
-        acc = _dot(_dot(acc, x_first, first, SWAP, IEEE, INTERPRETED), x_second, second, SWAP, IEEE, INTERPRETED)
     else:
-        product = (x_first.to(tl.float32)[:, None, :] * first.to(tl.float32)[None, :, :]
-                   + x_second.to(tl.float32)[:, None, :] * second.to(tl.float32)[None, :, :])
-        if LATE_SCALE:  # one multiply a byte, not one a value (summed along K at the end all the same)
-            acc += product * scale[None, :, None]
-        else:
-            acc += product
+        acc = _dot(_dot(acc, x_first, first, SWAP, IEEE, INTERPRETED), x_second, second, SWAP, IEEE, INTERPRETED)
     return acc
 
 
 @triton.jit
 def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      BLOCKSIZE: tl.constexpr, USE_DOT: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
+                      BLOCKSIZE: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
                       LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
                       PDL: tl.constexpr = False):
     """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step.
@@ -206,9 +200,7 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    if not USE_DOT:  # multiply-adds, summed along K once, at the end
-        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCKSIZE // 2), dtype=tl.float32)
-    elif USE_DOT and SWAP:
+    if SWAP:
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -222,18 +214,71 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
             else:
                 x = tl.load(x_at + block * BLOCKSIZE, mask=row_ok[:, None], other=0.0)
                 x_first, x_second = tl.split(tl.reshape(x, (BLOCK_M, BLOCKSIZE // 2, 2)))
-            acc = _accumulate(acc, x_first, x_second, first, second, scale, dtype, USE_DOT, SWAP, LATE_SCALE,
-                              IEEE, INTERPRETED)
+            acc = _accumulate(acc, x_first, x_second, first, second, scale, dtype, SWAP, LATE_SCALE, IEEE,
+                              INTERPRETED)
         byte_at += BLOCK_K // 2
         scale_at += BLOCK_K // BLOCKSIZE
         x_at += BLOCK_K
-    if not USE_DOT:
-        acc = tl.sum(acc, axis=2)
-    elif USE_DOT and SWAP:
+    if SWAP:
         acc = tl.trans(acc)
     ok = row_ok[:, None] & col_ok[None, :]
     at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
     tl.store(out_ptr + at, _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+@triton.jit
+def nf4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, LUT: tl.constexpr,
+                    LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr = False):
+    """out[s, row] (or out, one slice) = x[row, slice s of K] W[cols, slice s]^T, one row a program, on CUDA
+    cores: each thread loads RUN bytes of a weight row (one 16-byte vector, into registers), looks them
+    up, multiplies them by x in float32 and sums the run; a run's sum times its block's absmax (with
+    LATE_SCALE; else each value is code * absmax rounded to x's dtype first) goes to one float32 per
+    run, summed across runs at the end. PDL as in nf4_matmul_kernel."""
+    RUN: tl.constexpr = 16  # bytes (32 values) of a row a thread reads at once; BLOCKSIZE >= 32 holds whole runs
+    RUNS: tl.constexpr = BLOCK_K // (2 * RUN)
+    pid_n, pid_s, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    begin = pid_s * K_PER_SPLIT
+    row_bytes = tl.multiple_of(cols.to(tl.int64) * (K // 2) + begin // 2, 16)
+    byte_at = q_ptr + row_bytes[:, None] + tl.arange(0, BLOCK_K // 2)[None, :]
+    run_k = begin + tl.arange(0, RUNS) * (2 * RUN)
+    scale_at = absmax_ptr + cols.to(tl.int64)[:, None] * (K // BLOCKSIZE) + (run_k // BLOCKSIZE)[None, :]
+    half = tl.arange(0, BLOCK_K // 2)
+    if LUT != 1:  # x's columns as lut 0 and 2 hand out the weight's: runs of CHUNK, alternately
+        x_at = x_ptr + row.to(tl.int64) * stride_xm + begin + (half // CHUNK) * (2 * CHUNK) + half % CHUNK
+        x_second_at = x_at + CHUNK
+    else:  # lut 1: the even and the odd columns
+        x_at = x_ptr + row.to(tl.int64) * stride_xm + begin + 2 * half
+        x_second_at = x_at + 1
+    dtype = x_ptr.dtype.element_ty
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    acc = tl.zeros((BLOCK_N, RUNS), dtype=tl.float32)
+    for _ in range(0, K_PER_SPLIT, BLOCK_K):
+        packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
+        scale = tl.load(scale_at, mask=col_ok[:, None], other=0.0)
+        first, second = _codes(packed, code_ptr, pair_ptr, dtype, LUT, INTERPRETED)
+        first = tl.reshape(first.to(tl.float32), (BLOCK_N, RUNS, RUN))
+        second = tl.reshape(second.to(tl.float32), (BLOCK_N, RUNS, RUN))
+        if not LATE_SCALE:  # as bitsandbytes' dequantize_4bit rounds them
+            first = _rounded(first * scale[:, :, None], dtype, INTERPRETED).to(tl.float32)
+            second = _rounded(second * scale[:, :, None], dtype, INTERPRETED).to(tl.float32)
+        x_first = tl.reshape(tl.load(x_at).to(tl.float32), (RUNS, RUN))
+        x_second = tl.reshape(tl.load(x_second_at).to(tl.float32), (RUNS, RUN))
+        sums = tl.sum(first * x_first[None, :, :], axis=2) + tl.sum(second * x_second[None, :, :], axis=2)
+        if LATE_SCALE:
+            acc += sums * scale
+        else:
+            acc += sums
+        byte_at += BLOCK_K // 2
+        scale_at += BLOCK_K // BLOCKSIZE
+        x_at += BLOCK_K
+        x_second_at += BLOCK_K
+    at = (pid_s * M + row.to(tl.int64)) * N + cols
+    tl.store(out_ptr + at, _rounded(tl.sum(acc, axis=1), out_ptr.dtype.element_ty, INTERPRETED), mask=col_ok)
 
 
 @triton.jit
