@@ -324,8 +324,8 @@ def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
     """lut 2's PTX takes the four bytes Triton hands one call as neighbours along k; which bytes those are
     follows the layout Triton picks for the tile (on an H100 a 4-warp swapped tile whose layout holds two
     bytes of k a thread gave wrong values). Compiled for sm_90 here (no GPU needed), in a process
-    without the interpreter: that tile is caught, and every tile of nf4.CONFIGS and the default configs
-    has a layout that groups neighbours."""
+    without the interpreter: that tile is caught, and the GEMV's tiles and every tile of nf4.CONFIGS and
+    the default configs have a layout that groups neighbours."""
     probe = ("from nf4_sass_count import compile_config, groups_neighbours, lookup_input_layout\n"
              "from lqmf.engine.lora.nf4 import Config\n"
              "for warps, stages in ((4, 2), (2, 3)):\n"
