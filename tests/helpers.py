@@ -320,8 +320,9 @@ def lora_for_training(model, target_modules, lean: bool):
     return model
 
 
-def lora_model(lean: bool = False):
-    """A tiny Llama with r=4 LoRA on q/k/v/o; lean: of our LoRA layer classes (lora.lean.build_lean_layers)."""
+def lora_model(lean: bool = False, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")):
+    """A tiny Llama with r=4 LoRA on targets (q/k/v/o); lean: of our LoRA layer classes
+    (lora.lean.build_lean_layers)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -334,7 +335,7 @@ def lora_model(lean: bool = False):
     model = LlamaForCausalLM(config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(targets))
     if lean:
         build_lean_layers(lora)
     model = get_peft_model(model, lora)

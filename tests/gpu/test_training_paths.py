@@ -137,6 +137,28 @@ def test_liger_kernels_match_the_plain_modules(base_dir):
         _assert_close("liger kernels, packed rows", plain_packed, _loss_and_grads(model, packed))
 
 
+def test_kept_mlps_match_the_checkpointed_ones(base_dir):
+    """Kept MLPs (engine/fused/blocks.py: KeptMLP) on the 4-bit base under autocast, with liger-kernel's
+    SwiGLU where it is installed: the checkpointed path's loss and gradients, gate_proj run once a step."""
+    from lqmf.engine.compat import checkpointed_layers
+    from lqmf.engine.fused.blocks import keep_mlps, unavailable, use_fused_kernels
+
+    model = _model(base_dir)
+    if unavailable("cuda") is None:
+        use_fused_kernels(model)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    layers = checkpointed_layers(model)
+    runs = []
+    for layer in layers:
+        layer.mlp.gate_proj.register_forward_hook(lambda *_: runs.append(1))
+    plain = _loss_and_grads(model, batch)
+    assert len(runs) == 2 * len(layers)
+    assert keep_mlps(layers, len(layers)) == list(range(len(layers)))
+    runs.clear()
+    _assert_close("kept MLPs", plain, _loss_and_grads(model, batch))
+    assert len(runs) == len(layers)
+
+
 @pytest.mark.parametrize("chunk_tokens", [2048, 100])
 def test_lean_norms_match_the_stock_norms(base_dir, monkeypatch, chunk_tokens):
     from lqmf.engine.fused import norm

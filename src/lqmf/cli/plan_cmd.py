@@ -22,6 +22,7 @@ from lqmf.core.memory_plan import (
     estimate,
     fit_strategies,
     kept_layers_for,
+    kept_mlps_for,
     largest_micro_batch,
     largest_seq_len,
     largest_serving_batch,
@@ -40,7 +41,7 @@ OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "bat
                 "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
                 "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory",
                 "offload_activations": "offload", "strategy": "strategy", "packing": "packing",
-                "tiled_mlp": "tiled-mlp", "kept_layers": "kept-layers"}
+                "tiled_mlp": "tiled-mlp", "kept_layers": "kept-layers", "kept_mlps": "kept-mlps"}
 
 COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
@@ -134,6 +135,8 @@ def plan(
                                           help="Count the MLP as run in tiles of 2048 tokens (tiled_mlp=on)."),
     kept_layers: str | None = typer.Option(None, "--kept-layers", help="Count decoder layers kept from "
                                            "recomputation: off, auto or a number (kept_layers; default off)."),
+    kept_mlps: str | None = typer.Option(None, "--kept-mlps", help="Count decoder layers whose MLP keeps gate "
+                                         "and up for backward: off, auto or a number (kept_mlps; default off)."),
     device: str = typer.Option("cuda", "--device", help="cuda (bf16, 8-bit paged AdamW) or cpu (fp32)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
                                           "max_memory, else this machine's free GPU memory, else 8GB)."),
@@ -166,7 +169,7 @@ def plan(
                "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory,
                "offload_activations": None if offload is None else ("on" if offload else "off"),
                "strategy": strategy, "packing": _switch(packing), "tiled_mlp": _switch(tiled_mlp),
-               "kept_layers": kept_layers}
+               "kept_layers": kept_layers, "kept_mlps": kept_mlps}
     overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
     config = cfg.resolve_config(file_values, overrides)
     if config.task_type is None:
@@ -177,6 +180,7 @@ def plan(
     if gpus > 1:
         settings, strategies = _split_over_gpus(shape, settings, config, gpus, budget)
     settings = replace(settings, kept_layers=kept_layers_for(shape, settings, budget, asked=config.kept_layers))
+    settings = replace(settings, kept_mlps=kept_mlps_for(shape, settings, budget, asked=config.kept_mlps))
     report = _plan_report(resolved, shape, settings, config, budget, budget_source)
     if strategies:
         report["gpus"], report["strategies"] = gpus, strategies
@@ -247,6 +251,7 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
                f"gradient checkpointing {'on' if settings.gradient_checkpointing else 'off'}"
                f"{', activations offloaded' if settings.offloaded else ''}"
                f"{f', {kept} layers kept' if (kept := report['estimate']['details']['kept_layers']) else ''}"
+               f"{f', {mlps} MLPs kept' if (mlps := report['estimate']['details']['kept_mlps']) else ''}"
                f", LoRA r={settings.lora_r} "
                f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}"
                f"{', chunked attention' if report['estimate']['details'].get('chunked_attention') else ''}")

@@ -21,6 +21,7 @@ running and the one prefetched).
 from __future__ import annotations
 
 import functools
+import importlib.util
 import math
 import re
 from dataclasses import asdict, dataclass, replace
@@ -74,6 +75,9 @@ GATED_MLP_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "ge
                    "olmo", "olmo2", "starcoder2_gated", "cohere", "granite", "smollm3"}
 ENCODER_TYPES = {"bert", "roberta", "distilbert", "xlm-roberta", "electra", "deberta", "deberta-v2", "mpnet"}
 LAYER_NORM_TYPES = ENCODER_TYPES | {"gpt2", "gpt_neox", "opt", "bloom", "falcon", "phi"}
+# Llama-style SiLU-gated MLPs: with the fused kernels liger-kernel's SiLU-multiply keeps gate and up only
+# (engine/fused/blocks.py: FusedSwiGLU), where PyTorch's SiLU and multiply keep act(gate) too.
+FUSED_SWIGLU_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 # What a block's linear layer reads: the attention norm's output, the attention output, the MLP
@@ -217,6 +221,10 @@ class TrainSettings:
     # Blocks that keep what they save for backward (offloaded with the rest) instead of being recomputed
     # (with gradient checkpointing; engine/train/offload.py).
     kept_layers: int = 0
+    # Blocks whose MLP keeps gate and up on the device while the rest of the block is recomputed
+    # (with gradient checkpointing, not with the tiled MLP; engine/fused/blocks.py: KeptMLP).
+    kept_mlps: int = 0
+    fused_kernels: str = "off"  # auto | on | off, as engine/fused/blocks.py: fused_kernels_wanted decides
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -234,6 +242,11 @@ class TrainSettings:
         return self.tiled_mlp and self.gradient_checkpointing
 
     @property
+    def fused(self) -> bool:
+        """Whether the run takes liger-kernel's fused modules (`fused_kernels_expected`; CUDA only)."""
+        return self.device == "cuda" and fused_kernels_expected(self.fused_kernels, self.device, self.gpus, self.tiled)
+
+    @property
     def sharded(self) -> bool:
         return self.gpus > 1 and self.strategy == "fsdp"
 
@@ -245,6 +258,13 @@ class TrainSettings:
     def compute_bytes(self) -> int:
         """Bytes per element of activations and frozen weights: bf16 (or fp16) on CUDA, fp32 elsewhere."""
         return 2 if self.device == "cuda" else 4
+
+
+def fused_kernels_expected(mode: str, device: str, processes: int, tiled_mlp: bool) -> bool:
+    """Whether `fused_kernels: mode` (auto | on | off) asks for the fused kernels: on; auto only for one
+    process on CUDA without the tiled MLP (multi-GPU runs and the tiled MLP with them are not checked on
+    a GPU). Whether liger-kernel is there is the engine's to say."""
+    return mode == "on" or (mode == "auto" and device == "cuda" and processes == 1 and not tiled_mlp)
 
 
 @dataclass
@@ -316,7 +336,8 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     Counted op by op and checked with PyTorch's saved-tensor hooks on the CPU: the residual stream
     after attention; q and k after rotary, and v (with padding or packing, k and v repeated to every
     head, as transformers does when a mask rules out SDPA's grouped-query path, and SDPA's additive
-    mask); the attention output; gate, act(gate) and up of a gated MLP (fc1's output otherwise).
+    mask); the attention output; gate, act(gate) and up of a gated MLP (gate and up alone under
+    liger-kernel's SiLU-multiply; fc1's output otherwise).
     Frozen linears, 4-bit or not, keep nothing: their input gradient needs only the weight. Norms
     (LayerNorm, under autocast) keep an fp32 copy of their input when activations are not fp32;
     RMSNorms in training are engine/fused/norm.py's, which keep none. Each LoRA layer keeps its
@@ -328,7 +349,8 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     act = settings.compute_bytes
     gqa = shape.kv_heads < shape.heads
     attention = (3 * q if gqa else q + 2 * kv) + seq_len if padded else q + 2 * kv
-    mlp = (3 if shape.gated_mlp else 1) * inter * act
+    fused_swiglu = settings.fused and shape.model_type in FUSED_SWIGLU_TYPES
+    mlp = (2 if fused_swiglu else 3 if shape.gated_mlp else 1) * inter * act
     per_token = (h + attention + q) * act + mlp  # residual, attention inputs, its output, MLP
     if act != 4 and shape.model_type in LAYER_NORM_TYPES:
         per_token += 2 * h * 4  # the two norms' fp32 copies (engine/fused/norm.py keeps none of RMSNorms)
@@ -412,7 +434,7 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
         this_saved = (L + 1) * boundary + (0 if settings.gradient_checkpointing else L * block)
         if settings.offloaded:  # on the device: the input being recomputed, the next one arriving, an output
             this_saved = OFFLOAD_IN_FLIGHT * boundary
-        this_saved += _kept_blocks(settings, L) * block
+        this_saved += _kept_blocks(settings, L) * block + _kept_mlps(settings, L) * tokens * mlp
         this_saved += tokens * s if padded else 0  # the boolean mask (b x 1 x s x s), shared by every block
         if not (chunked or padded or shape.encoder) and settings.device == "cuda":
             # attention's backward comes after the MLP's, whose kept tensors and gradients are gone by then
@@ -425,14 +447,21 @@ def _activations(shape: ModelShape, settings: TrainSettings, lora: dict[str, Lin
 
 
 def asked_kept_layers(asked: str) -> int:
-    """kept_layers (off | auto | N) as a number of layers: N; off and auto (which the planner resolves
-    with `kept_layers_for`) 0."""
+    """kept_layers or kept_mlps (off | auto | N) as a number of layers: N; off and auto (which the planner
+    resolves with `kept_layers_for` and `kept_mlps_for`) 0."""
     return int(asked) if asked.isdigit() else 0
 
 
 def _kept_layers(settings: TrainSettings, layers: int) -> int:
     """The blocks settings keep: none without gradient checkpointing, at most the model's layers."""
     return min(settings.kept_layers, layers) if settings.gradient_checkpointing else 0
+
+
+def _kept_mlps(settings: TrainSettings, layers: int) -> int:
+    """The MLPs settings keep: in checkpointed blocks that are not kept whole, none with the tiled MLP."""
+    if not settings.gradient_checkpointing or settings.tiled:
+        return 0
+    return min(settings.kept_mlps, layers - _kept_layers(settings, layers))
 
 
 def _kept_blocks(settings: TrainSettings, layers: int) -> int:
@@ -450,17 +479,37 @@ def kept_layers_for(shape: ModelShape, settings: TrainSettings, budget: float, c
     kept in host memory ran 8-9% slower than recomputing them, seq 512 and 2048 on an H100: the host
     link did not keep pace, docs/performance.md); none without gradient checkpointing, which keeps
     everything anyway."""
+    if asked == "auto" and settings.offloaded:
+        return 0
+    return _kept_count(shape, settings, budget, context_counted, asked, "kept_layers", shape.layers)
+
+
+def kept_mlps_for(shape: ModelShape, settings: TrainSettings, budget: float, context_counted: bool = True,
+                  asked: str = "off") -> int:
+    """The MLPs to keep (kept_mlps: off | auto | a number) at settings' micro-batch and kept layers, in
+    blocks not kept whole: a number as asked, at most those blocks; auto, for one process, as many as
+    fit the budget. On the device, with or without activation offload; none with the tiled MLP (its
+    tiles are recomputed one at a time to save the memory these keep) or without checkpointing."""
+    if settings.tiled:
+        return 0
+    blocks = shape.layers - _kept_layers(settings, shape.layers)
+    return _kept_count(shape, settings, budget, context_counted, asked, "kept_mlps", blocks)
+
+
+def _kept_count(shape: ModelShape, settings: TrainSettings, budget: float, context_counted: bool, asked: str,
+                field: str, most: int) -> int:
+    """asked (off | auto | a number) for the settings field kept_layers or kept_mlps: a number as asked, at
+    most `most`; auto the largest count up to `most` that fits the budget, for one process; 0 without
+    gradient checkpointing."""
     if asked == "off" or not settings.gradient_checkpointing or (asked == "auto" and settings.gpus > 1):
         return 0
     if asked != "auto":
-        return min(asked_kept_layers(asked), shape.layers)
-    if settings.offloaded:
-        return 0
+        return min(asked_kept_layers(asked), most)
 
     def fits(kept: int) -> bool:
-        return estimate(shape, replace(settings, kept_layers=kept)).fits(budget, context_counted)
+        return estimate(shape, replace(settings, **{field: kept})).fits(budget, context_counted)
 
-    return max(0, _largest(fits, 0, shape.layers))
+    return max(0, _largest(fits, 0, most))
 
 
 def kept_block_bytes(shape: ModelShape, settings: TrainSettings) -> int:
@@ -528,7 +577,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "lora_modules": sorted(lora), "activation_bytes": act, "compute_bytes": c,
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
-        "kept_layers": _kept_layers(settings, L),
+        "kept_layers": _kept_layers(settings, L), "kept_mlps": _kept_mlps(settings, L),
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
         "chunked_attention": takes_chunked_attention(shape, s, bool(settings.pack_tokens)),
         "process_baseline_gb": round(settings.process_baseline / GiB, 4),
@@ -661,6 +710,8 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
         pack_tokens=config.max_seq_length if getattr(config, "packing", "off") == "on" else 0,
         tiled_mlp=getattr(config, "tiled_mlp", "off") == "on",
         kept_layers=asked_kept_layers(getattr(config, "kept_layers", "off")),
+        kept_mlps=asked_kept_layers(getattr(config, "kept_mlps", "off")),
+        fused_kernels=getattr(config, "fused_kernels", "off") if importlib.util.find_spec("liger_kernel") else "off",
         gpus=gpus,
         strategy=strategy,
     )

@@ -264,12 +264,13 @@ def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
     """`lqmf train` with packing on and off (auto packs these short chats): the same losses. The
     switches that change nothing here (sequences under a tile; fused kernels off the GPU) train the
     stock curve too, and the run says which ran (packed rows take chunked attention); so does a kept
-    layer (engine/train/offload.py: not recomputed in backward)."""
+    layer (engine/train/offload.py: not recomputed in backward) and a kept MLP (engine/fused/blocks.py),
+    which the tiled MLP rules out."""
     run = ["--max-seq-length", "256", "--batch-size", "4", "--grad-accum", "2", "--max-steps", "3", "--lr", "5e-3",
            "--set", "lora_dropout=0", "--set", "validation_split=0", "--set", "eval_at_start=false"]
-    variants = {"auto": ["--set", "packing=auto"], "off": ["--set", "packing=off"],
+    variants = {"auto": ["--set", "packing=auto", "--set", "kept_mlps=1"], "off": ["--set", "packing=off"],
                 "switches": ["--set", "packing=off", "--set", "tiled_mlp=on", "--set", "fused_kernels=on",
-                             "--set", "kept_layers=1"]}
+                             "--set", "kept_layers=1", "--set", "kept_mlps=1"]}
     curves, runtimes, notes = {}, {}, {}
     for name, options in variants.items():
         result = cli("train", tiny_model, EXAMPLES / "chat_training.csv", "chat", "--name", f"pack-{name}",
@@ -284,6 +285,8 @@ def test_packing_trains_the_unpacked_curve(cli, workspace, tiny_model):
     assert runtimes["switches"]["tiled_mlp"] and runtimes["switches"]["fused_kernels"] is None
     assert runtimes["switches"]["kept_layers"] == [0] and runtimes["off"]["kept_layers"] == []
     assert "kept layers: 1 of 2 decoder layers keep their activations on the device" in result.stderr
+    assert runtimes["auto"]["kept_mlps"] == [0] and runtimes["switches"]["kept_mlps"] == []
+    assert "kept MLPs: 1 of 2 decoder layers keep their MLP's gate and up on the device" in notes["auto"]
     assert "fused_kernels=on: PyTorch's kernels kept" in result.stderr
     assert runtimes["off"]["fused_kernels"] is None and "fused_kernels" not in notes["off"]  # auto, on the CPU
     assert "chunked attention on" in notes["auto"] and "chunked attention" not in notes["off"]

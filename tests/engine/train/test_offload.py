@@ -17,6 +17,7 @@ from lqmf.core.memory_plan import (
     fit_budget,
     kept_block_bytes,
     kept_layers_for,
+    kept_mlps_for,
     largest_micro_batch,
     what_would_fit,
 )
@@ -76,6 +77,46 @@ def test_kept_layers_offloaded_give_the_same_gradients(lean):
     assert set(plain) == set(kept)
     for name, grad in plain.items():
         assert torch.allclose(grad, kept[name], atol=1e-6), name
+
+
+MLP_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize(("lean", "targets"), [(False, None), (True, None), (True, MLP_TARGETS)])
+def test_kept_mlps_give_the_same_gradients_without_recomputing_gate_and_up(lean, targets):
+    """Kept MLPs (engine/fused/blocks.py: KeptMLP) keep gate and up out of the checkpoint's hands: the
+    same gradients and loss, with activation offload too, and each kept MLP's gate_proj runs once a
+    step instead of twice (the block's recomputation stops before it). With LoRA on the MLP as well."""
+    import torch
+
+    from lqmf.engine.compat import checkpointed_layers
+    from lqmf.engine.fused.blocks import keep_mlps
+
+    model = lora_model(lean=lean, **({"targets": targets} if targets else {}))
+    if lean:
+        from lqmf.engine.lora.lean import use_lean_lora
+
+        use_lean_lora(model)
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    layers = checkpointed_layers(model)
+    runs = []
+    for index, layer in enumerate(layers):
+        layer.mlp.gate_proj.register_forward_hook(lambda *_, index=index: runs.append(index))
+    plain = gradients(model, ids)
+    assert sorted(runs) == [0, 0, 1, 1, 2, 2]  # forward, then the recomputation in backward
+    names = [name for name, _ in model.named_parameters()]
+    assert keep_mlps(layers, 2, skip=[1]) == [0, 2]
+    assert [name for name, _ in model.named_parameters()] == names  # adapter keys unchanged
+    runs.clear()
+    kept = gradients(model, ids)
+    assert sorted(runs) == [0, 1, 1, 2]
+    runs.clear()
+    offloaded = gradients(model, ids, ActivationOffload("cpu", min_bytes=1024))
+    assert sorted(runs) == [0, 1, 1, 2]
+    assert set(plain) == set(kept) == set(offloaded)
+    for name, grad in plain.items():
+        assert torch.equal(grad, kept[name]) and torch.equal(grad, offloaded[name]), name
+    assert keep_mlps(layers, 3) == [1]  # the others are kept already
 
 
 def test_backward_fetches_ahead_by_bytes_past_what_it_used():
@@ -153,6 +194,35 @@ def test_planner_counts_kept_layers_on_the_device_or_one_in_flight():
     assert kept_layers_for(shape, replace(base, gpus=2), roomy, asked="4") == 4
 
 
+def test_planner_counts_kept_mlps_on_the_device():
+    """A kept MLP holds its gate and up (and act(gate) without liger-kernel's SwiGLU) for the micro-batch's
+    tokens, on the device even with activation offload; auto keeps as many as fit; none with the tiled MLP,
+    without checkpointing or in blocks kept whole; a number as asked, at most the blocks left."""
+    shape = ModelShape.from_config(MISTRAL_7B)
+    base = TrainSettings(seq_len=2048, micro_batch=1, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                         offload_activations=True)
+    tokens, inter = 2048, 14336
+    for fused, tensors in (("off", 3), ("auto", 2)):
+        settings = replace(base, fused_kernels=fused)
+        for kept in (1, 5):
+            assert estimate(shape, replace(settings, kept_mlps=kept)).peak_allocated == (
+                estimate(shape, settings).peak_allocated + kept * tokens * tensors * inter * 2)
+    assert not replace(base, fused_kernels="auto", device="cpu").fused
+    assert not replace(base, fused_kernels="auto", gpus=2).fused and replace(base, fused_kernels="on", gpus=2).fused
+    roomy = estimate(shape, base).total + 10.5 * tokens * 3 * inter * 2
+    auto = kept_mlps_for(shape, base, roomy, asked="auto")
+    assert 8 <= auto <= 10 and estimate(shape, replace(base, kept_mlps=auto)).fits(roomy)  # slack grows too
+    assert not estimate(shape, replace(base, kept_mlps=auto + 1)).fits(roomy)
+    assert kept_mlps_for(shape, base, roomy, asked="off") == 0
+    assert kept_mlps_for(shape, base, 1, asked="40") == 32
+    assert kept_mlps_for(shape, replace(base, kept_layers=30, offload_activations=False), 1, asked="40") == 2
+    assert kept_mlps_for(shape, replace(base, tiled_mlp=True), roomy, asked="4") == 0
+    assert kept_mlps_for(shape, replace(base, gradient_checkpointing=False), roomy, asked="4") == 0
+    assert kept_mlps_for(shape, replace(base, gpus=2), roomy, asked="auto") == 0
+    tiled = replace(base, tiled_mlp=True, kept_mlps=4)
+    assert estimate(shape, tiled).details["kept_mlps"] == 0
+
+
 def test_plan_reports_the_micro_batch_offload_allows(cli, workspace):
     import json
 
@@ -182,6 +252,22 @@ def test_plan_reports_the_layers_it_keeps(cli, workspace):
     assert json.loads(cli(*run, "--json").stdout)["estimate"]["details"]["kept_layers"] == 0  # off by default
     bad = cli(*run, "--kept-layers", "most")
     assert bad.exit_code == 2 and "'kept_layers' must be off, auto or a number of layers, got 'most'" in bad.output
+
+
+def test_plan_reports_the_mlps_it_keeps(cli, workspace):
+    """`lqmf plan --kept-mlps`: auto keeps more MLPs at a smaller micro-batch; the text says how many."""
+    import json
+
+    run = ["plan", "mistral-7b", "--seq-len", "2048", "--offload", "--max-memory", "7.8GB", "--targets",
+           "q_proj,k_proj,v_proj,o_proj"]
+    kept = [json.loads(cli(*run, "--batch-size", str(micro), "--kept-mlps", "auto", "--json").stdout)
+            for micro in (1, 4)]
+    assert all(report["fits"] for report in kept)
+    assert kept[0]["estimate"]["details"]["kept_mlps"] > kept[1]["estimate"]["details"]["kept_mlps"]
+    assert ", 6 MLPs kept," in cli(*run, "--batch-size", "1", "--kept-mlps", "6").stdout
+    assert json.loads(cli(*run, "--json").stdout)["estimate"]["details"]["kept_mlps"] == 0  # off by default
+    bad = cli(*run, "--kept-mlps", "half")
+    assert bad.exit_code == 2 and "'kept_mlps' must be off, auto or a number of layers, got 'half'" in bad.output
 
 
 def test_offload_on_where_it_cannot_apply_says_so(cli, workspace, tiny_model):

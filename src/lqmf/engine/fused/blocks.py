@@ -13,6 +13,19 @@ a time. The price is one more forward pass of the MLP in backward.
 same `_modules` dict), so module names, PEFT's LoRA layers and the saved adapter's keys do not
 change; the original module's own forward computes each slice.
 
+Kept MLPs: a block's MLP keeps what it saves for backward (gate and up, on the device) while the rest of
+the block stays checkpointed.
+
+With gradient checkpointing a block's backward first runs its forward again, and PyTorch's
+non-reentrant checkpoint stops that recomputation as soon as every tensor the block saved under it is
+back (its early stop). Frozen linears save nothing (their input gradient needs only the weight), so
+the recomputation already stops before down_proj; the MLP's gate and up projections, two thirds of
+a 7B block's GEMMs, are recomputed only to give SiLU-multiply back its two inputs. `KeptMLP` runs the
+MLP under saved-tensor hooks of its own that keep those tensors as they are, out of the checkpoint's
+(and the activation offload's) hands: the block's recomputation then ends at the MLP's norm, and
+backward finds gate and up where forward left them. The price: 2 x intermediate values a token (three
+with PyTorch's SiLU and multiply) on the device from forward until the block's backward.
+
 Fused kernels (liger-kernel, Triton): RMSNorm, SiLU(gate) x up, and RoPE. `fused_kernels: on` puts
 liger-kernel's `LigerRMSNorm` in place of Llama-style RMSNorm modules (the same weight, so the same
 names), runs gated MLPs' activation through its fused SiLU-multiply (`FusedSwiGLU` shares the
@@ -31,7 +44,7 @@ import functools
 import importlib.util
 from typing import Any
 
-from lqmf.core.memory_plan import MLP_TILE_TOKENS
+from lqmf.core.memory_plan import MLP_TILE_TOKENS, fused_kernels_expected
 from lqmf.engine.compat import rotary_attention_layers, rotary_embedding_as, share_children
 from lqmf.engine.fused.norm import replace_rms_norms
 
@@ -76,11 +89,50 @@ def tile_mlps(model: Any, tile: int = TILE_TOKENS) -> int:
     return count
 
 
+@functools.cache
+def _kept_class():
+    import torch
+
+    class KeptMLP(torch.nn.Module):
+        """mlp(x), its saved tensors kept as they are instead of by an enclosing checkpoint or offload."""
+
+        def __init__(self, mlp: torch.nn.Module):
+            super().__init__()
+            share_children(self, mlp)  # the same children: names and adapter keys unchanged
+            object.__setattr__(self, "inner", mlp)  # not a child: it would name every layer twice
+
+        def forward(self, hidden):
+            with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
+                return self.inner(hidden)
+
+    return KeptMLP
+
+
+def _as_is(tensor):
+    return tensor
+
+
+def keep_mlps(layers: list, count: int, skip: list[int] | tuple = ()) -> list[int]:
+    """Put a KeptMLP in place of the `mlp` of count of these decoder layers, spread evenly over those not in
+    skip (the layers kept whole; engine/train/offload.py: kept_indices); returns the indices changed."""
+    from lqmf.engine.train.offload import kept_indices
+
+    cls = _kept_class()
+    open_layers = [index for index in range(len(layers)) if index not in set(skip)]
+    chosen = []
+    for index in (open_layers[at] for at in kept_indices(len(open_layers), count)):
+        mlp = getattr(layers[index], "mlp", None)
+        if mlp is not None and not isinstance(mlp, cls):
+            layers[index].mlp = cls(mlp)
+            chosen.append(index)
+    return chosen
+
+
 def fused_kernels_wanted(mode: str, device: str, processes: int, tiled_mlp: bool) -> tuple[bool, str | None]:
     """Whether to swap in the fused kernels for `fused_kernels: mode` (auto | on | off), and a note for
     the run saying why not where the user could expect them (else None). auto: on only for one process
     on CUDA without the tiled MLP (multi-GPU runs and the tiled MLP with them are not checked on a GPU)."""
-    if mode == "off" or (mode == "auto" and (device != "cuda" or processes > 1 or tiled_mlp)):
+    if not fused_kernels_expected(mode, device, processes, tiled_mlp):
         return False, None
     reason = unavailable(device)
     return reason is None, reason and f"fused_kernels={mode}: PyTorch's kernels kept: {reason}"

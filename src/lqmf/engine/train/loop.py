@@ -36,6 +36,7 @@ from lqmf.core.memory_plan import (
     gb,
     kept_block_bytes,
     kept_layers_for,
+    kept_mlps_for,
     model_shape,
     packing_wanted,
     settings_for,
@@ -185,6 +186,7 @@ class MemoryPlan:
     tiled_mlp: bool = False
     kept_layers: int = 0  # blocks not recomputed in backward (engine/train/offload.py)
     kept_block_bytes: int = 0  # what one of them holds for backward (the planner's count)
+    kept_mlps: int = 0  # blocks whose MLP keeps gate and up for backward (engine/fused/blocks.py: KeptMLP)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -192,6 +194,7 @@ class MemoryPlan:
             "requested_micro_batch": self.requested_micro_batch,
             "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
             "pack_tokens": self.pack_tokens, "tiled_mlp": self.tiled_mlp, "kept_layers": self.kept_layers,
+            "kept_mlps": self.kept_mlps,
             "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
             "estimate": self.estimate.to_dict() if self.estimate else None,
@@ -237,7 +240,8 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
                           offload_activations=config.offload_activations == "on" and offloadable,
                           gpus=gpus, strategy=strategy, pack_tokens=pack_tokens,
                           tiled_mlp=config.tiled_mlp == "on" and config.use_gradient_checkpointing,
-                          kept_layers=asked_kept_layers(config.kept_layers))
+                          kept_layers=asked_kept_layers(config.kept_layers),
+                          kept_mlps=asked_kept_layers(config.kept_mlps) if config.tiled_mlp != "on" else 0)
     settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type, config.gpu_memory_cap)
     strategies = None
@@ -261,12 +265,15 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
             _does_not_fit(shape, settings, budget, budget_source, context_counted, quantize, strategy, gpus)
         prepared.micro_batch, prepared.accumulation = micro, share // micro
     settings = replace(settings, micro_batch=micro)
-    kept = (kept_layers_for(shape, settings, budget, context_counted, config.kept_layers) if budget is not None
-            else settings.kept_layers)
-    settings = replace(settings, kept_layers=kept)
-    return MemoryPlan(device.type, requested, micro, estimate(shape, settings), source,
-                      budget, budget_source, settings.offloaded, gpus, strategy, strategies, pack_tokens,
-                      settings.tiled, kept, kept_block_bytes(shape, settings) if kept else 0)
+    if budget is not None:
+        settings = replace(settings, kept_layers=kept_layers_for(shape, settings, budget, context_counted,
+                                                                 config.kept_layers))
+        settings = replace(settings, kept_mlps=kept_mlps_for(shape, settings, budget, context_counted,
+                                                             config.kept_mlps))
+    final, kept = estimate(shape, settings), settings.kept_layers
+    return MemoryPlan(device.type, requested, micro, final, source, budget, budget_source, settings.offloaded, gpus,
+                      strategy, strategies, pack_tokens, settings.tiled, kept,
+                      kept_block_bytes(shape, settings) if kept else 0, final.details["kept_mlps"])
 
 
 def _does_not_fit(shape, settings: TrainSettings, budget: int, budget_source: str, context_counted: bool,

@@ -25,7 +25,14 @@ from lqmf.core.fsutil import append_jsonl
 from lqmf.core.memory_plan import GiB
 from lqmf.core.models import ResolvedModel
 from lqmf.engine.compat import checkpointed_layers
-from lqmf.engine.fused.blocks import TILE_TOKENS, fused_kernels_wanted, fused_rope, tile_mlps, use_fused_kernels
+from lqmf.engine.fused.blocks import (
+    TILE_TOKENS,
+    fused_kernels_wanted,
+    fused_rope,
+    keep_mlps,
+    tile_mlps,
+    use_fused_kernels,
+)
 from lqmf.engine.fused.norm import lean_rms_norms
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
 from lqmf.engine.train import fsdp
@@ -87,6 +94,8 @@ class Recipe:
         self._use_chunked_attention()
         self.kept_layers: list[int] = []
         self._keep_layers()
+        self.kept_mlps: list[int] = []
+        self._keep_mlps()
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
                       "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
@@ -137,6 +146,19 @@ class Recipe:
                             if kept else f"kept_layers={self.config.kept_layers}: "
                             f"{type(self.model.get_base_model()).__name__} has no layers checkpointed one by one; "
                             "every layer is recomputed")
+
+    def _keep_mlps(self) -> None:
+        """Have the plan's kept MLPs keep gate and up for backward (engine/fused/blocks.py: KeptMLP), saying so."""
+        count = self.memory.kept_mlps
+        if not count or not self.config.use_gradient_checkpointing or self.memory.tiled_mlp:
+            return
+        layers = checkpointed_layers(self.model)
+        self.kept_mlps = keep_mlps(layers, count, self.kept_layers)
+        self.events.on_note(f"kept MLPs: {len(self.kept_mlps)} of {len(layers)} decoder layers keep their MLP's gate "
+                            "and up on the device instead of recomputing them in backward "
+                            f"(kept_mlps={self.config.kept_mlps})" if self.kept_mlps else
+                            f"kept_mlps={self.config.kept_mlps}: {type(self.model.get_base_model()).__name__} has no "
+                            "MLPs in layers checkpointed one by one; every MLP is recomputed")
 
     def _use_chunked_attention(self) -> None:
         from lqmf.engine.fused import attention
@@ -482,7 +504,7 @@ class Recipe:
                    "processes": prepared.world_size, "strategy": self.memory.strategy,
                    "offload_activations": self.offload is not None, "pack_tokens": self.pack_tokens,
                    "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
-                   "lean_norms": self.lean_norms, "kept_layers": self.kept_layers,
+                   "lean_norms": self.lean_norms, "kept_layers": self.kept_layers, "kept_mlps": self.kept_mlps,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}
