@@ -98,6 +98,18 @@ def one_row_candidates() -> list:
     return list(dict.fromkeys(winners + dots + gemvs))
 
 
+def gemv_candidates() -> list:
+    """The table's one-row tiles, then GEMV tiles of 16..256 columns by 256 or 512 values a step with one
+    to four 16-byte loads a thread (--grid gemv, --rows 1)."""
+    from lqmf.engine.lora.nf4 import CONFIGS, Config
+
+    table = [replace(config, split=0) for (rows_key, _, _), config in CONFIGS.items() if rows_key == 1]
+    tiles = ((16, 512, 1), (32, 256, 1), (32, 512, 1), (32, 512, 2), (64, 256, 2), (64, 512, 2), (64, 256, 4),
+             (64, 512, 4), (128, 256, 4), (128, 256, 8), (128, 512, 8), (256, 256, 8))
+    grid = [Config(block_m=1, block_n=n, block_k=k, warps=w, dot=False, lut=2, late_scale=True) for n, k, w in tiles]
+    return list(dict.fromkeys(table + grid))
+
+
 def batch_candidates(rows: int) -> list:
     """A wider grid for a decode batch of this many rows (--grid batch, 16 or more rows): tl.dot tiles as
     tall as the row bucket, 32..128 columns, two or four blocks a step, 1, 2 or 4 warps, 2 or 3 stages,
@@ -351,8 +363,10 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=85.0,
                         help="stop trying new configs after this long (the float32 checks: 20 s more)")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
-    parser.add_argument("--grid", choices=("default", "one-row", "batch", "table", "prefill"), default="default",
-                        help="one-row: a wider grid of one-row configs (`one_row_candidates`); batch: of configs "
+    parser.add_argument("--grid", choices=("default", "one-row", "gemv", "batch", "table", "prefill"),
+                        default="default",
+                        help="one-row: a wider grid of one-row configs (`one_row_candidates`); gemv: the table's "
+                             "one-row tiles and GEMV tiles (`gemv_candidates`); batch: of configs "
                              "for the largest of --rows (`batch_candidates`); table: nf4.CONFIGS' own tiles; "
                              "prefill: tall tiles for prompts (`prefill_candidates`)")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1],
@@ -369,7 +383,7 @@ def main() -> None:
     torch.manual_seed(0)
     began = time.monotonic()
     weights = build(SMOKE_SHAPES if args.smoke else SHAPES, device)
-    grids = {"one-row": one_row_candidates, "batch": lambda: batch_candidates(max(args.rows)),
+    grids = {"one-row": one_row_candidates, "gemv": gemv_candidates, "batch": lambda: batch_candidates(max(args.rows)),
              "table": table_candidates, "prefill": prefill_candidates}
     configs = grids[args.grid]() if args.grid in grids and not args.smoke else candidates(args.smoke)
     rows_list = [1, 3, 17] if args.smoke and args.rows == parser.get_default("rows") else args.rows
