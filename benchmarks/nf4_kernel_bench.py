@@ -236,8 +236,10 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
                     return nf4_matmul(x, weight["packed"], weight["absmax"], weight["code"], shape, BLOCKSIZE, config,
                                       standard_code=weight["standard_code"])
 
+                chosen, slices = fitted(replace(config, split=split), rows, shape, BLOCKSIZE)
+                if config.serial and slices == 1:  # the same launch as its plain twin
+                    continue
                 try:
-                    chosen, slices = fitted(replace(config, split=split), rows, shape, BLOCKSIZE)
                     if chosen.lut == 2 and not lookup_verified(chosen, slices, x, weight["packed"], weight["absmax"],
                                                                weight["code"], shape, BLOCKSIZE):
                         skipped[index] = f"lut 2 fails its check at {name}, {rows} rows, split {split}"
@@ -336,7 +338,8 @@ def report(summary: dict, weights: dict) -> None:
         brief = ("-" if config is None else
                  f"{'dot' if config['dot'] else 'gemv'} m{config['block_m']} n{config['block_n']} "
                  f"k{config['block_k']} s{config['split'] or 'auto'} w{config['warps']} st{config['stages']} "
-                 f"lut{config['lut']}{' swap' if config['swap'] else ''}{' late' if config['late_scale'] else ''}")
+                 f"lut{config['lut']}{' swap' if config['swap'] else ''}{' late' if config['late_scale'] else ''}"
+                 f"{' serial' if config.get('serial') else ''}")
         print(f"{name:>8} {rows:>4} {entry.get('us', float('nan')):>10.1f} {entry['bitsandbytes_us']:>8.1f} "
               f"{entry.get('speedup', float('nan')):>6.2f} {entry.get('gb_per_s', float('nan')):>7.0f} "
               f"{entry.get('bf16_max_abs_error', float('nan')):>9.2e}  {brief}")
@@ -369,6 +372,8 @@ def main() -> None:
                              "one-row tiles and GEMV tiles (`gemv_candidates`); batch: of configs "
                              "for the largest of --rows (`batch_candidates`); table: nf4.CONFIGS' own tiles; "
                              "prefill: tall tiles for prompts (`prefill_candidates`)")
+    parser.add_argument("--serial", action="store_true",
+                        help="also each config with serial split K (Config.serial: no reduce_splits launch)")
     parser.add_argument("--splits", type=int, nargs="+", default=[0, 1],
                         help="slices of K to try per config (0: enough for nf4.TARGET_WARPS warps)")
     args = parser.parse_args()
@@ -386,6 +391,8 @@ def main() -> None:
     grids = {"one-row": one_row_candidates, "gemv": gemv_candidates, "batch": lambda: batch_candidates(max(args.rows)),
              "table": table_candidates, "prefill": prefill_candidates}
     configs = grids[args.grid]() if args.grid in grids and not args.smoke else candidates(args.smoke)
+    if args.serial:  # each config, then its serial twin, so that a budget cut drops whole pairs
+        configs = [twin for config in configs for twin in (config, replace(config, serial=True))]
     rows_list = [1, 3, 17] if args.smoke and args.rows == parser.get_default("rows") else args.rows
     measure = timer(args.smoke)
     results: dict = {}

@@ -31,15 +31,17 @@ from pathlib import Path
 os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
 sys.path.insert(0, str(Path(__file__).parent))
 
-ARGS = ("x_ptr", "q_ptr", "absmax_ptr", "code_ptr", "pair_ptr", "out_ptr", "M", "N", "K", "stride_xm", "K_PER_SPLIT")
-TYPES = ("*bf16", "*u8", "*fp32", "*fp32", "*i64", "*bf16", "i32", "i32", "i32", "i32", "i32")
+ARGS = ("x_ptr", "q_ptr", "absmax_ptr", "code_ptr", "pair_ptr", "out_ptr", "M", "N", "K", "stride_xm", "K_PER_SPLIT",
+        "final_ptr", "count_ptr")
+TYPES = ("*bf16", "*u8", "*fp32", "*fp32", "*i64", "*bf16", "i32", "i32", "i32", "i32", "i32", "*bf16", "*i32")
 INTEGER_PIPE = ("PRMT", "LOP3", "SHF", "LEA")  # half the lanes a clock of the issue slots on sm_90
 MULTIPLES_OF_16 = set(ARGS) - {"M"}  # pointers, N, K, strides: what the JIT sees at the 7B shapes
 
 
 def compile_config(config, pdl: bool = False):
     """The compiled kernel (triton's CompiledKernel) for config, bf16 inputs, target sm_90; with pdl as a
-    programmatic dependent launch (decode/pdl.py)."""
+    programmatic dependent launch (decode/pdl.py); config.serial: float32 partials of config.split (at
+    least 2) slices, summed by the last to finish."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -47,12 +49,16 @@ def compile_config(config, pdl: bool = False):
     from lqmf.engine.lora import nf4_kernels
 
     constants = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=64, LUT=config.lut,
-                     LATE_SCALE=config.late_scale, INTERPRETED=False, PDL=pdl)
+                     LATE_SCALE=config.late_scale, INTERPRETED=False, PDL=pdl, SERIAL=False, SPLIT=1)
+    types = dict(zip(ARGS, TYPES, strict=True))
+    if config.serial:
+        constants |= dict(SERIAL=True, SPLIT=max(config.split, 2))
+        types["out_ptr"] = "*fp32"
     if config.dot:
         constants |= dict(BLOCK_M=config.block_m, SWAP=config.swap, IEEE=False)
     kernel = nf4_kernels.nf4_matmul_kernel if config.dot else nf4_kernels.nf4_gemv_kernel
     constants = {name: constants[name] for name in kernel.arg_names if name in constants}  # the kernel's order
-    signature = dict(zip(ARGS, TYPES, strict=True)) | dict.fromkeys(constants, "constexpr")
+    signature = types | dict.fromkeys(constants, "constexpr")
     names = list(signature)
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()},

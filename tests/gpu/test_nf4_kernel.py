@@ -162,3 +162,39 @@ def test_dependent_launches_see_the_kernel_before_them(monkeypatch, rows):
         graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, plain)
+
+
+@pytest.mark.parametrize(("rows", "dot"), [(1, False), (1, True), (16, True), (32, True)])
+def test_serial_split_k_gives_the_reduce_kernels_bits(rows, dot):
+    """Serial split K (nf4.Config.serial): the last slice of each tile to finish sums the slices through a
+    counter, in slice order, instead of reduce_splits. At a 7B down_proj shape with 8 and 16 slices, in a
+    chain of dependent launches captured in a CUDA graph and replayed many times (a lost ordering
+    between the partials and the count would show as different bits), it gives reduce_splits' bits
+    and leaves every counter at zero."""
+    import bitsandbytes as bnb
+
+    from lqmf.engine.lora import nf4
+
+    layer = bnb.nn.Linear4bit(14336, 4096, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight.data.normal_(0, 0.02)
+    base = nf4.NF4Linear.of_module(layer.cuda())
+    x = torch.randn(rows, 14336, device="cuda", dtype=torch.bfloat16)
+    tile = (nf4.Config(block_m=16 if rows <= 16 else 32, block_n=64, block_k=256, lut=2, late_scale=True) if dot
+            else nf4.Config(block_m=1, block_n=64, block_k=256, dot=False, lut=2, late_scale=True))
+    for split in (8, 16):
+        plain, serial = replace(tile, split=split), replace(tile, split=split, serial=True)
+
+        def run(config, x=x):
+            return nf4.nf4_matmul(x, base.packed, base.absmax, base.code, base.shape, base.blocksize, config,
+                                  standard_code=base.standard_code)
+
+        want = run(plain)
+        assert torch.equal(run(serial), want)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [run(serial) for _ in range(8)]
+        for _ in range(50):
+            graph.replay()
+            torch.cuda.synchronize()
+            assert all(torch.equal(out, want) for out in outs)
+        assert not nf4._COUNTERS[str(x.device)].any()

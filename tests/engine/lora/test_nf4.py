@@ -105,6 +105,36 @@ def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_
     _assert_matches(got, x, _weight_used(packed, state, dtype, used))
 
 
+@pytest.mark.parametrize(("rows", "config"), [
+    (1, dict(block_m=1, block_n=32, block_k=128, split=4, dot=False, lut=2, late_scale=True)),
+    (3, dict(block_m=1, block_n=16, block_k=128, split=2, dot=False)),
+    (17, dict(block_m=16, block_n=32, block_k=128, split=4, lut=2, late_scale=True)),
+    (16, dict(block_m=16, block_n=64, block_k=64, split=2, lut=1, swap=True)),
+])
+def test_serial_split_k_gives_what_the_reduce_kernel_gives(nf4, rows, config, monkeypatch):
+    """Serial split K (Config.serial): the last slice of a tile to finish sums the slices in slice order,
+    as reduce_splits does, so the output is the same to the bit; every tile's counter is left at zero
+    (for the next launch, and a CUDA graph's next replay), and a launch with more tiles than the
+    counters falls back to reduce_splits."""
+    import torch
+
+    from lqmf.engine import compat
+
+    packed, state = _weight(96, 512, True, seed=rows)
+    x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    args = (x, packed, compat.absmax_fp32(state), state.code, (96, 512), 64)
+    kernels, reduces = nf4._kernels(), []
+    reduce_splits = kernels.reduce_splits
+    monkeypatch.setattr(kernels, "reduce_splits", type("Counted", (), {"__getitem__": lambda self, grid: (
+        reduces.append(grid), reduce_splits[grid])[1]})())
+    plain = nf4.nf4_matmul(*args, nf4.Config(**config))
+    serial = nf4.nf4_matmul(*args, nf4.Config(**config, serial=True))
+    assert len(reduces) == 1 and torch.equal(plain, serial)
+    assert not nf4._COUNTERS["cpu"].any()
+    assert torch.equal(nf4.nf4_matmul(*args, nf4.Config(**config, serial=True)), plain)  # the counters reused
+    assert nf4.serial_counters("cpu", nf4.COUNTERS + 1) is None
+
+
 def test_configs_fit_the_shape_and_fill_the_machine(nf4):
     import torch
 

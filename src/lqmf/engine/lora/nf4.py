@@ -59,6 +59,8 @@ class Config:
     swap: bool = False  # dot: the weight as tl.dot's first operand (out^T = W x^T)
     late_scale: bool = False  # scale each block's sums by its absmax, not each value (fewer operations;
     # the dot rounds the codes, not code * absmax, to x's dtype: not bitsandbytes' rounding, as close)
+    serial: bool = False  # split K: the last slice of a tile to finish sums the slices (the same values as
+    # reduce_splits, one launch fewer; `serial_counters`)
 
 
 # (row bucket, N, K) -> Config, from GPU sweeps (benchmarks/nf4_kernel_bench.py prints this table), one
@@ -214,7 +216,8 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
 
 
 def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: tuple[int, int], blocksize: int):
-    """The kernel (and reduce_splits over split > 1 float32 partials) as config says: [M, N] in x's dtype."""
+    """The kernel (and reduce_splits over split > 1 float32 partials, unless config.serial) as config says:
+    [M, N] in x's dtype."""
     import torch
 
     kernels = _kernels()
@@ -222,23 +225,44 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
     rows, (out_features, in_features) = x.shape[0], shape
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)
     target = out if split == 1 else torch.empty((split, rows, out_features), dtype=torch.float32, device=x.device)
+    grid = (-(-out_features // config.block_n), split, -(-rows // config.block_m) if config.dot else rows)
+    counters = serial_counters(x.device, grid[0] * grid[2]) if config.serial and split > 1 else None
+    serial = dict(SERIAL=True, SPLIT=split) if counters is not None else {}
     common = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=blocksize, LUT=config.lut,
-                  LATE_SCALE=config.late_scale, INTERPRETED=not x.is_cuda, **dependent, num_warps=config.warps,
-                  num_stages=config.stages)
+                  LATE_SCALE=config.late_scale, INTERPRETED=not x.is_cuda, **dependent, **serial,
+                  num_warps=config.warps, num_stages=config.stages)
     arguments = (x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
-                 x.stride(0), in_features // split)
+                 x.stride(0), in_features // split, out, target if counters is None else counters)
     if config.dot:
-        grid = (-(-out_features // config.block_n), split, -(-rows // config.block_m))
         kernels.nf4_matmul_kernel[grid](*arguments, BLOCK_M=config.block_m, SWAP=config.swap,
                                         IEEE=x.dtype == torch.float32, **common)
     else:
-        kernels.nf4_gemv_kernel[(-(-out_features // config.block_n), split, rows)](*arguments, **common)
-    if split > 1:
+        kernels.nf4_gemv_kernel[grid](*arguments, **common)
+    if split > 1 and counters is None:
         block = 1024
         kernels.reduce_splits[(-(-out.numel() // block),)](target, out, out.numel(), SPLIT=split, BLOCK=block,
                                                            INTERPRETED=not x.is_cuda, **dependent,
                                                            num_warps=4)
     return out
+
+
+COUNTERS = 1 << 17  # tiles a serial launch may count (int32 each, one buffer a device)
+_COUNTERS: dict[str, Any] = {}
+
+
+def serial_counters(device, tiles: int):
+    """The device's zeroed int32 tile counters for a serial split-K launch (each launch leaves them zero),
+    or None (then reduce_splits sums the slices): more tiles than COUNTERS, or the buffer not made yet
+    inside a CUDA-graph capture. One buffer a device: the decoder's launches run one after another on a
+    stream, and a dependent launch (decode/pdl.py) touches them only after the kernel before it ends."""
+    import torch
+
+    key = str(device)
+    if key not in _COUNTERS:
+        if tiles > COUNTERS or _capturing():
+            return None
+        _COUNTERS[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _COUNTERS[key] if tiles <= COUNTERS else None
 
 
 _LOOKUP_CHECKS: dict[tuple, bool] = {}

@@ -20,7 +20,8 @@ the high and low codes, which x's even and odd columns multiply; LUT 0 and 2 giv
 values of k in order, and x is loaded in the same runs, so no register of x is permuted (each warp
 would permute its own copy), and the two multiply the same values in the same order. With more than
 one slice they write float32 partials that `reduce_splits` sums in a fixed order (no atomics, no
-host sync: both kernels can be captured in a CUDA graph).
+host sync: both kernels can be captured in a CUDA graph), or, with SERIAL, the last of a tile's slices
+to finish sums them in the same order itself (`_last_slice_sums`: a counter per tile, one launch fewer).
 """
 
 from __future__ import annotations
@@ -175,13 +176,14 @@ def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexp
 
 @triton.jit
 def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      final_ptr, count_ptr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                       BLOCKSIZE: tl.constexpr, SWAP: tl.constexpr, LUT: tl.constexpr,
                       LATE_SCALE: tl.constexpr, IEEE: tl.constexpr, INTERPRETED: tl.constexpr,
-                      PDL: tl.constexpr = False):
+                      PDL: tl.constexpr = False, SERIAL: tl.constexpr = False, SPLIT: tl.constexpr = 1):
     """out[s] (or out, one slice) = x[rows] W[cols, slice s of K]^T; BLOCK_K // BLOCKSIZE blocks a step.
     PDL (launched as a programmatic dependent launch, so it starts while the kernel before it ends): it
-    waits for that kernel's writes before its first read, then lets the kernel after it launch."""
+    waits for that kernel's writes before its first read, then lets the kernel after it launch. SERIAL:
+    final = the SPLIT slices' sum, written by the last of them to finish (`_last_slice_sums`)."""
     pid_n, pid_s, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -224,17 +226,21 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
     ok = row_ok[:, None] & col_ok[None, :]
     at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
     tl.store(out_ptr + at, _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+    if SERIAL:
+        _last_slice_sums(out_ptr, final_ptr, count_ptr + pid_m * tl.num_programs(0) + pid_n,
+                         rows.to(tl.int64)[:, None] * N + cols[None, :], ok, M * N, SPLIT, INTERPRETED)
 
 
 @triton.jit
 def nf4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N, K, stride_xm, K_PER_SPLIT,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr, LUT: tl.constexpr,
-                    LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr, PDL: tl.constexpr = False):
+                    final_ptr, count_ptr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCKSIZE: tl.constexpr,
+                    LUT: tl.constexpr, LATE_SCALE: tl.constexpr, INTERPRETED: tl.constexpr,
+                    PDL: tl.constexpr = False, SERIAL: tl.constexpr = False, SPLIT: tl.constexpr = 1):
     """out[s, row] (or out, one slice) = x[row, slice s of K] W[cols, slice s]^T, one row a program, on CUDA
     cores: each thread loads RUN bytes of a weight row (one 16-byte vector, into registers), looks them
     up, multiplies them by x in float32 and sums the run; a run's sum times its block's absmax (with
     LATE_SCALE; else each value is code * absmax rounded to x's dtype first) goes to one float32 per
-    run, summed across runs at the end. PDL as in nf4_matmul_kernel."""
+    run, summed across runs at the end. PDL and SERIAL as in nf4_matmul_kernel."""
     RUN: tl.constexpr = 16  # bytes (32 values) of a row a thread reads at once; BLOCKSIZE >= 32 holds whole runs
     RUNS: tl.constexpr = BLOCK_K // (2 * RUN)
     pid_n, pid_s, row = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -279,6 +285,26 @@ def nf4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N,
         x_second_at += BLOCK_K
     at = (pid_s * M + row.to(tl.int64)) * N + cols
     tl.store(out_ptr + at, _rounded(tl.sum(acc, axis=1), out_ptr.dtype.element_ty, INTERPRETED), mask=col_ok)
+    if SERIAL:
+        _last_slice_sums(out_ptr, final_ptr, count_ptr + row * tl.num_programs(0) + pid_n, row.to(tl.int64) * N + cols,
+                         col_ok, M * N, SPLIT, INTERPRETED)
+
+
+@triton.jit
+def _last_slice_sums(part_ptr, final_ptr, count_ptr, at, ok, MN, SPLIT: tl.constexpr, INTERPRETED: tl.constexpr):
+    """Serial split K, after a program stored its float32 partial of a tile: count it in the tile's counter
+    (count_ptr, int32, zero between launches); the last of the SPLIT to arrive sums the partials in slice
+    order (as reduce_splits does, so the same values), writes them to final in its dtype and sets the
+    counter back to zero. The barrier and the counter's release order every thread's partial before the
+    count; its acquire, the last program's reads after it (which bypass L1)."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        total = tl.load(part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLIT):
+            total += tl.load(part_ptr + s * MN + at, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(final_ptr + at, _rounded(total, final_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
