@@ -98,7 +98,8 @@ class TrainConfig:
     kept_mlps: str = _opt(
         "off", "Decoder layers whose MLP keeps its gate and up outputs on the device for backward, so that the "
         "layer's recomputation stops before its MLP (with gradient checkpointing, not with the tiled MLP): off | "
-        "auto | a number; auto: as many as fit the budget at the chosen micro-batch")
+        "auto | a number; auto: as many as fit the budget at the chosen micro-batch (under an 8 GB cap the small "
+        "micro-batches that leave room for them ran slower on an H100)")
     fused_kernels: str = _opt(
         "auto", "liger-kernel's fused RMSNorm, SiLU-multiply and RoPE in training (CUDA): auto | on | off; auto: on "
         "for a single-GPU run without the tiled MLP (+29% tokens/s measured on an H100); elsewhere PyTorch's",

@@ -64,22 +64,23 @@ class Config:
 
 
 # (row bucket, N, K) -> Config, from GPU sweeps (benchmarks/nf4_kernel_bench.py prints this table), one
-# H100, 2026-12-07 (docs/serving.md): at one row the best of a wide grid with 1, 2, 8 or auto slices of K
-# (`--grid one-row --splits 0 1 2 8`, session 11: 2.92 ms a step against 3.11); at 16 and 32 rows the best
-# of the table's own tiles at every shape with those slices (`--grid table`, session 12: 3.04 ms a step at
-# 16 rows, 4.01 at 32): lut 2 everywhere; at 16 rows the 4-warp 16 x 64 x 128 tile, K in 2 or 8 slices at
-# three shapes. Other shapes and row buckets take `default_config`.
+# H100, docs/serving.md: at one row the best of the GEMV grid with 2, 4 or 8 slices of K, each with its
+# serial twin (`--grid gemv --serial --splits 2 4 8`, session 17: GEMVs with K in 4 slices at every shape,
+# 2.57 ms a step against 2.92); at 16 and 32 rows the best of the table's own tiles with 0, 2 or 8 slices
+# and their serial twins (`--grid table --serial`, session 17: serial split K at two shapes of 16 rows,
+# 2.90 ms a step at 16 rows, 3.92 at 32): lut 2 everywhere. Other shapes and row buckets take
+# `default_config`.
 CONFIGS: dict[tuple[int, int, int], Config] = {
-    (1, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True),
-    (16, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True),
+    (1, 6144, 4096): Config(block_m=1, block_n=16, block_k=512, split=4, warps=1, dot=False, lut=2, late_scale=True),
+    (16, 6144, 4096): Config(split=8, stages=3, lut=2, late_scale=True, serial=True),
     (32, 6144, 4096): Config(block_m=32, split=8, lut=2, late_scale=True),
-    (1, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
+    (1, 4096, 4096): Config(block_m=1, block_n=16, block_k=512, split=4, warps=1, dot=False, lut=2, late_scale=True),
     (16, 4096, 4096): Config(stages=3, lut=2, late_scale=True),
     (32, 4096, 4096): Config(block_m=32, block_k=256, lut=2, late_scale=True),
-    (1, 28672, 4096): Config(split=2, stages=3, lut=2, late_scale=True),
-    (16, 28672, 4096): Config(split=2, stages=3, lut=2, late_scale=True),
+    (1, 28672, 4096): Config(block_m=1, block_n=64, block_k=256, split=4, dot=False, lut=2, late_scale=True),
+    (16, 28672, 4096): Config(split=2, stages=3, lut=2, late_scale=True, serial=True),
     (32, 28672, 4096): Config(block_m=32, lut=2, late_scale=True),
-    (1, 4096, 14336): Config(block_n=32, block_k=256, split=8, warps=2, stages=3, lut=2, late_scale=True),
+    (1, 4096, 14336): Config(block_m=1, block_n=16, block_k=512, split=4, warps=1, dot=False, lut=2, late_scale=True),
     (16, 4096, 14336): Config(split=8, stages=3, lut=2, late_scale=True),
     (32, 4096, 14336): Config(block_m=32, block_k=256, split=8, warps=2, lut=2, swap=True, late_scale=True),
 }
