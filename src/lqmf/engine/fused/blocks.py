@@ -19,8 +19,8 @@ the block stays checkpointed.
 With gradient checkpointing a block's backward first runs its forward again, and PyTorch's
 non-reentrant checkpoint stops that recomputation as soon as every tensor the block saved under it is
 back (its early stop). Frozen linears save nothing (their input gradient needs only the weight), so
-the recomputation already stops before down_proj; the MLP's gate and up projections, two thirds of
-a 7B block's GEMMs, are recomputed only to give SiLU-multiply back its two inputs. `KeptMLP` runs the
+the recomputation already stops before down_proj; the MLP's gate and up projections, three quarters
+of what a 7B block recomputes, run again only to give SiLU-multiply back its two inputs. `KeptMLP` runs the
 MLP under saved-tensor hooks of its own that keep those tensors as they are, out of the checkpoint's
 (and the activation offload's) hands: the block's recomputation then ends at the MLP's norm, and
 backward finds gate and up where forward left them. The price: 2 x intermediate values a token (three
