@@ -259,11 +259,11 @@ def serial_counters(device, tiles: int):
     import torch
 
     key = str(device)
+    if tiles > COUNTERS or (key not in _COUNTERS and _capturing()):
+        return None
     if key not in _COUNTERS:
-        if tiles > COUNTERS or _capturing():
-            return None
         _COUNTERS[key] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _COUNTERS[key] if tiles <= COUNTERS else None
+    return _COUNTERS[key]
 
 
 _LOOKUP_CHECKS: dict[tuple, bool] = {}
