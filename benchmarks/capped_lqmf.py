@@ -44,9 +44,32 @@ def profiled(run, path: str) -> None:
                 entry[0] += 1
                 entry[1] += event.time_range.elapsed_us() / 1000
         ranked = sorted(totals.items(), key=lambda item: -item[1][1])
+        spans = [(event.time_range.start, event.time_range.end) for event in prof.events()
+                 if event.device_type == device]
         with open(path, "w") as handle:
             json.dump({"wall_s": round(wall, 2), "device_ms": round(sum(ms for _, ms in totals.values()), 1),
+                       "idle": idle_gaps(spans),
                        "by_name": [[name, count, round(ms, 2)] for name, (count, ms) in ranked[:60]]}, handle, indent=1)
+
+
+def idle_gaps(spans: list[tuple[float, float]]) -> dict:
+    """How long the device ran nothing between its first and last event (spans in microseconds, any
+    stream), as ms by gap length: short gaps are the host falling behind the kernels it launches,
+    long ones loading, saving or a synchronizing wait."""
+    buckets = {"under_0.1ms": 0.0, "0.1_to_1ms": 0.0, "1_to_10ms": 0.0, "over_10ms": 0.0}
+    counts = dict.fromkeys(buckets, 0)
+    busy_until = None
+    for start, end in sorted(spans):
+        if busy_until is not None and start > busy_until:
+            gap = (start - busy_until) / 1000
+            key = ("under_0.1ms" if gap < 0.1 else "0.1_to_1ms" if gap < 1 else "1_to_10ms" if gap < 10
+                   else "over_10ms")
+            buckets[key] += gap
+            counts[key] += 1
+        busy_until = end if busy_until is None else max(busy_until, end)
+    first = min((start for start, _ in spans), default=0)
+    return {"span_ms": round(((busy_until or first) - first) / 1000, 1),
+            "gap_ms": {key: round(ms, 1) for key, ms in buckets.items()}, "gaps": counts}
 
 
 if __name__ == "__main__":
