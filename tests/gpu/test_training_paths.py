@@ -8,6 +8,7 @@
 - the tiled MLP (engine/fused/blocks.py: tile_mlps) against the plain MLP;
 - liger-kernel's RMSNorm, SiLU-multiply and RoPE (`fused_kernels`, blocks.use_fused_kernels and
   fused_rope), padded and packed rows, against transformers' modules; skipped without liger-kernel;
+- the LoRA dropout kept for backward (recompute_lora_dropout off) against it recomputed;
 - LeanRMSNorm (engine/fused/norm.py, on in `lqmf train` unless liger's norms are) against transformers'
   norms, whole and a few tokens a chunk.
 
@@ -157,6 +158,22 @@ def test_kept_mlps_match_the_checkpointed_ones(base_dir):
     runs.clear()
     _assert_close("kept MLPs", plain, _loss_and_grads(model, batch))
     assert len(runs) == len(layers)
+
+
+def test_kept_lora_dropout_matches_the_recomputed_one(base_dir):
+    """LoRA dropout kept for backward (engine/lora/lean.py: recompute_lora_dropout off) on the 4-bit base
+    under autocast: the same masks (drawn in the same order), so the recomputing path's loss and gradients."""
+    from lqmf.engine.lora.lean import lora_layers, recompute_lora_dropout
+
+    model = _model(base_dir)
+    for layer in lora_layers(model):
+        layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    torch.manual_seed(0)
+    recomputed = _loss_and_grads(model, batch)
+    recompute_lora_dropout(model, False)
+    torch.manual_seed(0)
+    _assert_close("kept LoRA dropout", recomputed, _loss_and_grads(model, batch))
 
 
 @pytest.mark.parametrize("chunk_tokens", [2048, 100])

@@ -10,7 +10,15 @@ from lqmf.cli.common import JsonOption, WorkspaceOption, workspace
 from lqmf.cli.output import App, info, print_json, print_table
 from lqmf.core.config import TrainConfig
 from lqmf.core.errors import ConflictError, InputError
-from lqmf.core.memory_plan import GiB, estimate, model_shape, settings_for
+from lqmf.core.memory_plan import (
+    DEFAULT_BUDGET,
+    GiB,
+    budget_choices,
+    estimate,
+    model_shape,
+    parse_size,
+    settings_for,
+)
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 
 app = App(help="List and add base models (aliases for hub ids, local folders and packaged models).")
@@ -22,7 +30,9 @@ def qlora_estimate_gb(resolved: ResolvedModel) -> float | None:
     if shape is None:
         return None
     task = "classification" if shape.encoder else "chat"
-    return round(estimate(shape, settings_for(TrainConfig(task_type=task), resolved, device="cuda")).total / GiB, 2)
+    config = TrainConfig(task_type=task)
+    settings = budget_choices(shape, settings_for(config, resolved, device="cuda"), parse_size(DEFAULT_BUDGET), config)
+    return round(estimate(shape, settings).total / GiB, 2)
 
 
 def model_rows(catalogue: ModelCatalogue) -> list[dict]:

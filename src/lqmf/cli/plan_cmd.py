@@ -13,16 +13,16 @@ from lqmf.core import config as cfg
 from lqmf.core.distributed import check_batch_split
 from lqmf.core.errors import InputError, RuntimeFailure
 from lqmf.core.memory_plan import (
+    DEFAULT_BUDGET,
     LOSS_CHUNK_TOKENS,
     Alternative,
     GiB,
     ModelShape,
     TrainSettings,
+    budget_choices,
     choose_strategy,
     estimate,
     fit_strategies,
-    kept_layers_for,
-    kept_mlps_for,
     largest_micro_batch,
     largest_seq_len,
     largest_serving_batch,
@@ -36,12 +36,12 @@ from lqmf.core.models import ModelCatalogue
 from lqmf.core.schedule import DEFAULT_ACCUMULATION
 from lqmf.core.system import free_gpu_memory
 
-DEFAULT_BUDGET = "8GB"  # the guide's target GPU
 OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "batch-size", "lora_r": "rank",
                 "target_modules": "targets", "use_4bit_quantization": "4bit", "task_type": "task",
                 "use_gradient_checkpointing": "gradient-checkpointing", "max_memory": "max-memory",
                 "offload_activations": "offload", "strategy": "strategy", "packing": "packing",
-                "tiled_mlp": "tiled-mlp", "kept_layers": "kept-layers", "kept_mlps": "kept-mlps"}
+                "tiled_mlp": "tiled-mlp", "kept_layers": "kept-layers", "kept_mlps": "kept-mlps",
+                "recompute_lora_dropout": "recompute-lora-dropout"}
 
 COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer", "optimizer state"),
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
@@ -137,6 +137,9 @@ def plan(
                                            "recomputation: off, auto or a number (kept_layers; default off)."),
     kept_mlps: str | None = typer.Option(None, "--kept-mlps", help="Count decoder layers whose MLP keeps gate "
                                          "and up for backward: off, auto or a number (kept_mlps; default off)."),
+    recompute_dropout: bool | None = typer.Option(
+        None, "--recompute-lora-dropout/--keep-lora-dropout", help="Count the LoRA dropout as recomputed in "
+        "backward or kept (recompute_lora_dropout; default auto: kept where it fits the budget)."),
     device: str = typer.Option("cuda", "--device", help="cuda (bf16, 8-bit paged AdamW) or cpu (fp32)."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="Budget, e.g. 8GB (default: the config's "
                                           "max_memory, else this machine's free GPU memory, else 8GB)."),
@@ -169,7 +172,7 @@ def plan(
                "use_gradient_checkpointing": checkpointing, "task_type": task, "max_memory": max_memory,
                "offload_activations": None if offload is None else ("on" if offload else "off"),
                "strategy": strategy, "packing": _switch(packing), "tiled_mlp": _switch(tiled_mlp),
-               "kept_layers": kept_layers, "kept_mlps": kept_mlps}
+               "kept_layers": kept_layers, "kept_mlps": kept_mlps, "recompute_lora_dropout": _switch(recompute_dropout)}
     overrides = {k: cfg.coerce_value(k, v, f"--{OPTION_NAMES[k]} ({k})") for k, v in options.items() if v is not None}
     config = cfg.resolve_config(file_values, overrides)
     if config.task_type is None:
@@ -179,8 +182,7 @@ def plan(
     strategies = None
     if gpus > 1:
         settings, strategies = _split_over_gpus(shape, settings, config, gpus, budget)
-    settings = replace(settings, kept_layers=kept_layers_for(shape, settings, budget, asked=config.kept_layers))
-    settings = replace(settings, kept_mlps=kept_mlps_for(shape, settings, budget, asked=config.kept_mlps))
+    settings = budget_choices(shape, settings, budget, config)
     report = _plan_report(resolved, shape, settings, config, budget, budget_source)
     if strategies:
         report["gpus"], report["strategies"] = gpus, strategies
@@ -207,12 +209,16 @@ def _split_over_gpus(shape: ModelShape, settings: TrainSettings, config, gpus: i
 
 def _plan_report(resolved, shape: ModelShape, settings: TrainSettings, config, budget: int,
                  budget_source: str) -> dict:
-    """The training estimate and what fits the budget (the largest micro-batch, sequence, alternatives)."""
+    """The training estimate and what fits the budget (the largest micro-batch, sequence, alternatives).
+    What fits is counted with the LoRA dropout recomputed unless asked otherwise: training keeps it only
+    where it fits at the micro-batch chosen so."""
     result = estimate(shape, settings)
+    settings = replace(settings, recompute_lora_dropout=config.recompute_lora_dropout != "off")
     report = {
         "model": resolved.reference, "source": resolved.source,
         "shape_from": "config.json" if resolved.config else "LQMF's table of catalogue models",
         "shape": asdict(shape), "parameters": shape.parameters, "settings": asdict(settings),
+        "lora_dropout_kept": result.details["lora_dropout_kept"],
         "estimate": result.to_dict(), "budget_gb": round(budget / GiB, 3), "budget_source": budget_source,
         "fits": result.fits(budget),
         "largest_micro_batch": largest_micro_batch(shape, settings, budget),
@@ -252,6 +258,7 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
                f"{', activations offloaded' if settings.offloaded else ''}"
                f"{f', {kept} layers kept' if (kept := report['estimate']['details']['kept_layers']) else ''}"
                f"{f', {mlps} MLPs kept' if (mlps := report['estimate']['details']['kept_mlps']) else ''}"
+               f"{', LoRA dropout kept' if report['lora_dropout_kept'] and not settings.sharded else ''}"
                f", LoRA r={settings.lora_r} "
                f"on {targets}, micro-batch {settings.micro_batch} x {settings.seq_len} tokens, {settings.task}"
                f"{', chunked attention' if report['estimate']['details'].get('chunked_attention') else ''}")

@@ -100,6 +100,11 @@ class TrainConfig:
         "layer's recomputation stops before its MLP (with gradient checkpointing, not with the tiled MLP): off | "
         "auto | a number; auto: as many as fit the budget at the chosen micro-batch (under an 8 GB cap the small "
         "micro-batches that leave room for them ran slower on an H100)")
+    recompute_lora_dropout: str = _opt(
+        "auto", "Recompute the LoRA layers' dropout in backward instead of keeping its output and mask (with LoRA "
+        "dropout): auto | on | off; auto: kept where that fits the memory budget at the chosen micro-batch (a "
+        "fifth less host time a micro-batch, measured on the CPU), recomputed where it does not or no budget is "
+        "known", choices=SWITCHES)
     fused_kernels: str = _opt(
         "auto", "liger-kernel's fused RMSNorm, SiLU-multiply and RoPE in training (CUDA): auto | on | off; auto: on "
         "for a single-GPU run without the tiled MLP (+29% tokens/s measured on an H100); elsewhere PyTorch's",

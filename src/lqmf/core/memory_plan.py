@@ -225,6 +225,9 @@ class TrainSettings:
     # (with gradient checkpointing, not with the tiled MLP; engine/fused/blocks.py: KeptMLP).
     kept_mlps: int = 0
     fused_kernels: str = "off"  # auto | on | off, as engine/fused/blocks.py: fused_kernels_wanted decides
+    # LQMF's LoRA forward recomputes each LoRA layer's dropout in backward instead of keeping its output and
+    # mask (engine/lora/lean.py: _low_rank); off, it keeps them (recompute_lora_dropout_for decides).
+    recompute_lora_dropout: bool = True
     gpus: int = 1  # processes, one per GPU; micro_batch is per GPU
     strategy: str = "ddp"  # with gpus > 1: ddp | fsdp
     # Off CUDA: what the process holds before the weights load (interpreter, torch, transformers),
@@ -342,8 +345,9 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     (LayerNorm, under autocast) keep an fp32 copy of their input when activations are not fp32;
     RMSNorms in training are engine/fused/norm.py's, which keep none. Each LoRA layer keeps its
     r-wide intermediate and its input, once per distinct input: LQMF's LoRA forward recomputes the
-    dropout in backward (engine/lora/lean.py: _low_rank). Under FSDP (PEFT's forward) each LoRA layer
-    keeps its dropout output and mask (bool on CUDA, a full-size float on the CPU) instead.
+    dropout in backward (engine/lora/lean.py: _low_rank). Where it keeps the dropout instead
+    (recompute_lora_dropout off), and under FSDP (PEFT's forward), each LoRA layer keeps its dropout
+    output and mask (bool on CUDA, a full-size float on the CPU).
     """
     h, inter, q, kv = shape.hidden, shape.intermediate, shape.q_width, shape.kv_width
     act = settings.compute_bytes
@@ -358,7 +362,7 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     kept_inputs: dict[str, int] = {}
     for lin in lora.values():
         own = settings.lora_r * act
-        if settings.lora_dropout > 0 and settings.sharded:  # PEFT's forward under FSDP keeps the dropout output
+        if settings.lora_dropout > 0 and (settings.sharded or not settings.recompute_lora_dropout):
             own += lin.in_features * (act + mask_bytes)
         elif lin.reads != ATTN_OUT:  # SDPA keeps the attention output already
             kept_inputs[lin.reads] = lin.in_features * act
@@ -512,6 +516,31 @@ def _kept_count(shape: ModelShape, settings: TrainSettings, budget: float, conte
     return max(0, _largest(fits, 0, most))
 
 
+def recompute_lora_dropout_for(shape: ModelShape, settings: TrainSettings, budget: float | None,
+                               context_counted: bool = True, asked: str = "auto") -> bool:
+    """Whether LQMF's LoRA forward recomputes the dropout in backward (recompute_lora_dropout: auto | on |
+    off): auto keeps the dropout's output and mask where that fits the budget at settings' micro-batch
+    (it was chosen with the dropout recomputed, so keeping it never costs micro-batch), and recomputes
+    where there is no budget to check against. Without LoRA dropout there is nothing to recompute."""
+    if asked in ("on", "off") or settings.lora_dropout == 0:
+        return asked == "on" and settings.lora_dropout > 0
+    return budget is None or not estimate(shape, replace(settings, recompute_lora_dropout=False)).fits(
+        budget, context_counted)
+
+
+def budget_choices(shape: ModelShape, settings: TrainSettings, budget: float | None, config: Any,
+                   context_counted: bool = True) -> TrainSettings:
+    """settings with what the budget decides at their micro-batch, in this order: the LoRA dropout kept or
+    recomputed, then kept layers and kept MLPs (config's recompute_lora_dropout, kept_layers, kept_mlps)."""
+    settings = replace(settings, recompute_lora_dropout=recompute_lora_dropout_for(
+        shape, settings, budget, context_counted, config.recompute_lora_dropout))
+    if budget is None:
+        return settings
+    settings = replace(settings, kept_layers=kept_layers_for(shape, settings, budget, context_counted,
+                                                             config.kept_layers))
+    return replace(settings, kept_mlps=kept_mlps_for(shape, settings, budget, context_counted, config.kept_mlps))
+
+
 def kept_block_bytes(shape: ModelShape, settings: TrainSettings) -> int:
     """What one kept block holds for backward at settings' micro-batch (the planner's count)."""
     return (estimate(shape, replace(settings, kept_layers=1, offload_activations=False)).peak_allocated
@@ -578,6 +607,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
         "kept_layers": _kept_layers(settings, L), "kept_mlps": _kept_mlps(settings, L),
+        "lora_dropout_kept": settings.lora_dropout > 0 and (settings.sharded or not settings.recompute_lora_dropout),
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
         "chunked_attention": takes_chunked_attention(shape, s, bool(settings.pack_tokens)),
         "process_baseline_gb": round(settings.process_baseline / GiB, 4),
@@ -720,6 +750,7 @@ def settings_for(config: Any, model: ResolvedModel, *, device: str, seq_len: int
 # ----------------------------------------------------------------------------- fitting a budget
 
 MAX_MICRO_BATCH = 1024
+DEFAULT_BUDGET = "8GB"  # the guide's target GPU: what `lqmf plan` and `lqmf models list` fit without a budget
 SEQ_STEP = 64
 
 

@@ -322,6 +322,6 @@ def test_the_plan_for_one_16k_row_is_within_5_percent_of_the_h100_peak(cli, work
     (tmp_path / "config.json").write_text(json.dumps(config))
     code, plan = plan_json(cli, str(tmp_path), "--seq-len", "16384", "--batch-size", "1", "--rank", "16",
                            "--targets", "q_proj,k_proj,v_proj,o_proj", "--max-memory", "80GB", "--offload",
-                           "--tiled-mlp")
+                           "--tiled-mlp", "--recompute-lora-dropout")  # as these runs did (session 8)
     assert code == 0 and plan["estimate"]["details"]["chunked_attention"] == (window is not None)
     assert plan["estimate"]["peak_allocated_gb"] == pytest.approx(MEASURED_16K_PEAK_GB[window], rel=0.05)

@@ -51,3 +51,53 @@ def test_lean_inference_matches_peft(monkeypatch):
                 assert len(calls) == 6  # q_proj (serving k_proj and v_proj) and o_proj, in 3 layers
 
 
+
+
+def test_kept_dropout_gives_the_same_gradients_and_keeps_what_the_planner_counts():
+    """recompute_dropout off: each LoRA layer keeps its dropout's output and mask (no checkpoint of its own);
+    the same loss and gradients as recomputing it, checkpointed or not, and the bytes kept beyond the
+    recomputing forward's are what the planner's per-token count says (unique storages saved for
+    backward, one forward without checkpointing)."""
+    from dataclasses import replace
+
+    import torch
+
+    from lqmf.core.memory_plan import ModelShape, TrainSettings, _block_bytes_per_token, _lora_targets
+    from lqmf.engine.lora.lean import recompute_lora_dropout, use_lean_lora
+    from tests.helpers import gradients, lora_model
+
+    ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    recomputed, kept = lora_model(lean=True), lora_model(lean=True)
+    use_lean_lora(recomputed), use_lean_lora(kept)
+    recompute_lora_dropout(kept, False)
+    expected, got = gradients(recomputed, ids), gradients(kept, ids)
+    assert set(expected) == set(got) and len(got) == 24
+    for name, grad in expected.items():
+        assert torch.equal(got[name], grad), name
+
+    def saved_bytes(model) -> int:  # activations: parameters (their transposes too) are counted apart
+        parameters = {parameter.untyped_storage().data_ptr() for parameter in model.parameters()}
+        storages: dict[int, int] = {}
+
+        def pack(tensor):
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        model.base_model.model.gradient_checkpointing_disable()
+        torch.manual_seed(1)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return sum(storages.values())
+
+    config = recomputed.base_model.model.config
+    shape = ModelShape.from_config({**config.to_dict(), "model_type": "llama"})
+    settings = TrainSettings(lora_r=4, lora_dropout=0.1, device="cpu", target_modules=("q_proj", "k_proj", "v_proj",
+                                                                                         "o_proj"))
+    lora = _lora_targets(shape, settings.target_modules)
+
+    def per_token(recompute: bool) -> float:
+        return _block_bytes_per_token(shape, replace(settings, recompute_lora_dropout=recompute), lora, False, 32)[0]
+
+    counted = (per_token(False) - per_token(True)) * ids.numel() * config.num_hidden_layers
+    assert counted > 0 and saved_bytes(kept) - saved_bytes(recomputed) == counted

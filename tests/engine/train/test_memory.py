@@ -424,3 +424,40 @@ def test_plan_and_status_do_not_import_torch(workspace):
     for args in (["plan", "mistral-7b", "--json"], ["status", "--json"], ["models", "list", "--json"]):
         heavy = {"torch", "transformers", "peft", "bitsandbytes"} & modules_after(args)
         assert not heavy, f"lqmf {' '.join(args)} imported {heavy}"
+
+
+def test_lora_dropout_is_kept_where_it_fits_at_the_micro_batch_chosen_with_it_recomputed():
+    """recompute_lora_dropout: auto keeps the dropout's output and mask (engine/lora/lean.py) when the
+    estimate with them fits the budget, recomputes when it does not or no budget is known; on and off as
+    asked; without dropout there is nothing to keep."""
+    from lqmf.core.memory_plan import recompute_lora_dropout_for
+
+    shape = ModelShape.from_config(MISTRAL_7B)
+    base = TrainSettings(micro_batch=4, seq_len=2048, target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+                         offload_activations=True)
+    kept, recomputed = estimate(shape, replace(base, recompute_lora_dropout=False)), estimate(shape, base)
+    assert kept.details["lora_dropout_kept"] and not recomputed.details["lora_dropout_kept"]
+    # three q/k/v dropout outputs and masks in place of their shared input, and o_proj's: 4 x 4096 x 3 - 4096 x 2
+    per_token = 4 * 4096 * 3 - 4096 * 2
+    assert kept.peak_allocated - recomputed.peak_allocated == pytest.approx(per_token * 4 * 2048, rel=0.01)
+    assert recompute_lora_dropout_for(shape, base, kept.total) is False
+    assert recompute_lora_dropout_for(shape, base, kept.total - 1) is True
+    assert recompute_lora_dropout_for(shape, base, None) is True
+    assert recompute_lora_dropout_for(shape, base, 1, asked="off") is False
+    assert recompute_lora_dropout_for(shape, base, 1 << 50, asked="on") is True
+    assert recompute_lora_dropout_for(shape, replace(base, lora_dropout=0), 1 << 50, asked="on") is False
+
+
+def test_training_with_the_lora_dropout_kept_gives_the_recomputed_losses(cli, workspace, tiny_model):
+    """lqmf train: the dropout recomputed (no budget known on the CPU: auto recomputes) and kept (off) give
+    the same losses; the manifest says which it did."""
+    args = ["train", tiny_model, CHAT, "chat", "--batch-size", "2", "--grad-accum", "2", *FAST, *UNPACKED,
+            "--max-steps", "2", "--set", "lora_dropout=0.1"]
+    losses = {}
+    for name, extra in (("recomputed", []), ("kept", ["--set", "recompute_lora_dropout=off"])):
+        result = cli(*args, "--name", name, *extra)
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((workspace / "adapters" / name / "lqmf.json").read_text())
+        assert manifest["runtime"]["lora_dropout_kept"] == (name == "kept")
+        losses[name] = [r["loss"] for r in log_records(workspace, name) if r["type"] == "train"]
+    assert len(losses["kept"]) == 2 and losses["kept"] == losses["recomputed"]

@@ -29,14 +29,13 @@ from lqmf.core.memory_plan import (
     MemoryEstimate,
     TrainSettings,
     asked_kept_layers,
+    budget_choices,
     choose_strategy,
     estimate,
     fit_budget,
     fit_strategies,
     gb,
     kept_block_bytes,
-    kept_layers_for,
-    kept_mlps_for,
     model_shape,
     packing_wanted,
     settings_for,
@@ -187,6 +186,7 @@ class MemoryPlan:
     kept_layers: int = 0  # blocks not recomputed in backward (engine/train/offload.py)
     kept_block_bytes: int = 0  # what one of them holds for backward (the planner's count)
     kept_mlps: int = 0  # blocks whose MLP keeps gate and up for backward (engine/fused/blocks.py: KeptMLP)
+    recompute_lora_dropout: bool = True  # LQMF's LoRA forward recomputes its dropout in backward (lora/lean.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -194,7 +194,7 @@ class MemoryPlan:
             "requested_micro_batch": self.requested_micro_batch,
             "micro_batch": self.micro_batch, "offload_activations": self.offload_activations,
             "pack_tokens": self.pack_tokens, "tiled_mlp": self.tiled_mlp, "kept_layers": self.kept_layers,
-            "kept_mlps": self.kept_mlps,
+            "kept_mlps": self.kept_mlps, "recompute_lora_dropout": self.recompute_lora_dropout,
             "budget_gb": round(self.budget / GiB, 4) if self.budget else None,
             "budget_source": self.budget_source, "model_shape_from": self.shape_source,
             "estimate": self.estimate.to_dict() if self.estimate else None,
@@ -241,7 +241,8 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
                           gpus=gpus, strategy=strategy, pack_tokens=pack_tokens,
                           tiled_mlp=config.tiled_mlp == "on" and config.use_gradient_checkpointing,
                           kept_layers=asked_kept_layers(config.kept_layers),
-                          kept_mlps=asked_kept_layers(config.kept_mlps) if config.tiled_mlp != "on" else 0)
+                          kept_mlps=asked_kept_layers(config.kept_mlps) if config.tiled_mlp != "on" else 0,
+                          recompute_lora_dropout=config.recompute_lora_dropout != "off")
     settings = replace(settings, process_baseline=process_baseline_bytes(device.type))
     budget, budget_source, context_counted = memory_budget(config.max_memory, device.type, config.gpu_memory_cap)
     strategies = None
@@ -264,16 +265,12 @@ def plan_memory(config: TrainConfig, model: ResolvedModel, prepared: Prepared, g
         if micro == 0:
             _does_not_fit(shape, settings, budget, budget_source, context_counted, quantize, strategy, gpus)
         prepared.micro_batch, prepared.accumulation = micro, share // micro
-    settings = replace(settings, micro_batch=micro)
-    if budget is not None:
-        settings = replace(settings, kept_layers=kept_layers_for(shape, settings, budget, context_counted,
-                                                                 config.kept_layers))
-        settings = replace(settings, kept_mlps=kept_mlps_for(shape, settings, budget, context_counted,
-                                                             config.kept_mlps))
+    settings = budget_choices(shape, replace(settings, micro_batch=micro), budget, config, context_counted)
     final, kept = estimate(shape, settings), settings.kept_layers
     return MemoryPlan(device.type, requested, micro, final, source, budget, budget_source, settings.offloaded, gpus,
                       strategy, strategies, pack_tokens, settings.tiled, kept,
-                      kept_block_bytes(shape, settings) if kept else 0, final.details["kept_mlps"])
+                      kept_block_bytes(shape, settings) if kept else 0, final.details["kept_mlps"],
+                      settings.recompute_lora_dropout)
 
 
 def _does_not_fit(shape, settings: TrainSettings, budget: int, budget_source: str, context_counted: bool,

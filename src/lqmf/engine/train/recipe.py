@@ -35,6 +35,7 @@ from lqmf.engine.fused.blocks import (
 )
 from lqmf.engine.fused.norm import lean_rms_norms
 from lqmf.engine.loading import LoadedModel, compute_dtype, first_line, select_device
+from lqmf.engine.lora.lean import recompute_lora_dropout
 from lqmf.engine.train import fsdp
 from lqmf.engine.train import loop as steps
 from lqmf.engine.train.distributed import Collective
@@ -96,6 +97,7 @@ class Recipe:
         self._keep_layers()
         self.kept_mlps: list[int] = []
         self._keep_mlps()
+        self._keep_lora_dropout()
         self.fresh = {"step": 0, "epoch": 0, "step_in_epoch": 0, "micro_batch": self.prepared.micro_batch,
                       "history": [], "initial_eval": None, "last_eval": None, "elapsed_s": 0.0}
         checkpoint = steps.read_checkpoint(self.staging) if self.resume else None
@@ -159,6 +161,19 @@ class Recipe:
                             f"(kept_mlps={self.config.kept_mlps})" if self.kept_mlps else
                             f"kept_mlps={self.config.kept_mlps}: {type(self.model.get_base_model()).__name__} has no "
                             "MLPs in layers checkpointed one by one; every MLP is recomputed")
+
+    def _keep_lora_dropout(self) -> None:
+        """Where the plan says so, have the LoRA layers keep their dropout's output and mask for backward
+        instead of recomputing it (engine/lora/lean.py: _low_rank), saying so. PEFT's forward (FSDP) keeps
+        them anyway."""
+        dropout = self.config.lora_dropout > 0
+        self.lora_dropout_kept = dropout and (self.sharded or not self.memory.recompute_lora_dropout)
+        if self.lora_dropout_kept and not self.sharded:
+            recompute_lora_dropout(self.model, False)
+            asked = self.config.recompute_lora_dropout
+            self.events.on_note("LoRA dropout: its output and mask are kept for backward "
+                                f"{'(they fit the budget) ' if asked == 'auto' else ''}instead of recomputed "
+                                f"(recompute_lora_dropout={asked})")
 
     def _use_chunked_attention(self) -> None:
         from lqmf.engine.fused import attention
@@ -505,6 +520,7 @@ class Recipe:
                    "offload_activations": self.offload is not None, "pack_tokens": self.pack_tokens,
                    "tiled_mlp": self.memory.tiled_mlp, "fused_kernels": self.fused_kernels,
                    "lean_norms": self.lean_norms, "kept_layers": self.kept_layers, "kept_mlps": self.kept_mlps,
+                   "lora_dropout_kept": self.lora_dropout_kept,
                    "memory_estimate_gb": round(self.memory.estimate.total / GiB, 3) if self.memory.estimate else None,
                    "chat_template": prepared.chat_template, "trainable_params": self.plan["trainable_params"],
                    "resumed_from_step": self.resumed_from}
