@@ -51,12 +51,10 @@ def test_lean_inference_matches_peft(monkeypatch):
                 assert len(calls) == 6  # q_proj (serving k_proj and v_proj) and o_proj, in 3 layers
 
 
-
-
 def test_kept_dropout_gives_the_same_gradients_and_keeps_what_the_planner_counts():
     """recompute_dropout off: each LoRA layer keeps its dropout's output and mask (no checkpoint of its own);
-    the same loss and gradients as recomputing it, checkpointed or not, and the bytes kept beyond the
-    recomputing forward's are what the planner's per-token count says (unique storages saved for
+    the same gradients, bit for bit, as recomputing it (blocks checkpointed), and the bytes kept beyond
+    the recomputing forward's are what the planner's per-token count says (unique storages saved for
     backward, one forward without checkpointing)."""
     from dataclasses import replace
 
