@@ -52,16 +52,31 @@ TILE_TOKENS = MLP_TILE_TOKENS
 
 
 @functools.cache
+def _stand_in_class():
+    import torch
+
+    class MLPStandIn(torch.nn.Module):
+        """Takes the place of a decoder layer's `mlp` with the same children, so module names and adapter
+        keys do not change; the original stays reachable as `inner` (not a child: it would name every
+        layer twice)."""
+
+        def __init__(self, mlp: torch.nn.Module):
+            super().__init__()
+            share_children(self, mlp)
+            object.__setattr__(self, "inner", mlp)
+
+    return MLPStandIn
+
+
+@functools.cache
 def _tiled_class():
     import torch
 
-    class TiledMLP(torch.nn.Module):
+    class TiledMLP(_stand_in_class()):
         """mlp(x) over x's tokens (every row's, flattened) in tiles of `tile`, each under checkpoint."""
 
         def __init__(self, mlp: torch.nn.Module, tile: int):
-            super().__init__()
-            share_children(self, mlp)  # the same children: names and adapter keys unchanged
-            object.__setattr__(self, "inner", mlp)  # not a child: it would name every layer twice
+            super().__init__(mlp)
             self.tile = tile
 
         def forward(self, hidden):
@@ -93,13 +108,8 @@ def tile_mlps(model: Any, tile: int = TILE_TOKENS) -> int:
 def _kept_class():
     import torch
 
-    class KeptMLP(torch.nn.Module):
+    class KeptMLP(_stand_in_class()):
         """mlp(x), its saved tensors kept as they are instead of by an enclosing checkpoint or offload."""
-
-        def __init__(self, mlp: torch.nn.Module):
-            super().__init__()
-            share_children(self, mlp)  # the same children: names and adapter keys unchanged
-            object.__setattr__(self, "inner", mlp)  # not a child: it would name every layer twice
 
         def forward(self, hidden):
             with torch.autograd.graph.saved_tensors_hooks(_as_is, _as_is):
@@ -149,14 +159,9 @@ def unavailable(device: str) -> str | None:
 
 @functools.cache
 def _swiglu_class():
-    import torch
 
-    class FusedSwiGLU(torch.nn.Module):
+    class FusedSwiGLU(_stand_in_class()):
         """down_proj(silu(gate_proj(x)) * up_proj(x)) with liger-kernel's fused SiLU-multiply."""
-
-        def __init__(self, mlp: torch.nn.Module):
-            super().__init__()
-            share_children(self, mlp)  # the same children: names and adapter keys unchanged
 
         def forward(self, hidden):
             from liger_kernel.ops.swiglu import LigerSiLUMulFunction
