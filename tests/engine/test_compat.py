@@ -355,6 +355,28 @@ def test_nf4_parts_is_the_layout_the_nf4_kernel_reads():
     assert compat.nf4_parts(torch.nn.Linear(4, 4)) is None
 
 
+def test_nf4_stored_parts_are_the_weight_as_bitsandbytes_stores_it():
+    """bitsandbytes' nested absmax as nf4_stored_parts hands it to the dequantize kernel: code2[absmax] *
+    absmax2[block // blocksize2] + offset is each block's scale, as dequantize_4bit undoes it."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    torch.manual_seed(0)
+    layer = bnb.nn.Linear4bit(128, 48, bias=False, quant_type="nf4").to("cpu")  # nested absmax
+    parts = compat.nf4_stored_parts(layer)
+    assert parts["nested"] and parts["absmax"].dtype == torch.uint8 and parts["blocksize2"] == 256
+    assert parts["packed"].data_ptr() == layer.weight.data_ptr() and parts["shape"] == (48, 128)
+    blocks = torch.arange(parts["absmax"].numel())
+    scale = parts["code2"][parts["absmax"].long()] * parts["absmax2"][blocks // 256] + parts["offset"]
+    codes = torch.stack([parts["packed"] >> 4, parts["packed"] & 15], dim=-1).view(48, 128).long()
+    dense = parts["code"][codes] * scale.view(48, 2).repeat_interleave(64, dim=1)
+    torch.testing.assert_close(dense, dequantize_4bit(layer.weight.data, layer.weight.quant_state), rtol=0, atol=0)
+    flat = bnb.nn.Linear4bit(128, 48, bias=False, quant_type="nf4", compress_statistics=False).to("cpu")
+    flat_parts = compat.nf4_stored_parts(flat)
+    assert not flat_parts["nested"] and flat_parts["absmax"].dtype == torch.float32
+    assert compat.nf4_stored_parts(torch.nn.Linear(4, 4)) is None
+
+
 def test_attention_implementation_is_what_the_model_runs_and_follows_a_switch():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -9,6 +9,7 @@
 - liger-kernel's RMSNorm, SiLU-multiply and RoPE (`fused_kernels`, blocks.use_fused_kernels and
   fused_rope), padded and packed rows, against transformers' modules; skipped without liger-kernel;
 - the LoRA dropout kept for backward (recompute_lora_dropout off) against it recomputed;
+- the frozen NF4 base (engine/lora/nf4_frozen.py) against bitsandbytes' matmul_4bit, bit for bit;
 - LeanRMSNorm (engine/fused/norm.py, on in `lqmf train` unless liger's norms are) against transformers'
   norms, whole and a few tokens a chunk.
 
@@ -131,11 +132,37 @@ def test_liger_kernels_match_the_plain_modules(base_dir):
     batch = _on_gpu(data_mod.collate(rows, pad_id=0, classification=False))
     packed = _on_gpu(data_mod.collate_packed(data_mod.pack(rows, capacity=256), pad_id=0))
     plain, plain_packed = _loss_and_grads(model, batch), _loss_and_grads(model, packed)
-    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4, "rope": 4}
+    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4, "rope": 4, "nf4_dequantize": 4 * 7}
     _assert_close("liger norms and SwiGLU", plain, _loss_and_grads(model, batch))
     with fused_rope(model):  # as `lqmf train` runs its loop
         _assert_close("liger norms, SwiGLU and RoPE", plain, _loss_and_grads(model, batch))
         _assert_close("liger kernels, packed rows", plain_packed, _loss_and_grads(model, packed))
+
+
+def test_frozen_nf4_base_is_bitsandbytes_bit_for_bit(base_dir):
+    """engine/lora/nf4_frozen.py: its dequantize gives bitsandbytes' dequantize_4bit bit for bit (a 7B MLP weight,
+    nested absmax), and the LoRA layers' bases through it give the loss and LoRA gradients of bitsandbytes'
+    path exactly where that path repeats itself exactly (else within the tolerances)."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import dequantize_4bit
+
+    from lqmf.engine import compat
+    from lqmf.engine.lora import nf4_frozen
+
+    layer = bnb.nn.Linear4bit(4096, 14336, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(14336, 4096) * 0.02, requires_grad=False, compress_statistics=True,
+                                     quant_type="nf4", blocksize=64)
+    layer = layer.cuda()
+    expected = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+    assert torch.equal(nf4_frozen.dequantize(compat.nf4_stored_parts(layer), torch.bfloat16), expected)
+    model = _model(base_dir)
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    plain, again = _loss_and_grads(model, batch), _loss_and_grads(model, batch)
+    assert nf4_frozen.switch_on(model) == 4 * 7
+    got = _loss_and_grads(model, batch)
+    _assert_close("frozen NF4 base", plain, got)
+    if again[0] == plain[0] and all(torch.equal(again[1][name], grad) for name, grad in plain[1].items()):
+        assert got[0] == plain[0] and all(torch.equal(got[1][name], grad) for name, grad in plain[1].items())
 
 
 def test_kept_mlps_match_the_checkpointed_ones(base_dir):

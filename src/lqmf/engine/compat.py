@@ -101,8 +101,44 @@ def nf4_parts(module) -> tuple[Any, Any, Any, tuple[int, int], int] | None:
     absmax float32 [N*K/blocksize] (dequantized once where nested), code float32 [16], (N, K), blocksize);
     None for any other layer, or one bitsandbytes repacked for its CPU path. Relies on the packed layout:
     [N, K] row-major, two codes a byte (even k in the high nibble), blocks of blocksize consecutive values."""
-    import bitsandbytes as bnb
     import torch
+
+    state = _nf4_state(module)
+    if state is None:
+        return None
+    shape = (int(state.shape[0]), int(state.shape[1]))
+    return (module.weight.data.reshape(-1).view(torch.uint8), absmax_fp32(state).contiguous(),
+            state.code.to(module.weight.device, torch.float32).contiguous(), shape, int(state.blocksize))
+
+
+def nf4_stored_parts(module) -> dict | None:
+    """A bitsandbytes Linear4bit's NF4 weight as stored, for engine/lora/nf4_frozen.py's dequantize kernel:
+    packed (bytes [N*K/2] uint8), absmax (float32 [N*K/blocksize], or uint8 codes where nested), code
+    (float32 [16]), shape (N, K), blocksize, and where nested the second level as bitsandbytes'
+    dequantize_4bit undoes it (absmax = code2[absmax] * absmax2[block // blocksize2] + offset):
+    absmax2 (float32), code2 (float32 [256]), offset (float32 [1]), blocksize2. None as for nf4_parts,
+    and for a nested state that is not one absmax a blocksize2 of first-level blocks."""
+    import torch
+
+    state = _nf4_state(module)
+    if state is None:
+        return None
+    parts = dict(packed=module.weight.data.reshape(-1).view(torch.uint8), absmax=state.absmax.contiguous(),
+                 code=state.code.to(module.weight.device, torch.float32).contiguous(),
+                 shape=(int(state.shape[0]), int(state.shape[1])), blocksize=int(state.blocksize), nested=state.nested)
+    if state.nested:
+        second = state.state2
+        if second.absmax.dtype != torch.float32 or second.absmax.numel() * second.blocksize < state.absmax.numel():
+            return None
+        parts.update(absmax2=second.absmax.contiguous(), code2=second.code.to(torch.float32).contiguous(),
+                     offset=torch.as_tensor(state.offset, dtype=torch.float32, device=state.absmax.device).reshape(1),
+                     blocksize2=int(second.blocksize))
+    return parts
+
+
+def _nf4_state(module):
+    """module's bitsandbytes QuantState where it is an NF4 Linear4bit in the layout nf4_parts reads, else None."""
+    import bitsandbytes as bnb
 
     weight = getattr(module, "weight", None)
     state = getattr(weight, "quant_state", None)
@@ -110,9 +146,7 @@ def nf4_parts(module) -> tuple[Any, Any, Any, tuple[int, int], int] | None:
             or getattr(state, "packing_format_for_cpu", False) or len(state.shape) != 2
             or not weight.is_contiguous()):
         return None
-    shape = (int(state.shape[0]), int(state.shape[1]))
-    return (weight.data.reshape(-1).view(torch.uint8), absmax_fp32(state).contiguous(),
-            state.code.to(weight.device, torch.float32).contiguous(), shape, int(state.blocksize))
+    return state
 
 
 def repoint(parameter, tensor) -> None:

@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass, field
 
 from lqmf.engine.compat import build_lora_layers_as, tensor_version
+from lqmf.engine.lora import nf4_frozen
 from lqmf.engine.lora.kernels import scaled_product
 
 # ----------------------------------------------------------------------------- lean LoRA layers
@@ -129,7 +130,7 @@ def lean_lora_forward(layer, x, *args, **kwargs):
     if active is None:
         return layer.peft_forward(x, *args, **kwargs)
     if torch.is_grad_enabled():
-        result = layer.base_layer(x)
+        result = nf4_frozen.linear(layer.base_layer, x)
         for name in active:
             low = _low_rank(layer, name, x)
             flat = torch.addmm(result.reshape(-1, result.shape[-1]), low.reshape(-1, low.shape[-1]),

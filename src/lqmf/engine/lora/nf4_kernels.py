@@ -1,4 +1,4 @@
-"""Triton kernels of engine/lora/nf4.py: a bitsandbytes NF4 weight times a few rows, read once.
+"""Triton kernels of engine/lora/nf4.py (and nf4_frozen.py): a bitsandbytes NF4 weight times a few rows, read once.
 
 Imported only by nf4.py, and only when a kernel runs (importing triton takes time). The layout they
 read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own dequantize_4bit): a
@@ -22,6 +22,9 @@ would permute its own copy), and the two multiply the same values in the same or
 one slice they write float32 partials that `reduce_splits` sums in a fixed order (no atomics, no
 host sync: both kernels can be captured in a CUDA graph), or, with SERIAL, the last of a tile's slices
 to finish sums them in the same order itself (`_last_slice_sums`: a counter per tile, one launch fewer).
+
+A third kernel, `nf4_dequantize_kernel`, serves training (nf4_frozen.py): the whole weight dequantized
+in one pass, the nested absmax undone in registers, for a GEMM in forward and in backward.
 """
 
 from __future__ import annotations
@@ -320,3 +323,28 @@ def reduce_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexp
     for s in tl.static_range(SPLIT):
         total += tl.load(part_ptr + s * MN + at, mask=ok, other=0.0)
     tl.store(out_ptr + at, _rounded(total, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+
+
+@triton.jit
+def nf4_dequantize_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr, out_ptr, NUMEL,
+                          BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, NESTED: tl.constexpr,
+                          BLOCK: tl.constexpr, INTERPRETED: tl.constexpr):
+    """out = the whole NF4 weight in out's dtype, as bitsandbytes' dequantize_4bit gives it, in one pass
+    (nf4_frozen.py, training's frozen base): BLOCK packed bytes a program, each block's absmax undone
+    from its second level in registers where NESTED (code2[absmax] * absmax2 + offset, in float32, both
+    roundings kept: launched without FMA contraction), each code times it in float32, then rounded."""
+    at = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = at * 2 < NUMEL
+    byte = tl.load(q_ptr + at, mask=ok, other=0).to(tl.int32)
+    block = at // (BLOCKSIZE // 2)
+    if NESTED:
+        level = tl.load(absmax_ptr + block, mask=ok, other=0).to(tl.int32)
+        scale = tl.load(code2_ptr + level) * tl.load(absmax2_ptr + block // BLOCKSIZE2, mask=ok, other=0.0)
+        scale = scale + tl.load(offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
+    high = tl.load(code_ptr + (byte >> 4)) * scale
+    low = tl.load(code_ptr + (byte & 15)) * scale
+    values = _rounded(tl.interleave(high, low), out_ptr.dtype.element_ty, INTERPRETED)
+    out_at = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + out_at, values, mask=out_at < NUMEL)

@@ -131,8 +131,9 @@ class Recipe:
         self.fused_kernels = use_fused_kernels(self.model)
         counts = self.fused_kernels
         rope = f"RoPE in {counts['rope']} attention layers" if counts["rope"] else "transformers' RoPE (not fused here)"
+        nf4 = f", the NF4 dequantize of {counts['nf4_dequantize']} 4-bit layers" if counts["nf4_dequantize"] else ""
         self.events.on_note(f"fused kernels (liger-kernel): {counts['rms_norm']} RMSNorm, {counts['swiglu']} SwiGLU, "
-                            f"{rope}")
+                            f"{rope}{nf4}")
 
     def _keep_layers(self) -> None:
         """Take the plan's kept layers out of gradient checkpointing (engine/train/offload.py), saying so."""
