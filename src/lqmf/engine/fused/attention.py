@@ -25,6 +25,7 @@ import functools
 from typing import Any
 
 from lqmf.core.memory_plan import ATTENTION_QUERY_CHUNK, ModelShape, takes_chunked_attention
+from lqmf.engine.fused.checkpointing import checkpoint
 
 ATTENTION = "lqmf_chunked"
 QUERY_CHUNK = ATTENTION_QUERY_CHUNK
@@ -82,7 +83,6 @@ def chunked_attention(module, query, key, value, attention_mask, dropout: float 
     """transformers' attention-function signature: query (b, heads, q, d), key and value (b, kv heads,
     kv, d), attention_mask the 2D padding mask or None -> ((b, q, heads, d), None)."""
     import torch
-    from torch.utils.checkpoint import checkpoint
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     q_len, kv_len = query.shape[2], key.shape[2]
@@ -107,7 +107,7 @@ def chunked_attention(module, query, key, value, attention_mask, dropout: float 
                 None if segments is None else segments[:, low:high],
                 None if keep is None else keep[:, low:high], scaling, dropout)
         if len(chunks) > 1 and torch.is_grad_enabled():
-            piece = checkpoint(_chunk, *args, use_reentrant=False)
+            piece = checkpoint(_chunk, *args)
         else:
             piece = _chunk(*args)
         out[:, start:stop] = piece

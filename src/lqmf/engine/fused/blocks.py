@@ -48,6 +48,7 @@ from typing import Any
 
 from lqmf.core.memory_plan import MLP_TILE_TOKENS, fused_kernels_expected
 from lqmf.engine.compat import rotary_attention_layers, rotary_embedding_as, share_children
+from lqmf.engine.fused.checkpointing import checkpoint
 from lqmf.engine.fused.norm import replace_rms_norms
 from lqmf.engine.lora import nf4_frozen
 
@@ -83,12 +84,10 @@ def _tiled_class():
             self.tile = tile
 
         def forward(self, hidden):
-            from torch.utils.checkpoint import checkpoint
-
             tokens = hidden.reshape(-1, hidden.shape[-1])
             if tokens.shape[0] <= self.tile or not torch.is_grad_enabled():
                 return self.inner(hidden)  # without gradients nothing is kept for backward anyway
-            parts = [checkpoint(self.inner, part, use_reentrant=False) for part in tokens.split(self.tile)]
+            parts = [checkpoint(self.inner, part) for part in tokens.split(self.tile)]
             return torch.cat(parts).view(*hidden.shape[:-1], -1)
 
     return TiledMLP

@@ -10,6 +10,8 @@
   1..64 rows, reading bitsandbytes' packed bytes once; `nf4_base` builds it from Linear4bit layers.
   stacked.py's BatchedLoRALinear uses it on a GPU (LQMF_NF4_KERNEL=0 turns it off), with the config
   table the GPU sweep (benchmarks/nf4_kernel_bench.py) filled.
+- nf4_frozen.py: training's frozen NF4 base, dequantized in one Triton kernel (bitsandbytes' values bit
+  for bit) for the GEMM in forward and backward; lean.py's layers and the fused SwiGLU call it.
 
 The stock path (`LQMF_FAST=0`, classification models, adapters the decoder cannot apply, and FSDP
 training) keeps PEFT's own layers.

@@ -16,6 +16,7 @@ import functools
 from dataclasses import dataclass, field
 
 from lqmf.engine.compat import build_lora_layers_as, tensor_version
+from lqmf.engine.fused.checkpointing import checkpoint
 from lqmf.engine.lora import nf4_frozen
 from lqmf.engine.lora.kernels import scaled_product
 
@@ -156,13 +157,12 @@ def _low_rank(layer, name: str, x):
     where memory allows (`recompute_lora_dropout`), a micro-batch runs a third fewer dropouts and no
     checkpoint of their own (8 of a decoder layer's 9 checkpoint calls)."""
     import torch
-    from torch.utils.checkpoint import checkpoint
 
     dropout, down = layer.lora_dropout[name], layer.lora_A[name]
     if (not layer.lean.recompute_dropout or not isinstance(dropout, torch.nn.Dropout) or not dropout.training
             or dropout.p == 0):
         return down(dropout(x))
-    return checkpoint(lambda inputs: down(dropout(inputs)), x, use_reentrant=False)
+    return checkpoint(lambda inputs: down(dropout(inputs)), x)
 
 
 def _base_plus(layer, x, rows, deltas: list):

@@ -1,6 +1,6 @@
 """Triton kernels of engine/lora/nf4.py (and nf4_frozen.py): a bitsandbytes NF4 weight times a few rows, read once.
 
-Imported only by nf4.py, and only when a kernel runs (importing triton takes time). The layout they
+Imported only by nf4.py and nf4_frozen.py, and only when a kernel runs (importing triton takes time). The layout they
 read is bitsandbytes' (checked by tests/engine/lora/test_nf4.py against its own dequantize_4bit): a
 [N, K] weight row-major, two codes a byte, the even k in the high nibble; one float32 absmax per
 BLOCKSIZE consecutive values of a row (pre-dequantized once where bitsandbytes nests it).

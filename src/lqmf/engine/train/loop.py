@@ -46,6 +46,7 @@ from lqmf.core.models import ResolvedModel
 from lqmf.core.schedule import plan_schedule
 from lqmf.engine import data as data_mod
 from lqmf.engine.compat import keep_4bit_training_layout, repoint
+from lqmf.engine.fused import checkpointing
 from lqmf.engine.fused.loss import LOSS_CHUNK_TOKENS, linear_cross_entropy
 from lqmf.engine.loading import (
     LoadedModel,
@@ -326,7 +327,7 @@ def setup_model(config: TrainConfig, model_ref: ResolvedModel, prepared: Prepare
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if config.use_gradient_checkpointing and getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(checkpointing.OPTIONS))
     model.config.use_cache = False
     targets = config.target_modules or model_ref.target_modules or "all-linear"
     lora = LoraConfig(
@@ -379,7 +380,6 @@ def answer_loss_sum(model, batch) -> Any:
     """
     import torch
     import torch.nn.functional as F
-    from torch.utils.checkpoint import checkpoint
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT-wrapped or bare
     labels = batch["labels"][:, 1:]
@@ -416,7 +416,7 @@ def answer_loss_sum(model, batch) -> Any:
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, picked.shape[0], LOSS_CHUNK_TOKENS):
         end = start + LOSS_CHUNK_TOKENS
-        total = total + checkpoint(chunk_loss, picked[start:end], targets[start:end], use_reentrant=False)
+        total = total + checkpointing.checkpoint(chunk_loss, picked[start:end], targets[start:end])
     return total
 
 
