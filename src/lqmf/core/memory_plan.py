@@ -254,6 +254,10 @@ class TrainSettings:
         return self.gpus > 1 and self.strategy == "fsdp"
 
     @property
+    def lora_dropout_kept(self) -> bool:
+        return lora_dropout_kept(self.lora_dropout, self.sharded, self.recompute_lora_dropout)
+
+    @property
     def offloaded(self) -> bool:
         return self.offload_activations and self.offloadable
 
@@ -362,7 +366,7 @@ def _block_bytes_per_token(shape: ModelShape, settings: TrainSettings, lora: dic
     kept_inputs: dict[str, int] = {}
     for lin in lora.values():
         own = settings.lora_r * act
-        if settings.lora_dropout > 0 and (settings.sharded or not settings.recompute_lora_dropout):
+        if settings.lora_dropout_kept:
             own += lin.in_features * (act + mask_bytes)
         elif lin.reads != ATTN_OUT:  # SDPA keeps the attention output already
             kept_inputs[lin.reads] = lin.in_features * act
@@ -516,6 +520,12 @@ def _kept_count(shape: ModelShape, settings: TrainSettings, budget: float, conte
     return max(0, _largest(fits, 0, most))
 
 
+def lora_dropout_kept(lora_dropout: float, sharded: bool, recompute_lora_dropout: bool) -> bool:
+    """Whether each LoRA layer keeps its dropout's output and mask for backward: with dropout, under FSDP
+    (PEFT's forward keeps them) or where LQMF's forward does not recompute them."""
+    return lora_dropout > 0 and (sharded or not recompute_lora_dropout)
+
+
 def recompute_lora_dropout_for(shape: ModelShape, settings: TrainSettings, budget: float | None,
                                context_counted: bool = True, asked: str = "auto") -> bool:
     """Whether LQMF's LoRA forward recomputes the dropout in backward (recompute_lora_dropout: auto | on |
@@ -607,7 +617,7 @@ def estimate(shape: ModelShape, settings: TrainSettings) -> MemoryEstimate:
         "saved_activations_gb": round(saved / GiB, 4), "layer_working_set_gb": round(working / GiB, 4),
         "paged_optimizer_gb": round(paged / GiB, 4), "activations_offloaded": settings.offloaded,
         "kept_layers": _kept_layers(settings, L), "kept_mlps": _kept_mlps(settings, L),
-        "lora_dropout_kept": settings.lora_dropout > 0 and (settings.sharded or not settings.recompute_lora_dropout),
+        "lora_dropout_kept": settings.lora_dropout_kept,
         "gpus": settings.gpus, "strategy": settings.strategy if settings.gpus > 1 else "single",
         "chunked_attention": takes_chunked_attention(shape, s, bool(settings.pack_tokens)),
         "process_baseline_gb": round(settings.process_baseline / GiB, 4),

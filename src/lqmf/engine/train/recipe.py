@@ -22,7 +22,7 @@ from lqmf.core.datasets import TaskDataset
 from lqmf.core.errors import Interrupted, LqmfError, RankFailure, RuntimeFailure
 from lqmf.core.faults import fault_point
 from lqmf.core.fsutil import append_jsonl
-from lqmf.core.memory_plan import GiB
+from lqmf.core.memory_plan import GiB, lora_dropout_kept
 from lqmf.core.models import ResolvedModel
 from lqmf.engine.compat import checkpointed_layers
 from lqmf.engine.fused.blocks import (
@@ -167,8 +167,8 @@ class Recipe:
         """Where the plan says so, have the LoRA layers keep their dropout's output and mask for backward
         instead of recomputing it (engine/lora/lean.py: _low_rank), saying so. PEFT's forward (FSDP) keeps
         them anyway."""
-        dropout = self.config.lora_dropout > 0
-        self.lora_dropout_kept = dropout and (self.sharded or not self.memory.recompute_lora_dropout)
+        self.lora_dropout_kept = lora_dropout_kept(self.config.lora_dropout, self.sharded,
+                                                   self.memory.recompute_lora_dropout)
         if self.lora_dropout_kept and not self.sharded:
             recompute_lora_dropout(self.model, False)
             asked = self.config.recompute_lora_dropout
