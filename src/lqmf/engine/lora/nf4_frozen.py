@@ -2,9 +2,9 @@
 
 bitsandbytes 0.50 multiplies a training batch by a 4-bit weight through three custom operators in
 forward (the nested absmax's 8-bit dequantize, the add of its offset, the NF4 dequantize) and three
-more in backward, each a Python dispatch and a launch: about 1,900 of a 7B micro-batch's ~8,100
-launches, on a host that sets the pace (docs/performance.md). `FrozenNF4Matmul` (`_frozen_nf4_matmul`) gives the same
-values in one launch each way: `nf4_dequantize_kernel` (nf4_kernels.py) writes the weight in x's dtype
+more in backward, each a Python dispatch and a launch, on a host that sets the pace of a 7B
+micro-batch (docs/performance.md). `FrozenNF4Matmul` (`_frozen_nf4_matmul`) gives the same values in
+one launch each way: `nf4_dequantize_kernel` (nf4_kernels.py) writes the weight in x's dtype
 as dequantize_4bit does, bit for bit (tests/engine/lora/test_nf4_frozen.py, tests/gpu), and the same
 GEMM follows (forward x W^T, backward grad W). Like bitsandbytes it keeps only the packed weight for
 backward, on the Function's context, not as a saved tensor (a checkpoint or activation offload
@@ -57,14 +57,8 @@ def switch_on(model) -> int:
     return count
 
 
-def switch_off(model) -> None:
-    for module in model.modules():
-        _SWITCHED_ON.pop(module, None)
-
-
 def linear(module, x):
-    """module(x), through `frozen_nf4_matmul` where module was switched on and x qualifies (see the module
-    docstring)."""
+    """module(x), through FrozenNF4Matmul where module was switched on and x qualifies (see the module docstring)."""
     import torch
 
     parts = _SWITCHED_ON.get(module)
