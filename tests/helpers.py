@@ -324,10 +324,8 @@ def lora_model(lean: bool = False, targets: tuple[str, ...] = ("q_proj", "k_proj
     """A tiny Llama with r=4 LoRA on targets (q/k/v/o); lean: of our LoRA layer classes
     (lora.lean.build_lean_layers)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lqmf.engine.lora.lean import build_lean_layers
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -335,6 +333,16 @@ def lora_model(lean: bool = False, targets: tuple[str, ...] = ("q_proj", "k_proj
     model = LlamaForCausalLM(config)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
+    return with_lora(model, targets, lean)
+
+
+def with_lora(model, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj"), lean: bool = False):
+    """model with r=4 LoRA (dropout 0.1) on targets, lora_B drawn at random (not zero) so that every LoRA
+    weight gets a gradient, in training mode; lean: of our LoRA layer classes (lora.lean.build_lean_layers)."""
+    from peft import LoraConfig, get_peft_model
+
+    from lqmf.engine.lora.lean import build_lean_layers
+
     lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=list(targets))
     if lean:
         build_lean_layers(lora)

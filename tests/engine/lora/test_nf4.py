@@ -123,7 +123,7 @@ def test_serial_split_k_gives_what_the_reduce_kernel_gives(nf4, rows, config, mo
     packed, state = _weight(96, 512, True, seed=rows)
     x = torch.randn(rows, 512, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     args = (x, packed, compat.absmax_fp32(state), state.code, (96, 512), 64)
-    kernels, reduces = nf4._kernels(), []
+    kernels, reduces = nf4.kernel_module(), []
     reduce_splits = kernels.reduce_splits
     monkeypatch.setattr(kernels, "reduce_splits", type("Counted", (), {"__getitem__": lambda self, grid: (
         reduces.append(grid), reduce_splits[grid])[1]})())

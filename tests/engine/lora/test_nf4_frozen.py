@@ -100,11 +100,10 @@ def test_linear_calls_the_module_where_the_frozen_path_does_not_apply(nf4_frozen
 def test_a_4bit_lora_model_trains_alike_with_the_frozen_path(nf4_frozen, tmp_path, monkeypatch):
     """The lean LoRA layers' 4-bit base through FrozenNF4Matmul: bitsandbytes' loss and LoRA gradients, bit for bit."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    from lqmf.engine.lora.lean import build_lean_layers, use_lean_lora
-    from tests.helpers import gradients
+    from lqmf.engine.lora.lean import use_lean_lora
+    from tests.helpers import gradients, with_lora
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -113,13 +112,7 @@ def test_a_4bit_lora_model_trains_alike_with_the_frozen_path(nf4_frozen, tmp_pat
     quantized = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
     model = LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quantized, dtype=torch.bfloat16)
-    lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    build_lean_layers(lora)
-    model = get_peft_model(model, lora)
-    for name, parameter in model.named_parameters():
-        if "lora_B" in name:
-            parameter.data.normal_(0, 0.1)
-    model.train()
+    model = with_lora(model, lean=True)
     use_lean_lora(model)
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as training runs it (the LoRA weights are float32)

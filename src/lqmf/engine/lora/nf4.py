@@ -137,7 +137,7 @@ def kernel_applies(x, shape: tuple[int, int], blocksize: int) -> bool:
     rows = x.numel() // max(1, x.shape[-1])
     return ((x.is_cuda or OFF_GPU) and 1 <= rows <= MAX_ROWS and x.shape[-1] == shape[1]
             and x.dtype in (torch.float32, torch.bfloat16, torch.float16) and shape_applies(shape, blocksize)
-            and switched_on() and _kernels() is not None)
+            and switched_on() and kernel_module() is not None)
 
 
 def _runs_kernel(device) -> bool:
@@ -149,8 +149,8 @@ def _runs_kernel(device) -> bool:
 
 
 @functools.cache
-def _kernels() -> Any:
-    """The module of kernels, or None where Triton is missing."""
+def kernel_module() -> Any:
+    """nf4_kernels (this module's kernels and nf4_frozen.py's), or None where Triton is missing."""
     try:
         from lqmf.engine.lora import nf4_kernels
     except ImportError:
@@ -172,7 +172,7 @@ def is_nf4_code(code) -> bool:
     (False where Triton is missing)."""
     import torch
 
-    kernels = _kernels()
+    kernels = kernel_module()
     return (kernels is not None and code.numel() == len(kernels.NF4_CODE)
             and torch.equal(code.detach().float().cpu(), torch.tensor(kernels.NF4_CODE)))
 
@@ -221,7 +221,7 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
     [M, N] in x's dtype."""
     import torch
 
-    kernels = _kernels()
+    kernels = kernel_module()
     dependent = pdl.launch(x.device)
     rows, (out_features, in_features) = x.shape[0], shape
     out = torch.empty((rows, out_features), dtype=x.dtype, device=x.device)

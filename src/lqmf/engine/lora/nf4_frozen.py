@@ -20,23 +20,13 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any
 
 from lqmf.engine import compat
+from lqmf.engine.lora.nf4 import kernel_module
 
 BLOCK = 1024  # packed bytes a program of the dequantize kernel
 OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
 _SWITCHED_ON: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its nf4_stored_parts
-
-
-@functools.cache
-def _kernels() -> Any:
-    """nf4_kernels, or None where Triton is missing."""
-    try:
-        from lqmf.engine.lora import nf4_kernels
-    except ImportError:
-        return None
-    return nf4_kernels
 
 
 def switch_on(model) -> int:
@@ -46,7 +36,7 @@ def switch_on(model) -> int:
         import bitsandbytes as bnb
     except ImportError:
         return 0
-    if _kernels() is None:
+    if kernel_module() is None:
         return 0
     count = 0
     for module in model.modules():
@@ -78,7 +68,7 @@ def dequantize(parts: dict, dtype):
     packed, absmax, nested = parts["packed"], parts["absmax"], parts["nested"]
     out = torch.empty(parts["shape"], dtype=dtype, device=packed.device)
     second = (parts["absmax2"], parts["code2"], parts["offset"]) if nested else (absmax, absmax, absmax)
-    _kernels().nf4_dequantize_kernel[(-(-packed.numel() // BLOCK),)](
+    kernel_module().nf4_dequantize_kernel[(-(-packed.numel() // BLOCK),)](
         packed, absmax, *second, parts["code"], out, out.numel(), BLOCKSIZE=parts["blocksize"],
         BLOCKSIZE2=parts.get("blocksize2", 1), NESTED=nested, BLOCK=BLOCK, INTERPRETED=not packed.is_cuda,
         num_warps=4, enable_fp_fusion=False)
