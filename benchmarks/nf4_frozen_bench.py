@@ -35,32 +35,32 @@ def _layer(out_features: int, in_features: int):
     return layer.cuda()
 
 
-def _step(run, x, grad):
+def step(run, x, grad):
     x.grad = None
     run(x).backward(grad)
 
 
-def _device_seconds(run, x, grad, calls: int) -> float:
+def device_seconds(run, x, grad, calls: int) -> float:
     import torch
 
-    _step(run, x, grad)
+    step(run, x, grad)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(calls):
-        _step(run, x, grad)
+        step(run, x, grad)
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / 1000 / calls
 
 
-def _host_seconds(run, x, grad, calls: int) -> float:
+def host_seconds(run, x, grad, calls: int) -> float:
     import torch
 
-    _step(run, x, grad)
+    step(run, x, grad)
     torch.cuda.synchronize()
     began = time.perf_counter()
     for _ in range(calls):
-        _step(run, x, grad)
+        step(run, x, grad)
     issued = time.perf_counter() - began
     torch.cuda.synchronize()
     return issued / calls
@@ -88,12 +88,12 @@ def measure(name: str, shape: tuple[int, int], tokens: int, calls: int) -> dict:
         out = run(x)
         out.backward(grad)
         outputs[label] = (out.detach(), x.grad.clone())
-        row[f"{label}_device_ms"] = 1000 * _device_seconds(run, x, grad, calls)
+        row[f"{label}_device_ms"] = 1000 * device_seconds(run, x, grad, calls)
     row["same_output"] = all(torch.equal(a, b) for a, b in zip(outputs["bitsandbytes"], outputs["lqmf"], strict=True))
     small = torch.randn(16, shape[1], device="cuda", dtype=torch.bfloat16, requires_grad=True)
     small_grad = torch.randn(16, shape[0], device="cuda", dtype=torch.bfloat16)
     for label, run in ours.items():
-        row[f"{label}_host_us"] = 1e6 * _host_seconds(run, small, small_grad, calls)
+        row[f"{label}_host_us"] = 1e6 * host_seconds(run, small, small_grad, calls)
     return row
 
 

@@ -353,6 +353,28 @@ def with_lora(model, targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "
     model.train()
     return model
 
+
+def kernel_masked_dropouts(model) -> None:
+    """Put in place of every LoRA dropout of model (a torch Dropout) one that draws its seed and mask as
+    engine/lora/dropout.py's kernels do: PEFT's layers with the masks of the fused dropout."""
+    import torch
+
+    from lqmf.engine.lora import dropout
+
+    class KernelMaskedDropout(torch.nn.Module):
+        def __init__(self, p: float):
+            super().__init__()
+            self.p = p
+
+        def forward(self, x):
+            mask = dropout.mask(x.numel() // x.shape[-1], x.shape[-1], self.p, dropout.draw_seed(), x.device)
+            return x * mask.view(x.shape).to(x.dtype) * (1.0 / (1.0 - self.p))
+
+    for module in model.modules():
+        for name, old in getattr(module, "lora_dropout", {}).items():
+            module.lora_dropout[name] = KernelMaskedDropout(old.p)
+
+
 def gradients(model, ids, offload=None) -> dict:
     import contextlib
 

@@ -10,6 +10,8 @@
   fused_rope), padded and packed rows, against transformers' modules; skipped without liger-kernel;
 - the LoRA dropout kept for backward (recompute_lora_dropout off) against it recomputed;
 - the frozen NF4 base (engine/lora/nf4_frozen.py) against bitsandbytes' matmul_4bit, bit for bit;
+- LoRA's dropout in the rank-r product's kernels (engine/lora/dropout.py) against torch's dropout and
+  GEMMs given the kernels' masks, at a 7B layer's shape and in the model;
 - LeanRMSNorm (engine/fused/norm.py, on in `lqmf train` unless liger's norms are) against transformers'
   norms, whole and a few tokens a chunk.
 
@@ -132,7 +134,8 @@ def test_liger_kernels_match_the_plain_modules(base_dir):
     batch = _on_gpu(data_mod.collate(rows, pad_id=0, classification=False))
     packed = _on_gpu(data_mod.collate_packed(data_mod.pack(rows, capacity=256), pad_id=0))
     plain, plain_packed = _loss_and_grads(model, batch), _loss_and_grads(model, packed)
-    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4, "rope": 4, "nf4_dequantize": 4 * 7}
+    assert use_fused_kernels(model) == {"rms_norm": 4 * 2 + 1, "swiglu": 4, "rope": 4, "nf4_dequantize": 4 * 7,
+                                        "lora_dropout": 0}  # lora_for_training: no LoRA dropout
     _assert_close("liger norms and SwiGLU", plain, _loss_and_grads(model, batch))
     with fused_rope(model):  # as `lqmf train` runs its loop
         _assert_close("liger norms, SwiGLU and RoPE", plain, _loss_and_grads(model, batch))
@@ -163,6 +166,42 @@ def test_frozen_nf4_base_is_bitsandbytes_bit_for_bit(base_dir):
     _assert_close("frozen NF4 base", plain, got)
     if again[0] == plain[0] and all(torch.equal(again[1][name], grad) for name, grad in plain[1].items()):
         assert got[0] == plain[0] and all(torch.equal(got[1][name], grad) for name, grad in plain[1].items())
+
+
+def test_fused_lora_dropout_matches_torchs_given_its_masks(base_dir):
+    """engine/lora/dropout.py on the GPU: at a 7B attention input (8,192 bf16 rows of 4,096, rank 16, p 0.05,
+    under autocast) the product and both gradients within bf16 roundings of torch's dropout and GEMMs given
+    the kernels' mask, which keeps 95% of the values; in the 4-bit model (dropout 0.1), the loss and LoRA
+    gradients of PEFT's layers whose dropout draws the same masks."""
+    import sys
+    from pathlib import Path
+
+    from lqmf.engine.lora.lean import fuse_lora_dropout, lora_layers, use_lean_lora
+    from tests.helpers import kernel_masked_dropouts
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from lora_dropout_bench import checked
+
+    weight = torch.randn(16, 4096, device="cuda") * 0.02
+    x = torch.randn(8192, 4096, device="cuda", dtype=torch.bfloat16)
+    grad = torch.randn(8192, 16, device="cuda", dtype=torch.bfloat16)
+    worst = checked(weight, x, grad, 0.05)
+    print("fused LoRA dropout at 8192 x 4096, rank 16:", worst)
+    assert abs(worst["kept"] - 0.95) < 1e-3
+    assert worst["out_rel"] < 0.01 and worst["dx_rel"] < 0.01 and worst["da_rel"] < 0.01
+
+    reference, fused = _model(base_dir), _model(base_dir)
+    for model in (reference, fused):
+        for layer in lora_layers(model):
+            layer.lora_dropout["default"] = torch.nn.Dropout(0.1)
+    kernel_masked_dropouts(reference)
+    use_lean_lora(fused)
+    assert fuse_lora_dropout(fused) == 4 * 4
+    batch = _on_gpu(data_mod.collate(_rows(), pad_id=0, classification=False))
+    torch.manual_seed(0)
+    expected = _loss_and_grads(reference, batch)
+    torch.manual_seed(0)
+    _assert_close("fused LoRA dropout", expected, _loss_and_grads(fused, batch))
 
 
 def test_kept_mlps_match_the_checkpointed_ones(base_dir):

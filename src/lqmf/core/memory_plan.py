@@ -255,7 +255,7 @@ class TrainSettings:
 
     @property
     def lora_dropout_kept(self) -> bool:
-        return lora_dropout_kept(self.lora_dropout, self.sharded, self.recompute_lora_dropout)
+        return lora_dropout_kept(self.lora_dropout, self.sharded, self.recompute_lora_dropout, self.fused)
 
     @property
     def offloaded(self) -> bool:
@@ -520,10 +520,11 @@ def _kept_count(shape: ModelShape, settings: TrainSettings, budget: float, conte
     return max(0, _largest(fits, 0, most))
 
 
-def lora_dropout_kept(lora_dropout: float, sharded: bool, recompute_lora_dropout: bool) -> bool:
+def lora_dropout_kept(lora_dropout: float, sharded: bool, recompute_lora_dropout: bool, fused: bool) -> bool:
     """Whether each LoRA layer keeps its dropout's output and mask for backward: with dropout, under FSDP
-    (PEFT's forward keeps them) or where LQMF's forward does not recompute them."""
-    return lora_dropout > 0 and (sharded or not recompute_lora_dropout)
+    (PEFT's forward keeps them) or where LQMF's forward does not recompute them, unless the fused kernels
+    draw the mask inside the rank-r product (engine/lora/dropout.py), which keeps neither."""
+    return lora_dropout > 0 and not fused and (sharded or not recompute_lora_dropout)
 
 
 def recompute_lora_dropout_for(shape: ModelShape, settings: TrainSettings, budget: float | None,
@@ -531,7 +532,11 @@ def recompute_lora_dropout_for(shape: ModelShape, settings: TrainSettings, budge
     """Whether LQMF's LoRA forward recomputes the dropout in backward (recompute_lora_dropout: auto | on |
     off): auto keeps the dropout's output and mask where that fits the budget at settings' micro-batch
     (it was chosen with the dropout recomputed, so keeping it never costs micro-batch), and recomputes
-    where there is no budget to check against. Without LoRA dropout there is nothing to recompute."""
+    where there is no budget to check against. Without LoRA dropout there is nothing to recompute, and with
+    the fused kernels nothing to keep: they draw the mask inside the rank-r product (engine/lora/dropout.py),
+    which keeps what the recomputed dropout keeps."""
+    if settings.fused:
+        return settings.lora_dropout > 0
     if asked in ("on", "off") or settings.lora_dropout == 0:
         return asked == "on" and settings.lora_dropout > 0
     return budget is None or not estimate(shape, replace(settings, recompute_lora_dropout=False)).fits(

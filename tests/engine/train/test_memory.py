@@ -446,6 +446,10 @@ def test_lora_dropout_is_kept_where_it_fits_at_the_micro_batch_chosen_with_it_re
     assert recompute_lora_dropout_for(shape, base, 1, asked="off") is False
     assert recompute_lora_dropout_for(shape, base, 1 << 50, asked="on") is True
     assert recompute_lora_dropout_for(shape, replace(base, lora_dropout=0), 1 << 50, asked="on") is False
+    # with the fused kernels the mask is drawn in the rank-r product's kernel: nothing to keep, whatever is asked
+    fused = replace(base, fused_kernels="auto")
+    assert fused.fused and recompute_lora_dropout_for(shape, fused, kept.total, asked="off") is True
+    assert not estimate(shape, replace(fused, recompute_lora_dropout=False)).details["lora_dropout_kept"]
 
 
 def test_training_with_the_lora_dropout_kept_gives_the_recomputed_losses(cli, workspace, tiny_model):

@@ -37,7 +37,8 @@ on an H100 for the norms and SwiGLU, then +8.7% for RoPE, the same loss, less me
 (docs/performance.md). Where liger-kernel is missing or the device is not CUDA (Triton kernels), the
 model keeps PyTorch's modules (said where the user could expect them). With them, the frozen NF4 base
 layers under the lean LoRA layers and in the fused SwiGLU dequantize in one Triton kernel of ours
-(engine/lora/nf4_frozen.py) instead of bitsandbytes' three operators.
+(engine/lora/nf4_frozen.py) instead of bitsandbytes' three operators, and the lean LoRA layers draw
+their dropout's mask inside the rank-r product's kernels (engine/lora/dropout.py) instead of storing it.
 """
 
 from __future__ import annotations
@@ -183,9 +184,12 @@ def _is_silu_gated_mlp(module) -> bool:
 
 def use_fused_kernels(model: Any) -> dict[str, int]:
     """Swap in liger-kernel's modules (see the module docstring) and switch on our NF4 dequantize for the
-    frozen 4-bit base (engine/lora/nf4_frozen.py); how many norms, MLPs and 4-bit layers changed, and how
-    many attention layers `fused_rope` covers."""
+    frozen 4-bit base (engine/lora/nf4_frozen.py) and LoRA's dropout inside the rank-r product
+    (engine/lora/dropout.py); how many norms, MLPs, 4-bit layers and LoRA layers changed, and how many
+    attention layers `fused_rope` covers."""
     from liger_kernel.transformers import LigerRMSNorm
+
+    from lqmf.engine.lora.lean import fuse_lora_dropout
 
     def liger_norm(weight, eps: float):  # liger's "llama" casting mode computes what these norms compute
         fused = LigerRMSNorm(weight.shape[0], eps=eps, casting_mode="llama")
@@ -194,7 +198,8 @@ def use_fused_kernels(model: Any) -> dict[str, int]:
 
     swiglu = _swiglu_class()
     counts = {"rms_norm": replace_rms_norms(model, liger_norm, LigerRMSNorm), "swiglu": 0,
-              "rope": rotary_attention_layers(model)[1], "nf4_dequantize": nf4_frozen.switch_on(model)}
+              "rope": rotary_attention_layers(model)[1], "nf4_dequantize": nf4_frozen.switch_on(model),
+              "lora_dropout": fuse_lora_dropout(model)}
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if name == "mlp" and _is_silu_gated_mlp(child):

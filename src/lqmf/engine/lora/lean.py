@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from lqmf.engine.compat import build_lora_layers_as, tensor_version
 from lqmf.engine.fused.checkpointing import checkpoint
+from lqmf.engine.lora import dropout as fused_dropout
 from lqmf.engine.lora import nf4_frozen
 from lqmf.engine.lora.kernels import scaled_product
 
@@ -38,6 +39,7 @@ class LeanState:
     followers: list = field(default_factory=list)  # shared-input siblings this layer computes for
     pending: tuple | None = None  # (input, its version, adapters, output) left by the group's leader
     recompute_dropout: bool = True  # training: the dropout is recomputed in backward instead of kept (_low_rank)
+    fused_dropout: bool = False  # training: dropout(x) A^T in dropout.py's kernels, the mask never stored
 
 
 class LeanForward:
@@ -155,10 +157,13 @@ def _low_rank(layer, name: str, x):
     product from x, which the sibling layers of a shared input keep once, instead of each layer keeping
     its own dropout output and mask (3 x 4096 x 3 bytes a token for q/k/v on a 7B model). Kept instead,
     where memory allows (`recompute_lora_dropout`), a micro-batch runs a third fewer dropouts and no
-    checkpoint of their own (8 of a decoder layer's 9 checkpoint calls)."""
+    checkpoint of their own (8 of a decoder layer's 9 checkpoint calls). Where `fuse_lora_dropout` switched the
+    layer on, dropout.py's kernels draw the mask where they multiply: nothing kept, nothing recomputed."""
     import torch
 
     dropout, down = layer.lora_dropout[name], layer.lora_A[name]
+    if layer.lean.fused_dropout and fused_dropout.applies(dropout, down, x):
+        return fused_dropout.low_rank(x, down.weight, dropout.p)
     if (not layer.lean.recompute_dropout or not isinstance(dropout, torch.nn.Dropout) or not dropout.training
             or dropout.p == 0):
         return down(dropout(x))
@@ -222,6 +227,22 @@ def use_lean_lora(model) -> list:
             if len(members) > 1:
                 members[0].lean.followers = members[1:]
     return layers
+
+
+def fuse_lora_dropout(model) -> int:
+    """Have model's lean LoRA layers with a dropout run it inside the rank-r product's Triton kernels
+    (engine/lora/dropout.py) where it applies; how many layers, 0 where Triton is missing."""
+    import torch
+
+    if fused_dropout.kernel_module() is None:
+        return 0
+    count = 0
+    for layer in lora_layers(model):
+        if uses_lean_forward(layer) and any(isinstance(module, torch.nn.Dropout) and module.p > 0
+                                            for module in layer.lora_dropout.values()):
+            layer.lean.fused_dropout = True
+            count += 1
+    return count
 
 
 def recompute_lora_dropout(model, recompute: bool) -> None:

@@ -115,7 +115,7 @@ def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr, I
 
 
 @triton.jit
-def _rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+def rounded(value, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
     """value (float32) in dtype, rounded to nearest even. Triton's CPU interpreter truncates float32 to
     bfloat16, so there the rounding is done on the bits first (then the cast is exact)."""
     if INTERPRETED and dtype == tl.bfloat16:
@@ -136,8 +136,8 @@ def _block_values(byte_at, scale_at, col_ok, code_ptr, pair_ptr, dtype: tl.const
     scale = tl.load(scale_at, mask=col_ok, other=0.0)
     first, second = _codes(packed, code_ptr, pair_ptr, dtype, LUT, INTERPRETED)
     if not LATE_SCALE:
-        first = _rounded(first * scale[:, None], dtype, INTERPRETED)
-        second = _rounded(second * scale[:, None], dtype, INTERPRETED)
+        first = rounded(first * scale[:, None], dtype, INTERPRETED)
+        second = rounded(second * scale[:, None], dtype, INTERPRETED)
     return first, second, scale
 
 
@@ -165,7 +165,7 @@ def _accumulate(acc, x_first, x_second, first, second, scale, dtype: tl.constexp
     x_second the second (see nf4_matmul_kernel for acc's shape). Every branch is static, and the one
     return is at the end (compiled Triton visits statements after a return in a static if)."""
     if LATE_SCALE:  # the block's sums over the codes (in dtype), then times the absmax
-        first, second = _rounded(first, dtype, INTERPRETED), _rounded(second, dtype, INTERPRETED)
+        first, second = rounded(first, dtype, INTERPRETED), rounded(second, dtype, INTERPRETED)
         part = _dot(_dot(tl.zeros_like(acc), x_first, first, SWAP, IEEE, INTERPRETED), x_second, second, SWAP,
                     IEEE, INTERPRETED)
         if SWAP:
@@ -228,7 +228,7 @@ def nf4_matmul_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, 
         acc = tl.trans(acc)
     ok = row_ok[:, None] & col_ok[None, :]
     at = (pid_s * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
-    tl.store(out_ptr + at, _rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+    tl.store(out_ptr + at, rounded(acc, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
     if SERIAL:
         _last_slice_sums(out_ptr, final_ptr, count_ptr + pid_m * tl.num_programs(0) + pid_n,
                          rows.to(tl.int64)[:, None] * N + cols[None, :], ok, M * N, SPLIT, INTERPRETED)
@@ -273,8 +273,8 @@ def nf4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N,
         first = tl.reshape(first.to(tl.float32), (BLOCK_N, RUNS, RUN))
         second = tl.reshape(second.to(tl.float32), (BLOCK_N, RUNS, RUN))
         if not LATE_SCALE:  # as bitsandbytes' dequantize_4bit rounds them
-            first = _rounded(first * scale[:, :, None], dtype, INTERPRETED).to(tl.float32)
-            second = _rounded(second * scale[:, :, None], dtype, INTERPRETED).to(tl.float32)
+            first = rounded(first * scale[:, :, None], dtype, INTERPRETED).to(tl.float32)
+            second = rounded(second * scale[:, :, None], dtype, INTERPRETED).to(tl.float32)
         x_first = tl.reshape(tl.load(x_at).to(tl.float32), (RUNS, RUN))
         x_second = tl.reshape(tl.load(x_second_at).to(tl.float32), (RUNS, RUN))
         sums = tl.sum(first * x_first[None, :, :], axis=2) + tl.sum(second * x_second[None, :, :], axis=2)
@@ -287,7 +287,7 @@ def nf4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N,
         x_at += BLOCK_K
         x_second_at += BLOCK_K
     at = (pid_s * M + row.to(tl.int64)) * N + cols
-    tl.store(out_ptr + at, _rounded(tl.sum(acc, axis=1), out_ptr.dtype.element_ty, INTERPRETED), mask=col_ok)
+    tl.store(out_ptr + at, rounded(tl.sum(acc, axis=1), out_ptr.dtype.element_ty, INTERPRETED), mask=col_ok)
     if SERIAL:
         _last_slice_sums(out_ptr, final_ptr, count_ptr + row * tl.num_programs(0) + pid_n, row.to(tl.int64) * N + cols,
                          col_ok, M * N, SPLIT, INTERPRETED)
@@ -306,7 +306,7 @@ def _last_slice_sums(part_ptr, final_ptr, count_ptr, at, ok, MN, SPLIT: tl.const
         total = tl.load(part_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
         for s in tl.static_range(1, SPLIT):
             total += tl.load(part_ptr + s * MN + at, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(final_ptr + at, _rounded(total, final_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+        tl.store(final_ptr + at, rounded(total, final_ptr.dtype.element_ty, INTERPRETED), mask=ok)
         tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
 
 
@@ -322,7 +322,7 @@ def reduce_splits(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexp
     total = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT):
         total += tl.load(part_ptr + s * MN + at, mask=ok, other=0.0)
-    tl.store(out_ptr + at, _rounded(total, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
+    tl.store(out_ptr + at, rounded(total, out_ptr.dtype.element_ty, INTERPRETED), mask=ok)
 
 
 @triton.jit
@@ -345,6 +345,6 @@ def nf4_dequantize_kernel(q_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr,
         scale = tl.load(absmax_ptr + block, mask=ok, other=0.0)
     high = tl.load(code_ptr + (byte >> 4)) * scale
     low = tl.load(code_ptr + (byte & 15)) * scale
-    values = _rounded(tl.interleave(high, low), out_ptr.dtype.element_ty, INTERPRETED)
+    values = rounded(tl.interleave(high, low), out_ptr.dtype.element_ty, INTERPRETED)
     out_at = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
     tl.store(out_ptr + out_at, values, mask=out_at < NUMEL)

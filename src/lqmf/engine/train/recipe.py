@@ -132,8 +132,10 @@ class Recipe:
         counts = self.fused_kernels
         rope = f"RoPE in {counts['rope']} attention layers" if counts["rope"] else "transformers' RoPE (not fused here)"
         nf4 = f", the NF4 dequantize of {counts['nf4_dequantize']} 4-bit layers" if counts["nf4_dequantize"] else ""
+        dropout = (f", the dropout of {counts['lora_dropout']} LoRA layers inside their rank-r product"
+                   if counts["lora_dropout"] else "")
         self.events.on_note(f"fused kernels (liger-kernel): {counts['rms_norm']} RMSNorm, {counts['swiglu']} SwiGLU, "
-                            f"{rope}{nf4}")
+                            f"{rope}{nf4}{dropout}")
 
     def _keep_layers(self) -> None:
         """Take the plan's kept layers out of gradient checkpointing (engine/train/offload.py), saying so."""
@@ -166,9 +168,10 @@ class Recipe:
     def _keep_lora_dropout(self) -> None:
         """Where the plan says so, have the LoRA layers keep their dropout's output and mask for backward
         instead of recomputing it (engine/lora/lean.py: _low_rank), saying so. PEFT's forward (FSDP) keeps
-        them anyway."""
+        them anyway; the fused kernels keep neither (they draw the mask again in backward)."""
         self.lora_dropout_kept = lora_dropout_kept(self.config.lora_dropout, self.sharded,
-                                                   self.memory.recompute_lora_dropout)
+                                                   self.memory.recompute_lora_dropout,
+                                                   bool(self.fused_kernels and self.fused_kernels["lora_dropout"]))
         if self.lora_dropout_kept and not self.sharded:
             recompute_lora_dropout(self.model, False)
             asked = self.config.recompute_lora_dropout
