@@ -21,11 +21,8 @@ instructions of its main loop per element a thread handles in one trip (a static
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import re
-import subprocess
 from pathlib import Path
 
 WIDTHS = {"attention input (q/k/v/o)": 4096, "MLP width (down)": 14336}
@@ -42,51 +39,27 @@ SIGNATURES = {
 
 def compiled(name: str, dtype: str, rank: int):
     """Kernel name of dropout_kernels compiled for sm_90 (triton's CompiledKernel), x in dtype (bf16 or fp16)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from nf4_sass_count import compile_sm90
 
     from lqmf.engine.lora import dropout_kernels
 
-    kernel = getattr(dropout_kernels, name)
-    signature = {arg: kind.replace("*D", f"*{dtype}")
-                 for arg, kind in (item.split(":") for item in SIGNATURES[name].split())}
+    types = {arg: kind.replace("*D", f"*{dtype}")
+             for arg, kind in (item.split(":") for item in SIGNATURES[name].split())}
     constants = dict(BLOCK_M=BLOCK_M, BLOCK_R=max(16, 1 << (rank - 1).bit_length()), IEEE=False, INTERPRETED=False,
                      WANT_DX=True, WANT_DA=True)
-    constants = {arg: constants[arg] for arg in kernel.arg_names if arg in constants}
-    signature |= dict.fromkeys(constants, "constexpr")
-    names = list(signature)
-    source = ASTSource(fn=kernel, signature=signature,
-                       constexprs={(names.index(arg),): value for arg, value in constants.items()})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-
-
-def resource_usage(kernel) -> dict:
-    """Registers, spilled bytes and the main loop's instructions (nf4_sass_count.loop_instructions) of kernel."""
-    import triton
-    from nf4_sass_count import loop_instructions
-
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"lora_dropout_{os.getpid()}.cubin"
-    cubin.write_bytes(kernel.asm["cubin"])
-    usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
-                           text=True).stdout
-    sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
-    cubin.unlink()
-    loop = loop_instructions(sass)
-    kinds = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
-    return {"registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-            "spilled": int(re.search(r"LOCAL:(\d+)", usage).group(1)), "loop": len(loop),
-            "kinds": dict(kinds.most_common(6))}
+    return compile_sm90(getattr(dropout_kernels, name), types, constants, {"num_warps": 4})
 
 
 def sass(rank: int) -> None:
+    from nf4_sass_count import resource_usage
+
     elements = BLOCK_M * 64 / 128  # a trip covers BLOCK_M rows x one column group, over 4 warps
     for name in SIGNATURES:
         usage = resource_usage(compiled(name, "bf16", rank))
-        per = f"{usage['loop'] / elements:.1f} a element" if name != "dropout_mask_kernel" else "no loop"
+        loop = len(usage["loop"])
+        per = f"{loop / elements:.1f} a element" if name != "dropout_mask_kernel" else "no loop"
         print(f"{name} (rank {rank}): registers {usage['registers']}, spilled {usage['spilled']} B, "
-              f"loop {usage['loop']} instructions = {per}; {usage['kinds']}")
+              f"loop {loop} instructions = {per}; {dict(usage['kinds'].most_common(6))}")
 
 
 def _runs(weight, p: float) -> dict:

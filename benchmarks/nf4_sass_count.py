@@ -42,10 +42,6 @@ def compile_config(config, pdl: bool = False):
     """The compiled kernel (triton's CompiledKernel) for config, bf16 inputs, target sm_90; with pdl as a
     programmatic dependent launch (decode/pdl.py); config.serial: float32 partials of config.split (at
     least 2) slices, summed by the last to finish."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from lqmf.engine.lora import nf4_kernels
 
     constants = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=64, LUT=config.lut,
@@ -57,14 +53,44 @@ def compile_config(config, pdl: bool = False):
     if config.dot:
         constants |= dict(BLOCK_M=config.block_m, SWAP=config.swap, IEEE=False)
     kernel = nf4_kernels.nf4_matmul_kernel if config.dot else nf4_kernels.nf4_gemv_kernel
+    return compile_sm90(kernel, types, constants,
+                        {"num_warps": config.warps, "num_stages": config.stages, "launch_pdl": pdl}, MULTIPLES_OF_16)
+
+
+def compile_sm90(kernel, types: dict, constants: dict, options: dict, multiples_of_16=()):
+    """kernel (a triton.jit function) compiled for sm_90 (triton's CompiledKernel): types of its runtime
+    arguments in its order ("*bf16", "i32", ...), constants for those of its constexprs given, the
+    arguments named in multiples_of_16 specialized as the JIT does for multiples of 16."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
     constants = {name: constants[name] for name in kernel.arg_names if name in constants}  # the kernel's order
     signature = types | dict.fromkeys(constants, "constexpr")
     names = list(signature)
     source = ASTSource(fn=kernel, signature=signature,
                        constexprs={(names.index(name),): value for name, value in constants.items()},
-                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in MULTIPLES_OF_16})
-    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": config.warps, "num_stages": config.stages, "launch_pdl": pdl})
+                       attrs={(names.index(name),): [["tt.divisibility", 16]] for name in multiples_of_16})
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def resource_usage(kernel) -> dict:
+    """A compiled kernel's registers, spilled bytes, and its main loop (`loop_instructions`) with the count of
+    each kind of instruction in it (`kinds`, predicates and modifiers dropped)."""
+    import triton
+
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / f"nf4_sass_count_{os.getpid()}.cubin"
+    cubin.write_bytes(kernel.asm["cubin"])
+    usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
+                           text=True).stdout
+    sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
+    cubin.unlink()
+    loop = loop_instructions(sass)
+    registers, spilled = (int(re.search(pattern, usage).group(1)) for pattern in (r"REG:(\d+)", r"LOCAL:(\d+)"))
+    return {"registers": registers, "spilled": spilled, "loop": loop,
+            "kinds": collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0]
+                                         for text in loop)}
 
 
 def loop_instructions(sass: str) -> list[str]:
@@ -137,19 +163,16 @@ def check_tables() -> int:
 
 
 def main() -> None:
-    import triton
     from nf4_kernel_bench import candidates
 
     from lqmf.engine.lora import nf4
 
-    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     if sys.argv[1:] == ["--table"]:  # nf4.CONFIGS, labelled by (row bucket, N, K)
         named = [(str(key), config) for key, config in nf4.CONFIGS.items()]
     else:
         configs = candidates(smoke=False)
         named = [(f"{index:>2}", configs[index]) for index in
                  ([int(arg) for arg in sys.argv[1:]] or range(len(configs)))]
-    cubin = Path(os.environ.get("TMPDIR", "/tmp")) / "nf4_sass_count.cubin"
     for label, config in named:
         brief = (f"{label} {'dot' if config.dot else 'gemv'} m{config.block_m} n{config.block_n} k{config.block_k} "
                  f"w{config.warps} st{config.stages} lut{config.lut}{' swap' if config.swap else ''}"
@@ -159,17 +182,13 @@ def main() -> None:
         except Exception as failure:  # a config that does not compile: say so, go on
             print(f"{brief}: does not compile: {str(failure).splitlines()[0][:200]}")
             continue
-        cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([tools / "cuobjdump", "--dump-resource-usage", cubin], capture_output=True,
-                               text=True).stdout
-        sass = subprocess.run([tools / "nvdisasm", "-c", cubin], capture_output=True, text=True).stdout
-        loop = loop_instructions(sass)
+        usage = resource_usage(kernel)
+        loop, kinds = usage["loop"], usage["kinds"]
         values = config.block_n * config.block_k / (32 * config.warps)  # weight values a thread handles a trip
-        kinds = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", text).split()[0].split(".")[0] for text in loop)
-        registers, spilled = (re.search(pattern, usage).group(1) for pattern in (r"REG:(\d+)", r"LOCAL:(\d+)"))
         integer = sum(kinds[kind] for kind in INTEGER_PIPE)
         moves = collections.Counter(text.split()[0] for text in loop if text.startswith("IMAD."))
-        print(f"{brief}: registers {registers}, spilled {spilled} B, shared {kernel.metadata.shared} B, "
+        print(f"{brief}: registers {usage['registers']}, spilled {usage['spilled']} B, "
+              f"shared {kernel.metadata.shared} B, "
               f"loop {len(loop)} instructions = {len(loop) / values:.2f} a weight value "
               f"({integer / values:.2f} on the integer pipe); "
               f"{', '.join(f'{kind} {count}' for kind, count in kinds.most_common(6))}; "

@@ -54,6 +54,34 @@ def copy_adapter(source_workspace: Path, name: str, workspace: Path, as_name: st
     return target
 
 
+# -------------------------------------------------------------------------------- Triton kernels on a CPU machine
+
+
+def triton_interpreter_only(elsewhere: str) -> None:
+    """Skip the calling test module (at import) unless Triton is installed and its CPU interpreter is on
+    (conftest.py turns it on off a GPU machine); elsewhere says what checks the kernels on a GPU machine."""
+    import pytest
+
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(f"Triton's interpreter is off (a GPU machine): {elsewhere}", allow_module_level=True)
+
+
+def compiling_env() -> dict[str, str]:
+    """The environment of a process that compiles Triton kernels (no interpreter), src/ and benchmarks/ importable."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
+    env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def compiled_for_sm90(probe: str) -> list[str]:
+    """What probe (Python that compiles kernels for sm_90 through benchmarks/nf4_sass_count.py) prints, split."""
+    run = subprocess.run([sys.executable, "-c", probe], env=compiling_env(), capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout.split()
+
+
 # -------------------------------------------------------------- A real `lqmf serve` process on loopback, always stopped
 
 
@@ -325,7 +353,6 @@ def lora_model(lean: bool = False, targets: tuple[str, ...] = ("q_proj", "k_proj
     (lora.lean.build_lean_layers)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
-
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

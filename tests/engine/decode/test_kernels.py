@@ -8,13 +8,11 @@ its way (two in rotary and RMSNorm, three after the residual add); attention, wh
 rounds to bfloat16 and the kernel keeps in float32, within 2% of the largest output. On a GPU
 machine the interpreter is off and tests/gpu runs the kernels compiled."""
 
-import os
-
 import pytest
 
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton's interpreter is off (a GPU machine): tests/gpu runs the kernels", allow_module_level=True)
+from tests.helpers import triton_interpreter_only
+
+triton_interpreter_only("tests/gpu runs the kernels")
 
 DTYPES = ["float32", "bfloat16"]
 

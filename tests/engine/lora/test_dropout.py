@@ -3,18 +3,11 @@ on the CPU: a dropout's mask, the product and both gradients of torch's dropout 
 the same mask drawn again by a checkpoint's recomputation, and a lean LoRA model's loss and gradients equal
 to PEFT's given the same masks. The kernels compile for sm_90 without spilling; tests/gpu runs them."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton's interpreter is off (a GPU machine): tests/gpu checks the kernels", allow_module_level=True)
+from tests.helpers import compiled_for_sm90, triton_interpreter_only
 
-REPO = Path(__file__).resolve().parents[3]
+triton_interpreter_only("tests/gpu checks the kernels")
 
 
 @pytest.fixture
@@ -146,15 +139,11 @@ def test_lean_lora_with_the_fused_dropout_trains_like_peft_given_its_masks(dropo
 def test_the_kernels_compile_for_sm90_without_spilling():
     """Compiled for an H100 (sm_90, no GPU needed) in a process without the interpreter, for bf16 and fp16
     and ranks up to MAX_RANK: every kernel builds, and none spills registers to local memory."""
-    probe = ("import sys\n"
-             "from lora_dropout_bench import compiled, resource_usage\n"
+    probe = ("from lora_dropout_bench import compiled\n"
+             "from nf4_sass_count import resource_usage\n"
              "for dtype in ('bf16', 'fp16'):\n"
              "    for rank in (16, 64):\n"
              "        for name in ('dropout_shrink_kernel', 'dropout_shrink_backward_kernel'):\n"
              "            print(resource_usage(compiled(name, dtype, rank))['spilled'])\n"
              "print(resource_usage(compiled('dropout_mask_kernel', 'bf16', 16))['spilled'])\n")
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
-    env.pop("TRITON_INTERPRET", None)
-    run = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.split() == ["0"] * 9
+    assert compiled_for_sm90(probe) == ["0"] * 9

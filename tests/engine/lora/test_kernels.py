@@ -3,13 +3,11 @@
 On a GPU machine conftest.py leaves the interpreter off (the GPU check runs the kernels compiled), so
 these CPU runs are skipped there; tests/gpu covers the kernels on the GPU."""
 
-import os
-
 import pytest
 
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton's interpreter is off (a GPU machine): tests/gpu runs the kernels", allow_module_level=True)
+from tests.helpers import triton_interpreter_only
+
+triton_interpreter_only("tests/gpu runs the kernels")
 
 
 @pytest.fixture

@@ -9,18 +9,15 @@ unit in the last place (2**-7 relative). A late_scale config rounds the code ins
 in float32; the same bound then holds. On a GPU machine conftest.py leaves the interpreter off and
 these CPU runs are skipped; benchmarks/nf4_kernel_bench.py checks the kernel there."""
 
-import os
 import subprocess
 import sys
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("triton")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton's interpreter is off (a GPU machine): the GPU bench checks the kernel",
-                allow_module_level=True)
+from tests.helpers import REPO, compiled_for_sm90, compiling_env, triton_interpreter_only
+
+triton_interpreter_only("the GPU bench checks the kernel")
 
 
 @pytest.fixture
@@ -314,24 +311,6 @@ def test_each_variant_of_the_register_lookup_is_checked_once(nf4, monkeypatch, c
     assert not verified() and len(nf4._LOOKUP_CHECKS) == 3  # unchecked: lut 1 in the graph, checked later
 
 
-REPO = Path(__file__).resolve().parents[3]
-
-
-def _compiling_env() -> dict[str, str]:
-    """The environment of a process that compiles Triton kernels (no interpreter), src/ and benchmarks/ importable."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'src'}{os.pathsep}{REPO / 'benchmarks'}"}
-    env.pop("TRITON_INTERPRET", None)
-    return env
-
-
-def _compiled_for_sm90(probe: str) -> list[str]:
-    """What probe (Python that compiles for sm_90 through benchmarks/nf4_sass_count.py) prints."""
-    run = subprocess.run([sys.executable, "-c", probe], env=_compiling_env(), capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-2000:]
-    return run.stdout.split()
-
-
 def test_a_dependent_launch_waits_before_its_first_read():
     """As a programmatic dependent launch (on Hopper, by default) the kernel starts while the one before it
     ends, so nothing may read memory before `griddepcontrol.wait`; it lets the next launch start after it.
@@ -347,7 +326,7 @@ def test_a_dependent_launch_waits_before_its_first_read():
              "        ptx = compile_config(config, pdl).asm['ptx']\n"
              "        wait, read = ptx.find('griddepcontrol.wait'), re.search(r'ld\\.global|cp\\.async', ptx).start()\n"
              "        print(wait >= 0, 0 <= wait < read, 'griddepcontrol.launch_dependents' in ptx)\n")
-    assert _compiled_for_sm90(probe) == ["False", "False", "False", "True", "True", "True"] * 2
+    assert compiled_for_sm90(probe) == ["False", "False", "False", "True", "True", "True"] * 2
 
 
 def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
@@ -365,7 +344,7 @@ def test_the_tuned_tiles_hand_the_register_lookup_neighbouring_bytes():
              "for warps in (1, 4):  # the GEMV: 16 bytes of a row a thread\n"
              "    config = Config(block_m=1, block_n=64, block_k=256, warps=warps, dot=False, lut=2, late_scale=True)\n"
              "    print(groups_neighbours(lookup_input_layout(compile_config(config))))\n")
-    assert _compiled_for_sm90(probe) == ["False", "True", "True", "True"]
+    assert compiled_for_sm90(probe) == ["False", "True", "True", "True"]
     tables = subprocess.run([sys.executable, str(REPO / "benchmarks" / "nf4_sass_count.py"), "--check-tables"],
-                            env=_compiling_env(), capture_output=True, text=True, timeout=600)
+                            env=compiling_env(), capture_output=True, text=True, timeout=600)
     assert tables.returncode == 0, tables.stdout + tables.stderr[-2000:]

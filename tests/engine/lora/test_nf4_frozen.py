@@ -2,14 +2,12 @@
 on the CPU: bitsandbytes' own dequantize_4bit bit for bit, and so the same loss and gradients as its
 matmul_4bit, alone and in a 4-bit LoRA model. tests/gpu checks the same on a GPU."""
 
-import os
-
 import pytest
 
-pytest.importorskip("triton")
+from tests.helpers import triton_interpreter_only
+
 pytest.importorskip("bitsandbytes")
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("Triton's interpreter is off (a GPU machine): tests/gpu checks the kernel", allow_module_level=True)
+triton_interpreter_only("tests/gpu checks the kernel")
 
 
 @pytest.fixture
