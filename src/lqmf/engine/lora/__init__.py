@@ -12,6 +12,8 @@
   table the GPU sweep (benchmarks/nf4_kernel_bench.py) filled.
 - nf4_frozen.py: training's frozen NF4 base, dequantized in one Triton kernel (bitsandbytes' values bit
   for bit) for the GEMM in forward and backward; lean.py's layers and the fused SwiGLU call it.
+- dropout.py (+ dropout_kernels.py): training's LoRA dropout inside the rank-r product, dropout(x) A^T in
+  one Triton kernel each way, the mask drawn in registers and never stored; lean.py's layers call it.
 
 The stock path (`LQMF_FAST=0`, classification models, adapters the decoder cannot apply, and FSDP
 training) keeps PEFT's own layers.

@@ -29,6 +29,7 @@ TARGET_PROGRAMS = 264  # backward: column groups x row slices, two waves of an H
 OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
 
 
+@functools.cache
 def kernel_module() -> Any:
     """dropout_kernels, or None where Triton is missing."""
     try:
@@ -132,20 +133,20 @@ def _dropout_low_rank():
         @staticmethod
         def forward(ctx, x, weight, p: float):
             seed = draw_seed()
-            out = shrink(x.reshape(-1, x.shape[-1]).contiguous(), weight, p, seed)
-            ctx.save_for_backward(x, weight)
-            ctx.p, ctx.seed = p, seed
+            rows = x.reshape(-1, x.shape[-1]).contiguous()
+            out = shrink(rows, weight, p, seed)
+            ctx.save_for_backward(rows, weight)
+            ctx.shape, ctx.p, ctx.seed = x.shape, p, seed
             return out.view(*x.shape[:-1], -1)
 
         @staticmethod
         def backward(ctx, grad):
-            x, weight = ctx.saved_tensors
+            rows, weight = ctx.saved_tensors
             want_dx, want_da = ctx.needs_input_grad[:2]
             if not (want_dx or want_da):
                 return None, None, None
-            rows = x.reshape(-1, x.shape[-1]).contiguous()
             dx, da = shrink_backward(rows, weight, grad.reshape(-1, weight.shape[0]), ctx.p, ctx.seed,
                                      want_dx, want_da)
-            return (dx.view(x.shape) if dx is not None else None), da, None
+            return (dx.view(ctx.shape) if dx is not None else None), da, None
 
     return DropoutLowRank
