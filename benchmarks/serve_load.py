@@ -12,9 +12,9 @@ resident, and drives it with the official `openai` client:
   length; until session 7 only the largest level and one client were warmed);
 - the same C requests one after another (--sequential), for the batching gain;
 - mixed vs one adapter: C concurrent requests all to one adapter, then spread over the three;
-- with --distinct C: the server holds C adapters resident (more are written), and C concurrent
-  requests go each to its own adapter, all to one adapter, and all to the base model (in turn,
-  twice, the median of each);
+- with --distinct C: the server holds C adapters resident (--resident R: R of them, at least C), and
+  C concurrent requests go each to its own adapter, all to one adapter, and all to the base model
+  (in turn, twice, the median of each);
 - loading a fourth adapter into the running server (`POST /admin/adapters/load`, then unload), p50;
 - with --memory-run N L: a second server with --max-batch N --max-seq-len L, N concurrent requests
   filling L tokens each, and the server's peak GPU memory (torch.cuda.max_memory_allocated).
@@ -137,7 +137,9 @@ def http_json(url: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def adapter_loads(url: str, name: str, repeats: int) -> dict[str, Any]:
-    """Round trips of loading an adapter into the running server and unloading it."""
+    """Round trips of loading an adapter into the running server and unloading it, and how often that
+    built the adapter tables anew (and so dropped the CUDA graphs)."""
+    builds = (health(url).get("batching") or {}).get("adapter_table_builds", 0)
     loads = []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -146,7 +148,8 @@ def adapter_loads(url: str, name: str, repeats: int) -> dict[str, Any]:
         http_json(url + "/admin/adapters/unload", {"adapter": name})
     return {"round_trip_ms_p50": round(statistics.median(t for t, _ in loads) * 1000, 1),
             "server_ms_p50": round(statistics.median(s for _, s in loads), 1),
-            "round_trip_ms_max": round(max(t for t, _ in loads) * 1000, 1), "n": repeats}
+            "round_trip_ms_max": round(max(t for t, _ in loads) * 1000, 1), "n": repeats,
+            "table_builds": (health(url).get("batching") or {}).get("adapter_table_builds", 0) - builds}
 
 
 def long_prompt(model: Path, tokens: int) -> str:
@@ -222,6 +225,8 @@ def main() -> None:
     parser.add_argument("--load-repeats", type=int, default=5)
     parser.add_argument("--distinct", type=int, default=0, metavar="CLIENTS",
                         help="also CLIENTS requests each on its own resident adapter, vs one adapter, vs the base")
+    parser.add_argument("--resident", type=int, default=0, metavar="ADAPTERS",
+                        help="with --distinct: hold this many adapters resident (default: --distinct's count)")
     parser.add_argument("--memory-run", type=int, nargs=2, metavar=("SEQUENCES", "TOKENS"))
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for the server (CPU)")
     parser.add_argument("--out", type=Path)
@@ -234,7 +239,8 @@ def main() -> None:
     workspace = scratch / "ws"
     (workspace / "adapters").mkdir(parents=True)
     model = args.model or build_model(args.shape, scratch / "model", args.device)
-    names = write_adapters(workspace, model, str(model), max(3, args.distinct) + 1, 16, TARGETS, args.four_bit)
+    written = max(3, args.distinct, args.resident) + 1
+    names = write_adapters(workspace, model, str(model), written, 16, TARGETS, args.four_bit)
     served, spare = names[:-1], names[-1]
     extra = ["--device", args.device, "--4bit" if args.four_bit else "--no-4bit", "--max-new-tokens",
              str(max(args.new_tokens, 512)), "--max-queue", "256", "--max-adapters", str(len(names))]

@@ -281,7 +281,7 @@ def main() -> None:
     def without_adapters() -> None:
         decoder.set_adapters([])
         steps(decoder, [1, 16, 32], 128, "steps_no_adapters", report)
-        scheduler._restack()
+        scheduler._build_tables()
 
     if not args.scheduler_only:
         section("steps", graphs_and_kernels)

@@ -276,7 +276,8 @@ def test_batched_prompt_logits_match_stock(host, stock):
 
 
 def test_hot_swap_during_a_batch_changes_no_request_in_flight(gpu_workspace, stock):
-    """Rows keep the adapter they started with while adapters unload and load around them."""
+    """Rows keep the adapter they started with while adapters unload and load around them; the adapter
+    loaded goes into a free slot of the tables, so the CUDA graphs captured before replay it."""
     from lqmf.engine.serve.host import BatchSettings, ModelHost
 
     host = ModelHost.start(Workspace(gpu_workspace), adapters=["chat", "instr"], quantize_4bit=True,
@@ -288,7 +289,10 @@ def test_hot_swap_during_a_batch_changes_no_request_in_flight(gpu_workspace, sto
         while host.scheduler.load()["running"] < len(requests):
             assert time.monotonic() < deadline
             time.sleep(0.002)
+        builds, graphs = host.scheduler.table_builds, set(host.scheduler.decoder.graphs)
         host.unload("instr"), host.load("chat2"), host.switch("chat2")
+        # chat2 went into a free slot of the tables in place: no table built, no graph dropped
+        assert host.scheduler.table_builds == builds and graphs <= set(host.scheduler.decoder.graphs)
         later = [((m, p), submit(host, m, ids[p])) for p in PROMPTS[:2] for m in ("chat2", "chat")]
         jobs = requests + later
         results: dict = {}

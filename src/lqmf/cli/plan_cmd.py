@@ -19,6 +19,7 @@ from lqmf.core.memory_plan import (
     GiB,
     ModelShape,
     TrainSettings,
+    adapter_table_slots,
     budget_choices,
     choose_strategy,
     estimate,
@@ -34,6 +35,7 @@ from lqmf.core.memory_plan import (
 )
 from lqmf.core.models import ModelCatalogue
 from lqmf.core.schedule import DEFAULT_ACCUMULATION
+from lqmf.core.serving import DEFAULT_MAX_ADAPTERS
 from lqmf.core.system import free_gpu_memory
 
 OPTION_NAMES = {"max_seq_length": "seq-len", "per_device_train_batch_size": "batch-size", "lora_r": "rank",
@@ -47,6 +49,10 @@ COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer"
               ("activations", "activations"), ("logits_loss", "logits and loss"), ("peak_allocated", "peak allocated"),
               ("allocator_slack", "allocator slack"), ("cuda_context", "CUDA context"), ("total", "total")]
 
+
+ServeAdaptersOption = typer.Option(DEFAULT_MAX_ADAPTERS, "--serve-adapters", min=1,
+                                   help="Adapters resident at once for the serving estimate (lqmf serve "
+                                   "--max-adapters), each of the plan's rank and modules.")
 
 def component_notes(shape: ModelShape, settings: TrainSettings, details: dict[str, Any]) -> dict[str, str]:
     """What each line of the breakdown holds, for these settings."""
@@ -152,6 +158,7 @@ def plan(
                                            "the most that fit)."),
     serve_seq_len: int = typer.Option(1024, "--serve-seq-len", min=1,
                                       help="Tokens per sequence (prompt + answer) for the serving estimate."),
+    serve_adapters: int = ServeAdaptersOption,
     json_output: bool = JsonOption,
     workspace_dir: str | None = WorkspaceOption,
 ) -> None:
@@ -186,7 +193,7 @@ def plan(
     report = _plan_report(resolved, shape, settings, config, budget, budget_source)
     if strategies:
         report["gpus"], report["strategies"] = gpus, strategies
-    report["serving"] = _serving(shape, settings, budget, serve_batch, serve_seq_len)
+    report["serving"] = _serving(shape, settings, budget, serve_batch, serve_seq_len, serve_adapters)
     if json_output:
         print_json(report)
     else:
@@ -239,13 +246,15 @@ def _plan_report(resolved, shape: ModelShape, settings: TrainSettings, config, b
 
 
 def _serving(shape: ModelShape, settings: TrainSettings, budget: int, sequences: int | None,
-             seq_len: int) -> dict[str, Any]:
-    """The serving estimate: weights, one adapter of the plan's rank, and the KV cache of the sequences."""
+             seq_len: int, adapters: int) -> dict[str, Any]:
+    """The serving estimate: weights, the adapter tables for `adapters` resident adapters of the plan's rank
+    and projections (as `lqmf serve --max-adapters` holds them), and the KV cache of the sequences."""
     options = {"seq_len": seq_len, "quantize_4bit": settings.quantize_4bit, "device": settings.device,
-               "lora_r": settings.lora_r, "target_modules": settings.target_modules}
+               "lora_r": settings.lora_r, "target_modules": settings.target_modules,
+               "adapters": adapter_table_slots(adapters) + 1}  # and index 0's zeros, as lqmf serve holds them
     largest = largest_serving_batch(shape, budget, **options)
     result = serving_estimate(shape, sequences=sequences or max(largest, 1), **options)
-    return {**result.to_dict(), "largest_batch": largest, "fits": result.total <= budget}
+    return {**result.to_dict(), "resident_adapters": adapters, "largest_batch": largest, "fits": result.total <= budget}
 
 
 def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSettings, budget_text: str) -> None:
@@ -293,7 +302,8 @@ def _print_report(report: dict[str, Any], shape: ModelShape, settings: TrainSett
                if serving["largest_batch"] else f"not even one sequence of {serving['seq_len']} tokens fits "
                f"the budget ({budget_text})")
     typer.echo(f"serving (lqmf serve): {serving['sequences']} sequences x {serving['seq_len']} tokens ~"
-               f"{serving['total']:.2f} GB (weights {serving['weights']:.2f}, adapters {serving['adapters']:.2f}, "
+               f"{serving['total']:.2f} GB (weights {serving['weights']:.2f}, {serving['resident_adapters']} adapters "
+               f"{serving['adapters']:.2f}, "
                f"KV cache {serving['kv_cache']:.2f}, working {serving['working']:.2f}, allocator slack "
                f"{serving['allocator_slack']:.2f}, CUDA context {serving['cuda_context']:.2f}); {fitting}")
 

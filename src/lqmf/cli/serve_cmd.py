@@ -16,6 +16,7 @@ from lqmf.core.memory_plan import parse_size
 from lqmf.core.registry import Registry
 from lqmf.core.serving import (
     API_KEY_ENV,
+    DEFAULT_MAX_ADAPTERS,
     DEFAULT_MODEL,
     is_loopback,
     latest_active_adapter,
@@ -64,7 +65,7 @@ def serve(
     max_queue: int | None = typer.Option(None, "--max-queue", min=0,
                                          help="Requests that may wait for a free sequence before the server "
                                          "answers 429 (default: 4 x --max-batch)."),
-    max_adapters: int = typer.Option(8, "--max-adapters", min=1,
+    max_adapters: int = typer.Option(DEFAULT_MAX_ADAPTERS, "--max-adapters", min=1,
                                      help="Adapters resident at once; loading another evicts the least recently "
                                      "used (and says so)."),
     max_memory: str | None = typer.Option(None, "--max-memory",

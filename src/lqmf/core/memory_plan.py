@@ -700,6 +700,13 @@ def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantiz
                            peak + slack + context)
 
 
+def adapter_table_slots(max_adapters: int) -> int:
+    """Slots the server's adapter tables hold for max_adapters resident adapters (engine/lora/stacked.py:
+    AdapterTables): one more, as an adapter loads before the least recently used is evicted. The tables
+    also hold index 0's zeros (rows without an adapter): slots + 1 adapters' size in all."""
+    return max_adapters + 1
+
+
 def largest_serving_batch(shape: ModelShape, budget: float, **options: Any) -> int:
     """The most sequences (at most MAX_SERVING_BATCH) whose serving estimate fits budget bytes; 0 if none."""
     return _largest(lambda n: serving_estimate(shape, sequences=n, **options).total <= budget, 1, MAX_SERVING_BATCH)

@@ -22,6 +22,7 @@ from lqmf.core.workspace import Workspace
 
 API_KEY_ENV = "LQMF_API_KEY"
 DEFAULT_MODEL = "default"  # the model id that follows the active adapter
+DEFAULT_MAX_ADAPTERS = 8  # lqmf serve --max-adapters
 ACTIONS = ("load", "switch", "unload")
 SWAP_TIMEOUT_S = 600.0  # a swap waits for the requests queued before it
 PROBE_TIMEOUT_S = 3.0  # asking a server what it holds

@@ -92,7 +92,7 @@ def test_each_row_gets_its_own_adapters_product(interpreted, monkeypatch, dtype_
     dtype = getattr(torch, dtype_name)
     names, sizes, width = ("q_proj", "k_proj", "v_proj"), [128, 64, 64], 96
     entries = _adapter_entries([8, 4, 16], names, sizes, width, dtype)
-    tables = adapter_tables(names, sizes, entries)
+    tables = adapter_tables(names, sizes, dict(enumerate(entries, 1)))
     assert tables.a.shape == (4, 3 * 16, width) and tables.b.shape == (256, 4, 16) and tables.fits_kernels
     generator = torch.Generator().manual_seed(count)
     x = torch.randn(count, width, generator=generator).to(dtype)
@@ -129,16 +129,48 @@ def test_adapter_tables_hold_the_one_copy_and_rebuild_from_it():
 
     names, sizes, width = ("gate_proj", "up_proj"), [64, 64], 32
     entries = _adapter_entries([4, 8], names, sizes, width, torch.float32)
-    first = adapter_tables(names, sizes, entries)
+    first = adapter_tables(names, sizes, dict(enumerate(entries, 1)))
     held = [tensor for entry in entries for a, b, _ in entry.weights.values() for tensor in (a, b)]
     storages = {first.a.untyped_storage().data_ptr(), first.b.untyped_storage().data_ptr()}
     assert {t.untyped_storage().data_ptr() for t in held} == storages
     x, rows = torch.randn(3, width), torch.tensor([1, 2, 0])
     before = torch.zeros(3, 128)
     rows_product_into(before, x, rows, first)
-    again = adapter_tables(names, sizes, [*entries, *_adapter_entries([2], names, sizes, width, torch.float32)])
+    more = [*entries, *_adapter_entries([2], names, sizes, width, torch.float32)]
+    again = adapter_tables(names, sizes, dict(enumerate(more, 1)))
     assert again.a.shape[0] == 4 and again.a.data_ptr() != first.a.data_ptr()
     after = torch.zeros(3, 128)
     rows_product_into(after, x, rows, again)
     torch.testing.assert_close(after, before)
     assert torch.count_nonzero(before[2]) == 0 and torch.count_nonzero(before[:2]) > 0
+
+
+def test_an_adapter_loads_into_a_free_slot_in_place():
+    """Tables built for more slots than adapters take one more (and one replacing a slot's old adapter)
+    where they are: the same storage, the products of tables built anew, nothing of the old one left."""
+    import torch
+
+    from lqmf.engine.lora.kernels import rows_product_into
+    from lqmf.engine.lora.stacked import adapter_tables
+
+    names, sizes, width = ("q_proj", "k_proj", "v_proj"), [128, 64, 64], 32
+    first, second, third, small = _adapter_entries([8, 16, 4, 2], names, sizes, width, torch.float32)
+    tables = adapter_tables(names, sizes, {1: first, 2: second}, slots=4)
+    assert tables.slots == 4 and tables.rank == 16
+    storage = (tables.a.data_ptr(), tables.b.data_ptr())
+    assert tables.takes(3, names, third) and not tables.takes(5, names, third) and not tables.takes(0, names, third)
+    tables.put(3, names, third)
+    tables.put(1, names, small)  # the slot of `first`, which held a larger rank
+    assert (tables.a.data_ptr(), tables.b.data_ptr()) == storage
+    fresh = adapter_tables(names, sizes, {1: small, 2: second, 3: third})
+    x, rows = torch.randn(5, width), torch.tensor([3, 1, 2, 0, 4])
+    got, want = torch.zeros(5, 256), torch.zeros(5, 256)
+    rows_product_into(got, x, rows, tables)
+    rows_product_into(want[:4], x[:4], rows[:4], fresh)
+    torch.testing.assert_close(got, want)
+    assert torch.count_nonzero(got[3:]) == 0  # no adapter, and a slot never written
+    bigger = _adapter_entries([32], names, sizes, width, torch.float32)[0]
+    assert not tables.takes(2, names, bigger)  # a larger rank: the tables must be built anew
+    tables.clear(2)  # an adapter left: its slot holds zeros, never what it held (0 x NaN would be NaN)
+    assert torch.count_nonzero(tables.a[2]) == 0 and torch.count_nonzero(tables.b[:, 2]) == 0
+    assert torch.count_nonzero(tables.a[1]) > 0 and torch.count_nonzero(tables.a[3]) > 0

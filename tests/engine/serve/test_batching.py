@@ -452,3 +452,82 @@ def test_no_step_runs_past_a_rows_last_token(host):
     generation = ask(host, host.base_id, PROMPTS[3], new=NEW)
     assert generation.new_tokens == NEW and host.scheduler.steps - steps == NEW - 1
 
+
+
+def test_adapters_load_into_free_slots_without_building_the_tables_again(trained_workspace, monkeypatch):
+    """Once the adapter tables exist, loading an adapter writes it into a free slot in place and unloading
+    one frees its slot for the next: the tables are not built again and the captured graphs, which read
+    them, are kept. Answers stay what stock PEFT gives."""
+    host = ModelHost.start(Workspace(trained_workspace), adapters=["chat-a"],
+                           batching=BatchSettings(max_batch=4, max_adapters=4))
+    try:
+        scheduler = host.scheduler
+        dropped = []
+        monkeypatch.setattr(scheduler.decoder, "drop_graphs", lambda: dropped.append(1))
+        builds = scheduler.table_builds
+        host.load("instr-b", activate=False)
+        assert ask(host, "instr-b", PROMPTS[0]).text == reference(trained_workspace, "instr-b", PROMPTS[0])
+        host.unload("chat-a")
+        assert list(scheduler._index.values()) == [2]  # chat-a's slot is free once no request uses it
+        host.load("chat-a")
+        assert sorted(scheduler._index.values()) == [1, 2]
+        assert ask(host, "chat-a", PROMPTS[0]).text == reference(trained_workspace, "chat-a", PROMPTS[0])
+        assert (scheduler.table_builds, dropped) == (builds, [])
+        memory = host.describe()["batching"]
+        assert memory["adapter_table_builds"] == builds
+        # the memory plan counted the tables of the adapters given at start (their rank and projections)
+        assert memory["adapter_tables_gb"] == memory["adapter_plan_gb"] > 0
+    finally:
+        host.close()
+
+
+def _perturbed_copies(trained_workspace, folder, count: int) -> list[str]:
+    """NAME=PATH specs of count copies of chat-a, each with its own random lora_B (answers that differ) and
+    its manifest's record of the weights' file to match."""
+    import hashlib
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    source = trained_workspace / "adapters" / "chat-a"
+    specs = []
+    for number in range(count):
+        target = folder / f"many-{number}"
+        shutil.copytree(source, target)
+        weights = load_file(target / "adapter_model.safetensors")
+        generator = torch.Generator().manual_seed(number)
+        for key, tensor in weights.items():
+            if "lora_B" in key:
+                weights[key] = torch.randn(tensor.shape, generator=generator).to(tensor.dtype) * 0.5
+        save_file(weights, target / "adapter_model.safetensors")
+        data = (target / "adapter_model.safetensors").read_bytes()
+        manifest = json.loads((target / "lqmf.json").read_text())
+        manifest["files"]["adapter_model.safetensors"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        (target / "lqmf.json").write_text(json.dumps(manifest))
+        specs.append(f"many-{number}={target}")
+    return specs
+
+
+def test_64_adapters_resident_answer_16_clients_each_on_its_own(trained_workspace, tmp_path):
+    """64 adapters resident at once in tables built once; 16 concurrent requests, each on a different
+    adapter, get what each gets alone, and what a server holding only that adapter gives."""
+    specs = _perturbed_copies(trained_workspace, tmp_path, 64)
+    host = ModelHost.start(Workspace(trained_workspace), adapters=specs,
+                           batching=BatchSettings(max_batch=16, max_adapters=64, max_queue=64))
+    try:
+        assert len(host.resident) == 64 and host.scheduler.table_builds == 1
+        jobs = [(f"many-{4 * i + 3}", PROMPTS[i % len(PROMPTS)]) for i in range(16)]
+        alone = {job: ask(host, *job).text for job in jobs}
+        assert answer_concurrently(host, jobs, NEW, NEW) == alone
+        assert len({alone[(f"many-{4 * i + 3}", PROMPTS[0])] for i in (0, 6, 12)}) == 3  # the adapters matter
+    finally:
+        host.close()
+    for job in (jobs[0], jobs[-1]):  # slots 4 and 64
+        single = ModelHost.start(Workspace(trained_workspace), adapters=[specs[int(job[0].split("-")[1])]],
+                                 batching=BatchSettings(max_batch=2))
+        try:
+            assert ask(single, *job).text == alone[job]
+        finally:
+            single.close()

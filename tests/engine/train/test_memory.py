@@ -267,6 +267,25 @@ def test_plan_json_for_a_catalogue_model_offline(cli, workspace):
     assert report["longest_seq_len"] == largest_seq_len(shape, settings, 8 * GiB) > 512
 
 
+def test_plan_counts_the_adapter_tables_lqmf_serve_holds(cli, workspace):
+    """--serve-adapters K: the serving estimate holds the tables of K + 1 slots and index 0's zeros, at the
+    plan's rank and modules, as `lqmf serve --max-adapters K` does; 64 r16 q/k/v/o adapters on a 7B model
+    leave room for fewer sequences in 8 GB than 8 do."""
+    def serving(*extra):
+        result = cli("plan", "mistral-7b", "--rank", "16", "--targets", "q_proj,k_proj,v_proj,o_proj",
+                     "--max-memory", "8GB", "--json", *extra)
+        assert result.exit_code == 0, result.output
+        return json.loads(result.stdout)["serving"]
+
+    default, many = serving(), serving("--serve-adapters", "64")
+    one_adapter = 32 * 16 * (2 * (4096 + 4096) + 2 * (4096 + 1024)) * 2 / GiB  # q, o and k, v in bf16
+    assert default["resident_adapters"] == 8 and default["adapters"] == pytest.approx(10 * one_adapter, abs=1e-3)
+    assert many["resident_adapters"] == 64 and many["adapters"] == pytest.approx(66 * one_adapter, abs=1e-3)
+    assert 0 < many["largest_batch"] < default["largest_batch"]
+    text = cli("plan", "mistral-7b", "--max-memory", "8GB", "--serve-adapters", "64").stdout
+    assert ", 64 adapters " in [row for row in text.splitlines() if row.startswith("serving")][0]
+
+
 def test_plan_says_what_would_fit(cli, workspace):
     report = json.loads(cli("plan", "mistral-7b", "--seq-len", "4096", "--no-4bit", "--max-memory", "8GB",
                             "--json").stdout)

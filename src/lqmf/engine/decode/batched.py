@@ -218,15 +218,34 @@ class BatchedDecoder:
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def set_adapters(self, entries: list[StackedAdapter]) -> None:
-        """Stack entries' weights into every projection (entry i gets adapter index i + 1); drops graphs."""
+    def set_adapters(self, entries: dict[int, StackedAdapter] | list[StackedAdapter], slots: int = 0) -> None:
+        """Build every projection's adapter tables anew, for at least `slots` adapters, each entry at its
+        index (a list: entry i at index i + 1); drops the graphs, which read the old tables."""
         import torch
 
+        if isinstance(entries, list):
+            entries = {index + 1: entry for index, entry in enumerate(entries)}
         if self.device.type == "cuda":  # a step may still run (decoding ahead): its graph and tensors go
             torch.cuda.current_stream(self.device).synchronize()
         for group in self.groups:
-            group.set_adapters(entries)
+            group.set_adapters(entries, slots)
         self.drop_graphs()
+
+    def put_adapter(self, index: int, entry: StackedAdapter) -> bool:
+        """Write entry into adapter slot index of every projection's tables, in place: the tables stay
+        where they are and the captured graphs stay valid. No row may be using index (a step in flight
+        reads it before the writes, which follow it on the stream). False where some tables cannot take
+        it (see `BatchedLoRALinear.put`): then `set_adapters` must rebuild them."""
+        return all(group.put(index, entry) for group in self.groups)
+
+    def clear_adapter(self, index: int) -> None:
+        """Zero adapter slot index in every projection's tables (its adapter is gone; no row uses it)."""
+        for group in self.groups:
+            group.clear(index)
+
+    def adapter_bytes(self) -> int:
+        """Bytes the adapter tables hold on the device (every slot, used or free)."""
+        return sum(group.tables.nbytes for group in self.groups if group.tables is not None)
 
     def drop_graphs(self) -> None:
         """Forget every captured step (and their memory pool, which goes with the last of them)."""

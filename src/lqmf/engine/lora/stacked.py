@@ -107,14 +107,24 @@ def stacked_base(modules: list) -> Callable[[Any], Any]:
 @dataclass
 class AdapterTables:
     """Every resident adapter's LoRA weights for one group of projections, by adapter index (0: none,
-    all zeros): a [adapters + 1, projections x rank, K] table of A's and a [sum N, adapters + 1, rank]
-    table of B's times their scalings, every adapter padded with zeros to the group's largest rank.
-    A row's product reads its adapter's slices (`kernels.rows_product_into`)."""
+    all zeros): a [slots + 1, projections x rank, K] table of A's and a [sum N, slots + 1, rank] table
+    of B's times their scalings, every adapter padded with zeros to the table's rank. A row's product
+    reads its adapter's slices (`kernels.rows_product_into`). The tables are allocated for a number of
+    slots at once, so an adapter loads into a free slot in place (`put`): the tables stay where they
+    are, and with them the CUDA graphs that read them."""
 
     a: Any
     b: Any
     rank: int
     spans: list[tuple[int, int]]  # each projection's output columns
+
+    @property
+    def slots(self) -> int:
+        return self.a.shape[0] - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.a.numel() * self.a.element_size() + self.b.numel() * self.b.element_size()
 
     @property
     def fits_kernels(self) -> bool:
@@ -123,30 +133,53 @@ class AdapterTables:
         return len(self.spans) <= 3 and all(start % TABLE_BLOCK_N == 0 for start, _ in self.spans) and (
             self.spans[-1][1] % TABLE_BLOCK_N == 0)
 
+    def takes(self, index: int, names: tuple[str, ...], entry: StackedAdapter) -> bool:
+        """Whether `put` can write entry's weights for names at index: a slot the tables have, ranks they hold."""
+        return 0 < index <= self.slots and all(entry.weights[name][0].shape[0] <= self.rank
+                                               for name in names if name in entry.weights)
 
-def adapter_tables(names: tuple[str, ...], sizes: list[int], entries: list[StackedAdapter]) -> AdapterTables | None:
-    """The tables of entries' weights for these projections (entry i at index i + 1); None if none has any.
+    def clear(self, index: int) -> None:
+        """Zero slot index: what a row without that adapter multiplies by zero must stay finite (0 x NaN)."""
+        self.a[index].zero_()
+        self.b[:, index].zero_()
 
-    Each entry's weights for these projections then become views of the tables (B with its scaling
-    in, scaling 1), so one copy of an adapter stays on the device, not one in the entry and one here."""
+    def put(self, index: int, names: tuple[str, ...], entry: StackedAdapter) -> None:
+        """Write entry's weights for names (B with its scaling in) into slot index, zeros elsewhere in the
+        slot; entry's weights for names become views of the tables, so one copy stays on the device."""
+        self.clear(index)
+        for number, name in enumerate(names):
+            if name not in entry.weights:
+                continue
+            a, b, scaling = entry.weights[name]
+            a_view = self.a[index, number * self.rank:number * self.rank + a.shape[0]]
+            b_view = self.b[self.spans[number][0]:self.spans[number][1], index, :b.shape[1]]
+            a_view.copy_(a)
+            b_view.copy_(b * scaling if scaling != 1 else b)
+            entry.weights[name] = (a_view, b_view, 1.0)
+
+
+def adapter_tables(names: tuple[str, ...], sizes: list[int], entries: dict[int, StackedAdapter],
+                   slots: int = 0) -> AdapterTables | None:
+    """Tables of at least `slots` slots holding entries' weights for these projections, entry at its
+    index (1 up); None if none has any. Each entry's weights for these projections become views of
+    the tables (`AdapterTables.put`)."""
     import torch
 
-    held = [(index + 1, entry, number, entry.weights[name]) for index, entry in enumerate(entries)
-            for number, name in enumerate(names) if name in entry.weights]
+    held = [(entry.weights[name][0], entry.weights[name][1]) for entry in entries.values()
+            for name in names if name in entry.weights]
     if not held:
         return None
-    rank = max(a.shape[0] for _, _, _, (a, _, _) in held)
-    first = held[0][3][0]
+    rank = max(a.shape[0] for a, _ in held)
+    first = held[0][0]
     spans = [(sum(sizes[:number]), sum(sizes[:number + 1])) for number in range(len(names))]
-    a_table = torch.zeros(len(entries) + 1, len(names) * rank, first.shape[1], dtype=first.dtype, device=first.device)
-    b_table = torch.zeros(spans[-1][1], len(entries) + 1, rank, dtype=first.dtype, device=first.device)
-    for index, entry, number, (a, b, scaling) in held:
-        a_view = a_table[index, number * rank:number * rank + a.shape[0]]
-        b_view = b_table[spans[number][0]:spans[number][1], index, :b.shape[1]]
-        a_view.copy_(a)
-        b_view.copy_(b * scaling if scaling != 1 else b)
-        entry.weights[names[number]] = (a_view, b_view, 1.0)
-    return AdapterTables(a_table, b_table, rank, spans)
+    count = max(slots, *entries)
+    tables = AdapterTables(torch.zeros(count + 1, len(names) * rank, first.shape[1], dtype=first.dtype,
+                                       device=first.device),
+                           torch.zeros(spans[-1][1], count + 1, rank, dtype=first.dtype, device=first.device),
+                           rank, spans)
+    for index, entry in entries.items():
+        tables.put(index, names, entry)
+    return tables
 
 
 class BatchedLoRALinear:
@@ -161,9 +194,25 @@ class BatchedLoRALinear:
         self.base = (nf4.nf4_base(bases) if nf4.switched_on() else None) or stacked_base(bases)
         self.tables: AdapterTables | None = None
 
-    def set_adapters(self, entries: list[StackedAdapter]) -> None:
-        """Hold entries' weights for these projections (entry i at adapter index i + 1)."""
-        self.tables = adapter_tables(self.names, self.sizes, entries)
+    def set_adapters(self, entries: dict[int, StackedAdapter], slots: int = 0) -> None:
+        """Hold entries' weights for these projections, each entry at its adapter index, in new tables of
+        at least `slots` slots."""
+        self.tables = adapter_tables(self.names, self.sizes, entries, slots)
+
+    def clear(self, index: int) -> None:
+        """Zero slot index of the tables (an adapter left it)."""
+        if self.tables is not None and index <= self.tables.slots:
+            self.tables.clear(index)
+
+    def put(self, index: int, entry: StackedAdapter) -> bool:
+        """Write entry into slot index of the tables in place; False where they cannot take it (none yet
+        though entry has weights here, no such slot, or a larger rank): then `set_adapters` must rebuild."""
+        if self.tables is None:
+            return not any(name in entry.weights for name in self.names)
+        if not self.tables.takes(index, self.names, entry):
+            return False
+        self.tables.put(index, self.names, entry)
+        return True
 
     def __call__(self, x, rows):
         """x: [B, T, K] -> [B, T, sum N]; rows: each row's adapter index [B] (int64, 0: none)."""

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,7 @@ from lqmf.core.errors import ConflictError, InputError, NotFoundError, did_you_m
 from lqmf.core.models import ModelCatalogue, ResolvedModel
 from lqmf.core.names import validate_name
 from lqmf.core.registry import AdapterEntry, Registry
-from lqmf.core.serving import DEFAULT_MODEL
+from lqmf.core.serving import DEFAULT_MAX_ADAPTERS, DEFAULT_MODEL
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
 from lqmf.engine.inference import Generation, InferenceModel
@@ -50,7 +51,6 @@ from lqmf.engine.loading import first_line, first_nonfinite
 from lqmf.engine.serve import combinations as combined
 
 log = logging.getLogger("lqmf.serve")
-DEFAULT_MAX_ADAPTERS = 8
 LOAD_WAIT_S = 60.0  # the longest a request waits for its adapter to be loaded
 
 
@@ -125,6 +125,10 @@ class BatchSettings:
     max_queue: int | None = None  # default: 4 x max_batch
     max_adapters: int = DEFAULT_MAX_ADAPTERS
     max_memory: int | None = None  # bytes; default: this process's GPU memory plus what is free
+    # the LoRA shape the adapter tables are planned for (max_adapters + 1 slots): the largest rank and the
+    # projections of the adapters given at start (`lora_plan`), else rank 16 on every linear layer
+    adapter_rank: int = 16
+    adapter_targets: tuple[str, ...] | None = None
     enabled: bool = True  # False: one request at a time, adapters as PEFT slots (as with LQMF_FAST=0)
 
 
@@ -145,11 +149,54 @@ def default_max_batch(model: InferenceModel, settings: BatchSettings, seq_len: i
     free, _ = torch.cuda.mem_get_info()
     budget = settings.max_memory or (torch.cuda.memory_allocated() + free)
     fitting = largest_serving_batch(shape, budget, seq_len=seq_len, quantize_4bit=model.loaded.quantized,
-                                    device="cuda", adapters=settings.max_adapters) if shape else 1
+                                    device="cuda", **adapter_plan(settings)) if shape else 1
     if fitting < 1:
         raise InputError(f"not even one sequence of {seq_len} tokens fits {budget / 2**30:.2f} GB beside the model: "
                          "lower --max-seq-len or raise --max-memory")
     return min(fitting, DEFAULT_MAX_BATCH)
+
+
+def adapter_plan(settings: BatchSettings) -> dict[str, Any]:
+    """memory_plan.serving_estimate's options for the adapter tables: their slots (`adapter_table_slots`) and
+    index 0's zeros, each an adapter's size at the planned rank and projections."""
+    from lqmf.core.memory_plan import adapter_table_slots
+
+    return {"adapters": adapter_table_slots(settings.max_adapters) + 1, "lora_r": settings.adapter_rank,
+            "target_modules": settings.adapter_targets}
+
+
+def lora_plan(entries: list[AdapterEntry]) -> tuple[int, tuple[str, ...] | None] | None:
+    """(largest rank, projections) of the adapters' LoRA configs, None where none is readable; projections
+    None where one adapts every linear layer or names its modules otherwise than by a list."""
+    ranks: list[int] = []
+    targets: set[str] | None = set()
+    for entry in entries:
+        try:
+            config = json.loads((entry.path / "adapter_config.json").read_text(encoding="utf-8"))
+            ranks.append(int(config["r"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        modules = config.get("target_modules")
+        if targets is not None and isinstance(modules, list):
+            targets |= set(modules)
+        else:
+            targets = None
+    if not ranks:
+        return None
+    return max(ranks), (tuple(sorted(targets)) if targets else None)
+
+
+def planned_adapter_bytes(model: InferenceModel, settings: BatchSettings) -> int | None:
+    """What the memory plan sets aside for the adapter tables (`adapter_plan`); None for a model whose
+    shape it does not know."""
+    from lqmf.core.memory_plan import ModelShape, serving_estimate
+
+    shape = ModelShape.from_config(model.model.config.to_dict())
+    if shape is None:
+        return None
+    device = "cuda" if model.loaded.device == "cuda" else "cpu"
+    return serving_estimate(shape, sequences=1, seq_len=1, quantize_4bit=model.loaded.quantized, device=device,
+                            **adapter_plan(settings)).adapters
 
 
 class ModelHost:
@@ -200,6 +247,9 @@ class ModelHost:
         task = first.manifest["task"] if first is not None else "chat"
         if quantize_4bit is None:
             quantize_4bit = bool(first and first.manifest.get("runtime", {}).get("quantized_4bit"))
+        planned = lora_plan([_entry(workspace, name, operator_paths) for name, _ in specs])
+        if planned is not None:
+            batching = replace(batching or BatchSettings(), adapter_rank=planned[0], adapter_targets=planned[1])
         model = inference.load_for_inference(workspace, None, base=resolved, task=task, device=device,
                                              quantize_4bit=quantize_4bit,
                                              labels=inference.labels_of(first) if first is not None else None)
@@ -476,12 +526,15 @@ class BatchedServing:
         if (not settings.enabled or not is_generative(model.task) or not inference.fast_enabled()
                 or not batched.supports(model.model)):
             return None
+        from lqmf.core.memory_plan import adapter_table_slots
         from lqmf.engine.serve.scheduler import Scheduler
 
         limits = [n for n in (host.context_length, settings.max_seq_len or DEFAULT_MAX_SEQ_LEN) if n]
         slots = settings.max_batch or default_max_batch(model, settings, min(limits))
         decoder = batched.BatchedDecoder(model.model, slots, min(limits))
-        return cls(host, Scheduler(decoder, max_queue=settings.max_queue or 4 * slots))
+        return cls(host, Scheduler(decoder, max_queue=settings.max_queue or 4 * slots,
+                                   adapter_slots=adapter_table_slots(settings.max_adapters),
+                                   adapter_plan_bytes=planned_adapter_bytes(model, settings)))
 
     def describe(self) -> dict[str, Any]:
         return {**self.scheduler.load(), **self.scheduler.memory(), "max_seq_len": self.max_len}

@@ -151,12 +151,16 @@ def prefill_group(chunks: list[tuple[int, bool]], budget: int, replays: Callable
 class Scheduler:
     """Owns the decoder, its adapters and the loop thread."""
 
-    def __init__(self, decoder: BatchedDecoder, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, decoder: BatchedDecoder, *, max_queue: int, prefill_chunk: int = PREFILL_CHUNK,
+                 adapter_slots: int = 9, adapter_plan_bytes: int | None = None):
         self.decoder = decoder
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.adapter_slots = adapter_slots  # adapters the decoder's tables hold at once (more: rebuilt larger)
+        self.adapter_plan_bytes = adapter_plan_bytes  # what the memory plan set aside for the tables
         self.entries: dict[int, StackedAdapter] = {}
-        self._index: dict[int, int] = {}  # entry id -> adapter index in the decoder (0: none)
+        self._index: dict[int, int] = {}  # entry id -> adapter index in the decoder, its slot (0: none)
+        self.table_builds = 0  # times the adapter tables were built anew (and the graphs dropped)
         self._ids = itertools.count(1)
         self._waiting: collections.deque[BatchRequest] = collections.deque()
         self._rows: dict[int, _Row] = {}  # slot -> row
@@ -186,11 +190,15 @@ class Scheduler:
                     "loop": self.times.as_dict(), "graphs": len(self.decoder.graphs),
                     "prefill_graphs": len(self.decoder.prefill_graphs)}
 
-    def memory(self) -> dict[str, float]:
-        """GiB held by the KV cache and by the adapters' stacked weights (retired ones still in use included)."""
+    def memory(self) -> dict[str, Any]:
+        """GiB held by the KV cache, by the adapters' weights (retired ones still in use included), by the
+        adapter tables that hold them (every slot) and what the memory plan set aside for those; how many
+        times the tables were built."""
         entries = list(self.entries.values())
         return {"kv_cache_gb": self.decoder.kv_bytes() / 2**30,
-                "adapters_gb": sum(entry.nbytes for entry in entries) / 2**30}
+                "adapters_gb": sum(entry.nbytes for entry in entries) / 2**30,
+                "adapter_tables_gb": self.decoder.adapter_bytes() / 2**30, "adapter_table_builds": self.table_builds,
+                "adapter_plan_gb": None if self.adapter_plan_bytes is None else self.adapter_plan_bytes / 2**30}
 
     def submit(self, request: BatchRequest) -> BatchRequest:
         """Queue request (FIFO); Busy when the queue is full."""
@@ -230,7 +238,10 @@ class Scheduler:
         size = sum(t.numel() * t.element_size() for a, b, _ in weights.values() for t in (a, b))
         entry = StackedAdapter(next(self._ids), name, path, weights, nbytes=size)
         self.entries[entry.id] = entry
-        self._restack()
+        taken = set(self._index.values())
+        self._index[entry.id] = index = next(i for i in itertools.count(1) if i not in taken)
+        if not self.decoder.put_adapter(index, entry):
+            self._build_tables()
         return entry
 
     def retire(self, entry: StackedAdapter) -> None:
@@ -254,20 +265,27 @@ class Scheduler:
         average = sum(self._durations) / len(self._durations) if self._durations else 1.0
         return max(1, math.ceil(average * (len(self._waiting) + 1) / self.decoder.slots))
 
-    def _restack(self) -> None:
-        live = list(self.entries.values())
-        self.decoder.set_adapters(live)
-        self._index = {entry.id: index + 1 for index, entry in enumerate(live)}
+    def _build_tables(self) -> None:
+        """Build the decoder's adapter tables anew for every entry at its slot (the graphs go with the old
+        ones): where an adapter brings tables for a projection group none had, a larger rank, or needs
+        more slots than the tables hold (retired adapters still in use keep theirs)."""
+        slots = max([self.adapter_slots, *self._index.values()])
+        self.decoder.set_adapters({self._index[key]: entry for key, entry in self.entries.items()}, slots)
+        self.table_builds += 1
+        held = self.decoder.adapter_bytes()
+        if self.adapter_plan_bytes is not None and held > self.adapter_plan_bytes:
+            log.warning("the adapter tables now take %.2f GB (%d slots), more than the %.2f GB the memory plan set "
+                        "aside for them at start (an adapter of a larger rank or more projections than those "
+                        "given at start, or a combination); the KV cache has that much less room",
+                        held / 2**30, slots, self.adapter_plan_bytes / 2**30)
 
     def _collect(self) -> None:
         in_use = {row.request.entry.id for row in self._rows.values() if row.request.entry is not None}
         with self._wake:
             in_use |= {r.entry.id for r in self._waiting if r.entry is not None}
-        gone = [key for key, entry in self.entries.items() if entry.retired and key not in in_use]
-        for key in gone:
+        for key in [key for key, entry in self.entries.items() if entry.retired and key not in in_use]:
             del self.entries[key]
-        if gone:
-            self._restack()
+            self.decoder.clear_adapter(self._index.pop(key))  # a free slot, zeros until the next adapter
 
     def _run(self) -> None:
         import torch
