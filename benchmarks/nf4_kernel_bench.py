@@ -100,13 +100,14 @@ def one_row_candidates() -> list:
 
 def gemv_candidates() -> list:
     """The table's one-row tiles, then GEMV tiles of 16..256 columns by 256 or 512 values a step with one
-    to four 16-byte loads a thread (--grid gemv, --rows 1)."""
+    to four 16-byte loads a thread, each with lut 2 and lut 3 (--grid gemv, --rows 1)."""
     from lqmf.engine.lora.nf4 import CONFIGS, Config
 
     table = [replace(config, split=0) for (rows_key, _, _), config in CONFIGS.items() if rows_key == 1]
     tiles = ((16, 512, 1), (32, 256, 1), (32, 512, 1), (32, 512, 2), (64, 256, 2), (64, 512, 2), (64, 256, 4),
              (64, 512, 4), (128, 256, 4), (128, 256, 8), (128, 512, 8), (256, 256, 8))
-    grid = [Config(block_m=1, block_n=n, block_k=k, warps=w, dot=False, lut=2, late_scale=True) for n, k, w in tiles]
+    grid = [Config(block_m=1, block_n=n, block_k=k, warps=w, dot=False, lut=lut, late_scale=True)
+            for n, k, w in tiles for lut in (2, 3)]  # lut 3: the table's words as the PTX's operands
     return list(dict.fromkeys(table + grid))
 
 
@@ -240,9 +241,9 @@ def sweep(weights: dict, rows_list: list[int], configs: list, measure, budget_s:
                 if config.serial and slices == 1:  # the same launch as its plain twin
                     continue
                 try:
-                    if chosen.lut == 2 and not lookup_verified(chosen, slices, x, weight["packed"], weight["absmax"],
-                                                               weight["code"], shape, BLOCKSIZE):
-                        skipped[index] = f"lut 2 fails its check at {name}, {rows} rows, split {split}"
+                    if chosen.lut in (2, 3) and not lookup_verified(chosen, slices, x, weight["packed"],
+                                                                    weight["absmax"], weight["code"], shape, BLOCKSIZE):
+                        skipped[index] = f"lut {chosen.lut} fails its check at {name}, {rows} rows, split {split}"
                         break
                     error = float((call().float() - references[(name, rows)]).abs().max())
                     if not error <= WRONG_SHARE * float(references[(name, rows)].abs().max()):

@@ -50,6 +50,8 @@ def compile_config(config, pdl: bool = False):
     if config.serial:
         constants |= dict(SERIAL=True, SPLIT=max(config.split, 2))
         types["out_ptr"] = "*fp32"
+    if config.lut == 3:  # the table's words (nf4.table_words_on)
+        types["pair_ptr"] = "*i32"
     if config.dot:
         constants |= dict(BLOCK_M=config.block_m, SWAP=config.swap, IEEE=False)
     kernel = nf4_kernels.nf4_matmul_kernel if config.dot else nf4_kernels.nf4_gemv_kernel

@@ -85,6 +85,10 @@ def _weight_used(packed, state, dtype, config: dict | None):
     (17, 128, 256, False, "bfloat16", dict(block_m=16, block_n=32, block_k=128, lut=2, late_scale=True)),
     (16, 96, 512, True, "float16", dict(block_m=16, block_n=32, block_k=256, split=2, lut=2, late_scale=True,
                                         swap=True)),
+    # lut 3, a GEMV's (the interpreter's stand-in: lut 2's), its words loaded from the table it is handed
+    (1, 64, 256, True, "bfloat16", dict(block_m=1, block_n=32, block_k=128, dot=False, lut=3, late_scale=True)),
+    (2, 48, 512, False, "float16", dict(block_m=1, block_n=16, block_k=256, split=2, dot=False, lut=3,
+                                        late_scale=True)),
 ])
 def test_nf4_matmul_matches_bitsandbytes_dequantize(nf4, rows, out_features, in_features, nested, dtype_name,
                                                     config):
@@ -197,11 +201,11 @@ def test_the_batched_decoder_layer_runs_the_kernel_when_switched_on(nf4):
     torch.testing.assert_close(layer(x, {}), expected, rtol=1e-5, atol=1e-5)
 
 
-def _run_ptx(asm: str, word: int) -> list[int]:
-    """The four output registers of register_lookup_asm's PTX for input word $4, executed here: the
-    instructions it uses (mov, shr, shl, and, or, lop3, prmt in its default mode, sign fill included) on
-    32-bit values."""
-    registers = {"$4": word}
+def _run_ptx(asm: str, word: int, operands: dict[str, int] | None = None) -> list[int]:
+    """The four output registers of register_lookup_asm's PTX for input word $4 (and operands, {"$5": value...}),
+    executed here: the instructions it uses (mov, shr, shl, and, or, lop3, prmt in its default mode, sign
+    fill included) on 32-bit values."""
+    registers = {"$4": word, **(operands or {})}
 
     def value(operand: str) -> int:
         return registers[operand] if operand in registers else int(operand, 0)
@@ -261,6 +265,34 @@ def test_register_lookup_ptx_maps_every_byte_to_its_two_codes(dtype_name):
             assert values == [halves[code] for code in codes]  # k in order: 0-3 the first output's, 4-7 the second's
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+def test_lut_3_ptx_takes_the_table_from_its_operands_and_gives_lut_2s_values(dtype_name):
+    """lut 3's PTX, with the table's words in the operands a GEMV hands it (the first of each int32
+    argument's four under pack 4; the other three hold garbage here), gives lut 2's registers for every
+    byte in every position; it holds no immediate of the table; a tl.dot tile asking for it gets lut 2."""
+    import torch
+
+    from lqmf.engine.lora import nf4, nf4_kernels
+
+    dtype = "bf16" if dtype_name == "bfloat16" else "fp16"
+    words = nf4_kernels.table_words(dtype)
+    operands = {f"${5 + 4 * w + copy}": (word if copy == 0 else 0xDEAD0000 + copy) & 0xFFFFFFFF
+                for w, word in enumerate(words) for copy in range(4)}
+    with_operands = nf4_kernels.register_lookup_asm(dtype, operands=True)
+    immediate = nf4_kernels.register_lookup_asm(dtype)
+    assert not any(f"{word & 0xFFFFFFFF:#x}" in with_operands for word in words)
+    for byte in range(256):
+        for position in range(4):
+            word = sum((byte if i == position else (0x5A, 0xC3, 0x0F, 0xF0)[i]) << 8 * i for i in range(4))
+            assert _run_ptx(with_operands, word, operands) == _run_ptx(immediate, word)
+    x = torch.ones(1, 64, dtype=getattr(torch, dtype_name))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(nf4, "OFF_GPU", True)
+        assert nf4.launched(nf4.Config(lut=3, late_scale=True), x, True).lut == 2
+        assert nf4.launched(nf4.Config(dot=False, lut=3, late_scale=True), x, True).lut == 3
+        assert nf4.launched(nf4.Config(dot=False, lut=3), x, True).lut == 1  # lookups in registers need late_scale
+
+
 def test_each_variant_of_the_register_lookup_is_checked_once(nf4, monkeypatch, caplog):
     """lookup_verified multiplies random rows by the weight's first output features in the variant a
     launch compiles to and compares with the float32 product: here lut 2 runs in the interpreter's
@@ -309,6 +341,24 @@ def test_each_variant_of_the_register_lookup_is_checked_once(nf4, monkeypatch, c
     monkeypatch.setattr(nf4, "_capturing", lambda: True)
     config = nf4.Config(block_n=128, lut=2, late_scale=True)
     assert not verified() and len(nf4._LOOKUP_CHECKS) == 3  # unchecked: lut 1 in the graph, checked later
+
+
+def test_lut_3_compiles_to_fewer_instructions_where_lut_2_copies_its_immediates():
+    """The GEMV tile of gate/up's table entry (64 columns x 256 values, four warps) compiled for sm_90 with the
+    table's words as operands (lut 3): no spill, the lookup's input grouped as its PTX assumes, and fewer
+    instructions a weight value in the main loop than lut 2, whose immediates the compiler copies into
+    registers before each use (a static count; the GPU sweep times it)."""
+    probe = ("from nf4_sass_count import compile_config, groups_neighbours, lookup_input_layout, resource_usage\n"
+             "from lqmf.engine.lora.nf4 import Config\n"
+             "for lut in (2, 3):\n"
+             "    config = Config(block_m=1, block_n=64, block_k=256, warps=4, dot=False, lut=lut, late_scale=True)\n"
+             "    kernel = compile_config(config)\n"
+             "    usage = resource_usage(kernel)\n"
+             "    print(usage['spilled'], groups_neighbours(lookup_input_layout(kernel)), len(usage['loop']))\n")
+    out = compiled_for_sm90(probe)
+    lut2, lut3 = out[:3], out[3:]
+    assert lut2[:2] == lut3[:2] == ["0", "True"]
+    assert int(lut3[2]) < 0.9 * int(lut2[2])
 
 
 def test_a_dependent_launch_waits_before_its_first_read():

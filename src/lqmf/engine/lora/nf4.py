@@ -37,6 +37,7 @@ MAX_ROWS = 64
 TARGET_WARPS = 1056  # eight per multiprocessor of an H100/H200: split K until a launch has this many
 OFF_GPU = False  # run on the CPU too (the tests do, under TRITON_INTERPRET=1)
 DEFAULT_SWITCH = "1"  # LQMF_NF4_KERNEL when unset
+REGISTER_LUTS = (2, 3)  # lookups in registers, from PTX written here: checked on first launch (`lookup_verified`)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class Config:
     split: slices of K (0: enough for TARGET_WARPS warps); block_k: K a loop step (whole
     quantization blocks, unrolled); lut: 0 two loads from the 16-entry code per byte, 1 one load from
     a 256-entry byte -> pair table, 2 no load: byte-permute lookups in registers (with late_scale, bf16/fp16
-    inputs on a GPU and bitsandbytes' NF4 code; lut 1 otherwise)."""
+    inputs on a GPU and bitsandbytes' NF4 code; lut 1 otherwise), 3 as 2 with the table's words handed to
+    the PTX as operands loaded once a program (GEMVs only; a tl.dot tile takes lut 2)."""
 
     block_m: int = 16
     block_n: int = 64
@@ -186,8 +188,10 @@ def launched(config: Config, x, standard_code: bool) -> Config:
 
     if x.is_cuda and x.dtype == torch.float32:
         config = replace(config, late_scale=False)
-    if config.lut == 2 and not (config.late_scale and standard_code and (x.is_cuda or OFF_GPU)
-                                and x.dtype in (torch.bfloat16, torch.float16)):
+    if config.lut == 3 and config.dot:
+        config = replace(config, lut=2)
+    if config.lut in REGISTER_LUTS and not (config.late_scale and standard_code and (x.is_cuda or OFF_GPU)
+                                            and x.dtype in (torch.bfloat16, torch.float16)):
         config = replace(config, lut=1)
     return config
 
@@ -207,9 +211,10 @@ def nf4_matmul(x, packed, absmax, code, shape: tuple[int, int], blocksize: int, 
     if x.stride(-1) != 1:
         x = x.contiguous()
     config, split = fitted(config or config_for(rows, *shape), rows, shape, blocksize)
-    if config.lut == 2 or config.late_scale:
+    if config.lut in REGISTER_LUTS or config.late_scale:
         config = launched(config, x, is_nf4_code(code) if standard_code is None else standard_code)
-    if config.lut == 2 and x.is_cuda and not lookup_verified(config, split, x, packed, absmax, code, shape, blocksize):
+    if (config.lut in REGISTER_LUTS and x.is_cuda
+            and not lookup_verified(config, split, x, packed, absmax, code, shape, blocksize)):
         config = replace(config, lut=1)
     if config.lut == 1 and pairs is None:
         pairs = byte_pairs(code)
@@ -232,7 +237,8 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
     common = dict(BLOCK_N=config.block_n, BLOCK_K=config.block_k, BLOCKSIZE=blocksize, LUT=config.lut,
                   LATE_SCALE=config.late_scale, INTERPRETED=not x.is_cuda, **dependent, **serial,
                   num_warps=config.warps, num_stages=config.stages)
-    arguments = (x, packed, absmax, code, code if pairs is None else pairs, target, rows, out_features, in_features,
+    table = table_words_on(x.device, x.dtype) if config.lut == 3 else code if pairs is None else pairs
+    arguments = (x, packed, absmax, code, table, target, rows, out_features, in_features,
                  x.stride(0), in_features // split, out, target if counters is None else counters)
     if config.dot:
         kernels.nf4_matmul_kernel[grid](*arguments, BLOCK_M=config.block_m, SWAP=config.swap,
@@ -245,6 +251,21 @@ def _launch(config: Config, split: int, x, packed, absmax, code, pairs, shape: t
                                                            INTERPRETED=not x.is_cuda, **dependent,
                                                            num_warps=4)
     return out
+
+
+_TABLE_WORDS: dict[tuple[str, Any], Any] = {}
+
+
+def table_words_on(device, dtype):
+    """nf4_kernels.table_words for dtype as an int32 tensor on device (lut 3's operands), made once (not
+    inside a CUDA-graph capture: the decoder's warm-up steps run first)."""
+    import torch
+
+    key = (str(device), dtype)
+    if key not in _TABLE_WORDS:
+        words = kernel_module().table_words("bf16" if dtype == torch.bfloat16 else "fp16")
+        _TABLE_WORDS[key] = torch.tensor(words, dtype=torch.int32, device=device)
+    return _TABLE_WORDS[key]
 
 
 COUNTERS = 1 << 17  # tiles a serial launch may count (int32 each, one buffer a device)
@@ -285,7 +306,7 @@ def _capturing() -> bool:
 
 def lookup_verified(config: Config, split: int, x, packed, absmax, code, shape: tuple[int, int],
                     blocksize: int) -> bool:
-    """Whether lut 2 (PTX written here, whose byte groups follow the register layout Triton picks for a
+    """Whether lut 2 or 3 (PTX written here, whose byte groups follow the register layout Triton picks for a
     tile) gives the right values in the variant this launch compiles to. Which registers make up a
     group depends on the tile, the warps and Triton's specialization of sizes and addresses (on an H100
     some 4- and 8-warp tiles grouped the wrong bytes), so each variant is checked on its first launch
@@ -301,8 +322,8 @@ def lookup_verified(config: Config, split: int, x, packed, absmax, code, shape: 
             return False
         failure = _lookup_check(config, split, x, packed, absmax, code, shape, blocksize)
         if failure:
-            log.warning("the NF4 kernel's register lookup (lut 2) %s for %s at %d rows of %s x %s in %s; using the "
-                        "table lookup (lut 1), which is slower", failure, config, x.shape[0], out_features,
+            log.warning("the NF4 kernel's register lookup (lut %d) %s for %s at %d rows of %s x %s in %s; using the "
+                        "table lookup (lut 1), which is slower", config.lut, failure, config, x.shape[0], out_features,
                         in_features, x.dtype)
         _LOOKUP_CHECKS[key] = not failure
     return _LOOKUP_CHECKS[key]

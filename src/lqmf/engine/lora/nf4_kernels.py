@@ -14,9 +14,10 @@ quantization blocks, unrolled; per block it loads a [BLOCK_N, BLOCKSIZE // 2] by
 along K) and the BLOCK_N absmax values, splits each byte into its two codes, maps them to NF4 values
 (LUT 0: two loads from the 16-entry code, which sits in one cache line; LUT 1: one 64-bit load per
 byte from a 256-entry byte -> (value, value) table; LUT 2: no load, PTX byte permutes on the table
-held as immediates, `register_lookup_asm`), scales them by the absmax and rounds them to x's dtype
+held as immediates, `register_lookup_asm`; LUT 3, the GEMV only: the same with the table's words
+as operands loaded once, `_operand_codes`), scales them by the absmax and rounds them to x's dtype
 as dequantize_4bit does (LATE_SCALE: rounds the codes and scales each block's sums). LUT 1 gives
-the high and low codes, which x's even and odd columns multiply; LUT 0 and 2 give runs of CHUNK
+the high and low codes, which x's even and odd columns multiply; LUT 0, 2 and 3 give runs of CHUNK
 values of k in order, and x is loaded in the same runs, so no register of x is permuted (each warp
 would permute its own copy), and the two multiply the same values in the same order. With more than
 one slice they write float32 partials that `reduce_splits` sums in a fixed order (no atomics, no
@@ -49,30 +50,41 @@ def _half_bits(value: float, dtype: str) -> int:
     return struct.unpack("<H", struct.pack("<e", value))[0]
 
 
-def register_lookup_asm(dtype: str) -> str:
+def table_words(dtype: str) -> list[int]:
+    """The NF4 table as eight 32-bit words (signed, as int32 holds them): the low bytes of the 16-bit
+    values of entries 4w .. 4w + 3 (w = 0 .. 3), then their high bytes."""
+    bits = [_half_bits(value, dtype) for value in NF4_CODE]
+    words = [sum(((bits[4 * w + i] >> (8 * part)) & 0xFF) << (8 * i) for i in range(4)) for part in (0, 1)
+             for w in range(4)]
+    return [word - (1 << 32) if word >= 1 << 31 else word for word in words]
+
+
+# lut 3: the operands that hold `table_words` (pack 4: four operands an int32 argument, the first of each used)
+WORD_OPERANDS = tuple(f"${5 + 4 * w}" for w in range(8))
+
+
+def register_lookup_asm(dtype: str, operands: bool = False) -> str:
     """PTX for tl.inline_asm_elementwise (pack 4): four bytes ($4), the codes of k = 0 .. 7 (byte j: k = 2j
     in its high nibble, 2j + 1 in its low) -> their 16-bit NF4 values in k order, k 0-3 in $0, $1 (the
     first output's four elements) and k 4-7 in $2, $3 (the second's): `CHUNK` values to each in turn,
     not split into even and odd k, so x's columns need no permute either (the kernel loads them in the
-    same runs). No memory is read: the 16 values' low and high bytes sit in four immediates each, and
-    `prmt` (byte permute) looks up four nibbles at a time in each half of the table. `prmt` reads a
-    selector nibble's bit 3 as a sign-fill flag, so the selectors carry a code's low 3 bits, and its
-    bit 3 picks the half through a byte mask: the sign fill of a byte holding that bit at its top
+    same runs). No memory is read: the 16 values' low and high bytes sit in four words each
+    (`table_words`), immediates in the instructions (lut 2), or with operands the arguments after $4
+    (lut 3: loaded once a program, so the compiler need not copy immediates into registers before each
+    use), and `prmt` (byte permute) looks up four nibbles at a time in each half of the table. `prmt`
+    reads a selector nibble's bit 3 as a sign-fill flag, so the selectors carry a code's low 3 bits, and
+    its bit 3 picks the half through a byte mask: the sign fill of a byte holding that bit at its top
     (`lop3` 0xD8: mask ? second : first)."""
-    bits = [_half_bits(value, dtype) for value in NF4_CODE]
-
-    def words(part):  # four 32-bit words: the table's bytes of entries 4w .. 4w + 3
-        return [sum(((bits[4 * w + i] >> (8 * part)) & 0xFF) << (8 * i) for i in range(4)) for w in range(4)]
-
-    low, high = words(0), words(1)
+    words = WORD_OPERANDS if operands else tuple(f"{word & 0xFFFFFFFF:#x}" for word in table_words(dtype))
+    low, high = words[:4], words[4:]
 
     def lookup(mask_selector: int, out0: str, out1: str) -> str:
         # s: the 3-bit parts of nibbles k+1, k, k+3, k+2 (a byte's low nibble comes first); t = $4 << 4
         return (
             f"and.b32 s, s, 0x7777; prmt.b32 m, t, $4, {mask_selector:#x};"  # m: 0xFF where bit 3 is set
-            f"prmt.b32 a, {low[0]:#x}, {low[1]:#x}, s; prmt.b32 b, {low[2]:#x}, {low[3]:#x}, s;"
+            f"prmt.b32 a, {low[0]}, {low[1]}, s; prmt.b32 b, {low[2]}, {low[3]}, s;"
             "lop3.b32 lo, a, b, m, 0xD8;"
-            f"prmt.b32 a, {high[0]:#x}, {high[1]:#x}, s; prmt.b32 b, {high[2]:#x}, {high[3]:#x}, s;"
+            f"prmt.b32 a, {high[0]}, {high[1]}, s; prmt.b32 b, {high[2]}, {high[3]}, s;"
             "lop3.b32 hi, a, b, m, 0xD8;"
             f"prmt.b32 {out0}, lo, hi, 0x4051; prmt.b32 {out1}, lo, hi, 0x6273;"  # swap back into k order
         )
@@ -84,6 +96,8 @@ def register_lookup_asm(dtype: str) -> str:
 
 BF16_LOOKUP = tl.constexpr(register_lookup_asm("bf16"))
 FP16_LOOKUP = tl.constexpr(register_lookup_asm("fp16"))
+OPERAND_LOOKUP = tl.constexpr(register_lookup_asm("bf16", operands=True))  # the same for fp16: the words differ
+OPERAND_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * (1 + 4 * 8)))
 CHUNK = tl.constexpr(4)  # lut 0 and 2 hand out k in runs of CHUNK: the first tile k 0-3 of each 8, the second 4-7
 
 
@@ -111,6 +125,22 @@ def _codes(packed, code_ptr, pair_ptr, dtype: tl.constexpr, LUT: tl.constexpr, I
         first, second = tl.split(tl.permute(runs, (0, 1, 3, 2)))
         first = tl.reshape(first, packed.shape)
         second = tl.reshape(second, packed.shape)
+    return first, second
+
+
+@triton.jit
+def _operand_codes(packed, words_ptr, dtype: tl.constexpr):
+    """lut 3 (compiled only): `_codes`' lut 2 with the table's eight words (`table_words`, at words_ptr, int32)
+    handed to the PTX as operands. The words are loaded here; the compiler hoists the loads out of the loop."""
+    w0, w1, w2, w3 = tl.load(words_ptr), tl.load(words_ptr + 1), tl.load(words_ptr + 2), tl.load(words_ptr + 3)
+    w4, w5, w6, w7 = tl.load(words_ptr + 4), tl.load(words_ptr + 5), tl.load(words_ptr + 6), tl.load(words_ptr + 7)
+    arguments = [packed, w0, w1, w2, w3, w4, w5, w6, w7]
+    if dtype == tl.bfloat16:
+        first, second = tl.inline_asm_elementwise(OPERAND_LOOKUP, OPERAND_CONSTRAINTS, arguments,
+                                                  dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    else:
+        first, second = tl.inline_asm_elementwise(OPERAND_LOOKUP, OPERAND_CONSTRAINTS, arguments,
+                                                  dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
     return first, second
 
 
@@ -269,7 +299,10 @@ def nf4_gemv_kernel(x_ptr, q_ptr, absmax_ptr, code_ptr, pair_ptr, out_ptr, M, N,
     for _ in range(0, K_PER_SPLIT, BLOCK_K):
         packed = tl.load(byte_at, mask=col_ok[:, None], other=0)
         scale = tl.load(scale_at, mask=col_ok[:, None], other=0.0)
-        first, second = _codes(packed, code_ptr, pair_ptr, dtype, LUT, INTERPRETED)
+        if LUT == 3 and not INTERPRETED:
+            first, second = _operand_codes(packed, pair_ptr, dtype)
+        else:  # the interpreter's stand-in for lut 3 is lut 2's: lut 0's values in its runs
+            first, second = _codes(packed, code_ptr, pair_ptr, dtype, LUT, INTERPRETED)
         first = tl.reshape(first.to(tl.float32), (BLOCK_N, RUNS, RUN))
         second = tl.reshape(second.to(tl.float32), (BLOCK_N, RUNS, RUN))
         if not LATE_SCALE:  # as bitsandbytes' dequantize_4bit rounds them
