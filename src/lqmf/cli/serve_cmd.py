@@ -67,7 +67,8 @@ def serve(
                                          "answers 429 (default: 4 x --max-batch)."),
     max_adapters: int = typer.Option(DEFAULT_MAX_ADAPTERS, "--max-adapters", min=1,
                                      help="Adapters resident at once; loading another evicts the least recently "
-                                     "used (and says so)."),
+                                     "used (and says so). Their LoRA tables count in the memory plan that picks "
+                                     "--max-batch (lqmf plan MODEL --serve-adapters K shows it)."),
     max_memory: str | None = typer.Option(None, "--max-memory",
                                           help="GPU memory budget for weights, adapters and KV cache, e.g. 8GB "
                                           "(default: the free memory)."),
