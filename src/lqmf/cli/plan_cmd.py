@@ -19,7 +19,7 @@ from lqmf.core.memory_plan import (
     GiB,
     ModelShape,
     TrainSettings,
-    adapter_table_slots,
+    adapter_tables_held,
     budget_choices,
     choose_strategy,
     estimate,
@@ -53,6 +53,7 @@ COMPONENTS = [("weights", "weights"), ("lora", "LoRA + gradients"), ("optimizer"
 ServeAdaptersOption = typer.Option(DEFAULT_MAX_ADAPTERS, "--serve-adapters", min=1,
                                    help="Adapters resident at once for the serving estimate (lqmf serve "
                                    "--max-adapters), each of the plan's rank and modules.")
+
 
 def component_notes(shape: ModelShape, settings: TrainSettings, details: dict[str, Any]) -> dict[str, str]:
     """What each line of the breakdown holds, for these settings."""
@@ -251,7 +252,7 @@ def _serving(shape: ModelShape, settings: TrainSettings, budget: int, sequences:
     and projections (as `lqmf serve --max-adapters` holds them), and the KV cache of the sequences."""
     options = {"seq_len": seq_len, "quantize_4bit": settings.quantize_4bit, "device": settings.device,
                "lora_r": settings.lora_r, "target_modules": settings.target_modules,
-               "adapters": adapter_table_slots(adapters) + 1}  # and index 0's zeros, as lqmf serve holds them
+               "adapters": adapter_tables_held(adapters)}
     largest = largest_serving_batch(shape, budget, **options)
     result = serving_estimate(shape, sequences=sequences or max(largest, 1), **options)
     return {**result.to_dict(), "resident_adapters": adapters, "largest_batch": largest, "fits": result.total <= budget}

@@ -702,9 +702,14 @@ def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantiz
 
 def adapter_table_slots(max_adapters: int) -> int:
     """Slots the server's adapter tables hold for max_adapters resident adapters (engine/lora/stacked.py:
-    AdapterTables): one more, as an adapter loads before the least recently used is evicted. The tables
-    also hold index 0's zeros (rows without an adapter): slots + 1 adapters' size in all."""
+    AdapterTables): one more, as an adapter loads before the least recently used is evicted."""
     return max_adapters + 1
+
+
+def adapter_tables_held(max_adapters: int) -> int:
+    """Adapters' worth of memory in those tables: their slots and index 0's zeros (rows without an
+    adapter); serving_estimate's `adapters` for `lqmf serve --max-adapters max_adapters`."""
+    return adapter_table_slots(max_adapters) + 1
 
 
 def largest_serving_batch(shape: ModelShape, budget: float, **options: Any) -> int:

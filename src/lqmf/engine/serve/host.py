@@ -157,11 +157,11 @@ def default_max_batch(model: InferenceModel, settings: BatchSettings, seq_len: i
 
 
 def adapter_plan(settings: BatchSettings) -> dict[str, Any]:
-    """memory_plan.serving_estimate's options for the adapter tables: their slots (`adapter_table_slots`) and
-    index 0's zeros, each an adapter's size at the planned rank and projections."""
-    from lqmf.core.memory_plan import adapter_table_slots
+    """memory_plan.serving_estimate's options for the adapter tables (`adapter_tables_held`), each an
+    adapter's size at the planned rank and projections."""
+    from lqmf.core.memory_plan import adapter_tables_held
 
-    return {"adapters": adapter_table_slots(settings.max_adapters) + 1, "lora_r": settings.adapter_rank,
+    return {"adapters": adapter_tables_held(settings.max_adapters), "lora_r": settings.adapter_rank,
             "target_modules": settings.adapter_targets}
 
 
