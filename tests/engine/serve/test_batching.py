@@ -531,3 +531,25 @@ def test_64_adapters_resident_answer_16_clients_each_on_its_own(trained_workspac
             assert ask(single, *job).text == alone[job]
         finally:
             single.close()
+
+
+def test_tables_grown_for_a_combination_shrink_back_once_it_is_gone(trained_workspace, caplog):
+    """A combination A+B has the rank of both: the tables are built larger than the memory plan set aside
+    (and the log says so); once the combination is gone they are built back to the plan's size, and the
+    adapters still answer as stock PEFT does."""
+    import logging
+
+    host = ModelHost.start(Workspace(trained_workspace), adapters=["chat-a", "instr-b"],
+                           batching=BatchSettings(max_batch=2, max_adapters=2))
+    try:
+        scheduler = host.scheduler
+        planned = scheduler.memory()["adapter_plan_gb"]
+        assert scheduler.memory()["adapter_tables_gb"] == planned
+        with caplog.at_level(logging.WARNING, logger="lqmf.serve"):
+            assert ask(host, "chat-a+instr-b", PROMPTS[0]).text
+        assert scheduler.memory()["adapter_tables_gb"] > planned and "more than the" in caplog.text
+        host.combinations._free("chat-a+instr-b")  # as the combinations' cache frees its least recently used
+        assert scheduler.memory()["adapter_tables_gb"] == planned
+        assert ask(host, "instr-b", PROMPTS[0]).text == reference(trained_workspace, "instr-b", PROMPTS[0])
+    finally:
+        host.close()

@@ -243,6 +243,11 @@ class BatchedDecoder:
         for group in self.groups:
             group.clear(index)
 
+    def adapter_shape(self) -> tuple[int, int]:
+        """(slots, rank) of the largest adapter tables; (0, 0) without any."""
+        held = [(group.tables.slots, group.tables.rank) for group in self.groups if group.tables is not None]
+        return (max(slots for slots, _ in held), max(rank for _, rank in held)) if held else (0, 0)
+
     def adapter_bytes(self) -> int:
         """Bytes the adapter tables hold on the device (every slot, used or free)."""
         return sum(group.tables.nbytes for group in self.groups if group.tables is not None)

@@ -283,9 +283,21 @@ class Scheduler:
         in_use = {row.request.entry.id for row in self._rows.values() if row.request.entry is not None}
         with self._wake:
             in_use |= {r.entry.id for r in self._waiting if r.entry is not None}
-        for key in [key for key, entry in self.entries.items() if entry.retired and key not in in_use]:
+        gone = [key for key, entry in self.entries.items() if entry.retired and key not in in_use]
+        for key in gone:
             del self.entries[key]
             self.decoder.clear_adapter(self._index.pop(key))  # a free slot, zeros until the next adapter
+        if gone and self._tables_oversized():
+            self._build_tables()
+
+    def _tables_oversized(self) -> bool:
+        """Whether the adapter tables hold more than the plan set aside and the entries left need smaller ones
+        (the entry that made them grow, a combination's or a larger rank's, is gone)."""
+        if self.adapter_plan_bytes is None or self.decoder.adapter_bytes() <= self.adapter_plan_bytes:
+            return False
+        slots, rank = self.decoder.adapter_shape()
+        needed = max([0, *(a.shape[0] for entry in self.entries.values() for a, _, _ in entry.weights.values())])
+        return needed < rank or max([self.adapter_slots, *self._index.values()]) < slots
 
     def _run(self) -> None:
         import torch
