@@ -100,6 +100,33 @@ def test_register_lookup_is_taken_only_where_its_variant_checks_out(rows, dtype_
         assert torch.equal(runs[2], runs[1])
 
 
+@pytest.mark.parametrize("dtype_name", ["bfloat16", "float16"])
+@pytest.mark.parametrize(("block_n", "block_k", "warps"), [(64, 256, 4), (16, 512, 1)])
+def test_lut_3_gives_lut_2s_values_in_a_gemv(dtype_name, block_n, block_k, warps):
+    """lut 3 (the table's words as the PTX's operands) in one-row GEMVs, gate/up's tile and the other
+    projections': its variant checks out and gives lut 2's output to two units in the last place (the
+    same values; each compiled loop may add them in its own order), inside a CUDA graph too."""
+    from lqmf.engine.lora import nf4
+
+    base = nf4.NF4Linear.of_module(_group()[0])
+    x = torch.randn(1, 1024, device="cuda").to(getattr(torch, dtype_name))
+    config = nf4.Config(block_m=1, block_n=block_n, block_k=block_k, warps=warps, split=2, dot=False, lut=3,
+                        late_scale=True)
+    fitted, split = nf4.fitted(config, 1, base.shape, base.blocksize)
+    assert nf4.launched(fitted, x, True).lut == 3
+    assert nf4.lookup_verified(fitted, split, x, base.packed, base.absmax, base.code, base.shape, base.blocksize)
+    args = (x, base.packed, base.absmax, base.code, base.shape, base.blocksize)
+    lut3 = nf4.nf4_matmul(*args, config, standard_code=True)  # given: checking it inside a capture would sync
+    lut2 = nf4.nf4_matmul(*args, replace(config, lut=2), standard_code=True)
+    torch.testing.assert_close(lut3, lut2, rtol=2 * torch.finfo(x.dtype).eps, atol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = nf4.nf4_matmul(*args, config, standard_code=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(captured, lut3)
+
+
 def test_every_tuned_config_checks_out_at_the_7b_shapes():
     """Each nf4.CONFIGS entry, at its row bucket and Mistral-7B shape, in bfloat16: lookup_verified passes its
     variant (else the server would run lut 1 there, slower), and the output is bitsandbytes' within the
