@@ -156,7 +156,7 @@ def test_an_adapter_loads_into_a_free_slot_in_place():
     names, sizes, width = ("q_proj", "k_proj", "v_proj"), [128, 64, 64], 32
     first, second, third, small = _adapter_entries([8, 16, 4, 2], names, sizes, width, torch.float32)
     tables = adapter_tables(names, sizes, {1: first, 2: second}, slots=4)
-    assert tables.slots == 4 and tables.rank == 16
+    assert tables.slots == 4 and tables.rank == 16 and tables.leading == 3  # off the GPU, products read slots 0-2
     storage = (tables.a.data_ptr(), tables.b.data_ptr())
     assert tables.takes(3, names, third) and not tables.takes(5, names, third) and not tables.takes(0, names, third)
     tables.put(3, names, third)
@@ -171,6 +171,9 @@ def test_an_adapter_loads_into_a_free_slot_in_place():
     assert torch.count_nonzero(got[3:]) == 0  # no adapter, and a slot never written
     bigger = _adapter_entries([32], names, sizes, width, torch.float32)[0]
     assert not tables.takes(2, names, bigger)  # a larger rank: the tables must be built anew
+    assert tables.leading == 4
     tables.clear(2)  # an adapter left: its slot holds zeros, never what it held (0 x NaN would be NaN)
     assert torch.count_nonzero(tables.a[2]) == 0 and torch.count_nonzero(tables.b[:, 2]) == 0
     assert torch.count_nonzero(tables.a[1]) > 0 and torch.count_nonzero(tables.a[3]) > 0
+    tables.clear(3)
+    assert tables.leading == 2

@@ -177,13 +177,15 @@ def rows_product_into(out, x, rows, tables) -> None:
     import torch
 
     count, width = x.shape
-    adapters, rank = tables.a.shape[0], tables.rank
-    products = (x @ tables.a.view(-1, width).t()).view(count, adapters, -1)
+    # every slot on a GPU (a CUDA graph replays what it captured, however many adapters come later);
+    # elsewhere the slots up to the last one in use (free slots hold zeros)
+    adapters, rank = tables.a.shape[0] if x.is_cuda else tables.leading, tables.rank
+    products = (x @ tables.a[:adapters].view(-1, width).t()).view(count, adapters, -1)
     own = torch.arange(adapters, device=x.device) == rows.view(-1, 1)
     low = torch.where(own.unsqueeze(-1), products, 0)  # a row's own adapter's columns (0 x NaN would be NaN)
     for number, (start, end) in enumerate(tables.spans):
         part = low[:, :, number * rank:(number + 1) * rank].reshape(count, adapters * rank)
-        out[:, start:end].addmm_(part, tables.b[start:end].view(end - start, adapters * rank).t())
+        out[:, start:end].addmm_(part, tables.b[start:end, :adapters].reshape(end - start, adapters * rank).t())
 
 
 def _rows_kernels_into(out, x, rows, tables) -> None:

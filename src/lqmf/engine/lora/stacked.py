@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +117,16 @@ class AdapterTables:
     b: Any
     rank: int
     spans: list[tuple[int, int]]  # each projection's output columns
+    occupied: set[int] = field(default_factory=set)  # the slots holding an adapter
 
     @property
     def slots(self) -> int:
         return self.a.shape[0] - 1
+
+    @property
+    def leading(self) -> int:
+        """Indices 0 .. the highest occupied slot: what a product over every adapter must multiply."""
+        return max(self.occupied, default=0) + 1
 
     @property
     def nbytes(self) -> int:
@@ -142,11 +148,13 @@ class AdapterTables:
         """Zero slot index: what a row without that adapter multiplies by zero must stay finite (0 x NaN)."""
         self.a[index].zero_()
         self.b[:, index].zero_()
+        self.occupied.discard(index)
 
     def put(self, index: int, names: tuple[str, ...], entry: StackedAdapter) -> None:
         """Write entry's weights for names (B with its scaling in) into slot index, zeros elsewhere in the
         slot; entry's weights for names become views of the tables, so one copy stays on the device."""
         self.clear(index)
+        self.occupied.add(index)
         for number, name in enumerate(names):
             if name not in entry.weights:
                 continue
