@@ -193,7 +193,8 @@ def _announce_ready(ws, record: dict, model_host, json_output: bool) -> None:
          f"{model_host.base_id}{', ' + ', '.join(model_host.resident) if resident else ''}. Ctrl-C stops it.")
     batching = model_host.describe()["batching"]
     info(f"continuous batching: up to {batching['max_batch']} sequences of {batching['max_seq_len']} tokens, "
-         f"{batching['max_queue']} more waiting" if batching else
+         f"{batching['max_queue']} more waiting; up to {model_host.batching.max_adapters} adapters resident "
+         f"(LoRA tables {batching['adapter_tables_gb']:.2f} GB)" if batching else
          "one request at a time (LQMF_FAST=0, a classification model, or a model the batched decoder "
          "does not run)")
 

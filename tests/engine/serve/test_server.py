@@ -8,6 +8,7 @@ Tests that swap adapters put the served set back as they found it.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -83,6 +84,11 @@ def test_models_lists_default_base_and_adapters(client):
     assert set(models) == {"default", "tiny-llama", "chat-a", "instr-b"}
     assert models["default"].lqmf == {"kind": "default", "adapter": "chat-a", "task": "chat"}
     assert client.models.retrieve("instr-b").lqmf["kind"] == "adapter"
+
+
+def test_the_start_says_how_many_adapters_may_be_resident_and_what_their_tables_hold(served):
+    line = next(row for row in served.log_text().splitlines() if row.startswith("continuous batching"))
+    assert re.search(r"; up to 8 adapters resident \(LoRA tables \d+\.\d\d GB\)$", line), line
 
 
 def test_chat_answers_equal_lqmf_test(client, expected):
