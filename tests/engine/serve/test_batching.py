@@ -453,7 +453,6 @@ def test_no_step_runs_past_a_rows_last_token(host):
     assert generation.new_tokens == NEW and host.scheduler.steps - steps == NEW - 1
 
 
-
 def test_adapters_load_into_free_slots_without_building_the_tables_again(trained_workspace, monkeypatch):
     """Once the adapter tables exist, loading an adapter writes it into a free slot in place and unloading
     one frees its slot for the next: the tables are not built again and the captured graphs, which read
