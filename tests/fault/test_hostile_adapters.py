@@ -11,23 +11,16 @@ import pytest
 
 from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
-from tests.helpers import run_forked
+from tests.helpers import rewrite_adapter_weights, run_forked
 
 
 def _write_nan_weights(folder, name: str = "lora_B") -> None:
     """Put a NaN into the first lora_B (or lora_A) matrix of the adapter in folder, keeping its manifest true."""
-    from safetensors.torch import load_file, save_file
 
-    from lqmf.core.registry import file_inventory
+    def poison(state: dict) -> None:
+        state[next(k for k in sorted(state) if f"{name}.weight" in k)][0, 0] = float("nan")
 
-    path = folder / "adapter_model.safetensors"
-    state = load_file(str(path))
-    key = next(k for k in sorted(state) if f"{name}.weight" in k)
-    state[key][0, 0] = float("nan")
-    save_file(state, str(path), metadata={"format": "pt"})
-    manifest = json.loads((folder / "lqmf.json").read_text())
-    manifest["files"] = file_inventory(folder)
-    (folder / "lqmf.json").write_text(json.dumps(manifest))
+    rewrite_adapter_weights(folder, poison)
 
 
 @pytest.mark.parametrize("signame", ["SIGKILL", "SIGTERM"])

@@ -664,6 +664,15 @@ class ServingEstimate:
                 for key, value in asdict(self).items()}
 
 
+def serving_adapter_bytes(shape: ModelShape, *, device: str, adapters: int = 1, lora_r: int = 16,
+                          target_modules: tuple[str, ...] | None = None) -> int:
+    """Bytes of `adapters` adapters' LoRA weights as the server holds them: r x (in + out) per targeted linear
+    of every layer, in the compute dtype (bf16 on CUDA, float32 on the CPU)."""
+    lora = _lora_targets(shape, target_modules)
+    per_layer = sum(lora_r * (lin.in_features + lin.out_features) for lin in lora.values())
+    return adapters * shape.layers * per_layer * (2 if device == "cuda" else 4)
+
+
 def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantize_4bit: bool, device: str,
                      adapters: int = 1, lora_r: int = 16, target_modules: tuple[str, ...] | None = None
                      ) -> ServingEstimate:
@@ -679,9 +688,8 @@ def serving_estimate(shape: ModelShape, *, sequences: int, seq_len: int, quantiz
     c = 2 if device == "cuda" else 4
     quantized = shape.layers * shape.block_linear_params if quantize_4bit else 0
     weights = int(quantized * NF4_BYTES_PER_PARAM) + (shape.parameters - quantized) * c
-    lora = _lora_targets(shape, target_modules)
-    adapter_bytes = adapters * shape.layers * sum(lora_r * (lin.in_features + lin.out_features)
-                                                  for lin in lora.values()) * c
+    adapter_bytes = serving_adapter_bytes(shape, device=device, adapters=adapters, lora_r=lora_r,
+                                          target_modules=target_modules)
     kv = 2 * shape.layers * shape.kv_width * (seq_len + 1) * sequences * c
     dequantized = max(lin.in_features * lin.out_features for lin in shape.block_linears().values()) * c \
         if quantize_4bit else 0

@@ -102,6 +102,12 @@ class AdapterEntry:
     def base_id(self) -> str | None:
         return base_id(self.base_model) if self.base_model else None
 
+    @property
+    def lora(self) -> dict[str, Any]:
+        """The manifest's LoRA settings (r, alpha, dropout, target_modules); {} where it has none."""
+        lora = (self.manifest or {}).get("lora")
+        return lora if isinstance(lora, dict) else {}
+
 
 _ENCODE = json.JSONEncoder(default=str).encode
 LISTED_APART = ("name", "state", "problem", "path", "active")  # a listed row's fields kept apart from its body
@@ -397,7 +403,7 @@ class Registry:
             return {**row, **dict.fromkeys(SUMMARY_FIELDS), "active": False}
         manifest = entry.manifest or {}
         base = entry.base_model
-        lora = manifest.get("lora") if isinstance(manifest.get("lora"), dict) else {}
+        lora = entry.lora
         files = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
         metrics = manifest.get("metrics") if isinstance(manifest.get("metrics"), dict) else {}
         runtime = manifest.get("runtime") if isinstance(manifest.get("runtime"), dict) else {}

@@ -12,7 +12,7 @@ from lqmf.core.registry import Registry
 from lqmf.core.workspace import Workspace
 from lqmf.engine import inference
 from lqmf.engine.serve.host import BatchSettings, ModelHost
-from tests.helpers import answer_concurrently
+from tests.helpers import answer_concurrently, rewrite_adapter_weights
 
 PROMPTS = ["How do I return an item?", "Where is my order?", "Translate to French: good morning",
            "Summarize: shipping takes 3 to 5 days.", "What is AI?", "hello"]
@@ -483,28 +483,22 @@ def test_adapters_load_into_free_slots_without_building_the_tables_again(trained
 def _perturbed_copies(trained_workspace, folder, count: int) -> list[str]:
     """NAME=PATH specs of count copies of chat-a, each with its own random lora_B (answers that differ) and
     its manifest's record of the weights' file to match."""
-    import hashlib
-    import json
     import shutil
 
     import torch
-    from safetensors.torch import load_file, save_file
 
-    source = trained_workspace / "adapters" / "chat-a"
     specs = []
     for number in range(count):
         target = folder / f"many-{number}"
-        shutil.copytree(source, target)
-        weights = load_file(target / "adapter_model.safetensors")
+        shutil.copytree(trained_workspace / "adapters" / "chat-a", target)
         generator = torch.Generator().manual_seed(number)
-        for key, tensor in weights.items():
-            if "lora_B" in key:
-                weights[key] = torch.randn(tensor.shape, generator=generator).to(tensor.dtype) * 0.5
-        save_file(weights, target / "adapter_model.safetensors")
-        data = (target / "adapter_model.safetensors").read_bytes()
-        manifest = json.loads((target / "lqmf.json").read_text())
-        manifest["files"]["adapter_model.safetensors"].update(size=len(data), sha256=hashlib.sha256(data).hexdigest())
-        (target / "lqmf.json").write_text(json.dumps(manifest))
+
+        def randomize(state: dict, generator=generator) -> None:
+            for key, tensor in state.items():
+                if "lora_B" in key:
+                    state[key] = torch.randn(tensor.shape, generator=generator).to(tensor.dtype) * 0.5
+
+        rewrite_adapter_weights(target, randomize)
         specs.append(f"many-{number}={target}")
     return specs
 

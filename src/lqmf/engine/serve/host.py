@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import json
 import logging
 import threading
 import time
@@ -166,17 +165,16 @@ def adapter_plan(settings: BatchSettings) -> dict[str, Any]:
 
 
 def lora_plan(entries: list[AdapterEntry]) -> tuple[int, tuple[str, ...] | None] | None:
-    """(largest rank, projections) of the adapters' LoRA configs, None where none is readable; projections
-    None where one adapts every linear layer or names its modules otherwise than by a list."""
+    """(largest rank, projections) of the adapters' LoRA settings as their manifests record them (which
+    adapter_config.json must agree with, core/integrity.py), None where none records a rank; projections
+    None where one adapts every linear layer ("all-linear") or records no list."""
     ranks: list[int] = []
     targets: set[str] | None = set()
     for entry in entries:
-        try:
-            config = json.loads((entry.path / "adapter_config.json").read_text(encoding="utf-8"))
-            ranks.append(int(config["r"]))
-        except (OSError, ValueError, KeyError, TypeError):
+        rank, modules = entry.lora.get("r"), entry.lora.get("target_modules")
+        if isinstance(rank, bool) or not isinstance(rank, int):
             continue
-        modules = config.get("target_modules")
+        ranks.append(rank)
         if targets is not None and isinstance(modules, list):
             targets |= set(modules)
         else:
@@ -189,14 +187,13 @@ def lora_plan(entries: list[AdapterEntry]) -> tuple[int, tuple[str, ...] | None]
 def planned_adapter_bytes(model: InferenceModel, settings: BatchSettings) -> int | None:
     """What the memory plan sets aside for the adapter tables (`adapter_plan`); None for a model whose
     shape it does not know."""
-    from lqmf.core.memory_plan import ModelShape, serving_estimate
+    from lqmf.core.memory_plan import ModelShape, serving_adapter_bytes
 
     shape = ModelShape.from_config(model.model.config.to_dict())
     if shape is None:
         return None
-    device = "cuda" if model.loaded.device == "cuda" else "cpu"
-    return serving_estimate(shape, sequences=1, seq_len=1, quantize_4bit=model.loaded.quantized, device=device,
-                            **adapter_plan(settings)).adapters
+    return serving_adapter_bytes(shape, device="cuda" if model.loaded.device == "cuda" else "cpu",
+                                 **adapter_plan(settings))
 
 
 class ModelHost:

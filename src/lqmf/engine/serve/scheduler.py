@@ -269,7 +269,7 @@ class Scheduler:
         """Build the decoder's adapter tables anew for every entry at its slot (the graphs go with the old
         ones): where an adapter brings tables for a projection group none had, a larger rank, or needs
         more slots than the tables hold (retired adapters still in use keep theirs)."""
-        slots = max([self.adapter_slots, *self._index.values()])
+        slots = self._slots_needed()
         self.decoder.set_adapters({self._index[key]: entry for key, entry in self.entries.items()}, slots)
         self.table_builds += 1
         held = self.decoder.adapter_bytes()
@@ -297,7 +297,11 @@ class Scheduler:
             return False
         slots, rank = self.decoder.adapter_shape()
         needed = max([0, *(a.shape[0] for entry in self.entries.values() for a, _, _ in entry.weights.values())])
-        return needed < rank or max([self.adapter_slots, *self._index.values()]) < slots
+        return needed < rank or self._slots_needed() < slots
+
+    def _slots_needed(self) -> int:
+        """Slots the adapter tables must hold: adapter_slots, or more where entries sit beyond them."""
+        return max([self.adapter_slots, *self._index.values()])
 
     def _run(self) -> None:
         import torch
